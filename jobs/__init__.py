@@ -1,0 +1,1 @@
+"""Named job presets (TOML). `qprep --job NAME` loads `NAME.toml` from here."""

@@ -1,0 +1,72 @@
+"""Typed errors for bad input.
+
+Every error raised for a video names the file and the cause, so that the extractor can record it
+in the manifest and move on. `code` is a short stable identifier for scripts and the manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class QprepError(Exception):
+    """Base class of every error qprep raises on purpose."""
+
+
+class SettingsError(QprepError, ValueError):
+    """Settings that contradict each other or the model (raised before any video is touched)."""
+
+
+class VideoError(QprepError):
+    """A video that cannot be prepared. Subclasses say why."""
+
+    code = "video_error"
+
+    def __init__(self, path: str | Path, cause: str):
+        self.path = str(path)
+        self.cause = cause
+        super().__init__(f"{self.path}: {cause}")
+
+
+class EmptyFileError(VideoError):
+    code = "empty_file"
+
+
+class UnreadableFileError(VideoError):
+    """Missing, not permitted, or not a container FFmpeg can open."""
+
+    code = "unreadable"
+
+
+class NoVideoStreamError(VideoError):
+    code = "no_video_stream"
+
+
+class DecodeError(VideoError):
+    """Frames that the index promises but the decoder cannot produce (truncated or corrupt data)."""
+
+    code = "decode_failed"
+
+
+class GeometryError(VideoError):
+    """A frame size or aspect ratio the model cannot take."""
+
+    code = "bad_geometry"
+
+
+class FrameCountError(VideoError):
+    """Fewer frames in the (windowed) video than the sampling policy asks for."""
+
+    code = "too_few_frames"
+
+
+class TimeRangeError(VideoError):
+    """`video_start` / `video_end` select nothing."""
+
+    code = "bad_time_range"
+
+
+class AudioError(VideoError):
+    """An audio stream that exists but cannot be decoded, or is too long for the chosen policy."""
+
+    code = "audio_failed"

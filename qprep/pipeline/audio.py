@@ -1,0 +1,100 @@
+"""Stage 5 (Omni): the audio track as the model hears it.
+
+The track is decoded and resampled to mono 16 kHz by FFmpeg's resampler (PyAV) in one streaming
+pass that keeps only the `video_start`/`video_end` window, so the result equals a full decode cut
+afterwards, sample for sample, without holding a long track in memory. Features come from
+transformers' own `WhisperFeatureExtractor`, called as `Qwen2_5OmniProcessor` calls it (padding to
+the model's 300 s window), so they match the processor exactly.
+
+The processor would silently cut a track longer than its window. qprep never does: with
+`long_audio="window"` the track is featurized in consecutive 300 s windows (the audio tower
+attends within 2 s chunks, so windows concatenate cleanly) and the count is recorded; with
+`long_audio="error"` such a video fails with that cause.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+
+from qprep.errors import AudioError
+from qprep.schemas.settings import AudioSpec, VideoSettings
+
+
+@dataclass(frozen=True)
+class AudioFeatures:
+    waveform: np.ndarray  # float32 mono at spec.sampling_rate, the window only
+    input_features: torch.Tensor  # [windows, feature_size, window frames] float32
+    feature_attention_mask: torch.Tensor  # [windows, window frames] int32
+
+    @property
+    def mel_length(self) -> int:
+        return int(self.feature_attention_mask.sum())
+
+    @property
+    def windows(self) -> int:
+        return int(self.input_features.shape[0])
+
+
+def sample_window(settings: VideoSettings, rate: int) -> tuple[int, int | None]:
+    """First and end sample of the window (the processor's `int(rate * seconds)`)."""
+    start = int(rate * settings.video_start) if settings.video_start is not None else 0
+    end = int(rate * settings.video_end) if settings.video_end is not None else None
+    return start, end
+
+
+def decode_audio(container, path: str, spec: AudioSpec, start: int = 0, end: int | None = None) -> np.ndarray:
+    """Mono float32 samples [start, end) of the first audio stream, at `spec.sampling_rate`."""
+    stream = container.streams.audio[0]
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=spec.sampling_rate)
+    pieces, seen = [], 0
+    try:
+        container.seek(0)
+        for packet in container.demux(stream):
+            frames = stream.codec_context.decode(packet if packet.size else None)
+            for frame in frames:
+                seen = _keep(resampler.resample(frame), pieces, seen, start, end)
+            if end is not None and seen >= end:
+                break
+        else:
+            seen = _keep(resampler.resample(None), pieces, seen, start, end)
+    except av.error.FFmpegError as exc:
+        raise AudioError(path, f"the audio track cannot be decoded ({getattr(exc, 'strerror', None) or exc})") from None
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+
+
+def _keep(frames, pieces: list, seen: int, start: int, end: int | None) -> int:
+    for frame in frames:
+        samples = frame.to_ndarray().reshape(-1)
+        lo, hi = seen, seen + len(samples)
+        cut_lo, cut_hi = max(start, lo), hi if end is None else min(end, hi)
+        if cut_hi > cut_lo:
+            pieces.append(samples[cut_lo - lo : cut_hi - lo].astype(np.float32, copy=False))
+        seen = hi
+    return seen
+
+
+def log_mel(waveform: np.ndarray, spec: AudioSpec, long_audio: str, path: str) -> AudioFeatures:
+    """Whisper log-mel features of `waveform`, one processor window at a time."""
+    window = spec.window_samples
+    count = max(1, math.ceil(len(waveform) / window))
+    if count > 1 and long_audio == "error":
+        raise AudioError(path, f"the audio track lasts {len(waveform) / spec.sampling_rate:.1f} s, longer than the "
+                               f"model's {spec.chunk_length} s window (use long_audio='window' to encode it in windows)")
+    extractor = spec.feature_extractor()
+    features = extractor(
+        [waveform[i * window : (i + 1) * window] for i in range(count)],
+        sampling_rate=spec.sampling_rate,
+        padding="max_length",
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    return AudioFeatures(
+        waveform=waveform,
+        input_features=features["input_features"],
+        feature_attention_mask=features["attention_mask"],
+    )

@@ -1,0 +1,133 @@
+"""Stage 3: decode only the frames a plan needs.
+
+Reading forward from a keyframe is the only way to a frame, so the cost of sparse sampling is the
+frames decoded on the way. Two things cut it without changing a single output bit:
+
+* jumps: when the next wanted frame lies beyond the next keyframe, drain the decoder and seek
+  straight to the keyframe that starts the wanted frame's group;
+* skips: a frame that is neither wanted nor a reference for another frame is never decoded
+  (FFmpeg's `skip_frame = NONREF`, switched per packet; frame threads copy it per packet).
+  With B-frames that is about half of all frames.
+
+The start keyframe of a frame is the last keyframe whose pts is not after the frame's, so an
+open-GOP leading picture is always decoded from the group before it, as a full decode would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import av
+import numpy as np
+
+from qprep.errors import DecodeError
+from qprep.pipeline.probe import VideoInfo, packet_timestamp
+
+
+class _Index:
+    """The probe's packet index, arranged for the questions the decode loop asks."""
+
+    def __init__(self, info: VideoInfo, wanted_pts: np.ndarray):
+        self.packet_pts = info.packet_pts
+        self.is_key = info.packet_is_key
+        self.position_of = {int(p): d for d, p in enumerate(info.packet_pts)}
+        self.wanted = {int(p) for p in wanted_pts}
+        self.wanted_positions = np.sort([self.position_of[p] for p in self.wanted])
+        key_positions = np.flatnonzero(info.packet_is_key)
+        order = np.argsort(info.packet_pts[key_positions])
+        self.key_pts = info.packet_pts[key_positions][order]
+        self.key_positions = key_positions[order]
+
+    def start_position(self, pts: int) -> int:
+        """Where decoding must start to reproduce the frame with this pts."""
+        k = int(np.searchsorted(self.key_pts, pts, side="right")) - 1
+        return int(self.key_positions[k]) if k >= 0 else 0
+
+    def next_start(self, position: int) -> int | None:
+        """Where to start for the wanted frames whose packets lie at or after `position`."""
+        later = self.wanted_positions[self.wanted_positions >= position]
+        if len(later) == 0:
+            return None
+        return self.start_position(int(self.packet_pts[later].min()))
+
+
+def decode_frames(container, info: VideoInfo, wanted_pts: np.ndarray, threads: int = 0) -> Iterator[av.VideoFrame]:
+    """Yield every wanted frame exactly once. Raises `DecodeError` if the data cannot produce one."""
+    stream = container.streams.video[0]
+    context = stream.codec_context
+    context.thread_type = "AUTO"
+    context.thread_count = threads
+    index = _Index(info, wanted_pts)
+    pending = set(index.wanted)
+    start = index.next_start(0)
+    try:
+        while start is not None and pending:
+            stopped_at = yield from _decode_run(container, stream, index, start, pending)
+            start = index.next_start(stopped_at) if stopped_at is not None else None
+    except av.error.FFmpegError as exc:
+        raise DecodeError(info.path, f"the decoder failed ({getattr(exc, 'strerror', None) or exc})") from None
+    if pending:
+        missing = sorted(int(np.searchsorted(info.frame_pts, p)) for p in pending)
+        shown = ", ".join(map(str, missing[:8])) + (" …" if len(missing) > 8 else "")
+        raise DecodeError(info.path, f"frame(s) {shown} could not be decoded (corrupt or truncated data)")
+
+
+def _decode_run(container, stream, index: _Index, start: int, pending: set[int]):
+    """Decode forward from the keyframe at `start`; return the keyframe position the next run
+    should be planned from, or None when nothing wanted is left."""
+    context = stream.codec_context
+    context.flush_buffers()
+    last_wanted = int(index.wanted_positions[-1])
+    decoding_wanted = None
+    for packet, position in _packets_from(container, stream, index, start):
+        if position > start and index.is_key[position]:
+            following = index.next_start(position)
+            if following is None or following > position:  # nothing needs this group: jump
+                yield from _wanted(context.decode(None), pending)
+                return None if following is None else position
+        wanted = packet_timestamp(packet) in index.wanted
+        if wanted is not decoding_wanted:
+            context.skip_frame = "DEFAULT" if wanted else "NONREF"
+            decoding_wanted = wanted
+        yield from _wanted(context.decode(packet), pending)
+        if position >= last_wanted:
+            break
+    yield from _wanted(context.decode(None), pending)
+    return None
+
+
+def _packets_from(container, stream, index: _Index, start: int):
+    """Packets from decode position `start` on, with their positions."""
+    container.seek(int(index.packet_pts[start]), stream=stream, backward=True, any_frame=False)
+    first = True
+    for packet in container.demux(stream):
+        if packet.size == 0:
+            return
+        position = index.position_of.get(packet_timestamp(packet))
+        if position is None:
+            continue
+        if first and position > start:
+            # The demuxer's seek overshot (its index holds dts, not pts): read from the top.
+            container.seek(0)
+            yield from _packets_from_top(container, stream, index, start)
+            return
+        first = False
+        if position >= start:
+            yield packet, position
+
+
+def _packets_from_top(container, stream, index: _Index, start: int):
+    for packet in container.demux(stream):
+        if packet.size == 0:
+            return
+        position = index.position_of.get(packet_timestamp(packet))
+        if position is not None and position >= start:
+            yield packet, position
+
+
+def _wanted(frames, pending: set[int]):
+    for frame in frames:
+        timestamp = frame.pts if frame.pts is not None else frame.dts
+        if timestamp in pending:
+            pending.discard(timestamp)
+            yield frame

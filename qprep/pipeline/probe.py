@@ -1,0 +1,177 @@
+"""Stage 1: open a video, check it, and index its frames without decoding them.
+
+The index is the list of packet timestamps in decode order. Sorted, it numbers the frames in
+presentation order (frame `i` is the `i`-th smallest pts), which is how every reference reader
+(decord, torchcodec, torchvision) indexes frames; keyframe positions tell the decoder where it
+may start. Demuxing reads the compressed bytes once but decodes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from qprep.errors import DecodeError, EmptyFileError, GeometryError, NoVideoStreamError, UnreadableFileError
+
+# Larger than any real camera or codec level produces (8K is 7680 wide); a bigger header is a
+# corrupt or hostile file, and decoding it would exhaust memory.
+MAX_SIDE = 16384
+
+
+@dataclass(frozen=True)
+class AudioStreamInfo:
+    codec: str
+    sample_rate: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about a video, plus its frame index."""
+
+    path: str
+    codec: str
+    coded_width: int  # before rotation: the decoded frames carry their display rotation
+    coded_height: int
+    time_base: Fraction
+    average_fps: float
+    duration: float  # seconds
+    packet_pts: np.ndarray  # int64, decode order
+    packet_is_key: np.ndarray  # bool, decode order
+    audio: AudioStreamInfo | None
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.packet_pts)
+
+    @property
+    def frame_pts(self) -> np.ndarray:
+        """Timestamps of the frames in presentation order."""
+        return np.sort(self.packet_pts)
+
+    def seconds(self, pts: np.ndarray) -> np.ndarray:
+        """Seconds from the first frame of the video."""
+        first = int(self.frame_pts[0])
+        return (np.asarray(pts, dtype=np.int64) - first) * float(self.time_base)
+
+
+def open_container(path: str | Path) -> av.container.InputContainer:
+    """Open a file with FFmpeg, turning every way that can fail into a typed error."""
+    path = Path(path)
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise UnreadableFileError(path, "no such file") from None
+    except OSError as exc:
+        raise UnreadableFileError(path, f"cannot stat: {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise UnreadableFileError(path, "is a directory, not a video file")
+    if size == 0:
+        raise EmptyFileError(path, "file is empty (0 bytes)")
+    try:
+        return av.open(str(path), mode="r", metadata_errors="ignore")
+    except PermissionError:
+        raise UnreadableFileError(path, "permission denied") from None
+    except av.error.FFmpegError as exc:
+        raise UnreadableFileError(path, f"not a video FFmpeg can read ({_ffmpeg_message(exc)})") from None
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Probe and index `path`. Raises a `VideoError` subclass naming the cause."""
+    with open_container(path) as container:
+        return probe_container(container, path)
+
+
+def probe_container(container: av.container.InputContainer, path: str | Path) -> VideoInfo:
+    if not container.streams.video:
+        raise NoVideoStreamError(path, "the file has no video stream")
+    stream = container.streams.video[0]
+    if stream.codec_context is None or stream.codec_context.codec is None:
+        raise NoVideoStreamError(path, "the video stream's codec is not supported by FFmpeg")
+    width, height = int(stream.codec_context.width), int(stream.codec_context.height)
+    if width <= 0 or height <= 0:
+        raise GeometryError(path, f"the video stream declares a {width}x{height} frame size")
+    if max(width, height) > MAX_SIDE:
+        raise GeometryError(path, f"frame size {width}x{height} exceeds {MAX_SIDE} pixels on a side")
+    if stream.time_base is None:
+        raise DecodeError(path, "the video stream has no time base")
+
+    packet_pts, packet_is_key = _index_packets(container, stream, path)
+    if len(packet_pts) == 0:
+        raise DecodeError(path, "the video stream holds no frames")
+    declared = int(stream.frames or 0)
+    if declared and len(packet_pts) < declared:
+        raise DecodeError(
+            path, f"file is truncated: the container lists {declared} frames but only {len(packet_pts)} are present"
+        )
+
+    time_base = Fraction(stream.time_base)
+    frame_pts = np.sort(packet_pts)
+    span = float((int(frame_pts[-1]) - int(frame_pts[0])) * time_base)
+    average_fps = _average_fps(stream, len(packet_pts), span)
+    duration = len(packet_pts) / average_fps
+    audio = None
+    if container.streams.audio:
+        a = container.streams.audio[0]
+        if a.codec_context is not None and a.codec_context.codec is not None and (a.sample_rate or 0) > 0:
+            audio = AudioStreamInfo(codec=a.codec_context.name, sample_rate=int(a.sample_rate),
+                                    channels=int(a.channels or 0))
+    return VideoInfo(
+        path=str(path),
+        codec=stream.codec_context.name,
+        coded_width=width,
+        coded_height=height,
+        time_base=time_base,
+        average_fps=average_fps,
+        duration=duration,
+        packet_pts=packet_pts,
+        packet_is_key=packet_is_key,
+        audio=audio,
+    )
+
+
+def _index_packets(container, stream, path) -> tuple[np.ndarray, np.ndarray]:
+    pts, keys = [], []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue  # the demuxer's end-of-stream marker
+            timestamp = packet_timestamp(packet)
+            if timestamp is None:
+                raise DecodeError(path, f"video packet {len(pts)} has no timestamp")
+            pts.append(timestamp)
+            keys.append(bool(packet.is_keyframe))
+    except av.error.FFmpegError as exc:
+        if not pts:
+            raise DecodeError(path, f"cannot read video packets ({_ffmpeg_message(exc)})") from None
+        raise DecodeError(path, f"file is truncated or corrupt after frame {len(pts)} ({_ffmpeg_message(exc)})") from None
+    container.seek(0)
+    packet_pts = np.asarray(pts, dtype=np.int64)
+    if len(np.unique(packet_pts)) != len(packet_pts):
+        raise DecodeError(path, "the video stream has frames with duplicate timestamps")
+    return packet_pts, np.asarray(keys, dtype=bool)
+
+
+def packet_timestamp(packet) -> int | None:
+    """A packet's presentation time, or its decode time where the container stores no pts (AVI)."""
+    return packet.pts if packet.pts is not None else packet.dts
+
+
+def _average_fps(stream, frame_count: int, span: float) -> float:
+    # The container's average rate is what decord and torchvision report, so sampling uses it
+    # where it is sane; otherwise derive it from the timestamps.
+    rate = stream.average_rate or stream.guessed_rate
+    if rate is not None and 0 < float(rate) < 10000:
+        return float(rate)
+    if frame_count > 1 and span > 0:
+        return (frame_count - 1) / span
+    return 1.0
+
+
+def _ffmpeg_message(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or str(exc)

@@ -1,0 +1,1 @@
+"""Every contract qprep keeps: settings, model specs, per-video metadata."""

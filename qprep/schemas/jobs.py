@@ -1,0 +1,74 @@
+"""Job presets: named, versioned TOML files of settings (`jobs/` in the repository).
+
+A preset has `name`, `version`, an optional `model`, and tables of settings; `[video]` holds
+`VideoSettings` fields. Flags given on the command line override the preset.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from qprep.errors import SettingsError
+from qprep.schemas.settings import VideoSettings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    version: int
+    model: str | None = None
+    video: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def video_settings(self, **overrides) -> VideoSettings:
+        """The preset's video settings with `overrides` (None values ignored) on top."""
+        values = {**self.video, **{k: v for k, v in overrides.items() if v is not None}}
+        if overrides.get("num_frames") is not None:
+            values.pop("fps", None)
+        elif overrides.get("fps") is not None:
+            values.pop("num_frames", None)
+        try:
+            return VideoSettings(**values)
+        except TypeError as exc:
+            raise SettingsError(f"job {self.name} ({self.source}): {exc}") from None
+
+
+def available_jobs() -> list[str]:
+    return sorted(p.name[: -len(".toml")] for p in resources.files("qprep.jobs").iterdir() if p.name.endswith(".toml"))
+
+
+def load_job(name_or_path: str | Path) -> Job:
+    """A preset by name (from `jobs/`) or by path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise SettingsError(f"job file {path} does not exist")
+        text, source = path.read_text(), str(path)
+    else:
+        resource = resources.files("qprep.jobs") / f"{name_or_path}.toml"
+        if not resource.is_file():
+            raise SettingsError(f"unknown job {name_or_path!r}; known jobs: {', '.join(available_jobs())}")
+        text, source = resource.read_text(), f"jobs/{name_or_path}.toml"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"job file {source} is not valid TOML: {exc}") from None
+    unknown = set(data) - {"name", "version", "model", "video", "train"}
+    if unknown:
+        raise SettingsError(f"job file {source}: unknown keys {sorted(unknown)}")
+    video = dict(data.get("video", {}))
+    if "size" in video:
+        video["size"] = tuple(video["size"])
+    job = Job(name=str(data.get("name", path.stem)), version=int(data.get("version", 1)), model=data.get("model"),
+              video=video, source=source)
+    job.video_settings()  # validate now, not when the first video is prepared
+    return job

@@ -35,6 +35,7 @@ class VideoSpec:
     events: tuple[tuple[float, float], ...] = ()  # (start, end) seconds when a red disc shows
     crf: int = 23
     preset: str = "veryfast"
+    encoder_options: tuple[tuple[str, str], ...] = ()  # extra (key, value) codec options
 
 
 def make_video(path: str | Path, spec: VideoSpec = VideoSpec(), **overrides) -> Path:
@@ -76,6 +77,9 @@ def _add_video_stream(container, spec: VideoSpec):
         options.update(preset=spec.preset, crf=str(spec.crf))
         if spec.bframes is not None:
             options["bf"] = str(spec.bframes)
+    if spec.codec == "libx265":
+        options["x265-params"] = "log-level=error"
+    options.update(spec.encoder_options)
     stream.options = options
     if spec.vfr:
         stream.time_base = stream.codec_context.time_base = Fraction(1, 90000)

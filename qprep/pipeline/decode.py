@@ -3,8 +3,8 @@
 Reading forward from a keyframe is the only way to a frame, so the cost of sparse sampling is the
 frames decoded on the way. Two things cut it without changing a single output bit:
 
-* jumps: when the next wanted frame lies beyond the next keyframe, drain the decoder and seek
-  straight to the keyframe that starts the wanted frame's group;
+* jumps: as soon as no later wanted frame depends on the rest of the current group of pictures,
+  drain the decoder and seek straight to the keyframe that starts the next wanted frame's group;
 * skips: a frame that is neither wanted nor a reference for another frame is never decoded
   (FFmpeg's `skip_frame = NONREF`, switched per packet; frame threads copy it per packet).
   With B-frames that is about half of all frames.
@@ -16,6 +16,7 @@ open-GOP leading picture is always decoded from the group before it, as a full d
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import av
 import numpy as np
@@ -24,15 +25,26 @@ from qprep.errors import DecodeError
 from qprep.pipeline.probe import VideoInfo, packet_timestamp
 
 
+@dataclass
+class DecodeStats:
+    """What a sparse decode cost: packets handed to the decoder (of which marked skippable)."""
+
+    packets_sent: int = 0
+    packets_skippable: int = 0
+    seeks: int = 0
+
+
 class _Index:
     """The probe's packet index, arranged for the questions the decode loop asks."""
 
     def __init__(self, info: VideoInfo, wanted_pts: np.ndarray):
         self.packet_pts = info.packet_pts
-        self.is_key = info.packet_is_key
         self.position_of = {int(p): d for d, p in enumerate(info.packet_pts)}
         self.wanted = {int(p) for p in wanted_pts}
         self.wanted_positions = np.sort([self.position_of[p] for p in self.wanted])
+        # Earliest wanted pts among the wanted packets from the i-th (in decode order) on.
+        pts_by_position = info.packet_pts[self.wanted_positions]
+        self.earliest_pts_from = np.minimum.accumulate(pts_by_position[::-1])[::-1]
         key_positions = np.flatnonzero(info.packet_is_key)
         order = np.argsort(info.packet_pts[key_positions])
         self.key_pts = info.packet_pts[key_positions][order]
@@ -45,24 +57,27 @@ class _Index:
 
     def next_start(self, position: int) -> int | None:
         """Where to start for the wanted frames whose packets lie at or after `position`."""
-        later = self.wanted_positions[self.wanted_positions >= position]
-        if len(later) == 0:
+        i = int(np.searchsorted(self.wanted_positions, position))
+        if i == len(self.wanted_positions):
             return None
-        return self.start_position(int(self.packet_pts[later].min()))
+        return self.start_position(int(self.earliest_pts_from[i]))
 
 
-def decode_frames(container, info: VideoInfo, wanted_pts: np.ndarray, threads: int = 0) -> Iterator[av.VideoFrame]:
+def decode_frames(container, info: VideoInfo, wanted_pts: np.ndarray, threads: int = 0,
+                  stats: DecodeStats | None = None) -> Iterator[av.VideoFrame]:
     """Yield every wanted frame exactly once. Raises `DecodeError` if the data cannot produce one."""
+    stats = stats if stats is not None else DecodeStats()
     stream = container.streams.video[0]
     context = stream.codec_context
-    context.thread_type = "AUTO"
-    context.thread_count = threads
+    if not context.is_open:  # threading is fixed once the codec is open
+        context.thread_type = "AUTO"
+        context.thread_count = threads
     index = _Index(info, wanted_pts)
     pending = set(index.wanted)
     start = index.next_start(0)
     try:
         while start is not None and pending:
-            stopped_at = yield from _decode_run(container, stream, index, start, pending)
+            stopped_at = yield from _decode_run(container, stream, index, start, pending, stats)
             start = index.next_start(stopped_at) if stopped_at is not None else None
     except av.error.FFmpegError as exc:
         raise DecodeError(info.path, f"the decoder failed ({getattr(exc, 'strerror', None) or exc})") from None
@@ -72,26 +87,25 @@ def decode_frames(container, info: VideoInfo, wanted_pts: np.ndarray, threads: i
         raise DecodeError(info.path, f"frame(s) {shown} could not be decoded (corrupt or truncated data)")
 
 
-def _decode_run(container, stream, index: _Index, start: int, pending: set[int]):
+def _decode_run(container, stream, index: _Index, start: int, pending: set[int], stats: DecodeStats):
     """Decode forward from the keyframe at `start`; return the keyframe position the next run
     should be planned from, or None when nothing wanted is left."""
     context = stream.codec_context
     context.flush_buffers()
-    last_wanted = int(index.wanted_positions[-1])
     decoding_wanted = None
+    stats.seeks += 1
     for packet, position in _packets_from(container, stream, index, start):
-        if position > start and index.is_key[position]:
-            following = index.next_start(position)
-            if following is None or following > position:  # nothing needs this group: jump
-                yield from _wanted(context.decode(None), pending)
-                return None if following is None else position
         wanted = packet_timestamp(packet) in index.wanted
         if wanted is not decoding_wanted:
             context.skip_frame = "DEFAULT" if wanted else "NONREF"
             decoding_wanted = wanted
+        stats.packets_sent += 1
+        stats.packets_skippable += not wanted
         yield from _wanted(context.decode(packet), pending)
-        if position >= last_wanted:
-            break
+        following = index.next_start(position + 1)
+        if following is None or following > position + 1:  # the rest of this group is not needed
+            yield from _wanted(context.decode(None), pending)
+            return None if following is None else position + 1
     yield from _wanted(context.decode(None), pending)
     return None
 

@@ -20,12 +20,13 @@ What is compared, for each video × frame policy:
 
 How it is measured: every run is a fresh Python process, so nothing is shared between runs. The
 process imports everything, builds the processors, and warms up by preparing a tiny clip the same
-way. Then it records its resident set (VmRSS), resets the kernel's peak-RSS mark (writing 5 to
-/proc/self/clear_refs) and times the one call; the memory gain is the peak (VmHWM) after the call
-minus the RSS before it, so it counts every byte the call held at its worst moment, the result
-included, with no sampling gaps. Where the reset is not permitted, a thread samples VmRSS every
-5 ms instead. Decoder threads are left at each library's default (qprep: one per core). FFmpeg
-child processes (audioread's) are not part of the gain; their peak RSS is reported apart.
+way. Then it hands freed heap memory back to the kernel (glibc's malloc_trim), records its
+resident set (VmRSS), resets the kernel's peak-RSS mark (writing 5 to /proc/self/clear_refs) and
+times the one call; the memory gain is the peak (VmHWM) after the call minus the RSS before it, so
+it counts every byte the call held at its worst moment, the result included, with no sampling
+gaps. Where the reset is not permitted, a thread samples VmRSS every 5 ms instead. The ffmpeg
+child process that audioread runs for the reference audio rows is not counted. Decoder threads
+are left at each library's default (qprep: one per core; torchcodec via qwen-vl-utils: 8).
 With --repeats N each run is repeated in N fresh processes: the table shows the fastest wall time
 and the largest memory gain.
 
@@ -44,12 +45,12 @@ Reproduce (from the repository root, with the virtualenv active):
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import logging
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -102,7 +103,6 @@ class Row:
     path: str
     wall_s: float | None = None
     mem_gain_mb: float | None = None
-    child_peak_mb: float | None = None
     grid_thw: list[int] | None = None
     mel_length: int | None = None
     error: str | None = None
@@ -203,11 +203,21 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def release_free_heap() -> None:
+    """Hand freed malloc memory back to the kernel (glibc), so that memory the warm-up freed but
+    the allocator kept neither inflates the baseline nor hides part of the call's own gain."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak RSS gained inside the block: the kernel's reset high-water mark, else a 5 ms sampler."""
 
     def __enter__(self) -> "PeakMemory":
         gc.collect()
+        release_free_heap()
         self.baseline_kb = _status_kb("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as refs:
@@ -268,7 +278,6 @@ def run_worker(job: dict) -> dict:
     return {
         "wall_s": wall,
         "mem_gain_mb": memory.gain_mb,
-        "child_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 or None,
         "grid_thw": result["grid_thw"],
         "mel_length": result["mel_length"],
     }
@@ -312,7 +321,6 @@ def measure(video: str, policy: str, path: str, files: dict[str, str], repeats: 
     return Row(video, policy, path,
                wall_s=min(r["wall_s"] for r in runs),
                mem_gain_mb=max(r["mem_gain_mb"] for r in runs),
-               child_peak_mb=runs[0]["child_peak_mb"],
                grid_thw=runs[0]["grid_thw"],
                mel_length=runs[0]["mel_length"])
 
@@ -397,10 +405,6 @@ def print_table(rows: list[Row], summary: dict) -> None:
         print(" | ".join([*cells, line[-1]]).rstrip(" |"))
         if number == 0:
             print("-+-".join("-" * w for w in widths) + "-+-" + "-" * 4)
-    children = [r.child_peak_mb for r in rows if r.works and r.path != "qprep" and r.mel_length and r.child_peak_mb]
-    if children:
-        print(f"\nThe reference audio rows also ran an ffmpeg child process (audioread), peak RSS up to "
-              f"{max(children):.0f} MB, not counted in mem gain.")
     print(f"\nqprep speedup over the fastest working reference: median {fmt(summary['median_speedup'], '.2f', 'x')}"
           f" over {summary['rows_compared']}/{summary['qprep_rows']} rows, slowest row "
           f"{fmt(summary['min_speedup'], '.2f', 'x')}; largest memory ratio {fmt(summary['max_mem_ratio'], '.2f')}")

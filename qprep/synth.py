@@ -36,6 +36,7 @@ class VideoSpec:
     crf: int = 23
     preset: str = "veryfast"
     encoder_options: tuple[tuple[str, str], ...] = ()  # extra (key, value) codec options
+    faststart: bool = False  # mp4/mov: index (moov) before the data, as streaming sites write it
 
 
 def make_video(path: str | Path, spec: VideoSpec = VideoSpec(), **overrides) -> Path:
@@ -44,7 +45,8 @@ def make_video(path: str | Path, spec: VideoSpec = VideoSpec(), **overrides) -> 
         spec = VideoSpec(**{**spec.__dict__, **overrides})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
+    options = {"movflags": "faststart"} if spec.faststart else {}
+    with av.open(str(path), mode="w", options=options) as container:
         video = _add_video_stream(container, spec)
         audio = _add_audio_stream(container, spec) if spec.audio else None
         for frame in _video_frames(spec, video):

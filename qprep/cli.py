@@ -1,0 +1,146 @@
+"""The `qprep` command line. It parses and delegates; the work lives in the library.
+
+Exit codes: 0 success, 2 usage error, 3 bad settings, 4 a video that cannot be prepared.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from qprep.errors import SettingsError, VideoError
+
+EXIT_SETTINGS, EXIT_VIDEO = 3, 4
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        height, width = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter("expected HEIGHTxWIDTH, e.g. 224x224") from None
+    return height, width
+
+
+def video_options(command):
+    """The CPU-stage flags, shared by every command that prepares video."""
+    options = [
+        click.option("--job", default=None, help="Named preset (see `qprep jobs`) or a TOML file; flags override it."),
+        click.option("--model", default=None,
+                     help="Model directory or hub id whose preprocessor config to follow "
+                          "(default: transformers' Qwen2-VL processor defaults)."),
+        click.option("--fps", type=float, default=None, help="Frames per second to sample (Qwen's rule; default 2)."),
+        click.option("--num-frames", type=int, default=None, help="Sample this many frames uniformly instead of --fps."),
+        click.option("--min-frames", type=int, default=None, help="Lower bound on frames with --fps (default 4)."),
+        click.option("--max-frames", type=int, default=None, help="Upper bound on frames with --fps (default 768)."),
+        click.option("--video-start", type=float, default=None, help="Window start, seconds."),
+        click.option("--video-end", type=float, default=None, help="Window end, seconds."),
+        click.option("--min-pixels", type=int, default=None, help="Per-frame pixel floor (default: the model's)."),
+        click.option("--max-pixels", type=int, default=None, help="Per-frame pixel ceiling (default: the model's)."),
+        click.option("--size", callback=_size, default=None, metavar="HxW", help="Resize every frame to HxW, e.g. 224x224."),
+        click.option("--audio/--no-audio", default=None, help="Featurize the audio track (Omni models; default on)."),
+        click.option("--long-audio", type=click.Choice(["window", "error"]), default=None,
+                     help="Audio longer than the model's 300 s window: encode it in windows, or fail."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _settings(job, **flags):
+    from qprep.schemas.jobs import Job, load_job
+
+    preset = load_job(job) if job else Job(name="flags", version=1)
+    return preset, preset.video_settings(**flags)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="qprep")
+def main():
+    """qprep prepares video for fine-tuning Qwen multimodal models once, then trains from the cache.
+
+    \b
+    Start with:
+      qprep demo                      the whole job on generated videos
+      qprep prepare clip.mp4          what the model would see of one video
+      qprep jobs                      the named presets
+    """
+
+
+@main.command()
+@click.argument("video", type=click.Path(path_type=Path))
+@video_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def prepare(video, job, model, as_json, **flags):
+    """Prepare one VIDEO exactly as the model's processor would, and report what came out.
+
+    \b
+    Examples:
+      qprep prepare clip.mp4
+      qprep prepare clip.mp4 --job seed-omni-100f --model ./Qwen2.5-Omni-3B
+      qprep prepare clip.mp4 --num-frames 100 --size 224x224 --json
+    """
+    from qprep.pipeline.prepare import prepare as prepare_video
+    from qprep.report import format_prepared, prepared_summary, to_json
+    from qprep.schemas.settings import load_model_spec
+
+    with _errors_to_exit_codes():
+        _, settings = _settings(job, **flags)
+        prepared = prepare_video(video, settings, load_model_spec(model))
+    click.echo(to_json(prepared_summary(prepared)) if as_json else format_prepared(prepared))
+
+
+@main.command()
+def jobs():
+    """List the named presets that --job accepts."""
+    from qprep.schemas.jobs import available_jobs, load_job
+
+    for name in available_jobs():
+        job = load_job(name)
+        settings = ", ".join(f"{k}={v}" for k, v in job.video.items())
+        click.echo(f"{name:<18} v{job.version}  model={job.model or '-'}  {settings}")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Where to write videos and outputs (default: a temporary folder, removed after).")
+@click.option("--videos", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Use these videos instead of generated ones.")
+@click.option("--model", default=None, help="Model directory or hub id (default: built-in Qwen defaults).")
+@click.option("--job", default="seed-omni-100f", show_default=True, help="Preset to run.")
+@click.option("--keep", is_flag=True, help="Keep the work folder.")
+def demo(workdir, videos, model, job, keep):
+    """Run the whole job on generated videos: the quickest way to see qprep work.
+
+    \b
+    Examples:
+      qprep demo
+      qprep demo --videos ~/clips --model ./Qwen2.5-Omni-3B --keep
+    """
+    from qprep.demo import run_demo
+
+    with _errors_to_exit_codes():
+        run_demo(workdir=workdir, videos=videos, model=model, job=job, keep=keep, echo=click.echo)
+
+
+class _errors_to_exit_codes:
+    """Turn qprep's typed errors into a one-line message and a stable exit code."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, SettingsError):
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_SETTINGS)
+        if isinstance(error, VideoError):
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_VIDEO)
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Human and JSON renderings of what qprep did, shared by the commands."""
+
+from __future__ import annotations
+
+import json
+
+from qprep.pipeline.prepare import PreparedVideo
+
+
+def prepared_summary(prepared: PreparedVideo) -> dict:
+    """The facts about one prepared video a person or a script wants, as plain JSON values."""
+    meta = prepared.metadata
+    t, h, w = prepared.video_grid_thw[0].tolist()
+    return {
+        **meta.to_dict(),
+        "video_grid_thw": [t, h, w],
+        "patches": int(prepared.patches.shape[0]),
+        "video_tokens": t * h * w // prepared.spec.merge_size**2,
+        "mel_length": prepared.mel_length,
+    }
+
+
+def format_prepared(prepared: PreparedVideo) -> str:
+    s = prepared_summary(prepared)
+    times = s["frame_times"]
+    lines = [
+        f"{s['path']}",
+        f"  video     {s['codec']} {s['width']}x{s['height']} rotation {s['rotation']}°, {s['frame_count']} frames "
+        f"at {s['native_fps']:.3f} fps, {s['duration']:.2f} s",
+        f"  sampled   {len(times)} frames at {s['sample_fps']:.4f} fps ({times[0]:.2f}–{times[-1]:.2f} s), "
+        f"second_per_grid {s['second_per_grid']:.4f}",
+        f"  vision    resized to {s['resized_width']}x{s['resized_height']}, grid_thw {s['video_grid_thw']}, "
+        f"{s['patches']} patches → {s['video_tokens']} tokens",
+    ]
+    if s["has_audio"]:
+        lines.append(f"  audio     {s['audio_seconds']:.2f} s, {s['mel_length']} mel frames in {s['audio_windows']} window(s)")
+    else:
+        lines.append(f"  audio     none ({s['audio_note']})")
+    return "\n".join(lines)
+
+
+def to_json(value) -> str:
+    return json.dumps(value, indent=2, sort_keys=False)

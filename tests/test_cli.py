@@ -1,0 +1,46 @@
+"""The command line: results, JSON for scripts, and errors that name the file with a stable code."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from qprep.cli import EXIT_SETTINGS, EXIT_VIDEO, main
+
+
+def test_prepare_prints_json(videos):
+    path = videos("cli.mp4", width=160, height=96, fps=25, seconds=3)
+    result = CliRunner().invoke(main, ["prepare", str(path), "--job", "seed-omni-100f", "--num-frames", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["video_grid_thw"] == [4, 16, 16]
+    assert summary["video_tokens"] == 256
+    assert len(summary["frame_times"]) == 8 and summary["has_audio"]
+
+
+def test_prepare_reports_a_bad_video_with_its_path(tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00" * 1000)
+    result = CliRunner().invoke(main, ["prepare", str(bad)])
+    assert result.exit_code == EXIT_VIDEO
+    assert str(bad) in result.output and "not a video" in result.output
+
+
+def test_contradictory_settings_exit_with_their_own_code(videos):
+    path = videos("cli.mp4", width=160, height=96, fps=25, seconds=3)
+    result = CliRunner().invoke(main, ["prepare", str(path), "--video-start", "3", "--video-end", "1"])
+    assert result.exit_code == EXIT_SETTINGS and "video_end" in result.output
+
+
+def test_jobs_lists_the_presets():
+    result = CliRunner().invoke(main, ["jobs"])
+    assert result.exit_code == 0
+    assert "seed-omni-100f" in result.output and "qwen-default" in result.output
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "prepared 4 videos" in result.output
+    assert len(list((tmp_path / "videos").glob("*.mp4"))) == 4

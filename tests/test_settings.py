@@ -1,0 +1,54 @@
+"""Model specs come from the model's own processor configs; presets load and validate."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import Qwen2VLVideoProcessor, WhisperFeatureExtractor
+
+from qprep.errors import SettingsError
+from qprep.schemas.jobs import load_job
+from qprep.schemas.settings import ModelSpec, load_model_spec
+
+
+def test_spec_from_a_saved_omni_processor_directory(tmp_path):
+    Qwen2VLVideoProcessor(min_pixels=3136, max_pixels=12845056).save_pretrained(tmp_path)
+    WhisperFeatureExtractor(feature_size=128, chunk_length=300).save_pretrained(tmp_path)
+    spec = load_model_spec(tmp_path)
+    assert (spec.min_pixels, spec.max_pixels, spec.factor, spec.patch_dim) == (3136, 12845056, 28, 1176)
+    assert (spec.audio.feature_size, spec.audio.chunk_length, spec.audio.window_samples) == (128, 300, 4_800_000)
+
+
+def test_vision_only_directory_keeps_omni_audio_defaults_not_whispers(tmp_path):
+    Qwen2VLVideoProcessor(min_pixels=3136, max_pixels=1003520).save_pretrained(tmp_path)
+    spec = load_model_spec(tmp_path)
+    assert spec.max_pixels == 1003520
+    assert spec.audio.chunk_length == 300 and spec.audio.feature_size == 128
+
+
+def test_spec_from_a_hub_style_preprocessor_config_file(tmp_path):
+    config = tmp_path / "preprocessor_config.json"
+    config.write_text('{"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, '
+                      '"merge_size": 2, "feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 128, '
+                      '"chunk_length": 300, "n_fft": 400, "hop_length": 160, "sampling_rate": 16000}')
+    spec = load_model_spec(config)
+    assert spec == ModelSpec(min_pixels=3136, max_pixels=12845056)
+
+
+def test_missing_model_directory_is_a_settings_error(tmp_path):
+    with pytest.raises(SettingsError, match="preprocessor config"):
+        load_model_spec(tmp_path / "no-such-model")
+
+
+def test_presets_load_and_flags_override():
+    job = load_job("seed-omni-100f")
+    assert job.video_settings().num_frames == 100 and job.video_settings().size == (224, 224)
+    assert job.video_settings(fps=1.0).num_frames is None
+    with pytest.raises(SettingsError, match="unknown job"):
+        load_job("no-such-job")
+
+
+def test_preset_file_with_a_typo_is_rejected(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\n[video]\nnum_frame = 10\n')
+    with pytest.raises(SettingsError, match="num_frame"):
+        load_job(path)

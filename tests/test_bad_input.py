@@ -90,6 +90,12 @@ def test_extreme_aspect_ratio(tmp_path):
     assert_fails(path, errors.GeometryError, "aspect ratio")
 
 
+def test_absurd_frame_size(tmp_path):
+    path = make_video(tmp_path / "huge.mkv", width=16400, height=96, fps=2, seconds=1, codec="mjpeg",
+                      pix_fmt="yuvj420p", audio=False)
+    assert_fails(path, errors.GeometryError, "16400x96", "exceeds")
+
+
 def test_fewer_frames_than_asked(videos):
     path = videos("short.mp4", width=160, height=96, fps=10, seconds=2)
     assert_fails(path, errors.FrameCountError, "num_frames=100", "20", num_frames=100)

@@ -22,7 +22,7 @@ def fake_info(total_frames: int, fps: float) -> VideoInfo:
     time_base = Fraction(1, 90000)
     pts = np.round(np.arange(total_frames) * 90000 / fps).astype(np.int64)
     return VideoInfo(path="fake.mp4", codec="h264", coded_width=64, coded_height=64, time_base=time_base,
-                     average_fps=fps, duration=total_frames / fps, packet_pts=pts,
+                     average_fps=fps, real_fps=fps, duration=total_frames / fps, packet_pts=pts,
                      packet_is_key=np.arange(total_frames) % 30 == 0, audio=None)
 
 

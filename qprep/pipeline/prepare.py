@@ -84,6 +84,7 @@ def prepare(path: str | Path, settings: VideoSettings, spec: ModelSpec, threads:
         height=height,
         rotation=rotation,
         native_fps=info.average_fps,
+        real_fps=info.real_fps,
         frame_count=info.frame_count,
         duration=info.duration,
         frame_indices=tuple(int(i) for i in plan.indices),

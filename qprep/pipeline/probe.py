@@ -40,6 +40,7 @@ class VideoInfo:
     coded_height: int
     time_base: Fraction
     average_fps: float
+    real_fps: float  # the stream's base rate (FFmpeg's r_frame_rate): the timestamps' finest rhythm
     duration: float  # seconds
     packet_pts: np.ndarray  # int64, decode order
     packet_is_key: np.ndarray  # bool, decode order
@@ -128,6 +129,7 @@ def probe_container(container: av.container.InputContainer, path: str | Path) ->
         coded_height=height,
         time_base=time_base,
         average_fps=average_fps,
+        real_fps=float(stream.base_rate) if stream.base_rate else average_fps,
         duration=duration,
         packet_pts=packet_pts,
         packet_is_key=packet_is_key,

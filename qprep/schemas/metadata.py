@@ -13,7 +13,8 @@ class VideoMetadata:
     width: int  # as displayed, after rotation
     height: int
     rotation: int  # counter-clockwise degrees applied, as players do
-    native_fps: float  # the stream's average frame rate
+    native_fps: float  # the stream's average frame rate (what frame sampling uses, as qwen-vl-utils)
+    real_fps: float  # the stream's base rate (FFmpeg's r_frame_rate)
     frame_count: int  # frames in the whole video
     duration: float  # seconds
     frame_indices: tuple[int, ...]  # sampled frames, presentation order

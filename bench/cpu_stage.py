@@ -310,14 +310,14 @@ def worker_main(job_json: str) -> None:
 
 def measure(video: str, policy: str, path: str, files: dict[str, str], repeats: int) -> Row:
     job = {"path": path, "policy": POLICIES[policy], "video": files[video], "warmup": files["warmup"]}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    env.pop("FORCE_QWENVL_VIDEO_READER", None)
+    env = {k: v for k, v in os.environ.items() if k != "FORCE_QWENVL_VIDEO_READER"}
     if path != "qprep":
         env["FORCE_QWENVL_VIDEO_READER"] = path
-    runs = [run_once(job, env) for _ in range(repeats)]
-    failed = [r for r in runs if "error" in r]
-    if failed:
-        return Row(video, policy, path, error=failed[0]["error"])
+    runs = []
+    for _ in range(repeats):
+        runs.append(run_once(job, env))
+        if "error" in runs[-1]:
+            return Row(video, policy, path, error=runs[-1]["error"])
     return Row(video, policy, path,
                wall_s=min(r["wall_s"] for r in runs),
                mem_gain_mb=max(r["mem_gain_mb"] for r in runs),

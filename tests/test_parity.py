@@ -141,12 +141,12 @@ def omni_reference_features(waveform: np.ndarray):
 
 
 def plain_audio_decode(path, start_s=None, end_s=None) -> np.ndarray:
-    """The whole track decoded and resampled to mono 16 kHz in one go, then cut to the window."""
+    """The whole track decoded and resampled to 16 kHz in one go, channels averaged, cut to the window."""
     with av.open(str(path)) as container:
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=16000)
-        pieces = [f.to_ndarray().reshape(-1) for frame in container.decode(audio=0) for f in resampler.resample(frame)]
-        pieces += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    waveform = np.concatenate(pieces)
+        resampler = av.AudioResampler(format="fltp", rate=16000)
+        frames = [f for frame in container.decode(audio=0) for f in resampler.resample(frame)]
+        frames += resampler.resample(None)
+    waveform = np.concatenate([f.to_ndarray() for f in frames], axis=1).mean(axis=0, dtype=np.float32)
     start = int(16000 * start_s) if start_s is not None else 0
     end = int(16000 * end_s) if end_s is not None else None
     return waveform[start:end]
@@ -165,6 +165,19 @@ def test_audio_equals_the_omni_feature_extractor(videos, window):
     assert torch.equal(prepared.feature_attention_mask, expected["attention_mask"])
     assert prepared.mel_length == -(-len(waveform) // 160)  # the mask is sampled every hop
     assert prepared.mel_frames().shape == (128, prepared.mel_length)
+
+
+def test_stereo_is_averaged_to_mono_as_librosa_does(videos):
+    """Loudness is the channel mean's, not FFmpeg's 1/√2-per-channel downmix (3 dB louder)."""
+    path = videos("speech.mp4", width=160, height=96, fps=25, seconds=4, audio_rate=44100, events=((1.0, 1.5),))
+    prepared = qprep.preprocess_video(path, OMNI_PREPROCESSOR, num_frames=4)
+    with av.open(str(path)) as container:
+        native = np.concatenate([f.to_ndarray() for f in container.decode(audio=0)], axis=1)
+    assert native.shape[0] == 2
+    ours = plain_audio_decode(path)
+    assert prepared.metadata.audio_seconds == pytest.approx(len(ours) / 16000)
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
+    assert rms(ours) == pytest.approx(rms(native.mean(axis=0)), rel=0.02)
 
 
 def test_video_without_audio_is_recorded_not_an_error(videos):

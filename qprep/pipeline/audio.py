@@ -1,6 +1,7 @@
 """Stage 5 (Omni): the audio track as the model hears it.
 
-The track is decoded and resampled to mono 16 kHz by FFmpeg's resampler (PyAV) in one streaming
+The track is decoded and resampled to 16 kHz by FFmpeg's resampler (PyAV), its channels averaged to
+mono as the reference (librosa) does, in one streaming
 pass that keeps only the `video_start`/`video_end` window, so the result equals a full decode cut
 afterwards, sample for sample, without holding a long track in memory. Features come from
 transformers' own `WhisperFeatureExtractor`, called as `Qwen2_5OmniProcessor` calls it (padding to
@@ -50,7 +51,9 @@ def sample_window(settings: VideoSettings, rate: int) -> tuple[int, int | None]:
 def decode_audio(container, path: str, spec: AudioSpec, start: int = 0, end: int | None = None) -> np.ndarray:
     """Mono float32 samples [start, end) of the first audio stream, at `spec.sampling_rate`."""
     stream = container.streams.audio[0]
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=spec.sampling_rate)
+    # Resample every channel, then average them: the reference (librosa's to_mono) takes the channel
+    # mean, where FFmpeg's own stereo→mono downmix weights each channel 1/√2 (3 dB louder).
+    resampler = av.AudioResampler(format="fltp", rate=spec.sampling_rate)
     pieces, seen = [], 0
     try:
         container.seek(0)
@@ -69,7 +72,7 @@ def decode_audio(container, path: str, spec: AudioSpec, start: int = 0, end: int
 
 def _keep(frames, pieces: list, seen: int, start: int, end: int | None) -> int:
     for frame in frames:
-        samples = frame.to_ndarray().reshape(-1)
+        samples = frame.to_ndarray().mean(axis=0, dtype=np.float32)
         lo, hi = seen, seen + len(samples)
         cut_lo, cut_hi = max(start, lo), hi if end is None else min(end, hi)
         if cut_hi > cut_lo:

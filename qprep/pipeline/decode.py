@@ -113,29 +113,24 @@ def _decode_run(container, stream, index: _Index, start: int, pending: set[int],
 def _packets_from(container, stream, index: _Index, start: int):
     """Packets from decode position `start` on, with their positions."""
     container.seek(int(index.packet_pts[start]), stream=stream, backward=True, any_frame=False)
-    first = True
+    packets = _indexed_packets(container, stream, index)
+    first = next(packets, None)
+    if first is not None and first[1] > start:
+        # The demuxer's seek overshot (its index holds dts, not pts): read from the top instead.
+        container.seek(0)
+        packets, first = _indexed_packets(container, stream, index), None
+    if first is not None and first[1] == start:
+        yield first
+    yield from ((packet, position) for packet, position in packets if position >= start)
+
+
+def _indexed_packets(container, stream, index: _Index):
+    """Demuxed packets of the stream with their decode positions, up to the end-of-stream marker."""
     for packet in container.demux(stream):
         if packet.size == 0:
             return
         position = index.position_of.get(packet_timestamp(packet))
-        if position is None:
-            continue
-        if first and position > start:
-            # The demuxer's seek overshot (its index holds dts, not pts): read from the top.
-            container.seek(0)
-            yield from _packets_from_top(container, stream, index, start)
-            return
-        first = False
-        if position >= start:
-            yield packet, position
-
-
-def _packets_from_top(container, stream, index: _Index, start: int):
-    for packet in container.demux(stream):
-        if packet.size == 0:
-            return
-        position = index.position_of.get(packet_timestamp(packet))
-        if position is not None and position >= start:
+        if position is not None:
             yield packet, position
 
 

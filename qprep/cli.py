@@ -66,6 +66,9 @@ def main():
     Start with:
       qprep demo                      the whole job on generated videos
       qprep prepare clip.mp4          what the model would see of one video
+      qprep extract --videos DIR --out store.zarr --model MODEL
+                                      cache the towers' output for a folder of videos
+      qprep status store.zarr         what a store holds and what a re-run would do
       qprep jobs                      the named presets
     """
 
@@ -91,6 +94,79 @@ def prepare(video, job, model, as_json, **flags):
         _, settings = _settings(job, **flags)
         prepared = prepare_video(video, settings, load_model_spec(model))
     click.echo(to_json(prepared_summary(prepared)) if as_json else format_prepared(prepared))
+
+
+@main.command()
+@click.option("--videos", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of videos (searched recursively). A video's id is its path in it, minus the extension.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The store to create or update, e.g. store.zarr.")
+@video_options
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True,
+              help="Tower dtype and token dtype; auto = the checkpoint's (bf16 for Qwen's releases), or the store's.")
+@click.option("--shards", type=click.IntRange(1, 1 << 20), default=None,
+              help="Shard count of a new store (default 256). A changed video re-writes one shard.")
+@click.option("--rebuild", is_flag=True, help="Delete the store and extract everything again (needed to change settings).")
+@click.option("--ray-address", envvar="RAY_ADDRESS", default=None,
+              help="Run on this Ray cluster (env RAY_ADDRESS); default: a local Ray started for this run.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+              help="Where the towers run (default: one actor per GPU when the cluster has GPUs, else the CPU).")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+              help="Videos per tower-stage batch (tower calls within it are packed by a token budget).")
+@click.option("--revision", default=None, help="Hub revision of --model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(videos, out, job, model, dtype, shards, rebuild, ray_address, device, batch_size, revision, as_json, quiet,
+            **flags):
+    """Cache the frozen towers' output for every video under --videos in the store --out.
+
+    The CPU stage (decode, sample, resize, patchify, log-mel) runs as Ray tasks; the vision and
+    audio towers run in one actor per GPU (or on the CPU); each shard of the store is committed
+    atomically. Re-running extracts only new, changed and previously failed videos: an
+    up-to-date store is checked in seconds without decoding anything or starting Ray. A video
+    that cannot be read is recorded as failed with its cause, and the run goes on.
+
+    \b
+    Examples:
+      qprep extract --videos clips/ --out clips.zarr --model ./Qwen2.5-Omni-3B
+      qprep extract --videos clips/ --out clips.zarr --job seed-omni-100f
+      qprep extract --videos clips/ --out clips.zarr --model Qwen/Qwen2.5-VL-7B-Instruct --ray-address auto
+    """
+    import json
+
+    from qprep.extract.run import ExtractOptions, extract as run_extract, format_summary
+
+    with _errors_to_exit_codes():
+        preset, settings = _settings(job, **flags)
+        model = model or preset.model
+        if not model:
+            raise click.UsageError("--model is required (or a --job that names one)")
+        options = ExtractOptions(ray_address=ray_address, device=device, batch_size=batch_size, progress=not quiet)
+        try:
+            summary = run_extract(videos, out, model, settings, dtype=dtype, shards=shards, rebuild=rebuild,
+                                  revision=revision, options=options)
+        except KeyboardInterrupt:
+            click.echo(f"interrupted: the shards committed so far are kept; run the same command to finish.", err=True)
+            sys.exit(130)
+    click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary, out))
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--videos", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Compare with this folder (default: the one the last extract used).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def status(store, videos, as_json):
+    """What STORE holds (shards, videos ok/failed/pending, tokens, bytes, config, model).
+
+    Nothing is decoded: pending videos are found by size and modification time.
+    """
+    import json
+
+    from qprep.store.status import format_status, store_status
+
+    with _errors_to_exit_codes():
+        report = store_status(store, videos)
+    click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
 
 
 @main.command()

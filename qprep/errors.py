@@ -17,6 +17,10 @@ class SettingsError(QprepError, ValueError):
     """Settings that contradict each other or the model (raised before any video is touched)."""
 
 
+class StoreError(SettingsError):
+    """A store that cannot be used as asked: not a store, built with other settings, or in use."""
+
+
 class VideoError(QprepError):
     """A video that cannot be prepared. Subclasses say why."""
 

@@ -1,6 +1,8 @@
-"""Shared fixtures: synthetic videos encoded once per test session."""
+"""Shared fixtures: synthetic videos and tiny checkpoints made once per session, and one Ray."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 
@@ -19,3 +21,29 @@ def videos(tmp_path_factory):
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """`tiny_model(kind)` → directory of a tiny random checkpoint saved by transformers, weights split
+    over several safetensors files with an index, as the real releases are."""
+    from qprep.models.tiny import make_tiny_model
+
+    made: dict[str, object] = {}
+
+    def get(kind: str):
+        if kind not in made:
+            made[kind] = make_tiny_model(kind, tmp_path_factory.mktemp(kind), max_shard_size="4MB")
+        return made[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (qprep uses an already initialized Ray as it is)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -16,6 +16,7 @@ from transformers import Qwen2VLVideoProcessor, WhisperFeatureExtractor
 
 import qprep
 from qprep.schemas.settings import load_model_spec
+from reference import plain_audio_decode, plain_decode, reference_pixels
 
 # Qwen2.5-Omni's preprocessor_config.json (hub), the values that matter here.
 OMNI_PREPROCESSOR = {
@@ -37,23 +38,6 @@ VIDEO_MATRIX = {
     "rot270.mp4": dict(width=336, height=168, fps=30, seconds=3, rotation=270),
     "mkv-vp9.mkv": dict(width=320, height=240, fps=25, seconds=3, codec="libvpx-vp9"),
 }
-
-
-def plain_decode(path) -> tuple[list[np.ndarray], int]:
-    """Every frame, decoded start to end with no tricks, and the display rotation."""
-    with av.open(str(path)) as container:
-        frames = list(container.decode(video=0))
-    rotation = int(round(frames[0].rotation or 0)) % 360
-    return [f.to_ndarray(format="rgb24") for f in frames], rotation
-
-
-def reference_pixels(path, indices, processor, rotate: bool = True):
-    frames, rotation = plain_decode(path)
-    chosen = np.stack([frames[i] for i in indices])
-    if rotate and rotation:
-        chosen = np.ascontiguousarray(np.rot90(chosen, k=rotation // 90, axes=(1, 2)))
-    return processor(videos=[chosen], do_sample_frames=False, cap_pixels_per_frame=processor.cap_pixels_per_frame or False,
-                     return_tensors="pt")
 
 
 @pytest.mark.parametrize("name", sorted(VIDEO_MATRIX))
@@ -140,18 +124,6 @@ def omni_reference_features(waveform: np.ndarray):
                      return_tensors="pt")
 
 
-def plain_audio_decode(path, start_s=None, end_s=None) -> np.ndarray:
-    """The whole track decoded and resampled to 16 kHz in one go, channels averaged, cut to the window."""
-    with av.open(str(path)) as container:
-        resampler = av.AudioResampler(format="fltp", rate=16000)
-        frames = [f for frame in container.decode(audio=0) for f in resampler.resample(frame)]
-        frames += resampler.resample(None)
-    waveform = np.concatenate([f.to_ndarray() for f in frames], axis=1).mean(axis=0, dtype=np.float32)
-    start = int(16000 * start_s) if start_s is not None else 0
-    end = int(16000 * end_s) if end_s is not None else None
-    return waveform[start:end]
-
-
 @pytest.mark.parametrize("window", [(None, None), (0.7, 2.9), (1.0, None)])
 def test_audio_equals_the_omni_feature_extractor(videos, window):
     path = videos("speech.mp4", width=160, height=96, fps=25, seconds=4, audio_rate=44100, events=((1.0, 1.5),))
@@ -185,3 +157,17 @@ def test_video_without_audio_is_recorded_not_an_error(videos):
     prepared = qprep.preprocess_video(path, OMNI_PREPROCESSOR)
     assert prepared.input_features is None and prepared.feature_attention_mask is None
     assert not prepared.metadata.has_audio and prepared.metadata.audio_note == "no audio stream"
+
+
+@pytest.mark.parametrize("name, spec", [
+    ("mkv-vp9.mkv", VIDEO_MATRIX["mkv-vp9.mkv"]),
+    ("60fps.mp4", VIDEO_MATRIX["60fps.mp4"]),
+    ("speech-48k.mov", dict(width=160, height=96, fps=25, seconds=3, audio_rate=48000)),
+])
+def test_audio_track_equals_a_plain_decode_in_every_container(videos, name, spec):
+    """From the track's very first packet: a container seek would drop Matroska's first audio packet."""
+    path = videos(name, **spec)
+    prepared = qprep.preprocess_video(path, OMNI_PREPROCESSOR, num_frames=4)
+    expected = omni_reference_features(plain_audio_decode(path))
+    assert torch.equal(prepared.input_features, expected["input_features"])
+    assert torch.equal(prepared.feature_attention_mask, expected["attention_mask"])

@@ -48,15 +48,25 @@ def sample_window(settings: VideoSettings, rate: int) -> tuple[int, int | None]:
     return start, end
 
 
-def decode_audio(container, path: str, spec: AudioSpec, start: int = 0, end: int | None = None) -> np.ndarray:
-    """Mono float32 samples [start, end) of the first audio stream, at `spec.sampling_rate`."""
+def decode_audio(path: str, spec: AudioSpec, start: int = 0, end: int | None = None) -> np.ndarray:
+    """Mono float32 samples [start, end) of the first audio stream, at `spec.sampling_rate`.
+
+    The file is opened afresh: seeking a used container back to 0 loses the first audio packet in
+    some containers (Matroska), and the reference decodes the track from its very first packet.
+    """
+    from qprep.pipeline.probe import open_container
+
+    with open_container(path) as container:
+        return _decode_track(container, path, spec, start, end)
+
+
+def _decode_track(container, path: str, spec: AudioSpec, start: int, end: int | None) -> np.ndarray:
     stream = container.streams.audio[0]
     # Resample every channel, then average them: the reference (librosa's to_mono) takes the channel
     # mean, where FFmpeg's own stereo→mono downmix weights each channel 1/√2 (3 dB louder).
     resampler = av.AudioResampler(format="fltp", rate=spec.sampling_rate)
     pieces, seen = [], 0
     try:
-        container.seek(0)
         for packet in container.demux(stream):
             frames = stream.codec_context.decode(packet if packet.size else None)
             for frame in frames:

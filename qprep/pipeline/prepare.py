@@ -74,7 +74,7 @@ def prepare(path: str | Path, settings: VideoSettings, spec: ModelSpec, threads:
         info = probe_container(container, path)
         plan = plan_frames(info, settings, spec)
         frames, rotation = _decode_and_resize(container, info, plan, settings, spec, threads)
-        audio, audio_note = _audio(container, info, settings, spec)
+    audio, audio_note = _audio(info, settings, spec)
     patches, grid = patchify(frames, spec)
     height, width = _display(info, rotation)
     metadata = VideoMetadata(
@@ -136,14 +136,14 @@ def _decode_and_resize(container, info: VideoInfo, plan: FramePlan, settings: Vi
     return buffer, rotation
 
 
-def _audio(container, info: VideoInfo, settings: VideoSettings, spec: ModelSpec):
+def _audio(info: VideoInfo, settings: VideoSettings, spec: ModelSpec):
     """Audio features of the window, or (None, why not)."""
     if not settings.audio:
         return None, "audio disabled"
     if info.audio is None:
         return None, "no audio stream"
     start, end = sample_window(settings, spec.audio.sampling_rate)
-    waveform = decode_audio(container, info.path, spec.audio, start, end)
+    waveform = decode_audio(info.path, spec.audio, start, end)
     if len(waveform) == 0:
         return None, "the audio stream holds no samples in the window"
     return log_mel(waveform, spec.audio, settings.long_audio, info.path), ""

@@ -49,6 +49,10 @@ class VideoSettings:
     def __post_init__(self) -> None:
         if self.num_frames is not None:
             object.__setattr__(self, "fps", None)
+        for name in ("fps", "video_start", "video_end"):  # 4 and 4.0 are one setting (and one fingerprint)
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
         if self.fps is None and self.num_frames is None:
             raise SettingsError("choose a frame policy: fps or num_frames")
         if self.fps is not None and not (self.fps > 0 and math.isfinite(self.fps)):

@@ -1,0 +1,625 @@
+"""Benchmark: `qprep extract` against a plain sequential loop, and the cost of a re-run that has nothing to do.
+
+What is compared (same videos, same tiny Qwen2.5-Omni checkpoint with the real classes and key
+layout, float32, fps 2 with audio):
+
+* qprep: the `qprep extract` CLI on a fresh store: Ray Data CPU tasks (probe, sparse decode,
+  resize, patchify, log-mel) feeding the tower actor, shards committed to a Zarr store.
+  "cold" is the whole CLI process (Python start, imports, the local Ray it starts and stops, the
+  actor loading the towers). "warm" runs `qprep.extract.run.extract` in a process where Ray is
+  already up and a first extract of two short clips has warmed the workers, so it leaves Ray's
+  start-up and first imports out.
+* reference: one Python process looping over the videos as a training script would:
+  qwen-vl-utils' `fetch_video` (fps 2, the model's min/max pixels; reader forced with
+  FORCE_QWENVL_VIDEO_READER, decord by default), transformers' `Qwen2VLVideoProcessor` from the
+  model dir, qwen-omni-utils' audio loading (audioread + librosa at 16 kHz) and
+  `WhisperFeatureExtractor` from the model dir (padding="max_length", return_attention_mask=True,
+  as the Omni processor calls it), then the full model's
+  `Qwen2_5OmniForConditionalGeneration.from_pretrained(...).thinker` `get_video_features(...)
+  .pooler_output` and `get_audio_features(...).last_hidden_state`; each video's tokens are saved
+  with numpy. "cold" is the process wall time minus the one warm-up clip it prepares first; "warm"
+  is the loop alone.
+
+Both sides report the frames and token counts they produced, as a check that they did the same work.
+
+Memory: while a measured process runs, a thread samples its process tree every 0.2 s (the Ray
+raylet, GCS and workers, or audioread's ffmpeg children, are all descendants) and keeps the largest
+sum of RSS and of PSS (PSS splits shared pages, e.g. Ray's object store, between the processes that
+map them; the RSS sum counts them once per process). The driver's own peak is its VmHWM (a fresh
+process, so the high-water mark covers its whole life).
+
+No-op re-run: a folder of --noop-videos entries (hard links to four tiny clips, 100 per
+subdirectory; the 11 entries the bench touches or modifies are real copies) is extracted once
+(`--num-frames 4 --size 56x56 --no-audio`, cached in the workdir), then the bench times the whole
+`qprep extract` CLI process on the unchanged folder (page cache warm, after one un-timed settling
+run), after `touch`ing 10 files (re-hash, no extraction), and after replacing 1 file's bytes
+(one extraction, so Ray starts). The summaries are checked: nothing extracted and Ray not started,
+10 touched, 1 extracted.
+
+Goals stated by the project: qprep >= 3x the reference's videos/min on this 2-core machine; the
+no-op re-run over 10,000 videos < 5 s.
+
+Reproduce (from the repository root, with the virtualenv active; videos, model and the 10,000-video
+store are cached in --workdir, so only the first run pays for them):
+
+    python bench/extract.py                          # everything (first run ~20 min, then ~8 min)
+    python bench/extract.py --skip-noop --videos 8   # the throughput comparison only, a smoke run
+    python bench/extract.py --repeats 3 --json extract.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FPS = 2.0
+SIZES = ((320, 240), (480, 270), (640, 360))
+SECONDS = (5, 8, 10, 12, 15)
+RATES = (25, 30)
+NOOP_FLAGS = ("--num-frames", "4", "--size", "56x56", "--no-audio")
+NOOP_SHAPES = ((64, 64), (96, 64), (64, 96), (80, 80))  # the tiny clips the no-op folder links to
+TOUCHED, MODIFIED = 10, 1
+RESULT_TAG = "BENCH-RESULT "
+SAMPLE_EVERY_S = 0.2
+TIMEOUT_S = 3600
+THROUGHPUT_GOAL, NOOP_GOAL_S = 3.0, 5.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs (generated once into the workdir)
+
+
+def ensure_model(workdir: Path, hidden: int) -> Path:
+    from qprep.models.tiny import make_tiny_model
+
+    path = workdir / f"tiny-omni-h{hidden}"
+    if not (path / "config.json").is_file():
+        print(f"building {path.name} …", file=sys.stderr, flush=True)
+        shutil.rmtree(path, ignore_errors=True)
+        make_tiny_model("qwen2_5_omni", path, hidden=hidden)
+    return path
+
+
+def clip_spec(index: int):
+    """The index-th benchmark video: sizes, lengths and frame rates cycle with co-prime periods."""
+    from qprep.synth import VideoSpec
+
+    width, height = SIZES[index % len(SIZES)]
+    return VideoSpec(width=width, height=height, seconds=SECONDS[index % len(SECONDS)],
+                     fps=RATES[index % len(RATES)], audio=True)
+
+
+def ensure_clip(path: Path, spec) -> Path:
+    """Encode once (through a temporary name, so an interrupted run leaves no half file)."""
+    from qprep.synth import make_video
+
+    if not path.exists():
+        partial = path.with_name("partial-" + path.name)
+        make_video(partial, spec)
+        partial.rename(path)
+    return path
+
+
+def ensure_videos(workdir: Path, count: int) -> tuple[Path, Path]:
+    """A folder with the first `count` benchmark videos (hard links into the cache) and one with
+    two short warm-up clips. Returns (videos, warm-up)."""
+    from qprep.synth import VideoSpec
+
+    cache, videos, warmup = workdir / "clips", workdir / f"videos-{count}", workdir / "warmup"
+    for directory in (cache, videos, warmup):
+        directory.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        spec = clip_spec(index)
+        name = f"v{index:03d}-{spec.width}x{spec.height}-{spec.seconds}s-{spec.fps}fps.mp4"
+        if not (cache / name).exists():
+            print(f"encoding {name} …", file=sys.stderr, flush=True)
+        source = ensure_clip(cache / name, spec)
+        if not (videos / name).exists():
+            os.link(source, videos / name)
+    for index in range(2):
+        ensure_clip(warmup / f"w{index}.mp4", VideoSpec(width=320, height=240, seconds=3, fps=25, audio=True))
+    return videos, warmup
+
+
+@dataclass
+class NoopTree:
+    videos: Path
+    store: Path
+    touch: list[Path]  # real copies, so touching them touches nothing else
+    modify: Path
+    variants: tuple[Path, Path]  # two clips of different bytes, swapped into `modify`
+
+
+def ensure_noop_tree(workdir: Path, count: int) -> NoopTree:
+    from qprep.synth import VideoSpec
+
+    base = workdir / f"noop-{count}"
+    clips = [ensure_clip(workdir / "noop-clips" / f"c{w}x{h}.mp4",
+                         VideoSpec(width=w, height=h, seconds=2, fps=25, audio=False)) for w, h in NOOP_SHAPES]
+    variants = tuple(ensure_clip(workdir / "noop-clips" / f"variant{i}.mp4",
+                                 VideoSpec(width=72, height=72, seconds=2 + i, fps=25, audio=False)) for i in (0, 1))
+    videos = base / "videos"
+    copies = TOUCHED + MODIFIED
+    for index in range(count):
+        path = videos / f"{index // 100:03d}" / f"clip{index:05d}.mp4"
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if index < copies:
+            shutil.copyfile(clips[index % len(clips)], path)
+        else:
+            os.link(clips[index % len(clips)], path)
+    entries = [videos / f"{i // 100:03d}" / f"clip{i:05d}.mp4" for i in range(copies)]
+    return NoopTree(videos=videos, store=base / "store.zarr", touch=entries[:TOUCHED], modify=entries[TOUCHED],
+                    variants=variants)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring a process: wall time and the memory of its whole tree
+
+
+def _kb(path: str, fields: tuple[str, ...]) -> dict[str, int]:
+    values = {}
+    with open(path) as handle:
+        for line in handle:
+            name = line.split(":", 1)[0]
+            if name in fields:
+                values[name] = int(line.split()[1])
+    return values
+
+
+class TreeMemory:
+    """Samples a process tree every SAMPLE_EVERY_S: the peak sums of RSS and PSS, the peak number
+    of processes, and the root's VmHWM."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.rss_kb = self.pss_kb = self.root_hwm_kb = self.processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(SAMPLE_EVERY_S):
+                return
+
+    def sample(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            pids = [self.pid, *(child.pid for child in root.children(recursive=True))]
+            self.root_hwm_kb = max(self.root_hwm_kb, _kb(f"/proc/{self.pid}/status", ("VmHWM",))["VmHWM"])
+        except (psutil.Error, OSError, KeyError):
+            return
+        rss = pss = 0
+        for pid in pids:
+            try:
+                rollup = _kb(f"/proc/{pid}/smaps_rollup", ("Rss", "Pss"))
+            except OSError:
+                continue
+            rss, pss = rss + rollup.get("Rss", 0), pss + rollup.get("Pss", 0)
+        self.rss_kb, self.pss_kb = max(self.rss_kb, rss), max(self.pss_kb, pss)
+        self.processes = max(self.processes, len(pids))
+
+
+@dataclass
+class Measured:
+    wall_s: float
+    returncode: int
+    stdout: str
+    stderr: str
+    tree_rss_mb: float
+    tree_pss_mb: float
+    root_hwm_mb: float
+    processes: int
+
+
+def run_measured(command: list[str], env: dict | None = None) -> Measured:
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with TreeMemory(process.pid) as memory:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    wall = time.perf_counter() - start
+    return Measured(wall, process.returncode, stdout, stderr, memory.rss_kb / 1024, memory.pss_kb / 1024,
+                    memory.root_hwm_kb / 1024, memory.processes)
+
+
+def qprep_cli() -> list[str]:
+    script = Path(sys.executable).parent / "qprep"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "qprep.cli"]
+
+
+def run_cli_extract(videos: Path, store: Path, model: Path, flags: tuple[str, ...]) -> tuple[Measured, dict]:
+    """`qprep extract … --quiet --json` as a user runs it; returns the measurement and its summary."""
+    command = [*qprep_cli(), "extract", "--videos", str(videos), "--out", str(store), "--model", str(model),
+               "--dtype", "float32", *flags, "--quiet", "--json"]
+    measured = run_measured(command)
+    if measured.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {measured.returncode}:\n{measured.stderr[-3000:]}")
+    return measured, parse_summary(measured.stdout)
+
+
+def parse_summary(stdout: str) -> dict:
+    """The JSON summary is the last top-level object on stdout."""
+    lines = stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:]))
+
+
+def run_worker(job: dict, env: dict | None = None) -> tuple[Measured, dict]:
+    """This script in a fresh process, doing one measured job; returns what it reported."""
+    measured = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)], env)
+    for line in reversed(measured.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return measured, json.loads(line[len(RESULT_TAG):])
+    raise RuntimeError(f"worker {job['kind']} exited {measured.returncode}:\n{measured.stderr[-3000:]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers (each in a fresh process)
+
+
+def reference_worker(job: dict) -> dict:
+    """The sequential loop a training script would write with the Qwen utilities and transformers."""
+    begun = time.perf_counter()
+    import numpy as np
+    import torch
+    from qwen_omni_utils.v2_5.audio_process import process_audio_info
+    from qwen_vl_utils import fetch_video
+    from transformers import Qwen2_5OmniForConditionalGeneration, Qwen2VLVideoProcessor, WhisperFeatureExtractor
+
+    model = job["model"]
+    video_processor = Qwen2VLVideoProcessor.from_pretrained(model)
+    feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
+    thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(model, dtype=torch.float32).thinker.eval()
+    pixels = {"min_pixels": video_processor.size["shortest_edge"], "max_pixels": video_processor.size["longest_edge"]}
+    out = Path(job["out"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    @torch.inference_mode()
+    def one(path: str) -> tuple[int, int, int]:
+        element = {"type": "video", "video": path, "fps": FPS, **pixels}
+        (frames, metadata), _ = fetch_video(element, return_video_sample_fps=True, return_video_metadata=True)
+        if metadata.get("video_backend") != job["reader"]:
+            raise RuntimeError(f"qwen-vl-utils read {path} with {metadata.get('video_backend')}, not {job['reader']}")
+        vision = video_processor(videos=[frames], do_sample_frames=False, cap_pixels_per_frame=False,
+                                 return_tensors="pt")
+        waveform = process_audio_info([{"role": "user", "content": [element]}], use_audio_in_video=True)[0]
+        audio = feature_extractor(waveform, sampling_rate=16000, padding="max_length", return_attention_mask=True,
+                                  return_tensors="pt")
+        video_tokens = thinker.get_video_features(vision["pixel_values_videos"], vision["video_grid_thw"]).pooler_output
+        video_tokens = torch.cat(list(video_tokens)) if isinstance(video_tokens, (list, tuple)) else video_tokens
+        audio_tokens = thinker.get_audio_features(audio["input_features"],
+                                                  feature_attention_mask=audio["attention_mask"]).last_hidden_state
+        name = Path(path).stem
+        np.save(out / f"{name}.video.npy", video_tokens.numpy())
+        np.save(out / f"{name}.audio.npy", audio_tokens.numpy())
+        return len(frames), int(video_tokens.shape[0]), int(audio_tokens.shape[0])
+
+    loaded = time.perf_counter()
+    one(job["warmup"])
+    warmed = time.perf_counter()
+    totals = [0, 0, 0]
+    for path in job["videos"]:
+        totals = [a + b for a, b in zip(totals, one(path))]
+    done = time.perf_counter()
+    return {"load_s": loaded - begun, "warmup_s": warmed - loaded, "loop_s": done - warmed, "frames": totals[0],
+            "video_tokens": totals[1], "audio_tokens": totals[2], "torch_threads": torch.get_num_threads()}
+
+
+def qprep_warm_worker(job: dict) -> dict:
+    """`extract` with Ray already up and its workers warmed by a first small extract."""
+    import logging
+
+    import ray
+
+    from qprep.extract.run import ExtractOptions, extract
+    from qprep.schemas.settings import VideoSettings
+
+    started = time.perf_counter()
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)  # as qprep's own
+    ray_init_s = time.perf_counter() - started
+    settings, options = VideoSettings(fps=FPS), ExtractOptions(progress=False)
+    extract(job["warmup"], job["warmup_store"], job["model"], settings, dtype="float32", options=options)
+    begun = time.perf_counter()
+    summary = extract(job["videos"], job["store"], job["model"], settings, dtype="float32", options=options)
+    wall = time.perf_counter() - begun
+    ray.shutdown()
+    return {"ray_init_s": ray_init_s, "wall_s": wall, **summary.to_dict()}
+
+
+WORKERS = {"reference": reference_worker, "qprep-warm": qprep_warm_worker}
+
+
+def worker_main(job_json: str) -> None:
+    job = json.loads(job_json)
+    result = WORKERS[job["kind"]](job)
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurements (driver side)
+
+
+@dataclass
+class Row:
+    name: str
+    videos: int
+    wall_s: float
+    driver_mb: float | None = None
+    tree_rss_mb: float | None = None
+    tree_pss_mb: float | None = None
+    frames: int | None = None
+    video_tokens: int | None = None
+    audio_tokens: int | None = None
+    note: str = ""
+    ratio: float | None = None
+
+    @property
+    def per_min(self) -> float:
+        return 60 * self.videos / self.wall_s
+
+
+def fastest(rows: list[Row]) -> Row:
+    """The fastest of repeated runs, with the largest memory seen in any of them."""
+    best = min(rows, key=lambda r: r.wall_s)
+    for name in ("driver_mb", "tree_rss_mb", "tree_pss_mb"):
+        setattr(best, name, max(getattr(r, name) or 0 for r in rows))
+    return best
+
+
+def memory_fields(measured: Measured) -> dict:
+    return {"driver_mb": measured.root_hwm_mb, "tree_rss_mb": measured.tree_rss_mb,
+            "tree_pss_mb": measured.tree_pss_mb}
+
+
+def measure_qprep_cold(videos: Path, model: Path, workdir: Path, count: int) -> Row:
+    store = fresh(workdir / "stores" / "cold.zarr")
+    measured, summary = run_cli_extract(videos, store, model, ("--fps", str(FPS)))
+    check(summary["extracted"] == count and summary["ray_started"], f"cold extract: {short(summary)}")
+    note = (f"extract() {summary['seconds']:.1f} s of it; {measured.processes} processes; "
+            f"{summary['failed']} failed")
+    return Row("qprep extract CLI, cold (Ray start, imports, model load)", count, measured.wall_s,
+               frames=summary["frames"], video_tokens=summary["video_tokens"],
+               audio_tokens=summary["audio_tokens"], note=note, **memory_fields(measured))
+
+
+def measure_qprep_warm(videos: Path, warmup: Path, model: Path, workdir: Path, count: int) -> Row:
+    stores = workdir / "stores"
+    job = {"kind": "qprep-warm", "videos": str(videos), "warmup": str(warmup), "model": str(model),
+           "store": str(fresh(stores / "warm.zarr")), "warmup_store": str(fresh(stores / "warmup.zarr"))}
+    measured, result = run_worker(job)
+    check(result["extracted"] == count, f"warm extract: {short(result)}")
+    return Row("qprep extract(), warm (Ray up, workers warmed)", count, result["wall_s"], frames=result["frames"],
+               video_tokens=result["video_tokens"], audio_tokens=result["audio_tokens"],
+               note=f"ray.init took {result['ray_init_s']:.1f} s; memory: whole process", **memory_fields(measured))
+
+
+def measure_reference(videos: Path, warmup: Path, model: Path, workdir: Path, count: int,
+                      reader: str) -> tuple[Row, Row]:
+    files = sorted(str(p) for p in videos.glob("*.mp4"))
+    job = {"kind": "reference", "videos": files, "warmup": str(next(warmup.glob("*.mp4"))), "model": str(model),
+           "out": str(fresh(workdir / "stores" / "reference")), "reader": reader}
+    env = {**os.environ, "FORCE_QWENVL_VIDEO_READER": reader}
+    measured, result = run_worker(job, env)
+    counts = {k: result[k] for k in ("frames", "video_tokens", "audio_tokens")}
+    cold = Row(f"reference loop ({reader}), cold (process: imports, model load)", count,
+               measured.wall_s - result["warmup_s"], **counts,
+               note=f"load {result['load_s']:.1f} s; torch threads {result['torch_threads']}",
+               **memory_fields(measured))
+    warm = Row(f"reference loop ({reader}), warm (the loop alone)", count, result["loop_s"], **counts,
+               note="memory: whole process", **memory_fields(measured))
+    return cold, warm
+
+
+@dataclass
+class NoopRow:
+    name: str
+    wall_s: float
+    extracted: int
+    touched: int
+    ray_started: bool
+    extract_s: float
+    note: str = ""
+
+
+def measure_noop(workdir: Path, model: Path, count: int, repeats: int) -> tuple[dict, list[NoopRow]]:
+    tree = ensure_noop_tree(workdir, count)
+    build = {}
+    if not tree.store.exists():
+        print(f"first extract of the {count}-video no-op folder (cached for later runs) …", file=sys.stderr, flush=True)
+        measured, summary = run_cli_extract(tree.videos, tree.store, model, NOOP_FLAGS)
+        check(summary["extracted"] == count, f"first extract of the no-op folder: {short(summary)}")
+        build = {"wall_s": measured.wall_s, "extracted": summary["extracted"], "extract_s": summary["seconds"],
+                 "tree_pss_mb": measured.tree_pss_mb, "driver_mb": measured.root_hwm_mb}
+    run_cli_extract(tree.videos, tree.store, model, NOOP_FLAGS)  # settles an interrupted earlier run
+    rows = []
+    for _ in range(repeats):
+        rows.append(noop_run("no-op (nothing changed)", tree, model, count, touched=0, extracted=0))
+    for _ in range(repeats):
+        now = time.time_ns()
+        for path in tree.touch:
+            os.utime(path, ns=(now, now))
+        rows.append(noop_run(f"{TOUCHED} files touched (re-hash only)", tree, model, count, touched=TOUCHED,
+                             extracted=0))
+    for _ in range(repeats):
+        other = next(v for v in tree.variants if v.stat().st_size != tree.modify.stat().st_size)
+        shutil.copyfile(other, tree.modify)
+        rows.append(noop_run(f"{MODIFIED} file replaced (1 extraction, Ray starts)", tree, model, count, touched=0,
+                             extracted=MODIFIED))
+    return build, rows
+
+
+def noop_run(name: str, tree: NoopTree, model: Path, count: int, touched: int, extracted: int) -> NoopRow:
+    measured, summary = run_cli_extract(tree.videos, tree.store, model, NOOP_FLAGS)
+    ray_expected = extracted > 0
+    check(summary["videos"] == count and summary["extracted"] == extracted and summary["touched"] == touched
+          and summary["failed"] == 0 and summary["ray_started"] == ray_expected, f"{name}: {short(summary)}")
+    return NoopRow(name, measured.wall_s, summary["extracted"], summary["touched"], summary["ray_started"],
+                   summary["seconds"], note=f"driver peak {measured.root_hwm_mb:.0f} MB")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers, the table, main
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+def short(summary: dict) -> str:
+    keys = ("videos", "extracted", "failed", "up_to_date", "touched", "ray_started", "seconds", "failures")
+    return json.dumps({k: summary.get(k) for k in keys})[:2000]
+
+
+def environment(workdir: Path) -> dict:
+    facts = {"cores": os.cpu_count(), "cpu": _cpu_model(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE")
+             * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), "python": platform.python_version()}
+    for name in ("torch", "transformers", "ray", "av", "decord", "qwen-vl-utils", "qwen-omni-utils", "zarr"):
+        try:
+            facts[name] = version(name)
+        except Exception:
+            facts[name] = None
+    facts["workdir"] = str(workdir)
+    return facts
+
+
+def _cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def fmt(value, pattern: str) -> str:
+    return "" if value is None else format(value, pattern)
+
+
+def markdown(header: tuple[str, ...], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def throughput_table(rows: list[Row]) -> str:
+    header = ("run", "videos", "wall s", "videos/min", "qprep / reference", "driver peak MB", "tree peak RSS MB",
+              "tree peak PSS MB", "frames", "video tokens", "audio tokens", "note")
+    return markdown(header, [(r.name, r.videos, fmt(r.wall_s, ".1f"), fmt(r.per_min, ".1f"),
+                              fmt(r.ratio, ".2f") + ("x" if r.ratio else ""), fmt(r.driver_mb, ".0f"),
+                              fmt(r.tree_rss_mb, ".0f"), fmt(r.tree_pss_mb, ".0f"), r.frames, r.video_tokens,
+                              r.audio_tokens, r.note) for r in rows])
+
+
+def noop_table(rows: list[NoopRow], count: int) -> str:
+    header = (f"re-run over {count} videos", "CLI wall s", "extract() s", "extracted", "touched", "Ray started", "note")
+    return markdown(header, [(r.name, fmt(r.wall_s, ".2f"), fmt(r.extract_s, ".2f"), r.extracted, r.touched,
+                              r.ray_started, r.note) for r in rows])
+
+
+def compare(reference: tuple[Row, Row], qprep: tuple[Row, Row]) -> None:
+    """qprep cold against reference cold, qprep warm against the reference's loop alone."""
+    for ours, theirs in zip(qprep, reference):
+        ours.ratio = ours.per_min / theirs.per_min
+
+
+def repeated(measure, repeats: int):
+    runs = [measure() for _ in range(repeats)]
+    if isinstance(runs[0], tuple):
+        return tuple(fastest(list(group)) for group in zip(*runs))
+    return fastest(runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--videos", type=int, default=32, help="videos in the throughput comparison")
+    parser.add_argument("--noop-videos", type=int, default=10_000, help="videos in the no-op re-run folder")
+    parser.add_argument("--skip-noop", action="store_true", help="only the throughput comparison")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/qprep-bench-extract"),
+                        help="cache of videos, model and stores")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each measurement; the fastest is shown")
+    parser.add_argument("--reader", default="decord", choices=("decord", "torchvision", "torchcodec"),
+                        help="qwen-vl-utils' video reader for the reference (FORCE_QWENVL_VIDEO_READER)")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny model's language part")
+    parser.add_argument("--json", type=Path, help="also write every number here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker_main(args.worker)
+        return 0
+
+    workdir, repeats = args.workdir.resolve(), max(1, args.repeats)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = ensure_model(workdir, args.hidden)
+    videos, warmup = ensure_videos(workdir, args.videos)
+    facts = environment(workdir)
+    print("environment: " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
+
+    print("reference loop …", file=sys.stderr, flush=True)
+    reference = repeated(lambda: measure_reference(videos, warmup, model, workdir, args.videos, args.reader), repeats)
+    print("qprep extract, cold …", file=sys.stderr, flush=True)
+    cold = repeated(lambda: measure_qprep_cold(videos, model, workdir, args.videos), repeats)
+    print("qprep extract, warm …", file=sys.stderr, flush=True)
+    warm = repeated(lambda: measure_qprep_warm(videos, warmup, model, workdir, args.videos), repeats)
+    compare(reference, (cold, warm))
+    rows = [*reference, cold, warm]
+
+    build, noop_rows = ({}, []) if args.skip_noop else measure_noop(workdir, model, args.noop_videos, repeats)
+
+    print()
+    print(markdown(("machine", "value"), list(facts.items())))
+    print()
+    print(f"Throughput: {args.videos} videos ({sum(clip_spec(i).seconds for i in range(args.videos))} s of "
+          f"{'/'.join(f'{w}x{h}' for w, h in SIZES)} h264+aac at {'/'.join(map(str, RATES))} fps), fps {FPS:g} + audio, "
+          f"tiny Omni (hidden {args.hidden}), float32, fastest of {repeats}:\n")
+    print(throughput_table(rows))
+    print(f"\ngoal: qprep >= {THROUGHPUT_GOAL:g}x the reference's videos/min — cold: {cold.ratio:.2f}x "
+          f"({'MET' if cold.ratio >= THROUGHPUT_GOAL else 'NOT MET'}), warm: {warm.ratio:.2f}x "
+          f"({'MET' if warm.ratio >= THROUGHPUT_GOAL else 'NOT MET'})")
+    if build:
+        print(f"\nfirst extract of the {args.noop_videos}-video no-op folder ({' '.join(NOOP_FLAGS)}): "
+              f"{build['wall_s']:.0f} s wall, {60 * build['extracted'] / build['wall_s']:.0f} videos/min, "
+              f"tree peak PSS {build['tree_pss_mb']:.0f} MB")
+    if noop_rows:
+        print()
+        print(noop_table(noop_rows, args.noop_videos))
+        best = min(r.wall_s for r in noop_rows if r.extracted == 0 and r.touched == 0)
+        print(f"\ngoal: no-op re-run over {args.noop_videos} videos < {NOOP_GOAL_S:g} s — {best:.2f} s "
+              f"({'MET' if best < NOOP_GOAL_S else 'NOT MET'})")
+    if args.json:
+        args.json.write_text(json.dumps({"environment": facts, "rows": [asdict(r) for r in rows], "noop_build": build,
+                                         "noop": [asdict(r) for r in noop_rows]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Ray: which cluster to use, and the Ray Data graph of an extraction.
+
+By default a local Ray starts in-process and stops with the run; `--ray-address` (or RAY_ADDRESS)
+joins an existing cluster instead, and a Ray already initialized in this process (a notebook, the
+test session) is used as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from typing import Iterator
+
+from qprep.extract.discover import VideoFile
+from qprep.extract.stages import TowerStage, cpu_stage
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None) -> Iterator[dict]:
+    """Yields the cluster's resources (CPU, GPU counts)."""
+    import ray
+
+    owned = not ray.is_initialized()
+    if owned:
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=address is None, configure_logging=True)
+    _quiet_ray_data()
+    try:
+        yield dict(ray.cluster_resources())
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def tower_dataset(tasks: list[VideoFile], videos_dir: str, model: str, revision: str | None, settings, spec,
+                  dtype: str, device: str, attn_implementation: str, options, resources: dict):
+    """tasks → CPU stage (one task per video) → tower actors → rows for the writer (streamed)."""
+    import ray.data
+
+    items = [{"task": json.dumps(task.__dict__)} for task in tasks]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    dataset = dataset.map(cpu_stage, fn_kwargs={"videos_dir": videos_dir, "settings": settings, "spec": spec},
+                          num_cpus=1)
+    if device == "cpu":
+        # Without GPUs the tower actor shares the CPUs with the decoding tasks instead of
+        # reserving one: both cores stay busy whichever stage is the bottleneck.
+        actors, actor_resources = 1, {"num_cpus": 0}
+        threads = options.tower_threads or max(1, int(resources.get("CPU", 1)) // 2)
+    else:
+        actors, actor_resources = max(1, int(resources.get("GPU", 1))), {"num_gpus": 1, "num_cpus": 1}
+        threads = options.tower_threads or 1
+    constructor = dict(model=model, revision=revision, spec=spec, dtype=dtype, device=device,
+                       attn_implementation=attn_implementation, budget=options.budget, threads=threads)
+    return dataset.map_batches(TowerStage, fn_constructor_kwargs=constructor, batch_size=options.batch_size,
+                               batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                               **actor_resources)
+
+
+def _quiet_ray_data() -> None:
+    """qprep draws its own progress bar and summary; Ray Data's would interleave with them."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.WARNING)

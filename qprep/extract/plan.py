@@ -1,0 +1,110 @@
+"""What a run has to do: compare the videos on disk with the store's manifest, shard by shard.
+
+Per video: same size and mtime as its committed row → kept as is; same size, new mtime → re-hashed,
+and kept (only its mtime updated) when the bytes are unchanged; anything else, new videos and
+failed ones → extracted. Committed rows whose file is gone are dropped. A shard with none of that
+is skipped outright; nothing is decoded to find out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from qprep.extract.discover import VideoFile, content_hash
+from qprep.schemas.manifest import OK
+
+
+@dataclass
+class ShardPlan:
+    shard: int
+    committed_key: str | None  # the key of the shard as committed now (None: not in the store)
+    keep: list[dict] = field(default_factory=list)  # committed rows carried over (tokens reused)
+    extract: list[VideoFile] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # ids whose files are gone
+    touched: int = 0  # kept rows whose mtime changed but whose bytes did not
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.extract or self.removed or self.touched)
+
+
+@dataclass
+class Plan:
+    shards: dict[int, ShardPlan]  # only the shards that change
+    videos: int  # on disk
+    up_to_date: int  # videos that need no tower work (their tokens are kept)
+
+    @property
+    def tasks(self) -> list[VideoFile]:
+        """Videos to extract, grouped by shard so shards complete (and free memory) one by one."""
+        return [video for plan in self.shards.values() for video in plan.extract]
+
+    @property
+    def removed(self) -> int:
+        return sum(len(plan.removed) for plan in self.shards.values())
+
+    @property
+    def touched(self) -> int:
+        return sum(plan.touched for plan in self.shards.values())
+
+
+def make_plan(videos: list[VideoFile], manifest: pa.Table, videos_dir: str | Path, hash_threads: int = 8) -> Plan:
+    committed = {row["id"]: row for row in manifest.to_pylist()}
+    keys = {row["shard"]: row["shard_key"] for row in committed.values()}
+    plans: dict[int, ShardPlan] = {}
+
+    def plan_for(shard: int) -> ShardPlan:
+        if shard not in plans:
+            plans[shard] = ShardPlan(shard=shard, committed_key=keys.get(shard))
+        return plans[shard]
+
+    rehash: list[tuple[VideoFile, dict]] = []
+    up_to_date = 0
+    for video in videos:
+        row = committed.get(video.id)
+        if row is None or row["status"] != OK or row["size"] != video.size or row["path"] != video.path \
+                or row["shard"] != video.shard:
+            plan_for(video.shard).extract.append(video)
+        elif row["mtime_ns"] != video.mtime_ns:
+            rehash.append((video, row))
+        else:
+            plan_for(video.shard).keep.append(row)
+            up_to_date += 1
+    on_disk = {video.id for video in videos}
+    for video_id, row in committed.items():
+        if video_id not in on_disk:
+            plan_for(row["shard"]).removed.append(video_id)
+
+    root = Path(videos_dir)
+    with ThreadPoolExecutor(max_workers=hash_threads) as pool:  # hashlib releases the GIL
+        hashes = list(pool.map(lambda item: _hash_or_none(root / item[0].path), rehash))
+    for (video, row), digest in zip(rehash, hashes):
+        if digest is not None and digest == row["content_hash"]:
+            plan_for(video.shard).keep.append(dict(row, mtime_ns=video.mtime_ns))
+            plans[video.shard].touched += 1
+            up_to_date += 1
+        else:
+            plan_for(video.shard).extract.append(video)
+
+    changed = {shard: plans[shard] for shard in sorted(plans) if plans[shard].changed}
+    return Plan(shards=changed, videos=len(videos), up_to_date=up_to_date)
+
+
+def shard_key(fingerprint: str, members: list[dict]) -> str:
+    """hash(fingerprint, each member's path, content hash and status): equal keys, equal arrays."""
+    digest = hashlib.sha256(fingerprint.encode())
+    for row in sorted(members, key=lambda r: r["path"]):
+        digest.update(f"\0{row['path']}\0{row.get('content_hash') or ''}\0{row['status']}".encode())
+    return digest.hexdigest()
+
+
+def _hash_or_none(path: Path) -> str | None:
+    try:
+        return content_hash(path)
+    except OSError:
+        return None

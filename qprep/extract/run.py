@@ -1,0 +1,174 @@
+"""`qprep extract`: videos directory in, store out, touching only what changed.
+
+resolve model + settings → fingerprint → open (or create) the store, refusing a different config →
+discover + plan (no decoding, no Ray) → commit shards that need no towers → if any video needs the
+towers: Ray Data CPU stage → tower actor pool → writer committing shard by shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qprep.errors import StoreError
+from qprep.extract.discover import discover
+from qprep.extract.plan import Plan, make_plan
+from qprep.extract.writer import ShardWriter, decode_result
+from qprep.models.checkpoint import open_checkpoint
+from qprep.pipeline.towers import Budget, resolve_dtype
+from qprep.schemas.fingerprint import differences, extraction_config, fingerprint
+from qprep.schemas.manifest import OK
+from qprep.schemas.settings import VideoSettings, load_model_spec
+from qprep.store.layout import LAST_RUN, Store
+
+DEFAULT_SHARDS = 256
+WEIGHT_DIGESTS = "weight-digests.json"
+
+
+@dataclass
+class Summary:
+    videos: int = 0  # on disk
+    extracted: int = 0
+    failed: int = 0
+    up_to_date: int = 0
+    removed: int = 0
+    touched: int = 0
+    shards_written: int = 0
+    frames: int = 0
+    video_tokens: int = 0
+    audio_tokens: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    ray_started: bool = False
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, cause)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How to run (none of it changes the output, so none of it is in the fingerprint)."""
+
+    ray_address: str | None = None
+    device: str | None = None  # None: cuda when the cluster has GPUs, else cpu
+    batch_size: int = 8  # videos per tower-stage batch
+    budget: Budget = Budget()
+    tower_threads: int | None = None  # torch threads of a CPU tower actor
+    progress: bool = True
+
+
+def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSettings | None = None, *,
+            dtype: str = "auto", shards: int | None = None, rebuild: bool = False, revision: str | None = None,
+            attn_implementation: str = "sdpa", options: ExtractOptions = ExtractOptions()) -> Summary:
+    """Extract (or bring up to date) the token cache of every video under `videos` into `out`."""
+    started = time.perf_counter()
+    settings = settings or VideoSettings()
+    checkpoint = open_checkpoint(model, revision)
+    spec = load_model_spec(model)
+    if not checkpoint.has_audio and settings.audio:
+        settings = dataclasses.replace(settings, audio=False)  # a VL model has no audio tower
+    existing = Store.open(out) if Store.exists(out) and not rebuild else None
+    if dtype == "auto" and existing is not None:
+        dtype = existing.attrs["dtype"]  # keep the store's dtype unless told otherwise
+    dtype = resolve_dtype(dtype, checkpoint)
+    digests = existing.read_json(WEIGHT_DIGESTS) if existing else {}
+    config = extraction_config(settings, spec, checkpoint.identity(digests), dtype, attn_implementation)
+    print_ = fingerprint(config)
+    if existing is not None:
+        _check_compatible(existing, print_, config, shards)
+        store = existing
+    else:
+        if rebuild and Store.exists(out):
+            Store.remove(out)
+        store = Store.create(out, config=config, fingerprint=print_, model=str(model),
+                             hidden_size=checkpoint.hidden_size, dtype=dtype,
+                             shard_count=shards or DEFAULT_SHARDS, has_audio=checkpoint.has_audio)
+    store.write_json(WEIGHT_DIGESTS, digests)
+
+    with store.lock():
+        store.write_json(LAST_RUN, {"videos": str(Path(videos).resolve()), "summary": None})
+        store.collect_garbage()
+        plan = make_plan(discover(videos, store.shard_count), store.manifest(), videos)
+        summary = Summary(videos=plan.videos, up_to_date=plan.up_to_date, removed=plan.removed, touched=plan.touched)
+        writer = ShardWriter(store, plan.shards)
+        writer.commit_ready()
+        if plan.tasks:
+            summary.ray_started = True
+            _run_towers(plan, writer, summary, videos, model, revision, settings, spec, dtype, attn_implementation,
+                        options)
+        summary.shards_written = writer.shards_written
+        summary.bytes_written = writer.bytes_written
+        summary.seconds = time.perf_counter() - started
+        store.write_json(LAST_RUN, {"videos": str(Path(videos).resolve()), "summary": summary.to_dict()})
+    return summary
+
+
+def _check_compatible(store: Store, print_: str, config: dict, shards: int | None) -> None:
+    if shards is not None and shards != store.shard_count:
+        raise StoreError(f"{store.root} has {store.shard_count} shards; --shards {shards} needs --rebuild")
+    if store.fingerprint != print_:
+        changed = differences(store.attrs["config"], config)
+        listed = "\n  ".join(changed[:12]) or "(qprep's output version)"
+        raise StoreError(f"{store.root} was extracted with other settings; refusing to mix tokens.\n  {listed}\n"
+                         "Use another --out, or --rebuild to start this store over.")
+
+
+def _run_towers(plan: Plan, writer: ShardWriter, summary: Summary, videos, model, revision, settings, spec, dtype,
+                attn_implementation, options: ExtractOptions) -> None:
+    from tqdm.auto import tqdm
+
+    from qprep.extract.cluster import ray_session, tower_dataset
+
+    with ray_session(options.ray_address) as resources:
+        device = options.device or ("cuda" if resources.get("GPU", 0) >= 1 else "cpu")
+        dataset = tower_dataset(plan.tasks, str(Path(videos).resolve()), model, revision, settings, spec, dtype,
+                                device, attn_implementation, options, resources)
+        bar = tqdm(total=len(plan.tasks), unit="video", desc="extract", disable=not options.progress,
+                   dynamic_ncols=True)
+        begun = time.perf_counter()
+        try:
+            for result in dataset.iter_rows():
+                task, meta, video, audio = decode_result(result)
+                row = writer.add(task, meta, video, audio)
+                _count(summary, row, video, audio)
+                bar.update(1)
+                elapsed = max(time.perf_counter() - begun, 1e-9)
+                bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, "
+                                    f"{(summary.video_tokens + summary.audio_tokens) / elapsed:.0f} tokens/s, "
+                                    f"{summary.failed} failed", refresh=False)
+        finally:
+            bar.close()
+    if writer.pending_shards:
+        raise RuntimeError(f"the tower stage ended with shards {writer.pending_shards[:5]} incomplete")
+
+
+def _count(summary: Summary, row: dict, video, audio) -> None:
+    if row["status"] == OK:
+        summary.extracted += 1
+        summary.frames += len(row["frame_indices"] or ())
+        summary.video_tokens += int(video.shape[0])
+        summary.audio_tokens += int(audio.shape[0])
+    else:
+        summary.failed += 1
+        summary.failures.append((row["path"], row["error"]))
+
+
+def format_summary(summary: Summary, store: str | Path) -> str:
+    """The human summary printed at the end of a run."""
+    if not summary.ray_started and not summary.shards_written:
+        return (f"{store}: nothing to do, {summary.up_to_date} videos up to date "
+                f"({summary.seconds:.2f} s, nothing decoded)")
+    lines = [
+        f"{store}: {summary.extracted} extracted, {summary.failed} failed, {summary.up_to_date} up to date, "
+        f"{summary.removed} removed ({summary.shards_written} shards written)",
+        f"  {summary.frames} frames, {summary.video_tokens} video tokens, {summary.audio_tokens} audio tokens, "
+        f"{summary.bytes_written / 1e6:.1f} MB written in {summary.seconds:.1f} s",
+    ]
+    for path, cause in summary.failures[:10]:
+        lines.append(f"  failed: {path}: {cause.splitlines()[0] if cause else ''}")
+    if len(summary.failures) > 10:
+        lines.append(f"  ... and {len(summary.failures) - 10} more (see `qprep status {store}`)")
+    return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""Which Qwen checkpoints qprep knows, and how to read only their towers from disk.
+
+A checkpoint is a local HF-format directory or a hub id. Its `config.json` names the family; the
+family fixes where the frozen towers live in the weight files (`thinker.visual.*` for Omni,
+`visual.*` for VL) and which transformers classes build them. Only the safetensors files that
+hold tower weights are opened: extracting with Omni-7B never reads the language model or the
+talker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qprep.errors import SettingsError
+
+WEIGHTS_INDEX = "model.safetensors.index.json"
+SINGLE_WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a model family keeps its towers and which transformers classes run them."""
+
+    name: str
+    vision_prefixes: tuple[str, ...]  # checkpoint key prefixes, first match wins
+    audio_prefixes: tuple[str, ...]  # empty: the family has no audio tower
+    vision_class: str  # in `module`
+    audio_class: str | None
+    feature_class: str  # the model class whose get_video_features / get_audio_features we call
+    module: str
+    thinker_key: str | None  # sub-config holding the towers' configs (None: the top config)
+
+
+FAMILIES = {
+    "qwen2_5_omni": Family(
+        name="qwen2_5_omni",
+        vision_prefixes=("thinker.visual.",),
+        audio_prefixes=("thinker.audio_tower.",),
+        vision_class="Qwen2_5OmniVisionEncoder",
+        audio_class="Qwen2_5OmniAudioEncoder",
+        feature_class="Qwen2_5OmniThinkerModel",
+        module="transformers.models.qwen2_5_omni.modeling_qwen2_5_omni",
+        thinker_key="thinker_config",
+    ),
+    "qwen2_5_omni_thinker": Family(
+        name="qwen2_5_omni_thinker",
+        vision_prefixes=("visual.", "model.visual.", "thinker.visual."),
+        audio_prefixes=("audio_tower.", "model.audio_tower.", "thinker.audio_tower."),
+        vision_class="Qwen2_5OmniVisionEncoder",
+        audio_class="Qwen2_5OmniAudioEncoder",
+        feature_class="Qwen2_5OmniThinkerModel",
+        module="transformers.models.qwen2_5_omni.modeling_qwen2_5_omni",
+        thinker_key=None,
+    ),
+    "qwen2_5_vl": Family(
+        name="qwen2_5_vl",
+        # The hub checkpoints use `visual.*`; checkpoints saved by other tools may nest it.
+        vision_prefixes=("visual.", "model.visual."),
+        audio_prefixes=(),
+        vision_class="Qwen2_5_VisionTransformerPretrainedModel",
+        audio_class=None,
+        feature_class="Qwen2_5_VLModel",
+        module="transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+        thinker_key=None,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resolved checkpoint: its family, configs and the files that hold each tower's weights."""
+
+    source: str  # what the user passed (directory or hub id)
+    family: Family
+    config: dict  # config.json as written
+    revision: str | None
+
+    @property
+    def tower_config(self) -> dict:
+        return self.config[self.family.thinker_key] if self.family.thinker_key else self.config
+
+    @property
+    def has_audio(self) -> bool:
+        return self.family.audio_class is not None
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the merged visual tokens (= the language model's hidden size)."""
+        return int(self.tower_config["vision_config"]["out_hidden_size"])
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the checkpoint was saved in (what `--dtype auto` means)."""
+        return str(self.config.get("dtype") or self.config.get("torch_dtype") or "float32")
+
+    def file(self, name: str) -> Path:
+        return fetch(self.source, name, self.revision)
+
+    def weight_files(self, prefixes: tuple[str, ...]) -> dict[Path, list[str]]:
+        """The safetensors files holding keys under the first prefix present, with those keys."""
+        weight_map = self._weight_map()
+        for prefix in prefixes:
+            keys = sorted(key for key in weight_map if key.startswith(prefix))
+            if keys:
+                files: dict[Path, list[str]] = {}
+                for key in keys:
+                    files.setdefault(weight_map[key], []).append(key)
+                return {self.file(name): names for name, names in sorted(files.items())}
+        raise SettingsError(f"model {self.source}: no weights under {' or '.join(prefixes)} in its checkpoint")
+
+    def identity(self, digests: dict[str, str] | None = None) -> dict[str, Any]:
+        """What identifies the towers' output: the family, the tower configs and the tower weights.
+
+        The weights are identified by a hash of the tower tensors' bytes (names, dtypes, shapes and
+        data), so a copied or moved model keeps its identity and a retrained tower gets a new one.
+        `digests` caches those hashes by (file, size, mtime) across runs; it is updated in place.
+        """
+        tower = self.tower_config
+        configs = {key: tower.get(key) for key in ("vision_config", "audio_config") if key in tower}
+        digest = hashlib.sha256()
+        for prefixes in (self.family.vision_prefixes, self.family.audio_prefixes):
+            if not prefixes:
+                continue
+            for path, keys in self.weight_files(prefixes).items():
+                stat = path.stat()
+                memo = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{keys[0]}|{len(keys)}"
+                if digests is None or memo not in digests:
+                    value = _tensor_digest(path, keys)
+                    if digests is None:
+                        digest.update(value.encode())
+                        continue
+                    digests[memo] = value
+                digest.update(digests[memo].encode())
+        return {"family": self.family.name, "towers": configs, "weights": digest.hexdigest()}
+
+    def _weight_map(self) -> dict[str, str]:
+        try:
+            index = json.loads(self.file(WEIGHTS_INDEX).read_text())
+            return dict(index["weight_map"])
+        except FileNotFoundError:
+            pass
+        single = self.file(SINGLE_WEIGHTS)
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as handle:
+            return {key: SINGLE_WEIGHTS for key in handle.keys()}
+
+
+def open_checkpoint(model: str | Path, revision: str | None = None) -> Checkpoint:
+    """Resolve a local directory or hub id and recognise its family from `config.json`."""
+    source = str(model)
+    try:
+        config = json.loads(fetch(source, "config.json", revision).read_text())
+    except FileNotFoundError as exc:
+        raise SettingsError(f"model {source}: no config.json ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"model {source}: config.json is not valid JSON ({exc})") from exc
+    model_type = config.get("model_type")
+    family = FAMILIES.get(model_type)
+    if family is None:
+        known = ", ".join(sorted(FAMILIES))
+        raise SettingsError(f"model {source}: model_type {model_type!r} is not supported (qprep knows {known})")
+    return Checkpoint(source=source, family=family, config=config, revision=revision)
+
+
+def fetch(source: str, name: str, revision: str | None = None) -> Path:
+    """A file of a checkpoint: from the directory, or downloaded (and cached) from the hub.
+
+    Raises FileNotFoundError when the checkpoint has no such file.
+    """
+    directory = Path(source)
+    if directory.is_dir():
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(str(path))
+        return path
+    if directory.exists() or source.startswith((".", "/")) or source.count("/") != 1:
+        raise SettingsError(f"model {source}: not a model directory, and not a hub id of the form owner/name")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    try:
+        return Path(hf_hub_download(source, name, revision=revision))
+    except EntryNotFoundError as exc:
+        raise FileNotFoundError(f"{source}/{name}") from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise SettingsError(f"model {source}: cannot fetch {name} from the hub ({exc})") from exc
+
+
+def _tensor_digest(path: Path, keys: list[str]) -> str:
+    """sha256 over the named tensors of a safetensors file (name, dtype, shape, bytes), reading
+    only their byte ranges."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        base = 8 + length
+        for key in keys:
+            entry = header[key]
+            digest.update(f"{key}|{entry['dtype']}|{entry['shape']}|".encode())
+            start, end = entry["data_offsets"]
+            handle.seek(base + start)
+            remaining = end - start
+            while remaining:
+                block = handle.read(min(remaining, 1 << 24))
+                if not block:
+                    raise SettingsError(f"{path}: tensor {key} is cut short (the file is truncated)")
+                digest.update(block)
+                remaining -= len(block)
+    return digest.hexdigest()

@@ -1,0 +1,166 @@
+"""The tower stage: the frozen vision (and audio) towers of a checkpoint, and nothing else.
+
+Only the tower weights are read (see `qprep.models.checkpoint`). The towers are built with the
+model's own transformers classes and called through the model class's own `get_video_features` /
+`get_audio_features`, so the merged visual tokens are `.pooler_output` exactly as the full model
+computes them. Several videos go through one tower call, grouped by a token budget; the result is
+bitwise the same as one video at a time (tested).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from qprep.errors import SettingsError
+from qprep.models.checkpoint import Checkpoint
+from qprep.pipeline.patchify import normalize
+from qprep.schemas.settings import ModelSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much one tower call may take: patch rows for vision, mel frames for audio."""
+
+    video_patches: int = 32768
+    audio_frames: int = 8 * 30000
+
+
+@dataclass
+class VideoInput:
+    patches: torch.Tensor  # uint8 [rows, patch_dim]
+    grid_thw: tuple[int, int, int]
+
+
+@dataclass
+class AudioInput:
+    mel: torch.Tensor  # float32 [mel bins, valid frames], the windows' valid frames back to back
+    window_lengths: tuple[int, ...]  # valid frames of each processor window
+
+
+def resolve_dtype(name: str, checkpoint: Checkpoint) -> str:
+    """'auto' is the dtype the checkpoint was saved in (bf16 for Qwen's releases)."""
+    resolved = checkpoint.dtype if name == "auto" else name
+    if resolved not in DTYPES:
+        raise SettingsError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return resolved
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Towers(torch.nn.Module):
+    """`visual` and (for Omni) `audio_tower`, loaded alone from a checkpoint."""
+
+    def __init__(self, checkpoint: Checkpoint, spec: ModelSpec, dtype: str = "auto", device: str | None = None,
+                 attn_implementation: str = "sdpa", budget: Budget = Budget()):
+        super().__init__()
+        from transformers import AutoConfig
+        from transformers.initialization import no_init_weights
+
+        family = checkpoint.family
+        module = importlib.import_module(family.module)
+        self.spec, self.budget = spec, budget
+        self.dtype_name = resolve_dtype(dtype, checkpoint)
+        self.device_name = device or default_device()
+        config = AutoConfig.from_pretrained(checkpoint.source, revision=checkpoint.revision)
+        tower_config = getattr(config, family.thinker_key) if family.thinker_key else config
+        self._features = getattr(module, family.feature_class)
+        torch_dtype = DTYPES[self.dtype_name]
+        # No random init: every parameter is overwritten from the checkpoint (strict load below).
+        with no_init_weights():
+            self.visual = getattr(module, family.vision_class)._from_config(
+                tower_config.vision_config, dtype=torch_dtype, attn_implementation=attn_implementation)
+            self.audio_tower = None
+            if family.audio_class:
+                self.audio_tower = getattr(module, family.audio_class)._from_config(
+                    tower_config.audio_config, dtype=torch_dtype, attn_implementation=attn_implementation)
+        _load(self.visual, checkpoint, family.vision_prefixes)
+        if self.audio_tower is not None:
+            _load(self.audio_tower, checkpoint, family.audio_prefixes)
+        self.eval().requires_grad_(False).to(self.device_name)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.visual.config.out_hidden_size)
+
+    @torch.inference_mode()
+    def encode_videos(self, videos: list[VideoInput]) -> list[torch.Tensor]:
+        """Merged visual tokens [t·h·w/merge², d] of each video, on the CPU."""
+        out: list[torch.Tensor] = []
+        for group in _groups([v.patches.shape[0] for v in videos], self.budget.video_patches):
+            pixels = torch.cat([normalize(videos[i].patches, self.spec) for i in group]).to(self.device_name)
+            grid = torch.tensor([videos[i].grid_thw for i in group], dtype=torch.int64, device=self.device_name)
+            tokens = self._features.get_video_features(self, pixels, grid).pooler_output
+            out.extend(t.to("cpu") for t in tokens)
+        return out
+
+    @torch.inference_mode()
+    def encode_audio(self, audios: list[AudioInput]) -> list[torch.Tensor]:
+        """Audio tokens [m, d] of each track (its windows' tokens back to back), on the CPU."""
+        if self.audio_tower is None:
+            raise SettingsError("this model has no audio tower")
+        out: list[torch.Tensor] = []
+        for group in _groups([a.mel.shape[1] for a in audios], self.budget.audio_frames):
+            features, mask, per_video = self._padded_windows([audios[i] for i in group])
+            hidden = self._features.get_audio_features(self, features, mask).last_hidden_state
+            _, lengths = self.audio_tower._get_feat_extract_output_lengths(mask.sum(-1))
+            windows = torch.split(hidden, lengths.tolist())
+            start = 0
+            for count in per_video:
+                out.append(torch.cat(windows[start:start + count]).to("cpu"))
+                start += count
+        return out
+
+    def _padded_windows(self, audios: list[AudioInput]):
+        """The processor's layout: one padded row per window plus its mask. What sits in the padding
+        does not matter, `get_audio_features` drops it through the mask."""
+        lengths = [n for audio in audios for n in audio.window_lengths]
+        bins = audios[0].mel.shape[0]
+        features = torch.zeros((len(lengths), bins, max(lengths)), dtype=torch.float32)
+        mask = torch.zeros((len(lengths), max(lengths)), dtype=torch.int32)
+        row = 0
+        for audio in audios:
+            for chunk in torch.split(audio.mel, list(audio.window_lengths), dim=1):
+                features[row, :, : chunk.shape[1]] = chunk
+                mask[row, : chunk.shape[1]] = 1
+                row += 1
+        features = features.to(self.device_name, DTYPES[self.dtype_name])
+        return features, mask.to(self.device_name), [len(a.window_lengths) for a in audios]
+
+
+def _groups(sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices packed while their total stays within the budget (an item larger than
+    the budget goes alone)."""
+    groups: list[list[int]] = []
+    total = 0
+    for index, size in enumerate(sizes):
+        if groups and total + size <= budget:
+            groups[-1].append(index)
+            total += size
+        else:
+            groups.append([index])
+            total = size
+    return groups
+
+
+def _load(tower: torch.nn.Module, checkpoint: Checkpoint, prefixes: tuple[str, ...]) -> None:
+    """Read the tower's tensors (and only those) from the files that hold them."""
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    prefix = None
+    for path, keys in checkpoint.weight_files(prefixes).items():
+        prefix = prefix or next(p for p in prefixes if keys[0].startswith(p))
+        with safe_open(str(path), "pt") as handle:
+            for key in keys:
+                state[key[len(prefix):]] = handle.get_tensor(key)
+    missing, unexpected = tower.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SettingsError(f"model {checkpoint.source}: tower weights under {prefix} do not fit "
+                            f"{type(tower).__name__} (missing {missing[:3]}, unexpected {unexpected[:3]})")

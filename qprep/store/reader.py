@@ -1,0 +1,139 @@
+"""The public reader: `qprep.open_cache(path)`.
+
+It needs nothing but the store: no model, no towers, no video. Tokens come back as torch tensors in
+the store's logical dtype (bf16 rebuilt from its stored bits without a copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from qprep.schemas.manifest import OK
+from qprep.store.layout import Store
+
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class CachedVideo:
+    """One video's cached tower outputs and the facts that place them in time."""
+
+    id: str
+    video_tokens: torch.Tensor  # [t·h·w/merge², hidden]
+    audio_tokens: torch.Tensor | None  # [audio tokens, hidden], None without audio
+    grid_thw: tuple[int, int, int]
+    second_per_grid: float
+    frame_times: tuple[float, ...]
+    mel_length: int
+    row: dict[str, Any]
+
+
+class Cache:
+    """A read-only view of a store: the manifest as a pyarrow Table and tokens by video id."""
+
+    def __init__(self, path: str | Path):
+        self.store = Store.open(path)
+        manifest = self.store.manifest()
+        self.manifest: pa.Table = manifest.take(pc.sort_indices(manifest, [("id", "ascending")]))
+        self._rows = {video_id: i for i, video_id in enumerate(self.manifest.column("id").to_pylist())}
+        self._arrays: dict[tuple[int, str, str], Any] = {}
+        self._dtype = _TORCH_DTYPES[self.store.attrs["dtype"]]
+
+    @property
+    def config(self) -> dict:
+        """The extraction config the store was built with (settings, preprocessor, model, dtype)."""
+        return self.store.attrs["config"]
+
+    @property
+    def model(self) -> str:
+        return self.store.attrs["model"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.store.hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def ids(self, status: str | None = OK) -> list[str]:
+        """Video ids, sorted; by default only those extracted successfully."""
+        if status is None:
+            return list(self._rows)
+        mask = pc.equal(self.manifest.column("status"), status)
+        return self.manifest.filter(mask).column("id").to_pylist()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, video_id: str) -> bool:
+        return video_id in self._rows
+
+    def row(self, video_id: str) -> dict[str, Any]:
+        try:
+            index = self._rows[video_id]
+        except KeyError:
+            raise KeyError(f"{self.store.root}: no video with id {video_id!r}") from None
+        return self.manifest.slice(index, 1).to_pylist()[0]
+
+    def __getitem__(self, video_id: str) -> CachedVideo:
+        row = self._ok_row(video_id)
+        return CachedVideo(
+            id=video_id,
+            video_tokens=self._tokens(row, "video"),
+            audio_tokens=self._tokens(row, "audio") if row["audio_length"] else None,
+            grid_thw=tuple(row["grid_thw"]),
+            second_per_grid=row["second_per_grid"],
+            frame_times=tuple(row["frame_times"]),
+            mel_length=row["mel_length"],
+            row=row,
+        )
+
+    def video_tokens(self, video_id: str) -> torch.Tensor:
+        return self._tokens(self._ok_row(video_id), "video")
+
+    def audio_tokens(self, video_id: str) -> torch.Tensor | None:
+        row = self._ok_row(video_id)
+        return self._tokens(row, "audio") if row["audio_length"] else None
+
+    def _ok_row(self, video_id: str) -> dict[str, Any]:
+        row = self.row(video_id)
+        if row["status"] != OK:
+            raise KeyError(f"{self.store.root}: video {video_id!r} failed extraction: {row['error']}")
+        return row
+
+    def _tokens(self, row: dict[str, Any], kind: str) -> torch.Tensor:
+        handle = (row["shard"], row["shard_key"], kind)
+        array = self._arrays.get(handle)
+        if array is None:
+            array = self._arrays[handle] = self.store.array(*handle)
+        start = row[f"{kind}_offset"]
+        values = np.ascontiguousarray(array[start:start + row[f"{kind}_length"]])
+        return to_tensor(values, self._dtype)
+
+
+def to_tensor(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Stored values → torch in the logical dtype (bf16 from its uint16 bits, no copy)."""
+    if dtype is torch.bfloat16:
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(values)
+
+
+def to_storage(tokens: torch.Tensor) -> np.ndarray:
+    """Tower output → what the Zarr array holds (bf16 as its uint16 bits, lossless)."""
+    tokens = tokens.detach().to("cpu").contiguous()
+    if tokens.dtype is torch.bfloat16:
+        return tokens.view(torch.int16).numpy().view(np.uint16)
+    return tokens.numpy()
+
+
+def open_cache(path: str | Path) -> Cache:
+    """Open a store written by `qprep extract` for reading."""
+    return Cache(path)

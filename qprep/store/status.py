@@ -1,0 +1,83 @@
+"""`qprep status`: what a store holds and what a re-run would do, without touching any video."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from qprep.schemas.manifest import FAILED, OK
+from qprep.store.layout import LAST_RUN, Store
+
+
+def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
+    """Counts, sizes and config of a store; with a videos directory (default: the last run's),
+    also how many videos a re-run would extract or drop (compared by size and mtime only)."""
+    from qprep.extract.discover import discover
+
+    store = Store.open(path)
+    manifest = store.manifest()
+    status = manifest.column("status")
+    last_run = store.read_json(LAST_RUN)
+    videos = videos or last_run.get("videos")
+    report = {
+        "store": str(store.root),
+        "model": store.attrs["model"],
+        "dtype": store.attrs["dtype"],
+        "fingerprint": store.fingerprint,
+        "settings": store.attrs["config"]["settings"],
+        "shards": {"committed": len(store.shard_files()), "count": store.shard_count},
+        "videos": {"ok": _count(status, OK), "failed": _count(status, FAILED), "pending": None, "gone": None},
+        "tokens": {"video": _sum(manifest, "video_length"), "audio": _sum(manifest, "audio_length")},
+        "bytes": _disk_bytes(store.root),
+        "videos_dir": str(videos) if videos else None,
+        "failures": [
+            {"path": row["path"], "code": row["error_code"], "error": (row["error"] or "").splitlines()[0]}
+            for row in manifest.filter(pc.equal(status, FAILED)).select(["path", "error_code", "error"]).to_pylist()
+        ],
+        "last_run": last_run.get("summary"),
+    }
+    if videos and Path(videos).is_dir():
+        on_disk = discover(videos, store.shard_count)
+        committed = {row["id"]: row for row in manifest.select(["id", "size", "mtime_ns", "status"]).to_pylist()}
+        report["videos"]["pending"] = sum(
+            1 for video in on_disk
+            if (row := committed.get(video.id)) is None or row["status"] != OK
+            or (row["size"], row["mtime_ns"]) != (video.size, video.mtime_ns))
+        report["videos"]["gone"] = len(set(committed) - {video.id for video in on_disk})
+    return report
+
+
+def format_status(report: dict) -> str:
+    videos, tokens = report["videos"], report["tokens"]
+    pending = "unknown (no videos directory)" if videos["pending"] is None else \
+        f"{videos['pending']} to extract, {videos['gone']} gone from {report['videos_dir']}"
+    settings = ", ".join(f"{k}={v}" for k, v in report["settings"].items() if v is not None)
+    lines = [
+        f"store        {report['store']}",
+        f"model        {report['model']} ({report['dtype']})",
+        f"fingerprint  {report['fingerprint'][:16]}",
+        f"settings     {settings}",
+        f"shards       {report['shards']['committed']} committed of {report['shards']['count']}",
+        f"videos       {videos['ok']} ok, {videos['failed']} failed; pending: {pending}",
+        f"tokens       {tokens['video']} video, {tokens['audio']} audio",
+        f"size         {report['bytes'] / 1e6:.1f} MB",
+    ]
+    for failure in report["failures"][:10]:
+        lines.append(f"failed       {failure['path']}: {failure['error']}")
+    if len(report["failures"]) > 10:
+        lines.append(f"             ... and {len(report['failures']) - 10} more (--json lists all)")
+    return "\n".join(lines)
+
+
+def _count(column, value: str) -> int:
+    return int(pc.sum(pc.equal(column, value)).as_py() or 0)
+
+
+def _sum(table, name: str) -> int:
+    return int(pc.sum(table.column(name)).as_py() or 0)
+
+
+def _disk_bytes(root: Path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)

@@ -1,0 +1,137 @@
+"""The tower stage: only the towers are read, and their tokens are the full model's, bit for bit.
+
+References are transformers' own classes: the whole model loaded with `from_pretrained` and its
+`get_video_features` / `get_audio_features`, fed by transformers' processors on plainly decoded
+frames and audio (tests/reference.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import Qwen2VLVideoProcessor, WhisperFeatureExtractor
+
+import qprep
+from qprep.errors import SettingsError
+from qprep.models.checkpoint import open_checkpoint
+from qprep.pipeline.towers import AudioInput, Budget, Towers, VideoInput
+from qprep.schemas.settings import load_model_spec
+from qprep.store.reader import to_storage, to_tensor
+from reference import plain_audio_decode, reference_pixels
+
+CLIPS = {
+    "a.mp4": dict(width=160, height=120, fps=25, seconds=3, events=((0.5, 1.0),)),
+    "b.mp4": dict(width=96, height=64, fps=30, seconds=2, bframes=2),
+    "c.mp4": dict(width=200, height=100, fps=24, seconds=4, rotation=90),
+}
+
+
+def full_thinker(kind: str, path):
+    if kind == "qwen2_5_omni":
+        from transformers import Qwen2_5OmniForConditionalGeneration
+
+        return Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=torch.float32).thinker.eval()
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).model.eval()
+
+
+def video_input(prepared) -> VideoInput:
+    return VideoInput(prepared.patches, tuple(prepared.video_grid_thw[0].tolist()))
+
+
+def audio_input(prepared) -> AudioInput:
+    return AudioInput(prepared.mel_frames(), tuple(prepared.feature_attention_mask.sum(-1).tolist()))
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
+def test_tokens_equal_the_full_model_on_the_processors_output(tiny_model, videos, kind):
+    model_dir = tiny_model(kind)
+    towers = Towers(open_checkpoint(model_dir), load_model_spec(model_dir), dtype="float32", device="cpu")
+    reference = full_thinker(kind, model_dir)
+    processor = Qwen2VLVideoProcessor.from_pretrained(model_dir)
+    for name, spec in CLIPS.items():
+        path = videos(name, **spec)
+        prepared = qprep.preprocess_video(path, model_dir, fps=2)
+        expected_pixels = reference_pixels(path, prepared.metadata.frame_indices, processor)
+        with torch.inference_mode():
+            expected = reference.get_video_features(
+                expected_pixels["pixel_values_videos"], expected_pixels["video_grid_thw"]).pooler_output[0]
+        ours = towers.encode_videos([video_input(prepared)])[0]
+        assert ours.shape == (prepared.video_grid_thw.prod() // 4, 64)
+        assert torch.equal(ours, expected), name
+        if kind == "qwen2_5_omni":
+            extractor = WhisperFeatureExtractor.from_pretrained(model_dir)
+            features = extractor([plain_audio_decode(path)], sampling_rate=16000, return_attention_mask=True,
+                                 padding="max_length", return_tensors="pt")
+            with torch.inference_mode():
+                expected_audio = reference.get_audio_features(
+                    features["input_features"], features["attention_mask"]).last_hidden_state
+            assert torch.equal(towers.encode_audio([audio_input(prepared)])[0], expected_audio), name
+
+
+def test_batched_tower_calls_equal_one_video_at_a_time(tiny_model, videos):
+    model_dir = tiny_model("qwen2_5_omni")
+    towers = Towers(open_checkpoint(model_dir), load_model_spec(model_dir), dtype="float32", device="cpu")
+    prepared = [qprep.preprocess_video(videos(name, **spec), model_dir, fps=2) for name, spec in CLIPS.items()]
+    prepared = prepared + prepared[::-1]  # mixed sizes, both orders
+    one_by_one = [towers.encode_videos([video_input(p)])[0] for p in prepared]
+    batched = towers.encode_videos([video_input(p) for p in prepared])
+    assert all(torch.equal(a, b) for a, b in zip(batched, one_by_one))
+    audio_one = [towers.encode_audio([audio_input(p)])[0] for p in prepared]
+    audio_batched = towers.encode_audio([audio_input(p) for p in prepared])
+    assert all(torch.equal(a, b) for a, b in zip(audio_batched, audio_one))
+    # a budget smaller than any video: every call takes one video, same bits again
+    towers.budget = Budget(video_patches=1, audio_frames=1)
+    assert all(torch.equal(a, b) for a, b in zip(towers.encode_videos([video_input(p) for p in prepared]), one_by_one))
+
+
+def test_only_the_files_holding_tower_weights_are_read(tiny_model, tmp_path):
+    source = tiny_model("qwen2_5_omni")
+    model_dir = shutil.copytree(source, tmp_path / "model")
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    tower_files = {f for k, f in index.items() if k.startswith(("thinker.visual.", "thinker.audio_tower."))}
+    other_files = set(index.values()) - tower_files
+    assert other_files, "the tiny checkpoint must have files without tower weights"
+    for name in other_files:  # the language model, talker and token2wav files become unreadable
+        (model_dir / name).write_bytes(b"not safetensors")
+    checkpoint = open_checkpoint(model_dir)
+    towers = Towers(checkpoint, load_model_spec(model_dir), dtype="float32", device="cpu")
+    original = Towers(open_checkpoint(source), load_model_spec(source), dtype="float32", device="cpu")
+    for mine, theirs in zip(towers.state_dict().values(), original.state_dict().values()):
+        assert torch.equal(mine, theirs)
+    assert checkpoint.identity() == open_checkpoint(source).identity()
+
+
+def test_identity_follows_the_tower_weights_not_the_location(tiny_model, tmp_path):
+    source = tiny_model("qwen2_5_vl")
+    moved = shutil.copytree(source, tmp_path / "moved")
+    assert open_checkpoint(moved).identity() == open_checkpoint(source).identity()
+    from qprep.models.tiny import make_tiny_model
+
+    retrained = make_tiny_model("qwen2_5_vl", tmp_path / "retrained", seed=1)
+    assert open_checkpoint(retrained).identity()["weights"] != open_checkpoint(source).identity()["weights"]
+
+
+def test_bf16_tokens_survive_the_store_encoding_bit_for_bit(tiny_model, videos):
+    model_dir = tiny_model("qwen2_5_vl")
+    towers = Towers(open_checkpoint(model_dir), load_model_spec(model_dir), dtype="bfloat16", device="cpu")
+    prepared = qprep.preprocess_video(videos("a.mp4", **CLIPS["a.mp4"]), model_dir, fps=2)
+    tokens = towers.encode_videos([video_input(prepared)])[0]
+    assert tokens.dtype == torch.bfloat16
+    stored = to_storage(tokens)
+    assert stored.dtype.name == "uint16"
+    assert torch.equal(to_tensor(stored, torch.bfloat16), tokens)
+
+
+def test_unknown_or_broken_models_are_refused_clearly(tmp_path):
+    with pytest.raises(SettingsError, match="no config.json"):
+        open_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(SettingsError, match="model_type 'llama' is not supported"):
+        open_checkpoint(tmp_path)
+    with pytest.raises(SettingsError, match="not a model directory"):
+        open_checkpoint(tmp_path / "missing" / "dir")

@@ -28,6 +28,12 @@ sum of RSS and of PSS (PSS splits shared pages, e.g. Ray's object store, between
 map them; the RSS sum counts them once per process). The driver's own peak is its VmHWM (a fresh
 process, so the high-water mark covers its whole life).
 
+CPU: the tree's CPU seconds (each process's utime + stime as last sampled, or the reaped children's
+rusage if larger), and "others' cores": how many cores anything else kept busy meanwhile (from
+/proc/stat). On a shared 2-core machine a test run next door halves a measurement; before each
+measured process the bench waits (up to --quiet-wait s) for the machine to go idle, and the column
+says how well that worked. Several --repeats keep the fastest run.
+
 No-op re-run: a folder of --noop-videos entries (hard links to four tiny clips, 100 per
 subdirectory; the 11 entries the bench touches or modifies are real copies) is extracted once
 (`--num-frames 4 --size 56x56 --no-audio`, cached in the workdir), then the bench times the whole
@@ -53,12 +59,13 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -171,6 +178,9 @@ def ensure_noop_tree(workdir: Path, count: int) -> NoopTree:
 # Measuring a process: wall time and the memory of its whole tree
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
 def _kb(path: str, fields: tuple[str, ...]) -> dict[str, int]:
     values = {}
     with open(path) as handle:
@@ -181,17 +191,37 @@ def _kb(path: str, fields: tuple[str, ...]) -> dict[str, int]:
     return values
 
 
-class TreeMemory:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (/proc/PID/stat utime, stime)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def system_busy_s() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat, idle and iowait excluded)."""
+    with open("/proc/stat") as handle:
+        values = [int(v) for v in handle.readline().split()[1:]]
+    return (sum(values) - values[3] - values[4]) / TICK
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class TreeMonitor:
     """Samples a process tree every SAMPLE_EVERY_S: the peak sums of RSS and PSS, the peak number
-    of processes, and the root's VmHWM."""
+    of processes, the root's VmHWM, and each process's CPU time as last seen."""
 
     def __init__(self, pid: int):
         self.pid = pid
         self.rss_kb = self.pss_kb = self.root_hwm_kb = self.processes = 0
+        self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "TreeMemory":
+    def __enter__(self) -> "TreeMonitor":
         self._thread.start()
         return self
 
@@ -218,6 +248,7 @@ class TreeMemory:
         for pid in pids:
             try:
                 rollup = _kb(f"/proc/{pid}/smaps_rollup", ("Rss", "Pss"))
+                self.cpu[pid] = _cpu_s(pid)
             except OSError:
                 continue
             rss, pss = rss + rollup.get("Rss", 0), pss + rollup.get("Pss", 0)
@@ -235,16 +266,38 @@ class Measured:
     tree_pss_mb: float
     root_hwm_mb: float
     processes: int
+    cpu_s: float  # the tree's CPU time (a lower bound: the last 0.2 s of each process can be missed)
+    others_cores: float  # cores busy with anything else meanwhile (other users' work included)
 
 
 def run_measured(command: list[str], env: dict | None = None) -> Measured:
+    wait_for_quiet()
+    busy, children, own = system_busy_s(), children_cpu_s(), time.process_time()
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with TreeMemory(process.pid) as memory:
+    with TreeMonitor(process.pid) as monitor:
         stdout, stderr = process.communicate(timeout=TIMEOUT_S)
     wall = time.perf_counter() - start
-    return Measured(wall, process.returncode, stdout, stderr, memory.rss_kb / 1024, memory.pss_kb / 1024,
-                    memory.root_hwm_kb / 1024, memory.processes)
+    # Reaped descendants (ffmpeg under the reference) are in RUSAGE_CHILDREN; Ray's workers are not.
+    cpu = max(sum(monitor.cpu.values()), children_cpu_s() - children)
+    others = max(0.0, system_busy_s() - busy - cpu - (time.process_time() - own)) / wall
+    return Measured(wall, process.returncode, stdout, stderr, monitor.rss_kb / 1024, monitor.pss_kb / 1024,
+                    monitor.root_hwm_kb / 1024, monitor.processes, cpu, others)
+
+
+QUIET = {"max_wait_s": 0.0, "waited_s": 0.0}
+
+
+def wait_for_quiet(idle_cores: float = 0.3, seconds: int = 3) -> None:
+    """Wait (at most --quiet-wait s) until other work keeps less than `idle_cores` busy for
+    `seconds` in a row, so that a measurement does not share the cores with, say, a test run."""
+    deadline, calm = time.monotonic() + QUIET["max_wait_s"], 0
+    began = time.monotonic()
+    while calm < seconds and time.monotonic() < deadline:
+        busy = system_busy_s()
+        time.sleep(1.0)
+        calm = calm + 1 if system_busy_s() - busy < idle_cores else 0
+    QUIET["waited_s"] += time.monotonic() - began
 
 
 def qprep_cli() -> list[str]:
@@ -375,6 +428,8 @@ class Row:
     frames: int | None = None
     video_tokens: int | None = None
     audio_tokens: int | None = None
+    cpu_s: float | None = None
+    others_cores: float | None = None
     note: str = ""
     ratio: float | None = None
 
@@ -391,9 +446,9 @@ def fastest(rows: list[Row]) -> Row:
     return best
 
 
-def memory_fields(measured: Measured) -> dict:
+def measured_fields(measured: Measured) -> dict:
     return {"driver_mb": measured.root_hwm_mb, "tree_rss_mb": measured.tree_rss_mb,
-            "tree_pss_mb": measured.tree_pss_mb}
+            "tree_pss_mb": measured.tree_pss_mb, "cpu_s": measured.cpu_s, "others_cores": measured.others_cores}
 
 
 def measure_qprep_cold(videos: Path, model: Path, workdir: Path, count: int) -> Row:
@@ -404,7 +459,7 @@ def measure_qprep_cold(videos: Path, model: Path, workdir: Path, count: int) -> 
             f"{summary['failed']} failed")
     return Row("qprep extract CLI, cold (Ray start, imports, model load)", count, measured.wall_s,
                frames=summary["frames"], video_tokens=summary["video_tokens"],
-               audio_tokens=summary["audio_tokens"], note=note, **memory_fields(measured))
+               audio_tokens=summary["audio_tokens"], note=note, **measured_fields(measured))
 
 
 def measure_qprep_warm(videos: Path, warmup: Path, model: Path, workdir: Path, count: int) -> Row:
@@ -415,7 +470,7 @@ def measure_qprep_warm(videos: Path, warmup: Path, model: Path, workdir: Path, c
     check(result["extracted"] == count, f"warm extract: {short(result)}")
     return Row("qprep extract(), warm (Ray up, workers warmed)", count, result["wall_s"], frames=result["frames"],
                video_tokens=result["video_tokens"], audio_tokens=result["audio_tokens"],
-               note=f"ray.init took {result['ray_init_s']:.1f} s; memory: whole process", **memory_fields(measured))
+               note=f"ray.init took {result['ray_init_s']:.1f} s; memory, CPU: whole process (warm-up included)", **measured_fields(measured))
 
 
 def measure_reference(videos: Path, warmup: Path, model: Path, workdir: Path, count: int,
@@ -429,9 +484,9 @@ def measure_reference(videos: Path, warmup: Path, model: Path, workdir: Path, co
     cold = Row(f"reference loop ({reader}), cold (process: imports, model load)", count,
                measured.wall_s - result["warmup_s"], **counts,
                note=f"load {result['load_s']:.1f} s; torch threads {result['torch_threads']}",
-               **memory_fields(measured))
+               **measured_fields(measured))
     warm = Row(f"reference loop ({reader}), warm (the loop alone)", count, result["loop_s"], **counts,
-               note="memory: whole process", **memory_fields(measured))
+               note="memory, CPU: whole process", **measured_fields(measured))
     return cold, warm
 
 
@@ -443,6 +498,7 @@ class NoopRow:
     touched: int
     ray_started: bool
     extract_s: float
+    others_cores: float
     note: str = ""
 
 
@@ -479,7 +535,7 @@ def noop_run(name: str, tree: NoopTree, model: Path, count: int, touched: int, e
     check(summary["videos"] == count and summary["extracted"] == extracted and summary["touched"] == touched
           and summary["failed"] == 0 and summary["ray_started"] == ray_expected, f"{name}: {short(summary)}")
     return NoopRow(name, measured.wall_s, summary["extracted"], summary["touched"], summary["ray_started"],
-                   summary["seconds"], note=f"driver peak {measured.root_hwm_mb:.0f} MB")
+                   summary["seconds"], measured.others_cores, note=f"driver peak {measured.root_hwm_mb:.0f} MB")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,8 +566,24 @@ def environment(workdir: Path) -> dict:
             facts[name] = version(name)
         except Exception:
             facts[name] = None
+    facts["qprep sources"] = source_state()
     facts["workdir"] = str(workdir)
     return facts
+
+
+def source_state() -> str:
+    """The git commit plus a digest of qprep/*.py as they are now (uncommitted edits included)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "qprep").rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    return f"{commit} + working tree {digest.hexdigest()[:12]}"
 
 
 def _cpu_model() -> str:
@@ -533,17 +605,19 @@ def markdown(header: tuple[str, ...], rows: list[tuple]) -> str:
 
 def throughput_table(rows: list[Row]) -> str:
     header = ("run", "videos", "wall s", "videos/min", "qprep / reference", "driver peak MB", "tree peak RSS MB",
-              "tree peak PSS MB", "frames", "video tokens", "audio tokens", "note")
+              "tree peak PSS MB", "tree CPU s", "others' cores", "frames", "video tokens", "audio tokens", "note")
     return markdown(header, [(r.name, r.videos, fmt(r.wall_s, ".1f"), fmt(r.per_min, ".1f"),
                               fmt(r.ratio, ".2f") + ("x" if r.ratio else ""), fmt(r.driver_mb, ".0f"),
-                              fmt(r.tree_rss_mb, ".0f"), fmt(r.tree_pss_mb, ".0f"), r.frames, r.video_tokens,
-                              r.audio_tokens, r.note) for r in rows])
+                              fmt(r.tree_rss_mb, ".0f"), fmt(r.tree_pss_mb, ".0f"), fmt(r.cpu_s, ".0f"),
+                              fmt(r.others_cores, ".2f"), r.frames, r.video_tokens, r.audio_tokens, r.note)
+                             for r in rows])
 
 
 def noop_table(rows: list[NoopRow], count: int) -> str:
-    header = (f"re-run over {count} videos", "CLI wall s", "extract() s", "extracted", "touched", "Ray started", "note")
+    header = (f"re-run over {count} videos", "CLI wall s", "extract() s", "extracted", "touched", "Ray started",
+              "others' cores", "note")
     return markdown(header, [(r.name, fmt(r.wall_s, ".2f"), fmt(r.extract_s, ".2f"), r.extracted, r.touched,
-                              r.ray_started, r.note) for r in rows])
+                              r.ray_started, fmt(r.others_cores, ".2f"), r.note) for r in rows])
 
 
 def compare(reference: tuple[Row, Row], qprep: tuple[Row, Row]) -> None:
@@ -570,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reader", default="decord", choices=("decord", "torchvision", "torchcodec"),
                         help="qwen-vl-utils' video reader for the reference (FORCE_QWENVL_VIDEO_READER)")
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny model's language part")
+    parser.add_argument("--quiet-wait", type=float, default=180,
+                        help="before each measured run, wait up to this many seconds for the other processes "
+                             "on the machine to go idle (0: never wait)")
     parser.add_argument("--json", type=Path, help="also write every number here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -578,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     workdir, repeats = args.workdir.resolve(), max(1, args.repeats)
+    QUIET["max_wait_s"] = args.quiet_wait
     workdir.mkdir(parents=True, exist_ok=True)
     model = ensure_model(workdir, args.hidden)
     videos, warmup = ensure_videos(workdir, args.videos)
@@ -615,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         best = min(r.wall_s for r in noop_rows if r.extracted == 0 and r.touched == 0)
         print(f"\ngoal: no-op re-run over {args.noop_videos} videos < {NOOP_GOAL_S:g} s — {best:.2f} s "
               f"({'MET' if best < NOOP_GOAL_S else 'NOT MET'})")
+    print(f"\nwaited {QUIET['waited_s']:.0f} s in all for the machine to go idle (limit {args.quiet_wait:g} s a run)")
     if args.json:
         args.json.write_text(json.dumps({"environment": facts, "rows": [asdict(r) for r in rows], "noop_build": build,
                                          "noop": [asdict(r) for r in noop_rows]}, indent=2))

@@ -1,7 +1,8 @@
 """`qprep demo`: the whole job on generated inputs, on any machine, in a minute or two.
 
-Makes a handful of short videos with speech-like audio and visible events at known times, then
-runs every stage that exists on them and prints what each produced and how long it took.
+Makes a handful of short videos with speech-like audio and visible events at known times and a
+tiny Qwen2.5-Omni checkpoint (random weights, real structure), then runs every stage that exists on
+them: the CPU stage video by video, `extract` into a store, a no-op re-run, and the store's status.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qprep.extract.run import extract, format_summary
+from qprep.models.tiny import make_tiny_model
 from qprep.pipeline.prepare import prepare
 from qprep.schemas.jobs import load_job
 from qprep.schemas.settings import load_model_spec
+from qprep.store.status import format_status, store_status
 from qprep.synth import VideoSpec, make_video
 
 # (name, spec, events): short clips in the shapes real datasets have.
@@ -50,6 +54,9 @@ def run_demo(workdir: Path | None = None, videos: Path | None = None, model: str
             paths = sorted(p for p in Path(videos).iterdir() if p.is_file())
         preset = load_job(job)
         settings = preset.video_settings(num_frames=16)  # the demo clips are seconds long
+        if model is None:
+            model = str(make_tiny_model("qwen2_5_omni", workdir / "tiny-qwen2.5-omni"))
+            echo(f"made a tiny random Qwen2.5-Omni checkpoint in {model}")
         spec = load_model_spec(model)
         rows = []
         for path in paths:
@@ -61,6 +68,14 @@ def run_demo(workdir: Path | None = None, videos: Path | None = None, model: str
             echo(f"  {path.name:<22} grid_thw {grid}  second_per_grid {prepared.second_per_grid:.3f}  "
                  f"mel {prepared.mel_length:>5}  {rows[-1]['seconds']:.2f} s")
         echo(f"prepared {len(rows)} videos with job {preset.name} in {time.perf_counter() - started:.1f} s")
+        video_dir = Path(videos) if videos is not None else workdir / "videos"
+        store = workdir / "store.zarr"
+        echo(f"\nqprep extract --videos {video_dir} --out {store} --model {model}")
+        echo(format_summary(extract(video_dir, store, model, settings, shards=8), store))
+        echo("\nthe same again (nothing changed, so nothing is decoded):")
+        echo(format_summary(extract(video_dir, store, model, settings), store))
+        echo(f"\nqprep status {store}")
+        echo(format_status(store_status(store)))
         return DemoResult(workdir=workdir, rows=rows)
     finally:
         if owned and not keep:

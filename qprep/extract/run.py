@@ -17,14 +17,15 @@ from qprep.extract.discover import discover
 from qprep.extract.plan import Plan, make_plan
 from qprep.extract.writer import ShardWriter, decode_result
 from qprep.models.checkpoint import open_checkpoint
-from qprep.pipeline.towers import Budget, resolve_dtype
 from qprep.schemas.fingerprint import differences, extraction_config, fingerprint
 from qprep.schemas.manifest import OK
-from qprep.schemas.settings import VideoSettings, load_model_spec
+from qprep.schemas.settings import ModelSpec, VideoSettings, load_model_spec
+from qprep.schemas.towers import Budget, resolve_dtype
 from qprep.store.layout import LAST_RUN, Store
 
 DEFAULT_SHARDS = 256
-WEIGHT_DIGESTS = "weight-digests.json"
+WEIGHT_DIGESTS = "weight-digests.json"  # in the store's .qprep/: tower weight hashes by file, size, mtime
+MODEL_SPEC = "model-spec.json"  # the preprocessor spec, by the config files it was read from
 
 
 @dataclass
@@ -67,26 +68,28 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
     started = time.perf_counter()
     settings = settings or VideoSettings()
     checkpoint = open_checkpoint(model, revision)
-    spec = load_model_spec(model)
     if not checkpoint.has_audio and settings.audio:
         settings = dataclasses.replace(settings, audio=False)  # a VL model has no audio tower
     existing = Store.open(out) if Store.exists(out) and not rebuild else None
     if dtype == "auto" and existing is not None:
         dtype = existing.attrs["dtype"]  # keep the store's dtype unless told otherwise
-    dtype = resolve_dtype(dtype, checkpoint)
+    dtype = resolve_dtype(dtype, checkpoint.dtype)
     digests = existing.read_json(WEIGHT_DIGESTS) if existing else {}
+    spec_cache = existing.read_json(MODEL_SPEC) if existing else {}
+    spec = _model_spec(model, checkpoint, spec_cache)
     config = extraction_config(settings, spec, checkpoint.identity(digests), dtype, attn_implementation)
-    print_ = fingerprint(config)
+    new_fingerprint = fingerprint(config)
     if existing is not None:
-        _check_compatible(existing, print_, config, shards)
+        _check_compatible(existing, new_fingerprint, config, shards)
         store = existing
     else:
         if rebuild and Store.exists(out):
             Store.remove(out)
-        store = Store.create(out, config=config, fingerprint=print_, model=str(model),
+        store = Store.create(out, config=config, fingerprint=new_fingerprint, model=str(model),
                              hidden_size=checkpoint.hidden_size, dtype=dtype,
                              shard_count=shards or DEFAULT_SHARDS, has_audio=checkpoint.has_audio)
     store.write_json(WEIGHT_DIGESTS, digests)
+    store.write_json(MODEL_SPEC, spec_cache)
 
     with store.lock():
         store.write_json(LAST_RUN, {"videos": str(Path(videos).resolve()), "summary": None})
@@ -106,10 +109,22 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
     return summary
 
 
-def _check_compatible(store: Store, print_: str, config: dict, shards: int | None) -> None:
+def _model_spec(model: str, checkpoint, cache: dict) -> ModelSpec:
+    """The model's preprocessor spec, read through transformers' processor classes once per change
+    of its config files (a no-op re-run imports neither torch nor transformers)."""
+    key = checkpoint.config_files_key()
+    if key is not None and cache.get("key") == key:
+        return ModelSpec.from_dict(cache["spec"])
+    spec = load_model_spec(model)
+    cache.clear()
+    cache.update(key=key, spec=spec.to_dict())
+    return spec
+
+
+def _check_compatible(store: Store, new_fingerprint: str, config: dict, shards: int | None) -> None:
     if shards is not None and shards != store.shard_count:
         raise StoreError(f"{store.root} has {store.shard_count} shards; --shards {shards} needs --rebuild")
-    if store.fingerprint != print_:
+    if store.fingerprint != new_fingerprint:
         changed = differences(store.attrs["config"], config)
         listed = "\n  ".join(changed[:12]) or "(qprep's output version)"
         raise StoreError(f"{store.root} was extracted with other settings; refusing to mix tokens.\n  {listed}\n"

@@ -143,11 +143,18 @@ class Checkpoint:
             return dict(index["weight_map"])
         except FileNotFoundError:
             pass
-        single = self.file(SINGLE_WEIGHTS)
-        from safetensors import safe_open
+        header = _safetensors_header(self.file(SINGLE_WEIGHTS))
+        return {key: SINGLE_WEIGHTS for key in header if key != "__metadata__"}
 
-        with safe_open(str(single), "pt") as handle:
-            return {key: SINGLE_WEIGHTS for key in handle.keys()}
+    def config_files_key(self) -> list | None:
+        """(name, size, mtime) of the local preprocessor config files: what a cached ModelSpec is
+        valid for. None for a hub id (the hub decides what is current)."""
+        directory = Path(self.source)
+        if not directory.is_dir():
+            return None
+        names = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
+        return [[name, (stat := (directory / name).stat()).st_size, stat.st_mtime_ns]
+                for name in names if (directory / name).is_file()]
 
 
 def open_checkpoint(model: str | Path, revision: str | None = None) -> Checkpoint:
@@ -181,14 +188,24 @@ def fetch(source: str, name: str, revision: str | None = None) -> Path:
     if directory.exists() or source.startswith((".", "/")) or source.count("/") != 1:
         raise SettingsError(f"model {source}: not a model directory, and not a hub id of the form owner/name")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return Path(hf_hub_download(source, name, revision=revision))
+    except LocalEntryNotFoundError as exc:  # offline, and not in the local hub cache
+        raise SettingsError(f"model {source}: {name} is not in the local hub cache and the hub cannot be "
+                            f"reached; download the model first or pass a local directory") from exc
     except EntryNotFoundError as exc:
         raise FileNotFoundError(f"{source}/{name}") from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise SettingsError(f"model {source}: cannot fetch {name} from the hub ({exc})") from exc
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file: every tensor's dtype, shape and byte range."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        return json.loads(handle.read(length))
 
 
 def _tensor_digest(path: Path, keys: list[str]) -> str:

@@ -18,16 +18,9 @@ from qprep.errors import SettingsError
 from qprep.models.checkpoint import Checkpoint
 from qprep.pipeline.patchify import normalize
 from qprep.schemas.settings import ModelSpec
+from qprep.schemas.towers import Budget, resolve_dtype
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much one tower call may take: patch rows for vision, mel frames for audio."""
-
-    video_patches: int = 32768
-    audio_frames: int = 8 * 30000
 
 
 @dataclass
@@ -40,14 +33,6 @@ class VideoInput:
 class AudioInput:
     mel: torch.Tensor  # float32 [mel bins, valid frames], the windows' valid frames back to back
     window_lengths: tuple[int, ...]  # valid frames of each processor window
-
-
-def resolve_dtype(name: str, checkpoint: Checkpoint) -> str:
-    """'auto' is the dtype the checkpoint was saved in (bf16 for Qwen's releases)."""
-    resolved = checkpoint.dtype if name == "auto" else name
-    if resolved not in DTYPES:
-        raise SettingsError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
-    return resolved
 
 
 def default_device() -> str:
@@ -66,7 +51,7 @@ class Towers(torch.nn.Module):
         family = checkpoint.family
         module = importlib.import_module(family.module)
         self.spec, self.budget = spec, budget
-        self.dtype_name = resolve_dtype(dtype, checkpoint)
+        self.dtype_name = resolve_dtype(dtype, checkpoint.dtype)
         self.device_name = device or default_device()
         config = AutoConfig.from_pretrained(checkpoint.source, revision=checkpoint.revision)
         tower_config = getattr(config, family.thinker_key) if family.thinker_key else config

@@ -128,6 +128,15 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelSpec":
+        """The inverse of `to_dict` (JSON lists back to tuples)."""
+        values = dict(values)
+        values["audio"] = AudioSpec(**values["audio"])
+        for name in ("image_mean", "image_std"):
+            values[name] = tuple(values[name])
+        return cls(**values)
+
+    @classmethod
     def from_processors(cls, video_processor, feature_extractor=None) -> "ModelSpec":
         """Read the values from transformers' processor objects (the single source of truth)."""
         size = video_processor.size

@@ -17,7 +17,7 @@ _LAZY = {
     "PreparedVideo": "qprep.pipeline.prepare",
     "preprocess_video": "qprep.pipeline.prepare",
     "open_cache": "qprep.store.reader",
-    "extract": "qprep.extract.run",
+    "extract": "qprep.extraction.run",
 }
 
 __all__ = ["QprepError", "SettingsError", "VideoError", *_LAZY]

@@ -133,7 +133,7 @@ def extract(videos, out, job, model, dtype, shards, rebuild, ray_address, device
     """
     import json
 
-    from qprep.extract.run import ExtractOptions, extract as run_extract, format_summary
+    from qprep.extraction.run import ExtractOptions, extract as run_extract, format_summary
 
     with _errors_to_exit_codes():
         preset, settings = _settings(job, **flags)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qprep.extract.run import extract, format_summary
+from qprep.extraction.run import extract, format_summary
 from qprep.models.tiny import make_tiny_model
 from qprep.pipeline.prepare import prepare
 from qprep.schemas.jobs import load_job

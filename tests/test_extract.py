@@ -27,7 +27,7 @@ from transformers import Qwen2VLVideoProcessor, WhisperFeatureExtractor
 from qprep import open_cache
 from qprep.cli import main
 from qprep.errors import StoreError
-from qprep.extract.run import ExtractOptions, extract
+from qprep.extraction.run import ExtractOptions, extract
 from qprep.schemas.settings import VideoSettings
 from qprep.synth import VideoSpec, make_video
 from reference import plain_audio_decode, reference_pixels

@@ -14,7 +14,7 @@ from qprep.store.layout import LAST_RUN, Store
 def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
     """Counts, sizes and config of a store; with a videos directory (default: the last run's),
     also how many videos a re-run would extract or drop (compared by size and mtime only)."""
-    from qprep.extract.discover import discover
+    from qprep.extraction.discover import discover
 
     store = Store.open(path)
     manifest = store.manifest()

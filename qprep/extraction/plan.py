@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from qprep.extract.discover import VideoFile, content_hash
+from qprep.extraction.discover import VideoFile, content_hash
 from qprep.schemas.manifest import OK
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qprep.errors import StoreError
-from qprep.extract.discover import discover
-from qprep.extract.plan import Plan, make_plan
-from qprep.extract.writer import ShardWriter, decode_result
+from qprep.extraction.discover import discover
+from qprep.extraction.plan import Plan, make_plan
+from qprep.extraction.writer import ShardWriter, decode_result
 from qprep.models.checkpoint import open_checkpoint
 from qprep.schemas.fingerprint import differences, extraction_config, fingerprint
 from qprep.schemas.manifest import OK
@@ -135,7 +135,7 @@ def _run_towers(plan: Plan, writer: ShardWriter, summary: Summary, videos, model
                 attn_implementation, options: ExtractOptions) -> None:
     from tqdm.auto import tqdm
 
-    from qprep.extract.cluster import ray_session, tower_dataset
+    from qprep.extraction.cluster import ray_session, tower_dataset
 
     with ray_session(options.ray_address) as resources:
         device = options.device or ("cuda" if resources.get("GPU", 0) >= 1 else "cpu")

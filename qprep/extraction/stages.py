@@ -26,7 +26,7 @@ def cpu_stage(row: dict, *, videos_dir: str, settings: VideoSettings, spec: Mode
     """Hash, probe, sample, decode, resize and patchify one video; featurize its audio."""
     import torch
 
-    from qprep.extract.discover import content_hash
+    from qprep.extraction.discover import content_hash
     from qprep.pipeline.prepare import prepare
 
     torch.set_num_threads(1)  # one Ray CPU per task: parallelism comes from many tasks

@@ -13,8 +13,8 @@ import logging
 import os
 from typing import Iterator
 
-from qprep.extract.discover import VideoFile
-from qprep.extract.stages import TowerStage, cpu_stage
+from qprep.extraction.discover import VideoFile
+from qprep.extraction.stages import TowerStage, cpu_stage
 
 
 @contextlib.contextmanager

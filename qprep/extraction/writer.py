@@ -11,8 +11,8 @@ import json
 
 import numpy as np
 
-from qprep.extract.discover import VideoFile
-from qprep.extract.plan import ShardPlan, shard_key
+from qprep.extraction.discover import VideoFile
+from qprep.extraction.plan import ShardPlan, shard_key
 from qprep.schemas.manifest import OK
 from qprep.store.layout import Store
 

@@ -273,3 +273,16 @@ def test_cli_extract_and_status(ray_cluster, tiny_model, tmp_path):
 
     result = runner.invoke(main, ["extract", "--videos", str(folder), "--out", str(tmp_path / "s2")])
     assert result.exit_code == 2 and "--model is required" in result.output
+
+
+def test_an_existing_folder_that_is_not_a_store_is_never_overwritten(tiny_model, tmp_path):
+    folder = make_folder(tmp_path / "videos", {"x.mp4": FOLDER["talk/b.mp4"]})
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("months of work")
+    with pytest.raises(StoreError, match="neither empty nor a qprep store"):
+        extract(folder, precious, str(tiny_model("qwen2_5_vl")), VideoSettings(num_frames=4), options=QUIET)
+    with pytest.raises(StoreError, match="neither empty nor a qprep store"):
+        extract(folder, precious, str(tiny_model("qwen2_5_vl")), VideoSettings(num_frames=4), rebuild=True,
+                options=QUIET)
+    assert (precious / "chapter1.tex").read_text() == "months of work"

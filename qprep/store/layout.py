@@ -54,6 +54,9 @@ class Store:
         import zarr
 
         root = Path(root)
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            # zarr's mode "w" would empty the directory: never point it at someone's files
+            raise StoreError(f"{root} exists and is neither empty nor a qprep store; refusing to write there")
         attrs = {
             "schema_version": SCHEMA_VERSION,
             "fingerprint": fingerprint,

@@ -44,3 +44,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "prepared 4 videos" in result.output
     assert len(list((tmp_path / "videos").glob("*.mp4"))) == 4
+    assert "4 extracted, 0 failed" in result.output
+    assert "nothing to do, 4 videos up to date" in result.output
+    from qprep import open_cache
+
+    cache = open_cache(tmp_path / "store.zarr")
+    assert len(cache.ids()) == 4 and cache["silent-24fps"].audio_tokens is None

@@ -67,6 +67,8 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
     """Extract (or bring up to date) the token cache of every video under `videos` into `out`."""
     started = time.perf_counter()
     settings = settings or VideoSettings()
+    if Path(model).is_dir():
+        model = str(Path(model).resolve())  # Ray workers may run elsewhere (shared storage)
     checkpoint = open_checkpoint(model, revision)
     if not checkpoint.has_audio and settings.audio:
         settings = dataclasses.replace(settings, audio=False)  # a VL model has no audio tower

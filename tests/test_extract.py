@@ -286,3 +286,19 @@ def test_an_existing_folder_that_is_not_a_store_is_never_overwritten(tiny_model,
         extract(folder, precious, str(tiny_model("qwen2_5_vl")), VideoSettings(num_frames=4), rebuild=True,
                 options=QUIET)
     assert (precious / "chapter1.tex").read_text() == "months of work"
+
+
+def test_an_up_to_date_store_is_checked_without_torch_ray_or_transformers(ray_cluster, tiny_model, tmp_path):
+    """The no-op path must stay light: a researcher re-runs this on 10,000 videos."""
+    model_dir = str(tiny_model("qwen2_5_vl"))
+    folder = make_folder(tmp_path / "videos", {"x.mp4": FOLDER["talk/b.mp4"]})
+    store = tmp_path / "store.zarr"
+    extract(folder, store, model_dir, VideoSettings(num_frames=4), shards=2, options=QUIET)
+    probe = (
+        "import sys, json; from qprep.extraction.run import extract; from qprep.schemas.settings import VideoSettings;"
+        f"s = extract({str(folder)!r}, {str(store)!r}, {model_dir!r}, VideoSettings(num_frames=4));"
+        "print(json.dumps([s.extracted, s.up_to_date, s.ray_started,"
+        " sorted(m for m in ('torch', 'ray', 'transformers', 'av') if m in sys.modules)]))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [0, 1, False, []]

@@ -35,15 +35,14 @@ def ray_session(address: str | None = None) -> Iterator[dict]:
             ray.shutdown()
 
 
-def tower_dataset(tasks: list[VideoFile], videos_dir: str, model: str, revision: str | None, settings, spec,
-                  dtype: str, device: str, attn_implementation: str, options, resources: dict):
+def tower_dataset(tasks: list[VideoFile], job, device: str, options, resources: dict):
     """tasks → CPU stage (one task per video) → tower actors → rows for the writer (streamed)."""
     import ray.data
 
     items = [{"task": json.dumps(task.__dict__)} for task in tasks]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    dataset = dataset.map(cpu_stage, fn_kwargs={"videos_dir": videos_dir, "settings": settings, "spec": spec},
-                          num_cpus=1)
+    dataset = dataset.map(cpu_stage, fn_kwargs={"videos_dir": job.videos_dir, "settings": job.settings,
+                                                "spec": job.spec}, num_cpus=1)
     if device == "cpu":
         # Without GPUs the tower actor shares the CPUs with the decoding tasks instead of
         # reserving one: both cores stay busy whichever stage is the bottleneck.
@@ -52,8 +51,8 @@ def tower_dataset(tasks: list[VideoFile], videos_dir: str, model: str, revision:
     else:
         actors, actor_resources = max(1, int(resources.get("GPU", 1))), {"num_gpus": 1, "num_cpus": 1}
         threads = options.tower_threads or 1
-    constructor = dict(model=model, revision=revision, spec=spec, dtype=dtype, device=device,
-                       attn_implementation=attn_implementation, budget=options.budget, threads=threads)
+    constructor = dict(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
+                       attn_implementation=job.attn_implementation, budget=options.budget, threads=threads)
     return dataset.map_batches(TowerStage, fn_constructor_kwargs=constructor, batch_size=options.batch_size,
                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                                **actor_resources)

@@ -50,6 +50,19 @@ class Summary:
 
 
 @dataclass(frozen=True)
+class TowerJob:
+    """What every Ray worker of a run needs to know (plain values: it travels to the workers)."""
+
+    videos_dir: str  # absolute
+    model: str
+    revision: str | None
+    settings: VideoSettings
+    spec: ModelSpec
+    dtype: str
+    attn_implementation: str
+
+
+@dataclass(frozen=True)
 class ExtractOptions:
     """How to run (none of it changes the output, so none of it is in the fingerprint)."""
 
@@ -102,8 +115,8 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
         writer.commit_ready()
         if plan.tasks:
             summary.ray_started = True
-            _run_towers(plan, writer, summary, videos, model, revision, settings, spec, dtype, attn_implementation,
-                        options)
+            job = TowerJob(str(Path(videos).resolve()), model, revision, settings, spec, dtype, attn_implementation)
+            _run_towers(plan, writer, summary, job, options)
         summary.shards_written = writer.shards_written
         summary.bytes_written = writer.bytes_written
         summary.seconds = time.perf_counter() - started
@@ -133,16 +146,14 @@ def _check_compatible(store: Store, new_fingerprint: str, config: dict, shards: 
                          "Use another --out, or --rebuild to start this store over.")
 
 
-def _run_towers(plan: Plan, writer: ShardWriter, summary: Summary, videos, model, revision, settings, spec, dtype,
-                attn_implementation, options: ExtractOptions) -> None:
+def _run_towers(plan: Plan, writer: ShardWriter, summary: Summary, job: TowerJob, options: ExtractOptions) -> None:
     from tqdm.auto import tqdm
 
     from qprep.extraction.cluster import ray_session, tower_dataset
 
     with ray_session(options.ray_address) as resources:
         device = options.device or ("cuda" if resources.get("GPU", 0) >= 1 else "cpu")
-        dataset = tower_dataset(plan.tasks, str(Path(videos).resolve()), model, revision, settings, spec, dtype,
-                                device, attn_implementation, options, resources)
+        dataset = tower_dataset(plan.tasks, job, device, options, resources)
         bar = tqdm(total=len(plan.tasks), unit="video", desc="extract", disable=not options.progress,
                    dynamic_ncols=True)
         begun = time.perf_counter()

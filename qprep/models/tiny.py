@@ -3,7 +3,12 @@
 They are built with transformers' own model classes and saved with `save_pretrained`, so the files
 have the real key layout (`thinker.visual.*`, `thinker.audio_tower.*`, `thinker.model.*`,
 `talker.*`, `token2wav.*` for Omni; `visual.*`, `model.*` for VL) and the real config and
-preprocessor files. Only the widths and depths are small.
+preprocessor files. Only the widths, depths and the vocabulary are small.
+
+They also carry what transformers' processors need offline: a byte-level BPE Qwen2 tokenizer with
+Qwen's special tokens and ChatML chat template, and the full processor config, so that
+`AutoProcessor.from_pretrained(dir)` works and the model runs on what it makes of raw video. Every
+token id in the model configs is the tokenizer's id of that token (see `token_ids`).
 """
 
 from __future__ import annotations
@@ -12,12 +17,153 @@ from pathlib import Path
 
 KINDS = ("qwen2_5_omni", "qwen2_5_vl")
 
-_ROPE = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [1, 1, 2]}
+
+def _rope(head_dim: int) -> dict:
+    # The multimodal rope splits half the head over (time, height, width); the releases use
+    # 16/24/24 of 64.
+    half = head_dim // 2
+    return {"rope_type": "default", "rope_theta": 1_000_000.0,
+            "mrope_section": [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]}
 
 
-def _text(hidden: int) -> dict:
+# Rows of the tiny text embedding. As in the real releases (151665 tokens, 152064 rows) the
+# tokenizer uses only the first ids and the rest is padding; the size keeps the tiny checkpoints
+# large enough to be split over several files at max_shard_size="4MB".
+TEXT_VOCAB_SIZE = 8192
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer: Qwen's byte-level BPE, with a tiny vocabulary and Qwen's special tokens
+
+# The 256 byte symbols, then merges spelling these words, so that the role names are single
+# tokens as in Qwen's vocabulary ("Ġ" is the byte-level space).
+_MERGED_WORDS = ("user", "system", "assistant", "You", "Ġare", "Ġa", "Ġhelpful", "Ġthe", "Ġvideo", "Ġin",
+                 "Ġis", "Ġwhat", "Ġhappens")
+
+# Qwen's added tokens in Qwen's order; the first follows the regular vocabulary (151643 in the real
+# releases). The two families name the multimodal tokens differently.
+_SPECIAL_TOKENS = {
+    "qwen2_5_vl": ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"),
+    "qwen2_5_omni": ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
+                     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>",
+                     "<|vision_pad|>", "<|IMAGE|>", "<|VIDEO|>"),
+}
+_PLAIN_ADDED_TOKENS = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                       "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")  # added, but not special
+
+# The tokenizer attributes the processors read (Qwen2_5OmniProcessor reads all of them; the VL
+# processor falls back to "<|image_pad|>" / "<|video_pad|>", as with the real VL tokenizer, which
+# defines none).
+_TOKEN_ATTRIBUTES = {
+    "qwen2_5_vl": {},
+    "qwen2_5_omni": {"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
+                     "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+                     "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"},
+}
+
+# ChatML templates of the releases' form: a default system turn, one placeholder block per image /
+# audio / video item (expanded by the processor), `add_generation_prompt`.
+_CHAT_TEMPLATE = {
+    "qwen2_5_vl": (
+        "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+        "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+        "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+        "{% else %}{% for content in message['content'] %}"
+        "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+        "{% set image_count.value = image_count.value + 1 %}"
+        "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+        "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+        "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+        "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "qwen2_5_omni": (
+        "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
+        "{% set video_count = namespace(value=0) %}"
+        "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+        "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+        "{% else %}{% for content in message['content'] %}"
+        "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+        "{% set image_count.value = image_count.value + 1 %}"
+        "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+        "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+        "{% set audio_count.value = audio_count.value + 1 %}"
+        "{% if add_audio_id %}Audio {{ audio_count.value }}: {% endif %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+        "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+        "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+        "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+}
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 byte-level symbols in GPT-2/Qwen order (printable bytes as themselves first)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    return [chars[b] for b in printable + others]
+
+
+def _bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The regular vocabulary (byte symbols, then merged pieces) and its merges."""
+    vocab = {symbol: i for i, symbol in enumerate(_byte_symbols())}
+    merges: list[tuple[str, str]] = []
+    for word in _MERGED_WORDS:
+        for end in range(2, len(word) + 1):
+            if word[:end] not in vocab:
+                merges.append((word[:end - 1], word[end - 1]))
+                vocab[word[:end]] = len(vocab)
+    return vocab, merges
+
+
+def token_ids(kind: str) -> dict[str, int]:
+    """Every added token of the tiny `kind` tokenizer (and "user") with its id."""
+    vocab, _ = _bpe()
+    ids = {token: len(vocab) + i for i, token in enumerate(_SPECIAL_TOKENS[_check(kind)] + _PLAIN_ADDED_TOKENS)}
+    return ids | {"user": vocab["user"]}
+
+
+def _check(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose from {KINDS}")
+    return kind
+
+
+def tiny_tokenizer(kind: str):
+    """Qwen2's tokenizer class over a tiny byte-level BPE with Qwen's special tokens and chat template."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _bpe()
+    ids = token_ids(_check(kind))
+    # The added tokens are in the BPE vocabulary too, at their ids: the class adds its special
+    # tokens in its own order, and adding keeps the id of a token the vocabulary already has.
+    tokenizer = Qwen2Tokenizer(vocab=vocab | ids, merges=merges, unk_token=None, bos_token=None,
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>", errors="replace",
+                               model_max_length=32768, chat_template=_CHAT_TEMPLATE[kind],
+                               **_TOKEN_ATTRIBUTES[kind])
+    specials = _SPECIAL_TOKENS[kind]
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials]
+                         + [AddedToken(t, special=False, normalized=False) for t in _PLAIN_ADDED_TOKENS])
+    tokenizer.add_special_tokens({"extra_special_tokens": [t for t in specials if t != "<|endoftext|>"]})
+    got = dict(zip(ids, tokenizer.convert_tokens_to_ids(list(ids))))
+    if got != ids or len(tokenizer) != len(vocab) + len(ids) - 1:
+        raise AssertionError(f"tiny tokenizer ids {got} differ from {ids}")
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def _text(hidden: int, vocab_size: int = TEXT_VOCAB_SIZE, **ids) -> dict:
     return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=hidden // 4, vocab_size=151936, rope_parameters=dict(_ROPE))
+                num_key_value_heads=2, head_dim=hidden // 4, vocab_size=vocab_size, rope_parameters=_rope(hidden // 4),
+                **ids)
 
 
 def _vision(hidden: int) -> dict:
@@ -31,55 +177,116 @@ def _audio(hidden: int) -> dict:
                 num_mel_bins=128, n_window=100, max_source_positions=1500)
 
 
+# Ids of the Omni talker's text markers and of the speaker's text bos: beyond the tokenizer,
+# inside the embedding, as in the release (151859-151861 and 151872 of 152064 rows).
+_TTS_TEXT_PAD, _TTS_TEXT_START, _TTS_TEXT_END = TEXT_VOCAB_SIZE - 16, TEXT_VOCAB_SIZE - 15, TEXT_VOCAB_SIZE - 14
+_SPEAKER_BOS = TEXT_VOCAB_SIZE - 3
+
+
 def tiny_config(kind: str, hidden: int = 64):
-    """The transformers config of a tiny checkpoint of `kind` (see KINDS)."""
+    """The transformers config of a tiny checkpoint of `kind` (see KINDS).
+
+    Every token id in it is the id of that token in `tiny_tokenizer(kind)`.
+    """
     from transformers import Qwen2_5OmniConfig, Qwen2_5_VLConfig
 
+    ids = token_ids(_check(kind))
     if kind == "qwen2_5_vl":
-        return Qwen2_5_VLConfig(text_config=_text(hidden), vision_config=_vision(hidden))
-    if kind == "qwen2_5_omni":
-        talker = dict(_text(32), embedding_size=hidden, vocab_size=8448, num_hidden_layers=1)
-        token2wav = dict(
-            dit_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=16, emb_dim=16,
-                            enc_emb_dim=16, enc_dim=16, enc_attention_channels=8, enc_se_channels=8, ff_mult=1),
-            bigvgan_config=dict(upsample_initial_channel=32, resblock_kernel_sizes=[3],
-                                resblock_dilation_sizes=[[1, 3, 5]]),
-        )
-        thinker = dict(text_config=_text(hidden), vision_config=_vision(hidden), audio_config=_audio(hidden))
-        return Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker, token2wav_config=token2wav)
-    raise ValueError(f"unknown tiny model kind {kind!r}; choose from {KINDS}")
+        text = _text(hidden, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                     pad_token_id=ids["<|endoftext|>"])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=_vision(hidden),
+                                image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                                vision_start_token_id=ids["<|vision_start|>"],
+                                vision_end_token_id=ids["<|vision_end|>"],
+                                # as in the release's config.json (not read by transformers 5.23)
+                                vision_token_id=ids["<|vision_pad|>"])
+    # Omni: the multimodal ids appear in the thinker and (for its position ids) the talker config.
+    media = dict(audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"],
+                 video_token_index=ids["<|VIDEO|>"], audio_start_token_id=ids["<|audio_bos|>"],
+                 audio_end_token_id=ids["<|audio_eos|>"])
+    # The thinker config class declares no vision_start/end ids, but get_rope_index reads
+    # vision_start_token_id from it: the release's thinker_config carries both, and so does this one.
+    vision = dict(vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"])
+    special = dict(bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    talker = dict(_text(32), embedding_size=hidden, vocab_size=8448, num_hidden_layers=1, **media, **vision,
+                  tts_text_pad_token_id=_TTS_TEXT_PAD, tts_text_start_token_id=_TTS_TEXT_START,
+                  tts_text_end_token_id=_TTS_TEXT_END)
+    token2wav = dict(
+        dit_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=16, emb_dim=16,
+                        enc_emb_dim=16, enc_dim=16, enc_attention_channels=8, enc_se_channels=8, ff_mult=1),
+        bigvgan_config=dict(upsample_initial_channel=32, resblock_kernel_sizes=[3],
+                            resblock_dilation_sizes=[[1, 3, 5]]),
+    )
+    thinker = dict(text_config=_text(hidden, **special), vision_config=_vision(hidden), audio_config=_audio(hidden),
+                   user_token_id=ids["user"], **media, **vision, **special)
+    return Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker, token2wav_config=token2wav)
+
+
+def tiny_processor(kind: str):
+    """The transformers processor of a tiny `kind` checkpoint: tokenizer, image and video processors
+    (and, for Omni, the Whisper feature extractor), with the chat template."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2_5OmniProcessor, Qwen2VLImageProcessor
+
+    tokenizer = tiny_tokenizer(kind)
+    pixels = _pixel_bounds()
+    if kind == "qwen2_5_vl":
+        return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,
+                                   video_processor=_video_processor(), chat_template=_CHAT_TEMPLATE[kind])
+    return Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(**pixels), video_processor=_video_processor(),
+                                feature_extractor=_feature_extractor(), tokenizer=tokenizer,
+                                chat_template=_CHAT_TEMPLATE[kind])
+
+
+def _pixel_bounds() -> dict:
+    # Small enough for fast tests, large enough for several merged tokens per frame.
+    return dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
+
+
+def _video_processor():
+    from transformers import Qwen2VLVideoProcessor
+
+    return Qwen2VLVideoProcessor(**_pixel_bounds())
+
+
+def _feature_extractor():
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=300, n_fft=400)
 
 
 def make_tiny_model(kind: str, out: str | Path, *, seed: int = 0, hidden: int = 64,
                     max_shard_size: str | None = None) -> Path:
-    """Build and save a tiny random `kind` checkpoint (weights, config, preprocessor configs).
+    """Build and save a tiny random `kind` checkpoint (weights, config, tokenizer, processor configs).
 
-    `max_shard_size` splits the weights over several files with an index, like the real releases.
-    Returns the directory.
+    The directory loads offline with `from_pretrained` of the model class and of `AutoProcessor`
+    (tokenizer with Qwen's special tokens and chat template; image and video processors; for Omni
+    the feature extractor). `max_shard_size` splits the weights over several files with an index,
+    like the real releases. Returns the directory.
     """
     import torch
     from transformers import Qwen2_5OmniForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
-    from transformers import Qwen2VLVideoProcessor, WhisperFeatureExtractor
     from transformers.utils import logging
 
     out = Path(out)
     model_class = Qwen2_5OmniForConditionalGeneration if kind == "qwen2_5_omni" else Qwen2_5_VLForConditionalGeneration
     config = tiny_config(kind, hidden)
     verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the tiny vocabularies make transformers warn about token ids
+    logging.set_verbosity_error()  # transformers warns about the token ids of its default sub-configs
     try:
         torch.manual_seed(seed)
         model = model_class(config)
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(out, **kwargs)
+        # processor_config.json (image / video processor, feature extractor), tokenizer.json,
+        # tokenizer_config.json and chat_template.jinja
+        tiny_processor(kind).save_pretrained(out)
     finally:
         logging.set_verbosity(verbosity)
-    # Pixel bounds small enough for fast tests, large enough for several merged tokens per frame.
-    Qwen2VLVideoProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64).save_pretrained(out)
+    # The standalone files too, as in the releases (and as qprep read them before processor_config.json).
+    _video_processor().save_pretrained(out)
     if kind == "qwen2_5_omni":
         # The full Omni model's from_pretrained also loads the talker's speaker table.
-        torch.save({"Chelsie": {"bos_token": 151872, "cond": torch.zeros(1, 192), "ref_mel": torch.zeros(1, 30, 80)}},
-                   out / "spk_dict.pt")
-        WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=300,
-                                n_fft=400).save_pretrained(out)
+        torch.save({"Chelsie": {"bos_token": _SPEAKER_BOS, "cond": torch.zeros(1, 192),
+                                "ref_mel": torch.zeros(1, 30, 80)}}, out / "spk_dict.pt")
+        _feature_extractor().save_pretrained(out)
     return out

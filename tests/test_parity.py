@@ -171,3 +171,20 @@ def test_audio_track_equals_a_plain_decode_in_every_container(videos, name, spec
     expected = omni_reference_features(plain_audio_decode(path))
     assert torch.equal(prepared.input_features, expected["input_features"])
     assert torch.equal(prepared.feature_attention_mask, expected["attention_mask"])
+
+
+@pytest.mark.parametrize("samples", [1, 159, 160, 161, 16000 * 7 + 13, 16000 * 299, 4_800_000 - 700, 4_800_000])
+@pytest.mark.parametrize("signal", ["noise", "silence", "whisper-quiet"])
+def test_log_mel_equals_the_extractor_padded_to_the_whole_window(samples, signal):
+    """qprep computes the STFT only as far as the track reaches; the result must still be the
+    processor's 300 s-padded features, bit for bit, padding frames included."""
+    from qprep.pipeline.audio import log_mel
+    from qprep.schemas.settings import AudioSpec
+
+    rng = np.random.default_rng(samples)
+    scale = {"noise": 0.1, "silence": 0.0, "whisper-quiet": 1e-7}[signal]
+    waveform = (rng.standard_normal(samples) * scale).astype(np.float32)
+    ours = log_mel(waveform, AudioSpec(), "window", "clip.mp4")
+    expected = omni_reference_features(waveform)
+    assert torch.equal(ours.input_features, expected["input_features"])
+    assert torch.equal(ours.feature_attention_mask, expected["attention_mask"].to(torch.int32))

@@ -8,6 +8,7 @@ towers: Ray Data CPU stage → tower actor pool → writer committing shard by s
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,8 +109,9 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
 
     with store.lock():
         store.write_json(LAST_RUN, {"videos": str(Path(videos).resolve()), "summary": None})
-        store.collect_garbage()
-        plan = make_plan(discover(videos, store.shard_count), store.manifest(), videos)
+        manifest = store.manifest()
+        store.collect_garbage(manifest)
+        plan = make_plan(discover(videos, store.shard_count), manifest, videos)
         summary = Summary(videos=plan.videos, up_to_date=plan.up_to_date, removed=plan.removed, touched=plan.touched)
         writer = ShardWriter(store, plan.shards)
         writer.commit_ready()
@@ -128,6 +130,8 @@ def _model_spec(model: str, checkpoint, cache: dict) -> ModelSpec:
     """The model's preprocessor spec, read through transformers' processor classes once per change
     of its config files (a no-op re-run imports neither torch nor transformers)."""
     key = checkpoint.config_files_key()
+    if key is not None:  # transformers' defaults fill what the files leave out
+        key.append(["transformers", importlib.metadata.version("transformers")])
     if key is not None and cache.get("key") == key:
         return ModelSpec.from_dict(cache["spec"])
     spec = load_model_spec(model)

@@ -20,3 +20,4 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet -e '.[bench]'
 	$(VENV)/bin/python bench/cpu_stage.py
+	$(VENV)/bin/python bench/extract.py

@@ -1,0 +1,89 @@
+"""The token layout of a video (and its audio) in a prompt, against transformers' processors and the
+model's own `get_rope_index`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor
+
+from qprep.schemas.layout import PlaceholderIds, video_block
+
+
+def omni_ids(processor) -> PlaceholderIds:
+    tok = processor.tokenizer
+    get = tok.convert_tokens_to_ids
+    return PlaceholderIds(vision_start=get("<|vision_bos|>"), vision_end=get("<|vision_eos|>"), video=get("<|VIDEO|>"),
+                          audio=get("<|AUDIO|>"), audio_start=get("<|audio_bos|>"), audio_end=get("<|audio_eos|>"))
+
+
+def processor_block(processor, grid_thw, second_per_grid, audio_tokens) -> list[int]:
+    """What Qwen2_5OmniProcessor writes for a video with its audio (its float64 chunking)."""
+    text = processor.replace_video_with_audio_token(
+        {"video_grid_thw": [list(grid_thw)], "video_second_per_grid": [second_per_grid]}, 0,
+        {"num_audio_tokens": [audio_tokens]}, 0, position_id_per_seconds=25, seconds_per_chunk=2)
+    return processor.tokenizer.convert_tokens_to_ids(
+        ["<|vision_bos|>"] + processor.tokenizer.tokenize(text) + ["<|vision_eos|>"])
+
+
+def audio_tokens_for(mel_frames: int) -> int:
+    return ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def rope_positions(thinker, block, grid_thw, second_per_grid, mel_frames):
+    ids = torch.tensor([[1, 2] + block + [3]])
+    positions, _ = thinker.get_rope_index(
+        ids, video_grid_thw=torch.tensor([grid_thw]), attention_mask=torch.ones_like(ids), use_audio_in_video=True,
+        audio_seqlens=torch.tensor([mel_frames]), second_per_grids=torch.tensor([second_per_grid]))
+    return ids[0], positions[:, 0]
+
+
+@pytest.fixture(scope="module")
+def omni(tiny_model):
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    model_dir = tiny_model("qwen2_5_omni")
+    thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).thinker
+    return AutoProcessor.from_pretrained(model_dir), thinker
+
+
+@pytest.mark.parametrize("frames, seconds", [(16, 8.0), (8, 3.0), (50, 61.3), (100, 37.5), (100, 120.0)])
+def test_omni_layout_equals_the_processor_where_its_arithmetic_agrees(omni, frames, seconds):
+    processor, _ = omni
+    grid = (frames // 2, 4, 6)
+    second_per_grid = 2 / (frames / seconds)
+    audio = audio_tokens_for(int(seconds * 100))
+    ours = video_block(grid, omni_ids(processor), second_per_grid=second_per_grid, audio_tokens=audio)
+    assert ours == processor_block(processor, grid, second_per_grid, audio)
+    assert ours.count(omni_ids(processor).video) == grid[0] * 6 and ours.count(omni_ids(processor).audio) == audio
+
+
+@pytest.mark.parametrize("frames, seconds", [(66, 39.0), (100, 180.0)])
+def test_every_token_gets_a_position_of_its_own_kind_where_the_processor_errs(omni, frames, seconds):
+    """The processor (float64) and get_rope_index (float32) cut chunks differently for these, and
+    the processor's layout hands audio tokens video positions. 100 frames over 180 s is the seed
+    recipe's own setting."""
+    processor, thinker = omni
+    ids = omni_ids(processor)
+    grid, mel = (frames // 2, 4, 4), int(seconds * 100)
+    second_per_grid = 2 / (frames / seconds)
+    audio = audio_tokens_for(mel)
+    theirs = processor_block(processor, grid, second_per_grid, audio)
+    ours = video_block(grid, ids, second_per_grid=second_per_grid, audio_tokens=audio)
+    assert theirs != ours, "the known upstream disagreement should show here"
+
+    def audio_positions_are_audio(block) -> bool:
+        tokens, positions = rope_positions(thinker, block, grid, second_per_grid, mel)
+        audio_at = positions[:, tokens == ids.audio]
+        same_in_all_axes = bool((audio_at[0] == audio_at[1]).all() and (audio_at[1] == audio_at[2]).all())
+        return same_in_all_axes and bool((audio_at[0].diff() == 1).all())
+
+    assert audio_positions_are_audio(ours)
+    assert not audio_positions_are_audio(theirs)
+
+
+def test_vl_and_silent_blocks():
+    ids = PlaceholderIds(vision_start=10, vision_end=11, video=12)
+    assert video_block((4, 6, 8), ids) == [10] + [12] * 48 + [11]
+    assert video_block((4, 6, 8), ids, audio_tokens=0, second_per_grid=1.0) == [10] + [12] * 48 + [11]

@@ -30,9 +30,12 @@ class Family:
     audio_prefixes: tuple[str, ...]  # empty: the family has no audio tower
     vision_class: str  # in `module`
     audio_class: str | None
-    feature_class: str  # the model class whose get_video_features / get_audio_features we call
+    feature_class: str  # the model class whose get_video_features / get_audio_features / get_rope_index we call
     module: str
     thinker_key: str | None  # sub-config holding the towers' configs (None: the top config)
+    text_class: str  # the language model alone
+    text_prefixes: tuple[str, ...]  # its weights (first match wins; tower keys never count)
+    lm_head_prefixes: tuple[str, ...]
 
 
 FAMILIES = {
@@ -45,6 +48,9 @@ FAMILIES = {
         feature_class="Qwen2_5OmniThinkerModel",
         module="transformers.models.qwen2_5_omni.modeling_qwen2_5_omni",
         thinker_key="thinker_config",
+        text_class="Qwen2_5OmniThinkerTextModel",
+        text_prefixes=("thinker.model.",),
+        lm_head_prefixes=("thinker.lm_head.",),
     ),
     "qwen2_5_omni_thinker": Family(
         name="qwen2_5_omni_thinker",
@@ -55,6 +61,9 @@ FAMILIES = {
         feature_class="Qwen2_5OmniThinkerModel",
         module="transformers.models.qwen2_5_omni.modeling_qwen2_5_omni",
         thinker_key=None,
+        text_class="Qwen2_5OmniThinkerTextModel",
+        text_prefixes=("model.language_model.", "model."),
+        lm_head_prefixes=("lm_head.",),
     ),
     "qwen2_5_vl": Family(
         name="qwen2_5_vl",
@@ -66,6 +75,9 @@ FAMILIES = {
         feature_class="Qwen2_5_VLModel",
         module="transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
         thinker_key=None,
+        text_class="Qwen2_5_VLTextModel",
+        text_prefixes=("model.language_model.", "model."),
+        lm_head_prefixes=("lm_head.",),
     ),
 }
 
@@ -101,10 +113,13 @@ class Checkpoint:
         return fetch(self.source, name, self.revision)
 
     def weight_files(self, prefixes: tuple[str, ...]) -> dict[Path, list[str]]:
-        """The safetensors files holding keys under the first prefix present, with those keys."""
+        """The safetensors files holding keys under the first prefix present, with those keys.
+        Tower keys never count for another prefix (VL's `model.` must not take `model.visual.`)."""
         weight_map = self._weight_map()
+        towers = self.family.vision_prefixes + self.family.audio_prefixes
         for prefix in prefixes:
-            keys = sorted(key for key in weight_map if key.startswith(prefix))
+            keys = sorted(key for key in weight_map if key.startswith(prefix)
+                          and (prefix in towers or not key.startswith(towers)))
             if keys:
                 files: dict[Path, list[str]] = {}
                 for key in keys:
@@ -229,3 +244,21 @@ def _tensor_digest(path: Path, keys: list[str]) -> str:
                 digest.update(block)
                 remaining -= len(block)
     return digest.hexdigest()
+
+
+def load_weights(module, checkpoint: Checkpoint, prefixes: tuple[str, ...]) -> None:
+    """Load a module's tensors, and only those, from the files that hold them (strictly: every
+    parameter and persistent buffer must be there)."""
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    prefix = None
+    for path, keys in checkpoint.weight_files(prefixes).items():
+        prefix = prefix or next(p for p in prefixes if keys[0].startswith(p))
+        with safe_open(str(path), "pt") as handle:
+            for key in keys:
+                state[key[len(prefix):]] = handle.get_tensor(key)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SettingsError(f"model {checkpoint.source}: weights under {prefix} do not fit "
+                            f"{type(module).__name__} (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from qprep.errors import SettingsError
-from qprep.models.checkpoint import Checkpoint
+from qprep.models.checkpoint import Checkpoint, load_weights
 from qprep.pipeline.patchify import normalize
 from qprep.schemas.settings import ModelSpec
 from qprep.schemas.towers import Budget, resolve_dtype
@@ -65,9 +65,9 @@ class Towers(torch.nn.Module):
             if family.audio_class:
                 self.audio_tower = getattr(module, family.audio_class)._from_config(
                     tower_config.audio_config, dtype=torch_dtype, attn_implementation=attn_implementation)
-        _load(self.visual, checkpoint, family.vision_prefixes)
+        load_weights(self.visual, checkpoint, family.vision_prefixes)
         if self.audio_tower is not None:
-            _load(self.audio_tower, checkpoint, family.audio_prefixes)
+            load_weights(self.audio_tower, checkpoint, family.audio_prefixes)
         self.eval().requires_grad_(False).to(self.device_name)
 
     @property
@@ -133,19 +133,3 @@ def _groups(sizes: list[int], budget: int) -> list[list[int]]:
             total = size
     return groups
 
-
-def _load(tower: torch.nn.Module, checkpoint: Checkpoint, prefixes: tuple[str, ...]) -> None:
-    """Read the tower's tensors (and only those) from the files that hold them."""
-    from safetensors import safe_open
-
-    state: dict[str, torch.Tensor] = {}
-    prefix = None
-    for path, keys in checkpoint.weight_files(prefixes).items():
-        prefix = prefix or next(p for p in prefixes if keys[0].startswith(p))
-        with safe_open(str(path), "pt") as handle:
-            for key in keys:
-                state[key[len(prefix):]] = handle.get_tensor(key)
-    missing, unexpected = tower.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise SettingsError(f"model {checkpoint.source}: tower weights under {prefix} do not fit "
-                            f"{type(tower).__name__} (missing {missing[:3]}, unexpected {unexpected[:3]})")

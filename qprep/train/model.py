@@ -1,0 +1,106 @@
+"""The language model alone, fed with cached tower outputs.
+
+Only the text model and `lm_head` are built and only their weights read: no tower is constructed
+and no tower weight leaves the disk. What the full model does around them is reproduced with the
+model's own code: the cached tokens are scattered into the placeholder positions of the text
+embeddings (as the model's `masked_scatter`), positions come from the model class's own
+`get_rope_index` (on a weightless meta-device instance: it needs only the config) and are always
+passed explicitly, and the loss is the model's own `loss_function`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from qprep.models.checkpoint import Checkpoint, load_weights
+from qprep.schemas.towers import resolve_dtype
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Batch:
+    """One padded batch in the model's terms. Cached tokens are concatenated in placeholder order."""
+
+    input_ids: torch.Tensor  # [batch, length]
+    attention_mask: torch.Tensor  # [batch, length]
+    labels: torch.Tensor  # [batch, length], -100 where no loss
+    video_tokens: torch.Tensor  # [all videos' tokens, hidden]
+    video_grid_thw: torch.Tensor  # [videos, 3]
+    second_per_grid: torch.Tensor  # [videos] float64
+    audio_tokens: torch.Tensor | None = None  # [all audio tokens, hidden] (Omni, audio in video)
+    mel_lengths: torch.Tensor | None = None  # [videos] valid mel frames
+
+
+class LanguageModel(torch.nn.Module):
+    def __init__(self, checkpoint: Checkpoint, dtype: str = "float32", device: str = "cpu",
+                 attn_implementation: str = "sdpa"):
+        super().__init__()
+        from transformers import AutoConfig
+        from transformers.initialization import no_init_weights
+
+        family = checkpoint.family
+        module = importlib.import_module(family.module)
+        config = AutoConfig.from_pretrained(checkpoint.source, revision=checkpoint.revision)
+        self.config = getattr(config, family.thinker_key) if family.thinker_key else config
+        self.family = family
+        torch_dtype = DTYPES[resolve_dtype(dtype, checkpoint.dtype)]
+        text_config = self.config.get_text_config()
+        with no_init_weights():
+            self.model = getattr(module, family.text_class)._from_config(
+                text_config, dtype=torch_dtype, attn_implementation=attn_implementation)
+            self.lm_head = torch.nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False,
+                                           dtype=torch_dtype)
+        load_weights(self.model, checkpoint, family.text_prefixes)
+        load_weights(self.lm_head, checkpoint, family.lm_head_prefixes)
+        with torch.device("meta"):  # get_rope_index reads only the config: no weights behind it
+            reference = getattr(module, family.feature_class)(self.config)
+        object.__setattr__(self, "_positions", reference)  # not a submodule: never moved, saved or trained
+        self.to(device)
+
+    @property
+    def is_omni(self) -> bool:
+        return self.family.audio_class is not None
+
+    def position_ids(self, batch: Batch) -> torch.Tensor:
+        """3-D (M-RoPE / TM-RoPE) positions, as the model computes them."""
+        ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
+        if self.is_omni:
+            use_audio = batch.audio_tokens is not None
+            positions, _ = self._positions.get_rope_index(
+                ids, video_grid_thw=batch.video_grid_thw, attention_mask=mask, use_audio_in_video=use_audio,
+                audio_seqlens=batch.mel_lengths if use_audio else None, second_per_grids=batch.second_per_grid)
+        else:
+            token_types = (ids == self.config.video_token_id).to(torch.int32) * 2  # the processor's video type
+            positions, _ = self._positions.get_rope_index(
+                ids, token_types, video_grid_thw=batch.video_grid_thw, second_per_grid_ts=batch.second_per_grid,
+                attention_mask=mask)
+        return positions.to(batch.input_ids.device)
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """Text embeddings with the cached tokens scattered into their placeholders."""
+        embeds = self.model.get_input_embeddings()(batch.input_ids)
+        video_id = self.config.video_token_id if not self.is_omni else self.config.video_token_index
+        embeds = _scatter(embeds, batch.input_ids == video_id, batch.video_tokens)
+        if batch.audio_tokens is not None:
+            embeds = _scatter(embeds, batch.input_ids == self.config.audio_token_index, batch.audio_tokens)
+        return embeds
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits), the same as the full model's on the raw video."""
+        hidden = self.model(inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask,
+                            position_ids=self.position_ids(batch), use_cache=False).last_hidden_state
+        logits = self.lm_head(hidden)
+        loss = self._positions.loss_function(logits=logits, labels=batch.labels,
+                                             vocab_size=self.config.get_text_config().vocab_size)
+        return loss, logits
+
+
+def _scatter(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    count = int(where.sum())
+    if count != tokens.shape[0]:
+        raise ValueError(f"{count} placeholders but {tokens.shape[0]} cached tokens")
+    return embeds.masked_scatter(where.unsqueeze(-1).expand_as(embeds), tokens.to(embeds.device, embeds.dtype))

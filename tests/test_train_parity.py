@@ -1,0 +1,110 @@
+"""The cache path's loss and logits equal transformers' full model on the raw video, exactly in fp32.
+
+Reference: `Qwen2_5OmniForConditionalGeneration(...).thinker` / `Qwen2_5_VLForConditionalGeneration`
+loaded with `from_pretrained`, fed by the checkpoint's own `AutoProcessor` on plainly decoded
+frames and audio (tests/reference.py). Cache path: qprep's tower outputs, the layout of
+`qprep.schemas.layout`, and the language model alone (`qprep.train.model`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor
+from transformers.video_utils import VideoMetadata
+
+import qprep
+from qprep.models.checkpoint import open_checkpoint
+from qprep.pipeline.towers import AudioInput, Towers, VideoInput
+from qprep.schemas.layout import PlaceholderIds, video_block
+from qprep.schemas.settings import load_model_spec
+from qprep.train.model import Batch, LanguageModel
+from reference import plain_audio_decode, plain_decode
+
+CLIP = dict(width=160, height=120, fps=25, seconds=3, events=((0.5, 1.0),))
+CONVERSATION = [
+    {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what happens in the video"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "You are a helpful video."}]},
+]
+
+
+def assistant_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Loss on the assistant's answer only (everything after the last `<|im_start|>assistant\\n`)."""
+    labels = torch.full_like(input_ids, -100)
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    positions = (input_ids[0] == start).nonzero().flatten().tolist()
+    begin = positions[-1] + 3  # <|im_start|> assistant \n
+    labels[0, begin:] = input_ids[0, begin:]
+    return labels
+
+
+def expand(input_ids: list[int], block: list[int], ids: PlaceholderIds) -> list[int]:
+    at = input_ids.index(ids.video)
+    assert input_ids[at - 1] == ids.vision_start and input_ids[at + 1] == ids.vision_end
+    return input_ids[: at - 1] + block + input_ids[at + 2:]
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
+def test_cache_path_loss_and_logits_equal_the_full_model_on_raw_video(tiny_model, videos, kind):
+    model_dir = tiny_model(kind)
+    omni = kind == "qwen2_5_omni"
+    path = videos("train-clip.mp4", **CLIP)
+    spec = load_model_spec(model_dir)
+    prepared = qprep.preprocess_video(path, model_dir, fps=2, audio=omni)
+    towers = Towers(open_checkpoint(model_dir), spec, dtype="float32", device="cpu")
+    video_tokens = towers.encode_videos([VideoInput(prepared.patches, tuple(prepared.video_grid_thw[0].tolist()))])[0]
+
+    # the reference: the processor on the raw frames (and audio), then the full model
+    processor = AutoProcessor.from_pretrained(model_dir)
+    frames, _ = plain_decode(path)
+    chosen = np.stack([frames[i] for i in prepared.metadata.frame_indices])
+    text = processor.apply_chat_template(CONVERSATION, tokenize=False)
+    metadata = VideoMetadata(total_num_frames=len(chosen), fps=prepared.metadata.sample_fps,
+                             frames_indices=list(range(len(chosen))))
+    kwargs = dict(text=[text], videos=[chosen], video_metadata=[metadata], do_sample_frames=False,
+                  min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, return_tensors="pt")
+    if omni:
+        kwargs.update(audio=[plain_audio_decode(path)], use_audio_in_video=True, audio_from_video_indices=[0])
+    inputs = processor(**kwargs)
+    assert inputs["video_grid_thw"].tolist() == prepared.video_grid_thw.tolist()
+    labels = assistant_labels(inputs["input_ids"], processor.tokenizer)
+    if omni:
+        from transformers import Qwen2_5OmniForConditionalGeneration
+
+        full = Qwen2_5OmniForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).thinker.eval()
+        assert float(inputs["video_second_per_grid"][0]) == prepared.second_per_grid
+    else:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        full = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        assert float(inputs["second_per_grid_ts"][0]) == prepared.second_per_grid
+    model_kwargs = {"use_audio_in_video": True} if omni else {}  # as the Omni model card calls it
+    with torch.no_grad():
+        expected = full(**inputs, labels=labels, **model_kwargs)
+
+    # the cache path: no tower, no video
+    tokenizer = processor.tokenizer
+    get = tokenizer.convert_tokens_to_ids
+    if omni:
+        ids = PlaceholderIds(get("<|vision_bos|>"), get("<|vision_eos|>"), get("<|VIDEO|>"), get("<|AUDIO|>"),
+                             get("<|audio_bos|>"), get("<|audio_eos|>"))
+        audio_tokens = towers.encode_audio([AudioInput(prepared.mel_frames(),
+                                                       tuple(prepared.feature_attention_mask.sum(-1).tolist()))])[0]
+    else:
+        ids = PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"))
+        audio_tokens = None
+    block = video_block(tuple(prepared.video_grid_thw[0].tolist()), ids, second_per_grid=prepared.second_per_grid,
+                        audio_tokens=0 if audio_tokens is None else audio_tokens.shape[0])
+    input_ids = torch.tensor([expand(tokenizer(text)["input_ids"], block, ids)])
+    assert torch.equal(input_ids, inputs["input_ids"])
+    language_model = LanguageModel(open_checkpoint(model_dir), dtype="float32").eval()
+    batch = Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels,
+                  video_tokens=video_tokens, video_grid_thw=prepared.video_grid_thw,
+                  second_per_grid=torch.tensor([prepared.second_per_grid], dtype=torch.float64),
+                  audio_tokens=audio_tokens,
+                  mel_lengths=torch.tensor([prepared.mel_length]) if audio_tokens is not None else None)
+    with torch.no_grad():
+        loss, logits = language_model(batch)
+    assert torch.equal(logits, expected.logits)
+    assert torch.equal(loss, expected.loss)

@@ -1,0 +1,162 @@
+"""Training samples from LongVALE-style conversations and a cache.
+
+A record is `{"id": ..., "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}`; its video is
+the cached entry with that id, placed where `<video>` appears in a human turn (at the start of the
+first human turn when absent). Prompts are rendered by the tokenizer's own chat template; labels
+cover the assistant turns only (their text and closing `<|im_end|>`), -100 elsewhere. A record that
+cannot be used (its video missing or failed in the cache, too long) is reported with its reason
+before training starts, never in the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qprep.errors import SettingsError
+from qprep.schemas.layout import PlaceholderIds, video_block
+
+VIDEO_MARK = "<video>"
+ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
+IGNORE = -100
+
+
+@dataclass
+class Sample:
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Dataset:
+    samples: list[Sample]
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason → ids
+
+    def report(self) -> str:
+        lines = [f"{len(self.samples)} samples"]
+        for reason, ids in self.skipped.items():
+            shown = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
+            lines.append(f"left out {len(ids)}: {reason} ({shown})")
+        return "\n".join(lines)
+
+
+def load_records(path: str | Path) -> list[dict]:
+    try:
+        records = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SettingsError(f"--data {path}: cannot read it as JSON ({exc})") from exc
+    if not isinstance(records, list):
+        raise SettingsError(f"--data {path}: expected a JSON list of {{id, conversations}} records")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict) or "id" not in record or not isinstance(record.get("conversations"), list):
+            raise SettingsError(f"--data {path}: record {index} lacks an id or a conversations list")
+    return records
+
+
+def messages(conversations: list[dict]) -> list[dict]:
+    """LongVALE turns → chat-template messages, with the video where `<video>` marks it."""
+    out: list[dict] = []
+    for turn in conversations:
+        role = ROLES.get(turn.get("from"))
+        if role is None:
+            raise SettingsError(f"unknown speaker {turn.get('from')!r} (expected human or gpt)")
+        out.append({"role": role, "content": [{"type": "text", "text": str(turn.get("value", ""))}]})
+    users = [m for m in out if m["role"] == "user"]
+    if not users:
+        raise SettingsError("a conversation needs a human turn")
+    marked = [m for m in users if VIDEO_MARK in m["content"][0]["text"]]
+    target = marked[0] if marked else users[0]
+    before, _, after = target["content"][0]["text"].partition(VIDEO_MARK)
+    if not marked:
+        before, after = "", target["content"][0]["text"]
+    for m in users:  # any further marks are dropped: one video per record
+        m["content"][0]["text"] = m["content"][0]["text"].replace(VIDEO_MARK, "")
+    target["content"] = [c for c in ({"type": "text", "text": before.strip()}, {"type": "video"},
+                                     {"type": "text", "text": after.strip()}) if c.get("text", True)]
+    return out
+
+
+def tokenize(conversation: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and its labels (assistant turns only)."""
+    ids = _render(tokenizer, conversation, generation_prompt=False)
+    labels = [IGNORE] * len(ids)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for index, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, conversation[:index], generation_prompt=True))
+        stop = len(_render(tokenizer, conversation[: index + 1], generation_prompt=False))
+        if ids[:start] != _render(tokenizer, conversation[:index], generation_prompt=True):
+            raise SettingsError("the chat template does not render a conversation as a prefix of its continuation")
+        for position in range(start, stop):
+            labels[position] = ids[position]
+            if ids[position] == end:
+                break
+    return ids, labels
+
+
+def build_dataset(records: list[dict], cache, tokenizer, ids: PlaceholderIds, *, merge_size: int,
+                  audio: bool, max_length: int | None = None) -> Dataset:
+    dataset = Dataset(samples=[])
+    ok = set(cache.ids())
+    for record in records:
+        video_id = str(record["id"])
+        if video_id not in cache:
+            dataset.skipped.setdefault("video not in the cache", []).append(video_id)
+            continue
+        if video_id not in ok:
+            dataset.skipped.setdefault("video failed extraction", []).append(video_id)
+            continue
+        try:
+            text_ids, labels = tokenize(messages(record["conversations"]), tokenizer)
+        except SettingsError as exc:
+            dataset.skipped.setdefault(f"bad conversation: {exc}", []).append(video_id)
+            continue
+        row = cache.row(video_id)
+        block = video_block(tuple(row["grid_thw"]), ids, merge_size=merge_size,
+                            second_per_grid=row["second_per_grid"],
+                            audio_tokens=(row["audio_length"] or 0) if audio else 0)
+        at = text_ids.index(ids.video)
+        input_ids = text_ids[: at - 1] + block + text_ids[at + 2:]
+        labels = labels[: at - 1] + [IGNORE] * len(block) + labels[at + 2:]
+        if max_length is not None and len(input_ids) > max_length:
+            dataset.skipped.setdefault(f"longer than --max-length {max_length}", []).append(video_id)
+            continue
+        dataset.samples.append(Sample(id=video_id, input_ids=input_ids, labels=labels))
+    return dataset
+
+
+def _render(tokenizer, conversation: list[dict], generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
+    longest = max(len(s) for s in sequences)
+    return torch.tensor([s + [value] * (longest - len(s)) for s in sequences], dtype=torch.int64)
+
+
+def collate(samples: list[Sample], cache, pad_id: int, audio: bool):
+    """Samples → one right-padded `Batch`, cached tokens concatenated in placeholder order."""
+    from qprep.train.model import Batch
+
+    videos = [cache[sample.id] for sample in samples]
+    input_ids = pad([s.input_ids for s in samples], pad_id)
+    has_audio = {v.audio_tokens is not None for v in videos} if audio else {False}
+    if len(has_audio) > 1:  # get_rope_index takes one use_audio_in_video flag per batch
+        raise ValueError("a batch mixes videos with and without audio; batch them apart")
+    with_audio = has_audio == {True}
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=pad([[1] * len(s.input_ids) for s in samples], 0),
+        labels=pad([s.labels for s in samples], IGNORE),
+        video_tokens=torch.cat([v.video_tokens for v in videos]),
+        video_grid_thw=torch.tensor([v.grid_thw for v in videos], dtype=torch.int64),
+        second_per_grid=torch.tensor([v.second_per_grid for v in videos], dtype=torch.float64),
+        audio_tokens=torch.cat([v.audio_tokens for v in videos]) if with_audio else None,
+        mel_lengths=torch.tensor([v.mel_length for v in videos]) if with_audio else None,
+    )

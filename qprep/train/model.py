@@ -49,17 +49,24 @@ class LanguageModel(torch.nn.Module):
         self.family = family
         torch_dtype = DTYPES[resolve_dtype(dtype, checkpoint.dtype)]
         text_config = self.config.get_text_config()
+        # Module paths mirror the full model's (`model.language_model.*`, `lm_head`): a LoRA adapter
+        # trained here loads onto the full thinker / VL model with peft as it is.
+        self.model = torch.nn.Module()
         with no_init_weights():
-            self.model = getattr(module, family.text_class)._from_config(
+            self.model.language_model = getattr(module, family.text_class)._from_config(
                 text_config, dtype=torch_dtype, attn_implementation=attn_implementation)
             self.lm_head = torch.nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False,
                                            dtype=torch_dtype)
-        load_weights(self.model, checkpoint, family.text_prefixes)
+        load_weights(self.model.language_model, checkpoint, family.text_prefixes)
         load_weights(self.lm_head, checkpoint, family.lm_head_prefixes)
         with torch.device("meta"):  # get_rope_index reads only the config: no weights behind it
             reference = getattr(module, family.feature_class)(self.config)
         object.__setattr__(self, "_positions", reference)  # not a submodule: never moved, saved or trained
         self.to(device)
+
+    @property
+    def language_model(self):
+        return self.model.language_model
 
     @property
     def is_omni(self) -> bool:
@@ -82,7 +89,7 @@ class LanguageModel(torch.nn.Module):
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Text embeddings with the cached tokens scattered into their placeholders."""
-        embeds = self.model.get_input_embeddings()(batch.input_ids)
+        embeds = self.language_model.get_input_embeddings()(batch.input_ids)
         video_id = self.config.video_token_id if not self.is_omni else self.config.video_token_index
         embeds = _scatter(embeds, batch.input_ids == video_id, batch.video_tokens)
         if batch.audio_tokens is not None:
@@ -91,7 +98,7 @@ class LanguageModel(torch.nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits), the same as the full model's on the raw video."""
-        hidden = self.model(inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask,
+        hidden = self.language_model(inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask,
                             position_ids=self.position_ids(batch), use_cache=False).last_hidden_state
         logits = self.lm_head(hidden)
         loss = self._positions.loss_function(logits=logits, labels=batch.labels,

@@ -170,6 +170,47 @@ def status(store, videos, as_json):
 
 
 @main.command()
+@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A store written by `qprep extract`.")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help='JSON list of {"id", "conversations": [{"from": "human"|"gpt", "value"}]}; <video> marks the video.')
+@click.option("--model", required=True, help="The model the cache was extracted with (directory or hub id).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder: checkpoints, adapter/, metrics.jsonl.")
+@click.option("--epochs", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--max-length", type=click.IntRange(1), default=None, help="Leave out longer samples (reported).")
+@click.option("--lora-r", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--lora-alpha", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--lora-dropout", type=float, default=0.05, show_default=True)
+@click.option("--save-every", type=click.IntRange(0), default=0, help="Checkpoint every N optimizer steps (0: per epoch).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out, with the same data order.")
+@click.option("--no-gradient-checkpointing", is_flag=True, help="Faster, more memory.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(cache_path, data, model, out, epochs, lr, batch_size, grad_accum, max_length, lora_r, lora_alpha,
+          lora_dropout, save_every, seed, resume, no_gradient_checkpointing, quiet):
+    """Train LoRA adapters on the language model from a cache: no tower loaded, no video decoded.
+
+    \b
+    Example:
+      qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/
+    """
+    from qprep.train.loop import TrainSettings, train as run_train
+    from qprep.train.lora import LoraSettings
+
+    settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+                             seed=seed, save_every=save_every, gradient_checkpointing=not no_gradient_checkpointing,
+                             lora=LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout))
+    with _errors_to_exit_codes():
+        summary = run_train(cache_path, data, model, out, settings, resume=resume, progress=not quiet, echo=click.echo)
+    click.echo(f"{summary.steps} steps, loss {summary.first_loss:.4f} → {summary.last_loss:.4f} in {summary.seconds:.1f} s; "
+               f"adapter in {out / 'adapter'}")
+
+
+@main.command()
 def jobs():
     """List the named presets that --job accepts."""
     from qprep.schemas.jobs import available_jobs, load_job

@@ -47,3 +47,20 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def omni_store(ray_cluster, tiny_model, tmp_path_factory):
+    """(model dir, open cache) of a tiny Omni store: videos a (2 s), b (3 s) and a broken one."""
+    from qprep import open_cache
+    from qprep.extraction.run import ExtractOptions, extract
+    from qprep.schemas.settings import VideoSettings
+
+    root = tmp_path_factory.mktemp("train-data")
+    for name, seconds in (("a", 2), ("b", 3)):
+        make_video(root / "videos" / f"{name}.mp4", VideoSpec(width=112, height=84, fps=25, seconds=seconds))
+    (root / "videos" / "broken.mp4").write_bytes(b"\0" * 100)
+    model_dir = str(tiny_model("qwen2_5_omni"))
+    extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2), shards=2,
+            options=ExtractOptions(progress=False))
+    return model_dir, open_cache(root / "store.zarr")

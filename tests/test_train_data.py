@@ -9,26 +9,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from qprep import open_cache
-from qprep.extraction.run import ExtractOptions, extract
 from qprep.models.checkpoint import open_checkpoint
 from qprep.schemas.layout import PlaceholderIds
-from qprep.schemas.settings import VideoSettings
-from qprep.synth import VideoSpec, make_video
 from qprep.train.data import IGNORE, build_dataset, collate, load_records, messages, tokenize
 from qprep.train.model import LanguageModel
-
-
-@pytest.fixture(scope="module")
-def omni_store(ray_cluster, tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-data")
-    for name, seconds in (("a", 2), ("b", 3)):
-        make_video(root / "videos" / f"{name}.mp4", VideoSpec(width=112, height=84, fps=25, seconds=seconds))
-    (root / "videos" / "broken.mp4").write_bytes(b"\0" * 100)
-    model_dir = str(tiny_model("qwen2_5_omni"))
-    extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2), shards=2,
-            options=ExtractOptions(progress=False))
-    return model_dir, open_cache(root / "store.zarr")
 
 
 def omni_ids(tokenizer) -> PlaceholderIds:

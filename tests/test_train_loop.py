@@ -1,0 +1,61 @@
+"""`qprep train` end to end on a tiny Omni store: the loss falls, a resumed run equals an
+uninterrupted one, and the adapter and metrics land where they should."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from qprep.cli import main
+from qprep.train.loop import TrainSettings, train
+from qprep.train.lora import LoraSettings
+
+ANSWERS = {"a": "the video is short", "b": "the video is what happens"}
+
+
+def write_data(path) -> str:
+    records = [{"id": video_id, "conversations": [{"from": "human", "value": "<video> what happens"},
+                                                  {"from": "gpt", "value": answer}]}
+               for video_id, answer in ANSWERS.items()] + [{"id": "broken", "conversations": [
+                   {"from": "human", "value": "<video>"}, {"from": "gpt", "value": "x"}]}]
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+SETTINGS = TrainSettings(epochs=4, lr=3e-2, batch_size=1, grad_accum=2, seed=3,
+                         lora=LoraSettings(r=4, alpha=8, dropout=0.1))
+
+
+def adapter(path):
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_training_lowers_the_loss_and_a_resumed_run_equals_an_uninterrupted_one(omni_store, tmp_path):
+    model_dir, cache = omni_store
+    data = write_data(tmp_path / "train.json")
+    store = cache.store.root
+    whole = train(store, data, model_dir, tmp_path / "whole", SETTINGS, progress=False, echo=lambda _: None)
+    assert whole.samples == 2 and whole.skipped == {"video failed extraction": ["broken"]}
+    assert whole.steps == 4 and whole.last_loss < whole.first_loss
+    lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and {"loss", "lr", "tokens_per_s", "step_time_s", "memory_mb"} <= set(lines[0])
+
+    first = TrainSettings(**{**SETTINGS.__dict__, "epochs": 2})
+    train(store, data, model_dir, tmp_path / "split", first, progress=False, echo=lambda _: None)
+    train(store, data, model_dir, tmp_path / "split", SETTINGS, resume=True, progress=False, echo=lambda _: None)
+    ours, theirs = adapter(tmp_path / "split" / "adapter"), adapter(tmp_path / "whole" / "adapter")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_cli_train(omni_store, tmp_path):
+    model_dir, cache = omni_store
+    result = CliRunner().invoke(main, [
+        "train", "--cache", str(cache.store.root), "--data", write_data(tmp_path / "train.json"), "--model", model_dir,
+        "--out", str(tmp_path / "run"), "--epochs", "1", "--lr", "1e-3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "left out 1: video failed extraction (broken)" in result.output
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()

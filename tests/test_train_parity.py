@@ -45,8 +45,8 @@ def expand(input_ids: list[int], block: list[int], ids: PlaceholderIds) -> list[
     return input_ids[: at - 1] + block + input_ids[at + 2:]
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
-def test_cache_path_loss_and_logits_equal_the_full_model_on_raw_video(tiny_model, videos, kind):
+def _both_paths(tiny_model, videos, kind):
+    """The full model with its processor's inputs, and qprep's language model with its cached batch."""
     model_dir = tiny_model(kind)
     omni = kind == "qwen2_5_omni"
     path = videos("train-clip.mp4", **CLIP)
@@ -80,8 +80,6 @@ def test_cache_path_loss_and_logits_equal_the_full_model_on_raw_video(tiny_model
         full = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
         assert float(inputs["second_per_grid_ts"][0]) == prepared.second_per_grid
     model_kwargs = {"use_audio_in_video": True} if omni else {}  # as the Omni model card calls it
-    with torch.no_grad():
-        expected = full(**inputs, labels=labels, **model_kwargs)
 
     # the cache path: no tower, no video
     tokenizer = processor.tokenizer
@@ -104,7 +102,41 @@ def test_cache_path_loss_and_logits_equal_the_full_model_on_raw_video(tiny_model
                   second_per_grid=torch.tensor([prepared.second_per_grid], dtype=torch.float64),
                   audio_tokens=audio_tokens,
                   mel_lengths=torch.tensor([prepared.mel_length]) if audio_tokens is not None else None)
+    return full, inputs, model_kwargs, labels, language_model, batch
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
+def test_cache_path_loss_and_logits_equal_the_full_model_on_raw_video(tiny_model, videos, kind):
+    full, inputs, model_kwargs, labels, language_model, batch = _both_paths(tiny_model, videos, kind)
     with torch.no_grad():
+        expected = full(**inputs, labels=labels, **model_kwargs)
         loss, logits = language_model(batch)
     assert torch.equal(logits, expected.logits)
     assert torch.equal(loss, expected.loss)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
+def test_lora_gradients_equal_the_full_model_with_the_same_adapter(tiny_model, videos, kind):
+    """The same adapter on transformers' full model (raw video through its processor) and on qprep's
+    language model (cached tokens): the LoRA gradients are the same, exactly in fp32."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from qprep.train.lora import LoraSettings, apply_lora
+
+    full, inputs, model_kwargs, labels, language_model, batch = _both_paths(tiny_model, videos, kind)
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0)
+    ours = apply_lora(language_model, settings)
+    generator = torch.Generator().manual_seed(0)
+    for name, parameter in ours.named_parameters():
+        if "lora_B" in name:  # non-zero B, so that A gets gradients too
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.02
+    theirs = get_peft_model(full, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                             target_modules=settings.target_regex()))
+    set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours))
+    ours(batch)[0].backward()
+    theirs(**inputs, labels=labels, **model_kwargs).loss.backward()
+    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    reference = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert mine.keys() == reference.keys() and len(mine) == 2 * 6 * 2  # A and B, 6 targets, 2 layers
+    for name in mine:
+        assert torch.equal(mine[name], reference[name]), name

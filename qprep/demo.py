@@ -2,11 +2,13 @@
 
 Makes a handful of short videos with speech-like audio and visible events at known times and a
 tiny Qwen2.5-Omni checkpoint (random weights, real structure), then runs every stage that exists on
-them: the CPU stage video by video, `extract` into a store, a no-op re-run, and the store's status.
+them: the CPU stage video by video, `extract` into a store, a no-op re-run, the store's status, and
+LoRA training from the store on a question about each video.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -19,6 +21,7 @@ from qprep.pipeline.prepare import prepare
 from qprep.schemas.jobs import load_job
 from qprep.schemas.settings import load_model_spec
 from qprep.store.status import format_status, store_status
+from qprep.train.loop import TrainSettings, train
 from qprep.synth import VideoSpec, make_video
 
 # (name, spec, events): short clips in the shapes real datasets have.
@@ -34,6 +37,19 @@ DEMO_VIDEOS = {
 class DemoResult:
     workdir: Path
     rows: list[dict]
+
+
+def write_demo_data(path: Path, video_dir: Path) -> Path:
+    """One conversation per video, in the LongVALE form the trainer reads: when is the red disc shown?"""
+    records = []
+    for video in sorted(p for p in video_dir.iterdir() if p.is_file()):
+        spec = DEMO_VIDEOS.get(video.name)
+        events = spec.events if spec else ()
+        answer = "; ".join(f"from {start:.1f} s to {end:.1f} s" for start, end in events) or "never"
+        records.append({"id": video.stem, "conversations": [
+            {"from": "human", "value": "<video>\nWhen is the red disc shown?"}, {"from": "gpt", "value": answer}]})
+    path.write_text(json.dumps(records, indent=1))
+    return path
 
 
 def make_demo_videos(folder: Path) -> list[Path]:
@@ -76,6 +92,12 @@ def run_demo(workdir: Path | None = None, videos: Path | None = None, model: str
         echo(format_summary(extract(video_dir, store, model, settings), store))
         echo(f"\nqprep status {store}")
         echo(format_status(store_status(store)))
+        data = write_demo_data(workdir / "train.json", video_dir)
+        echo(f"\nqprep train --cache {store} --data {data} --model {model} --out {workdir / 'run'}")
+        summary = train(store, data, model, workdir / "run", TrainSettings(epochs=2, lr=1e-3), echo=echo)
+        echo(f"{summary.steps} optimizer steps from the cache (no tower loaded, no video decoded): loss "
+             f"{summary.first_loss:.3f} → {summary.last_loss:.3f} in {summary.seconds:.1f} s; "
+             f"adapter in {workdir / 'run' / 'adapter'}")
         return DemoResult(workdir=workdir, rows=rows)
     finally:
         if owned and not keep:

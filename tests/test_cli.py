@@ -50,3 +50,5 @@ def test_demo_runs_end_to_end(tmp_path):
 
     cache = open_cache(tmp_path / "store.zarr")
     assert len(cache.ids()) == 4 and cache["silent-24fps"].audio_tokens is None
+    assert "optimizer steps from the cache" in result.output
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -59,3 +59,7 @@ def test_cli_train(omni_store, tmp_path):
     assert result.exit_code == 0, result.output
     assert "left out 1: video failed extraction (broken)" in result.output
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    from PIL import Image
+
+    with Image.open(tmp_path / "run" / "loss.png") as image:
+        assert image.format == "PNG" and image.size == (720, 400)

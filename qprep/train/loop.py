@@ -3,7 +3,7 @@
 Each epoch visits the samples in an order fixed by (seed, epoch), so a resumed run sees exactly
 the batches an uninterrupted run would. Checkpoints (`checkpoint-<step>/`: the adapter in peft's
 format, the optimizer and the position in the data) are written every `save_every` optimizer steps
-and at the end of each epoch; the final adapter is `adapter/`. Metrics go to `metrics.jsonl`.
+and at the end of each epoch; the final adapter is `adapter/`. Metrics go to `metrics.jsonl`, the loss curve to `loss.png`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from qprep.errors import SettingsError
 from qprep.schemas.layout import PlaceholderIds
 from qprep.train.lora import LoraSettings
+from qprep.train.plot import plot_loss
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -126,6 +127,7 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
         bar.close()
         metrics.close()
     peft_model.save_pretrained(out / "adapter")
+    plot_loss(out / "metrics.jsonl", out / "loss.png")
     return TrainSummary(samples=len(dataset.samples), skipped=dataset.skipped, steps=state["step"],
                         first_loss=first_loss, last_loss=last_loss, seconds=time.perf_counter() - started)
 

@@ -21,3 +21,4 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet -e '.[bench]'
 	$(VENV)/bin/python bench/cpu_stage.py
 	$(VENV)/bin/python bench/extract.py
+	$(VENV)/bin/python bench/train.py

@@ -1,0 +1,950 @@
+"""Benchmark: a LoRA training step from qprep's cache against one from the raw video, and against the floor.
+
+What is compared (same model, same data, same sample order, same number of steps):
+
+* cache: `qprep.train.loop.train` (the `qprep train` loop) on a store `qprep.extraction.run.extract`
+  built from the videos beforehand: each step reads the sample's cached video and audio tokens
+  (`collate`), scatters them into the prompt's placeholders, computes the 3-D positions with the
+  model's own `get_rope_index` and runs the language model with LoRA (forward, backward, AdamW step).
+  Its step times are the ones it writes to `metrics.jsonl` (collate to optimizer step).
+* raw: what LLaMA-Factory / ms-swift do for Qwen2.5-Omni: each step decodes the clip with
+  qwen-vl-utils' `fetch_video` (decord, forced with FORCE_QWENVL_VIDEO_READER; fps 2 or
+  --num-frames; the processor's min/max pixels), loads its audio with qwen-omni-utils'
+  `process_audio_info(use_audio_in_video=True)` (audioread + librosa at 16 kHz), runs the checkpoint's
+  `AutoProcessor` on text, frames and audio (`use_audio_in_video=True`, `audio_from_video_indices=[0]`,
+  `do_sample_frames=False`, `fps` = the sample fps `fetch_video` returns, as the qwen-omni-utils
+  recipes pass `video_kwargs`: the processor takes each frame pair's duration from it and
+  otherwise assumes fps 2, wrong for --num-frames; the same pixel bounds), then
+  `Qwen2_5OmniForConditionalGeneration.from_pretrained(...).thinker` (LLaMA-Factory's `model.thinker`)
+  with frozen towers (requires_grad False) and peft LoRA on the language model only
+  (target_modules r".*language_model\\.layers\\.\\d+\\..*\\.(q_proj|k_proj|v_proj|o_proj|up_proj|down_proj)$"):
+  forward (towers included) with labels, backward, AdamW step. Two rows: "stock" is what peft +
+  transformers 5 do as they are: `get_peft_model` sees gradient checkpointing and calls the thinker's
+  `enable_input_require_grads()`, which in transformers 5 hooks every sub-model's input embedding,
+  the vision patch embedding and the audio conv1 included, so autograd records the frozen towers and
+  the backward runs through them; the other row removes those hooks (`disable_input_require_grads()`)
+  so the towers stay out of autograd, the fairer (and faster) reference, used for the goal.
+* floor: the cache path's language-model step alone: the same `LanguageModel` + `apply_lora` + AdamW
+  set up as `train` sets them up, on batches `collate`d from the cache before the timed loop (each
+  sample's batch built once, held in memory, reused): forward (positions, embedding scatter, text
+  model, loss), backward, step. No data loading at all.
+
+An instrumented copy of the cache loop ("cache, phases") times each part of a step: collate (the
+Zarr read), get_rope_index, the embedding scatter, the rest of the forward, backward, optimizer.
+The raw path's parts are timed too (decode, audio, processor, towers' forward, the rest).
+
+Settings on every path: batch size 1, gradient accumulation 1 (one optimizer step per sample),
+float32 on CPU, torch's default threads, LoRA r 16 / alpha 16 / dropout 0.05 on q/k/v/o/up/down_proj,
+AdamW lr 1e-4, gradient checkpointing on the language model (non-reentrant, as `train` enables it;
+--no-gradient-checkpointing turns it off everywhere), the same seed before the LoRA weights are
+made. The samples come in `train`'s order (a seeded permutation); the data file lists each video
+--steps / --videos times, so every path runs exactly --steps steps. The first --warmup steps are
+left out of the statistics; the table shows the median and mean of the rest, samples/s
+(1 / mean step time at batch size 1) and the median per step of the prompt's tokens. As checks that
+the paths did the same work: the raw path's input_ids must equal the cached samples' (the table says
+how many steps matched), and the floor's losses must equal the cache path's step for step (the
+same seed, RNG use and inputs in the same order: the difference is printed).
+
+The model: a reduced Qwen2.5-Omni whose towers keep their real width (vision: hidden 1280, 16 heads,
+MLP 3420, patch 14, merge 2, window 112; audio: d_model 1280, 20 heads, FFN 5120, 128 mel bins)
+with --vision-depth blocks and --audio-layers layers, and a small language model
+(--text-hidden, --text-layers), built from `qprep.models.tiny.tiny_config` with the real
+classes, with the tiny checkpoint's tokenizer, chat template and processor files (pixel bounds
+4..64 × 28² per frame). Model and clips are cached in --workdir. How the compute splits between
+towers and language model is printed next to the same figures for Qwen2.5-Omni-7B, because the
+raw/cache ratio depends on it: FLOPs ≈ 2 × matmul weights × tokens per forward; the cache step
+≈ 3 forwards of the language model (forward, backward to the activations, checkpoint recompute),
+the raw step that plus one forward of the towers.
+
+Memory: each path runs in a fresh process. At its first step (a warm-up step) the process hands
+freed heap back (malloc_trim), records VmRSS and VmHWM ("setup peak": imports and model load),
+and resets the kernel's peak-RSS mark (clear_refs 5); "steps peak" is VmHWM at the end, the
+largest resident set over all its steps (model weights included). audioread's ffmpeg children
+are not counted. "RSS at step 1" can leave out weights `from_pretrained` mapped from the file and
+nothing has touched yet (the raw path's): compare the steps' peaks.
+
+Timing: before each measured process the bench waits (up to --quiet-wait s) for the machine to go
+idle, and the "others' cores" column says how busy the other processes kept the machine meanwhile
+(/proc/stat minus the worker's own CPU time). With --repeats N each path runs N times; the run with
+the lowest median step time is shown, with the largest memory seen.
+
+Goals stated by the issue: raw / cache step time >= 5x; cache / floor within 10 % (<= 1.10). If
+cache / floor is over 1.10 (or with --profile), the cache loop runs once more under cProfile and the
+top functions are printed.
+
+Reproduce (from the repository root, with the virtualenv active; about 4 min on 2 cores, the first run
+included):
+
+    python bench/train.py                                # 12 clips, 24 steps per path
+    python bench/train.py --videos 4 --steps 8           # a smoke run
+    python bench/train.py --repeats 2 --json train.json  # what a report would use
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WIDTH, HEIGHT = 320, 240
+SECONDS = (5, 8, 6, 10, 7, 9)  # clip lengths cycle through these
+RATES = (25, 30)
+FPS = 2.0
+LR = 1e-4
+SEED = 0
+LORA_REGEX = r".*language_model\.layers\.\d+\..*\.(q_proj|k_proj|v_proj|o_proj|up_proj|down_proj)$"
+RESULT_TAG = "BENCH-RESULT "
+TIMEOUT_S = 3600
+RAW_OVER_CACHE_GOAL, CACHE_OVER_FLOOR_GOAL = 5.0, 1.10
+QUESTIONS = ("what happens in the video", "describe the video", "when does the red disc show")
+
+# Qwen2.5-Omni-7B's thinker (its config.json): what the bench model is compared with.
+OMNI_7B = {
+    "text": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, vocab_size=152064),
+    "vision": dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
+                   fullatt_block_indexes=[7, 15, 23, 31]),
+    "audio": dict(encoder_layers=32, d_model=1280, encoder_attention_heads=20, encoder_ffn_dim=5120, output_dim=3584),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs (generated once into the workdir)
+
+
+def model_name(args) -> str:
+    return (f"omni-v{args.vision_depth}x1280-a{args.audio_layers}x1280-t{args.text_layers}x{args.text_hidden}")
+
+
+def bench_config(text_hidden: int, text_layers: int, vision_depth: int, audio_layers: int):
+    """The tiny Omni config with towers of the real width and the given depths."""
+    from transformers import Qwen2_5OmniConfig
+    from qprep.models.tiny import tiny_config
+
+    config = tiny_config("qwen2_5_omni", hidden=text_hidden).to_dict()
+    thinker = config["thinker_config"]
+    thinker["text_config"].update(num_hidden_layers=text_layers)
+    thinker["text_config"].pop("layer_types", None)  # rebuilt for the new depth
+    # Full attention every 8th block as in the release ([7, 15, 23, 31] of 32), at least the last one.
+    full = [i for i in range(vision_depth) if i % 8 == 7] or [vision_depth - 1]
+    thinker["vision_config"].update(hidden_size=1280, num_heads=16, intermediate_size=3420, depth=vision_depth,
+                                    fullatt_block_indexes=full, out_hidden_size=text_hidden)
+    thinker["audio_config"].update(d_model=1280, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                                   encoder_layers=audio_layers, output_dim=text_hidden)
+    return Qwen2_5OmniConfig(**config)
+
+
+def ensure_model(workdir: Path, args) -> Path:
+    """Build and save the bench model once: real classes and key layout; the tokenizer, chat
+    template, processor configs and speaker table are those `make_tiny_model` writes."""
+    import torch
+    from transformers import AutoProcessor, Qwen2_5OmniForConditionalGeneration
+    from transformers.utils import logging
+
+    from qprep.models.tiny import make_tiny_model
+
+    path = workdir / model_name(args)
+    if (path / "config.json").is_file():
+        return path
+    print(f"building {path.name} …", file=sys.stderr, flush=True)
+    partial = fresh(workdir / ("partial-" + path.name))
+    tiny = make_tiny_model("qwen2_5_omni", fresh(workdir / "tiny-template"), hidden=args.text_hidden)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the talker's ids lie beyond its tiny vocabulary, as in tiny.py
+    try:
+        torch.manual_seed(SEED)
+        Qwen2_5OmniForConditionalGeneration(bench_config(args.text_hidden, args.text_layers, args.vision_depth,
+                                                         args.audio_layers)).save_pretrained(partial)
+    finally:
+        logging.set_verbosity(verbosity)
+    weights = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+    for item in tiny.iterdir():
+        if item.name not in weights and not item.name.startswith("model-"):
+            shutil.copy2(item, partial / item.name)
+    AutoProcessor.from_pretrained(partial)  # loads offline
+    shutil.rmtree(tiny)
+    partial.rename(path)
+    return path
+
+
+def clip_name(index: int) -> str:
+    seconds, rate = SECONDS[index % len(SECONDS)], RATES[index % len(RATES)]
+    return f"v{index:03d}-{WIDTH}x{HEIGHT}-{seconds}s-{rate}fps"
+
+
+def ensure_videos(workdir: Path, count: int) -> Path:
+    """A folder with `count` h264+aac clips (hard links into the clip cache); the red disc shows at a
+    different time in each."""
+    from qprep.synth import VideoSpec, make_video
+
+    cache, folder = workdir / "clips", workdir / f"videos-{count}"
+    for directory in (cache, folder):
+        directory.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        name = clip_name(index) + ".mp4"
+        seconds = SECONDS[index % len(SECONDS)]
+        if not (cache / name).exists():
+            print(f"encoding {name} …", file=sys.stderr, flush=True)
+            start = (index * 1.3) % (seconds - 2)
+            spec = VideoSpec(width=WIDTH, height=HEIGHT, seconds=seconds, fps=RATES[index % len(RATES)], audio=True,
+                             events=((start, start + 1.5),))
+            make_video(cache / ("partial-" + name), spec)
+            (cache / ("partial-" + name)).rename(cache / name)
+        if not (folder / name).exists():
+            os.link(cache / name, folder / name)
+    return folder
+
+
+def answer(index: int) -> str:
+    seconds = SECONDS[index % len(SECONDS)]
+    start = (index * 1.3) % (seconds - 2)
+    return f"A red disc shows from {start:.1f} s to {start + 1.5:.1f} s of the {seconds} s video."
+
+
+def write_data(path: Path, videos: int, steps: int) -> Path:
+    """LongVALE-style records: the videos cycled to `steps` records (each video steps/videos times)."""
+    records = []
+    for step in range(steps):
+        index = step % videos
+        records.append({"id": clip_name(index), "conversations": [
+            {"from": "human", "value": f"<video>\n{QUESTIONS[index % len(QUESTIONS)]}"},
+            {"from": "gpt", "value": answer(index)}]})
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+def policy(args) -> dict:
+    return {"num_frames": args.num_frames} if args.num_frames else {"fps": FPS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory and CPU
+
+
+def _status_kb(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+class StepMemory:
+    """Call `start()` at the first step: trims the heap, notes VmRSS and the setup's VmHWM, resets
+    the peak mark; `peak_mb()` is the peak since."""
+
+    def __init__(self):
+        self.started = False
+        self.reset_ok = False
+        self.baseline_mb = self.setup_peak_mb = 0.0
+
+    def start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        self.setup_peak_mb = _status_kb("VmHWM") / 1024
+        self.baseline_mb = _status_kb("VmRSS") / 1024
+        try:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+            self.reset_ok = True
+        except OSError:
+            pass
+
+    def result(self) -> dict:
+        return {"baseline_mb": self.baseline_mb, "setup_peak_mb": self.setup_peak_mb,
+                "steps_peak_mb": _status_kb("VmHWM") / 1024, "peak_reset": self.reset_ok}
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def system_busy_s() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat, idle and iowait excluded)."""
+    with open("/proc/stat") as handle:
+        values = [int(v) for v in handle.readline().split()[1:]]
+    return (sum(values) - values[3] - values[4]) / TICK
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+QUIET = {"max_wait_s": 0.0, "waited_s": 0.0}
+
+
+def wait_for_quiet(idle_cores: float = 0.3, seconds: int = 3) -> None:
+    """Wait (at most --quiet-wait s) until other work keeps less than `idle_cores` busy for
+    `seconds` in a row, so that a measurement does not share the cores with, say, a test run."""
+    deadline, calm = time.monotonic() + QUIET["max_wait_s"], 0
+    began = time.monotonic()
+    while calm < seconds and time.monotonic() < deadline:
+        busy = system_busy_s()
+        time.sleep(1.0)
+        calm = calm + 1 if system_busy_s() - busy < idle_cores else 0
+    QUIET["waited_s"] += time.monotonic() - began
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers (each in a fresh process)
+
+
+def _quiet_transformers() -> None:
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # librosa's audioread deprecation
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def _train_order(count: int) -> list[int]:
+    """The sample order of `train`'s single epoch (a permutation seeded with seed + epoch)."""
+    import torch
+
+    return torch.randperm(count, generator=torch.Generator().manual_seed(SEED + 0)).tolist()
+
+
+def _digest(ids) -> str:
+    return hashlib.sha1(json.dumps([int(i) for i in ids]).encode()).hexdigest()[:12]
+
+
+def cache_worker(job: dict) -> dict:
+    """`qprep.train.loop.train` itself; step times and losses from its metrics.jsonl."""
+    began = time.perf_counter()
+    import torch
+
+    import qprep.train.data as data
+    from qprep.train.loop import TrainSettings, train
+    from qprep.train.lora import LoraSettings
+
+    _quiet_transformers()
+    memory, collate, first = StepMemory(), data.collate, {}
+
+    def collate_first_resets(*args, **kwargs):  # `train` imports collate from the module at call time
+        if not memory.started:
+            first["setup_s"] = time.perf_counter() - began
+            memory.start()
+        return collate(*args, **kwargs)
+
+    data.collate = collate_first_resets
+    out = fresh(Path(job["out"]))
+    settings = TrainSettings(epochs=1, lr=LR, batch_size=1, grad_accum=1, seed=SEED,
+                             gradient_checkpointing=job["gradient_checkpointing"], dtype="float32",
+                             lora=LoraSettings())
+    summary = train(job["cache"], job["data"], job["model"], out, settings, device="cpu", progress=False,
+                    echo=lambda line: None)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [{"s": m["step_time_s"], "loss": m["loss"], "tokens": round(m["tokens_per_s"] * m["step_time_s"])}
+             for m in lines]
+    return {"steps": steps, "setup_s": first.get("setup_s"), "samples": summary.samples,
+            "torch_threads": torch.get_num_threads(), **memory.result()}
+
+
+class Phases:
+    """Accumulates seconds per named phase within one step."""
+
+    def __init__(self):
+        self.current: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.current[name] = self.current.get(name, 0.0) + seconds
+
+    def timed(self, name: str, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.add(name, time.perf_counter() - start)
+        return wrapper
+
+    def take(self) -> dict[str, float]:
+        taken, self.current = self.current, {}
+        return taken
+
+
+def loop_worker(job: dict) -> dict:
+    """The floor (batches collated before the loop) or the instrumented cache loop ("cache-loop":
+    collate inside the step), set up exactly as `train` sets itself up."""
+    began = time.perf_counter()
+    import torch
+    from transformers import AutoTokenizer
+
+    from qprep.models.checkpoint import open_checkpoint
+    from qprep.store.reader import open_cache
+    from qprep.train.data import build_dataset, collate, load_records
+    from qprep.train.lora import LoraSettings, apply_lora
+    from qprep.train.loop import placeholder_ids
+    from qprep.train.model import LanguageModel
+
+    _quiet_transformers()
+    checkpoint = open_checkpoint(job["model"])
+    cache = open_cache(job["cache"])
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.source)
+    ids = placeholder_ids(tokenizer, omni=True)
+    merge = int(checkpoint.tower_config["vision_config"].get("spatial_merge_size", 2))
+    dataset = build_dataset(load_records(job["data"]), cache, tokenizer, ids, merge_size=merge, audio=True)
+    torch.manual_seed(SEED)
+    language_model = LanguageModel(checkpoint, dtype="float32", device="cpu")
+    if job["gradient_checkpointing"]:
+        language_model.language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_lora(language_model, LoraSettings())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    order = _train_order(len(dataset.samples))
+    floor = job["kind"] == "floor"
+    batches = {}
+    if floor:  # each sample's batch collated once, before the loop
+        for index in sorted(set(order)):
+            batches[index] = collate([dataset.samples[index]], cache, pad_id, audio=True)
+    phases = Phases()
+    language_model.position_ids = phases.timed("get_rope_index", language_model.position_ids)
+    language_model.embed = phases.timed("embed + scatter", language_model.embed)
+    memory = StepMemory()
+    setup_s = time.perf_counter() - began
+    profiler = None
+    steps = []
+    model.train()
+    for number, index in enumerate(order):
+        if number == job["warmup"] and job.get("profile"):
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+        memory.start()
+        sample = dataset.samples[index]
+        tick = time.perf_counter()
+        if floor:
+            batch = batches[index]
+        else:
+            batch = collate([sample], cache, pad_id, audio=True)
+        collated = time.perf_counter()
+        loss, _ = model(batch)
+        forwarded = time.perf_counter()
+        loss.backward()
+        backward = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = time.perf_counter()
+        parts = phases.take()
+        inner = sum(parts.values())
+        parts = {"collate (cache read)": collated - tick, **parts, "rest of forward": forwarded - collated - inner,
+                 "backward": backward - forwarded, "optimizer": done - backward}
+        steps.append({"s": done - tick, "loss": float(loss), "tokens": len(sample.input_ids),
+                      "video_tokens": int(batch.video_tokens.shape[0]),
+                      "audio_tokens": 0 if batch.audio_tokens is None else int(batch.audio_tokens.shape[0]),
+                      "ids": _digest(sample.input_ids), "phases": parts})
+    result = {"steps": steps, "setup_s": setup_s, "samples": len(dataset.samples),
+              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "torch_threads": torch.get_num_threads(), **memory.result()}
+    if profiler is not None:
+        import io
+        import pstats
+
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        result["profile"] = text.getvalue()
+    return result
+
+
+def raw_worker(job: dict) -> dict:
+    """Decode, processor and the full thinker each step, as LLaMA-Factory / ms-swift train Omni."""
+    began = time.perf_counter()
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from qwen_omni_utils.v2_5.audio_process import process_audio_info
+    from qwen_vl_utils import fetch_video
+    from transformers import AutoProcessor, Qwen2_5OmniForConditionalGeneration
+
+    _quiet_transformers()
+    processor = AutoProcessor.from_pretrained(job["model"])
+    tokenizer = processor.tokenizer
+    full = Qwen2_5OmniForConditionalGeneration.from_pretrained(job["model"], dtype=torch.float32)
+    thinker = full.thinker  # LLaMA-Factory: `model = model.thinker` for qwen2_5_omni
+    del full
+    gc.collect()
+    for tower in (thinker.model.visual, thinker.model.audio_tower):
+        tower.requires_grad_(False)
+    if job["gradient_checkpointing"]:
+        thinker.model.language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(SEED)
+    model = get_peft_model(thinker, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_REGEX,
+                                               bias="none"))
+    if not job["tower_grad"]:
+        # get_peft_model saw gradient checkpointing and called thinker.enable_input_require_grads(),
+        # which in transformers 5 hooks every sub-model's input embedding: the audio tower's conv1
+        # and the vision tower's patch embedding too, so autograd records the frozen towers and the
+        # backward runs through them. Removed here: the towers are then out of autograd, as they
+        # are (absent) on the cache path.
+        thinker.disable_input_require_grads()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    video_processor = processor.video_processor
+    pixels = {"min_pixels": video_processor.size["shortest_edge"], "max_pixels": video_processor.size["longest_edge"]}
+    sampling = {"nframes": job["num_frames"]} if job["num_frames"] else {"fps": FPS}
+    records = json.loads(Path(job["data"]).read_text())
+    start_id, end_id = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    phases, tower_grad = Phases(), set()
+    for tower in (thinker.model.visual, thinker.model.audio_tower):
+        tower.forward = phases.timed("towers forward", tower.forward)
+        tower.register_forward_hook(
+            lambda module, inputs, output: tower_grad.add(getattr(output, "last_hidden_state", output).requires_grad))
+
+    def conversation(record: dict, path: str) -> tuple[list[dict], dict]:
+        element = {"type": "video", "video": path, **sampling, **pixels}
+        messages = []
+        for turn in record["conversations"]:
+            text = turn["value"]
+            if turn["from"] == "human" and "<video>" in text:
+                messages.append({"role": "user", "content": [element, {"type": "text",
+                                                                        "text": text.replace("<video>", "").strip()}]})
+            else:
+                role = "user" if turn["from"] == "human" else "assistant"
+                messages.append({"role": role, "content": [{"type": "text", "text": text}]})
+        return messages, element
+
+    def labels_for(input_ids: torch.Tensor) -> torch.Tensor:
+        """Loss on the assistant's answer and its <|im_end|> (as qprep's data builder)."""
+        labels = torch.full_like(input_ids, -100)
+        row = input_ids[0].tolist()
+        begin = max(i for i, t in enumerate(row) if t == start_id) + 3  # <|im_start|> assistant \n
+        end = row.index(end_id, begin)
+        labels[0, begin:end + 1] = input_ids[0, begin:end + 1]
+        return labels
+
+    memory = StepMemory()
+    setup_s = time.perf_counter() - began
+    order = _train_order(len(records))
+    steps = []
+    model.train()
+    for index in order:
+        memory.start()
+        record = records[index]
+        path = str(Path(job["videos"]) / (record["id"] + ".mp4"))
+        tick = time.perf_counter()
+        messages, element = conversation(record, path)
+        (frames, metadata), sample_fps = fetch_video(element, return_video_sample_fps=True,
+                                                     return_video_metadata=True)
+        if metadata.get("video_backend") != "decord":
+            raise RuntimeError(f"qwen-vl-utils read {path} with {metadata.get('video_backend')}, not decord")
+        decoded = time.perf_counter()
+        waveform = process_audio_info(messages, use_audio_in_video=True)[0]
+        audio = time.perf_counter()
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        inputs = processor(text=[text], videos=[frames], video_metadata=[metadata], audio=[waveform],
+                           audio_from_video_indices=[0], use_audio_in_video=True, do_sample_frames=False,
+                           fps=sample_fps, return_tensors="pt", **pixels)
+        labels = labels_for(inputs["input_ids"])
+        processed = time.perf_counter()
+        loss = model(**inputs, labels=labels, use_audio_in_video=True).loss
+        forwarded = time.perf_counter()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = time.perf_counter()
+        parts = phases.take()
+        towers = parts.get("towers forward", 0.0)
+        steps.append({"s": done - tick, "loss": float(loss), "tokens": int(inputs["input_ids"].shape[1]),
+                      "ids": _digest(inputs["input_ids"][0].tolist()),
+                      "phases": {"decode (fetch_video, decord)": decoded - tick, "audio (audioread, librosa)":
+                                 audio - decoded, "processor": processed - audio, "towers forward": towers,
+                                 "language model forward": forwarded - processed - towers,
+                                 "backward + optimizer": done - forwarded}})
+    return {"steps": steps, "setup_s": setup_s, "samples": len(records), "tower_output_requires_grad": any(tower_grad),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "torch_threads": torch.get_num_threads(), **memory.result()}
+
+
+def extract_worker(job: dict) -> dict:
+    """Bring the cache up to date (Ray starts only if a video needs extracting)."""
+    from qprep.extraction.run import ExtractOptions, extract
+    from qprep.schemas.settings import VideoSettings
+
+    _quiet_transformers()
+    began = time.perf_counter()
+    settings = VideoSettings(**job["policy"], audio=True)
+    summary = extract(job["videos"], job["store"], job["model"], settings, dtype="float32",
+                      options=ExtractOptions(progress=False))
+    return {"wall_s": time.perf_counter() - began, **summary.to_dict()}
+
+
+def compute_worker(job: dict) -> dict:
+    """Matmul weights of the towers and the language model, the bench model's and Omni-7B's (meta device)."""
+    import torch
+    from transformers import Qwen2_5OmniConfig
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
+
+    _quiet_transformers()
+
+    def weights(config) -> dict:
+        with torch.device("meta"):
+            thinker = Qwen2_5OmniThinkerForConditionalGeneration(config)
+
+        def matmul(module) -> int:  # Linear and Conv weights: what costs FLOPs per token
+            return sum(m.weight.numel() for m in module.modules()
+                       if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv3d)))
+
+        visual, audio = thinker.model.visual, thinker.model.audio_tower
+        return {  # the weights applied once per: patch, merged video token, mel frame, ... (see compute_table)
+            "vision_patch": matmul(visual.patch_embed) + matmul(visual.blocks), "vision_merge": matmul(visual.merger),
+            "audio_conv1": matmul(audio.conv1), "audio_conv2": matmul(audio.conv2),
+            "audio_layers": matmul(audio.layers), "audio_proj": matmul(audio.proj),
+            "language": matmul(thinker.model.language_model) + thinker.lm_head.weight.numel()}
+
+    bench = Qwen2_5OmniConfig.from_pretrained(job["model"]).thinker_config
+    real = Qwen2_5OmniConfig().to_dict()
+    for key, name in (("text", "text_config"), ("vision", "vision_config"), ("audio", "audio_config")):
+        real["thinker_config"][name].update(OMNI_7B[key])
+    real["thinker_config"]["text_config"].pop("layer_types", None)
+    seven = Qwen2_5OmniConfig(**real).thinker_config
+    return {"bench": weights(bench), "omni_7b": weights(seven)}
+
+
+WORKERS = {"cache": cache_worker, "floor": loop_worker, "cache-loop": loop_worker, "raw": raw_worker,
+           "raw-stock": raw_worker,           "extract": extract_worker, "compute": compute_worker}
+
+
+def worker_main(job_json: str) -> None:
+    job = json.loads(job_json)
+    result = WORKERS[job["kind"]](job)
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+@dataclass
+class Run:
+    wall_s: float
+    cpu_s: float
+    others_cores: float
+    result: dict
+
+
+def run_worker(job: dict, measured: bool = True) -> Run:
+    """This script in a fresh process doing one job; returns what it reported."""
+    if measured:
+        wait_for_quiet()
+    env = {**os.environ, "FORCE_QWENVL_VIDEO_READER": "decord"}
+    busy, children, own = system_busy_s(), children_cpu_s(), time.process_time()
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)], env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    wall = time.perf_counter() - start
+    cpu = children_cpu_s() - children
+    others = max(0.0, system_busy_s() - busy - cpu - (time.process_time() - own)) / wall
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return Run(wall, cpu, others, json.loads(line[len(RESULT_TAG):]))
+    raise RuntimeError(f"worker {job['kind']} exited {done.returncode}:\n{done.stderr[-4000:]}")
+
+
+@dataclass
+class Row:
+    name: str
+    steps: list[dict]  # measured steps (warm-up left out)
+    run: Run
+    warmup: int
+    note: str = ""
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def times(self) -> list[float]:
+        return [s["s"] for s in self.steps]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def mean_s(self) -> float:
+        return statistics.fmean(self.times)
+
+
+def make_row(name: str, run: Run, warmup: int) -> Row:
+    measured = run.result["steps"][warmup:]
+    phases = {}
+    if measured and "phases" in measured[0]:
+        phases = {k: statistics.median(s["phases"][k] for s in measured) for k in measured[0]["phases"]}
+    return Row(name, measured, run, warmup, phases=phases)
+
+
+def best(runs: list[Row]) -> Row:
+    """The run with the lowest median step time, with the largest memory of any run."""
+    chosen = min(runs, key=lambda r: r.median_s)
+    for key in ("steps_peak_mb", "setup_peak_mb"):
+        chosen.run.result[key] = max(r.run.result[key] for r in runs)
+    return chosen
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def environment(workdir: Path) -> dict:
+    facts = {"cores": os.cpu_count(), "cpu": _cpu_model(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE")
+             * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), "python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "decord", "qwen-vl-utils", "qwen-omni-utils", "librosa", "zarr"):
+        try:
+            facts[name] = version(name)
+        except Exception:
+            facts[name] = None
+    facts["qprep sources"] = source_state()
+    facts["workdir"] = str(workdir)
+    return facts
+
+
+def source_state() -> str:
+    """The git commit plus a digest of qprep/*.py as they are now (uncommitted edits included)."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "qprep").rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    return f"{commit} + working tree {digest.hexdigest()[:12]}"
+
+
+def _cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def fmt(value, pattern: str, suffix: str = "") -> str:
+    return "" if value is None else format(value, pattern) + suffix
+
+
+def markdown(header: tuple[str, ...], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main_table(rows: list[Row], base: Row, base_name: str) -> str:
+    header = ("path", "steps", "median step s", "mean step s", "min / max s", "samples/s", f"vs {base_name} (median)",
+              "tokens/step (median)", "setup s", "setup peak MB", "steps peak RSS MB", "RSS at step 1 MB",
+              "steps' gain MB",
+              "loss first → last", "others' cores", "note")
+    out = []
+    for r in rows:
+        result = r.run.result
+        losses = [s["loss"] for s in r.steps]
+        out.append((r.name, len(r.steps), fmt(r.median_s, ".3f"), fmt(r.mean_s, ".3f"),
+                    f"{min(r.times):.3f} / {max(r.times):.3f}", fmt(1 / r.mean_s, ".2f"),
+                    fmt(r.median_s / base.median_s, ".2f", "x"),
+                    int(statistics.median(s["tokens"] for s in r.steps)), fmt(result.get("setup_s"), ".1f"),
+                    fmt(result["setup_peak_mb"], ".0f"), fmt(result["steps_peak_mb"], ".0f"),
+                    fmt(result["baseline_mb"], ".0f"), fmt(result["steps_peak_mb"] - result["baseline_mb"], ".0f"),
+                    f"{losses[0]:.4f} → {losses[-1]:.4f}",
+                    fmt(r.run.others_cores, ".2f"), r.note))
+    return markdown(header, out)
+
+
+def phase_table(rows: list[Row]) -> str:
+    header = ("path", "phase", "median s", "share of median step")
+    out = []
+    for r in rows:
+        for name, seconds in r.phases.items():
+            out.append((r.name, name, fmt(seconds, ".4f"), fmt(100 * seconds / r.median_s, ".1f", " %")))
+    return markdown(header, out)
+
+
+def compute_table(weights: dict, row: Row) -> str:
+    """Forward FLOPs per sample (2 × matmul weights × tokens, the steps' mean shapes), for the bench
+    model and for Omni-7B, and the raw/cache ratio compute alone would give."""
+    mean = {k: statistics.fmean(s[k] for s in row.steps) for k in ("tokens", "video_tokens", "audio_tokens")}
+    rows = []
+    for name, w in (("bench model", weights["bench"]), ("Qwen2.5-Omni-7B", weights["omni_7b"])):
+        # A merged video token is 4 patches (merge 2×2); an audio token is 4 mel frames (conv1, stride 1),
+        # 2 frames after conv2 (stride 2: the encoder layers), pooled by 2 before proj.
+        vision = w["vision_patch"] * 4 + w["vision_merge"]
+        audio = w["audio_conv1"] * 4 + (w["audio_conv2"] + w["audio_layers"]) * 2 + w["audio_proj"]
+        towers = 2 * (vision * mean["video_tokens"] + audio * mean["audio_tokens"])
+        language = 2 * w["language"] * mean["tokens"]
+        vision_weights = w["vision_patch"] + w["vision_merge"]
+        audio_weights = w["audio_conv1"] + w["audio_conv2"] + w["audio_layers"] + w["audio_proj"]
+        rows.append((name, f"{vision_weights / 1e6:.0f} M", f"{audio_weights / 1e6:.0f} M",
+                     f"{w['language'] / 1e6:.0f} M", f"{towers / 1e9:.1f}", f"{language / 1e9:.1f}",
+                     f"{(towers + 3 * language) / (3 * language):.2f}x"))
+    header = ("model", "vision matmul weights", "audio matmul weights", "LM + lm_head matmul weights",
+              "towers forward GFLOP/sample", "LM forward GFLOP/sample", "(towers + 3 LM) / (3 LM)")
+    note = (f"\nPer sample: {mean['tokens']:.0f} tokens, of them {mean['video_tokens']:.0f} video and "
+            f"{mean['audio_tokens']:.0f} audio (means over the measured steps). The last column is the raw/cache "
+            f"ratio if a step were its matmuls alone, with the towers frozen (forward only) and the LM step ≈ 3 "
+            f"forwards; decode, audio loading and the processor come on top on the raw side.")
+    return markdown(header, rows) + "\n" + note
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--videos", type=int, default=12, help="clips (5-10 s, 320x240, h264 + aac)")
+    parser.add_argument("--steps", type=int, help="steps per path, warm-up included (default: 2 per video)")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the statistics")
+    parser.add_argument("--num-frames", type=int, help="a fixed frame count instead of fps 2")
+    parser.add_argument("--text-hidden", type=int, default=512, help="language model width")
+    parser.add_argument("--text-layers", type=int, default=4, help="language model layers")
+    parser.add_argument("--vision-depth", type=int, default=2, help="vision blocks (width 1280, as released)")
+    parser.add_argument("--audio-layers", type=int, default=2, help="audio encoder layers (width 1280, as released)")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true", help="off on every path")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/qprep-bench-train"),
+                        help="cache of clips, model and store")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each path; the fastest median is shown")
+    parser.add_argument("--paths", default="cache,cache-loop,floor,raw,raw-stock", help="which paths to run")
+    parser.add_argument("--profile", action="store_true", help="cProfile the cache loop even within the goal")
+    parser.add_argument("--quiet-wait", type=float, default=180,
+                        help="before each measured run, wait up to this many seconds for the other processes "
+                             "on the machine to go idle (0: never wait)")
+    parser.add_argument("--json", type=Path, help="also write every number here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker_main(args.worker)
+        return 0
+
+    steps = args.steps or 2 * args.videos
+    if steps <= args.warmup:
+        parser.error("--steps must exceed --warmup")
+    workdir, repeats = args.workdir.resolve(), max(1, args.repeats)
+    QUIET["max_wait_s"] = args.quiet_wait
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = ensure_model(workdir, args)
+    videos = ensure_videos(workdir, args.videos)
+    frames = f"{args.num_frames} frames" if args.num_frames else f"fps {FPS:g}"
+    store = workdir / "stores" / f"{model.name}-{videos.name}-{frames.replace(' ', '')}.zarr"
+    data = write_data(workdir / f"data-{args.videos}x{steps}.json", args.videos, steps)
+    facts = environment(workdir)
+    print("environment: " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
+
+    print("extract (brings the cache up to date) …", file=sys.stderr, flush=True)
+    extracted = run_worker({"kind": "extract", "videos": str(videos), "store": str(store), "model": str(model),
+                            "policy": policy(args)}, measured=False).result
+    if extracted["failed"]:
+        raise RuntimeError(f"extraction failed: {json.dumps(extracted)[:2000]}")
+    weights = run_worker({"kind": "compute", "model": str(model)}, measured=False).result
+
+    common = {"model": str(model), "cache": str(store), "data": str(data), "videos": str(videos),
+              "gradient_checkpointing": not args.no_gradient_checkpointing, "warmup": args.warmup,
+              "num_frames": args.num_frames}
+    names = {"cache": "cache: qprep train()", "cache-loop": "cache, phases (train()'s loop, instrumented)",
+             "floor": "floor: LM step on batches in memory",
+             "raw": "raw video: decode + processor + thinker (towers out of autograd)",
+             "raw-stock": "raw video, stock peft + transformers 5 (backward runs through the frozen towers)"}
+    rows: dict[str, Row] = {}
+    for kind in args.paths.split(","):
+        runs = []
+        for attempt in range(repeats):
+            print(f"{kind} ({attempt + 1}/{repeats}) …", file=sys.stderr, flush=True)
+            job = {**common, "kind": kind, "out": str(workdir / "runs" / kind), "tower_grad": kind == "raw-stock"}
+            runs.append(make_row(names[kind], run_worker(job), args.warmup))
+        rows[kind] = best(runs)
+
+    cache, floor, raw = rows.get("cache") or rows.get("cache-loop"), rows.get("floor"), rows.get("raw")
+    # Checks that the paths did the same work.
+    reference = rows.get("floor") or rows.get("cache-loop")
+    for row in (rows.get("raw"), rows.get("raw-stock")):
+        if row and reference:
+            same = sum(a["ids"] == b["ids"] for a, b in zip(row.steps, reference.steps))
+            row.note = (f"input_ids equal to the cached samples' in {same}/{len(row.steps)} steps; LoRA weights "
+                        f"{row.run.result['trainable']:,} (cache path {reference.run.result['trainable']:,}); "
+                        f"tower outputs require grad: {row.run.result['tower_output_requires_grad']}")
+    if floor and rows.get("cache"):
+        gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(floor.steps, rows["cache"].steps))
+        floor.note = f"losses vs train()'s: max |diff| {gap:.2e}"
+
+    ratios = {}
+    if raw and cache:
+        ratios["raw/cache"] = (raw.median_s / cache.median_s, raw.mean_s / cache.mean_s)
+    if rows.get("raw-stock") and cache:
+        stock = rows["raw-stock"]
+        ratios["raw (stock)/cache"] = (stock.median_s / cache.median_s, stock.mean_s / cache.mean_s)
+    if floor and cache:
+        ratios["cache/floor"] = (cache.median_s / floor.median_s, cache.mean_s / floor.mean_s)
+    profile = None
+    if "cache/floor" in ratios and (ratios["cache/floor"][0] > CACHE_OVER_FLOOR_GOAL or args.profile):
+        print("cache loop under cProfile …", file=sys.stderr, flush=True)
+        profile = run_worker({**common, "kind": "cache-loop", "out": "", "profile": True}).result.get("profile")
+
+    ordered = [rows[k] for k in ("raw-stock", "raw", "cache", "cache-loop", "floor") if k in rows]
+    print()
+    print(markdown(("machine", "value"), list(facts.items())))
+    seconds = sum(SECONDS[i % len(SECONDS)] for i in range(args.videos))
+    print(f"\nModel {model.name}: vision {args.vision_depth} blocks and audio {args.audio_layers} layers at the "
+          f"released width 1280, language model {args.text_layers} layers × {args.text_hidden}. Data: {args.videos} "
+          f"clips ({seconds} s, {WIDTH}x{HEIGHT} h264 + aac at {'/'.join(map(str, RATES))} fps), {frames} + audio, "
+          f"{steps} steps per path (each clip {steps / args.videos:g}×, train()'s seeded order), first {args.warmup} "
+          f"left out. Batch size 1, grad accum 1, float32, CPU, gradient checkpointing "
+          f"{'off' if args.no_gradient_checkpointing else 'on'}, "
+          f"torch threads {ordered[0].run.result['torch_threads']}; "
+          f"fastest of {repeats}.")
+    if extracted["extracted"]:
+        print(f"Cache built in this run: {extracted['extracted']} videos extracted in {extracted['wall_s']:.1f} s "
+              f"(one-off, not in the step times).")
+    else:
+        print(f"Cache up to date ({extracted['videos']} videos; extract() took {extracted['wall_s']:.1f} s to check).")
+    print()
+    print(main_table(ordered, cache, "cache") if cache else main_table(ordered, ordered[-1], "floor"))
+    print()
+    print("Where a step's time goes (median over the measured steps of each phase):\n")
+    print(phase_table([r for r in ordered if r.phases]))
+    if reference:
+        print("\nHow the compute splits (matmuls only):\n")
+        print(compute_table(weights, reference))
+    print()
+    for name, (median, mean) in ratios.items():
+        over = name.startswith("raw")
+        goal = RAW_OVER_CACHE_GOAL if over else CACHE_OVER_FLOOR_GOAL
+        met = median >= goal if over else median <= goal
+        sign = ">=" if over else "<="
+        print(f"goal {name} step time {sign} {goal:g}x: median {median:.2f}x, mean {mean:.2f}x "
+              f"({'MET' if met else 'NOT MET'})")
+    print(f"\nwaited {QUIET['waited_s']:.0f} s in all for the machine to go idle (limit {args.quiet_wait:g} s a run)")
+    if profile:
+        print("\ncProfile of the cache loop's measured steps (top by own time):\n")
+        print(profile)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "environment": facts, "args": {k: str(v) for k, v in vars(args).items()}, "extract": extracted,
+            "weights": weights, "ratios": ratios,
+            "rows": {k: {"name": r.name, "steps": r.steps, "wall_s": r.run.wall_s, "cpu_s": r.run.cpu_s,
+                         "others_cores": r.run.others_cores, "phases": r.phases,
+                         **{key: v for key, v in r.run.result.items() if key not in ("steps", "profile")}}
+                     for k, r in rows.items()}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

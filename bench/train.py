@@ -6,7 +6,8 @@ What is compared (same model, same data, same sample order, same number of steps
   built from the videos beforehand: each step reads the sample's cached video and audio tokens
   (`collate`), scatters them into the prompt's placeholders, computes the 3-D positions with the
   model's own `get_rope_index` and runs the language model with LoRA (forward, backward, AdamW step).
-  Its step times are the ones it writes to `metrics.jsonl` (collate to optimizer step).
+  Its step times are the ones it writes to `metrics.jsonl` (waiting for the batch, which its
+  loader workers collate ahead, to optimizer step).
 * raw: what LLaMA-Factory / ms-swift do for Qwen2.5-Omni: each step decodes the clip with
   qwen-vl-utils' `fetch_video` (decord, forced with FORCE_QWENVL_VIDEO_READER; fps 2 or
   --num-frames; the processor's min/max pixels), loads its audio with qwen-omni-utils'
@@ -337,20 +338,20 @@ def cache_worker(job: dict) -> dict:
     began = time.perf_counter()
     import torch
 
-    import qprep.train.data as data
     from qprep.train.loop import TrainSettings, train
     from qprep.train.lora import LoraSettings
+    from qprep.train.model import LanguageModel
 
     _quiet_transformers()
-    memory, collate, first = StepMemory(), data.collate, {}
+    memory, forward, first = StepMemory(), LanguageModel.forward, {}
 
-    def collate_first_resets(*args, **kwargs):  # `train` imports collate from the module at call time
+    def forward_first_resets(self, *args, **kwargs):  # setup ends where the first step's forward begins
         if not memory.started:
             first["setup_s"] = time.perf_counter() - began
             memory.start()
-        return collate(*args, **kwargs)
+        return forward(self, *args, **kwargs)
 
-    data.collate = collate_first_resets
+    LanguageModel.forward = forward_first_resets
     out = fresh(Path(job["out"]))
     settings = TrainSettings(epochs=1, lr=LR, batch_size=1, grad_accum=1, seed=SEED,
                              gradient_checkpointing=job["gradient_checkpointing"], dtype="float32",
@@ -411,8 +412,8 @@ def loop_worker(job: dict) -> dict:
     torch.manual_seed(SEED)
     language_model = LanguageModel(checkpoint, dtype="float32", device="cpu")
     if job["gradient_checkpointing"]:
-        language_model.language_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        language_model.language_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(language_model, LoraSettings())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")

@@ -174,40 +174,63 @@ def status(store, videos, as_json):
               help="A store written by `qprep extract`.")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help='JSON list of {"id", "conversations": [{"from": "human"|"gpt", "value"}]}; <video> marks the video.')
-@click.option("--model", required=True, help="The model the cache was extracted with (directory or hub id).")
+@click.option("--model", default=None,
+              help="The model the cache was extracted with (directory or hub id; default: the --job's).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder: checkpoints, adapter/, metrics.jsonl.")
-@click.option("--epochs", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--grad-accum", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--max-length", type=click.IntRange(1), default=None, help="Leave out longer samples (reported).")
-@click.option("--lora-r", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--lora-alpha", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--lora-dropout", type=float, default=0.05, show_default=True)
-@click.option("--save-every", type=click.IntRange(0), default=0, help="Checkpoint every N optimizer steps (0: per epoch).")
-@click.option("--seed", type=int, default=0, show_default=True)
+              help="Run folder: checkpoint-*/, adapter/, metrics.jsonl, loss.png, run.json.")
+@click.option("--job", default=None, help="Preset (see `qprep jobs`) or TOML file whose [train] table to start from.")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Passes over the data (default 2).")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate, constant (default 1e-4).")
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Samples per batch, right-padded; audio and no-audio videos are batched apart (default 1).")
+@click.option("--grad-accum", type=click.IntRange(1), default=None, help="Batches per optimizer step (default 2).")
+@click.option("--max-length", type=click.IntRange(1), default=None,
+              help="Leave out samples longer than this many tokens, video included (reported before training).")
+@click.option("--lora-r", type=click.IntRange(1), default=None, help="LoRA rank (default 16).")
+@click.option("--lora-alpha", type=click.IntRange(1), default=None, help="LoRA alpha (default 16).")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1), default=None, help="LoRA dropout (default 0.05).")
+@click.option("--save-every", type=click.IntRange(0), default=None,
+              help="Checkpoint every N optimizer steps, as well as at each epoch's end (default 0: epoch ends only).")
+@click.option("--seed", type=int, default=None, help="Fixes the data order and the LoRA init (default 0).")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="Processes reading the cache ahead of the model; 0 reads in-process (default 2). "
+                   "The result does not depend on it.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Recompute activations in the backward: less memory, slower (default on).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out, with the same data order.")
-@click.option("--no-gradient-checkpointing", is_flag=True, help="Faster, more memory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(cache_path, data, model, out, epochs, lr, batch_size, grad_accum, max_length, lora_r, lora_alpha,
-          lora_dropout, save_every, seed, resume, no_gradient_checkpointing, quiet):
+def train(cache_path, data, model, out, job, resume, as_json, quiet, **flags):
     """Train LoRA adapters on the language model from a cache: no tower loaded, no video decoded.
 
-    \b
-    Example:
-      qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/
-    """
-    from qprep.train.loop import TrainSettings, train as run_train
-    from qprep.train.lora import LoraSettings
+    Settings come from the defaults (the research recipe), then --job's [train] table, then the
+    flags; the effective ones are written to OUT/run.json. Samples whose video is missing or
+    failed in the cache are reported and left out before the first step.
 
-    settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
-                             seed=seed, save_every=save_every, gradient_checkpointing=not no_gradient_checkpointing,
-                             lora=LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout))
+    \b
+    Examples:
+      qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/
+      qprep train --cache clips.zarr --data train.json --job seed-omni-100f --out run/ --epochs 3
+      qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/ --resume
+    """
+    import json
+
+    from qprep.schemas.jobs import Job, load_job
+    from qprep.train.loop import train as run_train
+
     with _errors_to_exit_codes():
-        summary = run_train(cache_path, data, model, out, settings, resume=resume, progress=not quiet, echo=click.echo)
-    click.echo(f"{summary.steps} steps, loss {summary.first_loss:.4f} → {summary.last_loss:.4f} in {summary.seconds:.1f} s; "
-               f"adapter in {out / 'adapter'}")
+        preset = load_job(job) if job else Job(name="flags", version=1)
+        model = model or preset.model
+        if not model:
+            raise click.UsageError("--model is required (or a --job that names one)")
+        settings = preset.train_settings(**flags)
+        summary = run_train(cache_path, data, model, out, settings, resume=resume, progress=not quiet,
+                            echo=(lambda line: click.echo(line, err=True)) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps({**summary.__dict__, "adapter": str(out / "adapter")}, indent=2))
+    else:
+        click.echo(f"{summary.steps} steps, loss {summary.first_loss:.4f} → {summary.last_loss:.4f} in "
+                   f"{summary.seconds:.1f} s; adapter in {out / 'adapter'}")
 
 
 @main.command()
@@ -217,8 +240,10 @@ def jobs():
 
     for name in available_jobs():
         job = load_job(name)
-        settings = ", ".join(f"{k}={v}" for k, v in job.video.items())
-        click.echo(f"{name:<18} v{job.version}  model={job.model or '-'}  {settings}")
+        video = ", ".join(f"{k}={v}" for k, v in job.video.items())
+        train = ", ".join(f"{k}={v}" for k, v in job.train.items() if k != "lora_targets")
+        click.echo(f"{name:<18} v{job.version}  model={job.model or '-'}\n    video: {video}"
+                   + (f"\n    train: {train}" if train else ""))
 
 
 @main.command()

@@ -21,7 +21,8 @@ from qprep.pipeline.prepare import prepare
 from qprep.schemas.jobs import load_job
 from qprep.schemas.settings import load_model_spec
 from qprep.store.status import format_status, store_status
-from qprep.train.loop import TrainSettings, train
+from qprep.schemas.training import TrainSettings
+from qprep.train.loop import train
 from qprep.synth import VideoSpec, make_video
 
 # (name, spec, events): short clips in the shapes real datasets have.

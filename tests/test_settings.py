@@ -52,3 +52,22 @@ def test_preset_file_with_a_typo_is_rejected(tmp_path):
     path.write_text('name = "mine"\n[video]\nnum_frame = 10\n')
     with pytest.raises(SettingsError, match="num_frame"):
         load_job(path)
+
+
+def test_training_settings_come_from_defaults_then_the_preset_then_flags(tmp_path):
+    recipe = load_job("seed-omni-100f").train_settings()
+    assert (recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lr, recipe.grad_accum, recipe.epochs) == \
+        (16, 16, 0.05, 1e-4, 2, 2)
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\n[train]\nepochs = 5\nlr = 3e-4\nlora_r = 8\nlora_targets = ["q_proj"]\n')
+    mine = load_job(path)
+    assert mine.train_settings().epochs == 5 and mine.train_settings().lora.targets == ("q_proj",)
+    overridden = mine.train_settings(epochs=1, lora_r=None, lora_alpha=32)
+    assert (overridden.epochs, overridden.lr, overridden.lora.r, overridden.lora.alpha) == (1, 3e-4, 8, 32)
+
+
+def test_a_train_table_with_a_typo_is_rejected(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\n[train]\nlora_rank = 8\n')
+    with pytest.raises(SettingsError, match=r"mine.toml.*lora_rank.*known: .*lora_r"):
+        load_job(path)

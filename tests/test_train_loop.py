@@ -10,8 +10,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from qprep.cli import main
-from qprep.train.loop import TrainSettings, train
-from qprep.train.lora import LoraSettings
+from qprep.schemas.training import TrainSettings
+from qprep.train.loop import train
+from qprep.schemas.training import LoraSettings
 
 ANSWERS = {"a": "the video is short", "b": "the video is what happens"}
 
@@ -51,15 +52,15 @@ def test_training_lowers_the_loss_and_a_resumed_run_equals_an_uninterrupted_one(
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_cli_train(omni_store, tmp_path):
+def test_cli_train_takes_a_job_file_and_flags_and_records_the_effective_settings(omni_store, tmp_path):
     model_dir, cache = omni_store
+    job = tmp_path / "job.toml"
+    job.write_text('name = "mine"\n[train]\nepochs = 3\nlr = 1e-3\nlora_r = 4\nworkers = 0\n')
     result = CliRunner().invoke(main, [
         "train", "--cache", str(cache.store.root), "--data", write_data(tmp_path / "train.json"), "--model", model_dir,
-        "--out", str(tmp_path / "run"), "--epochs", "1", "--lr", "1e-3", "--quiet"])
+        "--out", str(tmp_path / "run"), "--job", str(job), "--epochs", "1", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "left out 1: video failed extraction (broken)" in result.output
-    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
-    from PIL import Image
-
-    with Image.open(tmp_path / "run" / "loss.png") as image:
-        assert image.format == "PNG" and image.size == (720, 400)
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
+    assert (settings["epochs"], settings["lr"], settings["lora"]["r"]) == (1, 1e-3, 4)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,7 +1,9 @@
 """Job presets: named, versioned TOML files of settings (`jobs/` in the repository).
 
-A preset has `name`, `version`, an optional `model`, and tables of settings; `[video]` holds
-`VideoSettings` fields. Flags given on the command line override the preset.
+A preset has `name`, `version`, an optional `model`, and tables of settings: `[video]` holds
+`VideoSettings` fields (what `qprep extract` and `qprep prepare` do), `[train]` holds
+`TrainSettings` fields (what `qprep train` does; see `qprep.schemas.training`). Flags given on the
+command line override the preset.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from qprep.errors import SettingsError
 from qprep.schemas.settings import VideoSettings
+from qprep.schemas.training import TrainSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,6 +30,7 @@ class Job:
     version: int
     model: str | None = None
     video: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
     def video_settings(self, **overrides) -> VideoSettings:
@@ -40,6 +44,10 @@ class Job:
             return VideoSettings(**values)
         except TypeError as exc:
             raise SettingsError(f"job {self.name} ({self.source}): {exc}") from None
+
+    def train_settings(self, **overrides) -> TrainSettings:
+        """The preset's training settings with `overrides` (flat names, None values ignored) on top."""
+        return TrainSettings().updated(self.train, f"job {self.name} ({self.source}) [train]").updated(overrides)
 
 
 def available_jobs() -> list[str]:
@@ -69,6 +77,7 @@ def load_job(name_or_path: str | Path) -> Job:
     if "size" in video:
         video["size"] = tuple(video["size"])
     job = Job(name=str(data.get("name", path.stem)), version=int(data.get("version", 1)), model=data.get("model"),
-              video=video, source=source)
+              video=video, train=dict(data.get("train", {})), source=source)
     job.video_settings()  # validate now, not when the first video is prepared
+    job.train_settings()
     return job

@@ -63,6 +63,15 @@ class Cache:
     def dtype(self) -> torch.dtype:
         return self._dtype
 
+    @property
+    def content_key(self) -> str:
+        """Names what this view holds; any re-extract that changed a video's tokens or status changes it."""
+        return _content_key(self.store.fingerprint, self.manifest)
+
+    def changed_on_disk(self) -> bool:
+        """Whether the store's committed content is no longer what this view was opened on."""
+        return _content_key(self.store.fingerprint, self.store.manifest()) != self.content_key
+
     def ids(self, status: str | None = OK) -> list[str]:
         """Video ids, sorted; by default only those extracted successfully."""
         if status is None:
@@ -117,6 +126,14 @@ class Cache:
         start = row[f"{kind}_offset"]
         values = np.ascontiguousarray(array[start:start + row[f"{kind}_length"]])
         return to_tensor(values, self._dtype)
+
+
+def _content_key(fingerprint: str, manifest: pa.Table) -> str:
+    import hashlib
+
+    # a shard's key hashes its members' paths, content hashes and statuses, so the keys name it all
+    shards = sorted(set(zip(manifest.column("shard").to_pylist(), manifest.column("shard_key").to_pylist())))
+    return hashlib.sha256(repr((fingerprint, shards)).encode()).hexdigest()[:16]
 
 
 def to_tensor(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

@@ -29,6 +29,7 @@ class Sample:
     id: str
     input_ids: list[int]
     labels: list[int]
+    has_audio: bool = False  # its cached entry has audio tokens (and the model an audio tower)
 
 
 @dataclass
@@ -126,7 +127,8 @@ def build_dataset(records: list[dict], cache, tokenizer, ids: PlaceholderIds, *,
         if max_length is not None and len(input_ids) > max_length:
             dataset.skipped.setdefault(f"longer than --max-length {max_length}", []).append(video_id)
             continue
-        dataset.samples.append(Sample(id=video_id, input_ids=input_ids, labels=labels))
+        dataset.samples.append(Sample(id=video_id, input_ids=input_ids, labels=labels,
+                                      has_audio=audio and bool(row["audio_length"])))
     return dataset
 
 

@@ -3,38 +3,28 @@
 Each epoch visits the samples in an order fixed by (seed, epoch), so a resumed run sees exactly
 the batches an uninterrupted run would. Checkpoints (`checkpoint-<step>/`: the adapter in peft's
 format, the optimizer and the position in the data) are written every `save_every` optimizer steps
-and at the end of each epoch; the final adapter is `adapter/`. Metrics go to `metrics.jsonl`, the loss curve to `loss.png`.
+and at the end of each epoch; the final adapter is `adapter/`. Metrics go to `metrics.jsonl`, the loss curve to
+`loss.png`, the effective settings and the cache's content key to `run.json`: `--resume` refuses a
+run whose settings, data or cache changed since.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qprep.errors import SettingsError
 from qprep.schemas.layout import PlaceholderIds
-from qprep.train.lora import LoraSettings
+from qprep.schemas.training import TrainSettings
 from qprep.train.plot import plot_loss
 
 CHECKPOINT_PREFIX = "checkpoint-"
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 2
-    lr: float = 1e-4
-    batch_size: int = 1
-    grad_accum: int = 2
-    max_length: int | None = None
-    seed: int = 0
-    save_every: int = 0  # optimizer steps between checkpoints (0: at epoch ends only)
-    gradient_checkpointing: bool = True
-    dtype: str | None = None  # None: bf16 on GPU, float32 on CPU
-    lora: LoraSettings = field(default_factory=LoraSettings)
+RUN_FILE = "run.json"  # the effective settings and what the run was trained on
 
 
 @dataclass
@@ -55,7 +45,8 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
 
     from qprep.models.checkpoint import open_checkpoint
     from qprep.store.reader import open_cache
-    from qprep.train.data import build_dataset, collate, load_records
+    from qprep.train.data import build_dataset, load_records
+    from qprep.train.loader import batch_stream, batches_per_epoch, plan
     from qprep.train.lora import apply_lora
     from qprep.train.model import LanguageModel
 
@@ -75,54 +66,66 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
     echo(dataset.report())
     if not dataset.samples:
         raise SettingsError("no sample left to train on")
+    identity = _run_identity(settings, cache, dataset, checkpoint, data_path)
+    if resume:
+        _check_resumable(out, identity)
+    _write_json(out / RUN_FILE, identity)
 
     torch.manual_seed(settings.seed)
     language_model = LanguageModel(checkpoint, dtype=dtype, device=device)
     if settings.gradient_checkpointing:
-        language_model.language_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})  # reentrant breaks with injected embeddings
+        language_model.language_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})  # reentrant breaks with injected embeddings
     peft_model = apply_lora(language_model, settings.lora)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=settings.lr)
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    batches_per_epoch = -(-len(dataset.samples) // settings.batch_size)
+    per_epoch = batches_per_epoch(dataset.samples, settings.batch_size)
     state = {"epoch": 0, "batch": 0, "step": 0}
     if resume:
         state = _restore(out, peft_model, optimizer) or state
 
+    planned = plan(dataset.samples, seed=settings.seed, batch_size=settings.batch_size, epochs=settings.epochs,
+                   start=(state["epoch"], state["batch"]))
+    stream = batch_stream(planned, dataset.samples, cache, pad_id, audio=omni, workers=settings.workers,
+                          pin_memory=device == "cuda")
     metrics = open(out / "metrics.jsonl", "a")
-    bar = tqdm(total=settings.epochs * batches_per_epoch, initial=state["epoch"] * batches_per_epoch + state["batch"],
+    bar = tqdm(total=settings.epochs * per_epoch, initial=state["epoch"] * per_epoch + state["batch"],
                desc="train", unit="batch", disable=not progress)
     first_loss = last_loss = None
     peft_model.train()
     try:
-        for epoch in range(state["epoch"], settings.epochs):
-            order = torch.randperm(len(dataset.samples), generator=torch.Generator().manual_seed(settings.seed + epoch))
-            start_batch = state["batch"] if epoch == state["epoch"] else 0
-            for index in range(start_batch, batches_per_epoch):
-                tick = time.perf_counter()
-                chosen = [dataset.samples[i] for i in order[index * settings.batch_size:(index + 1) * settings.batch_size]]
-                batch = _to(collate(chosen, cache, pad_id, audio=omni), device)
-                loss, _ = peft_model(batch)
-                (loss / settings.grad_accum).backward()
-                last_loss = float(loss)
-                first_loss = last_loss if first_loss is None else first_loss
-                boundary = (index + 1) % settings.grad_accum == 0 or index + 1 == batches_per_epoch
-                if boundary:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    state["step"] += 1
-                state.update(epoch=epoch, batch=index + 1)
-                elapsed = time.perf_counter() - tick
-                metrics.write(json.dumps({
-                    "epoch": epoch, "batch": index, "step": state["step"], "loss": last_loss, "lr": settings.lr,
-                    "tokens_per_s": int(batch.attention_mask.sum()) / elapsed, "step_time_s": elapsed,
-                    "memory_mb": _memory_mb(device)}) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
-                if boundary and settings.save_every and state["step"] % settings.save_every == 0:
-                    _save(out, peft_model, optimizer, state)
-            state.update(epoch=epoch + 1, batch=0)
-            _save(out, peft_model, optimizer, state)
+        while True:
+            tick = time.perf_counter()
+            item = _next_batch(stream, cache)
+            if item is None:
+                break
+            position, batch = item
+            batch = batch.to(device, non_blocking=True)
+            waited = time.perf_counter() - tick
+            loss, _ = peft_model(batch)
+            (loss / settings.grad_accum).backward()
+            last_loss = float(loss.detach())
+            first_loss = last_loss if first_loss is None else first_loss
+            epoch_end = position.index + 1 == per_epoch
+            boundary = (position.index + 1) % settings.grad_accum == 0 or epoch_end
+            if boundary:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+            state.update(epoch=position.epoch, batch=position.index + 1)
+            elapsed = time.perf_counter() - tick
+            metrics.write(json.dumps({
+                "epoch": position.epoch, "batch": position.index, "step": state["step"], "loss": last_loss,
+                "lr": settings.lr, "tokens_per_s": int(batch.attention_mask.sum()) / elapsed, "step_time_s": elapsed,
+                "data_wait_s": waited, "memory_mb": _memory_mb(device)}) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", epoch=position.epoch)
+            if epoch_end:
+                state.update(epoch=position.epoch + 1, batch=0)
+            if epoch_end or (boundary and settings.save_every and state["step"] % settings.save_every == 0):
+                _save(out, peft_model, optimizer, state)
+                if cache.changed_on_disk():
+                    raise _cache_changed(cache)
     finally:
         bar.close()
         metrics.close()
@@ -130,6 +133,56 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     return TrainSummary(samples=len(dataset.samples), skipped=dataset.skipped, steps=state["step"],
                         first_loss=first_loss, last_loss=last_loss, seconds=time.perf_counter() - started)
+
+
+def _next_batch(stream, cache):
+    """The next (PlannedBatch, Batch), or None at the end; a store re-extracted under the run is named as such."""
+    try:
+        return next(stream)
+    except StopIteration:
+        return None
+    except Exception as exc:
+        if cache.changed_on_disk():
+            raise _cache_changed(cache) from exc
+        raise
+
+
+def _cache_changed(cache) -> SettingsError:
+    return SettingsError(f"the cache {cache.store.root} changed while training (re-extracted?); the checkpoints "
+                         f"written so far are kept; start a new run (new --out) on the new cache")
+
+
+def _run_identity(settings: TrainSettings, cache, dataset, checkpoint, data_path) -> dict:
+    """What decides a run's result: its settings, the cache's content, the samples and the model."""
+    import hashlib
+
+    values = settings.to_dict()
+    values.pop("workers")  # the order and the batches do not depend on it
+    samples = hashlib.sha256(json.dumps([[s.id, s.input_ids, s.labels] for s in dataset.samples]).encode())
+    return {"settings": values, "cache": str(cache.store.root), "cache_content": cache.content_key,
+            "data": str(data_path), "samples": samples.hexdigest()[:16], "model": checkpoint.source}
+
+
+def _check_resumable(out: Path, identity: dict) -> None:
+    saved_path = out / RUN_FILE
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    identity = json.loads(json.dumps(identity, default=str))  # tuples as the file holds them
+    same = ("cache_content", "samples", "model")
+    fixed = ("seed", "batch_size", "grad_accum", "lr", "max_length", "gradient_checkpointing", "dtype", "lora")
+    changed = [k for k in same if saved.get(k) != identity[k]]
+    changed += [f"settings.{k}" for k in fixed if saved["settings"].get(k) != identity["settings"][k]]
+    if changed:
+        what = ", ".join(changed)
+        hint = " (the cache was re-extracted since)" if "cache_content" in changed else ""
+        raise SettingsError(f"--resume: {out} was trained with a different {what}{hint}; use a new --out")
+
+
+def _write_json(path: Path, value) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(value, indent=2, default=str))
+    os.replace(temporary, path)
 
 
 def placeholder_ids(tokenizer, omni: bool) -> PlaceholderIds:
@@ -149,13 +202,6 @@ def _check_cache_fits(cache, checkpoint) -> None:
 
 def _merge_size(checkpoint) -> int:
     return int(checkpoint.tower_config["vision_config"].get("spatial_merge_size", 2))
-
-
-def _to(batch, device: str):
-    for name, value in vars(batch).items():
-        if isinstance(value, torch.Tensor):
-            setattr(batch, name, value.to(device))
-    return batch
 
 
 def _memory_mb(device: str) -> float:

@@ -7,20 +7,7 @@ adapter config hits the language model alone wherever it is applied.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    r: int = 16
-    alpha: int = 16
-    dropout: float = 0.05
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-
-    def target_regex(self) -> str:
-        return r".*\blanguage_model\.layers\.\d+\..*\.(" + "|".join(self.targets) + r")$"
+from qprep.schemas.training import LoraSettings
 
 
 def apply_lora(language_model, settings: LoraSettings = LoraSettings()):

@@ -34,6 +34,14 @@ class Batch:
     audio_tokens: torch.Tensor | None = None  # [all audio tokens, hidden] (Omni, audio in video)
     mel_lengths: torch.Tensor | None = None  # [videos] valid mel frames
 
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(**{name: value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+                        for name, value in vars(self).items()})
+
+    def pin_memory(self) -> "Batch":  # called by torch's DataLoader with pin_memory=True
+        return Batch(**{name: value.pin_memory() if isinstance(value, torch.Tensor) else value
+                        for name, value in vars(self).items()})
+
 
 class LanguageModel(torch.nn.Module):
     def __init__(self, checkpoint: Checkpoint, dtype: str = "float32", device: str = "cpu",

@@ -1,0 +1,62 @@
+"""Training settings: what `qprep train` does, from defaults, a job preset's `[train]` table and flags.
+
+The defaults are the research recipe's: LoRA r 16, alpha 16, dropout 0.05 on q/k/v/o/up/down_proj
+of the language model, lr 1e-4, gradient accumulation 2, 2 epochs. In a preset and on the command
+line the LoRA fields are spelled flat: `lora_r`, `lora_alpha`, `lora_dropout`, `lora_targets`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from qprep.errors import SettingsError
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+    def target_regex(self) -> str:
+        """The targets inside the language model only (the towers of the full model have the same names)."""
+        return r".*\blanguage_model\.layers\.\d+\..*\.(" + "|".join(self.targets) + r")$"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 2
+    lr: float = 1e-4
+    batch_size: int = 1
+    grad_accum: int = 2
+    max_length: int | None = None
+    seed: int = 0
+    save_every: int = 0  # optimizer steps between checkpoints (0: at epoch ends only)
+    gradient_checkpointing: bool = True
+    dtype: str | None = None  # None: bf16 on GPU, float32 on CPU
+    workers: int = 2  # processes reading the cache ahead of the model (0: in the training process)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def updated(self, values: dict[str, Any], source: str = "flags") -> "TrainSettings":
+        """These settings with `values` (flat names; None means "not given") on top."""
+        values = {k: v for k, v in values.items() if v is not None}
+        lora = {k[len("lora_"):]: v for k, v in values.items() if k.startswith("lora_")}
+        plain = {k: v for k, v in values.items() if not k.startswith("lora_")}
+        known = {f.name for f in fields(self)} - {"lora"}
+        unknown = sorted(set(plain) - known) + sorted(f"lora_{k}" for k in set(lora) - {f.name for f in fields(LoraSettings)})
+        if unknown:
+            raise SettingsError(f"{source}: unknown training settings {unknown}; known: {sorted(flat_names())}")
+        if "targets" in lora:
+            lora["targets"] = tuple(lora["targets"])
+        return replace(self, **plain, lora=replace(self.lora, **lora))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def flat_names() -> set[str]:
+    return ({f.name for f in fields(TrainSettings)} - {"lora"}) | {f"lora_{f.name}" for f in fields(LoraSettings)}

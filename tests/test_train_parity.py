@@ -45,6 +45,31 @@ def expand(input_ids: list[int], block: list[int], ids: PlaceholderIds) -> list[
     return input_ids[: at - 1] + block + input_ids[at + 2:]
 
 
+def processor_inputs(model_dir, path, conversation, frame_indices, sample_fps, omni):
+    """transformers' own processor on plainly decoded frames (and the whole audio track)."""
+    processor = AutoProcessor.from_pretrained(model_dir)
+    spec = load_model_spec(model_dir)
+    frames, _ = plain_decode(path)
+    chosen = np.stack([frames[i] for i in frame_indices])
+    text = processor.apply_chat_template(conversation, tokenize=False)
+    metadata = VideoMetadata(total_num_frames=len(chosen), fps=sample_fps, frames_indices=list(range(len(chosen))))
+    kwargs = dict(text=[text], videos=[chosen], video_metadata=[metadata], do_sample_frames=False,
+                  min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, return_tensors="pt")
+    if omni:
+        kwargs.update(audio=[plain_audio_decode(path)], use_audio_in_video=True, audio_from_video_indices=[0])
+    return processor, processor(**kwargs)
+
+
+def full_model(model_dir, omni):
+    if omni:
+        from transformers import Qwen2_5OmniForConditionalGeneration
+
+        return Qwen2_5OmniForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).thinker.eval()
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
 def _both_paths(tiny_model, videos, kind):
     """The full model with its processor's inputs, and qprep's language model with its cached batch."""
     model_dir = tiny_model(kind)
@@ -56,28 +81,14 @@ def _both_paths(tiny_model, videos, kind):
     video_tokens = towers.encode_videos([VideoInput(prepared.patches, tuple(prepared.video_grid_thw[0].tolist()))])[0]
 
     # the reference: the processor on the raw frames (and audio), then the full model
-    processor = AutoProcessor.from_pretrained(model_dir)
-    frames, _ = plain_decode(path)
-    chosen = np.stack([frames[i] for i in prepared.metadata.frame_indices])
-    text = processor.apply_chat_template(CONVERSATION, tokenize=False)
-    metadata = VideoMetadata(total_num_frames=len(chosen), fps=prepared.metadata.sample_fps,
-                             frames_indices=list(range(len(chosen))))
-    kwargs = dict(text=[text], videos=[chosen], video_metadata=[metadata], do_sample_frames=False,
-                  min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, return_tensors="pt")
-    if omni:
-        kwargs.update(audio=[plain_audio_decode(path)], use_audio_in_video=True, audio_from_video_indices=[0])
-    inputs = processor(**kwargs)
+    processor, inputs = processor_inputs(model_dir, path, CONVERSATION, prepared.metadata.frame_indices,
+                                         prepared.metadata.sample_fps, omni)
     assert inputs["video_grid_thw"].tolist() == prepared.video_grid_thw.tolist()
     labels = assistant_labels(inputs["input_ids"], processor.tokenizer)
+    full = full_model(model_dir, omni)
     if omni:
-        from transformers import Qwen2_5OmniForConditionalGeneration
-
-        full = Qwen2_5OmniForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).thinker.eval()
         assert float(inputs["video_second_per_grid"][0]) == prepared.second_per_grid
     else:
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        full = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
         assert float(inputs["second_per_grid_ts"][0]) == prepared.second_per_grid
     model_kwargs = {"use_audio_in_video": True} if omni else {}  # as the Omni model card calls it
 
@@ -94,7 +105,7 @@ def _both_paths(tiny_model, videos, kind):
         audio_tokens = None
     block = video_block(tuple(prepared.video_grid_thw[0].tolist()), ids, second_per_grid=prepared.second_per_grid,
                         audio_tokens=0 if audio_tokens is None else audio_tokens.shape[0])
-    input_ids = torch.tensor([expand(tokenizer(text)["input_ids"], block, ids)])
+    input_ids = torch.tensor([expand(tokenizer(processor.apply_chat_template(CONVERSATION, tokenize=False))["input_ids"], block, ids)])
     assert torch.equal(input_ids, inputs["input_ids"])
     language_model = LanguageModel(open_checkpoint(model_dir), dtype="float32").eval()
     batch = Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels,
@@ -140,3 +151,59 @@ def test_lora_gradients_equal_the_full_model_with_the_same_adapter(tiny_model, v
     assert mine.keys() == reference.keys() and len(mine) == 2 * 6 * 2  # A and B, 6 targets, 2 layers
     for name in mine:
         assert torch.equal(mine[name], reference[name]), name
+
+
+def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss_on_the_raw_videos(omni_store,
+                                                                                                   tmp_path):
+    """End to end: videos extracted through Ray into a store, a LongVALE-style data file, `qprep train`'s
+    own dataset, loader and collate; against the full model on each raw video through its processor."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from qprep.train.data import build_dataset, load_records
+    from qprep.train.loader import batch_stream, plan
+    from qprep.train.loop import placeholder_ids
+
+    model_dir, cache = omni_store
+    questions = {"a": "<video>\nWhat happens, and when?", "b": "Describe it. <video>"}
+    records = [{"id": video_id, "conversations": [{"from": "human", "value": question},
+                                                  {"from": "gpt", "value": f"From 0 to 1, event {video_id}."}]}
+               for video_id, question in questions.items()]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dataset = build_dataset(load_records(tmp_path / "data.json"), cache, tokenizer, placeholder_ids(tokenizer, True),
+                            merge_size=2, audio=True)
+    planned = plan(dataset.samples, seed=0, batch_size=1, epochs=1)
+    batches = {dataset.samples[p.samples[0]].id: batch
+               for p, batch in batch_stream(planned, dataset.samples, cache, tokenizer.pad_token_id or 0,
+                                            audio=True, workers=1)}
+    language_model = LanguageModel(open_checkpoint(model_dir), dtype="float32").eval()
+    full = full_model(model_dir, omni=True)
+    videos = cache.store.root.parent / "videos"
+    for video_id, question in questions.items():
+        row = cache.row(video_id)
+        before, _, after = question.partition("<video>")
+        conversation = [
+            {"role": "user", "content": [c for c in ({"type": "text", "text": before.strip()}, {"type": "video"},
+                                                     {"type": "text", "text": after.strip()}) if c.get("text", 1)]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"From 0 to 1, event {video_id}."}]}]
+        _, inputs = processor_inputs(model_dir, videos / row["path"], conversation, row["frame_indices"],
+                                     row["sample_fps"], omni=True)
+        labels = answer_labels(inputs["input_ids"], tokenizer)
+        batch = batches[video_id]
+        assert torch.equal(batch.input_ids, inputs["input_ids"]) and torch.equal(batch.labels, labels)
+        with torch.no_grad():
+            expected = full(**inputs, labels=labels, use_audio_in_video=True)
+            loss, logits = language_model(batch)
+        assert torch.equal(logits, expected.logits) and torch.equal(loss, expected.loss), video_id
+
+
+def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """The answer's tokens and its closing <|im_end|>, -100 elsewhere (the newline after it included)."""
+    labels = torch.full_like(input_ids, -100)
+    ids = input_ids[0].tolist()
+    begin = len(ids) - ids[::-1].index(tokenizer.convert_tokens_to_ids("<|im_start|>")) + 2
+    end = ids.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), begin) + 1
+    labels[0, begin:end] = input_ids[0, begin:end]
+    return labels

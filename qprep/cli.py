@@ -186,6 +186,9 @@ def status(store, videos, as_json):
 @click.option("--grad-accum", type=click.IntRange(1), default=None, help="Batches per optimizer step (default 2).")
 @click.option("--max-length", type=click.IntRange(1), default=None,
               help="Leave out samples longer than this many tokens, video included (reported before training).")
+@click.option("--cut-to-max-length", "cut_to_max_length", is_flag=True, default=None,
+              help="Cut longer samples' text at --max-length instead of leaving them out; a sample whose "
+                   "video block itself reaches past it is still left out.")
 @click.option("--lora-r", type=click.IntRange(1), default=None, help="LoRA rank (default 16).")
 @click.option("--lora-alpha", type=click.IntRange(1), default=None, help="LoRA alpha (default 16).")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1), default=None, help="LoRA dropout (default 0.05).")

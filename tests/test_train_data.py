@@ -66,3 +66,27 @@ def test_records_whose_video_is_missing_or_failed_are_reported_not_trained(omni_
             _, alone = model(collate([sample], cache, pad_id, audio=True))
             length = len(sample.input_ids)
             torch.testing.assert_close(both[row, :length], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cutting_to_max_length_cuts_text_only_and_never_a_video_block(omni_store, tmp_path):
+    model_dir, cache = omni_store
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = omni_ids(tokenizer)
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([{"id": "b", "conversations": [
+        {"from": "human", "value": "<video> what happens"},
+        {"from": "gpt", "value": "a long answer " * 20}]}]))
+    build = lambda **kw: build_dataset(load_records(data), cache, tokenizer, ids, merge_size=2, audio=True, **kw)
+    whole = build().samples[0]
+    block_end = whole.input_ids.index(ids.vision_end) + 1
+    first_label = next(i for i, label in enumerate(whole.labels) if label != IGNORE)
+
+    cut = build(max_length=first_label + 5, cut=True)
+    assert cut.cut == ["b"] and cut.samples[0].input_ids == whole.input_ids[:first_label + 5]
+    assert cut.samples[0].labels == whole.labels[:first_label + 5]
+    assert "cut 1 to --max-length" in cut.report()
+    inside_video = build(max_length=block_end - 1, cut=True)
+    assert inside_video.samples == [] and list(inside_video.skipped) == [
+        f"its video alone reaches past --max-length {block_end - 1}"]
+    no_answer = build(max_length=first_label, cut=True)
+    assert no_answer.samples == [] and list(no_answer.skipped) == [f"no answer token within --max-length {first_label}"]

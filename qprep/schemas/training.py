@@ -33,7 +33,8 @@ class TrainSettings:
     lr: float = 1e-4
     batch_size: int = 1
     grad_accum: int = 2
-    max_length: int | None = None
+    max_length: int | None = None  # tokens, video included
+    cut_to_max_length: bool = False  # cut longer samples' text (never a video block) instead of leaving them out
     seed: int = 0
     save_every: int = 0  # optimizer steps between checkpoints (0: at epoch ends only)
     gradient_checkpointing: bool = True

@@ -36,9 +36,13 @@ class Sample:
 class Dataset:
     samples: list[Sample]
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason → ids
+    cut: list[str] = field(default_factory=list)  # ids whose text was cut at max_length
 
     def report(self) -> str:
         lines = [f"{len(self.samples)} samples"]
+        if self.cut:
+            lines.append(f"cut {len(self.cut)} to --max-length in their text: " + ", ".join(self.cut[:5])
+                         + (" ..." if len(self.cut) > 5 else ""))
         for reason, ids in self.skipped.items():
             shown = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
             lines.append(f"left out {len(ids)}: {reason} ({shown})")
@@ -101,7 +105,9 @@ def tokenize(conversation: list[dict], tokenizer) -> tuple[list[int], list[int]]
 
 
 def build_dataset(records: list[dict], cache, tokenizer, ids: PlaceholderIds, *, merge_size: int,
-                  audio: bool, max_length: int | None = None) -> Dataset:
+                  audio: bool, max_length: int | None = None, cut: bool = False) -> Dataset:
+    """Samples ready to collate. Longer than `max_length`: left out, or with `cut` cut at
+    `max_length` provided the cut falls after the video block and leaves an answer token."""
     dataset = Dataset(samples=[])
     ok = set(cache.ids())
     for record in records:
@@ -125,11 +131,26 @@ def build_dataset(records: list[dict], cache, tokenizer, ids: PlaceholderIds, *,
         input_ids = text_ids[: at - 1] + block + text_ids[at + 2:]
         labels = labels[: at - 1] + [IGNORE] * len(block) + labels[at + 2:]
         if max_length is not None and len(input_ids) > max_length:
-            dataset.skipped.setdefault(f"longer than --max-length {max_length}", []).append(video_id)
-            continue
+            reason = _over_length(at - 1 + len(block), labels, max_length, cut)
+            if reason:
+                dataset.skipped.setdefault(reason, []).append(video_id)
+                continue
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+            dataset.cut.append(video_id)
         dataset.samples.append(Sample(id=video_id, input_ids=input_ids, labels=labels,
                                       has_audio=audio and bool(row["audio_length"])))
     return dataset
+
+
+def _over_length(block_end: int, labels: list[int], max_length: int, cut: bool) -> str | None:
+    """Why a sample over `max_length` must be left out, or None when cutting its text is fine."""
+    if not cut:
+        return f"longer than --max-length {max_length}"
+    if block_end > max_length:  # a cut video block makes the model's feature count disagree
+        return f"its video alone reaches past --max-length {max_length}"
+    if all(label == IGNORE for label in labels[:max_length]):
+        return f"no answer token within --max-length {max_length}"
+    return None
 
 
 def _render(tokenizer, conversation: list[dict], generation_prompt: bool) -> list[int]:

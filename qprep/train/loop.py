@@ -62,7 +62,7 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
     omni = checkpoint.has_audio
     ids = placeholder_ids(tokenizer, omni)
     dataset = build_dataset(load_records(data_path), cache, tokenizer, ids, merge_size=_merge_size(checkpoint),
-                            audio=omni, max_length=settings.max_length)
+                            audio=omni, max_length=settings.max_length, cut=settings.cut_to_max_length)
     echo(dataset.report())
     if not dataset.samples:
         raise SettingsError("no sample left to train on")
@@ -170,7 +170,7 @@ def _check_resumable(out: Path, identity: dict) -> None:
     saved = json.loads(saved_path.read_text())
     identity = json.loads(json.dumps(identity, default=str))  # tuples as the file holds them
     same = ("cache_content", "samples", "model")
-    fixed = ("seed", "batch_size", "grad_accum", "lr", "max_length", "gradient_checkpointing", "dtype", "lora")
+    fixed = ("seed", "batch_size", "grad_accum", "lr", "max_length", "cut_to_max_length", "gradient_checkpointing", "dtype", "lora")
     changed = [k for k in same if saved.get(k) != identity[k]]
     changed += [f"settings.{k}" for k in fixed if saved["settings"].get(k) != identity["settings"][k]]
     if changed:

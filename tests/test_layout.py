@@ -87,3 +87,28 @@ def test_vl_and_silent_blocks():
     ids = PlaceholderIds(vision_start=10, vision_end=11, video=12)
     assert video_block((4, 6, 8), ids) == [10] + [12] * 48 + [11]
     assert video_block((4, 6, 8), ids, audio_tokens=0, second_per_grid=1.0) == [10] + [12] * 48 + [11]
+
+
+def test_the_language_model_refuses_a_block_that_gives_audio_tokens_video_positions(omni, tiny_model):
+    """The processor's block for 66 frames over 39 s, fed to qprep's language model, is caught."""
+    import torch
+
+    from qprep.models.checkpoint import open_checkpoint
+    from qprep.train.model import Batch, LanguageModel
+
+    processor, _ = omni
+    ids = omni_ids(processor)
+    grid, mel, second_per_grid = (33, 4, 4), 3900, 2 / (66 / 39.0)
+    audio = audio_tokens_for(mel)
+    model = LanguageModel(open_checkpoint(tiny_model("qwen2_5_omni")))
+
+    def batch(block):
+        input_ids = torch.tensor([block])
+        return Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids,
+                     video_tokens=torch.zeros(0), video_grid_thw=torch.tensor([grid]),
+                     second_per_grid=torch.tensor([second_per_grid], dtype=torch.float64),
+                     audio_tokens=torch.zeros(audio, 1), mel_lengths=torch.tensor([mel]))
+
+    model.position_ids(batch(video_block(grid, ids, second_per_grid=second_per_grid, audio_tokens=audio)))
+    with pytest.raises(AssertionError, match="non-audio positions"):
+        model.position_ids(batch(processor_block(processor, grid, second_per_grid, audio)))

@@ -88,6 +88,8 @@ class LanguageModel(torch.nn.Module):
             positions, _ = self._positions.get_rope_index(
                 ids, video_grid_thw=batch.video_grid_thw, attention_mask=mask, use_audio_in_video=use_audio,
                 audio_seqlens=batch.mel_lengths if use_audio else None, second_per_grids=batch.second_per_grid)
+            if use_audio:
+                _check_audio_positions(positions, ids == self.config.audio_token_index)
         else:
             token_types = (ids == self.config.video_token_id).to(torch.int32) * 2  # the processor's video type
             positions, _ = self._positions.get_rope_index(
@@ -112,6 +114,18 @@ class LanguageModel(torch.nn.Module):
         loss = self._positions.loss_function(logits=logits, labels=batch.labels,
                                              vocab_size=self.config.get_text_config().vocab_size)
         return loss, logits
+
+
+def _check_audio_positions(positions: torch.Tensor, is_audio: torch.Tensor) -> None:
+    """Every audio token must get an audio position: the same in all three axes, one apart in time
+    order (one video per sample). Upstream's float64 chunking breaks this silently for some frame
+    counts and durations (66 frames over 39 s); a layout that did so here would train on wrong positions."""
+    for row in range(positions.shape[1]):
+        audio = positions[:, row, is_audio[row]]
+        if not (bool((audio[0] == audio[1]).all() and (audio[1] == audio[2]).all())
+                and bool((audio[0].diff() == 1).all())):
+            raise AssertionError(f"batch row {row}: audio tokens got non-audio positions; the video block "
+                                 "does not follow the model's audio-in-video chunking")
 
 
 def _scatter(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

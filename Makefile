@@ -22,3 +22,4 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python bench/cpu_stage.py
 	$(VENV)/bin/python bench/extract.py
 	$(VENV)/bin/python bench/train.py
+	$(VENV)/bin/python bench/memory.py

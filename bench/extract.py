@@ -221,7 +221,7 @@ class TreeMonitor:
 
     def __init__(self, pid: int):
         self.pid = pid
-        self.rss_kb = self.pss_kb = self.root_hwm_kb = self.processes = 0
+        self.rss_kb = self.pss_kb = self.root_hwm_kb = self.processes = self.largest_child_rss_kb = 0
         self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -257,6 +257,8 @@ class TreeMonitor:
             except OSError:
                 continue
             rss, pss = rss + rollup.get("Rss", 0), pss + rollup.get("Pss", 0)
+            if pid != self.pid:
+                self.largest_child_rss_kb = max(self.largest_child_rss_kb, rollup.get("Rss", 0))
         self.rss_kb, self.pss_kb = max(self.rss_kb, rss), max(self.pss_kb, pss)
         self.processes = max(self.processes, len(pids))
 
@@ -273,6 +275,7 @@ class Measured:
     processes: int
     cpu_s: float  # the tree's CPU time (a lower bound: the last 0.2 s of each process can be missed)
     others_cores: float  # cores busy with anything else meanwhile (other users' work included)
+    largest_child_rss_mb: float = 0.0  # the largest single descendant (a Ray worker, the raylet, ...)
 
 
 def run_measured(command: list[str], env: dict | None = None) -> Measured:
@@ -287,7 +290,7 @@ def run_measured(command: list[str], env: dict | None = None) -> Measured:
     cpu = max(sum(monitor.cpu.values()), children_cpu_s() - children)
     others = max(0.0, system_busy_s() - busy - cpu - (time.process_time() - own)) / wall
     return Measured(wall, process.returncode, stdout, stderr, monitor.rss_kb / 1024, monitor.pss_kb / 1024,
-                    monitor.root_hwm_kb / 1024, monitor.processes, cpu, others)
+                    monitor.root_hwm_kb / 1024, monitor.processes, cpu, others, monitor.largest_child_rss_kb / 1024)
 
 
 QUIET = {"max_wait_s": 0.0, "waited_s": 0.0}

@@ -1,107 +1,148 @@
 """`qprep demo`: the whole job on generated inputs, on any machine, in a minute or two.
 
-Makes a handful of short videos with speech-like audio and visible events at known times and a
-tiny Qwen2.5-Omni checkpoint (random weights, real structure), then runs every stage that exists on
-them: the CPU stage video by video, `extract` into a store, a no-op re-run, the store's status, and
-LoRA training from the store on a question about each video.
+Makes a handful of short videos with speech-like audio and visible events at known times (a red
+disc and a tone burst), a tiny Qwen2.5-Omni checkpoint (random weights, real structure and key
+layout), and a LongVALE-style training file whose answers say when the events happen; then runs
+`extract` through Ray, `status`, a few `train` steps from the store and an `extract` re-run that
+finds nothing to do, and prints where everything went and what each step took. `--videos` and
+`--model` run the same steps on one's own inputs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from qprep.extraction.run import extract, format_summary
-from qprep.models.tiny import make_tiny_model
-from qprep.pipeline.prepare import prepare
-from qprep.schemas.jobs import load_job
-from qprep.schemas.settings import load_model_spec
-from qprep.store.status import format_status, store_status
-from qprep.schemas.training import TrainSettings
-from qprep.train.loop import train
 from qprep.synth import VideoSpec, make_video
 
-# (name, spec, events): short clips in the shapes real datasets have.
-DEMO_VIDEOS = {
+DENSE_CAPTION_PROMPT = ("Could you detail events during different time segments? Format strictly: "
+                        "From xx to xx, event1. From xx to xx, event2. ...")
+DEMO_VIDEOS = {  # short clips in the shapes real datasets have
     "landscape-30fps.mp4": VideoSpec(width=480, height=270, fps=30, seconds=8, events=((2.0, 3.5),)),
     "portrait-25fps.mp4": VideoSpec(width=270, height=480, fps=25, seconds=6, events=((1.0, 2.0), (4.0, 5.0))),
     "phone-rotated.mp4": VideoSpec(width=480, height=272, fps=30, seconds=5, rotation=90, events=((0.5, 1.5),)),
     "silent-24fps.mp4": VideoSpec(width=320, height=240, fps=24, seconds=7, audio=False, events=((3.0, 6.0),)),
+    "short-b-frames.mp4": VideoSpec(width=320, height=180, fps=30, seconds=4, bframes=2, events=((1.0, 3.0),)),
 }
+DEMO_FRAMES = 16  # the clips are seconds long: the preset's 100 frames would mostly repeat
 
 
 @dataclass
 class DemoResult:
     workdir: Path
-    rows: list[dict]
-
-
-def write_demo_data(path: Path, video_dir: Path) -> Path:
-    """One conversation per video, in the LongVALE form the trainer reads: when is the red disc shown?"""
-    records = []
-    for video in sorted(p for p in video_dir.iterdir() if p.is_file()):
-        spec = DEMO_VIDEOS.get(video.name)
-        events = spec.events if spec else ()
-        answer = "; ".join(f"from {start:.1f} s to {end:.1f} s" for start, end in events) or "never"
-        records.append({"id": video.stem, "conversations": [
-            {"from": "human", "value": "<video>\nWhen is the red disc shown?"}, {"from": "gpt", "value": answer}]})
-    path.write_text(json.dumps(records, indent=1))
-    return path
-
-
-def make_demo_videos(folder: Path) -> list[Path]:
-    return [make_video(folder / name, spec) for name, spec in DEMO_VIDEOS.items()]
+    videos: Path
+    model: str
+    store: Path
+    data: Path
+    run: Path
+    first_extract: object = None  # qprep.extraction.run.Summary
+    re_run: object = None
+    training: object = None  # qprep.train.loop.TrainSummary
+    seconds: dict[str, float] = field(default_factory=dict)  # step → wall seconds
 
 
 def run_demo(workdir: Path | None = None, videos: Path | None = None, model: str | None = None,
              job: str = "seed-omni-100f", keep: bool = False, echo=print) -> DemoResult:
-    """Generate videos (unless `videos` is given) and run the CPU stage on each with `job`."""
+    """Run every step on generated (or the given) videos and model; returns what each step made."""
     owned = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="qprep-demo-"))
+    if not model:  # transformers validates the tiny config's sub-configs against its 8k vocabulary before
+        # applying the saved token ids, and warns about its own defaults; real checkpoints do not
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # (Ray's local workers inherit it)
+    result = DemoResult(workdir=workdir, videos=Path(videos) if videos else workdir / "videos", model=model or "",
+                        store=workdir / "store.zarr", data=workdir / "train.json", run=workdir / "run")
     try:
-        started = time.perf_counter()
-        if videos is None:
-            paths = make_demo_videos(workdir / "videos")
-            echo(f"made {len(paths)} videos in {workdir / 'videos'} ({time.perf_counter() - started:.1f} s)")
-        else:
-            paths = sorted(p for p in Path(videos).iterdir() if p.is_file())
-        preset = load_job(job)
-        settings = preset.video_settings(num_frames=16)  # the demo clips are seconds long
-        if model is None:
-            model = str(make_tiny_model("qwen2_5_omni", workdir / "tiny-qwen2.5-omni"))
-            echo(f"made a tiny random Qwen2.5-Omni checkpoint in {model}")
-        spec = load_model_spec(model)
-        rows = []
-        for path in paths:
-            t0 = time.perf_counter()
-            prepared = prepare(path, settings, spec)
-            grid = prepared.video_grid_thw[0].tolist()
-            rows.append({"video": path.name, "grid_thw": grid, "second_per_grid": prepared.second_per_grid,
-                         "mel": prepared.mel_length, "seconds": time.perf_counter() - t0})
-            echo(f"  {path.name:<22} grid_thw {grid}  second_per_grid {prepared.second_per_grid:.3f}  "
-                 f"mel {prepared.mel_length:>5}  {rows[-1]['seconds']:.2f} s")
-        echo(f"prepared {len(rows)} videos with job {preset.name} in {time.perf_counter() - started:.1f} s")
-        video_dir = Path(videos) if videos is not None else workdir / "videos"
-        store = workdir / "store.zarr"
-        echo(f"\nqprep extract --videos {video_dir} --out {store} --model {model}")
-        echo(format_summary(extract(video_dir, store, model, settings, shards=8), store))
-        echo("\nthe same again (nothing changed, so nothing is decoded):")
-        echo(format_summary(extract(video_dir, store, model, settings), store))
-        echo(f"\nqprep status {store}")
-        echo(format_status(store_status(store)))
-        data = write_demo_data(workdir / "train.json", video_dir)
-        echo(f"\nqprep train --cache {store} --data {data} --model {model} --out {workdir / 'run'}")
-        summary = train(store, data, model, workdir / "run", TrainSettings(epochs=2, lr=1e-3), echo=echo)
-        echo(f"{summary.steps} optimizer steps from the cache (no tower loaded, no video decoded): loss "
-             f"{summary.first_loss:.3f} → {summary.last_loss:.3f} in {summary.seconds:.1f} s; "
-             f"adapter in {workdir / 'run' / 'adapter'}")
-        return DemoResult(workdir=workdir, rows=rows)
+        _steps(result, job, echo)
+        echo(_report(result))
+        return result
     finally:
         if owned and not keep:
             shutil.rmtree(workdir, ignore_errors=True)
-        elif keep:
+        elif owned:
             echo(f"kept {workdir}")
+
+
+def _steps(result: DemoResult, job: str, echo) -> None:
+    from qprep.extraction.run import extract, format_summary
+    from qprep.models.tiny import make_tiny_model
+    from qprep.schemas.jobs import load_job
+    from qprep.store.status import format_status, store_status
+    from qprep.train.loop import train
+
+    preset = load_job(job)
+    settings = preset.video_settings(num_frames=DEMO_FRAMES)
+    with _timed(result, "make videos", echo):
+        if not result.videos.exists():
+            for name, spec in DEMO_VIDEOS.items():
+                make_video(result.videos / name, spec)
+    with _timed(result, "make a tiny model", echo):
+        if not result.model:
+            result.model = str(make_tiny_model("qwen2_5_omni", result.workdir / "tiny-qwen2.5-omni"))
+    echo(f"\n$ qprep extract --videos {result.videos} --out {result.store} --model {result.model} "
+         f"--job {preset.name} --num-frames {DEMO_FRAMES}")
+    with _timed(result, "extract", echo):
+        result.first_extract = extract(result.videos, result.store, result.model, settings, shards=8)
+    echo(format_summary(result.first_extract, result.store))
+    echo(f"\n$ qprep status {result.store}")
+    with _timed(result, "status", echo):
+        echo(format_status(store_status(result.store)))
+    write_demo_data(result.data, result.store)
+    echo(f"\n$ qprep train --cache {result.store} --data {result.data} --model {result.model} --out {result.run} "
+         f"--job {preset.name} --epochs 3 --lr 2e-3")
+    with _timed(result, "train", echo):
+        result.training = train(result.store, result.data, result.model, result.run,
+                                preset.train_settings(epochs=3, lr=2e-3), echo=echo)
+    training = result.training
+    echo(f"{training.steps} optimizer steps from the cache (no tower loaded, no video decoded): loss "
+         f"{training.first_loss:.3f} → {training.last_loss:.3f}")
+    echo(f"\n$ qprep extract ... (again: nothing changed, so nothing is decoded and Ray does not start)")
+    with _timed(result, "extract again", echo):
+        result.re_run = extract(result.videos, result.store, result.model, settings)
+    echo(format_summary(result.re_run, result.store))
+
+
+def write_demo_data(path: Path, store: Path) -> Path:
+    """One dense-captioning conversation per cached video, in the LongVALE form the trainer reads.
+    Generated clips are described by their known events; other videos by their duration."""
+    from qprep.store.reader import open_cache
+
+    cache = open_cache(store)
+    records = []
+    for video_id in cache.ids():
+        row = cache.row(video_id)
+        spec = DEMO_VIDEOS.get(row["path"])
+        events = spec.events if spec else ((0.0, round(row["duration"] or 0.0, 1)),)
+        answer = " ".join(f"From {start:.1f} to {end:.1f}, {'a red disc appears' if spec else 'the video plays'}."
+                          for start, end in events)
+        records.append({"id": video_id, "conversations": [
+            {"from": "human", "value": f"<video>\n{DENSE_CAPTION_PROMPT}"}, {"from": "gpt", "value": answer}]})
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+class _timed:
+    def __init__(self, result: DemoResult, step: str, echo):
+        self.result, self.step, self.echo = result, step, echo
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.result.seconds[self.step] = time.perf_counter() - self.started
+
+
+def _report(result: DemoResult) -> str:
+    lines = ["", "what each step took:"]
+    lines += [f"  {step:<20} {seconds:6.1f} s" for step, seconds in result.seconds.items()]
+    lines += [f"  {'total':<20} {sum(result.seconds.values()):6.1f} s", "", "where everything went:"]
+    places = [("videos", result.videos), ("tiny model", result.model), ("store (Zarr + Parquet)", result.store),
+              ("training data", result.data), ("adapter (peft format)", result.run / "adapter"),
+              ("metrics, loss curve", f"{result.run / 'metrics.jsonl'}, {result.run / 'loss.png'}"),
+              ("effective settings", result.run / "run.json")]
+    lines += [f"  {name:<24} {place}" for name, place in places]
+    return "\n".join(lines)

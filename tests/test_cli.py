@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -42,13 +43,18 @@ def test_jobs_lists_the_presets():
 def test_demo_runs_end_to_end(tmp_path):
     result = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "prepared 4 videos" in result.output
-    assert len(list((tmp_path / "videos").glob("*.mp4"))) == 4
-    assert "4 extracted, 0 failed" in result.output
-    assert "nothing to do, 4 videos up to date" in result.output
     from qprep import open_cache
+    from qprep.demo import DEMO_VIDEOS
 
-    cache = open_cache(tmp_path / "store.zarr")
-    assert len(cache.ids()) == 4 and cache["silent-24fps"].audio_tokens is None
-    assert "optimizer steps from the cache" in result.output
+    videos = sorted(p.name for p in (tmp_path / "videos").glob("*.mp4"))
+    assert videos == sorted(DEMO_VIDEOS)
+    cache = open_cache(tmp_path / "store.zarr")  # every video is in the store
+    assert sorted(cache.ids()) == sorted(Path(name).stem for name in DEMO_VIDEOS)
+    assert cache["silent-24fps"].audio_tokens is None and cache["landscape-30fps"].audio_tokens is not None
+    records = json.loads((tmp_path / "train.json").read_text())
+    assert records[0]["conversations"][1]["value"].startswith("From ")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-len(DEMO_VIDEOS):]) < sum(losses[:len(DEMO_VIDEOS)])  # the last epoch's below the first's
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "nothing to do, 5 videos up to date" in result.output  # the re-run extracted nothing
+    assert "what each step took" in result.output and "where everything went" in result.output

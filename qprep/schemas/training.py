@@ -39,7 +39,9 @@ class TrainSettings:
     save_every: int = 0  # optimizer steps between checkpoints (0: at epoch ends only)
     gradient_checkpointing: bool = True
     dtype: str | None = None  # None: bf16 on GPU, float32 on CPU
-    workers: int = 2  # processes reading the cache ahead of the model (0: in the training process)
+    # processes reading the cache ahead of the model; None: 2 on GPU, 0 on CPU, where the cores are
+    # the compute and workers would take them from it (measured: 1.21x the in-memory floor vs 1.04x)
+    workers: int | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def updated(self, values: dict[str, Any], source: str = "flags") -> "TrainSettings":

@@ -86,7 +86,8 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
 
     planned = plan(dataset.samples, seed=settings.seed, batch_size=settings.batch_size, epochs=settings.epochs,
                    start=(state["epoch"], state["batch"]))
-    stream = batch_stream(planned, dataset.samples, cache, pad_id, audio=omni, workers=settings.workers,
+    workers = settings.workers if settings.workers is not None else (2 if device == "cuda" else 0)
+    stream = batch_stream(planned, dataset.samples, cache, pad_id, audio=omni, workers=workers,
                           pin_memory=device == "cuda")
     metrics = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=settings.epochs * per_epoch, initial=state["epoch"] * per_epoch + state["batch"],

@@ -1,6 +1,7 @@
 """The `qprep` command line. It parses and delegates; the work lives in the library.
 
-Exit codes: 0 success, 2 usage error, 3 bad settings, 4 a video that cannot be prepared.
+Exit codes: 0 success, 2 usage error, 3 bad settings, 4 a video that cannot be prepared,
+5 `qprep verify` found a cached video that differs from transformers' reference beyond the tolerance.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import click
 from qprep.errors import SettingsError, VideoError
 
 EXIT_SETTINGS, EXIT_VIDEO = 3, 4
+EXIT_MISMATCH = 5  # qprep verify: the cache differs from the reference
 
 
 def _size(ctx, param, value):
@@ -70,6 +72,9 @@ def main():
                                       cache the towers' output for a folder of videos
       qprep status store.zarr         what a store holds and what a re-run would do
       qprep jobs                      the named presets
+      qprep verify store.zarr         recompute a sample with transformers and compare with the cache
+      qprep infer --cache store.zarr --adapter run/adapter --out answers.jsonl
+                                      answer from the cache with a trained adapter
     """
 
 
@@ -196,8 +201,8 @@ def status(store, videos, as_json):
               help="Checkpoint every N optimizer steps, as well as at each epoch's end (default 0: epoch ends only).")
 @click.option("--seed", type=int, default=None, help="Fixes the data order and the LoRA init (default 0).")
 @click.option("--workers", type=click.IntRange(0), default=None,
-              help="Processes reading the cache ahead of the model; 0 reads in-process (default 2). "
-                   "The result does not depend on it.")
+              help="Processes reading the cache ahead of the model; 0 reads in-process (default: 2 on GPU, "
+                   "0 on CPU, where workers would take cores from the compute). The result does not depend on it.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute activations in the backward: less memory, slower (default on).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out, with the same data order.")
@@ -234,6 +239,110 @@ def train(cache_path, data, model, out, job, resume, as_json, quiet, **flags):
     else:
         click.echo(f"{summary.steps} steps, loss {summary.first_loss:.4f} → {summary.last_loss:.4f} in "
                    f"{summary.seconds:.1f} s; adapter in {out / 'adapter'}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--sample", type=click.IntRange(1), default=3, show_default=True,
+              help="Check this many videos, drawn at random (see --seed) among those extracted ok.")
+@click.option("--all", "check_all", is_flag=True, help="Check every video extracted ok.")
+@click.option("--ids", default=None, help="Check these videos (comma-separated ids) instead of a sample.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
+@click.option("--tolerance", type=click.FloatRange(0), default=None,
+              help="Largest token difference allowed, relative to the reference tokens' largest magnitude "
+                   "(default: 0 for float32 stores, 2^-6 for bfloat16, 2^-9 for float16; 0 = bit-exact).")
+@click.option("--videos", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The videos folder (default: the one the last extract used).")
+@click.option("--model", default=None, help="Where the store's model is now (default: where it was at extraction).")
+@click.option("--revision", default=None, help="Hub revision of the model.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+              help="Where the reference towers run (default: cuda when the videos were extracted there and "
+                   "one is present, else cpu).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify(store, sample, check_all, ids, seed, tolerance, videos, model, revision, device, as_json, quiet):
+    """Recompute some of STORE's videos with transformers' own processor and model, and compare.
+
+    Each checked video is decoded plainly, its frame plan re-derived, its pixels and audio features
+    made by the model's AutoProcessor, and its tokens by the model class loaded with from_pretrained
+    (the towers are loaded for this check only). The report gives, per video, the largest
+    difference of the video and audio tokens and whether the grid, frame count, frame indices,
+    frame times, second_per_grid and mel length agree with the cache.
+
+    Exit status 5 when any checked video differs beyond the tolerance; the report names the video
+    and what differed.
+
+    \b
+    Examples:
+      qprep verify clips.zarr                      three videos drawn at random
+      qprep verify clips.zarr --all --json
+      qprep verify clips.zarr --ids talk/a,c --videos /data/clips --model ./Qwen2.5-Omni-3B
+    """
+    import json
+
+    from qprep.audit.verify import format_report, verify as run_verify
+
+    with _errors_to_exit_codes():
+        report = run_verify(store, model=model, videos=videos, revision=revision,
+                            ids=[i.strip() for i in ids.split(",") if i.strip()] if ids else None,
+                            sample=None if check_all else sample, seed=seed, tolerance=tolerance, device=device,
+                            progress=not quiet)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
+    if not report.ok:
+        sys.exit(EXIT_MISMATCH)
+
+
+@main.command()
+@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A store written by `qprep extract`.")
+@click.option("--model", default=None,
+              help="The base model (directory or hub id; default: the one the cache was extracted with).")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="LoRA adapter folder written by `qprep train` (run/adapter or run/checkpoint-*); "
+                   "without it the base model answers.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help='JSON lines file to write, one {"id", "answer"} per video.')
+@click.option("--ids", default=None, help="Answer for these videos (comma-separated ids).")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Answer for the records of this LongVALE-style file; each record's turns before its "
+                   "first answer are its prompt.")
+@click.option("--prompt", default=None,
+              help="The question to ask about every video (default: the recipe's dense-captioning prompt, "
+                   "or the --data records' own turns).")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True,
+              help="Longest answer, in tokens.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+              help="Where the model runs (default: cuda when present).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Model dtype (default: bfloat16 on cuda, float32 on cpu).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def infer(cache_path, model, adapter, out, ids, data, prompt, max_new_tokens, device, dtype, as_json, quiet):
+    """Answer from a cache with the base model and a trained adapter: no tower loaded, no video decoded.
+
+    Every video extracted ok is asked the recipe's dense-captioning question ("Could you detail
+    events during different time segments? ...") unless --ids, --data or --prompt say otherwise.
+    Decoding is greedy; the answers go to --out as JSON lines.
+
+    \b
+    Examples:
+      qprep infer --cache clips.zarr --adapter run/adapter --out answers.jsonl
+      qprep infer --cache clips.zarr --adapter run/adapter --data test.json --out answers.jsonl
+      qprep infer --cache clips.zarr --ids talk/a --prompt "What happens first?" --out a.jsonl
+    """
+    import json
+
+    from qprep.train.infer import infer as run_infer
+
+    with _errors_to_exit_codes():
+        summary = run_infer(cache_path, model, out, adapter=adapter,
+                            ids=[i.strip() for i in ids.split(",") if i.strip()] if ids else None, data=data,
+                            prompt=prompt, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
+                            progress=not quiet, echo=(lambda line: click.echo(line, err=True)))
+    if as_json:
+        click.echo(json.dumps({**summary.__dict__, "out": str(out)}, indent=2))
+    else:
+        click.echo(f"{summary.answers} answers ({summary.new_tokens} tokens) in {summary.seconds:.1f} s → {out}")
 
 
 @main.command()

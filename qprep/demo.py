@@ -20,8 +20,6 @@ from pathlib import Path
 
 from qprep.synth import VideoSpec, make_video
 
-DENSE_CAPTION_PROMPT = ("Could you detail events during different time segments? Format strictly: "
-                        "From xx to xx, event1. From xx to xx, event2. ...")
 DEMO_VIDEOS = {  # short clips in the shapes real datasets have
     "landscape-30fps.mp4": VideoSpec(width=480, height=270, fps=30, seconds=8, events=((2.0, 3.5),)),
     "portrait-25fps.mp4": VideoSpec(width=270, height=480, fps=25, seconds=6, events=((1.0, 2.0), (4.0, 5.0))),
@@ -110,6 +108,7 @@ def write_demo_data(path: Path, store: Path) -> Path:
     """One dense-captioning conversation per cached video, in the LongVALE form the trainer reads.
     Generated clips are described by their known events; other videos by their duration."""
     from qprep.store.reader import open_cache
+    from qprep.train.infer import DENSE_CAPTION_PROMPT
 
     cache = open_cache(store)
     records = []

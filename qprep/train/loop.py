@@ -57,11 +57,11 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
     dtype = settings.dtype or ("bfloat16" if device == "cuda" else "float32")
     checkpoint = open_checkpoint(model)
     cache = open_cache(cache_path)
-    _check_cache_fits(cache, checkpoint)
+    check_cache_fits(cache, checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.source, revision=checkpoint.revision)
     omni = checkpoint.has_audio
     ids = placeholder_ids(tokenizer, omni)
-    dataset = build_dataset(load_records(data_path), cache, tokenizer, ids, merge_size=_merge_size(checkpoint),
+    dataset = build_dataset(load_records(data_path), cache, tokenizer, ids, merge_size=merge_size_of(checkpoint),
                             audio=omni, max_length=settings.max_length, cut=settings.cut_to_max_length)
     echo(dataset.report())
     if not dataset.samples:
@@ -194,14 +194,14 @@ def placeholder_ids(tokenizer, omni: bool) -> PlaceholderIds:
     return PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"))
 
 
-def _check_cache_fits(cache, checkpoint) -> None:
+def check_cache_fits(cache, checkpoint) -> None:
     family = cache.config["model"]["family"]
     if family != checkpoint.family.name or cache.hidden_size != checkpoint.hidden_size:
         raise SettingsError(f"the cache holds {family} tokens of width {cache.hidden_size}; --model "
                             f"{checkpoint.source} is {checkpoint.family.name} of width {checkpoint.hidden_size}")
 
 
-def _merge_size(checkpoint) -> int:
+def merge_size_of(checkpoint) -> int:
     return int(checkpoint.tower_config["vision_config"].get("spatial_merge_size", 2))
 
 

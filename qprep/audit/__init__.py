@@ -1,0 +1,1 @@
+"""Audits of a store against transformers' own processors and models (`qprep verify`)."""

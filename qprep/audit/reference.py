@@ -1,0 +1,268 @@
+"""The audit's reference: what transformers itself makes of a video, with none of qprep's CPU stage
+or tower stage in the path.
+
+* frames: decoded plainly with PyAV, every frame of the stream in presentation order, the asked-for
+  ones kept (turned as players show them);
+* the frame plan (how many frames, which, at what rate) re-derived from that decode with
+  qwen-vl-utils' rules (`calculate_video_frame_range`, `smart_nframes`, `linspace(...).round()`);
+* pixels: the model's own video processor (`AutoProcessor.from_pretrained(model).video_processor`)
+  applied once to the decoded frames; in fixed-size mode the frames are first resized as
+  qwen-vl-utils resizes them (torchvision's functional bicubic + antialias) and the processor keeps
+  that size;
+* audio: the whole track resampled to 16 kHz by FFmpeg, channels averaged, cut to the window, then
+  the model's own `WhisperFeatureExtractor` called as `Qwen2_5OmniProcessor` calls it; a track
+  longer than the extractor's window goes in consecutive windows, as the cache records it (the
+  processor alone would cut it);
+* tokens: the model class loaded with `from_pretrained`, through its own
+  `get_video_features(...).pooler_output` and `get_audio_features(...).last_hidden_state`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import av
+import numpy as np
+import torch
+
+# family → (transformers class, the part of it that owns get_video_features / get_audio_features)
+FULL_MODELS = {
+    "qwen2_5_omni": ("Qwen2_5OmniForConditionalGeneration", "thinker"),
+    "qwen2_5_omni_thinker": ("Qwen2_5OmniThinkerForConditionalGeneration", None),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", None),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Frames per processor call. Resizing and patchifying act on each temporal pair alone, so calls on
+# consecutive groups give the same rows as one call on the whole video, while only one group of
+# full-size frames is held at a time. (The per-frame pixel cap depends on the frame count: with it,
+# the video goes in one call.)
+FRAMES_PER_CALL = 32
+# qwen-vl-utils' bounds for an explicit resized_height / resized_width.
+FIXED_SIZE_PIXELS = (4, 16384)  # × factor²
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    indices: list[int]
+    sample_fps: float
+    second_per_grid: float
+
+
+@dataclass
+class Decoded:
+    """What the plain decode saw of the video stream."""
+
+    pts: list[int] = field(default_factory=list)  # every frame, presentation order
+    fps: float = 0.0  # the stream's average rate (what decord reports)
+    time_base: float = 0.0
+    rotation: int = 0
+
+    def seconds(self, indices: list[int]) -> list[float]:
+        """Times of these frames, from the video's first frame."""
+        return [(self.pts[i] - self.pts[0]) * self.time_base for i in indices]
+
+
+@dataclass
+class ReferenceVideo:
+    frame_count: int  # frames the plain decode produced
+    plan: FramePlan | None  # re-derived; None when the rules refuse the video (plan_error says why)
+    plan_error: str
+    frame_times: list[float]  # of the frames compared (the cache's), seconds from the first frame
+    video_grid_thw: tuple[int, int, int]
+    video_tokens: torch.Tensor  # float32, on the CPU
+    audio_tokens: torch.Tensor | None
+    mel_length: int
+    audio_note: str  # why there is no audio, when there is none
+
+
+def frame_plan(total_frames: int, video_fps: float, settings: dict, factor: int) -> FramePlan:
+    """qwen-vl-utils' frame choice for a stream of `total_frames` at `video_fps` (raises ValueError
+    where it refuses the video)."""
+    first, last, count = _frame_range(total_frames, video_fps, settings.get("video_start"), settings.get("video_end"))
+    nframes = _nframes(settings, count, video_fps, factor)
+    indices = torch.linspace(first, last, nframes).round().long().tolist()
+    sample_fps = nframes / max(count, 1e-6) * video_fps
+    return FramePlan(indices=indices, sample_fps=sample_fps, second_per_grid=factor / sample_fps)
+
+
+def _frame_range(total: int, fps: float, start: float | None, end: float | None) -> tuple[int, int, int]:
+    """`calculate_video_frame_range`."""
+    if start is None and end is None:
+        return 0, total - 1, total
+    longest = total / fps
+    first = math.ceil(max(0.0, min(start, longest)) * fps) if start is not None else 0
+    last = min(math.floor(max(0.0, min(end, longest)) * fps), total - 1) if end is not None else total - 1
+    if first >= last:
+        raise ValueError(f"video_start={start} / video_end={end} select no frames ({total} frames at {fps:.3f} fps)")
+    return first, last, last - first + 1
+
+
+def _nframes(settings: dict, total: int, fps: float, factor: int) -> int:
+    """`smart_nframes`, with the temporal patch size as the frame factor."""
+    if settings.get("num_frames") is not None:
+        nframes = round(settings["num_frames"] / factor) * factor
+    else:
+        least = math.ceil(settings["min_frames"] / factor) * factor
+        most = math.floor(settings["max_frames"] / factor) * factor
+        nframes = min(max(total / fps * settings["fps"], least), most, total)
+        nframes = math.floor(nframes / factor) * factor
+    if not factor <= nframes <= total:
+        raise ValueError(f"{nframes} frames asked of a video (window) of {total}")
+    return nframes
+
+
+class Reference:
+    """transformers' processor and model for one checkpoint, loaded once, applied video by video."""
+
+    def __init__(self, source: str, family: str, *, dtype: str, device: str, attn_implementation: str = "sdpa",
+                 revision: str | None = None):
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(source, revision=revision)
+        self.video_processor = processor.video_processor
+        self.feature_extractor = getattr(processor, "feature_extractor", None)
+        self.dtype, self.device = DTYPES[dtype], device
+        self.model = load_model(source, family, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                                revision=revision)
+        self.audio = self.feature_extractor is not None and hasattr(self.model, "get_audio_features")
+
+    @torch.inference_mode()
+    def compute(self, path: str | Path, frame_indices: list[int], settings: dict) -> ReferenceVideo:
+        """Everything the cache holds for one video, recomputed. `frame_indices` are the frames whose
+        tokens are compared (the cache's own, so that a sampling difference shows as such and not as
+        a token difference)."""
+        decoded = Decoded()
+        frames = _plain_frames(path, frame_indices, decoded)
+        pixels, grid = self._pixels(frames, len(frame_indices), settings)
+        if len(decoded.pts) <= max(frame_indices):
+            raise ValueError(f"the plain decode gives {len(decoded.pts)} frames; the cache samples frame "
+                             f"{max(frame_indices)}")
+        video = self.model.get_video_features(pixels.to(self.device, self.dtype),
+                                              torch.tensor([grid], device=self.device)).pooler_output[0]
+        try:
+            plan, plan_error = frame_plan(len(decoded.pts), decoded.fps, settings,
+                                          int(self.video_processor.temporal_patch_size)), ""
+        except ValueError as exc:
+            plan, plan_error = None, str(exc)
+        audio, mel_length, note = self._audio(path, settings)
+        return ReferenceVideo(frame_count=len(decoded.pts), plan=plan, plan_error=plan_error,
+                              frame_times=decoded.seconds(frame_indices), video_grid_thw=grid,
+                              video_tokens=video.float().cpu(), audio_tokens=audio, mel_length=mel_length,
+                              audio_note=note)
+
+    def _pixels(self, frames: Iterator[np.ndarray], count: int, settings: dict) -> tuple[torch.Tensor, tuple]:
+        processor = self.video_processor
+        factor = int(processor.temporal_patch_size)
+        per_call = count if processor.cap_pixels_per_frame else max(1, FRAMES_PER_CALL // factor) * factor
+        pieces, grid_t, grid_hw = [], 0, (0, 0)
+        for group in _batched(frames, per_call):
+            out = self._process(group, settings)
+            pieces.append(out["pixel_values_videos"])
+            t, h, w = out["video_grid_thw"][0].tolist()
+            grid_t, grid_hw = grid_t + t, (h, w)
+        if not pieces:
+            raise ValueError("the plain decode gives none of the sampled frames")
+        return torch.cat(pieces), (grid_t, *grid_hw)
+
+    def _process(self, frames: list[np.ndarray], settings: dict):
+        """The video processor on decoded frames, as the extraction's settings ask."""
+        processor = self.video_processor
+        kwargs = dict(do_sample_frames=False, cap_pixels_per_frame=bool(processor.cap_pixels_per_frame),
+                      return_tensors="pt")
+        if settings.get("size"):
+            from torchvision.transforms import InterpolationMode
+            from torchvision.transforms import functional as F
+            from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
+
+            factor = processor.patch_size * processor.merge_size
+            low, high = (n * factor**2 for n in FIXED_SIZE_PIXELS)
+            size = list(smart_resize(*settings["size"], factor=factor, min_pixels=low, max_pixels=high))
+            video = torch.stack([F.resize(torch.from_numpy(f).permute(2, 0, 1), size,
+                                          interpolation=InterpolationMode.BICUBIC, antialias=True) for f in frames])
+            kwargs["do_resize"] = False
+        else:
+            video = np.stack(frames)
+            kwargs["size"] = {"shortest_edge": settings.get("min_pixels") or processor.size.shortest_edge,
+                              "longest_edge": settings.get("max_pixels") or processor.size.longest_edge}
+        return processor(videos=[video], **kwargs)
+
+    def _audio(self, path, settings: dict) -> tuple[torch.Tensor | None, int, str]:
+        if not self.audio or not settings.get("audio"):
+            return None, 0, "audio disabled"
+        rate = int(self.feature_extractor.sampling_rate)
+        waveform = plain_audio(path, rate)
+        if waveform is None:
+            return None, 0, "no audio stream"
+        start = int(rate * settings["video_start"]) if settings.get("video_start") is not None else 0
+        end = int(rate * settings["video_end"]) if settings.get("video_end") is not None else None
+        waveform = waveform[start:end]
+        if len(waveform) == 0:
+            return None, 0, "the audio stream holds no samples in the window"
+        window = int(self.feature_extractor.n_samples)
+        pieces = [waveform[i:i + window] for i in range(0, len(waveform), window)]
+        features = self.feature_extractor(pieces, sampling_rate=rate, padding="max_length",
+                                          return_attention_mask=True, return_tensors="pt")
+        mask = features["attention_mask"]
+        tokens = self.model.get_audio_features(features["input_features"].to(self.device, self.dtype),
+                                               mask.to(self.device)).last_hidden_state
+        return tokens.float().cpu(), int(mask.sum()), ""
+
+
+def load_model(source: str, family: str, *, dtype: str, device: str, attn_implementation: str = "sdpa",
+               revision: str | None = None):
+    """The full model, loaded by transformers itself; returns the part that owns the towers."""
+    import transformers
+
+    class_name, part = FULL_MODELS[family]
+    model = getattr(transformers, class_name).from_pretrained(
+        source, revision=revision, dtype=DTYPES[dtype], attn_implementation=attn_implementation, device_map=device)
+    model = getattr(model, part) if part else model
+    return model.eval().requires_grad_(False)
+
+
+def _plain_frames(path, indices: list[int], decoded: Decoded) -> Iterator[np.ndarray]:
+    """The frames at `indices` (ascending, repeats allowed) from a decode of the whole stream; fills
+    `decoded` as it goes (complete once the iterator is exhausted)."""
+    wanted = Counter(indices)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        decoded.time_base = float(stream.time_base)
+        decoded.fps = float(stream.average_rate or stream.guessed_rate or 0)
+        for index, frame in enumerate(container.decode(stream)):
+            decoded.pts.append(frame.pts if frame.pts is not None else frame.dts)
+            if index == 0:
+                decoded.rotation = int(round(frame.rotation or 0)) % 360
+            if wanted.get(index):
+                rgb = frame.to_ndarray(format="rgb24")
+                if decoded.rotation and decoded.rotation % 90 == 0:
+                    rgb = np.ascontiguousarray(np.rot90(rgb, k=decoded.rotation // 90))
+                for _ in range(wanted[index]):
+                    yield rgb
+
+
+def plain_audio(path, rate: int) -> np.ndarray | None:
+    """The whole first audio track at `rate`, channels averaged; None without an audio stream."""
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            return None
+        resampler = av.AudioResampler(format="fltp", rate=rate)
+        frames = [f for frame in container.decode(audio=0) for f in resampler.resample(frame)]
+        frames += resampler.resample(None)
+    if not frames:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate([f.to_ndarray() for f in frames], axis=1).mean(axis=0, dtype=np.float32)
+
+
+def _batched(items: Iterator, size: int) -> Iterator[list]:
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group

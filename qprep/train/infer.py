@@ -1,0 +1,232 @@
+"""`qprep infer`: answers from the cache with the base language model and, optionally, a LoRA adapter.
+
+No tower is loaded and no video decoded. Each prompt is rendered by the tokenizer's chat template
+(a user turn: the video, then the question; then the assistant's turn opened), its video block is
+laid out exactly as in training (`qprep.schemas.layout.video_block`), the cached tokens are
+scattered into the placeholders and the prompt's positions come from the model's own
+`get_rope_index` (`qprep.train.model.LanguageModel`). Decoding is greedy with a KV cache, one video
+at a time, and stops at the checkpoint's end-of-sequence tokens.
+
+Positions of generated tokens follow transformers' `generate` (5.23), which passes explicit
+`[text; temporal; height; width]` positions and advances them as `last + 1` on every row
+(`GenerationMixin._update_model_kwargs_for_generation`). That is not the model's own `rope_deltas`
+rule (largest prompt position + 1, used by a plain forward with a cache and no positions): for
+Qwen2.5-VL, whose `get_rope_index` starts text after a video at start + max(h, w)/2, the last
+prompt position can sit below the video's largest temporal position, and the two rules then give
+different positions to every generated token. Omni places text after the largest position, and the
+two agree.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qprep.errors import SettingsError
+
+# The seed recipe's dense-captioning question (LongVALE).
+DENSE_CAPTION_PROMPT = ("Could you detail events during different time segments? Format strictly: "
+                        "From xx to xx, event1. From xx to xx, event2. ...")
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclass
+class InferSummary:
+    answers: int
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason → ids
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Request:
+    id: str
+    conversation: list[dict]  # chat-template messages up to the answer to generate
+
+
+def infer(cache_path: str | Path, model: str | None, out: str | Path, *, adapter: str | Path | None = None,
+          ids: list[str] | None = None, data: str | Path | None = None, prompt: str | None = None,
+          max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, device: str | None = None, dtype: str | None = None,
+          progress: bool = True, echo=print) -> InferSummary:
+    """Write one JSON line `{"id", "answer"}` per chosen video to `out`.
+
+    `model` None means the one the cache was extracted with. Videos: `ids`, or the records of `data`
+    (a LongVALE-style file: each record's turns before its first answer are the prompt), or every
+    video extracted ok. `prompt` replaces the question.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from qprep.models.checkpoint import open_checkpoint
+    from qprep.store.reader import open_cache
+    from qprep.train.loop import check_cache_fits
+
+    started = time.perf_counter()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+    cache = open_cache(cache_path)
+    checkpoint = open_checkpoint(model or cache.model)
+    check_cache_fits(cache, checkpoint)
+    requests, skipped = choose_requests(cache, ids=ids, data=data, prompt=prompt)
+    for reason, left_out in skipped.items():
+        echo(f"left out {len(left_out)}: {reason} ({', '.join(left_out[:5])}{' ...' if len(left_out) > 5 else ''})")
+    if not requests:
+        raise SettingsError("no video to answer for")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.source, revision=checkpoint.revision)
+    generator = Generator(checkpoint, tokenizer, cache, adapter=adapter, dtype=dtype, device=device)
+    summary = InferSummary(answers=0, skipped=skipped)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as handle:
+        for request in tqdm(requests, desc="infer", unit="video", disable=not progress):
+            tokens = generator.generate(request, max_new_tokens)
+            answer = tokenizer.decode(tokens, skip_special_tokens=True)
+            handle.write(json.dumps({"id": request.id, "answer": answer}, ensure_ascii=False) + "\n")
+            handle.flush()  # answers written so far survive an interrupted run
+            summary.answers += 1
+            summary.new_tokens += len(tokens)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def choose_requests(cache, *, ids: list[str] | None = None, data: str | Path | None = None,
+                    prompt: str | None = None) -> tuple[list[Request], dict[str, list[str]]]:
+    """The prompts to answer and, for a data file, the records left out (reason → ids)."""
+    from qprep.train.data import VIDEO_MARK, load_records, messages
+
+    question = [{"from": "human", "value": VIDEO_MARK + (prompt or DENSE_CAPTION_PROMPT)}]
+    ok = set(cache.ids())
+    if ids:
+        unusable = [i for i in ids if i not in ok]
+        if unusable:
+            raise SettingsError(f"--ids: {', '.join(unusable)} not extracted ok in {cache.store.root} "
+                                f"(`qprep status {cache.store.root}` lists what it holds)")
+        return [Request(i, messages(question)) for i in dict.fromkeys(ids)], {}
+    if data is None:
+        return [Request(i, messages(question)) for i in cache.ids()], {}
+    requests, skipped = [], {}
+    for record in load_records(data):
+        video_id = str(record["id"])
+        if video_id not in ok:
+            reason = "video failed extraction" if video_id in cache else "video not in the cache"
+            skipped.setdefault(reason, []).append(video_id)
+            continue
+        try:
+            conversation = messages(question if prompt else record["conversations"])
+        except SettingsError as exc:
+            skipped.setdefault(f"bad conversation: {exc}", []).append(video_id)
+            continue
+        answers = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
+        requests.append(Request(video_id, conversation[: answers[0]] if answers else conversation))
+    return requests, skipped
+
+
+class Generator:
+    """The language model (with the adapter, if any) answering from cached tokens."""
+
+    def __init__(self, checkpoint, tokenizer, cache, *, adapter=None, dtype: str = "float32", device: str = "cpu"):
+        from qprep.train.loop import merge_size_of, placeholder_ids
+        from qprep.train.model import LanguageModel
+
+        self.tokenizer, self.cache, self.device = tokenizer, cache, device
+        self.omni = checkpoint.has_audio
+        self.ids = placeholder_ids(tokenizer, self.omni)
+        self.merge_size = merge_size_of(checkpoint)
+        self.stop = stop_ids(checkpoint, tokenizer)
+        self.model = LanguageModel(checkpoint, dtype=dtype, device=device).eval()
+        self.adapter = load_adapter(self.model, adapter) if adapter is not None else None  # LoRA layers go in place
+
+    def prompt_ids(self, request: Request) -> list[int]:
+        """The rendered prompt with the video's block in place (as training lays it out)."""
+        from qprep.schemas.layout import video_block
+
+        text = self.tokenizer.apply_chat_template(request.conversation, tokenize=False, add_generation_prompt=True)
+        text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        row = self.cache.row(request.id)
+        block = video_block(tuple(row["grid_thw"]), self.ids, merge_size=self.merge_size,
+                            second_per_grid=row["second_per_grid"],
+                            audio_tokens=(row["audio_length"] or 0) if self.omni else 0)
+        at = text_ids.index(self.ids.video)
+        return text_ids[: at - 1] + block + text_ids[at + 2:]
+
+    def batch(self, request: Request):
+        from qprep.train.data import IGNORE, Sample, collate
+
+        input_ids = self.prompt_ids(request)
+        row = self.cache.row(request.id)
+        sample = Sample(id=request.id, input_ids=input_ids, labels=[IGNORE] * len(input_ids),
+                        has_audio=self.omni and bool(row["audio_length"]))
+        pad = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        return collate([sample], self.cache, pad, audio=self.omni).to(self.device)
+
+    @torch.inference_mode()
+    def generate(self, request: Request, max_new_tokens: int, scores: list | None = None) -> list[int]:
+        """Greedy new token ids (the end-of-sequence token included when reached); see `greedy`."""
+        return greedy(self.model, self.batch(request), max_new_tokens, self.stop, scores)
+
+
+def greedy(model, batch, max_new_tokens: int, stop: set[int], scores: list | None = None) -> list[int]:
+    """Greedy decoding with a KV cache from a `Batch` of one prompt, as `generate(do_sample=False)`.
+    With `scores`, each step's logits [1, vocab] are appended to it."""
+    from transformers import DynamicCache
+
+    if batch.input_ids.shape[0] != 1 or not bool(batch.attention_mask.all()):
+        raise ValueError("greedy decodes one unpadded prompt at a time")
+    text_model = model.language_model
+    cache = DynamicCache(config=model.config.get_text_config())
+    positions = prompt_positions(model, batch)
+    embeds = model.embed(batch)
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        # one unpadded prompt: no attention mask, as generate drops an all-ones one
+        hidden = text_model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
+                            use_cache=True).last_hidden_state
+        # The last position only (VL's generate does the same; Omni's thinker multiplies the whole
+        # prompt, gigabytes of logits for a long video, and keeps the last row: 1e-7 apart in fp32).
+        logits = model.lm_head(hidden[:, -1:])[:, -1]
+        if scores is not None:
+            scores.append(logits)
+        token = int(logits.argmax(-1))
+        tokens.append(token)
+        if token in stop:
+            break
+        embeds = text_model.get_input_embeddings()(torch.tensor([[token]], device=positions.device))
+        positions = positions[..., -1:] + 1  # generate's rule: the last position + 1, on every row
+    return tokens
+
+
+def prompt_positions(model, batch) -> torch.Tensor:
+    """[text; temporal; height; width] positions of the prompt, as `generate` builds them: the 1-D text
+    positions (for the attention mask) on top of the model's own 3-D ones."""
+    text = (batch.attention_mask.long().cumsum(-1) - 1).masked_fill(batch.attention_mask == 0, 0)
+    return torch.cat([text[None], model.position_ids(batch)], dim=0)
+
+
+def stop_ids(checkpoint, tokenizer) -> set[int]:
+    """The checkpoint's end-of-sequence ids (its generation config), else the tokenizer's."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(checkpoint.source, revision=checkpoint.revision).eos_token_id
+    except OSError:
+        eos = None
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def load_adapter(model, adapter: str | Path):
+    """Put a LoRA adapter saved by `qprep train` (peft's format) into the language model, in place."""
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise SettingsError(f"--adapter {adapter}: no adapter_config.json there (expected a folder written by "
+                            f"`qprep train`, e.g. run/adapter or run/checkpoint-*)")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter)).eval()
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise SettingsError(f"--adapter {adapter} does not fit the model: {str(exc).splitlines()[0]}") from exc

@@ -1,0 +1,161 @@
+"""`qprep infer`: greedy answers from the cache equal transformers' `generate` on the raw video through
+its own processor, with the same adapter applied by peft; the CLI writes one answer per id."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoProcessor, AutoTokenizer
+from transformers.video_utils import VideoMetadata
+
+from qprep import open_cache
+from qprep.cli import main
+from qprep.extraction.run import ExtractOptions, extract
+from qprep.models.checkpoint import open_checkpoint
+from qprep.schemas.settings import VideoSettings, load_model_spec
+from qprep.schemas.training import LoraSettings, TrainSettings
+from qprep.synth import VideoSpec, make_video
+from qprep.train.infer import DENSE_CAPTION_PROMPT, Generator, choose_requests, prompt_positions
+from qprep.train.loop import train
+from reference import plain_audio_decode, plain_decode
+from test_train_loop import write_data
+
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def adapter(omni_store, tmp_path_factory):
+    """A LoRA adapter trained a few steps on the tiny Omni store (lr high enough to move the answers)."""
+    model_dir, cache = omni_store
+    root = tmp_path_factory.mktemp("infer-run")
+    settings = TrainSettings(epochs=2, lr=5e-2, grad_accum=1, workers=0, gradient_checkpointing=False,
+                             lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    train(cache.store.root, write_data(root / "train.json"), model_dir, root / "run", settings, progress=False,
+          echo=lambda _: None)
+    return root / "run" / "adapter"
+
+
+def raw_inputs(model_dir, path, row, question: str, omni: bool):
+    """transformers' processor on the raw video (plainly decoded frames, the whole audio track), with the
+    assistant's turn opened, as one calls `generate`."""
+    processor = AutoProcessor.from_pretrained(model_dir)
+    spec = load_model_spec(model_dir)
+    frames, _ = plain_decode(path)
+    chosen = np.stack([frames[i] for i in row["frame_indices"]])
+    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    metadata = VideoMetadata(total_num_frames=len(chosen), fps=row["sample_fps"],
+                             frames_indices=list(range(len(chosen))))
+    kwargs = dict(text=[text], videos=[chosen], video_metadata=[metadata], do_sample_frames=False,
+                  size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}, return_tensors="pt")
+    if omni:
+        kwargs.update(audio=[plain_audio_decode(path)], use_audio_in_video=True, audio_from_video_indices=[0])
+    return processor(**kwargs)
+
+
+def full_model(model_dir, omni: bool):
+    if omni:
+        from transformers import Qwen2_5OmniForConditionalGeneration
+
+        return Qwen2_5OmniForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).thinker.eval()
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def generated(model, inputs, stop: set[int], **kwargs) -> tuple[list[int], tuple]:
+    """transformers' greedy `generate`: the new token ids and each step's logits."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=sorted(stop),
+                             output_logits=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), out.logits
+
+
+def assert_same_steps(ours: tuple[list[int], list], theirs: tuple[list[int], tuple], what: str,
+                      atol: float = 0.0) -> None:
+    """The same tokens, and every step's logits (a position off by a few ids moves the logits of a tiny
+    random model by ~1e-3 without always changing its argmax)."""
+    assert ours[0] == theirs[0], what
+    assert len(ours[1]) == len(theirs[1]) == len(ours[0])
+    for step, (mine, reference) in enumerate(zip(*(ours[1], theirs[1]))):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=atol, msg=f"{what}: logits of new token {step}")
+
+
+def ours_with_logits(generator, request) -> tuple[list[int], list]:
+    scores: list = []
+    return generator.generate(request, NEW_TOKENS, scores), scores
+
+
+def test_greedy_answers_from_the_cache_equal_generate_on_the_raw_video_with_the_same_adapter(omni_store, adapter):
+    from peft import PeftModel
+
+    model_dir, cache = omni_store
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ours = Generator(open_checkpoint(model_dir), tokenizer, cache, adapter=adapter)
+    base = Generator(open_checkpoint(model_dir), tokenizer, cache)
+    requests, _ = choose_requests(cache, ids=["a", "b"])
+    videos = cache.store.root.parent / "videos"
+    thinker = PeftModel.from_pretrained(full_model(model_dir, omni=True), str(adapter)).eval()
+    for request in requests:
+        row = cache.row(request.id)
+        inputs = raw_inputs(model_dir, videos / row["path"], row, DENSE_CAPTION_PROMPT, omni=True)
+        assert ours.prompt_ids(request) == inputs["input_ids"][0].tolist()
+        answer = ours_with_logits(ours, request)
+        # The thinker computes lm_head over the whole prompt and keeps the last row; qprep multiplies the
+        # last row alone (a long prompt's full logits would take gigabytes): 1e-7 apart in fp32.
+        assert_same_steps(answer, generated(thinker, inputs, ours.stop, use_audio_in_video=True), request.id,
+                          atol=1e-6)
+        assert answer[0] != base.generate(request, NEW_TOKENS), "the adapter must change the answer"
+
+
+@pytest.fixture(scope="module")
+def long_vl_store(ray_cluster, tiny_model, tmp_path_factory):
+    """A VL store of a 10 s clip sampled at 4 frames: 5 s per temporal patch."""
+    root = tmp_path_factory.mktemp("infer-vl")
+    make_video(root / "videos" / "long.mp4", VideoSpec(width=64, height=64, fps=10, seconds=10))
+    extract(root / "videos", root / "store.zarr", str(tiny_model("qwen2_5_vl")), VideoSettings(num_frames=4),
+            dtype="float32", shards=1, options=ExtractOptions(progress=False))
+    return str(tiny_model("qwen2_5_vl")), open_cache(root / "store.zarr")
+
+
+def test_vl_generated_tokens_continue_from_the_last_prompt_position_as_generate_does(long_vl_store):
+    """Qwen2.5-VL places text after a video at start + max(h, w)/2: here the prompt's last position is
+    below the video's largest temporal one, so `rope_deltas` (largest + 1) and `generate` (last + 1)
+    disagree; qprep follows `generate`."""
+    model_dir, cache = long_vl_store
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ours = Generator(open_checkpoint(model_dir), tokenizer, cache)
+    request = choose_requests(cache, ids=["long"], prompt="Hi")[0][0]
+    positions = prompt_positions(ours.model, ours.batch(request))
+    assert int(positions[1:, 0, -1].max()) < int(positions[1:].max())  # the case where the rules differ
+    row = cache.row("long")
+    inputs = raw_inputs(model_dir, cache.store.root.parent / "videos" / row["path"], row, "Hi", omni=False)
+    assert ours.prompt_ids(request) == inputs["input_ids"][0].tolist()
+    assert_same_steps(ours_with_logits(ours, request), generated(full_model(model_dir, omni=False), inputs, ours.stop),
+                      "long")
+
+
+def test_cli_infer_writes_one_answer_per_id(omni_store, adapter, tmp_path):
+    model_dir, cache = omni_store
+    out = tmp_path / "answers.jsonl"
+    base = ["infer", "--cache", str(cache.store.root), "--max-new-tokens", "4", "--quiet"]
+    result = CliRunner().invoke(main, base + ["--adapter", str(adapter), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == cache.ids() == ["a", "b"]
+    assert all(isinstance(line["answer"], str) for line in lines)
+
+    data = write_data(tmp_path / "test.json")  # a, b and the broken video
+    result = CliRunner().invoke(main, base + ["--model", model_dir, "--data", data, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "left out 1: video failed extraction (broken)" in result.output
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b"]
+
+    result = CliRunner().invoke(main, base + ["--ids", "broken", "--out", str(out)])
+    assert result.exit_code == 3 and "broken not extracted ok" in result.output
+    result = CliRunner().invoke(main, base + ["--adapter", str(tmp_path), "--out", str(out)])
+    assert result.exit_code == 3 and "no adapter_config.json" in result.output

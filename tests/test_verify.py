@@ -1,0 +1,111 @@
+"""`qprep verify`: passes on a fresh store, fails naming the video whose cached tokens were corrupted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from qprep import open_cache
+from qprep.audit import reference
+from qprep.cli import EXIT_MISMATCH, EXIT_SETTINGS, main
+from qprep.extraction.run import ExtractOptions, extract
+from qprep.schemas.settings import VideoSettings
+from qprep.synth import VideoSpec, make_video
+
+
+def copy_store(cache, tmp_path):
+    root = tmp_path / "store.zarr"
+    shutil.copytree(cache.store.root, root)
+    return root
+
+
+def token_array(store, video_id: str, kind: str = "video"):
+    """The writable Zarr array holding a video's tokens, and the video's rows in it."""
+    row = open_cache(store).row(video_id)
+    array = zarr.open_array(str(store / "shards" / f"{row['shard']:05d}" / row["shard_key"][:16] / kind), mode="r+")
+    return array, slice(row[f"{kind}_offset"], row[f"{kind}_offset"] + row[f"{kind}_length"])
+
+
+def run_verify(*args):
+    return CliRunner().invoke(main, ["verify", *map(str, args), "--quiet"])
+
+
+def test_verify_passes_on_a_fresh_store_and_names_the_video_whose_tokens_were_corrupted(omni_store, tmp_path,
+                                                                                       monkeypatch):
+    _, cache = omni_store
+    store = copy_store(cache, tmp_path)
+    # frames go through the processor two at a time: the rows must still equal the cache's exactly
+    monkeypatch.setattr(reference, "FRAMES_PER_CALL", 2)
+
+    result = run_verify(store, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["tolerance"] == 0 and report["dtype"] == "float32"
+    assert [r["id"] for r in report["results"]] == ["a", "b"]  # the broken video has nothing to verify
+    for entry in report["results"]:
+        checks = {c["name"]: c for c in entry["checks"]}
+        assert {"file", "frame_count", "frame_indices", "frame_times", "second_per_grid", "grid_thw",
+                "video_tokens", "mel_length", "audio_tokens"} <= set(checks)
+        assert checks["video_tokens"]["detail"] == checks["audio_tokens"]["detail"] == "bit-exact"
+
+    array, rows = token_array(store, "b")
+    values = array[rows]
+    values[3] += 0.5
+    array[rows] = values
+    result = run_verify(store)
+    assert result.exit_code == EXIT_MISMATCH, result.output
+    assert "ok    a:" in result.output
+    assert "FAIL  b: video_tokens: max |Δ| 0.5" in result.output and "first row 3" in result.output
+    assert "1 of 2 videos differ from the reference: b (video_tokens)" in result.output
+
+    result = run_verify(store, "--ids", "a")  # the others are not looked at
+    assert result.exit_code == 0, result.output
+
+
+def test_verify_refuses_another_model_and_unknown_ids(omni_store, tiny_model, tmp_path):
+    _, cache = omni_store
+    store = copy_store(cache, tmp_path)
+    result = run_verify(store, "--model", tiny_model("qwen2_5_vl"))
+    assert result.exit_code == EXIT_SETTINGS and "is not the model" in result.output
+    result = run_verify(store, "--ids", "a,nope")
+    assert result.exit_code == EXIT_SETTINGS and "no video nope" in result.output
+    result = run_verify(store, "--ids", "broken")
+    assert result.exit_code == EXIT_SETTINGS and "failed extraction" in result.output
+
+
+@pytest.fixture(scope="module")
+def vl_store(ray_cluster, tiny_model, tmp_path_factory):
+    """A bf16 VL store with a fixed size, a fixed frame count and a window; one video rotated."""
+    root = tmp_path_factory.mktemp("vl-verify")
+    make_video(root / "videos" / "plain.mp4", VideoSpec(width=128, height=96, fps=25, seconds=2, bframes=2))
+    make_video(root / "videos" / "turned.mp4", VideoSpec(width=112, height=84, fps=30, seconds=2, rotation=90))
+    settings = VideoSettings(num_frames=4, size=(84, 112), video_start=0.2, video_end=1.7)
+    extract(root / "videos", root / "store.zarr", str(tiny_model("qwen2_5_vl")), settings, dtype="bfloat16",
+            shards=2, options=ExtractOptions(progress=False))
+    return open_cache(root / "store.zarr")
+
+
+def test_verify_a_bf16_vl_store_and_its_tolerance(vl_store, tmp_path):
+    store = copy_store(vl_store, tmp_path)
+    result = run_verify(store, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["dtype"] == "bfloat16" and report["tolerance"] == 2**-6
+    for entry in report["results"]:
+        checks = {c["name"]: c for c in entry["checks"]}
+        assert checks["video_tokens"]["detail"] == "bit-exact"  # the same kernels on the same device
+        assert checks["audio"]["ok"] and "audio_tokens" not in checks
+
+    # one value one bf16 step off: within the default tolerance, not within 0
+    array, rows = token_array(store, "turned")
+    bits = array[rows]
+    bits[0, 0] = np.uint16(bits[0, 0] + 1)
+    array[rows] = bits
+    assert run_verify(store).exit_code == 0
+    result = run_verify(store, "--tolerance", "0")
+    assert result.exit_code == EXIT_MISMATCH and "FAIL  turned: video_tokens" in result.output

@@ -71,3 +71,14 @@ def test_a_train_table_with_a_typo_is_rejected(tmp_path):
     path.write_text('name = "mine"\n[train]\nlora_rank = 8\n')
     with pytest.raises(SettingsError, match=r"mine.toml.*lora_rank.*known: .*lora_r"):
         load_job(path)
+
+
+def test_a_users_file_builds_on_a_preset_and_flags_override_both(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\npreset = "seed-omni-100f"\n[video]\nfps = 1.0\n[train]\nlr = 5e-4\n')
+    job = load_job(path)
+    assert job.model == "Qwen/Qwen2.5-Omni-3B" and "seed-omni-100f" in job.source
+    video = job.video_settings()
+    assert (video.fps, video.num_frames, video.size) == (1.0, None, (224, 224))  # the file's rule, the preset's size
+    train = job.train_settings(epochs=7)
+    assert (train.lr, train.epochs, train.lora.dropout) == (5e-4, 7, 0.05)  # file, flag, preset

@@ -1,6 +1,7 @@
 """Job presets: named, versioned TOML files of settings (`jobs/` in the repository).
 
-A preset has `name`, `version`, an optional `model`, and tables of settings: `[video]` holds
+A preset has `name`, `version`, an optional `model`, an optional `preset` (a named preset this
+file builds on: its tables first, then this file's), and tables of settings: `[video]` holds
 `VideoSettings` fields (what `qprep extract` and `qprep prepare` do), `[train]` holds
 `TrainSettings` fields (what `qprep train` does; see `qprep.schemas.training`). Flags given on the
 command line override the preset.
@@ -70,7 +71,7 @@ def load_job(name_or_path: str | Path) -> Job:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"job file {source} is not valid TOML: {exc}") from None
-    unknown = set(data) - {"name", "version", "model", "video", "train"}
+    unknown = set(data) - {"name", "version", "model", "preset", "video", "train"}
     if unknown:
         raise SettingsError(f"job file {source}: unknown keys {sorted(unknown)}")
     video = dict(data.get("video", {}))
@@ -78,6 +79,17 @@ def load_job(name_or_path: str | Path) -> Job:
         video["size"] = tuple(video["size"])
     job = Job(name=str(data.get("name", path.stem)), version=int(data.get("version", 1)), model=data.get("model"),
               video=video, train=dict(data.get("train", {})), source=source)
+    if "preset" in data:  # a user's file on top of a named preset: the file's keys win
+        job = _on_top_of(load_job(str(data["preset"])), job)
     job.video_settings()  # validate now, not when the first video is prepared
     job.train_settings()
     return job
+
+
+def _on_top_of(base: Job, job: Job) -> Job:
+    video = dict(base.video)
+    if "fps" in job.video or "num_frames" in job.video:  # one sampling rule: the file's replaces the preset's
+        video.pop("fps", None)
+        video.pop("num_frames", None)
+    return Job(name=job.name, version=job.version, model=job.model or base.model, video={**video, **job.video},
+               train={**base.train, **job.train}, source=f"{job.source} (on preset {base.name})")

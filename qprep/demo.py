@@ -3,8 +3,8 @@
 Makes a handful of short videos with speech-like audio and visible events at known times (a red
 disc and a tone burst), a tiny Qwen2.5-Omni checkpoint (random weights, real structure and key
 layout), and a LongVALE-style training file whose answers say when the events happen; then runs
-`extract` through Ray, `status`, a few `train` steps from the store and an `extract` re-run that
-finds nothing to do, and prints where everything went and what each step took. `--videos` and
+`extract` through Ray, `status`, a few `train` steps from the store, `infer` with the adapter and an
+`extract` re-run that finds nothing to do, and prints where everything went and what each step took. `--videos` and
 `--model` run the same steps on one's own inputs.
 """
 
@@ -70,6 +70,7 @@ def _steps(result: DemoResult, job: str, echo) -> None:
     from qprep.models.tiny import make_tiny_model
     from qprep.schemas.jobs import load_job
     from qprep.store.status import format_status, store_status
+    from qprep.train.infer import infer
     from qprep.train.loop import train
 
     preset = load_job(job)
@@ -98,6 +99,14 @@ def _steps(result: DemoResult, job: str, echo) -> None:
     training = result.training
     echo(f"{training.steps} optimizer steps from the cache (no tower loaded, no video decoded): loss "
          f"{training.first_loss:.3f} → {training.last_loss:.3f}")
+    answers = result.workdir / "answers.jsonl"
+    first = json.loads(result.data.read_text())[0]["id"]
+    echo(f"\n$ qprep infer --cache {result.store} --adapter {result.run / 'adapter'} --ids {first} "
+         f"--max-new-tokens 16 --out {answers}")
+    with _timed(result, "infer", echo):
+        infer(result.store, result.model, answers, adapter=result.run / "adapter", ids=[first], max_new_tokens=16,
+              progress=False)
+    echo(f"{answers.read_text().strip()}   (random weights: the words mean nothing, the path is the real one)")
     echo(f"\n$ qprep extract ... (again: nothing changed, so nothing is decoded and Ray does not start)")
     with _timed(result, "extract again", echo):
         result.re_run = extract(result.videos, result.store, result.model, settings)
@@ -142,6 +151,6 @@ def _report(result: DemoResult) -> str:
     places = [("videos", result.videos), ("tiny model", result.model), ("store (Zarr + Parquet)", result.store),
               ("training data", result.data), ("adapter (peft format)", result.run / "adapter"),
               ("metrics, loss curve", f"{result.run / 'metrics.jsonl'}, {result.run / 'loss.png'}"),
-              ("effective settings", result.run / "run.json")]
+              ("effective settings", result.run / "run.json"), ("answers", result.workdir / "answers.jsonl")]
     lines += [f"  {name:<24} {place}" for name, place in places]
     return "\n".join(lines)

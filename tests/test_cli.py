@@ -57,4 +57,6 @@ def test_demo_runs_end_to_end(tmp_path):
     assert sum(losses[-len(DEMO_VIDEOS):]) < sum(losses[:len(DEMO_VIDEOS)])  # the last epoch's below the first's
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert "nothing to do, 5 videos up to date" in result.output  # the re-run extracted nothing
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 1 and answers[0]["id"] == records[0]["id"]
     assert "what each step took" in result.output and "where everything went" in result.output

@@ -219,7 +219,8 @@ def load_model(source: str, family: str, *, dtype: str, device: str, attn_implem
 
     class_name, part = FULL_MODELS[family]
     model = getattr(transformers, class_name).from_pretrained(
-        source, revision=revision, dtype=DTYPES[dtype], attn_implementation=attn_implementation, device_map=device)
+        source, revision=revision, dtype=DTYPES[dtype], attn_implementation=attn_implementation, device_map=device,
+        use_safetensors=True)  # never unpickle weights: a .bin-only checkpoint is refused
     model = getattr(model, part) if part else model
     return model.eval().requires_grad_(False)
 

@@ -226,6 +226,9 @@ def load_adapter(model, adapter: str | Path):
     if not (adapter / "adapter_config.json").is_file():
         raise SettingsError(f"--adapter {adapter}: no adapter_config.json there (expected a folder written by "
                             f"`qprep train`, e.g. run/adapter or run/checkpoint-*)")
+    if not (adapter / "adapter_model.safetensors").is_file():  # peft would fall back to unpickling a .bin
+        raise SettingsError(f"--adapter {adapter}: no adapter_model.safetensors there; qprep loads weights "
+                            f"from safetensors only")
     try:
         return PeftModel.from_pretrained(model, str(adapter)).eval()
     except (RuntimeError, ValueError, KeyError) as exc:

@@ -229,7 +229,7 @@ def _restore(out: Path, peft_model, optimizer) -> dict | None:
         return None
     latest = checkpoints[-1]
     set_peft_model_state_dict(peft_model, load_file(str(latest / "adapter_model.safetensors")))
-    saved = torch.load(latest / "trainer.pt", weights_only=False)
+    saved = torch.load(latest / "trainer.pt", weights_only=True)  # tensors and plain values only: no pickle
     optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["rng"])
     return json.loads((latest / "state.json").read_text())

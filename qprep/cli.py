@@ -71,10 +71,12 @@ def main():
       qprep extract --videos DIR --out store.zarr --model MODEL
                                       cache the towers' output for a folder of videos
       qprep status store.zarr         what a store holds and what a re-run would do
-      qprep jobs                      the named presets
       qprep verify store.zarr         recompute a sample with transformers and compare with the cache
+      qprep train --cache store.zarr --data train.json --model MODEL --out run/
+                                      LoRA on the language model from the cache
       qprep infer --cache store.zarr --adapter run/adapter --out answers.jsonl
                                       answer from the cache with a trained adapter
+      qprep jobs                      the named presets
     """
 
 
@@ -164,6 +166,11 @@ def status(store, videos, as_json):
     """What STORE holds (shards, videos ok/failed/pending, tokens, bytes, config, model).
 
     Nothing is decoded: pending videos are found by size and modification time.
+
+    \b
+    Examples:
+      qprep status clips.zarr
+      qprep status clips.zarr --videos ~/clips --json | jq .videos
     """
     import json
 
@@ -346,15 +353,31 @@ def infer(cache_path, model, adapter, out, ids, data, prompt, max_new_tokens, de
 
 
 @main.command()
-def jobs():
-    """List the named presets that --job accepts."""
+@click.option("--json", "as_json", is_flag=True, help="Print every preset's settings as JSON.")
+def jobs(as_json):
+    """List the named presets that --job accepts.
+
+    A TOML file can build on one (`preset = "seed-omni-100f"`, then its own [video] / [train]
+    tables); flags override both.
+
+    \b
+    Examples:
+      qprep jobs
+      qprep extract --videos clips/ --out clips.zarr --job seed-omni-100f
+    """
+    import json
+
     from qprep.schemas.jobs import available_jobs, load_job
 
-    for name in available_jobs():
-        job = load_job(name)
+    presets = [load_job(name) for name in available_jobs()]
+    if as_json:
+        click.echo(json.dumps([{"name": j.name, "version": j.version, "model": j.model, "video": j.video,
+                                "train": j.train} for j in presets], indent=2))
+        return
+    for job in presets:
         video = ", ".join(f"{k}={v}" for k, v in job.video.items())
         train = ", ".join(f"{k}={v}" for k, v in job.train.items() if k != "lora_targets")
-        click.echo(f"{name:<18} v{job.version}  model={job.model or '-'}\n    video: {video}"
+        click.echo(f"{job.name:<18} v{job.version}  model={job.model or '-'}\n    video: {video}"
                    + (f"\n    train: {train}" if train else ""))
 
 

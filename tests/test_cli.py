@@ -38,6 +38,9 @@ def test_jobs_lists_the_presets():
     result = CliRunner().invoke(main, ["jobs"])
     assert result.exit_code == 0
     assert "seed-omni-100f" in result.output and "qwen-default" in result.output
+    listed = json.loads(CliRunner().invoke(main, ["jobs", "--json"]).output)
+    seed = next(job for job in listed if job["name"] == "seed-omni-100f")
+    assert seed["video"]["num_frames"] == 100 and seed["train"]["lora_r"] == 16
 
 
 def test_demo_runs_end_to_end(tmp_path):

@@ -302,3 +302,25 @@ def test_an_up_to_date_store_is_checked_without_torch_ray_or_transformers(ray_cl
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [0, 1, False, []]
+
+
+def test_rebuild_refuses_a_store_another_process_is_writing(tiny_model, tmp_path):
+    """--rebuild deletes the store, so it must take the writer's lock first."""
+    from qprep.store.layout import Store
+
+    store = Store.create(tmp_path / "busy.zarr", config={}, fingerprint="f", model="m", hidden_size=4,
+                         dtype="float32", shard_count=1, has_audio=False)
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from qprep.store.layout import Store\n"
+        f"with Store.open({str(store.root)!r}).lock():\n    print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreError, match="another qprep extract is writing"):
+            Store.remove(store.root)
+        assert (store.root / "zarr.json").is_file()
+    finally:
+        writer.kill()
+        writer.wait()
+    Store.remove(store.root)  # the holder died: the kernel released its lock
+    assert not store.root.exists()

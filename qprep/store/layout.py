@@ -95,10 +95,11 @@ class Store:
 
     @staticmethod
     def remove(root: str | Path) -> None:
-        """Delete a store (for --rebuild); refuses a directory that is not a qprep store."""
+        """Delete a store (for --rebuild); refuses a directory that is not a qprep store, and a store
+        another process is writing (it holds the lock)."""
         root = Path(root)
-        Store.open(root)
-        shutil.rmtree(root)
+        with Store.open(root).lock():
+            shutil.rmtree(root)
 
     @property
     def fingerprint(self) -> str:

@@ -118,7 +118,7 @@ def prepare(video, job, model, as_json, **flags):
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
               help="Where the towers run (default: one actor per GPU when the cluster has GPUs, else the CPU).")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
-              help="Videos per tower-stage batch (tower calls within it are packed by a token budget).")
+              help="Videos per tower-stage batch handed to the tower actor (each video is its own tower call).")
 @click.option("--revision", default=None, help="Hub revision of --model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -1,8 +1,9 @@
 """The config fingerprint: one hash over everything that changes the bytes a store holds.
 
 Two runs with the same fingerprint produce the same tokens for the same video, so their shards can
-live in one store. Anything else (thread counts, batch budgets, Ray placement) is left out: batching
-is bitwise neutral (tested) and the rest does not touch the output.
+live in one store. Anything else (thread counts, Ray placement, videos per tower-stage batch) is left
+out: the towers take one video per call (`qprep.schemas.towers.Budget`), so none of it touches the
+output.
 """
 
 from __future__ import annotations

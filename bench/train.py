@@ -89,7 +89,6 @@ import gc
 import hashlib
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -97,8 +96,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
+
+import machine  # bench/machine.py: what the run was measured on
+
+PACKAGES = ("torch", "transformers", "peft", "decord", "qwen-vl-utils", "qwen-omni-utils", "librosa", "zarr")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -713,36 +715,7 @@ def fresh(path: Path) -> Path:
 
 
 def environment(workdir: Path) -> dict:
-    facts = {"cores": os.cpu_count(), "cpu": _cpu_model(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE")
-             * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), "python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "decord", "qwen-vl-utils", "qwen-omni-utils", "librosa", "zarr"):
-        try:
-            facts[name] = version(name)
-        except Exception:
-            facts[name] = None
-    facts["qprep sources"] = source_state()
-    facts["workdir"] = str(workdir)
-    return facts
-
-
-def source_state() -> str:
-    """The git commit plus a digest of qprep/*.py as they are now (uncommitted edits included)."""
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "qprep").rglob("*.py")):
-        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
-    return f"{commit} + working tree {digest.hexdigest()[:12]}"
-
-
-def _cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
+    return machine.environment(workdir, PACKAGES)
 
 
 def fmt(value, pattern: str, suffix: str = "") -> str:

@@ -631,7 +631,7 @@ def compute_worker(job: dict) -> dict:
 
 
 WORKERS = {"cache": cache_worker, "floor": loop_worker, "cache-loop": loop_worker, "raw": raw_worker,
-           "raw-stock": raw_worker,           "extract": extract_worker, "compute": compute_worker}
+           "raw-stock": raw_worker, "extract": extract_worker, "compute": compute_worker}
 
 
 def worker_main(job_json: str) -> None:

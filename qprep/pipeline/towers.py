@@ -3,8 +3,9 @@
 Only the tower weights are read (see `qprep.models.checkpoint`). The towers are built with the
 model's own transformers classes and called through the model class's own `get_video_features` /
 `get_audio_features`, so the merged visual tokens are `.pooler_output` exactly as the full model
-computes them. Several videos go through one tower call, grouped by a token budget; the result is
-bitwise the same as one video at a time (tested).
+computes them. By default each video is its own tower call: packing several into one call moves
+their tokens by an ulp with their batch-mates (the kernels pick algorithms by shape), and a video's
+bytes must not depend on which other videos a run extracts. An explicit `Budget` packs for throughput.
 """
 
 from __future__ import annotations

@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -70,7 +69,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import machine  # bench/machine.py: what the run was measured on
+import machine  # bench/machine.py: what the run was measured on, and how busy it was
+from machine import QUIET, children_cpu_s, system_busy_s, wait_for_quiet
 
 PACKAGES = ("torch", "transformers", "ray", "av", "decord", "qwen-vl-utils", "qwen-omni-utils", "zarr")
 
@@ -185,7 +185,7 @@ def ensure_noop_tree(workdir: Path, count: int) -> NoopTree:
 # Measuring a process: wall time and the memory of its whole tree
 
 
-TICK = os.sysconf("SC_CLK_TCK")
+TICK = machine.TICK
 
 
 def _kb(path: str, fields: tuple[str, ...]) -> dict[str, int]:
@@ -203,18 +203,6 @@ def _cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def system_busy_s() -> float:
-    """CPU seconds all cores have spent busy since boot (/proc/stat, idle and iowait excluded)."""
-    with open("/proc/stat") as handle:
-        values = [int(v) for v in handle.readline().split()[1:]]
-    return (sum(values) - values[3] - values[4]) / TICK
-
-
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 class TreeMonitor:
@@ -293,21 +281,6 @@ def run_measured(command: list[str], env: dict | None = None) -> Measured:
     others = max(0.0, system_busy_s() - busy - cpu - (time.process_time() - own)) / wall
     return Measured(wall, process.returncode, stdout, stderr, monitor.rss_kb / 1024, monitor.pss_kb / 1024,
                     monitor.root_hwm_kb / 1024, monitor.processes, cpu, others, monitor.largest_child_rss_kb / 1024)
-
-
-QUIET = {"max_wait_s": 0.0, "waited_s": 0.0}
-
-
-def wait_for_quiet(idle_cores: float = 0.3, seconds: int = 3) -> None:
-    """Wait (at most --quiet-wait s) until other work keeps less than `idle_cores` busy for
-    `seconds` in a row, so that a measurement does not share the cores with, say, a test run."""
-    deadline, calm = time.monotonic() + QUIET["max_wait_s"], 0
-    began = time.monotonic()
-    while calm < seconds and time.monotonic() < deadline:
-        busy = system_busy_s()
-        time.sleep(1.0)
-        calm = calm + 1 if system_busy_s() - busy < idle_cores else 0
-    QUIET["waited_s"] += time.monotonic() - began
 
 
 def qprep_cli() -> list[str]:

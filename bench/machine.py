@@ -1,15 +1,20 @@
-"""What a benchmark ran on: the machine, the package versions, and the exact qprep sources."""
+"""What a benchmark ran on (the machine, the package versions, the exact qprep sources) and how busy
+others kept it meanwhile."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import platform
+import resource
 import subprocess
+import time
 from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+QUIET = {"max_wait_s": 0.0, "waited_s": 0.0}  # --quiet-wait, and how long the waits took
 
 
 def environment(workdir: Path, packages: tuple[str, ...]) -> dict:
@@ -43,3 +48,27 @@ def cpu_model() -> str:
         return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor()
+
+
+def system_busy_s() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat, idle and iowait excluded)."""
+    with open("/proc/stat") as handle:
+        values = [int(v) for v in handle.readline().split()[1:]]
+    return (sum(values) - values[3] - values[4]) / TICK
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wait_for_quiet(idle_cores: float = 0.3, seconds: int = 3) -> None:
+    """Wait (at most --quiet-wait s) until other work keeps less than `idle_cores` busy for
+    `seconds` in a row, so that a measurement does not share the cores with, say, a test run."""
+    deadline, calm = time.monotonic() + QUIET["max_wait_s"], 0
+    began = time.monotonic()
+    while calm < seconds and time.monotonic() < deadline:
+        busy = system_busy_s()
+        time.sleep(1.0)
+        calm = calm + 1 if system_busy_s() - busy < idle_cores else 0
+    QUIET["waited_s"] += time.monotonic() - began

@@ -89,7 +89,6 @@ import gc
 import hashlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -98,7 +97,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import machine  # bench/machine.py: what the run was measured on
+import machine  # bench/machine.py: what the run was measured on, and how busy it was
+from machine import QUIET, children_cpu_s, system_busy_s, wait_for_quiet
 
 PACKAGES = ("torch", "transformers", "peft", "decord", "qwen-vl-utils", "qwen-omni-utils", "librosa", "zarr")
 
@@ -280,34 +280,6 @@ class StepMemory:
                 "steps_peak_mb": _status_kb("VmHWM") / 1024, "peak_reset": self.reset_ok}
 
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def system_busy_s() -> float:
-    """CPU seconds all cores have spent busy since boot (/proc/stat, idle and iowait excluded)."""
-    with open("/proc/stat") as handle:
-        values = [int(v) for v in handle.readline().split()[1:]]
-    return (sum(values) - values[3] - values[4]) / TICK
-
-
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-QUIET = {"max_wait_s": 0.0, "waited_s": 0.0}
-
-
-def wait_for_quiet(idle_cores: float = 0.3, seconds: int = 3) -> None:
-    """Wait (at most --quiet-wait s) until other work keeps less than `idle_cores` busy for
-    `seconds` in a row, so that a measurement does not share the cores with, say, a test run."""
-    deadline, calm = time.monotonic() + QUIET["max_wait_s"], 0
-    began = time.monotonic()
-    while calm < seconds and time.monotonic() < deadline:
-        busy = system_busy_s()
-        time.sleep(1.0)
-        calm = calm + 1 if system_busy_s() - busy < idle_cores else 0
-    QUIET["waited_s"] += time.monotonic() - began
 
 
 # ---------------------------------------------------------------------------------------------

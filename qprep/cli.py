@@ -6,12 +6,15 @@ Exit codes: 0 success, 2 usage error, 3 bad settings, 4 a video that cannot be p
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from qprep.errors import SettingsError, VideoError
+from qprep.store.fs import is_url
 
 EXIT_SETTINGS, EXIT_VIDEO = 3, 4
 EXIT_MISMATCH = 5  # qprep verify: the cache differs from the reference
@@ -25,6 +28,20 @@ def _size(ctx, param, value):
     except ValueError:
         raise click.BadParameter("expected HEIGHTxWIDTH, e.g. 224x224") from None
     return height, width
+
+
+class StoreLocation(click.ParamType):
+    """A store's directory, or its URL (s3://bucket/prefix/store.zarr), which is kept as given."""
+
+    name = "store"
+
+    def __init__(self, exists: bool):
+        self._path = click.Path(exists=exists, file_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and is_url(value):
+            return value
+        return self._path.convert(value, param, ctx)
 
 
 def video_options(command):
@@ -78,6 +95,18 @@ def main():
                                       answer from the cache with a trained adapter
       qprep jobs                      the named presets
     """
+    _exit_cleanly_on_sigterm()
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (a scheduler's timeout, `kill`, a closed terminal session) unwinds like Ctrl-C: the
+    writer's lock is released and partial files are removed. Python's default dies on the spot,
+    which on an object store leaves a lock object that refuses every later run."""
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
 
 
 @main.command()
@@ -106,7 +135,8 @@ def prepare(video, job, model, as_json, **flags):
 @main.command()
 @click.option("--videos", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of videos (searched recursively). A video's id is its path in it, minus the extension.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="The store to create or update, e.g. store.zarr.")
+@click.option("--out", required=True, type=StoreLocation(exists=False),
+              help="The store to create or update, e.g. store.zarr or s3://bucket/prefix/store.zarr.")
 @video_options
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True,
               help="Tower dtype and token dtype; auto = the checkpoint's (bf16 for Qwen's releases), or the store's.")
@@ -120,10 +150,13 @@ def prepare(video, job, model, as_json, **flags):
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
               help="Videos per tower-stage batch handed to the tower actor (each video is its own tower call).")
 @click.option("--revision", default=None, help="Hub revision of --model.")
+@click.option("--follow-links", is_flag=True,
+              help="Also follow links that lead out of --videos (links inside it are always followed; links "
+                   "not followed are listed in the summary).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(videos, out, job, model, dtype, shards, rebuild, ray_address, device, batch_size, revision, as_json, quiet,
-            **flags):
+def extract(videos, out, job, model, dtype, shards, rebuild, ray_address, device, batch_size, revision, follow_links,
+            as_json, quiet, **flags):
     """Cache the frozen towers' output for every video under --videos in the store --out.
 
     The CPU stage (decode, sample, resize, patchify, log-mel) runs as Ray tasks; the vision and
@@ -147,7 +180,8 @@ def extract(videos, out, job, model, dtype, shards, rebuild, ray_address, device
         model = model or preset.model
         if not model:
             raise click.UsageError("--model is required (or a --job that names one)")
-        options = ExtractOptions(ray_address=ray_address, device=device, batch_size=batch_size, progress=not quiet)
+        options = ExtractOptions(ray_address=ray_address, device=device, batch_size=batch_size, progress=not quiet,
+                                 follow_links=follow_links)
         try:
             summary = run_extract(videos, out, model, settings, dtype=dtype, shards=shards, rebuild=rebuild,
                                   revision=revision, options=options)
@@ -158,7 +192,7 @@ def extract(videos, out, job, model, dtype, shards, rebuild, ray_address, device
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", type=StoreLocation(exists=True))
 @click.option("--videos", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Compare with this folder (default: the one the last extract used).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -182,8 +216,8 @@ def status(store, videos, as_json):
 
 
 @main.command()
-@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A store written by `qprep extract`.")
+@click.option("--cache", "cache_path", required=True, type=StoreLocation(exists=True),
+              help="A store written by `qprep extract` (a directory or a URL).")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help='JSON list of {"id", "conversations": [{"from": "human"|"gpt", "value"}]}; <video> marks the video.')
 @click.option("--model", default=None,
@@ -249,7 +283,7 @@ def train(cache_path, data, model, out, job, resume, as_json, quiet, **flags):
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", type=StoreLocation(exists=True))
 @click.option("--sample", type=click.IntRange(1), default=3, show_default=True,
               help="Check this many videos, drawn at random (see --seed) among those extracted ok.")
 @click.option("--all", "check_all", is_flag=True, help="Check every video extracted ok.")
@@ -300,8 +334,8 @@ def verify(store, sample, check_all, ids, seed, tolerance, videos, model, revisi
 
 
 @main.command()
-@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A store written by `qprep extract`.")
+@click.option("--cache", "cache_path", required=True, type=StoreLocation(exists=True),
+              help="A store written by `qprep extract` (a directory or a URL).")
 @click.option("--model", default=None,
               help="The base model (directory or hub id; default: the one the cache was extracted with).")
 @click.option("--adapter", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

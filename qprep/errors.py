@@ -42,6 +42,12 @@ class UnreadableFileError(VideoError):
     code = "unreadable"
 
 
+class FileNameError(VideoError):
+    """A file name that cannot be recorded as it is (not valid UTF-8: ids and the manifest are text)."""
+
+    code = "bad_file_name"
+
+
 class NoVideoStreamError(VideoError):
     code = "no_video_stream"
 

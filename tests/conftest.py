@@ -44,7 +44,10 @@ def ray_cluster():
     """One local Ray for the whole session (qprep uses an already initialized Ray as it is)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    # "local": a Ray of its own even while another process's `ray start` cluster runs on this machine
+    # (Ray would join that one, and refuse num_cpus)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -53,7 +53,7 @@ def install(point: str, k: int) -> None:
     elif point == "manifest":
         layout.pq.write_table = after(layout.pq.write_table, hit)
     elif point == "renamed":
-        layout.os.replace = after(layout.os.replace, hit, when=lambda src, dst: str(dst).endswith(".parquet"))
+        os.replace = after(os.replace, hit, when=lambda src, dst: str(dst).endswith(".parquet"))
     elif point == "committed":
         layout.Store.commit_shard = after(layout.Store.commit_shard, hit)
     elif point != "none":

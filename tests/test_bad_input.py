@@ -60,6 +60,44 @@ def test_truncated_with_index_at_the_start(videos, tmp_path, fraction):
     assert "frames" in error.cause
 
 
+def test_cut_inside_the_index_is_truncated_not_a_video_without_audio(videos, tmp_path):
+    # Cut near its end, the index still describes the whole video track: FFmpeg reads it and drops
+    # the audio track without a word.
+    source = videos("moov-at-end.mp4", width=160, height=96, fps=25, seconds=4)
+    data = source.read_bytes()
+    moov = data.rindex(b"moov") - 4
+    path = tmp_path / "cut-index.mp4"
+    path.write_bytes(data[: moov + (len(data) - moov) * 97 // 100])
+    assert_fails(path, errors.DecodeError, "truncated", "'moov' box")
+    stopped = cut(source, tmp_path / "stopped.mp4", 0.5)  # a recording stopped before its index was written
+    assert_fails(stopped, errors.UnreadableFileError, "truncated", "'mdat' box")
+
+
+def avi_frames(path, timestamps):
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for pts in timestamps:
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), pts * 8 % 256, np.uint8), format="rgb24")
+            frame.pts = pts
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def test_avi_dropped_frame_is_a_gap_not_a_truncation(tmp_path):
+    # AVI writes a dropped frame as an empty index entry: counted by the container, skipped by the demuxer.
+    path = avi_frames(tmp_path / "dropped.avi", [0, 1, 2, 4, 5, 6, 7, 8, 9])
+    prepared = qprep.preprocess_video(path, num_frames=4)
+    assert prepared.metadata.frame_count == 9
+    assert prepared.metadata.frame_times == pytest.approx((0.0, 0.4, 0.6, 0.9))  # from the timestamps: 3 is missing
+    whole = avi_frames(tmp_path / "whole.avi", range(30))
+    assert_fails(cut(whole, tmp_path / "cut.avi", 0.7), errors.DecodeError, "truncated", "30 frames")
+
+
 def test_undecodable_frames(videos, tmp_path):
     source = videos("faststart-b.mp4", width=160, height=96, fps=25, seconds=4, faststart=True, audio=False)
     data = bytearray(source.read_bytes())

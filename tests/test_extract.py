@@ -298,7 +298,7 @@ def test_an_up_to_date_store_is_checked_without_torch_ray_or_transformers(ray_cl
         "import sys, json; from qprep.extraction.run import extract; from qprep.schemas.settings import VideoSettings;"
         f"s = extract({str(folder)!r}, {str(store)!r}, {model_dir!r}, VideoSettings(num_frames=4));"
         "print(json.dumps([s.extracted, s.up_to_date, s.ray_started,"
-        " sorted(m for m in ('torch', 'ray', 'transformers', 'av') if m in sys.modules)]))"
+        " sorted(m for m in ('torch', 'ray', 'transformers', 'av', 's3fs') if m in sys.modules)]))"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [0, 1, False, []]

@@ -25,7 +25,9 @@ def ray_session(address: str | None = None) -> Iterator[dict]:
     owned = not ray.is_initialized()
     if owned:
         address = address or os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+        # No address: a Ray of this run's own ("local"); Ray's default would join a cluster that
+        # `ray start` left on this machine.
+        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=address is None, configure_logging=True)
     _quiet_ray_data()
     try:

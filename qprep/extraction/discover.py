@@ -3,6 +3,13 @@
 A video's id is its path relative to the videos directory without the extension (`clips/a.mp4` →
 `clips/a`), the form training data refers to videos by. Its shard is a stable hash of the relative
 path modulo the store's shard count, so adding a video touches one shard and nothing else.
+
+Links are followed where they lead inside the videos directory; links leading out of it only when
+asked (`follow_links`), since the store is a cache of that directory. A link back up into a folder
+that holds it is never followed (the walk would not end), nor is anything that is not a regular
+file (opening a named pipe blocks). What is passed over is reported with the reason, never
+silently dropped. A name that is not valid UTF-8 cannot be an id (ids and the manifest are text):
+such a file gets a failed row whose id shows the undecodable bytes as `\\xNN`, and is never opened.
 """
 
 from __future__ import annotations
@@ -28,25 +35,43 @@ class VideoFile:
     size: int
     mtime_ns: int
     shard: int
+    bad_name: str = ""  # why the name cannot be recorded as it is: the file is recorded failed, never opened
 
 
-def discover(videos_dir: str | Path, shard_count: int) -> list[VideoFile]:
+@dataclass
+class Discovery:
+    videos: list[VideoFile]  # sorted by id
+    skipped: list[tuple[str, str]]  # (relative path, why it was not read)
+
+
+def discover(videos_dir: str | Path, shard_count: int, follow_links: bool = False) -> list[VideoFile]:
     """Every video file under `videos_dir` (recursively, hidden entries skipped), sorted by id."""
+    return find_videos(videos_dir, shard_count, follow_links).videos
+
+
+def find_videos(videos_dir: str | Path, shard_count: int, follow_links: bool = False) -> Discovery:
+    """The videos under `videos_dir`, and what was passed over and why."""
     root = Path(videos_dir)
     if not root.is_dir():
         raise SettingsError(f"--videos {root}: not a directory")
+    walk = _Walk(root, follow_links)
     found: dict[str, VideoFile] = {}
-    for entry in _walk(root):
-        relative = PurePosixPath(Path(entry.path).relative_to(root).as_posix())
-        stat = entry.stat()
-        video = VideoFile(id=str(relative.with_suffix("")), path=str(relative), size=stat.st_size,
-                          mtime_ns=stat.st_mtime_ns, shard=shard_of(str(relative), shard_count))
+    for entry in walk.files():
+        relative = Path(entry.path).relative_to(root).as_posix()
+        try:
+            stat = entry.stat()
+        except OSError as exc:  # gone since the folder was listed
+            walk.skip(entry, f"cannot stat: {exc.strerror or exc}")
+            continue
+        shown, bad_name = _text_name(relative)
+        video = VideoFile(id=str(PurePosixPath(shown).with_suffix("")), path=shown, size=stat.st_size,
+                          mtime_ns=stat.st_mtime_ns, shard=shard_of(shown, shard_count), bad_name=bad_name)
         other = found.get(video.id)
         if other is not None:
             raise SettingsError(f"{root}: {other.path} and {video.path} would share the id {video.id!r}; "
                                 "rename one of them")
         found[video.id] = video
-    return [found[key] for key in sorted(found)]
+    return Discovery([found[key] for key in sorted(found)], sorted(walk.skipped))
 
 
 def shard_of(relative_path: str, shard_count: int) -> int:
@@ -64,14 +89,100 @@ def content_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _walk(root: Path):
-    stack = [root]
-    while stack:
-        with os.scandir(stack.pop()) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
+def is_video_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
+
+
+def _text_name(relative: str) -> tuple[str, str]:
+    """(the name as text, why it is not faithful). Undecodable bytes come from the file system as
+    lone surrogates, which no UTF-8 writer (Parquet, JSON files, terminals) takes."""
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(relative).decode("utf-8", "backslashreplace")
+        return shown, ("the file name is not valid UTF-8 (its undecodable bytes are shown as \\xNN); "
+                       "rename it to extract it")
+    return relative, ""
+
+
+class _Walk:
+    """A depth-first walk that follows links by the module's rules and records what it passes over."""
+
+    def __init__(self, root: Path, follow_links: bool):
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self.follow_links = follow_links
+        self.skipped: list[tuple[str, str]] = []
+
+    def files(self):
+        # Each folder travels with the identities of the folders above it: a link to one of them
+        # is a loop. Only ancestors are refused, so a folder reached by two paths (a link inside
+        # the directory) is walked under both, and ids never depend on the order of the walk.
+        stack = [(self.root, frozenset({_identity(os.stat(self.root))}))]
+        while stack:
+            directory, above = stack.pop()
+            for entry in self._entries(directory):
+                if entry.name.startswith(".") or not self._may_enter(entry):
                     continue
-                if entry.is_dir(follow_symlinks=True):
-                    stack.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=True) and os.path.splitext(entry.name)[1].lower() in VIDEO_EXTENSIONS:
+                kind = _kind(entry)
+                if kind == "dir":
+                    identity = _identity(entry.stat())
+                    if identity in above:
+                        self.skip(entry, "a link to a folder that holds it (a loop); not followed")
+                    else:
+                        stack.append((Path(entry.path), above | {identity}))
+                elif not is_video_name(entry.name):
+                    continue
+                elif kind == "file":
                     yield entry
+                elif kind == "special":
+                    self.skip(entry, "not a regular file (a pipe, socket or device is never read)")
+                else:
+                    self.skip(entry, kind)
+
+    def skip(self, entry: os.DirEntry, why: str) -> None:
+        relative = Path(entry.path).relative_to(self.root).as_posix()
+        self.skipped.append((_text_name(relative)[0], why))
+
+    def _entries(self, directory: Path) -> list[os.DirEntry]:
+        try:
+            with os.scandir(directory) as entries:
+                return list(entries)
+        except OSError as exc:
+            if directory == self.root:
+                raise SettingsError(f"--videos {self.root}: cannot list it ({exc.strerror or exc})") from None
+            self.skipped.append((_text_name(directory.relative_to(self.root).as_posix())[0],
+                                 f"cannot list this folder: {exc.strerror or exc}"))
+            return []
+
+    def _may_enter(self, entry: os.DirEntry) -> bool:
+        """Whether to look at where an entry leads: always for plain entries and links that stay
+        inside the videos directory; links leading out of it only when asked."""
+        if self.follow_links or not entry.is_symlink():
+            return True
+        target = os.path.realpath(entry.path)
+        if target == self.real_root or target.startswith(self.real_root.rstrip(os.sep) + os.sep):
+            return True
+        if os.path.isdir(target) or is_video_name(entry.name):
+            self.skip(entry, f"a link to {_text_name(target)[0]}, outside the videos folder; "
+                             "not followed (--follow-links follows it)")
+        return False
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """'dir', 'file', 'special' (pipe, socket, device), or why the entry cannot be resolved."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+        os.stat(entry.path)
+    except FileNotFoundError:
+        return "a link to nothing (its target is missing)"
+    except OSError as exc:  # ELOOP: links that lead to each other
+        return f"cannot resolve it: {exc.strerror or exc}"
+    return "special"
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qprep.errors import StoreError
-from qprep.extraction.discover import discover
+from qprep.extraction.discover import find_videos
 from qprep.extraction.plan import Plan, make_plan
 from qprep.extraction.writer import ShardWriter, decode_result
 from qprep.models.checkpoint import open_checkpoint
@@ -45,6 +45,7 @@ class Summary:
     seconds: float = 0.0
     ray_started: bool = False
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, cause)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why): links not followed, pipes, ...
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -73,6 +74,7 @@ class ExtractOptions:
     budget: Budget = Budget()
     tower_threads: int | None = None  # torch threads of a CPU tower actor
     progress: bool = True
+    follow_links: bool = False  # follow links leading out of the videos folder (links inside it always are)
 
 
 def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSettings | None = None, *,
@@ -101,18 +103,29 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
     else:
         if rebuild and Store.exists(out):
             Store.remove(out)
-        store = Store.create(out, config=config, fingerprint=new_fingerprint, model=str(model),
-                             hidden_size=checkpoint.hidden_size, dtype=dtype,
-                             shard_count=shards or DEFAULT_SHARDS, has_audio=checkpoint.has_audio)
+        try:
+            store = Store.create(out, config=config, fingerprint=new_fingerprint, model=str(model),
+                                 hidden_size=checkpoint.hidden_size, dtype=dtype,
+                                 shard_count=shards or DEFAULT_SHARDS, has_audio=checkpoint.has_audio)
+        except StoreError:
+            if not Store.exists(out):
+                raise
+            # Another extract created it since we looked (both started at once): the same store, so
+            # its lock decides which of the two writes, and the other is refused saying so.
+            store = Store.open(out)
+            _check_compatible(store, new_fingerprint, config, shards)
     store.write_json(WEIGHT_DIGESTS, digests)
     store.write_json(MODEL_SPEC, spec_cache)
 
     with store.lock():
-        store.write_json(LAST_RUN, {"videos": str(Path(videos).resolve()), "summary": None})
+        store.write_json(LAST_RUN, {"videos": str(Path(videos).resolve()), "follow_links": options.follow_links,
+                                    "summary": None})
         manifest = store.manifest()
         store.collect_garbage(manifest)
-        plan = make_plan(discover(videos, store.shard_count), manifest, videos)
-        summary = Summary(videos=plan.videos, up_to_date=plan.up_to_date, removed=plan.removed, touched=plan.touched)
+        found = find_videos(videos, store.shard_count, options.follow_links)
+        plan = make_plan(found.videos, manifest, videos)
+        summary = Summary(videos=plan.videos, up_to_date=plan.up_to_date, removed=plan.removed, touched=plan.touched,
+                          skipped=found.skipped)
         writer = ShardWriter(store, plan.shards)
         writer.commit_ready()
         if plan.tasks:
@@ -122,7 +135,8 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
         summary.shards_written = writer.shards_written
         summary.bytes_written = writer.bytes_written
         summary.seconds = time.perf_counter() - started
-        store.write_json(LAST_RUN, {"videos": str(Path(videos).resolve()), "summary": summary.to_dict()})
+        store.write_json(LAST_RUN, {"videos": str(Path(videos).resolve()), "follow_links": options.follow_links,
+                                    "summary": summary.to_dict()})
     return summary
 
 
@@ -191,8 +205,8 @@ def _count(summary: Summary, row: dict, video, audio) -> None:
 def format_summary(summary: Summary, store: str | Path) -> str:
     """The human summary printed at the end of a run."""
     if not summary.ray_started and not summary.shards_written:
-        return (f"{store}: nothing to do, {summary.up_to_date} videos up to date "
-                f"({summary.seconds:.2f} s, nothing decoded)")
+        return "\n".join([f"{store}: nothing to do, {summary.up_to_date} videos up to date "
+                          f"({summary.seconds:.2f} s, nothing decoded)", *_skipped_lines(summary)])
     lines = [
         f"{store}: {summary.extracted} extracted, {summary.failed} failed, {summary.up_to_date} up to date, "
         f"{summary.removed} removed ({summary.shards_written} shards written)",
@@ -203,4 +217,11 @@ def format_summary(summary: Summary, store: str | Path) -> str:
         lines.append(f"  failed: {path}: {cause.splitlines()[0] if cause else ''}")
     if len(summary.failures) > 10:
         lines.append(f"  ... and {len(summary.failures) - 10} more (see `qprep status {store}`)")
-    return "\n".join(lines)
+    return "\n".join(lines + _skipped_lines(summary))
+
+
+def _skipped_lines(summary: Summary) -> list[str]:
+    lines = [f"  not read: {path}: {why}" for path, why in summary.skipped[:10]]
+    if len(summary.skipped) > 10:
+        lines.append(f"  ... and {len(summary.skipped) - 10} more not read (--json lists all)")
+    return lines

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qprep.errors import VideoError
+from qprep.errors import FileNameError, VideoError
 from qprep.schemas.manifest import FAILED, OK
 from qprep.schemas.settings import ModelSpec, VideoSettings
 
@@ -36,6 +36,8 @@ def cpu_stage(row: dict, *, videos_dir: str, settings: VideoSettings, spec: Mode
     out = {"task": row["task"], "patches": np.zeros((0, spec.patch_dim), np.uint8), "grid": np.zeros(3, np.int64),
            "mel": np.zeros((spec.audio.feature_size, 0), np.float32), "windows": np.zeros(0, np.int64)}
     try:
+        if task.get("bad_name"):  # recorded, never opened: its id could not name it faithfully
+            raise FileNameError(task["path"], task["bad_name"])
         meta["content_hash"] = content_hash(path)
         prepared = prepare(path, settings, spec, threads=1)
     except VideoError as exc:

@@ -125,7 +125,8 @@ class Checkpoint:
                 for key in keys:
                     files.setdefault(weight_map[key], []).append(key)
                 return {self.file(name): names for name, names in sorted(files.items())}
-        raise SettingsError(f"model {self.source}: no weights under {' or '.join(prefixes)} in its checkpoint")
+        raise SettingsError(f"model {self.source}: no weights under {' or '.join(prefixes)} in its checkpoint; "
+                            f"pass a Qwen2.5-Omni or Qwen2.5-VL checkpoint as released (config.json + *.safetensors)")
 
     def identity(self, digests: dict[str, str] | None = None) -> dict[str, Any]:
         """What identifies the towers' output: the family, the tower configs and the tower weights.
@@ -178,7 +179,8 @@ def open_checkpoint(model: str | Path, revision: str | None = None) -> Checkpoin
     try:
         config = json.loads(fetch(source, "config.json", revision).read_text())
     except FileNotFoundError as exc:
-        raise SettingsError(f"model {source}: no config.json ({exc})") from exc
+        raise SettingsError(f"model {source}: no config.json ({exc}); pass the folder that holds config.json and "
+                            f"the *.safetensors files") from exc
     except json.JSONDecodeError as exc:
         raise SettingsError(f"model {source}: config.json is not valid JSON ({exc})") from exc
     model_type = config.get("model_type")
@@ -240,7 +242,7 @@ def _tensor_digest(path: Path, keys: list[str]) -> str:
             while remaining:
                 block = handle.read(min(remaining, 1 << 24))
                 if not block:
-                    raise SettingsError(f"{path}: tensor {key} is cut short (the file is truncated)")
+                    raise SettingsError(f"{path}: tensor {key} is cut short (the file is truncated); download it again")
                 digest.update(block)
                 remaining -= len(block)
     return digest.hexdigest()

@@ -9,6 +9,7 @@ may start. Demuxing reads the compressed bytes once but decodes nothing.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -21,6 +22,10 @@ from qprep.errors import DecodeError, EmptyFileError, GeometryError, NoVideoStre
 # Larger than any real camera or codec level produces (8K is 7680 wide); a bigger header is a
 # corrupt or hostile file, and decoding it would exhaust memory.
 MAX_SIDE = 16384
+# Top-level boxes of MP4/MOV files (ISO base media), and the two whose end a complete file holds.
+_ISO_TOP_LEVEL = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"uuid", b"moof", b"mfra", b"meta",
+                            b"pdin", b"styp", b"sidx", b"prft"})
+_ISO_CONTENT = {b"moov": "the index", b"mdat": "the media data"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,10 @@ def open_container(path: str | Path) -> av.container.InputContainer:
     except PermissionError:
         raise UnreadableFileError(path, "permission denied") from None
     except av.error.FFmpegError as exc:
+        cut = _cut_box(path)  # e.g. a recording stopped before its index (written last) was
+        if cut:
+            raise UnreadableFileError(path, f"file is truncated: {cut}; FFmpeg cannot open it "
+                                            f"({_ffmpeg_message(exc)})") from None
         raise UnreadableFileError(path, f"not a video FFmpeg can read ({_ffmpeg_message(exc)})") from None
 
 
@@ -90,6 +99,9 @@ def probe(path: str | Path) -> VideoInfo:
 
 def probe_container(container: av.container.InputContainer, path: str | Path) -> VideoInfo:
     if not container.streams.video:
+        cut = _cut_box(path)  # a cut index can lose the video stream's description
+        if cut:
+            raise DecodeError(path, f"file is truncated: {cut}")
         raise NoVideoStreamError(path, "the file has no video stream")
     stream = container.streams.video[0]
     if stream.codec_context is None or stream.codec_context.codec is None:
@@ -105,11 +117,13 @@ def probe_container(container: av.container.InputContainer, path: str | Path) ->
     packet_pts, packet_is_key = _index_packets(container, stream, path)
     if len(packet_pts) == 0:
         raise DecodeError(path, "the video stream holds no frames")
-    declared = int(stream.frames or 0)
-    if declared and len(packet_pts) < declared:
+    if _missing_frames(stream, packet_pts):
         raise DecodeError(
-            path, f"file is truncated: the container lists {declared} frames but only {len(packet_pts)} are present"
+            path, f"file is truncated: the container lists {stream.frames} frames but only {len(packet_pts)} are present"
         )
+    cut = _cut_box(path)
+    if cut:
+        raise DecodeError(path, f"file is truncated: {cut}")
 
     time_base = Fraction(stream.time_base)
     frame_pts = np.sort(packet_pts)
@@ -157,6 +171,49 @@ def _index_packets(container, stream, path) -> tuple[np.ndarray, np.ndarray]:
     if len(np.unique(packet_pts)) != len(packet_pts):
         raise DecodeError(path, "the video stream has frames with duplicate timestamps")
     return packet_pts, np.asarray(keys, dtype=bool)
+
+
+def _missing_frames(stream, packet_pts: np.ndarray) -> int:
+    """Frames the container lists that the file does not hold.
+
+    Where one tick of the time base is one frame period (AVI), a dropped frame is an empty index
+    entry: the container counts it, the demuxer skips it, and the frames after it keep their
+    slots. Only slots after the last frame present are missing then.
+    """
+    declared = int(stream.frames or 0)
+    present = len(packet_pts)
+    rate = stream.average_rate
+    if rate and stream.time_base and Fraction(stream.time_base) * Fraction(rate) == 1:
+        present = max(present, int(packet_pts.max()) + 1 - int(stream.start_time or 0))
+    return max(declared - present, 0)
+
+
+def _cut_box(path) -> str | None:
+    """Where an MP4/MOV file ends inside its index (moov) or its data (mdat), if it does.
+
+    FFmpeg reads what is left of a cut index without a word: a track whose description was cut
+    off vanishes (a video would silently lose its audio), and frames past the cut are missing.
+    Only the top-level boxes are read; any other file, or a layout not known here, is left to
+    FFmpeg.
+    """
+    size = os.path.getsize(path)
+    offset = 0
+    with open(path, "rb") as handle:
+        while offset + 8 <= size:
+            handle.seek(offset)
+            header = handle.read(16)
+            box_size, kind = struct.unpack(">I4s", header[:8])
+            if box_size == 1 and len(header) == 16:  # a 64-bit size follows
+                box_size = struct.unpack(">Q", header[8:])[0]
+            if box_size == 0 or kind not in _ISO_TOP_LEVEL or box_size < 8:
+                return None  # runs to the end of the file, or not a layout known here
+            if offset + box_size > size:
+                if kind not in _ISO_CONTENT:
+                    return None
+                return (f"it ends inside its {kind.decode()!r} box ({_ISO_CONTENT[kind]}): "
+                        f"{size - offset} of {box_size} bytes present")
+            offset += box_size
+    return None
 
 
 def packet_timestamp(packet) -> int | None:

@@ -60,7 +60,7 @@ def load_job(name_or_path: str | Path) -> Job:
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
-            raise SettingsError(f"job file {path} does not exist")
+            raise SettingsError(f"job file {path} does not exist; `qprep jobs` lists the named presets")
         text, source = path.read_text(), str(path)
     else:
         resource = resources.files("qprep.jobs") / f"{name_or_path}.toml"
@@ -73,7 +73,8 @@ def load_job(name_or_path: str | Path) -> Job:
         raise SettingsError(f"job file {source} is not valid TOML: {exc}") from None
     unknown = set(data) - {"name", "version", "model", "preset", "video", "train"}
     if unknown:
-        raise SettingsError(f"job file {source}: unknown keys {sorted(unknown)}")
+        raise SettingsError(f"job file {source}: unknown keys {sorted(unknown)}; the known ones are name, version, "
+                            "model, preset, [video] and [train]")
     video = dict(data.get("video", {}))
     if "size" in video:
         video["size"] = tuple(video["size"])

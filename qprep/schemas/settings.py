@@ -54,7 +54,8 @@ class VideoSettings:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 object.__setattr__(self, name, float(value))
         if self.fps is None and self.num_frames is None:
-            raise SettingsError("choose a frame policy: fps or num_frames")
+            raise SettingsError("choose a frame policy: fps or num_frames (--fps N or --num-frames N, or a --job "
+                                  "that sets one)")
         if self.fps is not None and not (self.fps > 0 and math.isfinite(self.fps)):
             raise SettingsError(f"fps must be a positive number, got {self.fps}")
         if self.num_frames is not None and self.num_frames < 1:

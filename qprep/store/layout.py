@@ -1,4 +1,4 @@
-"""The store on disk: a Zarr v3 group of token arrays plus a Parquet manifest per shard.
+"""The store: a Zarr v3 group of token arrays plus a Parquet manifest per shard.
 
 ```
 store.zarr/
@@ -7,22 +7,22 @@ store.zarr/
   shards/<shard>/<key>/video         zarr array [rows, hidden] (bf16 stored as its uint16 bits)
   shards/<shard>/<key>/audio         zarr array [rows, hidden] (Omni only)
   manifest/<shard>.parquet           one row per video (qprep.schemas.manifest), the commit point
-  .qprep/                            lock file and hash caches (not part of the data)
+  .qprep/                            lock and hash caches (not part of the data)
 ```
 
 A shard's arrays are written first under a directory named by the shard's key; the shard becomes
-visible when its manifest file is atomically replaced (fsync'd, then `os.replace`). Readers only
-follow manifests, so a killed writer leaves at most unreferenced arrays, which the next writer
-removes. This module is the only one that knows these paths.
+visible when its manifest file is replaced in one step (on a local disk: fsync'd, then
+`os.replace`; on an object store: one PUT). Readers only follow manifests, so a killed writer
+leaves at most unreferenced arrays, which the next writer removes. This module is the only one
+that knows these paths; qprep.store.fs knows how to read and write them on a local disk or
+behind a URL (`s3://bucket/prefix/store.zarr`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,19 +32,32 @@ import pyarrow.parquet as pq
 
 from qprep.errors import StoreError
 from qprep.schemas.manifest import MANIFEST_SCHEMA, manifest_table
+from qprep.store.fs import LocalFiles, RemoteFiles, files_at
 
 SCHEMA_VERSION = 1
 KINDS = ("video", "audio")
 # Logical dtype → what the Zarr array holds. Zarr and NumPy have no bfloat16: keep its bits.
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
-CHUNK_BYTES = 4 << 20
-LAST_RUN = "last-run.json"  # in .qprep/: the videos directory and summary of the latest run  # rows per chunk are chosen so a chunk holds about this much
+CHUNK_BYTES = 4 << 20  # rows per chunk are chosen so a chunk holds about this much
+LAST_RUN = "last-run.json"  # in .qprep/: the videos directory and summary of the latest run
+GROUP, MANIFEST, SHARDS, PRIVATE = "zarr.json", "manifest", "shards", ".qprep"
+LOCK = f"{PRIVATE}/lock"
 
 
 class Store:
-    def __init__(self, root: Path, attrs: dict[str, Any]):
-        self.root = Path(root)
+    def __init__(self, files: LocalFiles | RemoteFiles, attrs: dict[str, Any]):
+        self.files = files
         self.attrs = attrs
+
+    @property
+    def root(self) -> Path | str:
+        """The store's directory (a Path), or its URL for a store behind one."""
+        return self.files.root
+
+    @property
+    def location(self) -> str:
+        """What reopens this store: its path or its URL."""
+        return self.files.location
 
     # ---- creating and opening -------------------------------------------------------------------
 
@@ -53,10 +66,10 @@ class Store:
                dtype: str, shard_count: int, has_audio: bool) -> "Store":
         import zarr
 
-        root = Path(root)
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        files = files_at(root)
+        if not files.is_empty():
             # zarr's mode "w" would empty the directory: never point it at someone's files
-            raise StoreError(f"{root} exists and is neither empty nor a qprep store; refusing to write there")
+            raise StoreError(f"{files.root} exists and is neither empty nor a qprep store; refusing to write there")
         attrs = {
             "schema_version": SCHEMA_VERSION,
             "fingerprint": fingerprint,
@@ -68,38 +81,42 @@ class Store:
             "shard_count": shard_count,
             "has_audio": has_audio,
         }
-        root.mkdir(parents=True, exist_ok=True)
-        zarr.open_group(str(root), mode="w", zarr_format=3, attributes={"qprep": attrs})
-        (root / "manifest").mkdir(exist_ok=True)
-        (root / "shards").mkdir(exist_ok=True)
-        return cls(root, attrs)
+        files.makedirs()
+        try:  # "w-", not "w" (which empties the directory): a store another process just created stays
+            zarr.open_group(files.zarr_store("", read_only=False), mode="w-", zarr_format=3,
+                            attributes={"qprep": attrs})
+        except FileExistsError:
+            raise StoreError(f"{files.root} was created by another process meanwhile") from None
+        files.makedirs(MANIFEST, SHARDS)
+        return cls(files, attrs)
 
     @classmethod
     def open(cls, root: str | Path) -> "Store":
-        root = Path(root)
-        meta = root / "zarr.json"
-        if not meta.is_file():
-            raise StoreError(f"{root}: not a qprep store (no zarr.json)")
+        files = files_at(root)
         try:
-            attrs = json.loads(meta.read_text())["attributes"]["qprep"]
+            meta = files.read(GROUP)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise StoreError(f"{files.root}: not a qprep store (no zarr.json)") from None
+        try:
+            attrs = json.loads(meta)["attributes"]["qprep"]
         except (KeyError, json.JSONDecodeError) as exc:
-            raise StoreError(f"{root}: a Zarr group, but not a qprep store ({exc})") from exc
+            raise StoreError(f"{files.root}: a Zarr group, but not a qprep store ({exc})") from exc
         if attrs.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"{root}: store schema version {attrs.get('schema_version')}, this qprep reads "
+            raise StoreError(f"{files.root}: store schema version {attrs.get('schema_version')}, this qprep reads "
                              f"version {SCHEMA_VERSION}; re-extract with --rebuild")
-        return cls(root, attrs)
+        return cls(files, attrs)
 
     @staticmethod
     def exists(root: str | Path) -> bool:
-        return (Path(root) / "zarr.json").is_file()
+        return files_at(root).exists(GROUP)
 
     @staticmethod
     def remove(root: str | Path) -> None:
         """Delete a store (for --rebuild); refuses a directory that is not a qprep store, and a store
         another process is writing (it holds the lock)."""
-        root = Path(root)
-        with Store.open(root).lock():
-            shutil.rmtree(root)
+        store = Store.open(root)
+        with store.lock():
+            store.files.remove_all(last=LOCK)
 
     @property
     def fingerprint(self) -> str:
@@ -113,20 +130,26 @@ class Store:
     def hidden_size(self) -> int:
         return int(self.attrs["hidden_size"])
 
+    def size_bytes(self) -> int:
+        """Bytes of every file of the store."""
+        return self.files.size()
+
     # ---- the manifest ---------------------------------------------------------------------------
 
-    def shard_files(self) -> dict[int, Path]:
-        """Committed shards and their manifest files."""
+    def shard_files(self) -> dict[int, str]:
+        """Committed shards and their manifest files (relative to the store's root)."""
         out = {}
-        for path in (self.root / "manifest").glob("*.parquet"):
-            if path.stem.isdigit():
-                out[int(path.stem)] = path
+        for name in self.files.files(MANIFEST):
+            stem, _, suffix = name.partition(".")
+            if suffix == "parquet" and stem.isdigit():
+                out[int(stem)] = f"{MANIFEST}/{name}"
         return dict(sorted(out.items()))
 
     def manifest(self) -> pa.Table:
         """All committed rows, in shard order."""
+        found = self.files.read_many(list(self.shard_files().values()))
         # ParquetFile, not read_table: the latter imports pyarrow.dataset and pandas (0.3 s)
-        tables = [pq.ParquetFile(path).read().cast(MANIFEST_SCHEMA) for path in self.shard_files().values()]
+        tables = [pq.ParquetFile(pa.BufferReader(data)).read().cast(MANIFEST_SCHEMA) for data in found.values()]
         return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
 
     # ---- writing a shard ------------------------------------------------------------------------
@@ -138,103 +161,102 @@ class Store:
         the storage dtype (empty for failed rows). Offsets and lengths are filled in here.
         """
         data_dir = self._data_dir(shard, key)
-        if data_dir.exists():  # left by a run that died before committing this very key
-            shutil.rmtree(data_dir)
-        written = 0
-        for kind in self._kinds():
-            parts = tokens[kind]
-            offset = 0
-            for row, part in zip(rows, parts):
-                row[f"{kind}_offset"], row[f"{kind}_length"] = offset, int(part.shape[0])
-                offset += int(part.shape[0])
-            written += self._write_array(data_dir, kind, parts, offset)
-        for row in rows:
-            row["shard_key"] = key
-        written += self._replace_manifest(shard, manifest_table(rows))
+        self.files.remove_tree(data_dir)  # left by a run that died before committing this very key
+        size = sum(part.nbytes for kind in self._kinds() for part in tokens[kind])
+        with self._full_disk_named(f"shard {shard} ({size / 1e6:.2f} MB of tokens)", unfinished=data_dir):
+            written = 0
+            for kind in self._kinds():
+                parts = tokens[kind]
+                offset = 0
+                for row, part in zip(rows, parts):
+                    row[f"{kind}_offset"], row[f"{kind}_length"] = offset, int(part.shape[0])
+                    offset += int(part.shape[0])
+                written += self._write_array(data_dir, kind, parts, offset)
+            for row in rows:
+                row["shard_key"] = key
+            written += self._replace_manifest(shard, manifest_table(rows))
         self._drop_other_keys(shard, keep=key)
         return written
 
     def rewrite_manifest(self, shard: int, rows: list[dict]) -> int:
         """Replace a shard's manifest over its existing arrays (rows keep their offsets)."""
-        return self._replace_manifest(shard, manifest_table(rows))
+        with self._full_disk_named(f"shard {shard}'s manifest"):
+            return self._replace_manifest(shard, manifest_table(rows))
 
     def remove_shard(self, shard: int) -> None:
         """Retire a shard whose videos are all gone."""
-        path = self._manifest_path(shard)
-        if path.exists():
-            path.unlink()
-            _fsync_dir(path.parent)
-        shutil.rmtree(self.root / "shards" / _shard_name(shard), ignore_errors=True)
+        self.files.remove(self._manifest_path(shard))
+        self.files.remove_tree(f"{SHARDS}/{_shard_name(shard)}")
 
     def collect_garbage(self, manifest: pa.Table) -> None:
         """Remove what a killed writer left: unreferenced arrays and unfinished manifest files.
         `manifest` is the committed manifest (`self.manifest()`)."""
-        for path in (self.root / "manifest").glob(".*.tmp*"):
-            path.unlink(missing_ok=True)
+        self.files.remove_unfinished(MANIFEST)
         committed = dict(zip(manifest.column("shard").to_pylist(), manifest.column("shard_key").to_pylist()))
-        for shard_dir in (self.root / "shards").iterdir():
-            if not shard_dir.is_dir() or not shard_dir.name.isdigit():
+        for shard_name in self.files.dirs(SHARDS):
+            if not shard_name.isdigit():
                 continue
-            keep = committed.get(int(shard_dir.name))
-            for key_dir in shard_dir.iterdir():
-                if key_dir.is_dir() and key_dir.name != _key_name(keep or ""):
-                    shutil.rmtree(key_dir, ignore_errors=True)
+            keep = committed.get(int(shard_name))
+            for key_name in self.files.dirs(f"{SHARDS}/{shard_name}"):
+                if key_name != _key_name(keep or ""):
+                    self.files.remove_tree(f"{SHARDS}/{shard_name}/{key_name}")
             if keep is None:
-                shutil.rmtree(shard_dir, ignore_errors=True)
+                self.files.remove_tree(f"{SHARDS}/{shard_name}")
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """One writer at a time: a second `qprep extract` on the same store is refused, not mixed in."""
-        path = self.private_dir() / "lock"
-        with open(path, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise StoreError(f"{self.root}: another qprep extract is writing this store") from exc
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def private_dir(self) -> Path:
-        path = self.root / ".qprep"
-        path.mkdir(exist_ok=True)
-        return path
+        with self.files.lock(LOCK, busy=f"{self.root}: another qprep extract is writing this store"):
+            yield
 
     def read_json(self, name: str) -> dict:
         try:
-            return json.loads((self.private_dir() / name).read_text())
+            return json.loads(self.files.read(f"{PRIVATE}/{name}"))
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
     def write_json(self, name: str, value: dict) -> None:
-        path = self.private_dir() / name
-        tmp = path.with_name(f".{name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(value))
-        os.replace(tmp, path)
+        data = json.dumps(value).encode()
+        with self._full_disk_named(f"{PRIVATE}/{name}"):
+            self.files.replace(f"{PRIVATE}/{name}", lambda sink: sink.write(data), durable=False)
 
     # ---- reading tokens -------------------------------------------------------------------------
 
     def array(self, shard: int, key: str, kind: str):
         import zarr
 
-        return zarr.open_array(str(self._data_dir(shard, key) / kind), mode="r", zarr_format=3)
-
-    def array_path(self, shard: int, key: str, kind: str) -> Path:
-        return self._data_dir(shard, key) / kind
+        return zarr.open_array(self.files.zarr_store(f"{self._data_dir(shard, key)}/{kind}", read_only=True),
+                               mode="r", zarr_format=3)
 
     # ---- internals ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _full_disk_named(self, what: str, unfinished: str | None = None) -> Iterator[None]:
+        """A full disk (ENOSPC) becomes a StoreError naming the store and what did not fit: zarr's and
+        pyarrow's own errors name neither. `unfinished`, the arrays directory being written, is removed
+        with any temporary manifest to give the space back; committed shards are never touched."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            if unfinished is not None:
+                self.files.remove_tree(unfinished)
+                self.files.remove_unfinished(MANIFEST)
+            raise StoreError(f"{self.location}: no space left on device while writing {what}. The shards "
+                             f"committed so far are intact; free some space and run the same command again: "
+                             f"it goes on from there.") from exc
 
     def _kinds(self) -> tuple[str, ...]:
         return KINDS if self.attrs.get("has_audio") else KINDS[:1]
 
-    def _data_dir(self, shard: int, key: str) -> Path:
-        return self.root / "shards" / _shard_name(shard) / _key_name(key)
+    def _data_dir(self, shard: int, key: str) -> str:
+        return f"{SHARDS}/{_shard_name(shard)}/{_key_name(key)}"
 
-    def _manifest_path(self, shard: int) -> Path:
-        return self.root / "manifest" / f"{_shard_name(shard)}.parquet"
+    def _manifest_path(self, shard: int) -> str:
+        return f"{MANIFEST}/{_shard_name(shard)}.parquet"
 
-    def _write_array(self, data_dir: Path, kind: str, parts: list[np.ndarray], rows: int) -> int:
+    def _write_array(self, data_dir: str, kind: str, parts: list[np.ndarray], rows: int) -> int:
         import zarr
 
         storage = self.attrs["storage_dtype"]
@@ -242,27 +264,22 @@ class Store:
         # Edge chunks are stored whole: never make a chunk longer than the array.
         chunk_rows = max(1, min(rows, CHUNK_BYTES // (hidden * np.dtype(storage).itemsize)))
         array = zarr.create_array(
-            store=str(data_dir / kind), shape=(rows, hidden), dtype=storage, chunks=(chunk_rows, hidden),
-            compressors=None, fill_value=0, zarr_format=3, attributes={"logical_dtype": self.attrs["dtype"]},
+            store=self.files.zarr_store(f"{data_dir}/{kind}", read_only=False), shape=(rows, hidden),
+            dtype=storage, chunks=(chunk_rows, hidden), compressors=None, fill_value=0, zarr_format=3,
+            attributes={"logical_dtype": self.attrs["dtype"]},
         )
         if rows:
             array[:] = np.concatenate([p for p in parts if p.shape[0]]).astype(storage, copy=False)
-        return _fsync_tree(data_dir / kind)
+        return self.files.persist(f"{data_dir}/{kind}")
 
     def _replace_manifest(self, shard: int, table: pa.Table) -> int:
-        path = self._manifest_path(shard)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        return path.stat().st_size
+        return self.files.replace(self._manifest_path(shard), lambda sink: pq.write_table(table, sink), durable=True)
 
     def _drop_other_keys(self, shard: int, keep: str) -> None:
-        for key_dir in (self.root / "shards" / _shard_name(shard)).iterdir():
-            if key_dir.name != _key_name(keep):
-                shutil.rmtree(key_dir, ignore_errors=True)
+        shard_dir = f"{SHARDS}/{_shard_name(shard)}"
+        for key_name in self.files.dirs(shard_dir):
+            if key_name != _key_name(keep):
+                self.files.remove_tree(f"{shard_dir}/{key_name}")
 
 
 def _shard_name(shard: int) -> str:
@@ -271,23 +288,3 @@ def _shard_name(shard: int) -> str:
 
 def _key_name(key: str) -> str:
     return key[:16]
-
-
-def _fsync_tree(path: Path) -> int:
-    """fsync every file under `path` (and the directories) so a committed shard survives power loss."""
-    total = 0
-    for directory, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(directory, name), "rb") as handle:
-                os.fsync(handle.fileno())
-                total += os.fstat(handle.fileno()).st_size
-        _fsync_dir(Path(directory))
-    return total
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

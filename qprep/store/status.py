@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -30,7 +29,7 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
         "shards": {"committed": len(store.shard_files()), "count": store.shard_count},
         "videos": {"ok": _count(status, OK), "failed": _count(status, FAILED), "pending": None, "gone": None},
         "tokens": {"video": _sum(manifest, "video_length"), "audio": _sum(manifest, "audio_length")},
-        "bytes": _disk_bytes(store.root),
+        "bytes": store.size_bytes(),
         "videos_dir": str(videos) if videos else None,
         "failures": [
             {"path": row["path"], "code": row["error_code"], "error": (row["error"] or "").splitlines()[0]}
@@ -39,7 +38,7 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
         "last_run": last_run.get("summary"),
     }
     if videos and Path(videos).is_dir():
-        on_disk = discover(videos, store.shard_count)
+        on_disk = discover(videos, store.shard_count, follow_links=last_run.get("follow_links", False))
         committed = {row["id"]: row for row in manifest.select(["id", "size", "mtime_ns", "status"]).to_pylist()}
         report["videos"]["pending"] = sum(
             1 for video in on_disk
@@ -77,7 +76,3 @@ def _count(column, value: str) -> int:
 
 def _sum(table, name: str) -> int:
     return int(pc.sum(table.column(name)).as_py() or 0)
-
-
-def _disk_bytes(root: Path) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)

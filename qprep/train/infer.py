@@ -75,7 +75,8 @@ def infer(cache_path: str | Path, model: str | None, out: str | Path, *, adapter
     for reason, left_out in skipped.items():
         echo(f"left out {len(left_out)}: {reason} ({', '.join(left_out[:5])}{' ...' if len(left_out) > 5 else ''})")
     if not requests:
-        raise SettingsError("no video to answer for")
+        raise SettingsError(f"no video to answer for in {cache.store.location} (the reasons are listed above); "
+                            f"pass --ids or --data naming videos extracted ok (`qprep status` lists them)")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.source, revision=checkpoint.revision)
     generator = Generator(checkpoint, tokenizer, cache, adapter=adapter, dtype=dtype, device=device)
     summary = InferSummary(answers=0, skipped=skipped)

@@ -82,7 +82,7 @@ class CachedBatches(torch.utils.data.Dataset):
 def batch_stream(planned: list[PlannedBatch], samples: list[Sample], cache, pad_id: int, *, audio: bool,
                  workers: int, prefetch: int = 4, pin_memory: bool = False) -> Iterator:
     """(PlannedBatch, Batch) in plan order; `workers` > 0 reads ahead in that many processes."""
-    batches = CachedBatches(planned, samples, cache.store.root, pad_id, audio, cache=cache)
+    batches = CachedBatches(planned, samples, cache.store.location, pad_id, audio, cache=cache)
     if workers == 0:
         return iter(batches[i] for i in range(len(batches)))
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,

@@ -65,7 +65,8 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
                             audio=omni, max_length=settings.max_length, cut=settings.cut_to_max_length)
     echo(dataset.report())
     if not dataset.samples:
-        raise SettingsError("no sample left to train on")
+        raise SettingsError(f"--data {data_path}: no sample left to train on (the reasons are listed above); its ids "
+                            f"must be the cache's video ids (`qprep status {cache.store.location}` lists them)")
     identity = _run_identity(settings, cache, dataset, checkpoint, data_path)
     if resume:
         _check_resumable(out, identity)
@@ -198,7 +199,8 @@ def check_cache_fits(cache, checkpoint) -> None:
     family = cache.config["model"]["family"]
     if family != checkpoint.family.name or cache.hidden_size != checkpoint.hidden_size:
         raise SettingsError(f"the cache holds {family} tokens of width {cache.hidden_size}; --model "
-                            f"{checkpoint.source} is {checkpoint.family.name} of width {checkpoint.hidden_size}")
+                            f"{checkpoint.source} is {checkpoint.family.name} of width {checkpoint.hidden_size}; "
+                            f"pass the model the cache was extracted with ({cache.model})")
 
 
 def merge_size_of(checkpoint) -> int:
@@ -217,7 +219,9 @@ def _save(out: Path, peft_model, optimizer, state: dict) -> None:
     directory = out / f"{CHECKPOINT_PREFIX}{state['step']:07d}"
     peft_model.save_pretrained(directory)
     torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, directory / "trainer.pt")
-    (directory / "state.json").write_text(json.dumps(state))
+    # Last and in one step: --resume takes only checkpoints with a state.json, so one killed while
+    # being written is skipped, never half-read.
+    _write_json(directory / "state.json", state)
 
 
 def _restore(out: Path, peft_model, optimizer) -> dict | None:

@@ -3,6 +3,7 @@
 * a Ray worker running a CPU-stage task and the tower actor in the middle of a batch, both killed
   with SIGKILL while an extract runs: Ray retries their work and the store is the same as an
   uninterrupted run's; a reader polling the store meanwhile only ever sees complete shards;
+* a video whose worker process dies on every try: recorded failed after three, the run goes on;
 * a full disk (a small tmpfs) while a shard is written: a StoreError that names the store and
   "no space left", the committed shards intact, and the next run (with space) finishes;
 * two `qprep extract` started at once on one new store: one refuses, saying another extract is
@@ -33,6 +34,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import qprep.extraction.stages as stages
 from qprep import open_cache
 from qprep.errors import StoreError
 from qprep.extraction.run import ExtractOptions, extract
@@ -188,6 +190,36 @@ def test_a_killed_cpu_worker_and_tower_actor_are_retried_and_the_store_is_comple
     assert not reader.errors, reader.errors[:3]
     assert reader.seen == sorted(reader.seen) and reader.seen[-1] <= len(CLIPS)  # never a row lost
     assert any(0 < n < len(CLIPS) for n in reader.seen), reader.seen  # it read while shards came in
+
+
+def test_a_video_whose_worker_dies_on_every_try_is_recorded_failed_and_the_rest_finish(job, tmp_path, monkeypatch):
+    """A video that kills the process preparing it (a decoder crash, an out-of-memory kill) is tried
+    CPU_STAGE_TRIES times, then recorded as failed; it does not stall or abort the run, and the next
+    run tries it again."""
+    import qprep.extraction.cluster as cluster
+
+    videos, model_dir, reference, _ = job
+    store, tries, poison = tmp_path / "store.zarr", tmp_path / "tries", "clip03.mp4"
+
+    def dies_on_the_poison(row, **kwargs):  # runs in the Ray worker (a closure travels by value)
+        if json.loads(row["task"])["path"] == poison:
+            with open(tries, "a") as tally:
+                tally.write("try\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return stages.cpu_stage(row, **kwargs)
+
+    monkeypatch.setattr(cluster, "cpu_stage", dies_on_the_poison)
+    summary = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)
+    assert tries.read_text().count("try") == stages.CPU_STAGE_TRIES
+    assert (summary.extracted, summary.failed) == (len(CLIPS) - 1, 1)
+    assert summary.failures[0][0] == poison and "died on all 3 tries" in summary.failures[0][1]
+    row = open_cache(store).row("clip03")
+    assert (row["status"], row["error_code"]) == ("failed", stages.WORKER_DIED)
+
+    monkeypatch.undo()
+    again = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)
+    assert (again.extracted, again.failed, again.up_to_date) == (1, 0, len(CLIPS) - 1)
+    assert snapshot(store) == reference
 
 
 # ---- a full disk --------------------------------------------------------------------------------

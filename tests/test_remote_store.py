@@ -119,6 +119,17 @@ def test_training_from_an_s3_store_equals_training_from_the_local_store(remote_s
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert json.loads((runs["s3"] / "run.json").read_text())["cache"] == url
 
+    # the adapter answers from the S3 store, and the S3 store passes the audit against transformers
+    answers = tmp_path / "answers.jsonl"
+    result = CliRunner().invoke(main, ["infer", "--cache", url, "--adapter", str(runs["s3"] / "adapter"),
+                                       "--max-new-tokens", "4", "--quiet", "--out", str(answers)])
+    assert result.exit_code == 0, result.output
+    assert sorted(json.loads(line)["id"] for line in answers.read_text().splitlines()) == sorted(
+        open_cache(url).ids())
+    result = CliRunner().invoke(main, ["verify", url, "--all", "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ok"], result.output
+
 
 def test_reruns_on_s3_touch_only_what_changed(s3, remote_store, tmp_path):
     _, fs = s3

@@ -17,22 +17,29 @@ SOURCES = sorted((Path(__file__).resolve().parent.parent / "qprep").rglob("*.py"
 def test_no_source_unpickles_or_trusts_remote_code():
     for path in SOURCES:
         text = path.read_text()
-        assert not re.search(r"\bimport pickle\b|pickle\.load|np\.load\(|allow_pickle", text), path
+        assert not re.search(r"pickle\.loads?\(|Unpickler\(|np\.load\(|allow_pickle", text), path
         assert "trust_remote_code=True" not in text, path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
 
 
 def test_trainer_state_with_a_pickled_object_is_refused(tmp_path):
-    """The checkpoint loader's torch.load refuses arbitrary objects (what weights_only=True buys)."""
+    """--resume's loader refuses a trainer.pt holding an arbitrary object, and never runs it."""
+    from qprep.train.loop import load_trainer_state
+
+    ran = tmp_path / "ran"
 
     class Payload:
         def __reduce__(self):
-            return (print, ("this ran",))
+            return (Path.touch, (ran,))
 
-    torch.save({"optimizer": {}, "rng": torch.get_rng_state(), "evil": Payload()}, tmp_path / "trainer.pt")
-    with pytest.raises(Exception, match="Weights only load failed"):
-        torch.load(tmp_path / "trainer.pt", weights_only=True)
+    state = {"optimizer": {}, "rng": torch.get_rng_state()}
+    torch.save(state, tmp_path / "good.pt")
+    assert torch.equal(load_trainer_state(tmp_path / "good.pt")["rng"], state["rng"])
+    torch.save({**state, "evil": Payload()}, tmp_path / "trainer.pt")
+    with pytest.raises(SettingsError, match="trainer.pt holds objects other than tensors"):
+        load_trainer_state(tmp_path / "trainer.pt")
+    assert not ran.exists()
 
 
 def test_an_adapter_without_safetensors_is_refused(tmp_path):

@@ -11,10 +11,11 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 from typing import Iterator
 
 from qprep.extraction.discover import VideoFile
-from qprep.extraction.stages import TowerStage, cpu_stage
+from qprep.extraction.stages import CPU_STAGE_TRIES, TowerStage, cpu_stage
 
 
 @contextlib.contextmanager
@@ -29,7 +30,7 @@ def ray_session(address: str | None = None) -> Iterator[dict]:
         # `ray start` left on this machine.
         ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=address is None, configure_logging=True)
-    _quiet_ray_data()
+    _configure_ray_data()
     try:
         yield dict(ray.cluster_resources())
     finally:
@@ -43,8 +44,13 @@ def tower_dataset(tasks: list[VideoFile], job, device: str, options, resources: 
 
     items = [{"task": json.dumps(task.__dict__)} for task in tasks]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    dataset = dataset.map(cpu_stage, fn_kwargs={"videos_dir": job.videos_dir, "settings": job.settings,
-                                                "spec": job.spec}, num_cpus=1)
+    # Ray Data retries a task whose worker died forever by default: one video that crashes FFmpeg
+    # or exhausts memory would stall the run. After CPU_STAGE_TRIES it is that video's fault.
+    # (max_retries has no named parameter yet; Ray warns that the generic ones go in 2.64.)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        dataset = dataset.map(cpu_stage, fn_kwargs={"videos_dir": job.videos_dir, "settings": job.settings,
+                                                    "spec": job.spec}, num_cpus=1, max_retries=CPU_STAGE_TRIES - 1)
     if device == "cpu":
         # Without GPUs the tower actor shares the CPUs with the decoding tasks instead of
         # reserving one: both cores stay busy whichever stage is the bottleneck.
@@ -60,12 +66,15 @@ def tower_dataset(tasks: list[VideoFile], job, device: str, options, resources: 
                                **actor_resources)
 
 
-def _quiet_ray_data() -> None:
-    """qprep draws its own progress bar and summary; Ray Data's would interleave with them."""
+def _configure_ray_data() -> None:
+    """qprep draws its own progress bar and summary; Ray Data's would interleave with them. A task
+    that still fails after its retries (a video whose worker process dies on every try) loses only
+    its own video, which the run records as failed; Ray Data would otherwise abort the whole run."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
+    context.max_errored_blocks = -1
     for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"

@@ -185,10 +185,25 @@ def _run_towers(plan: Plan, writer: ShardWriter, summary: Summary, job: TowerJob
                 bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, "
                                     f"{(summary.video_tokens + summary.audio_tokens) / elapsed:.0f} tokens/s, "
                                     f"{summary.failed} failed", refresh=False)
+            bar.update(_record_lost(plan, writer, summary))
         finally:
             bar.close()
     if writer.pending_shards:
         raise RuntimeError(f"the tower stage ended with shards {writer.pending_shards[:5]} incomplete")
+
+
+def _record_lost(plan: Plan, writer: ShardWriter, summary: Summary) -> int:
+    """Videos whose CPU-stage task failed on every try (Ray leaves them out and goes on): failed rows,
+    so their shards commit and the next run tries them again."""
+    from qprep.extraction.stages import CPU_STAGE_TRIES, WORKER_DIED
+
+    unfinished = writer.unfinished()
+    cause = (f"the worker preparing it died on all {CPU_STAGE_TRIES} tries (a crash in the decoder, or killed "
+             f"for memory; Ray's log above has the error); the next run tries it again")
+    lost = [video for video in plan.tasks if video.id in unfinished]
+    for video in lost:
+        _count(summary, writer.add_failed(video, cause, WORKER_DIED), None, None)
+    return len(lost)
 
 
 def _count(summary: Summary, row: dict, video, audio) -> None:

@@ -20,6 +20,8 @@ from qprep.schemas.manifest import FAILED, OK
 from qprep.schemas.settings import ModelSpec, VideoSettings
 
 INTERNAL_ERROR = "internal-error"
+WORKER_DIED = "worker-died"
+CPU_STAGE_TRIES = 3  # a video whose worker process dies this many times is recorded as failed
 
 
 def cpu_stage(row: dict, *, videos_dir: str, settings: VideoSettings, spec: ModelSpec) -> dict:

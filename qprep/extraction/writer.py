@@ -13,7 +13,7 @@ import numpy as np
 
 from qprep.extraction.discover import VideoFile
 from qprep.extraction.plan import ShardPlan, shard_key
-from qprep.schemas.manifest import OK
+from qprep.schemas.manifest import FAILED, OK
 from qprep.store.layout import Store
 
 
@@ -40,6 +40,15 @@ class ShardWriter:
         if not self.waiting[shard]:
             self._commit(shard)
         return row
+
+    def add_failed(self, video: VideoFile, cause: str, code: str) -> dict:
+        """Record a video no result came back for as failed; returns its row."""
+        empty = np.zeros((0, self.store.hidden_size), self.store.attrs["storage_dtype"])
+        return self.add(dict(video.__dict__), {"status": FAILED, "error": cause, "error_code": code}, empty, empty)
+
+    def unfinished(self) -> set[str]:
+        """Ids of the videos whose result has not arrived yet."""
+        return set().union(*self.waiting.values())
 
     @property
     def pending_shards(self) -> list[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle  # for its error type only: nothing here unpickles
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +225,16 @@ def _save(out: Path, peft_model, optimizer, state: dict) -> None:
     _write_json(directory / "state.json", state)
 
 
+def load_trainer_state(path: Path) -> dict:
+    """A checkpoint's optimizer and RNG state: tensors and plain values only, never unpickled objects."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:  # what weights_only raises on anything else
+        raise SettingsError(f"--resume: {path} holds objects other than tensors, so it was not written by "
+                            f"qprep train and is not loaded; remove its checkpoint folder to resume from an "
+                            f"earlier one") from exc
+
+
 def _restore(out: Path, peft_model, optimizer) -> dict | None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -233,7 +244,7 @@ def _restore(out: Path, peft_model, optimizer) -> dict | None:
         return None
     latest = checkpoints[-1]
     set_peft_model_state_dict(peft_model, load_file(str(latest / "adapter_model.safetensors")))
-    saved = torch.load(latest / "trainer.pt", weights_only=True)  # tensors and plain values only: no pickle
+    saved = load_trainer_state(latest / "trainer.pt")
     optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["rng"])
     return json.loads((latest / "state.json").read_text())

@@ -13,6 +13,7 @@ token id in the model configs is the tokenizer's id of that token (see `token_id
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 KINDS = ("qwen2_5_omni", "qwen2_5_vl")
@@ -270,11 +271,14 @@ def make_tiny_model(kind: str, out: str | Path, *, seed: int = 0, hidden: int = 
     out = Path(out)
     model_class = Qwen2_5OmniForConditionalGeneration if kind == "qwen2_5_omni" else Qwen2_5_VLForConditionalGeneration
     config = tiny_config(kind, hidden)
-    verbosity = logging.get_verbosity()
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()  # transformers warns about the token ids of its default sub-configs
+    logging.disable_progress_bar()  # a bar for writing a one-file checkpoint in a fraction of a second
     try:
         torch.manual_seed(seed)
-        model = model_class(config)
+        with warnings.catch_warnings():  # the talker's unused zero-width layers, initialised all the same
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+            model = model_class(config)
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(out, **kwargs)
         # processor_config.json (image / video processor, feature extractor), tokenizer.json,
@@ -282,6 +286,8 @@ def make_tiny_model(kind: str, out: str | Path, *, seed: int = 0, hidden: int = 
         tiny_processor(kind).save_pretrained(out)
     finally:
         logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
     # The standalone files too, as in the releases (and as qprep read them before processor_config.json).
     _video_processor().save_pretrained(out)
     if kind == "qwen2_5_omni":

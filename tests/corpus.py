@@ -153,7 +153,7 @@ def _audio(folder: Path, outside: Path) -> list[Kind]:
     kinds.append(_ok("an audio stream without samples", path, audio=False,
                      audio_note="the audio stream holds no samples in the window"))
     path = "audio/audio-only.mp4"
-    _audio_only(folder / path)
+    write_audio_only(folder / path)
     kinds.append(_failed("audio only", path, "no_video_stream", "no video stream"))
     return kinds
 
@@ -330,7 +330,8 @@ def _encode(path: Path, codec: str, width: int, height: int, *, rate: int, pts, 
             container.mux(audio.encode(None))
 
 
-def _audio_only(path: Path) -> None:
+def write_audio_only(path: Path) -> None:
+    """One second of silent AAC in an MP4 with no video stream."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("aac", rate=16000)

@@ -109,17 +109,10 @@ def test_undecodable_frames(videos, tmp_path):
 
 
 def test_no_video_stream(tmp_path):
-    import av
-    import numpy as np
+    from corpus import write_audio_only
 
     path = tmp_path / "audio-only.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("aac", rate=16000)
-        for start in range(0, 16000, 1024):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, start
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+    write_audio_only(path)
     assert_fails(path, errors.NoVideoStreamError, "no video stream")
 
 

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from qprep import open_cache
-from qprep.extraction.run import ExtractOptions, extract
-from qprep.schemas.settings import VideoSettings
-from test_extract import make_folder, snapshot
+from qprep.extraction.run import ExtractOptions
+from test_extract import reference_run, snapshot
 
 CLIPS = {f"clip{i:02d}.mp4": dict(width=64, height=48, fps=10, seconds=1, audio=i % 2 == 0) for i in range(12)}
 POINTS = ("row", "array", "manifest", "renamed", "committed")
@@ -32,10 +31,8 @@ SCRIPT = Path(__file__).with_name("crash_run.py")
 @pytest.fixture(scope="module")
 def setup(ray_cluster, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("crash-points")
-    videos = make_folder(root / "videos", CLIPS)
     model_dir = str(tiny_model("qwen2_5_omni"))
-    reference = root / "reference.zarr"
-    extract(videos, reference, model_dir, VideoSettings(fps=2), shards=12, options=ExtractOptions(progress=False))
+    videos, reference = reference_run(root, CLIPS, model_dir, shards=12, options=ExtractOptions(progress=False))
     return root, videos, model_dir, snapshot(reference)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +46,15 @@ def make_folder(root: Path, clips: dict = FOLDER) -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         make_video(root / name, VideoSpec(**spec))
     return root
+
+
+def reference_run(root: Path, clips: dict, model_dir: str, *, shards: int, options) -> tuple[Path, Path]:
+    """(videos, store): `clips` made under root/videos and extracted without interruption into
+    root/reference.zarr, the store that interrupted runs are compared with."""
+    videos = make_folder(root / "videos", clips)
+    reference = root / "reference.zarr"
+    extract(videos, reference, model_dir, VideoSettings(fps=2), shards=shards, options=options)
+    return videos, reference
 
 
 def snapshot(store: Path) -> dict[str, str]:

@@ -41,7 +41,7 @@ from qprep.extraction.run import ExtractOptions, extract
 from qprep.schemas.settings import VideoSettings
 from qprep.store.layout import Store
 from qprep.train.loop import train
-from test_extract import make_folder, snapshot
+from test_extract import reference_run, snapshot
 from test_train_loop import SETTINGS, write_data
 
 CLIPS = {f"clip{i:02d}.mp4": dict(width=64, height=48, fps=10, seconds=1, audio=i % 2 == 0) for i in range(12)}
@@ -52,11 +52,9 @@ QUIET = ExtractOptions(progress=False, batch_size=1)
 @pytest.fixture(scope="module")
 def job(ray_cluster, tiny_model, tmp_path_factory):
     """(videos, model dir, snapshot of an uninterrupted run's store, that store)."""
-    root = tmp_path_factory.mktemp("faults")
-    videos = make_folder(root / "videos", CLIPS)
     model_dir = str(tiny_model("qwen2_5_omni"))
-    reference = root / "reference.zarr"
-    extract(videos, reference, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)
+    videos, reference = reference_run(tmp_path_factory.mktemp("faults"), CLIPS, model_dir, shards=SHARDS,
+                                      options=QUIET)
     return videos, model_dir, snapshot(reference), reference
 
 

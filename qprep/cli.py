@@ -69,11 +69,18 @@ def video_options(command):
     return command
 
 
-def _settings(job, **flags):
+def _preset(job):
+    """--job's preset, or an empty one (defaults, then the flags)."""
     from qprep.schemas.jobs import Job, load_job
 
-    preset = load_job(job) if job else Job(name="flags", version=1)
-    return preset, preset.video_settings(**flags)
+    return load_job(job) if job else Job(name="flags", version=1)
+
+
+def _model(model, preset) -> str:
+    """--model, else the one the preset names; one of them is required."""
+    if not (model or preset.model):
+        raise click.UsageError("--model is required (or a --job that names one)")
+    return model or preset.model
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -127,7 +134,7 @@ def prepare(video, job, model, as_json, **flags):
     from qprep.schemas.settings import load_model_spec
 
     with _errors_to_exit_codes():
-        _, settings = _settings(job, **flags)
+        settings = _preset(job).video_settings(**flags)
         prepared = prepare_video(video, settings, load_model_spec(model))
     click.echo(to_json(prepared_summary(prepared)) if as_json else format_prepared(prepared))
 
@@ -176,10 +183,8 @@ def extract(videos, out, job, model, dtype, shards, rebuild, ray_address, device
     from qprep.extraction.run import ExtractOptions, extract as run_extract, format_summary
 
     with _errors_to_exit_codes():
-        preset, settings = _settings(job, **flags)
-        model = model or preset.model
-        if not model:
-            raise click.UsageError("--model is required (or a --job that names one)")
+        preset = _preset(job)
+        settings, model = preset.video_settings(**flags), _model(model, preset)
         options = ExtractOptions(ray_address=ray_address, device=device, batch_size=batch_size, progress=not quiet,
                                  follow_links=follow_links)
         try:
@@ -264,15 +269,11 @@ def train(cache_path, data, model, out, job, resume, as_json, quiet, **flags):
     """
     import json
 
-    from qprep.schemas.jobs import Job, load_job
     from qprep.train.loop import train as run_train
 
     with _errors_to_exit_codes():
-        preset = load_job(job) if job else Job(name="flags", version=1)
-        model = model or preset.model
-        if not model:
-            raise click.UsageError("--model is required (or a --job that names one)")
-        settings = preset.train_settings(**flags)
+        preset = _preset(job)
+        settings, model = preset.train_settings(**flags), _model(model, preset)
         summary = run_train(cache_path, data, model, out, settings, resume=resume, progress=not quiet,
                             echo=(lambda line: click.echo(line, err=True)) if as_json else click.echo)
     if as_json:

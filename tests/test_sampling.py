@@ -100,3 +100,23 @@ def test_window_restricts_frames_and_times(videos):
     times = prepared.metadata.frame_times
     assert 2.0 <= times[0] and times[-1] <= 6.0
     assert len(times) == 8
+
+
+@pytest.mark.parametrize("total, fps, element", CASES)
+def test_the_audits_frame_plan_equals_qwen_vl_utils(total, fps, element):
+    """`qprep verify` re-derives the frame plan without qprep's CPU stage; it too is qwen-vl-utils'."""
+    from qprep.audit.reference import frame_plan
+
+    settings = {"fps": element.get("fps"), "num_frames": element.get("nframes"),
+                "min_frames": element.get("min_frames", 4), "max_frames": element.get("max_frames", 768),
+                "video_start": element.get("video_start"), "video_end": element.get("video_end")}
+    try:
+        expected_indices, expected_fps = reference_plan(total, fps, element)
+    except ValueError:
+        with pytest.raises(ValueError):
+            frame_plan(total, fps, settings, factor=2)
+        return
+    plan = frame_plan(total, fps, settings, factor=2)
+    assert plan.indices == expected_indices
+    assert plan.sample_fps == pytest.approx(expected_fps, rel=1e-12)
+    assert plan.second_per_grid == pytest.approx(2 / expected_fps, rel=1e-12)

@@ -140,8 +140,9 @@ class _Walk:
                 else:
                     self.skip(entry, kind)
 
-    def skip(self, entry: os.DirEntry, why: str) -> None:
-        relative = Path(entry.path).relative_to(self.root).as_posix()
+    def skip(self, path: str | os.PathLike, why: str) -> None:
+        """Record a path under the videos directory that was not read, and why."""
+        relative = Path(path).relative_to(self.root).as_posix()
         self.skipped.append((_text_name(relative)[0], why))
 
     def _entries(self, directory: Path) -> list[os.DirEntry]:
@@ -151,8 +152,7 @@ class _Walk:
         except OSError as exc:
             if directory == self.root:
                 raise SettingsError(f"--videos {self.root}: cannot list it ({exc.strerror or exc})") from None
-            self.skipped.append((_text_name(directory.relative_to(self.root).as_posix())[0],
-                                 f"cannot list this folder: {exc.strerror or exc}"))
+            self.skip(directory, f"cannot list this folder: {exc.strerror or exc}")
             return []
 
     def _may_enter(self, entry: os.DirEntry) -> bool:
@@ -161,7 +161,7 @@ class _Walk:
         if self.follow_links or not entry.is_symlink():
             return True
         target = os.path.realpath(entry.path)
-        if target == self.real_root or target.startswith(self.real_root.rstrip(os.sep) + os.sep):
+        if Path(target).is_relative_to(self.real_root):
             return True
         if os.path.isdir(target) or is_video_name(entry.name):
             self.skip(entry, f"a link to {_text_name(target)[0]}, outside the videos folder; "

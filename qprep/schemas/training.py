@@ -47,12 +47,11 @@ class TrainSettings:
     def updated(self, values: dict[str, Any], source: str = "flags") -> "TrainSettings":
         """These settings with `values` (flat names; None means "not given") on top."""
         values = {k: v for k, v in values.items() if v is not None}
-        lora = {k[len("lora_"):]: v for k, v in values.items() if k.startswith("lora_")}
-        plain = {k: v for k, v in values.items() if not k.startswith("lora_")}
-        known = {f.name for f in fields(self)} - {"lora"}
-        unknown = sorted(set(plain) - known) + sorted(f"lora_{k}" for k in set(lora) - {f.name for f in fields(LoraSettings)})
+        unknown = sorted(set(values) - flat_names())
         if unknown:
             raise SettingsError(f"{source}: unknown training settings {unknown}; known: {sorted(flat_names())}")
+        lora = {k[len("lora_"):]: v for k, v in values.items() if k.startswith("lora_")}
+        plain = {k: v for k, v in values.items() if not k.startswith("lora_")}
         if "targets" in lora:
             lora["targets"] = tuple(lora["targets"])
         return replace(self, **plain, lora=replace(self.lora, **lora))

@@ -41,12 +41,17 @@ class Dataset:
     def report(self) -> str:
         lines = [f"{len(self.samples)} samples"]
         if self.cut:
-            lines.append(f"cut {len(self.cut)} to --max-length in their text: " + ", ".join(self.cut[:5])
-                         + (" ..." if len(self.cut) > 5 else ""))
-        for reason, ids in self.skipped.items():
-            shown = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
-            lines.append(f"left out {len(ids)}: {reason} ({shown})")
-        return "\n".join(lines)
+            lines.append(f"cut {len(self.cut)} to --max-length in their text: {_some(self.cut)}")
+        return "\n".join(lines + left_out_lines(self.skipped))
+
+
+def left_out_lines(skipped: dict[str, list[str]]) -> list[str]:
+    """One line per reason records were left out, with the first few ids."""
+    return [f"left out {len(ids)}: {reason} ({_some(ids)})" for reason, ids in skipped.items()]
+
+
+def _some(ids: list[str]) -> str:
+    return ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
 
 
 def load_records(path: str | Path) -> list[dict]:
@@ -124,14 +129,9 @@ def build_dataset(records: list[dict], cache, tokenizer, ids: PlaceholderIds, *,
             dataset.skipped.setdefault(f"bad conversation: {exc}", []).append(video_id)
             continue
         row = cache.row(video_id)
-        block = video_block(tuple(row["grid_thw"]), ids, merge_size=merge_size,
-                            second_per_grid=row["second_per_grid"],
-                            audio_tokens=(row["audio_length"] or 0) if audio else 0)
-        at = text_ids.index(ids.video)
-        input_ids = text_ids[: at - 1] + block + text_ids[at + 2:]
-        labels = labels[: at - 1] + [IGNORE] * len(block) + labels[at + 2:]
+        input_ids, labels, block_end = with_video_block(text_ids, labels, row, ids, merge_size=merge_size, audio=audio)
         if max_length is not None and len(input_ids) > max_length:
-            reason = _over_length(at - 1 + len(block), labels, max_length, cut)
+            reason = _over_length(block_end, labels, max_length, cut)
             if reason:
                 dataset.skipped.setdefault(reason, []).append(video_id)
                 continue
@@ -140,6 +140,17 @@ def build_dataset(records: list[dict], cache, tokenizer, ids: PlaceholderIds, *,
         dataset.samples.append(Sample(id=video_id, input_ids=input_ids, labels=labels,
                                       has_audio=audio and bool(row["audio_length"])))
     return dataset
+
+
+def with_video_block(text_ids: list[int], labels: list[int], row: dict, ids: PlaceholderIds, *, merge_size: int,
+                     audio: bool) -> tuple[list[int], list[int], int]:
+    """The chat template's video placeholder (start, pad, end) replaced by the cached video's block
+    (`qprep.schemas.layout.video_block`), which the labels ignore: (input ids, labels, where the block ends)."""
+    block = video_block(tuple(row["grid_thw"]), ids, merge_size=merge_size, second_per_grid=row["second_per_grid"],
+                        audio_tokens=(row["audio_length"] or 0) if audio else 0)
+    at = text_ids.index(ids.video)
+    return (text_ids[: at - 1] + block + text_ids[at + 2:], labels[: at - 1] + [IGNORE] * len(block) + labels[at + 2:],
+            at - 1 + len(block))
 
 
 def _over_length(block_end: int, labels: list[int], max_length: int, cut: bool) -> str | None:

@@ -63,6 +63,7 @@ def infer(cache_path: str | Path, model: str | None, out: str | Path, *, adapter
 
     from qprep.models.checkpoint import open_checkpoint
     from qprep.store.reader import open_cache
+    from qprep.train.data import left_out_lines
     from qprep.train.loop import check_cache_fits
 
     started = time.perf_counter()
@@ -72,8 +73,8 @@ def infer(cache_path: str | Path, model: str | None, out: str | Path, *, adapter
     checkpoint = open_checkpoint(model or cache.model)
     check_cache_fits(cache, checkpoint)
     requests, skipped = choose_requests(cache, ids=ids, data=data, prompt=prompt)
-    for reason, left_out in skipped.items():
-        echo(f"left out {len(left_out)}: {reason} ({', '.join(left_out[:5])}{' ...' if len(left_out) > 5 else ''})")
+    for line in left_out_lines(skipped):
+        echo(line)
     if not requests:
         raise SettingsError(f"no video to answer for in {cache.store.location} (the reasons are listed above); "
                             f"pass --ids or --data naming videos extracted ok (`qprep status` lists them)")
@@ -143,16 +144,13 @@ class Generator:
 
     def prompt_ids(self, request: Request) -> list[int]:
         """The rendered prompt with the video's block in place (as training lays it out)."""
-        from qprep.schemas.layout import video_block
+        from qprep.train.data import IGNORE, with_video_block
 
         text = self.tokenizer.apply_chat_template(request.conversation, tokenize=False, add_generation_prompt=True)
         text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        row = self.cache.row(request.id)
-        block = video_block(tuple(row["grid_thw"]), self.ids, merge_size=self.merge_size,
-                            second_per_grid=row["second_per_grid"],
-                            audio_tokens=(row["audio_length"] or 0) if self.omni else 0)
-        at = text_ids.index(self.ids.video)
-        return text_ids[: at - 1] + block + text_ids[at + 2:]
+        input_ids, _, _ = with_video_block(text_ids, [IGNORE] * len(text_ids), self.cache.row(request.id), self.ids,
+                                           merge_size=self.merge_size, audio=self.omni)
+        return input_ids
 
     def batch(self, request: Request):
         from qprep.train.data import IGNORE, Sample, collate

@@ -26,6 +26,8 @@ from qprep.train.plot import plot_loss
 
 CHECKPOINT_PREFIX = "checkpoint-"
 RUN_FILE = "run.json"  # the effective settings and what the run was trained on
+# How long a resumed run goes on and how often it saves; every other setting decides what it computes.
+CHANGEABLE_ON_RESUME = frozenset({"epochs", "save_every"})
 
 
 @dataclass
@@ -173,9 +175,9 @@ def _check_resumable(out: Path, identity: dict) -> None:
     saved = json.loads(saved_path.read_text())
     identity = json.loads(json.dumps(identity, default=str))  # tuples as the file holds them
     same = ("cache_content", "samples", "model")
-    fixed = ("seed", "batch_size", "grad_accum", "lr", "max_length", "cut_to_max_length", "gradient_checkpointing", "dtype", "lora")
     changed = [k for k in same if saved.get(k) != identity[k]]
-    changed += [f"settings.{k}" for k in fixed if saved["settings"].get(k) != identity["settings"][k]]
+    changed += [f"settings.{k}" for k, value in identity["settings"].items()
+                if k not in CHANGEABLE_ON_RESUME and saved["settings"].get(k) != value]
     if changed:
         what = ", ".join(changed)
         hint = " (the cache was re-extracted since)" if "cache_content" in changed else ""

@@ -35,11 +35,13 @@ class Batch:
     mel_lengths: torch.Tensor | None = None  # [videos] valid mel frames
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> "Batch":
-        return Batch(**{name: value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
-                        for name, value in vars(self).items()})
+        return self._map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":  # called by torch's DataLoader with pin_memory=True
-        return Batch(**{name: value.pin_memory() if isinstance(value, torch.Tensor) else value
+        return self._map_tensors(torch.Tensor.pin_memory)
+
+    def _map_tensors(self, change) -> "Batch":
+        return Batch(**{name: change(value) if isinstance(value, torch.Tensor) else value
                         for name, value in vars(self).items()})
 
 

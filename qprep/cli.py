@@ -191,7 +191,7 @@ def extract(videos, out, job, model, dtype, shards, rebuild, ray_address, device
             summary = run_extract(videos, out, model, settings, dtype=dtype, shards=shards, rebuild=rebuild,
                                   revision=revision, options=options)
         except KeyboardInterrupt:
-            click.echo(f"interrupted: the shards committed so far are kept; run the same command to finish.", err=True)
+            click.echo("interrupted: the shards committed so far are kept; run the same command to finish.", err=True)
             sys.exit(130)
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary, out))
 

@@ -107,7 +107,7 @@ def _steps(result: DemoResult, job: str, echo) -> None:
         infer(result.store, result.model, answers, adapter=result.run / "adapter", ids=[first], max_new_tokens=16,
               progress=False)
     echo(f"{answers.read_text().strip()}   (random weights: the words mean nothing, the path is the real one)")
-    echo(f"\n$ qprep extract ... (again: nothing changed, so nothing is decoded and Ray does not start)")
+    echo("\n$ qprep extract ... (again: nothing changed, so nothing is decoded and Ray does not start)")
     with _timed(result, "extract again", echo):
         result.re_run = extract(result.videos, result.store, result.model, settings)
     echo(format_summary(result.re_run, result.store))

@@ -1,10 +1,39 @@
 """The reference path the tests compare qprep against: plain PyAV decoding of every frame and of the
-whole audio track, then transformers' own processors. No qprep code is used here."""
+whole audio track, then transformers' own processors and model classes. No qprep code computes
+anything here (`in_own_memory` only moves loaded weights, see `full_model`)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import av
 import numpy as np
+import torch
+
+# model_type → the transformers class of the released full model, and the part of it that sees video
+FULL_MODELS = {
+    "qwen2_5_omni": ("Qwen2_5OmniForConditionalGeneration", "thinker"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", None),
+}
+
+
+def full_model(model_dir, dtype: torch.dtype = torch.float32):
+    """The checkpoint's full model as transformers loads it (Omni: its thinker), in eval mode.
+
+    `from_pretrained` leaves weights memory-mapped at the offsets the file gives them; qprep copies the
+    weights it loads into torch's own (64-byte aligned) memory. MKL's AVX2 kernels round by operand
+    alignment, so the reference gets the same placement: a bit-for-bit comparison is then between the
+    same arithmetic on every CPU.
+    """
+    import transformers
+
+    from qprep.models.checkpoint import in_own_memory
+
+    model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+    class_name, part = FULL_MODELS[model_type]
+    model = getattr(transformers, class_name).from_pretrained(model_dir, dtype=dtype)
+    return in_own_memory(getattr(model, part) if part else model).eval()
 
 
 def plain_decode(path) -> tuple[list[np.ndarray], int]:

@@ -29,7 +29,7 @@ from qprep.errors import StoreError
 from qprep.extraction.run import ExtractOptions, extract
 from qprep.schemas.settings import VideoSettings
 from qprep.synth import VideoSpec, make_video
-from reference import plain_audio_decode, reference_pixels
+from reference import full_model, plain_audio_decode, reference_pixels
 
 QUIET = ExtractOptions(progress=False)
 FOLDER = {
@@ -78,8 +78,6 @@ def other_files(snap: dict[str, str], shard: int) -> dict[str, str]:
 
 
 def test_cached_tokens_equal_the_full_model_on_the_processors_output(ray_cluster, tiny_model, tmp_path):
-    from transformers import Qwen2_5OmniForConditionalGeneration
-
     model_dir = tiny_model("qwen2_5_omni")
     folder = make_folder(tmp_path / "videos")
     (folder / "broken.mp4").write_bytes(os.urandom(4096))
@@ -92,7 +90,7 @@ def test_cached_tokens_equal_the_full_model_on_the_processors_output(ray_cluster
     broken = cache.row("broken")
     assert broken["status"] == "failed" and broken["error_code"] == "unreadable" and "FFmpeg" in broken["error"]
 
-    thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).thinker.eval()
+    thinker = full_model(model_dir)
     processor = Qwen2VLVideoProcessor.from_pretrained(model_dir)
     extractor = WhisperFeatureExtractor.from_pretrained(model_dir)
     for video_id in cache.ids():
@@ -199,14 +197,12 @@ def test_a_store_refuses_other_settings_unless_rebuilt(ray_cluster, tiny_model, 
 
 
 def test_vl_store_holds_bf16_tokens_equal_to_the_bf16_model(ray_cluster, tiny_model, tmp_path):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     model_dir = tiny_model("qwen2_5_vl")
     folder = make_folder(tmp_path / "videos", {k: FOLDER[k] for k in ("talk/a.mp4", "c.mp4")})
     extract(folder, tmp_path / "store.zarr", str(model_dir), VideoSettings(fps=2), dtype="bfloat16", shards=2,
             options=QUIET)
     cache = open_cache(tmp_path / "store.zarr")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16).model.eval()
+    model = full_model(model_dir, torch.bfloat16).model
     processor = Qwen2VLVideoProcessor.from_pretrained(model_dir)
     for video_id in cache.ids():
         cached = cache[video_id]

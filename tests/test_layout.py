@@ -3,12 +3,12 @@ model's own `get_rope_index`."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor
 
 from qprep.schemas.layout import PlaceholderIds, video_block
+from reference import full_model
 
 
 def omni_ids(processor) -> PlaceholderIds:
@@ -41,10 +41,8 @@ def rope_positions(thinker, block, grid_thw, second_per_grid, mel_frames):
 
 @pytest.fixture(scope="module")
 def omni(tiny_model):
-    from transformers import Qwen2_5OmniForConditionalGeneration
-
     model_dir = tiny_model("qwen2_5_omni")
-    thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).thinker
+    thinker = full_model(model_dir)
     return AutoProcessor.from_pretrained(model_dir), thinker
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qprep.models.tiny import make_tiny_model, token_ids
+from reference import full_model
 
 # kind -> (processor class, video block of the chat template, video token)
 KINDS = {
@@ -59,14 +60,6 @@ def processed(processor, kind: str):
     # argument does not change that unless it samples frames): the frame rate comes as metadata.
     return processor(text=[text], videos=[video], video_metadata=[{"fps": 2.0, "total_num_frames": len(video)}],
                      return_tensors="pt")
-
-
-def load_model(kind: str, path):
-    from transformers import Qwen2_5OmniForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
-
-    if kind == "qwen2_5_omni":
-        return Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=torch.float32).thinker.eval()
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -165,7 +158,7 @@ def test_the_full_model_trains_on_what_the_processor_makes_of_raw_video(model_di
         assert grid[0].tolist() == [2, 20, 28]
     assert int((ids == video_id).sum()) == int(grid.prod()) // 4
 
-    model = load_model(kind, path)
+    model = full_model(path)
     extra = {}
     if kind == "qwen2_5_omni":
         # the sound track: placeholders as many as the audio tower's outputs, inside the video block,

@@ -20,23 +20,13 @@ from qprep.models.checkpoint import open_checkpoint
 from qprep.pipeline.towers import AudioInput, Budget, Towers, VideoInput
 from qprep.schemas.settings import load_model_spec
 from qprep.store.reader import to_storage, to_tensor
-from reference import plain_audio_decode, reference_pixels
+from reference import full_model, plain_audio_decode, reference_pixels
 
 CLIPS = {
     "a.mp4": dict(width=160, height=120, fps=25, seconds=3, events=((0.5, 1.0),)),
     "b.mp4": dict(width=96, height=64, fps=30, seconds=2, bframes=2),
     "c.mp4": dict(width=200, height=100, fps=24, seconds=4, rotation=90),
 }
-
-
-def full_thinker(kind: str, path):
-    if kind == "qwen2_5_omni":
-        from transformers import Qwen2_5OmniForConditionalGeneration
-
-        return Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=torch.float32).thinker.eval()
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).model.eval()
 
 
 def video_input(prepared) -> VideoInput:
@@ -51,7 +41,7 @@ def audio_input(prepared) -> AudioInput:
 def test_tokens_equal_the_full_model_on_the_processors_output(tiny_model, videos, kind):
     model_dir = tiny_model(kind)
     towers = Towers(open_checkpoint(model_dir), load_model_spec(model_dir), dtype="float32", device="cpu")
-    reference = full_thinker(kind, model_dir)
+    reference = full_model(model_dir)
     processor = Qwen2VLVideoProcessor.from_pretrained(model_dir)
     for name, spec in CLIPS.items():
         path = videos(name, **spec)

@@ -10,6 +10,7 @@ from transformers import AutoProcessor
 from qprep.models.checkpoint import open_checkpoint
 from qprep.train.lora import LoraSettings, apply_lora
 from qprep.train.model import Batch, LanguageModel
+from reference import full_model
 
 
 def text_batch(tokenizer, texts: list[str]) -> Batch:
@@ -45,14 +46,7 @@ def test_lora_trains_the_language_model_and_loads_onto_the_full_model(tiny_model
     assert losses[-1] < losses[0] - 1.0  # random tiny weights: LoRA alone moves it, slowly
     model.save_pretrained(tmp_path / "adapter")
 
-    if kind == "qwen2_5_omni":
-        from transformers import Qwen2_5OmniForConditionalGeneration
-
-        full = Qwen2_5OmniForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).thinker
-    else:
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        full = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    full = full_model(model_dir)
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     with torch.no_grad():
         before = full(**kwargs).logits

@@ -20,7 +20,7 @@ from qprep.pipeline.towers import AudioInput, Towers, VideoInput
 from qprep.schemas.layout import PlaceholderIds, video_block
 from qprep.schemas.settings import load_model_spec
 from qprep.train.model import Batch, LanguageModel
-from reference import plain_audio_decode, plain_decode
+from reference import full_model, plain_audio_decode, plain_decode
 
 CLIP = dict(width=160, height=120, fps=25, seconds=3, events=((0.5, 1.0),))
 CONVERSATION = [
@@ -60,16 +60,6 @@ def processor_inputs(model_dir, path, conversation, frame_indices, sample_fps, o
     return processor, processor(**kwargs)
 
 
-def full_model(model_dir, omni):
-    if omni:
-        from transformers import Qwen2_5OmniForConditionalGeneration
-
-        return Qwen2_5OmniForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).thinker.eval()
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
 def _both_paths(tiny_model, videos, kind):
     """The full model with its processor's inputs, and qprep's language model with its cached batch."""
     model_dir = tiny_model(kind)
@@ -85,7 +75,7 @@ def _both_paths(tiny_model, videos, kind):
                                          prepared.metadata.sample_fps, omni)
     assert inputs["video_grid_thw"].tolist() == prepared.video_grid_thw.tolist()
     labels = assistant_labels(inputs["input_ids"], processor.tokenizer)
-    full = full_model(model_dir, omni)
+    full = full_model(model_dir)
     if omni:
         assert float(inputs["video_second_per_grid"][0]) == prepared.second_per_grid
     else:
@@ -179,7 +169,7 @@ def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss
                for p, batch in batch_stream(planned, dataset.samples, cache, tokenizer.pad_token_id or 0,
                                             audio=True, workers=1)}
     language_model = LanguageModel(open_checkpoint(model_dir), dtype="float32").eval()
-    full = full_model(model_dir, omni=True)
+    full = full_model(model_dir)
     videos = cache.store.root.parent / "videos"
     for video_id, question in questions.items():
         row = cache.row(video_id)

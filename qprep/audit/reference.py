@@ -217,12 +217,15 @@ def load_model(source: str, family: str, *, dtype: str, device: str, attn_implem
     """The full model, loaded by transformers itself; returns the part that owns the towers."""
     import transformers
 
+    from qprep.models.checkpoint import in_own_memory
+
     class_name, part = FULL_MODELS[family]
     model = getattr(transformers, class_name).from_pretrained(
         source, revision=revision, dtype=DTYPES[dtype], attn_implementation=attn_implementation, device_map=device,
         use_safetensors=True)  # never unpickle weights: a .bin-only checkpoint is refused
     model = getattr(model, part) if part else model
-    return model.eval().requires_grad_(False)
+    # The weights in torch's own memory, as qprep's towers hold them: some CPU kernels round by alignment.
+    return in_own_memory(model).eval().requires_grad_(False)
 
 
 def _plain_frames(path, indices: list[int], decoded: Decoded) -> Iterator[np.ndarray]:

@@ -253,7 +253,7 @@ def load_weights(module, checkpoint: Checkpoint, prefixes: tuple[str, ...]) -> N
     parameter and persistent buffer must be there)."""
     from safetensors import safe_open
 
-    state: dict[str, torch.Tensor] = {}
+    state: dict = {}  # name → tensor
     prefix = None
     for path, keys in checkpoint.weight_files(prefixes).items():
         prefix = prefix or next(p for p in prefixes if keys[0].startswith(p))
@@ -264,3 +264,22 @@ def load_weights(module, checkpoint: Checkpoint, prefixes: tuple[str, ...]) -> N
     if missing or unexpected:
         raise SettingsError(f"model {checkpoint.source}: weights under {prefix} do not fit "
                             f"{type(module).__name__} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def in_own_memory(module):
+    """`module` with every CPU tensor that sits off a 64-byte boundary copied into torch's own memory.
+
+    transformers' `from_pretrained` leaves weights mapped from the safetensors file, at whatever address
+    their offset in the file gives; `load_weights` copies into memory torch allocates (64-byte aligned).
+    Some BLAS kernels (MKL's AVX2 ones) round differently by an operand's alignment, so a model loaded
+    each way gives results an ulp apart on those machines. Values are unchanged; tied weights stay tied.
+    """
+    import itertools
+
+    import torch
+
+    with torch.no_grad():
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
+    return module

@@ -92,41 +92,32 @@ def _keep(frames, pieces: list, seen: int, start: int, end: int | None) -> int:
 
 
 def log_mel(waveform: np.ndarray, spec: AudioSpec, long_audio: str, path: str) -> AudioFeatures:
-    """Whisper log-mel features of `waveform`, one processor window at a time."""
+    """Whisper log-mel features of `waveform`, one processor window at a time.
+
+    transformers' `WhisperFeatureExtractor` is called exactly as the Omni processor calls it: every
+    window padded to the whole 300 s. Computing only the frames that hold the signal would save about
+    0.1 s per short track, but the STFT and the mel matmul then run on another shape, and on some CPUs
+    (AVX2 kernels) that rounds a few values one ulp away from the processor's. The same call shape
+    is what makes the features bit-identical to the processor on every machine.
+    """
     window = spec.window_samples
     count = max(1, math.ceil(len(waveform) / window))
     if count > 1 and long_audio == "error":
         raise AudioError(path, f"the audio track lasts {len(waveform) / spec.sampling_rate:.1f} s, longer than the "
                                f"model's {spec.chunk_length} s window (use long_audio='window' to encode it in windows)")
-    frames = window // spec.hop_length
-    input_features = torch.empty((count, spec.feature_size, frames), dtype=torch.float32)
-    attention_mask = torch.zeros((count, frames), dtype=torch.int32)
-    for index in range(count):
-        computed, mask = _window_features(waveform[index * window : (index + 1) * window], spec)
-        input_features[index, :, : computed.shape[1]] = computed
-        # Past the computed frames the window holds only padding: every such frame equals the last
-        # computed one, which already hears nothing but zeros.
-        input_features[index, :, computed.shape[1] :] = computed[:, -1:]
-        attention_mask[index, : mask.shape[0]] = mask
-    return AudioFeatures(waveform=waveform, input_features=input_features, feature_attention_mask=attention_mask)
+    pieces = [waveform[index * window : (index + 1) * window] for index in range(count)]
+    features = window_features(pieces, spec)
+    return AudioFeatures(waveform=waveform, input_features=features["input_features"],
+                         feature_attention_mask=features["attention_mask"].to(torch.int32))
 
 
-def _window_features(chunk: np.ndarray, spec: AudioSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' WhisperFeatureExtractor on one window, called as the Omni processor calls it,
-    but padded only far enough that the last frame hears nothing but padding (not to 300 s).
-
-    The frames computed are bit-identical to the processor's: each frame sees the same samples, and
-    the spectrogram's maximum (the floor is max − 8) is the same, since all-padding frames sit at the
-    floor of the log. This skips ~115 ms of STFT over silence per short video.
-    """
-    hop = spec.hop_length
-    length = min(spec.window_samples, -(-(len(chunk) + 2 * spec.n_fft) // hop) * hop)
-    features = spec.feature_extractor()(
-        [chunk],
+def window_features(pieces: list[np.ndarray], spec: AudioSpec):
+    """transformers' WhisperFeatureExtractor on consecutive windows of one track, each padded to the
+    model's window as `Qwen2_5OmniProcessor` pads it (one call: `verify` recomputes it the same way)."""
+    return spec.feature_extractor()(
+        pieces,
         sampling_rate=spec.sampling_rate,
         padding="max_length",
-        max_length=length,
         return_attention_mask=True,
         return_tensors="pt",
     )
-    return features["input_features"][0], features["attention_mask"][0].to(torch.int32)

@@ -373,16 +373,14 @@ def loop_worker(job: dict) -> dict:
     from qprep.store.reader import open_cache
     from qprep.train.data import build_dataset, collate, load_records
     from qprep.train.lora import LoraSettings, apply_lora
-    from qprep.train.loop import placeholder_ids
     from qprep.train.model import LanguageModel
 
     _quiet_transformers()
     checkpoint = open_checkpoint(job["model"])
     cache = open_cache(job["cache"])
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.source)
-    ids = placeholder_ids(tokenizer, omni=True)
-    merge = int(checkpoint.tower_config["vision_config"].get("spatial_merge_size", 2))
-    dataset = build_dataset(load_records(job["data"]), cache, tokenizer, ids, merge_size=merge, audio=True)
+    layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
+    dataset = build_dataset(load_records(job["data"]), cache, tokenizer, layout)
     torch.manual_seed(SEED)
     language_model = LanguageModel(checkpoint, dtype="float32", device="cpu")
     if job["gradient_checkpointing"]:
@@ -390,13 +388,12 @@ def loop_worker(job: dict) -> dict:
             activation_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(language_model, LoraSettings())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     order = _train_order(len(dataset.samples))
     floor = job["kind"] == "floor"
     batches = {}
     if floor:  # each sample's batch collated once, before the loop
         for index in sorted(set(order)):
-            batches[index] = collate([dataset.samples[index]], cache, pad_id, audio=True)
+            batches[index] = collate([dataset.samples[index]], cache, layout)
     phases = Phases()
     language_model.position_ids = phases.timed("get_rope_index", language_model.position_ids)
     language_model.embed = phases.timed("embed + scatter", language_model.embed)
@@ -417,7 +414,7 @@ def loop_worker(job: dict) -> dict:
         if floor:
             batch = batches[index]
         else:
-            batch = collate([sample], cache, pad_id, audio=True)
+            batch = collate([sample], cache, layout)
         collated = time.perf_counter()
         loss, _ = model(batch)
         forwarded = time.perf_counter()

@@ -67,7 +67,7 @@ def run_demo(workdir: Path | None = None, videos: Path | None = None, model: str
 
 def _steps(result: DemoResult, job: str, echo) -> None:
     from qprep.extraction.run import extract, format_summary
-    from qprep.models.tiny import make_tiny_model
+    from qprep.models.tiny import DEMO_KIND, make_tiny_model
     from qprep.schemas.jobs import load_job
     from qprep.store.status import format_status, store_status
     from qprep.train.infer import infer
@@ -81,7 +81,7 @@ def _steps(result: DemoResult, job: str, echo) -> None:
                 make_video(result.videos / name, spec)
     with _timed(result, "make a tiny model", echo):
         if not result.model:
-            result.model = str(make_tiny_model("qwen2_5_omni", result.workdir / "tiny-qwen2.5-omni"))
+            result.model = str(make_tiny_model(DEMO_KIND, result.workdir / f"tiny-{DEMO_KIND}"))
     echo(f"\n$ qprep extract --videos {result.videos} --out {result.store} --model {result.model} "
          f"--job {preset.name} --num-frames {DEMO_FRAMES}")
     with _timed(result, "extract", echo):

@@ -7,8 +7,16 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from qprep.schemas.layout import PlaceholderIds, video_block
+from qprep.models.families import FAMILIES, PlaceholderIds
 from reference import full_model
+
+OMNI, VL = FAMILIES["qwen2_5_omni"], FAMILIES["qwen2_5_vl"]
+
+
+def omni_block(thinker, grid, ids, second_per_grid, audio_tokens) -> list[int]:
+    """qprep's Omni block, with the numbers of the thinker's own config."""
+    return OMNI.video_block(grid, ids, thinker.config, merge_size=2, second_per_grid=second_per_grid,
+                            audio_tokens=audio_tokens)
 
 
 def omni_ids(processor) -> PlaceholderIds:
@@ -48,11 +56,11 @@ def omni(tiny_model):
 
 @pytest.mark.parametrize("frames, seconds", [(16, 8.0), (8, 3.0), (50, 61.3), (100, 37.5), (100, 120.0)])
 def test_omni_layout_equals_the_processor_where_its_arithmetic_agrees(omni, frames, seconds):
-    processor, _ = omni
+    processor, thinker = omni
     grid = (frames // 2, 4, 6)
     second_per_grid = 2 / (frames / seconds)
     audio = audio_tokens_for(int(seconds * 100))
-    ours = video_block(grid, omni_ids(processor), second_per_grid=second_per_grid, audio_tokens=audio)
+    ours = omni_block(thinker, grid, omni_ids(processor), second_per_grid, audio)
     assert ours == processor_block(processor, grid, second_per_grid, audio)
     assert ours.count(omni_ids(processor).video) == grid[0] * 6 and ours.count(omni_ids(processor).audio) == audio
 
@@ -68,7 +76,7 @@ def test_every_token_gets_a_position_of_its_own_kind_where_the_processor_errs(om
     second_per_grid = 2 / (frames / seconds)
     audio = audio_tokens_for(mel)
     theirs = processor_block(processor, grid, second_per_grid, audio)
-    ours = video_block(grid, ids, second_per_grid=second_per_grid, audio_tokens=audio)
+    ours = omni_block(thinker, grid, ids, second_per_grid, audio)
     assert theirs != ours, "the known upstream disagreement should show here"
 
     def audio_positions_are_audio(block) -> bool:
@@ -83,8 +91,9 @@ def test_every_token_gets_a_position_of_its_own_kind_where_the_processor_errs(om
 
 def test_vl_and_silent_blocks():
     ids = PlaceholderIds(vision_start=10, vision_end=11, video=12)
-    assert video_block((4, 6, 8), ids) == [10] + [12] * 48 + [11]
-    assert video_block((4, 6, 8), ids, audio_tokens=0, second_per_grid=1.0) == [10] + [12] * 48 + [11]
+    assert VL.video_block((4, 6, 8), ids, None, merge_size=2, second_per_grid=1.0) == [10] + [12] * 48 + [11]
+    assert OMNI.video_block((4, 6, 8), ids, None, merge_size=2, second_per_grid=1.0, audio_tokens=0) == (
+        [10] + [12] * 48 + [11])
 
 
 def test_the_language_model_refuses_a_block_that_gives_audio_tokens_video_positions(omni, tiny_model):
@@ -94,7 +103,7 @@ def test_the_language_model_refuses_a_block_that_gives_audio_tokens_video_positi
     from qprep.models.checkpoint import open_checkpoint
     from qprep.train.model import Batch, LanguageModel
 
-    processor, _ = omni
+    processor, thinker = omni
     ids = omni_ids(processor)
     grid, mel, second_per_grid = (33, 4, 4), 3900, 2 / (66 / 39.0)
     audio = audio_tokens_for(mel)
@@ -107,6 +116,6 @@ def test_the_language_model_refuses_a_block_that_gives_audio_tokens_video_positi
                      second_per_grid=torch.tensor([second_per_grid], dtype=torch.float64),
                      audio_tokens=torch.zeros(audio, 1), mel_lengths=torch.tensor([mel]))
 
-    model.position_ids(batch(video_block(grid, ids, second_per_grid=second_per_grid, audio_tokens=audio)))
+    model.position_ids(batch(omni_block(thinker, grid, ids, second_per_grid, audio)))
     with pytest.raises(AssertionError, match="non-audio positions"):
         model.position_ids(batch(processor_block(processor, grid, second_per_grid, audio)))

@@ -9,15 +9,13 @@ import torch
 from transformers import AutoTokenizer
 
 from qprep.models.checkpoint import open_checkpoint
-from qprep.schemas.layout import PlaceholderIds
 from qprep.train.data import IGNORE, build_dataset, collate, load_records, messages, tokenize
 from qprep.train.model import LanguageModel
 
 
-def omni_ids(tokenizer) -> PlaceholderIds:
-    get = tokenizer.convert_tokens_to_ids
-    return PlaceholderIds(get("<|vision_bos|>"), get("<|vision_eos|>"), get("<|VIDEO|>"), get("<|AUDIO|>"),
-                          get("<|audio_bos|>"), get("<|audio_eos|>"))
+def prompt_layout(model_dir, tokenizer):
+    checkpoint = open_checkpoint(model_dir)
+    return checkpoint.family.prompt_layout(checkpoint, tokenizer)
 
 
 def test_the_video_goes_where_marked_or_first():
@@ -33,7 +31,7 @@ def test_labels_cover_the_assistant_turns_only(tiny_model):
         {"from": "human", "value": "<video> what is it"}, {"from": "gpt", "value": "a video"},
         {"from": "human", "value": "and then"}, {"from": "gpt", "value": "the end"},
     ])
-    ids, labels = tokenize(conversation, tokenizer)
+    ids, labels = tokenize(conversation, tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
     trained = tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE])
     assert trained == "a video<|im_end|>the end<|im_end|>"
     assert all(label in (IGNORE, i) for i, label in zip(ids, labels))
@@ -48,21 +46,20 @@ def test_records_whose_video_is_missing_or_failed_are_reported_not_trained(omni_
                                            {"from": "gpt", "value": "You are a helpful video."}]}
         for video_id in ("a", "b", "broken", "nowhere")
     ]))
-    dataset = build_dataset(load_records(data), cache, tokenizer, omni_ids(tokenizer), merge_size=2, audio=True)
+    layout = prompt_layout(model_dir, tokenizer)
+    dataset = build_dataset(load_records(data), cache, tokenizer, layout)
     assert [s.id for s in dataset.samples] == ["a", "b"]
     assert dataset.skipped == {"video failed extraction": ["broken"], "video not in the cache": ["nowhere"]}
-    short = build_dataset(load_records(data), cache, tokenizer, omni_ids(tokenizer), merge_size=2, audio=True,
-                          max_length=len(dataset.samples[0].input_ids))
+    short = build_dataset(load_records(data), cache, tokenizer, layout, max_length=len(dataset.samples[0].input_ids))
     assert [s.id for s in short.samples] == ["a"]
     assert short.skipped[f"longer than --max-length {len(dataset.samples[0].input_ids)}"] == ["b"]
 
     # a padded batch of both gives each sample its own loss
     model = LanguageModel(open_checkpoint(model_dir)).eval()
-    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     with torch.no_grad():
-        _, both = model(collate(dataset.samples, cache, pad_id, audio=True))
+        _, both = model(collate(dataset.samples, cache, layout))
         for row, sample in enumerate(dataset.samples):
-            _, alone = model(collate([sample], cache, pad_id, audio=True))
+            _, alone = model(collate([sample], cache, layout))
             length = len(sample.input_ids)
             torch.testing.assert_close(both[row, :length], alone[0], rtol=1e-5, atol=1e-5)
 
@@ -70,12 +67,13 @@ def test_records_whose_video_is_missing_or_failed_are_reported_not_trained(omni_
 def test_cutting_to_max_length_cuts_text_only_and_never_a_video_block(omni_store, tmp_path):
     model_dir, cache = omni_store
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = omni_ids(tokenizer)
+    layout = prompt_layout(model_dir, tokenizer)
+    ids = layout.ids
     data = tmp_path / "train.json"
     data.write_text(json.dumps([{"id": "b", "conversations": [
         {"from": "human", "value": "<video> what happens"},
         {"from": "gpt", "value": "a long answer " * 20}]}]))
-    build = lambda **kw: build_dataset(load_records(data), cache, tokenizer, ids, merge_size=2, audio=True, **kw)
+    build = lambda **kw: build_dataset(load_records(data), cache, tokenizer, layout, **kw)
     whole = build().samples[0]
     block_end = whole.input_ids.index(ids.vision_end) + 1
     first_label = next(i for i, label in enumerate(whole.labels) if label != IGNORE)

@@ -3,7 +3,7 @@
 Reference: `Qwen2_5OmniForConditionalGeneration(...).thinker` / `Qwen2_5_VLForConditionalGeneration`
 loaded with `from_pretrained`, fed by the checkpoint's own `AutoProcessor` on plainly decoded
 frames and audio (tests/reference.py). Cache path: qprep's tower outputs, the layout of
-`qprep.schemas.layout`, and the language model alone (`qprep.train.model`).
+the family's `video_block`, and the language model alone (`qprep.train.model`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from transformers.video_utils import VideoMetadata
 import qprep
 from qprep.models.checkpoint import open_checkpoint
 from qprep.pipeline.towers import AudioInput, Towers, VideoInput
-from qprep.schemas.layout import PlaceholderIds, video_block
+from qprep.models.families import PlaceholderIds
 from qprep.schemas.settings import load_model_spec
 from qprep.train.model import Batch, LanguageModel
 from reference import full_model, plain_audio_decode, plain_decode
@@ -93,8 +93,10 @@ def _both_paths(tiny_model, videos, kind):
     else:
         ids = PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"))
         audio_tokens = None
-    block = video_block(tuple(prepared.video_grid_thw[0].tolist()), ids, second_per_grid=prepared.second_per_grid,
-                        audio_tokens=0 if audio_tokens is None else audio_tokens.shape[0])
+    family = open_checkpoint(model_dir).family
+    block = family.video_block(tuple(prepared.video_grid_thw[0].tolist()), ids, full.config, merge_size=2,
+                               second_per_grid=prepared.second_per_grid,
+                               audio_tokens=0 if audio_tokens is None else audio_tokens.shape[0])
     input_ids = torch.tensor([expand(tokenizer(processor.apply_chat_template(CONVERSATION, tokenize=False))["input_ids"], block, ids)])
     assert torch.equal(input_ids, inputs["input_ids"])
     language_model = LanguageModel(open_checkpoint(model_dir), dtype="float32").eval()
@@ -132,7 +134,7 @@ def test_lora_gradients_equal_the_full_model_with_the_same_adapter(tiny_model, v
         if "lora_B" in name:  # non-zero B, so that A gets gradients too
             parameter.data = torch.randn(parameter.shape, generator=generator) * 0.02
     theirs = get_peft_model(full, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                             target_modules=settings.target_regex()))
+                                             target_modules=settings.target_regex(language_model.family.lora_targets)))
     set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours))
     ours(batch)[0].backward()
     theirs(**inputs, labels=labels, **model_kwargs).loss.backward()
@@ -153,7 +155,6 @@ def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss
 
     from qprep.train.data import build_dataset, load_records
     from qprep.train.loader import batch_stream, plan
-    from qprep.train.loop import placeholder_ids
 
     model_dir, cache = omni_store
     questions = {"a": "<video>\nWhat happens, and when?", "b": "Describe it. <video>"}
@@ -162,12 +163,12 @@ def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss
                for video_id, question in questions.items()]
     (tmp_path / "data.json").write_text(json.dumps(records))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dataset = build_dataset(load_records(tmp_path / "data.json"), cache, tokenizer, placeholder_ids(tokenizer, True),
-                            merge_size=2, audio=True)
+    checkpoint = open_checkpoint(model_dir)
+    layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
+    dataset = build_dataset(load_records(tmp_path / "data.json"), cache, tokenizer, layout)
     planned = plan(dataset.samples, seed=0, batch_size=1, epochs=1)
     batches = {dataset.samples[p.samples[0]].id: batch
-               for p, batch in batch_stream(planned, dataset.samples, cache, tokenizer.pad_token_id or 0,
-                                            audio=True, workers=1)}
+               for p, batch in batch_stream(planned, dataset.samples, cache, layout, workers=1)}
     language_model = LanguageModel(open_checkpoint(model_dir), dtype="float32").eval()
     full = full_model(model_dir)
     videos = cache.store.root.parent / "videos"

@@ -29,12 +29,6 @@ import av
 import numpy as np
 import torch
 
-# family → (transformers class, the part of it that owns get_video_features / get_audio_features)
-FULL_MODELS = {
-    "qwen2_5_omni": ("Qwen2_5OmniForConditionalGeneration", "thinker"),
-    "qwen2_5_omni_thinker": ("Qwen2_5OmniThinkerForConditionalGeneration", None),
-    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", None),
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Frames per processor call. Resizing and patchifying act on each temporal pair alone, so calls on
 # consecutive groups give the same rows as one call on the whole video, while only one group of
@@ -118,15 +112,15 @@ def _nframes(settings: dict, total: int, fps: float, factor: int) -> int:
 class Reference:
     """transformers' processor and model for one checkpoint, loaded once, applied video by video."""
 
-    def __init__(self, source: str, family: str, *, dtype: str, device: str, attn_implementation: str = "sdpa",
-                 revision: str | None = None):
+    def __init__(self, source: str, full_model: tuple[str, str | None], *, dtype: str, device: str,
+                 attn_implementation: str = "sdpa", revision: str | None = None):
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(source, revision=revision)
         self.video_processor = processor.video_processor
         self.feature_extractor = getattr(processor, "feature_extractor", None)
         self.dtype, self.device = DTYPES[dtype], device
-        self.model = load_model(source, family, dtype=dtype, device=device, attn_implementation=attn_implementation,
+        self.model = load_model(source, full_model, dtype=dtype, device=device, attn_implementation=attn_implementation,
                                 revision=revision)
         self.audio = self.feature_extractor is not None and hasattr(self.model, "get_audio_features")
 
@@ -212,14 +206,15 @@ class Reference:
         return tokens.float().cpu(), int(mask.sum()), ""
 
 
-def load_model(source: str, family: str, *, dtype: str, device: str, attn_implementation: str = "sdpa",
-               revision: str | None = None):
-    """The full model, loaded by transformers itself; returns the part that owns the towers."""
+def load_model(source: str, full_model: tuple[str, str | None], *, dtype: str, device: str,
+               attn_implementation: str = "sdpa", revision: str | None = None):
+    """The full model (`Family.full_model`: its transformers class, and the part that owns the towers),
+    loaded by transformers itself; returns that part."""
     import transformers
 
     from qprep.models.checkpoint import in_own_memory
 
-    class_name, part = FULL_MODELS[family]
+    class_name, part = full_model
     model = getattr(transformers, class_name).from_pretrained(
         source, revision=revision, dtype=DTYPES[dtype], attn_implementation=attn_implementation, device_map=device,
         use_safetensors=True)  # never unpickle weights: a .bin-only checkpoint is refused

@@ -107,7 +107,7 @@ def verify(store: str | Path, *, model: str | None = None, videos: str | Path | 
     import torch
     from tqdm.auto import tqdm
 
-    from qprep.audit.reference import FULL_MODELS, Reference
+    from qprep.audit.reference import Reference
     from qprep.store.reader import open_cache
 
     cache = open_cache(store)
@@ -118,10 +118,10 @@ def verify(store: str | Path, *, model: str | None = None, videos: str | Path | 
     tolerance = default_tolerance(dtype) if tolerance is None else tolerance
     extracted_on = sorted({cache.row(video_id)["device"] or "unknown" for video_id in chosen})
     device = device or ("cuda" if torch.cuda.is_available() and "cuda" in extracted_on else "cpu")
-    reference = Reference(checkpoint.source, checkpoint.family.name, dtype=dtype, device=device,
+    reference = Reference(checkpoint.source, checkpoint.family.full_model, dtype=dtype, device=device,
                           attn_implementation=cache.config.get("attn_implementation", "sdpa"), revision=revision)
     report = VerifyReport(store=str(cache.store.root), model=checkpoint.source,
-                          reference=FULL_MODELS[checkpoint.family.name][0], dtype=dtype, device=device,
+                          reference=checkpoint.family.full_model[0], dtype=dtype, device=device,
                           extracted_on=extracted_on, tolerance=tolerance, videos_ok_in_store=len(cache.ids()))
     settings = cache.config["settings"]
     for video_id in tqdm(chosen, desc="verify", unit="video", disable=not progress):

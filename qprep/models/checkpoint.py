@@ -1,10 +1,9 @@
-"""Which Qwen checkpoints qprep knows, and how to read only their towers from disk.
+"""A checkpoint on disk or on the hub, and how to read only the parts qprep needs from it.
 
-A checkpoint is a local HF-format directory or a hub id. Its `config.json` names the family; the
-family fixes where the frozen towers live in the weight files (`thinker.visual.*` for Omni,
-`visual.*` for VL) and which transformers classes build them. Only the safetensors files that
-hold tower weights are opened: extracting with Omni-7B never reads the language model or the
-talker.
+A checkpoint is a local HF-format directory or a hub id. Its `config.json` names the family
+(`qprep.models.families`), which fixes where each part lives in the weight files and which
+transformers classes build it. Only the safetensors files that hold the wanted weights are opened:
+extracting never reads the language model or a talker, training never reads a tower.
 """
 
 from __future__ import annotations
@@ -16,70 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from qprep.errors import SettingsError
+from qprep.models.families import FAMILIES, Family
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SINGLE_WEIGHTS = "model.safetensors"
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where a model family keeps its towers and which transformers classes run them."""
-
-    name: str
-    vision_prefixes: tuple[str, ...]  # checkpoint key prefixes, first match wins
-    audio_prefixes: tuple[str, ...]  # empty: the family has no audio tower
-    vision_class: str  # in `module`
-    audio_class: str | None
-    feature_class: str  # the model class whose get_video_features / get_audio_features / get_rope_index we call
-    module: str
-    thinker_key: str | None  # sub-config holding the towers' configs (None: the top config)
-    text_class: str  # the language model alone
-    text_prefixes: tuple[str, ...]  # its weights (first match wins; tower keys never count)
-    lm_head_prefixes: tuple[str, ...]
-
-
-FAMILIES = {
-    "qwen2_5_omni": Family(
-        name="qwen2_5_omni",
-        vision_prefixes=("thinker.visual.",),
-        audio_prefixes=("thinker.audio_tower.",),
-        vision_class="Qwen2_5OmniVisionEncoder",
-        audio_class="Qwen2_5OmniAudioEncoder",
-        feature_class="Qwen2_5OmniThinkerModel",
-        module="transformers.models.qwen2_5_omni.modeling_qwen2_5_omni",
-        thinker_key="thinker_config",
-        text_class="Qwen2_5OmniThinkerTextModel",
-        text_prefixes=("thinker.model.",),
-        lm_head_prefixes=("thinker.lm_head.",),
-    ),
-    "qwen2_5_omni_thinker": Family(
-        name="qwen2_5_omni_thinker",
-        vision_prefixes=("visual.", "model.visual.", "thinker.visual."),
-        audio_prefixes=("audio_tower.", "model.audio_tower.", "thinker.audio_tower."),
-        vision_class="Qwen2_5OmniVisionEncoder",
-        audio_class="Qwen2_5OmniAudioEncoder",
-        feature_class="Qwen2_5OmniThinkerModel",
-        module="transformers.models.qwen2_5_omni.modeling_qwen2_5_omni",
-        thinker_key=None,
-        text_class="Qwen2_5OmniThinkerTextModel",
-        text_prefixes=("model.language_model.", "model."),
-        lm_head_prefixes=("lm_head.",),
-    ),
-    "qwen2_5_vl": Family(
-        name="qwen2_5_vl",
-        # The hub checkpoints use `visual.*`; checkpoints saved by other tools may nest it.
-        vision_prefixes=("visual.", "model.visual."),
-        audio_prefixes=(),
-        vision_class="Qwen2_5_VisionTransformerPretrainedModel",
-        audio_class=None,
-        feature_class="Qwen2_5_VLModel",
-        module="transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
-        thinker_key=None,
-        text_class="Qwen2_5_VLTextModel",
-        text_prefixes=("model.language_model.", "model."),
-        lm_head_prefixes=("lm_head.",),
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -97,7 +36,20 @@ class Checkpoint:
 
     @property
     def has_audio(self) -> bool:
-        return self.family.audio_class is not None
+        return self.family.has_audio
+
+    @property
+    def merge_size(self) -> int:
+        """Patches merged per side into one visual token."""
+        return int(self.tower_config["vision_config"].get("spatial_merge_size", 2))
+
+    def model_config(self):
+        """The transformers config of the part holding the towers and the language model (the
+        thinker's, for a full Omni checkpoint): what `get_rope_index` and the layout read."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.source, revision=self.revision)
+        return getattr(config, self.family.thinker_key) if self.family.thinker_key else config
 
     @property
     def hidden_size(self) -> int:

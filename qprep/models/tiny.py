@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 KINDS = ("qwen2_5_omni", "qwen2_5_vl")
+DEMO_KIND = "qwen2_5_omni"  # what `qprep demo` trains: video with the audio inside it, the seed recipe's model
 
 
 def _rope(head_dim: int) -> dict:

@@ -41,12 +41,11 @@ def default_device() -> str:
 
 
 class Towers(torch.nn.Module):
-    """`visual` and (for Omni) `audio_tower`, loaded alone from a checkpoint."""
+    """`visual` and (where the family has one) `audio_tower`, loaded alone from a checkpoint."""
 
     def __init__(self, checkpoint: Checkpoint, spec: ModelSpec, dtype: str = "auto", device: str | None = None,
                  attn_implementation: str = "sdpa", budget: Budget = Budget()):
         super().__init__()
-        from transformers import AutoConfig
         from transformers.initialization import no_init_weights
 
         family = checkpoint.family
@@ -54,8 +53,7 @@ class Towers(torch.nn.Module):
         self.spec, self.budget = spec, budget
         self.dtype_name = resolve_dtype(dtype, checkpoint.dtype)
         self.device_name = device or default_device()
-        config = AutoConfig.from_pretrained(checkpoint.source, revision=checkpoint.revision)
-        tower_config = getattr(config, family.thinker_key) if family.thinker_key else config
+        tower_config = checkpoint.model_config()
         self._features = getattr(module, family.feature_class)
         torch_dtype = DTYPES[self.dtype_name]
         # No random init: every parameter is overwritten from the checkpoint (strict load below).

@@ -1,8 +1,9 @@
 """Training settings: what `qprep train` does, from defaults, a job preset's `[train]` table and flags.
 
-The defaults are the research recipe's: LoRA r 16, alpha 16, dropout 0.05 on q/k/v/o/up/down_proj
-of the language model, lr 1e-4, gradient accumulation 2, 2 epochs. In a preset and on the command
-line the LoRA fields are spelled flat: `lora_r`, `lora_alpha`, `lora_dropout`, `lora_targets`.
+The defaults are the research recipe's: LoRA r 16, alpha 16, dropout 0.05 on the model family's
+default targets in the language model (q/k/v/o/up/down_proj for the Qwen2.5 families), lr 1e-4,
+gradient accumulation 2, 2 epochs. In a preset and on the command line the LoRA fields are spelled
+flat: `lora_r`, `lora_alpha`, `lora_dropout`, `lora_targets`.
 """
 
 from __future__ import annotations
@@ -12,19 +13,16 @@ from typing import Any
 
 from qprep.errors import SettingsError
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-
-
 @dataclass(frozen=True)
 class LoraSettings:
     r: int = 16
     alpha: int = 16
     dropout: float = 0.05
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: tuple[str, ...] | None = None  # None: the model family's default targets
 
-    def target_regex(self) -> str:
+    def target_regex(self, family_targets: tuple[str, ...]) -> str:
         """The targets inside the language model only (the towers of the full model have the same names)."""
-        return r".*\blanguage_model\.layers\.\d+\..*\.(" + "|".join(self.targets) + r")$"
+        return r".*\blanguage_model\.layers\.\d+\..*\.(" + "|".join(self.targets or family_targets) + r")$"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from qprep.errors import SettingsError
-from qprep.schemas.layout import PlaceholderIds, video_block
+from qprep.models.families import PromptLayout
 
 VIDEO_MARK = "<video>"
 ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
@@ -29,7 +29,7 @@ class Sample:
     id: str
     input_ids: list[int]
     labels: list[int]
-    has_audio: bool = False  # its cached entry has audio tokens (and the model an audio tower)
+    has_audio: bool = False  # its cached entry has audio tokens that go into its block
 
 
 @dataclass
@@ -90,11 +90,11 @@ def messages(conversations: list[dict]) -> list[dict]:
     return out
 
 
-def tokenize(conversation: list[dict], tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and its labels (assistant turns only)."""
+def tokenize(conversation: list[dict], tokenizer, turn_end: int) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and its labels (assistant turns, up to and including
+    the `turn_end` token that closes each)."""
     ids = _render(tokenizer, conversation, generation_prompt=False)
     labels = [IGNORE] * len(ids)
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for index, message in enumerate(conversation):
         if message["role"] != "assistant":
             continue
@@ -104,13 +104,13 @@ def tokenize(conversation: list[dict], tokenizer) -> tuple[list[int], list[int]]
             raise SettingsError("the chat template does not render a conversation as a prefix of its continuation")
         for position in range(start, stop):
             labels[position] = ids[position]
-            if ids[position] == end:
+            if ids[position] == turn_end:
                 break
     return ids, labels
 
 
-def build_dataset(records: list[dict], cache, tokenizer, ids: PlaceholderIds, *, merge_size: int,
-                  audio: bool, max_length: int | None = None, cut: bool = False) -> Dataset:
+def build_dataset(records: list[dict], cache, tokenizer, layout: PromptLayout, *, max_length: int | None = None,
+                  cut: bool = False) -> Dataset:
     """Samples ready to collate. Longer than `max_length`: left out, or with `cut` cut at
     `max_length` provided the cut falls after the video block and leaves an answer token."""
     dataset = Dataset(samples=[])
@@ -124,12 +124,12 @@ def build_dataset(records: list[dict], cache, tokenizer, ids: PlaceholderIds, *,
             dataset.skipped.setdefault("video failed extraction", []).append(video_id)
             continue
         try:
-            text_ids, labels = tokenize(messages(record["conversations"]), tokenizer)
+            text_ids, labels = tokenize(messages(record["conversations"]), tokenizer, layout.turn_end_id)
         except SettingsError as exc:
             dataset.skipped.setdefault(f"bad conversation: {exc}", []).append(video_id)
             continue
         row = cache.row(video_id)
-        input_ids, labels, block_end = with_video_block(text_ids, labels, row, ids, merge_size=merge_size, audio=audio)
+        input_ids, labels, block_end = with_video_block(text_ids, labels, row, layout)
         if max_length is not None and len(input_ids) > max_length:
             reason = _over_length(block_end, labels, max_length, cut)
             if reason:
@@ -138,17 +138,16 @@ def build_dataset(records: list[dict], cache, tokenizer, ids: PlaceholderIds, *,
             input_ids, labels = input_ids[:max_length], labels[:max_length]
             dataset.cut.append(video_id)
         dataset.samples.append(Sample(id=video_id, input_ids=input_ids, labels=labels,
-                                      has_audio=audio and bool(row["audio_length"])))
+                                      has_audio=layout.audio and bool(row["audio_length"])))
     return dataset
 
 
-def with_video_block(text_ids: list[int], labels: list[int], row: dict, ids: PlaceholderIds, *, merge_size: int,
-                     audio: bool) -> tuple[list[int], list[int], int]:
+def with_video_block(text_ids: list[int], labels: list[int], row: dict,
+                     layout: PromptLayout) -> tuple[list[int], list[int], int]:
     """The chat template's video placeholder (start, pad, end) replaced by the cached video's block
-    (`qprep.schemas.layout.video_block`), which the labels ignore: (input ids, labels, where the block ends)."""
-    block = video_block(tuple(row["grid_thw"]), ids, merge_size=merge_size, second_per_grid=row["second_per_grid"],
-                        audio_tokens=(row["audio_length"] or 0) if audio else 0)
-    at = text_ids.index(ids.video)
+    (the family's `video_block`), which the labels ignore: (input ids, labels, where the block ends)."""
+    block = layout.video_block(row)
+    at = text_ids.index(layout.ids.video)
     return (text_ids[: at - 1] + block + text_ids[at + 2:], labels[: at - 1] + [IGNORE] * len(block) + labels[at + 2:],
             at - 1 + len(block))
 
@@ -174,13 +173,13 @@ def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (longest - len(s)) for s in sequences], dtype=torch.int64)
 
 
-def collate(samples: list[Sample], cache, pad_id: int, audio: bool):
+def collate(samples: list[Sample], cache, layout: PromptLayout):
     """Samples → one right-padded `Batch`, cached tokens concatenated in placeholder order."""
     from qprep.train.model import Batch
 
     videos = [cache[sample.id] for sample in samples]
-    input_ids = pad([s.input_ids for s in samples], pad_id)
-    has_audio = {v.audio_tokens is not None for v in videos} if audio else {False}
+    input_ids = pad([s.input_ids for s in samples], layout.pad_id)
+    has_audio = {v.audio_tokens is not None for v in videos} if layout.audio else {False}
     if len(has_audio) > 1:  # get_rope_index takes one use_audio_in_video flag per batch
         raise ValueError("a batch mixes videos with and without audio; batch them apart")
     with_audio = has_audio == {True}

@@ -2,7 +2,7 @@
 
 No tower is loaded and no video decoded. Each prompt is rendered by the tokenizer's chat template
 (a user turn: the video, then the question; then the assistant's turn opened), its video block is
-laid out exactly as in training (`qprep.schemas.layout.video_block`), the cached tokens are
+laid out exactly as in training (the family's `video_block`), the cached tokens are
 scattered into the placeholders and the prompt's positions come from the model's own
 `get_rope_index` (`qprep.train.model.LanguageModel`). Decoding is greedy with a KV cache, one video
 at a time, and stops at the checkpoint's end-of-sequence tokens.
@@ -131,13 +131,10 @@ class Generator:
     """The language model (with the adapter, if any) answering from cached tokens."""
 
     def __init__(self, checkpoint, tokenizer, cache, *, adapter=None, dtype: str = "float32", device: str = "cpu"):
-        from qprep.train.loop import merge_size_of, placeholder_ids
         from qprep.train.model import LanguageModel
 
         self.tokenizer, self.cache, self.device = tokenizer, cache, device
-        self.omni = checkpoint.has_audio
-        self.ids = placeholder_ids(tokenizer, self.omni)
-        self.merge_size = merge_size_of(checkpoint)
+        self.layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
         self.stop = stop_ids(checkpoint, tokenizer)
         self.model = LanguageModel(checkpoint, dtype=dtype, device=device).eval()
         self.adapter = load_adapter(self.model, adapter) if adapter is not None else None  # LoRA layers go in place
@@ -148,8 +145,7 @@ class Generator:
 
         text = self.tokenizer.apply_chat_template(request.conversation, tokenize=False, add_generation_prompt=True)
         text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        input_ids, _, _ = with_video_block(text_ids, [IGNORE] * len(text_ids), self.cache.row(request.id), self.ids,
-                                           merge_size=self.merge_size, audio=self.omni)
+        input_ids, _, _ = with_video_block(text_ids, [IGNORE] * len(text_ids), self.cache.row(request.id), self.layout)
         return input_ids
 
     def batch(self, request: Request):
@@ -158,9 +154,8 @@ class Generator:
         input_ids = self.prompt_ids(request)
         row = self.cache.row(request.id)
         sample = Sample(id=request.id, input_ids=input_ids, labels=[IGNORE] * len(input_ids),
-                        has_audio=self.omni and bool(row["audio_length"]))
-        pad = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        return collate([sample], self.cache, pad, audio=self.omni).to(self.device)
+                        has_audio=self.layout.audio and bool(row["audio_length"]))
+        return collate([sample], self.cache, self.layout).to(self.device)
 
     @torch.inference_mode()
     def generate(self, request: Request, max_new_tokens: int, scores: list | None = None) -> list[int]:
@@ -184,8 +179,8 @@ def greedy(model, batch, max_new_tokens: int, stop: set[int], scores: list | Non
         # one unpadded prompt: no attention mask, as generate drops an all-ones one
         hidden = text_model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
                             use_cache=True).last_hidden_state
-        # The last position only (VL's generate does the same; Omni's thinker multiplies the whole
-        # prompt, gigabytes of logits for a long video, and keeps the last row: 1e-7 apart in fp32).
+        # The last position only (VL's generate does the same; the Omni thinker multiplies the whole
+        # prompt, gigabytes of logits for a long video, and keeps the last row: another matmul shape).
         logits = model.lm_head(hidden[:, -1:])[:, -1]
         if scores is not None:
             scores.append(logits)

@@ -58,10 +58,9 @@ def plan(samples: list[Sample], *, seed: int, batch_size: int, epochs: int, star
 class CachedBatches(torch.utils.data.Dataset):
     """The planned batches, collated from the cache. Each worker process opens its own reader."""
 
-    def __init__(self, planned: list[PlannedBatch], samples: list[Sample], cache_path: str | Path, pad_id: int,
-                 audio: bool, cache=None):
+    def __init__(self, planned: list[PlannedBatch], samples: list[Sample], cache_path: str | Path, layout, cache=None):
         self.planned, self.samples = planned, samples
-        self.cache_path, self.pad_id, self.audio = str(cache_path), pad_id, audio
+        self.cache_path, self.layout = str(cache_path), layout
         self._cache = cache
 
     def __len__(self) -> int:
@@ -73,16 +72,17 @@ class CachedBatches(torch.utils.data.Dataset):
 
             self._cache = open_cache(self.cache_path)
         planned = self.planned[position]
-        return planned, collate([self.samples[i] for i in planned.samples], self._cache, self.pad_id, audio=self.audio)
+        return planned, collate([self.samples[i] for i in planned.samples], self._cache, self.layout)
 
     def __getstate__(self):
         return {**self.__dict__, "_cache": None}  # a worker opens the store itself
 
 
-def batch_stream(planned: list[PlannedBatch], samples: list[Sample], cache, pad_id: int, *, audio: bool,
-                 workers: int, prefetch: int = 4, pin_memory: bool = False) -> Iterator:
-    """(PlannedBatch, Batch) in plan order; `workers` > 0 reads ahead in that many processes."""
-    batches = CachedBatches(planned, samples, cache.store.location, pad_id, audio, cache=cache)
+def batch_stream(planned: list[PlannedBatch], samples: list[Sample], cache, layout, *, workers: int,
+                 prefetch: int = 4, pin_memory: bool = False) -> Iterator:
+    """(PlannedBatch, Batch) in plan order (`layout`: the checkpoint's `PromptLayout`); `workers` > 0
+    reads ahead in that many processes."""
+    batches = CachedBatches(planned, samples, cache.store.location, layout, cache=cache)
     if workers == 0:
         return iter(batches[i] for i in range(len(batches)))
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,

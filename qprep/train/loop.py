@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from qprep.errors import SettingsError
-from qprep.schemas.layout import PlaceholderIds
 from qprep.schemas.training import TrainSettings
 from qprep.train.plot import plot_loss
 
@@ -62,10 +61,9 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
     cache = open_cache(cache_path)
     check_cache_fits(cache, checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.source, revision=checkpoint.revision)
-    omni = checkpoint.has_audio
-    ids = placeholder_ids(tokenizer, omni)
-    dataset = build_dataset(load_records(data_path), cache, tokenizer, ids, merge_size=merge_size_of(checkpoint),
-                            audio=omni, max_length=settings.max_length, cut=settings.cut_to_max_length)
+    layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
+    dataset = build_dataset(load_records(data_path), cache, tokenizer, layout, max_length=settings.max_length,
+                            cut=settings.cut_to_max_length)
     echo(dataset.report())
     if not dataset.samples:
         raise SettingsError(f"--data {data_path}: no sample left to train on (the reasons are listed above); its ids "
@@ -82,7 +80,6 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
             activation_checkpointing_kwargs={"use_reentrant": False})  # reentrant breaks with injected embeddings
     peft_model = apply_lora(language_model, settings.lora)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=settings.lr)
-    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     per_epoch = batches_per_epoch(dataset.samples, settings.batch_size)
     state = {"epoch": 0, "batch": 0, "step": 0}
     if resume:
@@ -91,8 +88,7 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
     planned = plan(dataset.samples, seed=settings.seed, batch_size=settings.batch_size, epochs=settings.epochs,
                    start=(state["epoch"], state["batch"]))
     workers = settings.workers if settings.workers is not None else (2 if device == "cuda" else 0)
-    stream = batch_stream(planned, dataset.samples, cache, pad_id, audio=omni, workers=workers,
-                          pin_memory=device == "cuda")
+    stream = batch_stream(planned, dataset.samples, cache, layout, workers=workers, pin_memory=device == "cuda")
     metrics = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=settings.epochs * per_epoch, initial=state["epoch"] * per_epoch + state["batch"],
                desc="train", unit="batch", disable=not progress)
@@ -190,24 +186,12 @@ def _write_json(path: Path, value) -> None:
     os.replace(temporary, path)
 
 
-def placeholder_ids(tokenizer, omni: bool) -> PlaceholderIds:
-    get = tokenizer.convert_tokens_to_ids
-    if omni:
-        return PlaceholderIds(get("<|vision_bos|>"), get("<|vision_eos|>"), get("<|VIDEO|>"), get("<|AUDIO|>"),
-                              get("<|audio_bos|>"), get("<|audio_eos|>"))
-    return PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"))
-
-
 def check_cache_fits(cache, checkpoint) -> None:
     family = cache.config["model"]["family"]
     if family != checkpoint.family.name or cache.hidden_size != checkpoint.hidden_size:
         raise SettingsError(f"the cache holds {family} tokens of width {cache.hidden_size}; --model "
                             f"{checkpoint.source} is {checkpoint.family.name} of width {checkpoint.hidden_size}; "
                             f"pass the model the cache was extracted with ({cache.model})")
-
-
-def merge_size_of(checkpoint) -> int:
-    return int(checkpoint.tower_config["vision_config"].get("spatial_merge_size", 2))
 
 
 def _memory_mb(device: str) -> float:

@@ -15,5 +15,5 @@ def apply_lora(language_model, settings: LoraSettings = LoraSettings()):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=settings.target_regex(), bias="none")
+                        target_modules=settings.target_regex(language_model.family.lora_targets), bias="none")
     return get_peft_model(language_model, config)

@@ -31,7 +31,7 @@ class Batch:
     video_tokens: torch.Tensor  # [all videos' tokens, hidden]
     video_grid_thw: torch.Tensor  # [videos, 3]
     second_per_grid: torch.Tensor  # [videos] float64
-    audio_tokens: torch.Tensor | None = None  # [all audio tokens, hidden] (Omni, audio in video)
+    audio_tokens: torch.Tensor | None = None  # [all audio tokens, hidden] (audio in video)
     mel_lengths: torch.Tensor | None = None  # [videos] valid mel frames
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> "Batch":
@@ -49,13 +49,11 @@ class LanguageModel(torch.nn.Module):
     def __init__(self, checkpoint: Checkpoint, dtype: str = "float32", device: str = "cpu",
                  attn_implementation: str = "sdpa"):
         super().__init__()
-        from transformers import AutoConfig
         from transformers.initialization import no_init_weights
 
         family = checkpoint.family
         module = importlib.import_module(family.module)
-        config = AutoConfig.from_pretrained(checkpoint.source, revision=checkpoint.revision)
-        self.config = getattr(config, family.thinker_key) if family.thinker_key else config
+        self.config = checkpoint.model_config()
         self.family = family
         torch_dtype = DTYPES[resolve_dtype(dtype, checkpoint.dtype)]
         text_config = self.config.get_text_config()
@@ -78,34 +76,17 @@ class LanguageModel(torch.nn.Module):
     def language_model(self):
         return self.model.language_model
 
-    @property
-    def is_omni(self) -> bool:
-        return self.family.audio_class is not None
-
     def position_ids(self, batch: Batch) -> torch.Tensor:
         """3-D (M-RoPE / TM-RoPE) positions, as the model computes them."""
-        ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
-        if self.is_omni:
-            use_audio = batch.audio_tokens is not None
-            positions, _ = self._positions.get_rope_index(
-                ids, video_grid_thw=batch.video_grid_thw, attention_mask=mask, use_audio_in_video=use_audio,
-                audio_seqlens=batch.mel_lengths if use_audio else None, second_per_grids=batch.second_per_grid)
-            if use_audio:
-                _check_audio_positions(positions, ids == self.config.audio_token_index)
-        else:
-            token_types = (ids == self.config.video_token_id).to(torch.int32) * 2  # the processor's video type
-            positions, _ = self._positions.get_rope_index(
-                ids, token_types, video_grid_thw=batch.video_grid_thw, second_per_grid_ts=batch.second_per_grid,
-                attention_mask=mask)
-        return positions.to(batch.input_ids.device)
+        return self.family.position_ids(self._positions, batch, self.config).to(batch.input_ids.device)
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Text embeddings with the cached tokens scattered into their placeholders."""
         embeds = self.language_model.get_input_embeddings()(batch.input_ids)
-        video_id = self.config.video_token_id if not self.is_omni else self.config.video_token_index
+        video_id, audio_id = self.family.media_token_ids(self.config)
         embeds = _scatter(embeds, batch.input_ids == video_id, batch.video_tokens)
         if batch.audio_tokens is not None:
-            embeds = _scatter(embeds, batch.input_ids == self.config.audio_token_index, batch.audio_tokens)
+            embeds = _scatter(embeds, batch.input_ids == audio_id, batch.audio_tokens)
         return embeds
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,18 +97,6 @@ class LanguageModel(torch.nn.Module):
         loss = self._positions.loss_function(logits=logits, labels=batch.labels,
                                              vocab_size=self.config.get_text_config().vocab_size)
         return loss, logits
-
-
-def _check_audio_positions(positions: torch.Tensor, is_audio: torch.Tensor) -> None:
-    """Every audio token must get an audio position: the same in all three axes, one apart in time
-    order (one video per sample). Upstream's float64 chunking breaks this silently for some frame
-    counts and durations (66 frames over 39 s); a layout that did so here would train on wrong positions."""
-    for row in range(positions.shape[1]):
-        audio = positions[:, row, is_audio[row]]
-        if not (bool((audio[0] == audio[1]).all() and (audio[1] == audio[2]).all())
-                and bool((audio[0].diff() == 1).all())):
-            raise AssertionError(f"batch row {row}: audio tokens got non-audio positions; the video block "
-                                 "does not follow the model's audio-in-video chunking")
 
 
 def _scatter(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

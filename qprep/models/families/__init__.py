@@ -1,0 +1,15 @@
+"""The model families qprep knows, by the `model_type` of their `config.json` (see `base.Family`).
+
+Adding a family is one module here plus its tests: its `Family` subclass and instance, and a line in
+`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from qprep.models.families.base import Family, PlaceholderIds, PromptLayout
+from qprep.models.families.qwen2_5_omni import QWEN2_5_OMNI, QWEN2_5_OMNI_THINKER
+from qprep.models.families.qwen2_5_vl import QWEN2_5_VL
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (QWEN2_5_OMNI, QWEN2_5_OMNI_THINKER, QWEN2_5_VL)}
+
+__all__ = ["FAMILIES", "Family", "PlaceholderIds", "PromptLayout"]

@@ -1,0 +1,110 @@
+"""What a model family means to qprep, behind one small interface.
+
+A family is one transformers model type (or a few sharing classes). Its module in this package is
+the one place that knows, for that family:
+
+* the checkpoint: which towers exist, their transformers classes, the key prefixes of their weights
+  (in the released hub layout and in the one `save_pretrained` writes), the language model's and
+  `lm_head`'s, and the full-model class that `verify` and the parity tests compare against;
+* the prompt: the placeholder tokens, the token layout of a video block (`video_block`) and how the
+  model positions it (`position_ids`: the family's own `get_rope_index`, called as its model does);
+* training: which cached tensors fill which placeholders, and the default LoRA targets.
+
+The rest of qprep asks a `Family` (through `Checkpoint.family`) or the `PromptLayout` it binds to a
+checkpoint and tokenizer; nothing outside `qprep/models/` names a family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+# peft target module names of the language model's attention and MLP projections.
+ATTENTION_AND_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class PlaceholderIds:
+    """The tokenizer's ids of the placeholders (they are also in the model config)."""
+
+    vision_start: int  # the token opening a video block
+    vision_end: int
+    video: int  # one per merged visual token
+    audio: int | None = None  # one per audio token (families with an audio tower)
+    audio_start: int | None = None
+    audio_end: int | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: where its parts live in a checkpoint and which classes run them.
+
+    Subclasses add the behaviour that differs between families (`placeholder_ids`, `video_block`,
+    `position_ids`, `media_token_ids`)."""
+
+    name: str
+    module: str  # the transformers module holding every class named below
+    vision_class: str
+    audio_class: str | None  # None: the family has no audio tower
+    feature_class: str  # owns get_video_features / get_audio_features / get_rope_index
+    text_class: str  # the language model alone
+    full_model: tuple[str, str | None]  # transformers class of the whole checkpoint, and the part that sees video
+    thinker_key: str | None  # the sub-config holding the towers' configs (None: the top config)
+    vision_prefixes: tuple[str, ...]  # checkpoint key prefixes, first match wins
+    audio_prefixes: tuple[str, ...]
+    text_prefixes: tuple[str, ...]  # (tower keys never count for these)
+    lm_head_prefixes: tuple[str, ...]
+    lora_targets: tuple[str, ...] = ATTENTION_AND_MLP
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio_class is not None
+
+    def placeholder_ids(self, tokenizer) -> PlaceholderIds:
+        raise NotImplementedError
+
+    def media_token_ids(self, config) -> tuple[int, int | None]:
+        """(video placeholder id, audio placeholder id or None) as the model config names them."""
+        raise NotImplementedError
+
+    def video_block(self, grid_thw: tuple[int, int, int], ids: PlaceholderIds, config, *, merge_size: int,
+                    second_per_grid: float, audio_tokens: int = 0) -> list[int]:
+        """The ids that stand for one video (and its audio, when `audio_tokens` > 0) in a prompt."""
+        raise NotImplementedError
+
+    def position_ids(self, rope_model, batch, config) -> "torch.Tensor":
+        """[3, batch, length] positions of a batch, from the family's own `get_rope_index` on
+        `rope_model` (a weightless instance of `feature_class`)."""
+        raise NotImplementedError
+
+    def prompt_layout(self, checkpoint, tokenizer) -> "PromptLayout":
+        get = tokenizer.convert_tokens_to_ids
+        return PromptLayout(family=self, ids=self.placeholder_ids(tokenizer), config=checkpoint.model_config(),
+                            merge_size=checkpoint.merge_size, pad_id=get("<|endoftext|>"), turn_end_id=get("<|im_end|>"))
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """How a cached video enters a prompt for one checkpoint: its family's layout, with the
+    tokenizer's placeholder ids and the model config's numbers bound."""
+
+    family: Family
+    ids: PlaceholderIds
+    config: Any  # the transformers config `get_rope_index` reads (`Checkpoint.model_config`)
+    merge_size: int
+    pad_id: int  # what pads a batch (ChatML's <|endoftext|>)
+    turn_end_id: int  # what closes a turn (<|im_end|>), the last label of an answer
+
+    @property
+    def audio(self) -> bool:
+        """Whether a video's own audio goes into its block (families with an audio tower)."""
+        return self.family.has_audio
+
+    def video_block(self, row: dict) -> list[int]:
+        """The block of one cached video (its manifest row)."""
+        return self.family.video_block(tuple(row["grid_thw"]), self.ids, self.config, merge_size=self.merge_size,
+                                       second_per_grid=row["second_per_grid"],
+                                       audio_tokens=(row["audio_length"] or 0) if self.audio else 0)

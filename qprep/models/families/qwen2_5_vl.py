@@ -1,0 +1,56 @@
+"""Qwen2.5-VL (`qwen2_5_vl`): a vision tower, no audio.
+
+Block: `<|vision_start|>` + `<|video_pad|>` × (t·h·w / merge²) + `<|vision_end|>`. Time reaches the
+model through the temporal positions (`second_per_grid_ts` × `tokens_per_second`) of `get_rope_index`,
+which also needs `mm_token_type_ids` (video tokens are type 2, as the processor marks them).
+"""
+
+from __future__ import annotations
+
+from qprep.models.families.base import Family, PlaceholderIds
+
+VIDEO_TOKEN_TYPE = 2  # what the processor's mm_token_type_ids holds at a video token
+
+
+class QwenVLFamily(Family):
+    def placeholder_ids(self, tokenizer) -> PlaceholderIds:
+        get = tokenizer.convert_tokens_to_ids
+        return PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"))
+
+    def media_token_ids(self, config) -> tuple[int, int | None]:
+        return config.video_token_id, None
+
+    def video_block(self, grid_thw, ids, config, *, merge_size, second_per_grid, audio_tokens=0) -> list[int]:
+        return plain_video_block(grid_thw, ids, merge_size)
+
+    def position_ids(self, rope_model, batch, config):
+        import torch
+
+        ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
+        token_types = (ids == config.video_token_id).to(torch.int32) * VIDEO_TOKEN_TYPE
+        positions, _ = rope_model.get_rope_index(ids, token_types, video_grid_thw=batch.video_grid_thw,
+                                                 second_per_grid_ts=batch.second_per_grid, attention_mask=mask)
+        return positions
+
+
+def plain_video_block(grid_thw, ids: PlaceholderIds, merge_size: int) -> list[int]:
+    """Start, one placeholder per merged token, end."""
+    grid_t, grid_h, grid_w = (int(v) for v in grid_thw)
+    return [ids.vision_start] + [ids.video] * (grid_t * (grid_h // merge_size) * (grid_w // merge_size)) + [ids.vision_end]
+
+
+QWEN2_5_VL = QwenVLFamily(
+    name="qwen2_5_vl",
+    module="transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+    vision_class="Qwen2_5_VisionTransformerPretrainedModel",
+    audio_class=None,
+    feature_class="Qwen2_5_VLModel",
+    text_class="Qwen2_5_VLTextModel",
+    full_model=("Qwen2_5_VLForConditionalGeneration", None),
+    thinker_key=None,
+    # The hub checkpoints use `visual.*`; checkpoints saved by other tools may nest it.
+    vision_prefixes=("visual.", "model.visual."),
+    audio_prefixes=(),
+    text_prefixes=("model.language_model.", "model."),
+    lm_head_prefixes=("lm_head.",),
+)

@@ -25,16 +25,18 @@ def videos(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """`tiny_model(kind)` → directory of a tiny random checkpoint saved by transformers, weights split
-    over several safetensors files with an index, as the real releases are."""
+    """`tiny_model(kind, layout)` → directory of a tiny random checkpoint, weights split over several
+    safetensors files with an index, as the real releases are; `layout` "save_pretrained" (what
+    transformers writes) or "released" (the hub repositories' file set and config keys)."""
     from qprep.models.tiny import make_tiny_model
 
-    made: dict[str, object] = {}
+    made: dict[tuple[str, str], object] = {}
 
-    def get(kind: str):
-        if kind not in made:
-            made[kind] = make_tiny_model(kind, tmp_path_factory.mktemp(kind), max_shard_size="4MB")
-        return made[kind]
+    def get(kind: str, layout: str = "save_pretrained"):
+        if (kind, layout) not in made:
+            made[kind, layout] = make_tiny_model(kind, tmp_path_factory.mktemp(f"{kind}-{layout}"),
+                                                 max_shard_size="4MB", layout=layout)
+        return made[kind, layout]
 
     return get
 

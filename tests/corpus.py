@@ -33,6 +33,7 @@ import numpy as np
 from qprep.synth import VideoSpec, make_video
 
 NUM_FRAMES = 4  # the extraction setting the expectations are written for
+SMALL_FRAMES = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)  # frame-size bounds they are written for
 SMALL = dict(width=64, height=48, fps=8, seconds=1.0)
 AV1_ENCODERS = ("libaom-av1", "libsvtav1", "librav1e")
 OK, FAILED, SKIPPED, UNAVAILABLE = "ok", "failed", "skipped", "unavailable"

@@ -45,12 +45,19 @@ def plain_decode(path) -> tuple[list[np.ndarray], int]:
 
 
 def reference_pixels(path, indices, processor, rotate: bool = True):
+    """`pixel_values_videos` and `video_grid_thw` of the plainly decoded frames at `indices`, from a
+    video processor, or from a checkpoint's whole processor (`AutoProcessor`) called on a prompt
+    holding the video, so that what the processor itself imposes on video (its frame size) applies."""
     frames, rotation = plain_decode(path)
     chosen = np.stack([frames[i] for i in indices])
     if rotate and rotation:
         chosen = np.ascontiguousarray(np.rot90(chosen, k=rotation // 90, axes=(1, 2)))
-    return processor(videos=[chosen], do_sample_frames=False, cap_pixels_per_frame=processor.cap_pixels_per_frame or False,
-                     return_tensors="pt")
+    video_processor = getattr(processor, "video_processor", processor)
+    kwargs = dict(videos=[chosen], do_sample_frames=False, return_tensors="pt",
+                  cap_pixels_per_frame=video_processor.cap_pixels_per_frame or False)
+    if video_processor is not processor:
+        kwargs["text"] = [processor.video_token]
+    return processor(**kwargs)
 
 
 def plain_audio_decode(path, start_s=None, end_s=None) -> np.ndarray:

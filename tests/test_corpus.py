@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from corpus import FAILED, NUM_FRAMES, OK, SKIPPED, UNAVAILABLE, Kind, make_corpus
+from corpus import FAILED, NUM_FRAMES, OK, SKIPPED, SMALL_FRAMES, UNAVAILABLE, Kind, make_corpus
 from qprep import open_cache
 from qprep.cli import main
 from qprep.extraction.discover import discover, find_videos
@@ -59,8 +59,8 @@ def run(corpus, ray_cluster, model_dir) -> Run:
     root, kinds = corpus
     folder = root / "videos"
     before = tree(root)
-    summary = extract(folder, root / "store.zarr", model_dir, VideoSettings(num_frames=NUM_FRAMES), shards=4,
-                      options=QUIET)
+    summary = extract(folder, root / "store.zarr", model_dir, VideoSettings(num_frames=NUM_FRAMES, **SMALL_FRAMES),
+                      shards=4, options=QUIET)
     cache = open_cache(root / "store.zarr")
     rows = {row["id"]: row for row in cache.manifest.to_pylist()}
     after = tree(root, skip="store.zarr")
@@ -153,8 +153,7 @@ def ok_problems(kind: Kind, row: dict) -> list[str]:
         choices = expected if isinstance(expected, tuple) else (expected,)
         if row[column] not in choices:
             problems.append(f"{column} {row[column]!r}, expected {expected!r}")
-    height, width = smart_resize(row["height"], row["width"], factor=28, min_pixels=28 * 28 * 4,
-                                 max_pixels=28 * 28 * 64)  # the tiny model's bounds
+    height, width = smart_resize(row["height"], row["width"], factor=28, **SMALL_FRAMES)
     expected_grid = [NUM_FRAMES // 2, height // 14, width // 14]
     if list(row["grid_thw"]) != expected_grid:
         problems.append(f"grid {row['grid_thw']}, expected {expected_grid}")

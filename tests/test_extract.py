@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import Qwen2VLVideoProcessor, WhisperFeatureExtractor
+from transformers import AutoProcessor, WhisperFeatureExtractor
 
 from qprep import open_cache
 from qprep.cli import main
@@ -91,7 +91,7 @@ def test_cached_tokens_equal_the_full_model_on_the_processors_output(ray_cluster
     assert broken["status"] == "failed" and broken["error_code"] == "unreadable" and "FFmpeg" in broken["error"]
 
     thinker = full_model(model_dir)
-    processor = Qwen2VLVideoProcessor.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
     extractor = WhisperFeatureExtractor.from_pretrained(model_dir)
     for video_id in cache.ids():
         cached = cache[video_id]
@@ -203,7 +203,7 @@ def test_vl_store_holds_bf16_tokens_equal_to_the_bf16_model(ray_cluster, tiny_mo
             options=QUIET)
     cache = open_cache(tmp_path / "store.zarr")
     model = full_model(model_dir, torch.bfloat16).model
-    processor = Qwen2VLVideoProcessor.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
     for video_id in cache.ids():
         cached = cache[video_id]
         assert cached.audio_tokens is None and cached.row["audio_note"] == "audio disabled"

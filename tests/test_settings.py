@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from transformers import Qwen2VLVideoProcessor, WhisperFeatureExtractor
+import torch
+from transformers import AutoProcessor, Qwen2VLVideoProcessor, WhisperFeatureExtractor
 
+import qprep
 from qprep.errors import SettingsError
+from qprep.models.tiny import LAYOUTS
 from qprep.schemas.jobs import load_job
 from qprep.schemas.settings import ModelSpec, load_model_spec
+from reference import reference_pixels
 
 
 def test_spec_from_a_saved_omni_processor_directory(tmp_path):
@@ -82,3 +86,22 @@ def test_a_users_file_builds_on_a_preset_and_flags_override_both(tmp_path):
     assert (video.fps, video.num_frames, video.size) == (1.0, None, (224, 224))  # the file's rule, the preset's size
     train = job.train_settings(epochs=7)
     assert (train.lr, train.epochs, train.lora.dropout) == (5e-4, 7, 0.05)  # file, flag, preset
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
+def test_frames_are_sized_as_the_checkpoints_own_processor_sizes_them(tiny_model, videos, kind, layout):
+    """A 1280×720 clip at fps 2, against `AutoProcessor` called as a user calls it (no size given). The
+    released Omni checkpoint's preprocessor_config.json holds the image bounds (3136–12845056, which
+    `Qwen2VLVideoProcessor.from_pretrained` would take: 5×52×92); the Omni processor resizes video
+    within its own 128·28²–768·28²: 5×40×72. Released VL: the image bounds do apply, 5×52×92."""
+    model_dir = tiny_model(kind, layout)
+    path = videos("720p-5s.mp4", width=1280, height=720, fps=10, seconds=5)
+    prepared = qprep.preprocess_video(path, model_dir, fps=2, audio=False)
+    expected = reference_pixels(path, prepared.metadata.frame_indices, AutoProcessor.from_pretrained(model_dir))
+    assert torch.equal(prepared.video_grid_thw, expected["video_grid_thw"])
+    assert torch.equal(prepared.pixel_values_videos, expected["pixel_values_videos"])
+    if kind == "qwen2_5_omni":
+        assert prepared.video_grid_thw.tolist() == [[5, 40, 72]]
+    elif layout == "released":
+        assert prepared.video_grid_thw.tolist() == [[5, 52, 92]]

@@ -26,7 +26,7 @@ def write_data(path) -> str:
     return str(path)
 
 
-SETTINGS = TrainSettings(epochs=4, lr=3e-2, batch_size=1, grad_accum=2, seed=3,
+SETTINGS = TrainSettings(epochs=4, lr=1e-2, batch_size=1, grad_accum=2, seed=3,
                          lora=LoraSettings(r=4, alpha=8, dropout=0.1))
 
 
@@ -40,9 +40,12 @@ def test_training_lowers_the_loss_and_a_resumed_run_equals_an_uninterrupted_one(
     store = cache.store.root
     whole = train(store, data, model_dir, tmp_path / "whole", SETTINGS, progress=False, echo=lambda _: None)
     assert whole.samples == 2 and whole.skipped == {"video failed extraction": ["broken"]}
-    assert whole.steps == 4 and whole.last_loss < whole.first_loss
+    assert whole.steps == 4
     lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 8 and {"loss", "lr", "tokens_per_s", "step_time_s", "memory_mb"} <= set(lines[0])
+    # every epoch visits both samples once: its mean loss is comparable from epoch to epoch
+    epoch_loss = [sum(line["loss"] for line in lines if line["epoch"] == epoch) / 2 for epoch in range(4)]
+    assert epoch_loss[-1] < epoch_loss[0], epoch_loss
 
     first = TrainSettings(**{**SETTINGS.__dict__, "epochs": 2})
     train(store, data, model_dir, tmp_path / "split", first, progress=False, echo=lambda _: None)

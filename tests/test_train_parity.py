@@ -16,6 +16,7 @@ from transformers.video_utils import VideoMetadata
 
 import qprep
 from qprep.models.checkpoint import open_checkpoint
+from qprep.models.tiny import LAYOUTS
 from qprep.pipeline.towers import AudioInput, Towers, VideoInput
 from qprep.models.families import PlaceholderIds
 from qprep.schemas.settings import load_model_spec
@@ -60,9 +61,9 @@ def processor_inputs(model_dir, path, conversation, frame_indices, sample_fps, o
     return processor, processor(**kwargs)
 
 
-def _both_paths(tiny_model, videos, kind):
+def _both_paths(tiny_model, videos, kind, layout):
     """The full model with its processor's inputs, and qprep's language model with its cached batch."""
-    model_dir = tiny_model(kind)
+    model_dir = tiny_model(kind, layout)
     omni = kind == "qwen2_5_omni"
     path = videos("train-clip.mp4", **CLIP)
     spec = load_model_spec(model_dir)
@@ -108,9 +109,10 @@ def _both_paths(tiny_model, videos, kind):
     return full, inputs, model_kwargs, labels, language_model, batch
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
-def test_cache_path_loss_and_logits_equal_the_full_model_on_raw_video(tiny_model, videos, kind):
-    full, inputs, model_kwargs, labels, language_model, batch = _both_paths(tiny_model, videos, kind)
+def test_cache_path_loss_and_logits_equal_the_full_model_on_raw_video(tiny_model, videos, kind, layout):
+    full, inputs, model_kwargs, labels, language_model, batch = _both_paths(tiny_model, videos, kind, layout)
     with torch.no_grad():
         expected = full(**inputs, labels=labels, **model_kwargs)
         loss, logits = language_model(batch)
@@ -118,15 +120,16 @@ def test_cache_path_loss_and_logits_equal_the_full_model_on_raw_video(tiny_model
     assert torch.equal(loss, expected.loss)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
-def test_lora_gradients_equal_the_full_model_with_the_same_adapter(tiny_model, videos, kind):
+def test_lora_gradients_equal_the_full_model_with_the_same_adapter(tiny_model, videos, kind, layout):
     """The same adapter on transformers' full model (raw video through its processor) and on qprep's
     language model (cached tokens): the LoRA gradients are the same, exactly in fp32."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     from qprep.train.lora import LoraSettings, apply_lora
 
-    full, inputs, model_kwargs, labels, language_model, batch = _both_paths(tiny_model, videos, kind)
+    full, inputs, model_kwargs, labels, language_model, batch = _both_paths(tiny_model, videos, kind, layout)
     settings = LoraSettings(r=4, alpha=8, dropout=0.0)
     ours = apply_lora(language_model, settings)
     generator = torch.Generator().manual_seed(0)

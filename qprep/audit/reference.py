@@ -117,6 +117,7 @@ class Reference:
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(source, revision=revision)
+        self.processor = processor
         self.video_processor = processor.video_processor
         self.feature_extractor = getattr(processor, "feature_extractor", None)
         self.dtype, self.device = DTYPES[dtype], device
@@ -163,7 +164,9 @@ class Reference:
         return torch.cat(pieces), (grid_t, *grid_hw)
 
     def _process(self, frames: list[np.ndarray], settings: dict):
-        """The video processor on decoded frames, as the extraction's settings ask."""
+        """The checkpoint's processor on decoded frames, as the extraction's settings ask: called on a
+        prompt holding the video, so that what the processor itself imposes on video applies (the
+        Omni processor's own frame-size bounds) unless the settings name bounds."""
         processor = self.video_processor
         kwargs = dict(do_sample_frames=False, cap_pixels_per_frame=bool(processor.cap_pixels_per_frame),
                       return_tensors="pt")
@@ -180,9 +183,18 @@ class Reference:
             kwargs["do_resize"] = False
         else:
             video = np.stack(frames)
-            kwargs["size"] = {"shortest_edge": settings.get("min_pixels") or processor.size.shortest_edge,
-                              "longest_edge": settings.get("max_pixels") or processor.size.longest_edge}
-        return processor(videos=[video], **kwargs)
+            if settings.get("min_pixels") or settings.get("max_pixels"):
+                default = self._default_video_size()
+                kwargs["size"] = {"shortest_edge": settings.get("min_pixels") or default["shortest_edge"],
+                                  "longest_edge": settings.get("max_pixels") or default["longest_edge"]}
+        return self.processor(text=[self.processor.video_token], videos=[video], **kwargs)
+
+    def _default_video_size(self) -> dict:
+        """The frame-size bounds the processor applies to video by itself: its own kwargs defaults
+        where its class has them, else its video processor's config."""
+        merged = self.processor._merge_kwargs(getattr(self.processor, "valid_processor_kwargs", None),
+                                              tokenizer_init_kwargs=self.processor.tokenizer.init_kwargs)
+        return merged["videos_kwargs"].get("size") or self.video_processor.size
 
     def _audio(self, path, settings: dict) -> tuple[torch.Tensor | None, int, str]:
         if not self.audio or not settings.get("audio"):

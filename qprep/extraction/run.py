@@ -140,12 +140,18 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
     return summary
 
 
+# How a checkpoint's files become a ModelSpec; a new rule invalidates the specs stores have cached.
+# 2: the frame size a checkpoint's own processor applies to video (Family.video_pixel_bounds).
+SPEC_RULES = 2
+
+
 def _model_spec(model: str, checkpoint, cache: dict) -> ModelSpec:
     """The model's preprocessor spec, read through transformers' processor classes once per change
     of its config files (a no-op re-run imports neither torch nor transformers)."""
     key = checkpoint.config_files_key()
-    if key is not None:  # transformers' defaults fill what the files leave out
+    if key is not None:  # transformers' defaults fill what the files leave out, qprep's rules read them
         key.append(["transformers", importlib.metadata.version("transformers")])
+        key.append(["spec_rules", SPEC_RULES])
     if key is not None and cache.get("key") == key:
         return ModelSpec.from_dict(cache["spec"])
     spec = load_model_spec(model)

@@ -256,15 +256,22 @@ def _feature_extractor():
     return WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=300, n_fft=400)
 
 
+LAYOUTS = ("save_pretrained", "released")
+
+
 def make_tiny_model(kind: str, out: str | Path, *, seed: int = 0, hidden: int = 64,
-                    max_shard_size: str | None = None) -> Path:
+                    max_shard_size: str | None = None, layout: str = "save_pretrained") -> Path:
     """Build and save a tiny random `kind` checkpoint (weights, config, tokenizer, processor configs).
 
     The directory loads offline with `from_pretrained` of the model class and of `AutoProcessor`
     (tokenizer with Qwen's special tokens and chat template; image and video processors; for Omni
     the feature extractor). `max_shard_size` splits the weights over several files with an index,
-    like the real releases. Returns the directory.
+    like the real releases. `layout` "save_pretrained" is what transformers 5 writes; "released" is
+    the file set and config keys of the hub repositories (see `to_released_layout`). Returns the
+    directory.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
     import torch
     from transformers import Qwen2_5OmniForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging
@@ -296,4 +303,66 @@ def make_tiny_model(kind: str, out: str | Path, *, seed: int = 0, hidden: int = 
         torch.save({"Chelsie": {"bos_token": _SPEAKER_BOS, "cond": torch.zeros(1, 192),
                                 "ref_mel": torch.zeros(1, 30, 80)}}, out / "spk_dict.pt")
         _feature_extractor().save_pretrained(out)
+    if layout == "released":
+        to_released_layout(kind, out)
+    return out
+
+
+# The released repositories' preprocessor_config.json: the image processor's bounds (which the Omni
+# processor does not apply to video), and for Omni the Whisper settings in the same file.
+_RELEASED_IMAGE_PROCESSOR = dict(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2,
+                                 merge_size=2, image_processor_type="Qwen2VLImageProcessor")
+_RELEASED_WHISPER = dict(chunk_length=300, dither=0.0, feature_extractor_type="WhisperFeatureExtractor",
+                         feature_size=128, hop_length=160, n_fft=400, n_samples=4800000, nb_max_frames=30000,
+                         padding_side="right", padding_value=0.0, return_attention_mask=True, sampling_rate=16000)
+_RELEASED_PROCESSOR_CLASS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_5_omni": "Qwen2_5OmniProcessor"}
+
+
+def to_released_layout(kind: str, out: Path) -> None:
+    """Rewrite a saved tiny checkpoint into the layout of the hub releases (Qwen2.5-VL-7B-Instruct,
+    Qwen2.5-Omni-7B): one combined `preprocessor_config.json` and no `processor_config.json` or
+    `video_preprocessor_config.json`; `chat_template.json`; `vocab.json` + `merges.txt` beside
+    `tokenizer.json`; `config.json` with the releases' keys (`torch_dtype`, `rope_theta` +
+    `rope_scaling`, and for VL the text settings at the top level rather than in `text_config`).
+    Weight key names are already the hub's (`visual.*`, `model.*` / `thinker.*`)."""
+    import json
+
+    from qprep.schemas.settings import CLIP_MEAN, CLIP_STD
+
+    config = json.loads((out / "config.json").read_text())
+    if kind == "qwen2_5_vl":
+        text = config.pop("text_config")
+        config = {**{k: v for k, v in text.items() if k not in ("model_type", "layer_types")}, **config}
+    # the releases' rope_scaling: {"type": "mrope", ...} for VL, {"type": "default", "rope_type": "default", ...} for Omni
+    rope_type = "mrope" if kind == "qwen2_5_vl" else "default"
+    (out / "config.json").write_text(json.dumps(_legacy_keys(config, rope_type), indent=2))
+    preprocessor = {**_RELEASED_IMAGE_PROCESSOR, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+                    "processor_class": _RELEASED_PROCESSOR_CLASS[kind]}
+    if kind == "qwen2_5_omni":
+        preprocessor.update(_RELEASED_WHISPER)
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    for name in ("processor_config.json", "video_preprocessor_config.json", "chat_template.jinja"):
+        (out / name).unlink(missing_ok=True)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": _CHAT_TEMPLATE[kind]}, indent=2))
+    vocab, merges = _bpe()
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def _legacy_keys(config, rope_type: str):
+    """transformers 5's `dtype` and `rope_parameters`, spelled as the releases spell them."""
+    if isinstance(config, list):
+        return [_legacy_keys(item, rope_type) for item in config]
+    if not isinstance(config, dict):
+        return config
+    out = {}
+    for key, value in config.items():
+        if key == "dtype":
+            out["torch_dtype"] = value
+        elif key == "rope_parameters" and isinstance(value, dict):
+            out["rope_theta"] = value.get("rope_theta")
+            legacy = {k: v for k, v in value.items() if k != "rope_theta"}
+            out["rope_scaling"] = {**legacy, "type": rope_type} if "mrope_section" in legacy else legacy
+        else:
+            out[key] = _legacy_keys(value, rope_type)
     return out

@@ -138,9 +138,13 @@ class ModelSpec:
         return cls(**values)
 
     @classmethod
-    def from_processors(cls, video_processor, feature_extractor=None) -> "ModelSpec":
-        """Read the values from transformers' processor objects (the single source of truth)."""
+    def from_processors(cls, video_processor, feature_extractor=None,
+                        pixel_bounds: tuple[int, int] | None = None) -> "ModelSpec":
+        """Read the values from transformers' processor objects (the single source of truth).
+        `pixel_bounds`: (min, max) pixels per frame where the model's processor overrides the video
+        processor's own `size` (see `Family.video_pixel_bounds`)."""
         size = video_processor.size
+        min_pixels, max_pixels = pixel_bounds or (size["shortest_edge"], size["longest_edge"])
         audio = AudioSpec()
         if feature_extractor is not None:
             audio = AudioSpec(
@@ -154,8 +158,8 @@ class ModelSpec:
             patch_size=int(video_processor.patch_size),
             temporal_patch_size=int(video_processor.temporal_patch_size),
             merge_size=int(video_processor.merge_size),
-            min_pixels=int(size["shortest_edge"]),
-            max_pixels=int(size["longest_edge"]),
+            min_pixels=int(min_pixels),
+            max_pixels=int(max_pixels),
             image_mean=tuple(float(v) for v in video_processor.image_mean),
             image_std=tuple(float(v) for v in video_processor.image_std),
             rescale_factor=float(video_processor.rescale_factor),
@@ -168,10 +172,12 @@ class ModelSpec:
 def load_model_spec(model: str | Path | dict | ModelSpec | None = None) -> ModelSpec:
     """The CPU-stage spec of a model.
 
-    `model` is a local HF-format directory, a hub id, a path to a `preprocessor_config.json`, the
-    parsed config as a dict, a ready `ModelSpec`, or None for transformers' Qwen2-VL defaults.
-    Values are read through transformers' own processor classes so that qprep and the processor
-    can never disagree on a default.
+    `model` is a checkpoint (a local HF-format directory with its `config.json`, or a hub id), a
+    directory of processor configs alone, a path to a `preprocessor_config.json`, the parsed config
+    as a dict, a ready `ModelSpec`, or None for transformers' Qwen2-VL defaults. Values are read
+    through transformers' own processor classes so that qprep and the processor can never disagree
+    on a default: for a checkpoint, the processor `AutoProcessor` builds from it as released, with
+    the frame size its family's processor applies to video (`Family.video_pixel_bounds`).
     """
     if isinstance(model, ModelSpec):
         return model
@@ -184,6 +190,8 @@ def load_model_spec(model: str | Path | dict | ModelSpec | None = None) -> Model
     path = Path(model)
     if path.is_file():
         return _spec_from_config_dict(json.loads(path.read_text()))
+    if (path / "config.json").is_file() or not path.exists():
+        return _spec_from_checkpoint(str(model))
     try:
         video_processor = Qwen2VLVideoProcessor.from_pretrained(str(model))
     except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors alike
@@ -194,6 +202,21 @@ def load_model_spec(model: str | Path | dict | ModelSpec | None = None) -> Model
         audio_config = {}  # a vision-only model (Qwen2.5-VL) has no feature extractor config
     feature_extractor = WhisperFeatureExtractor.from_dict(audio_config) if _describes_audio(audio_config) else None
     return ModelSpec.from_processors(video_processor, feature_extractor)
+
+
+def _spec_from_checkpoint(model: str) -> ModelSpec:
+    from transformers import AutoProcessor
+
+    from qprep.models.checkpoint import open_checkpoint
+
+    try:
+        checkpoint = open_checkpoint(model)
+        processor = AutoProcessor.from_pretrained(model)
+    except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors alike
+        raise SettingsError(f"cannot read the preprocessor config of model {model}: {exc}") from exc
+    feature_extractor = getattr(processor, "feature_extractor", None)
+    return ModelSpec.from_processors(processor.video_processor, feature_extractor,
+                                     pixel_bounds=checkpoint.family.video_pixel_bounds(processor))
 
 
 def _describes_audio(config: dict) -> bool:

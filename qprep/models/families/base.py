@@ -63,6 +63,19 @@ class Family:
     def has_audio(self) -> bool:
         return self.audio_class is not None
 
+    def video_pixel_bounds(self, processor) -> tuple[int, int]:
+        """(min, max) pixels per frame that the checkpoint's own processor (`AutoProcessor`, as
+        released) resizes video within when the caller names none.
+
+        That is the processor's own default for video where its class has one, which wins over the
+        video processor's config: `Qwen2_5OmniProcessor` resizes within 128·28²–768·28² whatever the
+        released `preprocessor_config.json` says (its bounds, 3136–12845056, are the image
+        processor's). Read through the processor's own kwargs merge, so the rule is transformers'."""
+        merged = processor._merge_kwargs(getattr(processor, "valid_processor_kwargs", None),
+                                         tokenizer_init_kwargs=processor.tokenizer.init_kwargs)
+        size = merged["videos_kwargs"].get("size") or processor.video_processor.size
+        return int(size["shortest_edge"]), int(size["longest_edge"])
+
     def placeholder_ids(self, tokenizer) -> PlaceholderIds:
         raise NotImplementedError
 

@@ -29,7 +29,8 @@ import av
 import numpy as np
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from qprep.schemas.towers import torch_dtype
+
 # Frames per processor call. Resizing and patchifying act on each temporal pair alone, so calls on
 # consecutive groups give the same rows as one call on the whole video, while only one group of
 # full-size frames is held at a time. (The per-frame pixel cap depends on the frame count: with it,
@@ -120,7 +121,7 @@ class Reference:
         self.processor = processor
         self.video_processor = processor.video_processor
         self.feature_extractor = getattr(processor, "feature_extractor", None)
-        self.dtype, self.device = DTYPES[dtype], device
+        self.dtype, self.device = torch_dtype(dtype), device
         self.model = load_model(source, full_model, dtype=dtype, device=device, attn_implementation=attn_implementation,
                                 revision=revision)
         self.audio = self.feature_extractor is not None and hasattr(self.model, "get_audio_features")
@@ -228,7 +229,7 @@ def load_model(source: str, full_model: tuple[str, str | None], *, dtype: str, d
 
     class_name, part = full_model
     model = getattr(transformers, class_name).from_pretrained(
-        source, revision=revision, dtype=DTYPES[dtype], attn_implementation=attn_implementation, device_map=device,
+        source, revision=revision, dtype=torch_dtype(dtype), attn_implementation=attn_implementation, device_map=device,
         use_safetensors=True)  # never unpickle weights: a .bin-only checkpoint is refused
     model = getattr(model, part) if part else model
     # The weights in torch's own memory, as qprep's towers hold them: some CPU kernels round by alignment.

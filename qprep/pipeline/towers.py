@@ -19,9 +19,7 @@ from qprep.errors import SettingsError
 from qprep.models.checkpoint import Checkpoint, load_weights
 from qprep.pipeline.patchify import normalize
 from qprep.schemas.settings import ModelSpec
-from qprep.schemas.towers import Budget, resolve_dtype
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from qprep.schemas.towers import Budget, resolve_dtype, torch_dtype
 
 
 @dataclass
@@ -55,15 +53,15 @@ class Towers(torch.nn.Module):
         self.device_name = device or default_device()
         tower_config = checkpoint.model_config()
         self._features = getattr(module, family.feature_class)
-        torch_dtype = DTYPES[self.dtype_name]
+        weights_dtype = torch_dtype(self.dtype_name)
         # No random init: every parameter is overwritten from the checkpoint (strict load below).
         with no_init_weights():
             self.visual = getattr(module, family.vision_class)._from_config(
-                tower_config.vision_config, dtype=torch_dtype, attn_implementation=attn_implementation)
+                tower_config.vision_config, dtype=weights_dtype, attn_implementation=attn_implementation)
             self.audio_tower = None
             if family.audio_class:
                 self.audio_tower = getattr(module, family.audio_class)._from_config(
-                    tower_config.audio_config, dtype=torch_dtype, attn_implementation=attn_implementation)
+                    tower_config.audio_config, dtype=weights_dtype, attn_implementation=attn_implementation)
         load_weights(self.visual, checkpoint, family.vision_prefixes)
         if self.audio_tower is not None:
             load_weights(self.audio_tower, checkpoint, family.audio_prefixes)
@@ -114,7 +112,7 @@ class Towers(torch.nn.Module):
                 features[row, :, : chunk.shape[1]] = chunk
                 mask[row, : chunk.shape[1]] = 1
                 row += 1
-        features = features.to(self.device_name, DTYPES[self.dtype_name])
+        features = features.to(self.device_name, torch_dtype(self.dtype_name))
         return features, mask.to(self.device_name), [len(a.window_lengths) for a in audios]
 
 

@@ -24,6 +24,15 @@ class Budget:
     audio_frames: int = 0
 
 
+def torch_dtype(name: str):
+    """The torch dtype of one of `DTYPE_NAMES` (torch is imported only when asked: a no-op re-run never is)."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise SettingsError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    return getattr(torch, name)
+
+
 def resolve_dtype(name: str, checkpoint_dtype: str) -> str:
     """'auto' is the dtype the checkpoint was saved in (bf16 for Qwen's releases)."""
     resolved = checkpoint_dtype if name == "auto" else name

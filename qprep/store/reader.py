@@ -16,9 +16,9 @@ import pyarrow.compute as pc
 import torch
 
 from qprep.schemas.manifest import OK
+from qprep.schemas.towers import torch_dtype
 from qprep.store.layout import Store
 
-_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Cache:
         self.manifest: pa.Table = manifest.take(pc.sort_indices(manifest, [("id", "ascending")]))
         self._rows = {video_id: i for i, video_id in enumerate(self.manifest.column("id").to_pylist())}
         self._arrays: dict[tuple[int, str, str], Any] = {}
-        self._dtype = _TORCH_DTYPES[self.store.attrs["dtype"]]
+        self._dtype = torch_dtype(self.store.attrs["dtype"])
 
     @property
     def config(self) -> dict:

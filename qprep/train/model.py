@@ -16,9 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from qprep.models.checkpoint import Checkpoint, load_weights
-from qprep.schemas.towers import resolve_dtype
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from qprep.schemas.towers import resolve_dtype, torch_dtype
 
 
 @dataclass
@@ -55,16 +53,16 @@ class LanguageModel(torch.nn.Module):
         module = importlib.import_module(family.module)
         self.config = checkpoint.model_config()
         self.family = family
-        torch_dtype = DTYPES[resolve_dtype(dtype, checkpoint.dtype)]
+        weights_dtype = torch_dtype(resolve_dtype(dtype, checkpoint.dtype))
         text_config = self.config.get_text_config()
         # Module paths mirror the full model's (`model.language_model.*`, `lm_head`): a LoRA adapter
         # trained here loads onto the full thinker / VL model with peft as it is.
         self.model = torch.nn.Module()
         with no_init_weights():
             self.model.language_model = getattr(module, family.text_class)._from_config(
-                text_config, dtype=torch_dtype, attn_implementation=attn_implementation)
+                text_config, dtype=weights_dtype, attn_implementation=attn_implementation)
             self.lm_head = torch.nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False,
-                                           dtype=torch_dtype)
+                                           dtype=weights_dtype)
         load_weights(self.model.language_model, checkpoint, family.text_prefixes)
         load_weights(self.lm_head, checkpoint, family.lm_head_prefixes)
         with torch.device("meta"):  # get_rope_index reads only the config: no weights behind it

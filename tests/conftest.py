@@ -9,6 +9,17 @@ import pytest
 from qprep.synth import VideoSpec, make_video
 
 
+# Markers follow from what a test needs: Ray, or root (a tmpfs to fill, a file another user may not read).
+MARKED_BY_FIXTURE = {"ray_cluster": "ray", "small_disk": "root", "unprivileged": "root"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, marker in MARKED_BY_FIXTURE.items():
+            if fixture in item.fixturenames:
+                item.add_marker(marker)
+
+
 @pytest.fixture(scope="session")
 def videos(tmp_path_factory):
     """`videos(name, **spec)` → path of a synthetic video, encoded once per session."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from click.testing import CliRunner
 
 from qprep.cli import EXIT_SETTINGS, EXIT_VIDEO, main
@@ -43,6 +45,7 @@ def test_jobs_lists_the_presets():
     assert seed["video"]["num_frames"] == 100 and seed["train"]["lora_r"] == 16
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     result = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output

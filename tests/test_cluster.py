@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from qprep.extraction.run import ExtractOptions, extract
 from qprep.schemas.settings import VideoSettings
 from test_extract import make_folder, snapshot
+
+pytestmark = pytest.mark.slow
 
 CLIPS = {f"clip{i}.mp4": dict(width=112, height=84, fps=25, seconds=2, audio=i % 3 != 0) for i in range(8)}
 

@@ -27,6 +27,8 @@ from qprep.extraction.stages import INTERNAL_ERROR
 from qprep.schemas.settings import VideoSettings
 from qprep.synth import VideoSpec, make_video
 
+pytestmark = pytest.mark.slow
+
 QUIET = ExtractOptions(progress=False)
 CRASH_CODES = {INTERNAL_ERROR, "tower-error"}
 NOBODY = 65534

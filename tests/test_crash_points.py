@@ -22,6 +22,8 @@ from qprep import open_cache
 from qprep.extraction.run import ExtractOptions
 from test_extract import reference_run, snapshot
 
+pytestmark = pytest.mark.slow
+
 CLIPS = {f"clip{i:02d}.mp4": dict(width=64, height=48, fps=10, seconds=1, audio=i % 2 == 0) for i in range(12)}
 POINTS = ("row", "array", "manifest", "renamed", "committed")
 CHAINS = [[f"{point}:{k}" for point in POINTS] for k in (1, 2, 1, 2)]  # 20 kills in 4 chains

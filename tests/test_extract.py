@@ -123,6 +123,7 @@ def test_cached_tokens_equal_the_full_model_on_the_processors_output(ray_cluster
                        cache.video_tokens("talk/a"))
 
 
+@pytest.mark.slow
 def test_reruns_touch_only_what_changed(ray_cluster, tiny_model, tmp_path):
     model_dir = str(tiny_model("qwen2_5_omni"))
     folder = make_folder(tmp_path / "videos")
@@ -217,6 +218,7 @@ def test_vl_store_holds_bf16_tokens_equal_to_the_bf16_model(ray_cluster, tiny_mo
 CRASH_FOLDER = {f"clip{i:02d}.mp4": dict(width=128, height=96, fps=25, seconds=2, gop_seconds=1) for i in range(10)}
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_no_half_shard_and_the_next_run_finishes(ray_cluster, tiny_model, tmp_path):
     model_dir = str(tiny_model("qwen2_5_omni"))
     folder = make_folder(tmp_path / "videos", CRASH_FOLDER)

@@ -44,6 +44,8 @@ from qprep.train.loop import train
 from test_extract import reference_run, snapshot
 from test_train_loop import SETTINGS, write_data
 
+pytestmark = pytest.mark.slow
+
 CLIPS = {f"clip{i:02d}.mp4": dict(width=64, height=48, fps=10, seconds=1, audio=i % 2 == 0) for i in range(12)}
 SHARDS = 6  # about two videos a shard: shards wait for their second video while others are committed
 QUIET = ExtractOptions(progress=False, batch_size=1)

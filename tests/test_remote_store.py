@@ -23,6 +23,8 @@ from qprep.synth import VideoSpec, make_video
 from qprep.train.loop import train
 from test_train_loop import adapter, write_data
 
+pytestmark = pytest.mark.slow
+
 QUIET = ExtractOptions(progress=False)
 BUCKET = "qprep-tests"
 

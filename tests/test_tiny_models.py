@@ -15,8 +15,14 @@ from reference import full_model
 KINDS = {
     "qwen2_5_omni": ("Qwen2_5OmniProcessor", "<|vision_bos|><|VIDEO|><|vision_eos|>", "<|VIDEO|>"),
     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>"),
+    "qwen3_vl": ("Qwen3VLProcessor", "<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>"),
 }
-PIXELS = dict(shortest_edge=28 * 28 * 4, longest_edge=28 * 28 * 64)
+# kind -> the tiny bounds of (video processor, image processor); Qwen3-VL's video bound is per video
+PIXELS = {kind: [(28 * 28 * 4, 28 * 28 * 64)] * 2 for kind in ("qwen2_5_omni", "qwen2_5_vl")} | {
+    "qwen3_vl": [(32 * 32 * 4, 32 * 32 * 4 * 64), (32 * 32 * 4, 32 * 32 * 64)]}
+# kind -> the system turn its chat template opens with when the conversation has none
+DEFAULT_SYSTEM = {kind: "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                  for kind in ("qwen2_5_omni", "qwen2_5_vl")} | {"qwen3_vl": ""}
 ANSWER = "A test pattern moves."
 
 
@@ -56,7 +62,7 @@ def processed(processor, kind: str):
         # deprecated name of `load_audio_from_video`.
         return processor(text=[text], videos=[video], audio=[sound], load_audio_from_video=True,
                          audio_from_video_indices=[0], return_tensors="pt")
-    # transformers 5.23: with raw frames and no metadata, the VL processor takes 24 fps (its `fps`
+    # transformers 5.23: with raw frames and no metadata, the VL processors take 24 fps (their `fps`
     # argument does not change that unless it samples frames): the frame rate comes as metadata.
     return processor(text=[text], videos=[video], video_metadata=[{"fps": 2.0, "total_num_frames": len(video)}],
                      return_tensors="pt")
@@ -64,7 +70,7 @@ def processed(processor, kind: str):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_processor_loads_with_the_tokenizer_the_configs_name(model_dir, kind):
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer, Qwen2VLVideoProcessor
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
     path = model_dir(kind)
     processor = AutoProcessor.from_pretrained(path)
@@ -80,7 +86,7 @@ def test_the_processor_loads_with_the_tokenizer_the_configs_name(model_dir, kind
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
     config = AutoConfig.from_pretrained(path)
-    if kind == "qwen2_5_vl":
+    if kind != "qwen2_5_omni":
         assert processor.video_token_id == config.video_token_id == ids["<|video_pad|>"]
         assert processor.image_token_id == config.image_token_id == ids["<|image_pad|>"]
         assert (config.vision_start_token_id, config.vision_end_token_id) == (ids["<|vision_start|>"],
@@ -113,11 +119,11 @@ def test_the_processor_loads_with_the_tokenizer_the_configs_name(model_dir, kind
         ids[bos], ids["<|im_end|>"], ids["<|endoftext|>"])
     assert len(tokenizer) <= text_config.vocab_size
 
-    # the video pixel bounds of the tiny checkpoints, for the standalone and the processor's processors
-    for video_processor in (Qwen2VLVideoProcessor.from_pretrained(path), processor.video_processor,
-                            processor.image_processor):
-        assert (video_processor.size.shortest_edge, video_processor.size.longest_edge) == (
-            PIXELS["shortest_edge"], PIXELS["longest_edge"])
+    # the pixel bounds of the tiny checkpoints, for the standalone and the processor's processors
+    standalone = type(processor.video_processor).from_pretrained(path)
+    for video_processor, bounds in zip((standalone, processor.video_processor, processor.image_processor),
+                                       PIXELS[kind][:1] * 2 + PIXELS[kind][1:]):
+        assert (video_processor.size.shortest_edge, video_processor.size.longest_edge) == bounds
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -127,8 +133,7 @@ def test_the_chat_template_renders_qwens_chatml_with_the_video_block(model_dir, 
     processor = AutoProcessor.from_pretrained(model_dir(kind))
     block = KINDS[kind][1]
     text = processor.apply_chat_template(conversation(), tokenize=False)
-    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                    f"<|im_start|>user\n{block}What happens in the video?<|im_end|>\n"
+    assert text == (f"{DEFAULT_SYSTEM[kind]}<|im_start|>user\n{block}What happens in the video?<|im_end|>\n"
                     f"<|im_start|>assistant\n{ANSWER}<|im_end|>\n")
     prompt = processor.apply_chat_template(conversation()[:1], tokenize=False, add_generation_prompt=True)
     assert prompt == text[: text.index(ANSWER)]
@@ -152,6 +157,11 @@ def test_the_full_model_trains_on_what_the_processor_makes_of_raw_video(model_di
     if kind == "qwen2_5_vl":
         assert grid[0].tolist() == [2, 4, 6]  # the tiny bounds keep 56×84
         assert inputs["second_per_grid_ts"].tolist() == [1.0]  # 2 frames at 2 fps
+    elif kind == "qwen3_vl":
+        assert grid[0].tolist() == [2, 4, 6]  # 56×84 rounds to 64×96, patch 16
+        # time is text: each temporal patch opens with the mean time of its two frames (0.25 s, 1.25 s)
+        rendered = tokenizer.decode(ids)
+        assert "<0.2 seconds><|vision_start|><|video_pad|>" in rendered and "<1.2 seconds>" in rendered
     else:
         # Qwen2_5OmniProcessor resizes videos to its own class default of 128..768 × 28² pixels, whatever
         # the saved video processor says: 56×84 becomes 280×392 here.
@@ -183,10 +193,14 @@ def test_the_full_model_trains_on_what_the_processor_makes_of_raw_video(model_di
         positions, _ = model.model.get_rope_index(
             inputs["input_ids"], None, grid, inputs["attention_mask"], True,
             inputs["feature_attention_mask"].sum(-1), inputs["video_second_per_grid"])
-    else:
+    elif kind == "qwen2_5_vl":
         positions, _ = model.model.get_rope_index(
             inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=grid,
             second_per_grid_ts=inputs["second_per_grid_ts"], attention_mask=inputs["attention_mask"])
+    else:
+        positions, _ = model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=grid,
+            attention_mask=inputs["attention_mask"])
     # 3D positions: the video tokens span grid_t time steps, and the text after them continues past them
     temporal = positions[0, 0][ids == video_id]
     assert len(set(temporal.tolist())) == int(grid[0, 0])

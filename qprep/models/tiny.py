@@ -2,8 +2,9 @@
 
 They are built with transformers' own model classes and saved with `save_pretrained`, so the files
 have the real key layout (`thinker.visual.*`, `thinker.audio_tower.*`, `thinker.model.*`,
-`talker.*`, `token2wav.*` for Omni; `visual.*`, `model.*` for VL) and the real config and
-preprocessor files. Only the widths, depths and the vocabulary are small.
+`talker.*`, `token2wav.*` for Omni; `visual.*`, `model.*` for Qwen2.5-VL; `model.visual.*`,
+`model.language_model.*` for Qwen3-VL, whose vision tower has deepstack levels) and the real config
+and preprocessor files. Only the widths, depths and the vocabulary are small.
 
 They also carry what transformers' processors need offline: a byte-level BPE Qwen2 tokenizer with
 Qwen's special tokens and ChatML chat template, and the full processor config, so that
@@ -16,7 +17,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-KINDS = ("qwen2_5_omni", "qwen2_5_vl")
+KINDS = ("qwen2_5_omni", "qwen2_5_vl", "qwen3_vl")
 DEMO_KIND = "qwen2_5_omni"  # what `qprep demo` trains: video with the audio inside it, the seed recipe's model
 
 
@@ -51,6 +52,7 @@ _SPECIAL_TOKENS = {
                      "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>",
                      "<|vision_pad|>", "<|IMAGE|>", "<|VIDEO|>"),
 }
+_SPECIAL_TOKENS["qwen3_vl"] = _SPECIAL_TOKENS["qwen2_5_vl"]  # the same first 14 added tokens in the releases
 _PLAIN_ADDED_TOKENS = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
                        "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")  # added, but not special
 
@@ -59,6 +61,7 @@ _PLAIN_ADDED_TOKENS = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_m
 # defines none).
 _TOKEN_ATTRIBUTES = {
     "qwen2_5_vl": {},
+    "qwen3_vl": {},
     "qwen2_5_omni": {"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
                      "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
                      "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"},
@@ -100,6 +103,12 @@ _CHAT_TEMPLATE = {
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     ),
 }
+
+
+# Qwen3-VL's template has no default system turn; a video is the same block as Qwen2.5-VL's.
+_CHAT_TEMPLATE["qwen3_vl"] = _CHAT_TEMPLATE["qwen2_5_vl"].replace(
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}", "")
 
 
 def _byte_symbols() -> list[str]:
@@ -190,9 +199,22 @@ def tiny_config(kind: str, hidden: int = 64):
 
     Every token id in it is the id of that token in `tiny_tokenizer(kind)`.
     """
-    from transformers import Qwen2_5OmniConfig, Qwen2_5_VLConfig
+    from transformers import Qwen2_5OmniConfig, Qwen2_5_VLConfig, Qwen3VLConfig
 
     ids = token_ids(_check(kind))
+    if kind == "qwen3_vl":
+        text = dict(_text(hidden, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                          pad_token_id=ids["<|endoftext|>"]),
+                    # interleaved M-RoPE over (t, h, w), as the releases' [24, 20, 20] of 64
+                    rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                                     "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+        # three blocks, deepstack after the first two (the releases: 27 blocks, levels at 8, 16, 24)
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1])
+        return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                             video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                             vision_end_token_id=ids["<|vision_end|>"])
     if kind == "qwen2_5_vl":
         text = _text(hidden, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                      pad_token_id=ids["<|endoftext|>"])
@@ -227,10 +249,15 @@ def tiny_config(kind: str, hidden: int = 64):
 def tiny_processor(kind: str):
     """The transformers processor of a tiny `kind` checkpoint: tokenizer, image and video processors
     (and, for Omni, the Whisper feature extractor), with the chat template."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2_5OmniProcessor, Qwen2VLImageProcessor
+    from transformers import Qwen2_5_VLProcessor, Qwen2_5OmniProcessor, Qwen2VLImageProcessor, Qwen3VLProcessor
 
     tokenizer = tiny_tokenizer(kind)
     pixels = _pixel_bounds()
+    if kind == "qwen3_vl":
+        image = Qwen2VLImageProcessor(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                      min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)
+        return Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=_video_processor(kind),
+                                chat_template=_CHAT_TEMPLATE[kind])
     if kind == "qwen2_5_vl":
         return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,
                                    video_processor=_video_processor(), chat_template=_CHAT_TEMPLATE[kind])
@@ -244,9 +271,12 @@ def _pixel_bounds() -> dict:
     return dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
 
 
-def _video_processor():
-    from transformers import Qwen2VLVideoProcessor
+def _video_processor(kind: str = "qwen2_5_vl"):
+    from transformers import Qwen2VLVideoProcessor, Qwen3VLVideoProcessor
 
+    if kind == "qwen3_vl":
+        # Qwen3-VL's `longest_edge` is a pixel budget over all of a video's frames, not per frame.
+        return Qwen3VLVideoProcessor(size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 4 * 64})
     return Qwen2VLVideoProcessor(**_pixel_bounds())
 
 
@@ -257,6 +287,9 @@ def _feature_extractor():
 
 
 LAYOUTS = ("save_pretrained", "released")
+_MODEL_CLASSES = {"qwen2_5_omni": "Qwen2_5OmniForConditionalGeneration",
+                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                  "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
 
 def make_tiny_model(kind: str, out: str | Path, *, seed: int = 0, hidden: int = 64,
@@ -272,12 +305,14 @@ def make_tiny_model(kind: str, out: str | Path, *, seed: int = 0, hidden: int = 
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
+    if layout == "released" and kind not in _RELEASED_PROCESSOR_CLASS:
+        raise ValueError(f"no released layout is written for {kind} yet; use layout='save_pretrained'")
     import torch
-    from transformers import Qwen2_5OmniForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+    import transformers
     from transformers.utils import logging
 
     out = Path(out)
-    model_class = Qwen2_5OmniForConditionalGeneration if kind == "qwen2_5_omni" else Qwen2_5_VLForConditionalGeneration
+    model_class = getattr(transformers, _MODEL_CLASSES[_check(kind)])
     config = tiny_config(kind, hidden)
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()  # transformers warns about the token ids of its default sub-configs
@@ -297,7 +332,7 @@ def make_tiny_model(kind: str, out: str | Path, *, seed: int = 0, hidden: int = 
         if bars:
             logging.enable_progress_bar()
     # The standalone files too, as in the releases (and as qprep read them before processor_config.json).
-    _video_processor().save_pretrained(out)
+    _video_processor(kind).save_pretrained(out)
     if kind == "qwen2_5_omni":
         # The full Omni model's from_pretrained also loads the talker's speaker table.
         torch.save({"Chelsie": {"bos_token": _SPEAKER_BOS, "cond": torch.zeros(1, 192),

@@ -78,6 +78,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FPS = 2.0
+# Frame-size bounds both paths resize within (the tiny checkpoint's video processor config): the Omni
+# processor's own default (128·28² and up) would make the bench time the resize of upscaled frames.
+PIXELS = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64}
 SIZES = ((320, 240), (480, 270), (640, 360))
 SECONDS = (5, 8, 10, 12, 15)
 RATES = (25, 30)
@@ -328,10 +331,10 @@ def reference_worker(job: dict) -> dict:
     from transformers import Qwen2_5OmniForConditionalGeneration, Qwen2VLVideoProcessor, WhisperFeatureExtractor
 
     model = job["model"]
-    video_processor = Qwen2VLVideoProcessor.from_pretrained(model)
+    video_processor = Qwen2VLVideoProcessor.from_pretrained(model)  # its config holds the bounds in PIXELS
     feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
     thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(model, dtype=torch.float32).thinker.eval()
-    pixels = {"min_pixels": video_processor.size["shortest_edge"], "max_pixels": video_processor.size["longest_edge"]}
+    pixels = PIXELS
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
 
@@ -379,7 +382,7 @@ def qprep_warm_worker(job: dict) -> dict:
     started = time.perf_counter()
     ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)  # as qprep's own
     result = {"ray_init_s": time.perf_counter() - started}
-    settings, options = VideoSettings(fps=FPS), ExtractOptions(progress=False)
+    settings, options = VideoSettings(fps=FPS, **PIXELS), ExtractOptions(progress=False)
     extract(job["warmup"], job["warmup_store"], job["model"], settings, dtype="float32", options=options)
     for key in ("videos", "videos_2x"):
         begun = time.perf_counter()
@@ -439,7 +442,9 @@ def measured_fields(measured: Measured) -> dict:
 
 def measure_qprep_cold(videos: Path, model: Path, workdir: Path, count: int) -> Row:
     store = fresh(workdir / "stores" / "cold.zarr")
-    measured, summary = run_cli_extract(videos, store, model, ("--fps", str(FPS)))
+    measured, summary = run_cli_extract(videos, store, model, ("--fps", str(FPS), "--min-pixels",
+                                                               str(PIXELS["min_pixels"]), "--max-pixels",
+                                                               str(PIXELS["max_pixels"])))
     check(summary["extracted"] == count and summary["ray_started"], f"cold extract: {short(summary)}")
     note = (f"extract() {summary['seconds']:.1f} s of it; {measured.processes} processes; "
             f"{summary['failed']} failed")

@@ -109,6 +109,9 @@ WIDTH, HEIGHT = 320, 240
 SECONDS = (5, 8, 6, 10, 7, 9)  # clip lengths cycle through these
 RATES = (25, 30)
 FPS = 2.0
+# Frame-size bounds of both paths (the tiny checkpoint's video processor config), named explicitly:
+# the Omni processor would otherwise resize within its own 128·28²–768·28².
+PIXELS = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64}
 LR = 1e-4
 SEED = 0
 LORA_REGEX = r".*language_model\.layers\.\d+\..*\.(q_proj|k_proj|v_proj|o_proj|up_proj|down_proj)$"
@@ -477,8 +480,7 @@ def raw_worker(job: dict) -> dict:
         # are (absent) on the cache path.
         thinker.disable_input_require_grads()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    video_processor = processor.video_processor
-    pixels = {"min_pixels": video_processor.size["shortest_edge"], "max_pixels": video_processor.size["longest_edge"]}
+    pixels = PIXELS
     sampling = {"nframes": job["num_frames"]} if job["num_frames"] else {"fps": FPS}
     records = json.loads(Path(job["data"]).read_text())
     start_id, end_id = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -561,7 +563,7 @@ def extract_worker(job: dict) -> dict:
 
     _quiet_transformers()
     began = time.perf_counter()
-    settings = VideoSettings(**job["policy"], audio=True)
+    settings = VideoSettings(**job["policy"], **PIXELS, audio=True)
     summary = extract(job["videos"], job["store"], job["model"], settings, dtype="float32",
                       options=ExtractOptions(progress=False))
     return {"wall_s": time.perf_counter() - began, **summary.to_dict()}

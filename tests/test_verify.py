@@ -109,3 +109,25 @@ def test_verify_a_bf16_vl_store_and_its_tolerance(vl_store, tmp_path):
     assert run_verify(store).exit_code == 0
     result = run_verify(store, "--tolerance", "0")
     assert result.exit_code == EXIT_MISMATCH and "FAIL  turned: video_tokens" in result.output
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
+def test_a_store_extracted_from_a_checkpoint_in_its_released_layout_verifies_bit_for_bit(ray_cluster, tiny_model,
+                                                                                         tmp_path, kind):
+    """The hub's file set (one combined preprocessor_config.json, chat_template.json, legacy config keys),
+    through Ray into a store, then recomputed by transformers' AutoProcessor and from_pretrained alone."""
+    model_dir = tiny_model(kind, "released")
+    for name, audio in (("talk", True), ("quiet", False)):
+        make_video(tmp_path / "videos" / f"{name}.mp4", VideoSpec(width=96, height=72, fps=25, seconds=2, audio=audio))
+    store = tmp_path / "store.zarr"
+    extract(tmp_path / "videos", store, str(model_dir), VideoSettings(fps=2), dtype="float32", shards=1,
+            options=ExtractOptions(progress=False))
+    result = run_verify(store, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and [r["id"] for r in report["results"]] == ["quiet", "talk"]
+    for entry in report["results"]:
+        checks = {c["name"]: c for c in entry["checks"]}
+        assert checks["video_tokens"]["detail"] == "bit-exact"
+        if kind == "qwen2_5_omni" and entry["id"] == "talk":
+            assert checks["audio_tokens"]["detail"] == "bit-exact"

@@ -95,8 +95,8 @@ def log_mel(waveform: np.ndarray, spec: AudioSpec, long_audio: str, path: str) -
     """Whisper log-mel features of `waveform`, one processor window at a time.
 
     transformers' `WhisperFeatureExtractor` is called exactly as the Omni processor calls it: every
-    window padded to the whole 300 s. Computing only the frames that hold the signal would save about
-    0.1 s per short track, but the STFT and the mel matmul then run on another shape, and on some CPUs
+    window padded to the whole 300 s. Computing only the frames that hold the signal would save
+    0.1–0.2 s per short track, but the STFT and the mel matmul then run on another shape, and on some CPUs
     (AVX2 kernels) that rounds a few values one ulp away from the processor's. The same call shape
     is what makes the features bit-identical to the processor on every machine.
     """

@@ -38,6 +38,12 @@ class PlaceholderIds:
     audio_end: int | None = None
 
 
+def plain_video_block(grid_thw, ids: PlaceholderIds, merge_size: int) -> list[int]:
+    """Start, one placeholder per merged token, end: a video block with no audio and no time text."""
+    grid_t, grid_h, grid_w = (int(v) for v in grid_thw)
+    return [ids.vision_start] + [ids.video] * (grid_t * (grid_h // merge_size) * (grid_w // merge_size)) + [ids.vision_end]
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family: where its parts live in a checkpoint and which classes run them.

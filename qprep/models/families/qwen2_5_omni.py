@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qprep.models.families.base import Family, PlaceholderIds
-from qprep.models.families.qwen2_5_vl import plain_video_block
+from qprep.models.families.base import Family, PlaceholderIds, plain_video_block
 
 
 class QwenOmniFamily(Family):

@@ -7,7 +7,7 @@ which also needs `mm_token_type_ids` (video tokens are type 2, as the processor 
 
 from __future__ import annotations
 
-from qprep.models.families.base import Family, PlaceholderIds
+from qprep.models.families.base import Family, PlaceholderIds, plain_video_block
 
 VIDEO_TOKEN_TYPE = 2  # what the processor's mm_token_type_ids holds at a video token
 
@@ -31,12 +31,6 @@ class QwenVLFamily(Family):
         positions, _ = rope_model.get_rope_index(ids, token_types, video_grid_thw=batch.video_grid_thw,
                                                  second_per_grid_ts=batch.second_per_grid, attention_mask=mask)
         return positions
-
-
-def plain_video_block(grid_thw, ids: PlaceholderIds, merge_size: int) -> list[int]:
-    """Start, one placeholder per merged token, end."""
-    grid_t, grid_h, grid_w = (int(v) for v in grid_thw)
-    return [ids.vision_start] + [ids.video] * (grid_t * (grid_h // merge_size) * (grid_w // merge_size)) + [ids.vision_end]
 
 
 QWEN2_5_VL = QwenVLFamily(

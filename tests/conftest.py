@@ -80,3 +80,20 @@ def omni_store(ray_cluster, tiny_model, tmp_path_factory):
     extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2), shards=2,
             options=ExtractOptions(progress=False))
     return model_dir, open_cache(root / "store.zarr")
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_store(ray_cluster, tiny_model, tmp_path_factory):
+    """(model dir, open cache) of a float32 Qwen3-VL store (merged tokens and deepstack levels):
+    videos a (3 s, landscape) and b (2 s, portrait), no audio."""
+    from qprep import open_cache
+    from qprep.extraction.run import ExtractOptions, extract
+    from qprep.schemas.settings import VideoSettings
+
+    root = tmp_path_factory.mktemp("qwen3-vl-store")
+    make_video(root / "videos" / "a.mp4", VideoSpec(width=128, height=96, fps=25, seconds=3, bframes=2, audio=False))
+    make_video(root / "videos" / "b.mp4", VideoSpec(width=96, height=128, fps=30, seconds=2, audio=False))
+    model_dir = str(tiny_model("qwen3_vl"))
+    extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2), dtype="float32", shards=1,
+            options=ExtractOptions(progress=False))
+    return model_dir, open_cache(root / "store.zarr")

@@ -16,7 +16,21 @@ FULL_MODELS = {
     "qwen2_5_omni": ("Qwen2_5OmniForConditionalGeneration", "thinker"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", None),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", None),
+    "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", None),
+    "qwen3_5": ("Qwen3_5ForConditionalGeneration", None),
+    "qwen3_5_moe": ("Qwen3_5MoeForConditionalGeneration", None),
 }
+
+
+# The kinds whose tiny checkpoints are also written in the hub's released layout.
+RELEASED_LAYOUT = ("qwen2_5_omni", "qwen2_5_vl")
+
+
+def kinds_and_layouts(kinds) -> list[tuple[str, str]]:
+    """(kind, layout) cases: every kind in the layout `save_pretrained` writes, and in the released one
+    where the tiny checkpoints have it."""
+    return [(kind, layout) for kind in kinds for layout in ("save_pretrained", "released")
+            if layout == "save_pretrained" or kind in RELEASED_LAYOUT]
 
 
 def full_model(model_dir, dtype: torch.dtype = torch.float32):

@@ -39,17 +39,18 @@ def adapter(omni_store, tmp_path_factory):
     return root / "run" / "adapter"
 
 
-def raw_inputs(model_dir, path, row, question: str, omni: bool):
+def raw_inputs(model_dir, path, row, question: str, omni: bool, metadata: VideoMetadata | None = None):
     """transformers' processor on the raw video (plainly decoded frames, the whole audio track), with the
-    assistant's turn opened, as one calls `generate`."""
+    assistant's turn opened, as one calls `generate`. `metadata`: by default the sampled frames at
+    their sampling rate (what the Qwen2.5 processors read)."""
     processor = AutoProcessor.from_pretrained(model_dir)
     spec = load_model_spec(model_dir)
     frames, _ = plain_decode(path)
     chosen = np.stack([frames[i] for i in row["frame_indices"]])
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    metadata = VideoMetadata(total_num_frames=len(chosen), fps=row["sample_fps"],
-                             frames_indices=list(range(len(chosen))))
+    metadata = metadata or VideoMetadata(total_num_frames=len(chosen), fps=row["sample_fps"],
+                                         frames_indices=list(range(len(chosen))))
     kwargs = dict(text=[text], videos=[chosen], video_metadata=[metadata], do_sample_frames=False,
                   size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}, return_tensors="pt")
     if omni:
@@ -175,3 +176,34 @@ def test_cli_infer_writes_one_answer_per_id(omni_store, adapter, tmp_path):
     assert result.exit_code == 3 and "broken not extracted ok" in result.output
     result = CliRunner().invoke(main, base + ["--adapter", str(tmp_path), "--out", str(out)])
     assert result.exit_code == 3 and "no adapter_config.json" in result.output
+
+
+def test_qwen3_vl_answers_from_the_cache_equal_generate_with_the_true_metadata_and_the_same_adapter(qwen3_vl_store,
+                                                                                                      tmp_path):
+    """Trained from the cache (time stamps in the prompt, deepstack levels at the visual positions),
+    then answered from it: the same tokens and logits as the full Qwen3-VL model's `generate` on the raw
+    video, its processor given the true video metadata, with the same adapter applied by peft."""
+    from peft import PeftModel
+
+    from test_train_parity import true_metadata
+
+    model_dir, cache = qwen3_vl_store
+    settings = TrainSettings(epochs=2, lr=5e-2, grad_accum=1, workers=0, gradient_checkpointing=False,
+                             lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    train(cache.store.root, write_data(tmp_path / "train.json"), model_dir, tmp_path / "run", settings,
+          progress=False, echo=lambda _: None)
+    adapter = tmp_path / "run" / "adapter"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ours = Generator(open_checkpoint(model_dir), tokenizer, cache, adapter=adapter)
+    base = Generator(open_checkpoint(model_dir), tokenizer, cache)
+    model = PeftModel.from_pretrained(full_model(model_dir), str(adapter)).eval()
+    videos = cache.store.root.parent / "videos"
+    for request in choose_requests(cache, ids=["a", "b"])[0]:
+        row = cache.row(request.id)
+        path = videos / row["path"]
+        inputs = raw_inputs(model_dir, path, row, DENSE_CAPTION_PROMPT, omni=False,
+                            metadata=true_metadata(path, row["frame_indices"]))
+        assert ours.prompt_ids(request) == inputs["input_ids"][0].tolist()
+        answer = ours_with_logits(ours, request)
+        assert_same_steps(answer, generated(model, inputs, ours.stop), request.id)
+        assert answer[0] != base.generate(request, NEW_TOKENS), "the adapter must change the answer"

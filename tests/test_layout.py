@@ -7,16 +7,22 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from qprep.models.families import FAMILIES, PlaceholderIds
+from qprep.models.families import FAMILIES, PlaceholderIds, PromptLayout
 from reference import full_model
 
 OMNI, VL = FAMILIES["qwen2_5_omni"], FAMILIES["qwen2_5_vl"]
 
 
+def block_of(family, ids, config, grid, second_per_grid, audio_tokens=0) -> list[int]:
+    """qprep's block for a video of this grid, time per grid and audio length (a manifest row's facts)."""
+    layout = PromptLayout(family=family, ids=ids, config=config, merge_size=2, pad_id=0, turn_end_id=0)
+    return layout.video_block({"grid_thw": list(grid), "second_per_grid": second_per_grid,
+                               "audio_length": audio_tokens})
+
+
 def omni_block(thinker, grid, ids, second_per_grid, audio_tokens) -> list[int]:
     """qprep's Omni block, with the numbers of the thinker's own config."""
-    return OMNI.video_block(grid, ids, thinker.config, merge_size=2, second_per_grid=second_per_grid,
-                            audio_tokens=audio_tokens)
+    return block_of(OMNI, ids, thinker.config, grid, second_per_grid, audio_tokens)
 
 
 def omni_ids(processor) -> PlaceholderIds:
@@ -91,9 +97,8 @@ def test_every_token_gets_a_position_of_its_own_kind_where_the_processor_errs(om
 
 def test_vl_and_silent_blocks():
     ids = PlaceholderIds(vision_start=10, vision_end=11, video=12)
-    assert VL.video_block((4, 6, 8), ids, None, merge_size=2, second_per_grid=1.0) == [10] + [12] * 48 + [11]
-    assert OMNI.video_block((4, 6, 8), ids, None, merge_size=2, second_per_grid=1.0, audio_tokens=0) == (
-        [10] + [12] * 48 + [11])
+    assert block_of(VL, ids, None, (4, 6, 8), 1.0) == [10] + [12] * 48 + [11]
+    assert block_of(OMNI, ids, None, (4, 6, 8), 1.0, audio_tokens=0) == [10] + [12] * 48 + [11]
 
 
 def test_the_language_model_refuses_a_block_that_gives_audio_tokens_video_positions(omni, tiny_model):

@@ -17,11 +17,10 @@ from transformers import AutoProcessor, WhisperFeatureExtractor
 import qprep
 from qprep.errors import SettingsError
 from qprep.models.checkpoint import open_checkpoint
-from qprep.models.tiny import LAYOUTS
 from qprep.pipeline.towers import AudioInput, Budget, Towers, VideoInput
 from qprep.schemas.settings import load_model_spec
 from qprep.store.reader import to_storage, to_tensor
-from reference import full_model, plain_audio_decode, reference_pixels
+from reference import full_model, kinds_and_layouts, plain_audio_decode, reference_pixels
 
 CLIPS = {
     "a.mp4": dict(width=160, height=120, fps=25, seconds=3, events=((0.5, 1.0),)),
@@ -38,9 +37,9 @@ def audio_input(prepared) -> AudioInput:
     return AudioInput(prepared.mel_frames(), tuple(prepared.feature_attention_mask.sum(-1).tolist()))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
+@pytest.mark.parametrize(("kind", "layout"), kinds_and_layouts(["qwen2_5_omni", "qwen2_5_vl", "qwen3_vl"]))
 def test_tokens_equal_the_full_model_on_the_processors_output(tiny_model, videos, kind, layout):
+    """Merged tokens (and every deepstack level, where the tower has them) bit for bit."""
     model_dir = tiny_model(kind, layout)
     towers = Towers(open_checkpoint(model_dir), load_model_spec(model_dir), dtype="float32", device="cpu")
     reference = full_model(model_dir)
@@ -50,11 +49,17 @@ def test_tokens_equal_the_full_model_on_the_processors_output(tiny_model, videos
         prepared = qprep.preprocess_video(path, model_dir, fps=2)
         expected_pixels = reference_pixels(path, prepared.metadata.frame_indices, processor)
         with torch.inference_mode():
-            expected = reference.get_video_features(
-                expected_pixels["pixel_values_videos"], expected_pixels["video_grid_thw"]).pooler_output[0]
-        ours = towers.encode_videos([video_input(prepared)])[0]
-        assert ours.shape == (prepared.video_grid_thw.prod() // 4, 64)
-        assert torch.equal(ours, expected), name
+            output = reference.get_video_features(expected_pixels["pixel_values_videos"],
+                                                  expected_pixels["video_grid_thw"])
+        ours = towers.video_features([video_input(prepared)])[0]
+        assert ours.tokens.shape == (prepared.video_grid_thw.prod() // 4, 64)
+        assert torch.equal(ours.tokens, output.pooler_output[0]), name
+        levels = getattr(output, "deepstack_features", None)
+        assert (ours.deepstack is None) == (not levels)
+        if levels:
+            assert len(levels) == ours.deepstack.shape[0] == 2
+            for level, (mine, theirs) in enumerate(zip(ours.deepstack, levels)):
+                assert torch.equal(mine, theirs[0]), f"{name}: deepstack level {level}"
         if kind == "qwen2_5_omni":
             extractor = WhisperFeatureExtractor.from_pretrained(model_dir)
             features = extractor([plain_audio_decode(path)], sampling_rate=16000, return_attention_mask=True,

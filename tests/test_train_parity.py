@@ -16,12 +16,11 @@ from transformers.video_utils import VideoMetadata
 
 import qprep
 from qprep.models.checkpoint import open_checkpoint
-from qprep.models.tiny import LAYOUTS
+from qprep.models.families import PlaceholderIds, PromptLayout
 from qprep.pipeline.towers import AudioInput, Towers, VideoInput
-from qprep.models.families import PlaceholderIds
 from qprep.schemas.settings import load_model_spec
 from qprep.train.model import Batch, LanguageModel
-from reference import full_model, plain_audio_decode, plain_decode
+from reference import full_model, kinds_and_layouts, plain_audio_decode, plain_decode
 
 CLIP = dict(width=160, height=120, fps=25, seconds=3, events=((0.5, 1.0),))
 CONVERSATION = [
@@ -46,42 +45,63 @@ def expand(input_ids: list[int], block: list[int], ids: PlaceholderIds) -> list[
     return input_ids[: at - 1] + block + input_ids[at + 2:]
 
 
-def processor_inputs(model_dir, path, conversation, frame_indices, sample_fps, omni):
-    """transformers' own processor on plainly decoded frames (and the whole audio track)."""
+def true_metadata(path, frame_indices) -> VideoMetadata:
+    """What transformers' own video loading reports for these frames: the stream's frame count and
+    average rate, and the indices sampled."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        total = sum(1 for _ in container.decode(stream))
+        fps = float(stream.average_rate)
+    return VideoMetadata(total_num_frames=total, fps=fps, frames_indices=list(frame_indices))
+
+
+def processor_inputs(model_dir, path, conversation, frame_indices, sample_fps, omni, metadata=None):
+    """transformers' own processor on plainly decoded frames (and the whole audio track). `metadata`
+    (default: the sampled frames at their sampling rate, which is what the Qwen2.5 processors read)."""
     processor = AutoProcessor.from_pretrained(model_dir)
     spec = load_model_spec(model_dir)
     frames, _ = plain_decode(path)
     chosen = np.stack([frames[i] for i in frame_indices])
     text = processor.apply_chat_template(conversation, tokenize=False)
-    metadata = VideoMetadata(total_num_frames=len(chosen), fps=sample_fps, frames_indices=list(range(len(chosen))))
-    kwargs = dict(text=[text], videos=[chosen], video_metadata=[metadata], do_sample_frames=False,
-                  min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, return_tensors="pt")
+    if metadata is None:
+        metadata = VideoMetadata(total_num_frames=len(chosen), fps=sample_fps, frames_indices=list(range(len(chosen))))
+    size = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
+    kwargs = dict(text=[text], videos=[chosen], video_metadata=[metadata], do_sample_frames=False, size=size,
+                  return_tensors="pt")
     if omni:
         kwargs.update(audio=[plain_audio_decode(path)], use_audio_in_video=True, audio_from_video_indices=[0])
     return processor, processor(**kwargs)
 
 
+QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # time as text, positions per frame
+
+
 def _both_paths(tiny_model, videos, kind, layout):
     """The full model with its processor's inputs, and qprep's language model with its cached batch."""
     model_dir = tiny_model(kind, layout)
-    omni = kind == "qwen2_5_omni"
+    omni, qwen3 = kind == "qwen2_5_omni", kind in QWEN3
     path = videos("train-clip.mp4", **CLIP)
     spec = load_model_spec(model_dir)
     prepared = qprep.preprocess_video(path, model_dir, fps=2, audio=omni)
     towers = Towers(open_checkpoint(model_dir), spec, dtype="float32", device="cpu")
-    video_tokens = towers.encode_videos([VideoInput(prepared.patches, tuple(prepared.video_grid_thw[0].tolist()))])[0]
+    features = towers.video_features([VideoInput(prepared.patches, tuple(prepared.video_grid_thw[0].tolist()))])[0]
 
     # the reference: the processor on the raw frames (and audio), then the full model
+    metadata = true_metadata(path, prepared.metadata.frame_indices) if qwen3 else None
     processor, inputs = processor_inputs(model_dir, path, CONVERSATION, prepared.metadata.frame_indices,
-                                         prepared.metadata.sample_fps, omni)
+                                         prepared.metadata.sample_fps, omni, metadata)
     assert inputs["video_grid_thw"].tolist() == prepared.video_grid_thw.tolist()
     labels = assistant_labels(inputs["input_ids"], processor.tokenizer)
     full = full_model(model_dir)
     if omni:
         assert float(inputs["video_second_per_grid"][0]) == prepared.second_per_grid
-    else:
+    elif not qwen3:
         assert float(inputs["second_per_grid_ts"][0]) == prepared.second_per_grid
     model_kwargs = {"use_audio_in_video": True} if omni else {}  # as the Omni model card calls it
+    if qwen3:
+        model_kwargs["mm_token_type_ids"] = inputs.pop("mm_token_type_ids")
 
     # the cache path: no tower, no video
     tokenizer = processor.tokenizer
@@ -95,22 +115,30 @@ def _both_paths(tiny_model, videos, kind, layout):
         ids = PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"))
         audio_tokens = None
     family = open_checkpoint(model_dir).family
-    block = family.video_block(tuple(prepared.video_grid_thw[0].tolist()), ids, full.config, merge_size=2,
-                               second_per_grid=prepared.second_per_grid,
-                               audio_tokens=0 if audio_tokens is None else audio_tokens.shape[0])
+    layout = PromptLayout(family=family, ids=ids, config=full.config, merge_size=2, pad_id=0, turn_end_id=0,
+                          tokenizer=tokenizer)
+    block = layout.video_block({"grid_thw": prepared.video_grid_thw[0].tolist(),
+                                "second_per_grid": prepared.second_per_grid,
+                                "frame_times": list(prepared.metadata.frame_times),
+                                "audio_length": 0 if audio_tokens is None else audio_tokens.shape[0]})
     input_ids = torch.tensor([expand(tokenizer(processor.apply_chat_template(CONVERSATION, tokenize=False))["input_ids"], block, ids)])
     assert torch.equal(input_ids, inputs["input_ids"])
+    if qwen3:
+        assert (features.deepstack is not None) == (kind.startswith("qwen3_vl"))
     language_model = LanguageModel(open_checkpoint(model_dir), dtype="float32").eval()
     batch = Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels,
-                  video_tokens=video_tokens, video_grid_thw=prepared.video_grid_thw,
+                  video_tokens=features.tokens, video_grid_thw=prepared.video_grid_thw,
                   second_per_grid=torch.tensor([prepared.second_per_grid], dtype=torch.float64),
                   audio_tokens=audio_tokens,
-                  mel_lengths=torch.tensor([prepared.mel_length]) if audio_tokens is not None else None)
+                  mel_lengths=torch.tensor([prepared.mel_length]) if audio_tokens is not None else None,
+                  deepstack=features.deepstack)
     return full, inputs, model_kwargs, labels, language_model, batch
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
+CASES = kinds_and_layouts(["qwen2_5_omni", "qwen2_5_vl", "qwen3_vl"])
+
+
+@pytest.mark.parametrize(("kind", "layout"), CASES)
 def test_cache_path_loss_and_logits_equal_the_full_model_on_raw_video(tiny_model, videos, kind, layout):
     full, inputs, model_kwargs, labels, language_model, batch = _both_paths(tiny_model, videos, kind, layout)
     with torch.no_grad():
@@ -120,8 +148,7 @@ def test_cache_path_loss_and_logits_equal_the_full_model_on_raw_video(tiny_model
     assert torch.equal(loss, expected.loss)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
+@pytest.mark.parametrize(("kind", "layout"), CASES)
 def test_lora_gradients_equal_the_full_model_with_the_same_adapter(tiny_model, videos, kind, layout):
     """The same adapter on transformers' full model (raw video through its processor) and on qprep's
     language model (cached tokens): the LoRA gradients are the same, exactly in fp32."""
@@ -148,10 +175,12 @@ def test_lora_gradients_equal_the_full_model_with_the_same_adapter(tiny_model, v
         assert torch.equal(mine[name], reference[name]), name
 
 
-def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss_on_the_raw_videos(omni_store,
+@pytest.mark.parametrize("store", ["omni_store", "qwen3_vl_store"])
+def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss_on_the_raw_videos(ray_cluster, request, store,
                                                                                                    tmp_path):
     """End to end: videos extracted through Ray into a store, a LongVALE-style data file, `qprep train`'s
-    own dataset, loader and collate; against the full model on each raw video through its processor."""
+    own dataset, loader and collate; against the full model on each raw video through its processor
+    (Qwen3-VL: given the true video metadata, the time stamps in the prompt and the deepstack levels)."""
     import json
 
     from transformers import AutoTokenizer
@@ -159,7 +188,8 @@ def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss
     from qprep.train.data import build_dataset, load_records
     from qprep.train.loader import batch_stream, plan
 
-    model_dir, cache = omni_store
+    model_dir, cache = request.getfixturevalue(store)
+    omni = store == "omni_store"
     questions = {"a": "<video>\nWhat happens, and when?", "b": "Describe it. <video>"}
     records = [{"id": video_id, "conversations": [{"from": "human", "value": question},
                                                   {"from": "gpt", "value": f"From 0 to 1, event {video_id}."}]}
@@ -182,13 +212,16 @@ def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss
             {"role": "user", "content": [c for c in ({"type": "text", "text": before.strip()}, {"type": "video"},
                                                      {"type": "text", "text": after.strip()}) if c.get("text", 1)]},
             {"role": "assistant", "content": [{"type": "text", "text": f"From 0 to 1, event {video_id}."}]}]
-        _, inputs = processor_inputs(model_dir, videos / row["path"], conversation, row["frame_indices"],
-                                     row["sample_fps"], omni=True)
+        path = videos / row["path"]
+        metadata = None if omni else true_metadata(path, row["frame_indices"])
+        _, inputs = processor_inputs(model_dir, path, conversation, row["frame_indices"], row["sample_fps"],
+                                     omni=omni, metadata=metadata)
         labels = answer_labels(inputs["input_ids"], tokenizer)
         batch = batches[video_id]
         assert torch.equal(batch.input_ids, inputs["input_ids"]) and torch.equal(batch.labels, labels)
+        assert (batch.deepstack is None) == omni
         with torch.no_grad():
-            expected = full(**inputs, labels=labels, use_audio_in_video=True)
+            expected = full(**inputs, labels=labels, **({"use_audio_in_video": True} if omni else {}))
             loss, logits = language_model(batch)
         assert torch.equal(logits, expected.logits) and torch.equal(loss, expected.loss), video_id
 

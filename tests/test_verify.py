@@ -25,10 +25,12 @@ def copy_store(cache, tmp_path):
 
 
 def token_array(store, video_id: str, kind: str = "video"):
-    """The writable Zarr array holding a video's tokens, and the video's rows in it."""
+    """The writable Zarr array holding a video's tokens, and the video's rows in it (deepstack rows
+    are the video rows' twins)."""
     row = open_cache(store).row(video_id)
     array = zarr.open_array(str(store / "shards" / f"{row['shard']:05d}" / row["shard_key"][:16] / kind), mode="r+")
-    return array, slice(row[f"{kind}_offset"], row[f"{kind}_offset"] + row[f"{kind}_length"])
+    span = "video" if kind == "deepstack" else kind
+    return array, slice(row[f"{span}_offset"], row[f"{span}_offset"] + row[f"{span}_length"])
 
 
 def run_verify(*args):
@@ -131,3 +133,26 @@ def test_a_store_extracted_from_a_checkpoint_in_its_released_layout_verifies_bit
         assert checks["video_tokens"]["detail"] == "bit-exact"
         if kind == "qwen2_5_omni" and entry["id"] == "talk":
             assert checks["audio_tokens"]["detail"] == "bit-exact"
+
+
+def test_a_qwen3_vl_store_holds_every_deepstack_level_and_verifies_them(qwen3_vl_store, tmp_path):
+    _, cache = qwen3_vl_store
+    assert cache.deepstack_levels == 2 and cache.ids() == ["a", "b"]
+    video = cache["a"]
+    assert video.deepstack.shape == (2, *video.video_tokens.shape)
+    store = copy_store(cache, tmp_path)
+    result = run_verify(store, "--json")
+    assert result.exit_code == 0, result.output
+    for entry in json.loads(result.stdout)["results"]:
+        checks = {c["name"]: c for c in entry["checks"]}
+        assert checks["video_tokens"]["detail"] == checks["deepstack"]["detail"] == "bit-exact"
+
+    array, span = token_array(store, "b", "deepstack")
+    assert array.shape[1:] == (2, cache.hidden_size)
+    values = array[span]
+    values[2, 1] += 0.25  # level 1 of token 2 only: the merged tokens are untouched
+    array[span] = values
+    result = run_verify(store)
+    assert result.exit_code == EXIT_MISMATCH, result.output
+    assert "ok    a:" in result.output and "FAIL  b: deepstack: max |Δ| 0.25" in result.output
+    assert "first row 2" in result.output and "b (deepstack)" in result.output

@@ -14,7 +14,8 @@ or tower stage in the path.
   longer than the extractor's window goes in consecutive windows, as the cache records it (the
   processor alone would cut it);
 * tokens: the model class loaded with `from_pretrained`, through its own
-  `get_video_features(...).pooler_output` and `get_audio_features(...).last_hidden_state`.
+  `get_video_features(...).pooler_output` (and `.deepstack_features`, where the tower has deepstack
+  levels) and `get_audio_features(...).last_hidden_state`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Iterator
 import av
 import numpy as np
 import torch
+
+from transformers.video_utils import VideoMetadata
 
 from qprep.schemas.towers import torch_dtype
 
@@ -69,6 +72,7 @@ class ReferenceVideo:
     frame_times: list[float]  # of the frames compared (the cache's), seconds from the first frame
     video_grid_thw: tuple[int, int, int]
     video_tokens: torch.Tensor  # float32, on the CPU
+    deepstack: torch.Tensor | None  # float32 [levels, tokens, hidden], towers with deepstack levels
     audio_tokens: torch.Tensor | None
     mel_length: int
     audio_note: str  # why there is no audio, when there is none
@@ -114,11 +118,13 @@ class Reference:
     """transformers' processor and model for one checkpoint, loaded once, applied video by video."""
 
     def __init__(self, source: str, full_model: tuple[str, str | None], *, dtype: str, device: str,
-                 attn_implementation: str = "sdpa", revision: str | None = None):
+                 attn_implementation: str = "sdpa", revision: str | None = None, pixel_bounds_per_clip: bool = False):
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(source, revision=revision)
         self.processor = processor
+        # the frame size then depends on the frame count: the clip goes to the processor in one call
+        self.whole_clip = pixel_bounds_per_clip
         self.video_processor = processor.video_processor
         self.feature_extractor = getattr(processor, "feature_extractor", None)
         self.dtype, self.device = torch_dtype(dtype), device
@@ -137,8 +143,10 @@ class Reference:
         if len(decoded.pts) <= max(frame_indices):
             raise ValueError(f"the plain decode gives {len(decoded.pts)} frames; the cache samples frame "
                              f"{max(frame_indices)}")
-        video = self.model.get_video_features(pixels.to(self.device, self.dtype),
-                                              torch.tensor([grid], device=self.device)).pooler_output[0]
+        output = self.model.get_video_features(pixels.to(self.device, self.dtype), torch.tensor([grid], device=self.device))
+        video = output.pooler_output[0]
+        levels = getattr(output, "deepstack_features", None)
+        deepstack = torch.stack([level[0] for level in levels]).float().cpu() if levels else None
         try:
             plan, plan_error = frame_plan(len(decoded.pts), decoded.fps, settings,
                                           int(self.video_processor.temporal_patch_size)), ""
@@ -147,13 +155,15 @@ class Reference:
         audio, mel_length, note = self._audio(path, settings)
         return ReferenceVideo(frame_count=len(decoded.pts), plan=plan, plan_error=plan_error,
                               frame_times=decoded.seconds(frame_indices), video_grid_thw=grid,
-                              video_tokens=video.float().cpu(), audio_tokens=audio, mel_length=mel_length,
+                              video_tokens=video.float().cpu(), deepstack=deepstack, audio_tokens=audio,
+                              mel_length=mel_length,
                               audio_note=note)
 
     def _pixels(self, frames: Iterator[np.ndarray], count: int, settings: dict) -> tuple[torch.Tensor, tuple]:
         processor = self.video_processor
         factor = int(processor.temporal_patch_size)
-        per_call = count if processor.cap_pixels_per_frame else max(1, FRAMES_PER_CALL // factor) * factor
+        whole = processor.cap_pixels_per_frame or self.whole_clip
+        per_call = count if whole else max(1, FRAMES_PER_CALL // factor) * factor
         pieces, grid_t, grid_hw = [], 0, (0, 0)
         for group in _batched(frames, per_call):
             out = self._process(group, settings)
@@ -188,7 +198,9 @@ class Reference:
                 default = self._default_video_size()
                 kwargs["size"] = {"shortest_edge": settings.get("min_pixels") or default["shortest_edge"],
                                   "longest_edge": settings.get("max_pixels") or default["longest_edge"]}
-        return self.processor(text=[self.processor.video_token], videos=[video], **kwargs)
+        # metadata only to spare the processors that print time stamps their warning: the text is not compared
+        metadata = VideoMetadata(total_num_frames=len(frames), fps=1.0, frames_indices=list(range(len(frames))))
+        return self.processor(text=[self.processor.video_token], videos=[video], video_metadata=[metadata], **kwargs)
 
     def _default_video_size(self) -> dict:
         """The frame-size bounds the processor applies to video by itself: its own kwargs defaults

@@ -11,7 +11,7 @@ without qprep's CPU or tower stage (`qprep.audit.reference`) and compared:
 | `frame_times` | times of the sampled frames, from their pts (seconds) | within 1 µs |
 | `second_per_grid` | temporal patch size / the rate actually sampled (seconds) | within 1 µs |
 | `grid_thw` | the processor's grid | equal |
-| `video_tokens`, `audio_tokens` | max abs difference (float32) / the reference's largest magnitude | ≤ the tolerance |
+| `video_tokens`, `deepstack`, `audio_tokens` | max abs difference (float32) / the reference's largest magnitude | ≤ the tolerance |
 | `audio`, `mel_length` | audio present or not; valid mel frames | equal |
 
 The tokens are compared on the frames the cache sampled, so a sampling difference shows as
@@ -119,7 +119,8 @@ def verify(store: str | Path, *, model: str | None = None, videos: str | Path | 
     extracted_on = sorted({cache.row(video_id)["device"] or "unknown" for video_id in chosen})
     device = device or ("cuda" if torch.cuda.is_available() and "cuda" in extracted_on else "cpu")
     reference = Reference(checkpoint.source, checkpoint.family.full_model, dtype=dtype, device=device,
-                          attn_implementation=cache.config.get("attn_implementation", "sdpa"), revision=revision)
+                          attn_implementation=cache.config.get("attn_implementation", "sdpa"), revision=revision,
+                          pixel_bounds_per_clip=checkpoint.family.pixel_bounds_per_clip)
     report = VerifyReport(store=str(cache.store.root), model=checkpoint.source,
                           reference=checkpoint.family.full_model[0], dtype=dtype, device=device,
                           extracted_on=extracted_on, tolerance=tolerance, videos_ok_in_store=len(cache.ids()))
@@ -177,7 +178,23 @@ def compare(cached, recomputed, tolerance: float) -> list[Check]:
     checks.append(_close("frame_times", list(row["frame_times"]), recomputed.frame_times))
     checks.append(_equal("grid_thw", tuple(cached.grid_thw), tuple(recomputed.video_grid_thw)))
     checks.append(token_check("video_tokens", cached.video_tokens, recomputed.video_tokens, tolerance))
+    if cached.deepstack is not None or recomputed.deepstack is not None:
+        checks.append(_deepstack_check(cached.deepstack, recomputed.deepstack, tolerance))
     return checks + _audio_checks(cached, recomputed, tolerance)
+
+
+def _deepstack_check(cached, reference, tolerance: float) -> Check:
+    """Every level of every token, one row per token ([levels, n, d] → [n, levels·d])."""
+    if cached is None or reference is None:
+        held = "the cache" if cached is not None else "the reference"
+        return Check("deepstack", False, f"only {held} has deepstack features")
+    if cached.shape[0] != reference.shape[0]:
+        return Check("deepstack", False, f"the cache holds {cached.shape[0]} levels, the reference {reference.shape[0]}")
+    return token_check("deepstack", _per_token(cached), _per_token(reference), tolerance)
+
+
+def _per_token(levels):
+    return levels.transpose(0, 1).reshape(levels.shape[1], -1)
 
 
 def token_check(name: str, cached, reference, tolerance: float) -> Check:
@@ -303,7 +320,8 @@ def format_report(report: VerifyReport) -> str:
                      f"differently (pass --device or --tolerance)")
     for result in report.results:
         if result.ok:
-            shown = [c for c in result.checks if c.name in ("video_tokens", "audio_tokens", "grid_thw", "audio")]
+            shown = [c for c in result.checks if c.name in ("video_tokens", "deepstack", "audio_tokens", "grid_thw",
+                                                              "audio")]
             lines.append(f"ok    {result.id}: " + ", ".join(f"{c.name} {c.detail}" for c in shown))
         else:
             lines.append(f"FAIL  {result.id}: " + "; ".join(f"{c.name}: {c.detail}" for c in result.failed()))

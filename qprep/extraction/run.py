@@ -106,7 +106,8 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
         try:
             store = Store.create(out, config=config, fingerprint=new_fingerprint, model=str(model),
                                  hidden_size=checkpoint.hidden_size, dtype=dtype,
-                                 shard_count=shards or DEFAULT_SHARDS, has_audio=checkpoint.has_audio)
+                                 shard_count=shards or DEFAULT_SHARDS, has_audio=checkpoint.has_audio,
+                                 deepstack_levels=checkpoint.deepstack_levels)
         except StoreError:
             if not Store.exists(out):
                 raise
@@ -142,7 +143,8 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
 
 # How a checkpoint's files become a ModelSpec; a new rule invalidates the specs stores have cached.
 # 2: the frame size a checkpoint's own processor applies to video (Family.video_pixel_bounds).
-SPEC_RULES = 2
+# 3: pixel bounds over the whole clip where the family's processor applies them so.
+SPEC_RULES = 3
 
 
 def _model_spec(model: str, checkpoint, cache: dict) -> ModelSpec:
@@ -183,9 +185,9 @@ def _run_towers(plan: Plan, writer: ShardWriter, summary: Summary, job: TowerJob
         begun = time.perf_counter()
         try:
             for result in dataset.iter_rows():
-                task, meta, video, audio = decode_result(result)
-                row = writer.add(task, meta, video, audio)
-                _count(summary, row, video, audio)
+                task, meta, tokens = decode_result(result)
+                row = writer.add(task, meta, tokens)
+                _count(summary, row, tokens)
                 bar.update(1)
                 elapsed = max(time.perf_counter() - begun, 1e-9)
                 bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, "
@@ -208,16 +210,16 @@ def _record_lost(plan: Plan, writer: ShardWriter, summary: Summary) -> int:
              f"for memory; Ray's log above has the error); the next run tries it again")
     lost = [video for video in plan.tasks if video.id in unfinished]
     for video in lost:
-        _count(summary, writer.add_failed(video, cause, WORKER_DIED), None, None)
+        _count(summary, writer.add_failed(video, cause, WORKER_DIED), {})
     return len(lost)
 
 
-def _count(summary: Summary, row: dict, video, audio) -> None:
+def _count(summary: Summary, row: dict, tokens: dict) -> None:
     if row["status"] == OK:
         summary.extracted += 1
         summary.frames += len(row["frame_indices"] or ())
-        summary.video_tokens += int(video.shape[0])
-        summary.audio_tokens += int(audio.shape[0])
+        summary.video_tokens += int(tokens["video"].shape[0])
+        summary.audio_tokens += int(tokens["audio"].shape[0]) if "audio" in tokens else 0
     else:
         summary.failed += 1
         summary.failures.append((row["path"], row["error"]))

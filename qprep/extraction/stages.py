@@ -4,7 +4,8 @@ pool, one actor per GPU, or one CPU actor).
 Rows between them carry uint8 patches and compact float32 mel frames (never normalized floats:
 4× smaller); a video that cannot be prepared becomes a failed row with its cause, and the run goes
 on. Row columns: `task` (JSON of the VideoFile), `meta` (JSON: status, error, metadata), `patches`,
-`grid`, `mel`, `windows`; after the towers: `task`, `meta`, `video`, `audio` (storage dtype).
+`grid`, `mel`, `windows`; after the towers: `task`, `meta`, `video`, `audio` and, for a tower with
+deepstack levels, `deepstack` (storage dtype).
 """
 
 from __future__ import annotations
@@ -81,36 +82,39 @@ class TowerStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         metas = [json.loads(m) for m in batch["meta"]]
-        hidden = self.towers.hidden_size
+        hidden, levels = self.towers.hidden_size, self.towers.deepstack_levels
         empty = _storage(np.zeros((0, hidden), np.float32), self.towers.dtype_name)
-        video = [empty] * len(metas)
-        audio = [empty] * len(metas)
+        out = {"video": [empty] * len(metas), "audio": [empty] * len(metas)}
+        if levels:
+            out["deepstack"] = [_storage(np.zeros((0, levels, hidden), np.float32), self.towers.dtype_name)] * len(metas)
         ok = [i for i, meta in enumerate(metas) if meta["status"] == OK]
         for group in ([ok] if ok else []):
             try:
-                self._encode(batch, group, video, audio)
+                self._encode(batch, group, out)
             except Exception:
                 for i in group:  # find which video the towers cannot take; the others go on
                     try:
-                        self._encode(batch, [i], video, audio)
+                        self._encode(batch, [i], out)
                     except Exception as exc:
                         metas[i].update(status=FAILED, error=f"tower stage: {exc!r}", error_code="tower-error")
         for meta in metas:
             meta["device"] = self.device
-        return {"task": list(batch["task"]), "meta": [json.dumps(m) for m in metas], "video": video,
-                "audio": audio}
+        return {"task": list(batch["task"]), "meta": [json.dumps(m) for m in metas], **out}
 
-    def _encode(self, batch, rows: list[int], video: list, audio: list) -> None:
+    def _encode(self, batch, rows: list[int], out: dict[str, list]) -> None:
         import torch
 
         from qprep.pipeline.towers import AudioInput, VideoInput
         from qprep.store.reader import to_storage
 
         self.calls += 1
+        video, audio = out["video"], out["audio"]
         inputs = [VideoInput(torch.from_numpy(np.asarray(batch["patches"][i])), tuple(int(v) for v in batch["grid"][i]))
                   for i in rows]
-        for i, tokens in zip(rows, self.towers.encode_videos(inputs)):
-            video[i] = to_storage(tokens)
+        for i, features in zip(rows, self.towers.video_features(inputs)):
+            video[i] = to_storage(features.tokens)
+            if features.deepstack is not None:  # [levels, n, d] → the store's row order [n, levels, d]
+                out["deepstack"][i] = to_storage(features.deepstack.transpose(0, 1))
         with_audio = [i for i in rows if len(batch["windows"][i])]
         if with_audio and self.towers.audio_tower is not None:
             inputs = [AudioInput(torch.from_numpy(np.asarray(batch["mel"][i])),

@@ -14,7 +14,7 @@ import numpy as np
 from qprep.extraction.discover import VideoFile
 from qprep.extraction.plan import ShardPlan, shard_key
 from qprep.schemas.manifest import FAILED, OK
-from qprep.store.layout import Store
+from qprep.store.layout import SPAN, Store
 
 
 class ShardWriter:
@@ -31,11 +31,12 @@ class ShardWriter:
         for shard in [s for s, ids in self.waiting.items() if not ids]:
             self._commit(shard)
 
-    def add(self, task: dict, meta: dict, video: np.ndarray, audio: np.ndarray) -> dict:
-        """Take one video's result; commits its shard when it was the last one. Returns its row."""
+    def add(self, task: dict, meta: dict, tokens: dict[str, np.ndarray]) -> dict:
+        """Take one video's result (`tokens` by kind: video, audio, deepstack; a kind the video has
+        none of may be left out); commits its shard when it was the last one. Returns its row."""
         row = manifest_row(VideoFile(**task), meta, self.store.fingerprint)
         shard = row["shard"]
-        self.results[shard].append((row, {"video": video, "audio": audio}))
+        self.results[shard].append((row, {kind: tokens.get(kind, self._empty(kind)) for kind in self.store.kinds()}))
         self.waiting[shard].discard(row["id"])
         if not self.waiting[shard]:
             self._commit(shard)
@@ -43,8 +44,7 @@ class ShardWriter:
 
     def add_failed(self, video: VideoFile, cause: str, code: str) -> dict:
         """Record a video no result came back for as failed; returns its row."""
-        empty = np.zeros((0, self.store.hidden_size), self.store.attrs["storage_dtype"])
-        return self.add(dict(video.__dict__), {"status": FAILED, "error": cause, "error_code": code}, empty, empty)
+        return self.add(dict(video.__dict__), {"status": FAILED, "error": cause, "error_code": code}, {})
 
     def unfinished(self) -> set[str]:
         """Ids of the videos whose result has not arrived yet."""
@@ -68,18 +68,21 @@ class ShardWriter:
             self.bytes_written += self.store.rewrite_manifest(shard, rows)
         else:
             tokens = {kind: [self._tokens(row, fresh, kind, plan) for row, fresh in members]
-                      for kind in ("video", "audio")}
+                      for kind in self.store.kinds()}
             self.bytes_written += self.store.commit_shard(shard, key, rows, tokens)
         self.shards_written += 1
 
     def _tokens(self, row: dict, fresh: dict | None, kind: str, plan: ShardPlan) -> np.ndarray:
         if fresh is not None:
             return fresh[kind]
-        length = row.get(f"{kind}_length") or 0
+        length = row.get(f"{SPAN[kind]}_length") or 0
         if row["status"] != OK or not length:
-            return np.zeros((0, self.store.hidden_size), self.store.attrs["storage_dtype"])
-        start = row[f"{kind}_offset"]
+            return self._empty(kind)
+        start = row[f"{SPAN[kind]}_offset"]
         return self.store.array(plan.shard, plan.committed_key, kind)[start:start + length]
+
+    def _empty(self, kind: str) -> np.ndarray:
+        return np.zeros((0, *self.store.row_shape(kind)), self.store.attrs["storage_dtype"])
 
 
 def manifest_row(video: VideoFile, meta: dict, fingerprint: str) -> dict:
@@ -95,6 +98,7 @@ def manifest_row(video: VideoFile, meta: dict, fingerprint: str) -> dict:
     return row
 
 
-def decode_result(result: dict) -> tuple[dict, dict, np.ndarray, np.ndarray]:
-    return json.loads(result["task"]), json.loads(result["meta"]), np.asarray(result["video"]), \
-        np.asarray(result["audio"])
+def decode_result(result: dict) -> tuple[dict, dict, dict[str, np.ndarray]]:
+    """(task, meta, tokens by kind) of a tower-stage row."""
+    tokens = {kind: np.asarray(result[kind]) for kind in SPAN if kind in result}
+    return json.loads(result["task"]), json.loads(result["meta"]), tokens

@@ -52,6 +52,11 @@ class Checkpoint:
         return getattr(config, self.family.thinker_key) if self.family.thinker_key else config
 
     @property
+    def deepstack_levels(self) -> int:
+        """Deepstack feature levels the vision tower returns beside its merged tokens (0: none)."""
+        return self.family.deepstack_levels(self.model_config())
+
+    @property
     def hidden_size(self) -> int:
         """Width of the merged visual tokens (= the language model's hidden size)."""
         return int(self.tower_config["vision_config"]["out_hidden_size"])
@@ -78,7 +83,7 @@ class Checkpoint:
                     files.setdefault(weight_map[key], []).append(key)
                 return {self.file(name): names for name, names in sorted(files.items())}
         raise SettingsError(f"model {self.source}: no weights under {' or '.join(prefixes)} in its checkpoint; "
-                            f"pass a Qwen2.5-Omni or Qwen2.5-VL checkpoint as released (config.json + *.safetensors)")
+                            f"pass a checkpoint of a supported family as released (config.json + *.safetensors)")
 
     def identity(self, digests: dict[str, str] | None = None) -> dict[str, Any]:
         """What identifies the towers' output: the family, the tower configs and the tower weights.

@@ -4,7 +4,8 @@ Everything here reproduces transformers' `Qwen2VLVideoProcessor` operation for o
 output matches it bit for bit (tests/test_parity.py holds that):
 
 * the target size is transformers' own `smart_resize` on the displayed frame size, with the
-  processor's optional per-frame pixel cap;
+  processor's optional per-frame pixel cap; where the bounds cover the whole clip
+  (`ModelSpec.pixel_bounds_per_clip`, Qwen3VLVideoProcessor), its own clip-level `smart_resize`;
 * resizing is the very torchvision call the reference makes, one frame at a time as it is decoded,
   so a long 4K video never sits in memory at full size. Two references exist and they differ by up
   to ~11 levels: the processor's `transforms.v2` resize (with torchvision ≥ 0.29 on CPU, torch's
@@ -25,6 +26,7 @@ import torch
 import torchvision.transforms.functional as tv1F
 import torchvision.transforms.v2.functional as tvF
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as smart_resize_clip
 
 from qprep.errors import GeometryError
 from qprep.schemas.settings import ModelSpec, VideoSettings
@@ -43,10 +45,24 @@ def target_size(path: str, height: int, width: int, num_frames: int, settings: V
         return smart_resize(*settings.size, factor=factor, min_pixels=4 * factor**2, max_pixels=16384 * factor**2)
     min_pixels = settings.min_pixels if settings.min_pixels is not None else spec.min_pixels
     max_pixels = settings.max_pixels if settings.max_pixels is not None else spec.max_pixels
+    if spec.pixel_bounds_per_clip:
+        return _clip_size(height, width, num_frames, min_pixels, max_pixels, spec)
     if spec.cap_pixels_per_frame:
         total_pixels = int(spec.max_video_tokens * factor * factor * 0.9)
         max_pixels = max(min(max_pixels, total_pixels * spec.temporal_patch_size // num_frames), int(min_pixels * 1.05))
     return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def _clip_size(height: int, width: int, num_frames: int, min_pixels: int, max_pixels: int,
+               spec: ModelSpec) -> tuple[int, int]:
+    """Qwen3VLVideoProcessor's rule: the bounds hold for all frames together; with its per-frame cap,
+    each frame gets at most `max_video_tokens` merged tokens or an even share of the budget."""
+    factor = spec.factor
+    if spec.cap_pixels_per_frame:
+        per_frame = max(min(spec.max_video_tokens * factor * factor, max_pixels // num_frames), int(min_pixels * 1.05))
+        max_pixels = per_frame * num_frames
+    return smart_resize_clip(num_frames=num_frames, height=height, width=width, temporal_factor=spec.temporal_patch_size,
+                             factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 def frame_to_tensor(rgb: np.ndarray, rotation: int) -> torch.Tensor:

@@ -61,9 +61,11 @@ class VideoInfo:
         return np.sort(self.packet_pts)
 
     def seconds(self, pts: np.ndarray) -> np.ndarray:
-        """Seconds from the first frame of the video."""
+        """Seconds from the first frame of the video, each the float nearest the exact rational
+        (pts - first) · time_base: on a constant-rate stream, the same float as `index / fps`."""
         first = int(self.frame_pts[0])
-        return (np.asarray(pts, dtype=np.int64) - first) * float(self.time_base)
+        return np.array([float((int(p) - first) * self.time_base) for p in np.asarray(pts, dtype=np.int64)],
+                        dtype=np.float64)
 
 
 def open_container(path: str | Path) -> av.container.InputContainer:

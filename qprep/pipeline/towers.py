@@ -11,6 +11,7 @@ bytes must not depend on which other videos a run extracts. An explicit `Budget`
 from __future__ import annotations
 
 import importlib
+import types
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,12 @@ from qprep.schemas.towers import Budget, resolve_dtype, torch_dtype
 class VideoInput:
     patches: torch.Tensor  # uint8 [rows, patch_dim]
     grid_thw: tuple[int, int, int]
+
+
+@dataclass
+class VideoFeatures:
+    tokens: torch.Tensor  # merged visual tokens [t·h·w/merge², d]
+    deepstack: torch.Tensor | None  # [levels, t·h·w/merge², d], families whose tower has deepstack levels
 
 
 @dataclass
@@ -52,7 +59,11 @@ class Towers(torch.nn.Module):
         self.dtype_name = resolve_dtype(dtype, checkpoint.dtype)
         self.device_name = device or default_device()
         tower_config = checkpoint.model_config()
+        self.deepstack_levels = family.deepstack_levels(tower_config)
         self._features = getattr(module, family.feature_class)
+        if hasattr(self._features, "get_image_features"):
+            # Qwen3-VL's get_video_features is its get_image_features, called on `self`
+            self.get_image_features = types.MethodType(self._features.get_image_features, self)
         weights_dtype = torch_dtype(self.dtype_name)
         # No random init: every parameter is overwritten from the checkpoint (strict load below).
         with no_init_weights():
@@ -71,15 +82,23 @@ class Towers(torch.nn.Module):
     def hidden_size(self) -> int:
         return int(self.visual.config.out_hidden_size)
 
-    @torch.inference_mode()
+
     def encode_videos(self, videos: list[VideoInput]) -> list[torch.Tensor]:
         """Merged visual tokens [t·h·w/merge², d] of each video, on the CPU."""
-        out: list[torch.Tensor] = []
+        return [features.tokens for features in self.video_features(videos)]
+
+    @torch.inference_mode()
+    def video_features(self, videos: list[VideoInput]) -> list[VideoFeatures]:
+        """Merged tokens and (where the tower has them) deepstack levels of each video, on the CPU."""
+        out: list[VideoFeatures] = []
         for group in _groups([v.patches.shape[0] for v in videos], self.budget.video_patches):
             pixels = torch.cat([normalize(videos[i].patches, self.spec) for i in group]).to(self.device_name)
             grid = torch.tensor([videos[i].grid_thw for i in group], dtype=torch.int64, device=self.device_name)
-            tokens = self._features.get_video_features(self, pixels, grid).pooler_output
-            out.extend(t.to("cpu") for t in tokens)
+            output = self._features.get_video_features(self, pixels, grid)
+            levels = getattr(output, "deepstack_features", None) or []  # [level][video] → [n, d]
+            for index, tokens in enumerate(output.pooler_output):
+                deepstack = torch.stack([level[index] for level in levels]).to("cpu") if levels else None
+                out.append(VideoFeatures(tokens.to("cpu"), deepstack))
         return out
 
     @torch.inference_mode()

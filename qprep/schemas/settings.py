@@ -100,6 +100,9 @@ class AudioSpec:
         return _whisper_feature_extractor(self)
 
 
+_ADDED_LATER = {"pixel_bounds_per_clip": False}  # ModelSpec fields, and the value that means "as before"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the model's preprocessor config fixes for the CPU stage."""
@@ -114,6 +117,9 @@ class ModelSpec:
     rescale_factor: float = 1 / 255
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 128000
+    # True: min/max_pixels bound the whole clip (all frames together), as Qwen3VLVideoProcessor's
+    # `size` does; False: each frame, as Qwen2VLVideoProcessor's.
+    pixel_bounds_per_clip: bool = False
     audio: AudioSpec = field(default_factory=AudioSpec)
 
     @property
@@ -126,7 +132,13 @@ class ModelSpec:
         return 3 * self.temporal_patch_size * self.patch_size**2
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values; a field added after stores existed is left out at its old behaviour's value,
+        so that the fingerprints of those stores stay what they were."""
+        values = dataclasses.asdict(self)
+        for name, old_behaviour in _ADDED_LATER.items():
+            if values[name] == old_behaviour:
+                del values[name]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelSpec":
@@ -139,10 +151,11 @@ class ModelSpec:
 
     @classmethod
     def from_processors(cls, video_processor, feature_extractor=None,
-                        pixel_bounds: tuple[int, int] | None = None) -> "ModelSpec":
+                        pixel_bounds: tuple[int, int] | None = None, per_clip: bool = False) -> "ModelSpec":
         """Read the values from transformers' processor objects (the single source of truth).
-        `pixel_bounds`: (min, max) pixels per frame where the model's processor overrides the video
-        processor's own `size` (see `Family.video_pixel_bounds`)."""
+        `pixel_bounds`: (min, max) pixels where the model's processor overrides the video
+        processor's own `size` (see `Family.video_pixel_bounds`); `per_clip`: they bound the whole
+        clip rather than each frame (`Family.pixel_bounds_per_clip`)."""
         size = video_processor.size
         min_pixels, max_pixels = pixel_bounds or (size["shortest_edge"], size["longest_edge"])
         audio = AudioSpec()
@@ -165,6 +178,7 @@ class ModelSpec:
             rescale_factor=float(video_processor.rescale_factor),
             cap_pixels_per_frame=bool(getattr(video_processor, "cap_pixels_per_frame", None) or False),
             max_video_tokens=int(getattr(video_processor, "max_video_tokens", 128000)),
+            pixel_bounds_per_clip=per_clip,
             audio=audio,
         )
 
@@ -216,7 +230,8 @@ def _spec_from_checkpoint(model: str) -> ModelSpec:
         raise SettingsError(f"cannot read the preprocessor config of model {model}: {exc}") from exc
     feature_extractor = getattr(processor, "feature_extractor", None)
     return ModelSpec.from_processors(processor.video_processor, feature_extractor,
-                                     pixel_bounds=checkpoint.family.video_pixel_bounds(processor))
+                                     pixel_bounds=checkpoint.family.video_pixel_bounds(processor),
+                                     per_clip=checkpoint.family.pixel_bounds_per_clip)
 
 
 def _describes_audio(config: dict) -> bool:

@@ -5,7 +5,9 @@ store.zarr/
   zarr.json                          group attributes under "qprep": schema version, extraction
                                      config and fingerprint, model, hidden size, dtypes, shard count
   shards/<shard>/<key>/video         zarr array [rows, hidden] (bf16 stored as its uint16 bits)
-  shards/<shard>/<key>/audio         zarr array [rows, hidden] (Omni only)
+  shards/<shard>/<key>/audio         zarr array [rows, hidden] (families with an audio tower)
+  shards/<shard>/<key>/deepstack     zarr array [rows, levels, hidden]: the vision tower's deepstack
+                                     features, row for row beside `video` (its offsets and lengths)
   manifest/<shard>.parquet           one row per video (qprep.schemas.manifest), the commit point
   .qprep/                            lock and hash caches (not part of the data)
 ```
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,7 +38,11 @@ from qprep.schemas.manifest import MANIFEST_SCHEMA, manifest_table
 from qprep.store.fs import LocalFiles, RemoteFiles, files_at
 
 SCHEMA_VERSION = 1
-KINDS = ("video", "audio")
+KINDS = ("video", "audio", "deepstack")
+# The manifest columns `<span>_offset` / `<span>_length` that place a kind's rows; deepstack rows
+# are the video rows' twins. (A store without deepstack levels holds no such array: the layout of
+# the stores written before it existed is unchanged.)
+SPAN = {"video": "video", "audio": "audio", "deepstack": "video"}
 # Logical dtype → what the Zarr array holds. Zarr and NumPy have no bfloat16: keep its bits.
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 CHUNK_BYTES = 4 << 20  # rows per chunk are chosen so a chunk holds about this much
@@ -63,7 +70,7 @@ class Store:
 
     @classmethod
     def create(cls, root: str | Path, *, config: dict, fingerprint: str, model: str, hidden_size: int,
-               dtype: str, shard_count: int, has_audio: bool) -> "Store":
+               dtype: str, shard_count: int, has_audio: bool, deepstack_levels: int = 0) -> "Store":
         import zarr
 
         files = files_at(root)
@@ -80,6 +87,7 @@ class Store:
             "storage_dtype": STORAGE_DTYPES[dtype],
             "shard_count": shard_count,
             "has_audio": has_audio,
+            "deepstack_levels": deepstack_levels,
         }
         files.makedirs()
         try:  # "w-", not "w" (which empties the directory): a store another process just created stays
@@ -130,6 +138,19 @@ class Store:
     def hidden_size(self) -> int:
         return int(self.attrs["hidden_size"])
 
+    @property
+    def deepstack_levels(self) -> int:
+        return int(self.attrs.get("deepstack_levels", 0))
+
+    def kinds(self) -> tuple[str, ...]:
+        """The token arrays each shard of this store holds."""
+        return tuple(kind for kind in KINDS if kind == "video" or (kind == "audio" and self.attrs.get("has_audio"))
+                     or (kind == "deepstack" and self.deepstack_levels))
+
+    def row_shape(self, kind: str) -> tuple[int, ...]:
+        """The shape of one row of a kind's array."""
+        return (self.deepstack_levels, self.hidden_size) if kind == "deepstack" else (self.hidden_size,)
+
     def size_bytes(self) -> int:
         """Bytes of every file of the store."""
         return self.files.size()
@@ -162,14 +183,19 @@ class Store:
         """
         data_dir = self._data_dir(shard, key)
         self.files.remove_tree(data_dir)  # left by a run that died before committing this very key
-        size = sum(part.nbytes for kind in self._kinds() for part in tokens[kind])
+        size = sum(part.nbytes for kind in self.kinds() for part in tokens[kind])
         with self._full_disk_named(f"shard {shard} ({size / 1e6:.2f} MB of tokens)", unfinished=data_dir):
             written = 0
-            for kind in self._kinds():
+            for kind in self.kinds():
                 parts = tokens[kind]
                 offset = 0
                 for row, part in zip(rows, parts):
-                    row[f"{kind}_offset"], row[f"{kind}_length"] = offset, int(part.shape[0])
+                    span = SPAN[kind]
+                    if span == kind:
+                        row[f"{span}_offset"], row[f"{span}_length"] = offset, int(part.shape[0])
+                    elif (row[f"{span}_offset"], row[f"{span}_length"]) != (offset, int(part.shape[0])):
+                        raise StoreError(f"video {row['id']}: {part.shape[0]} {kind} rows for "
+                                         f"{row[f'{span}_length']} {span} rows")
                     offset += int(part.shape[0])
                 written += self._write_array(data_dir, kind, parts, offset)
             for row in rows:
@@ -247,9 +273,6 @@ class Store:
                              f"committed so far are intact; free some space and run the same command again: "
                              f"it goes on from there.") from exc
 
-    def _kinds(self) -> tuple[str, ...]:
-        return KINDS if self.attrs.get("has_audio") else KINDS[:1]
-
     def _data_dir(self, shard: int, key: str) -> str:
         return f"{SHARDS}/{_shard_name(shard)}/{_key_name(key)}"
 
@@ -260,12 +283,12 @@ class Store:
         import zarr
 
         storage = self.attrs["storage_dtype"]
-        hidden = self.hidden_size
+        row_shape = self.row_shape(kind)
         # Edge chunks are stored whole: never make a chunk longer than the array.
-        chunk_rows = max(1, min(rows, CHUNK_BYTES // (hidden * np.dtype(storage).itemsize)))
+        chunk_rows = max(1, min(rows, CHUNK_BYTES // (math.prod(row_shape) * np.dtype(storage).itemsize)))
         array = zarr.create_array(
-            store=self.files.zarr_store(f"{data_dir}/{kind}", read_only=False), shape=(rows, hidden),
-            dtype=storage, chunks=(chunk_rows, hidden), compressors=None, fill_value=0, zarr_format=3,
+            store=self.files.zarr_store(f"{data_dir}/{kind}", read_only=False), shape=(rows, *row_shape),
+            dtype=storage, chunks=(chunk_rows, *row_shape), compressors=None, fill_value=0, zarr_format=3,
             attributes={"logical_dtype": self.attrs["dtype"]},
         )
         if rows:

@@ -17,8 +17,7 @@ import torch
 
 from qprep.schemas.manifest import OK
 from qprep.schemas.towers import torch_dtype
-from qprep.store.layout import Store
-
+from qprep.store.layout import SPAN, Store
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,7 @@ class CachedVideo:
     frame_times: tuple[float, ...]
     mel_length: int
     row: dict[str, Any]
+    deepstack: torch.Tensor | None = None  # [levels, t·h·w/merge², hidden], towers with deepstack levels
 
 
 class Cache:
@@ -103,7 +103,12 @@ class Cache:
             frame_times=tuple(row["frame_times"]),
             mel_length=row["mel_length"],
             row=row,
+            deepstack=self.deepstack(video_id) if self.store.deepstack_levels else None,
         )
+
+    @property
+    def deepstack_levels(self) -> int:
+        return self.store.deepstack_levels
 
     def video_tokens(self, video_id: str) -> torch.Tensor:
         return self._tokens(self._ok_row(video_id), "video")
@@ -111,6 +116,12 @@ class Cache:
     def audio_tokens(self, video_id: str) -> torch.Tensor | None:
         row = self._ok_row(video_id)
         return self._tokens(row, "audio") if row["audio_length"] else None
+
+    def deepstack(self, video_id: str) -> torch.Tensor:
+        """[levels, tokens, hidden]: level i is what the language model adds after its layer i."""
+        if not self.store.deepstack_levels:
+            raise KeyError(f"{self.store.root}: this store holds no deepstack features (its model has none)")
+        return self._tokens(self._ok_row(video_id), "deepstack").transpose(0, 1)
 
     def _ok_row(self, video_id: str) -> dict[str, Any]:
         row = self.row(video_id)
@@ -123,8 +134,8 @@ class Cache:
         array = self._arrays.get(handle)
         if array is None:
             array = self._arrays[handle] = self.store.array(*handle)
-        start = row[f"{kind}_offset"]
-        values = np.ascontiguousarray(array[start:start + row[f"{kind}_length"]])
+        start = row[f"{SPAN[kind]}_offset"]
+        values = np.ascontiguousarray(array[start:start + row[f"{SPAN[kind]}_length"]])
         return to_tensor(values, self._dtype)
 
 

@@ -192,4 +192,5 @@ def collate(samples: list[Sample], cache, layout: PromptLayout):
         second_per_grid=torch.tensor([v.second_per_grid for v in videos], dtype=torch.float64),
         audio_tokens=torch.cat([v.audio_tokens for v in videos]) if with_audio else None,
         mel_lengths=torch.tensor([v.mel_length for v in videos]) if with_audio else None,
+        deepstack=torch.cat([v.deepstack for v in videos], dim=1) if videos[0].deepstack is not None else None,
     )

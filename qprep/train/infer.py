@@ -174,11 +174,13 @@ def greedy(model, batch, max_new_tokens: int, stop: set[int], scores: list | Non
     cache = DynamicCache(config=model.config.get_text_config())
     positions = prompt_positions(model, batch)
     embeds = model.embed(batch)
+    extra = model.text_inputs(batch)  # the prompt step only: later steps hold no visual position
     tokens: list[int] = []
     for _ in range(max_new_tokens):
         # one unpadded prompt: no attention mask, as generate drops an all-ones one
         hidden = text_model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
-                            use_cache=True).last_hidden_state
+                            use_cache=True, **extra).last_hidden_state
+        extra = {}
         # The last position only (VL's generate does the same; the Omni thinker multiplies the whole
         # prompt, gigabytes of logits for a long video, and keeps the last row: another matmul shape).
         logits = model.lm_head(hidden[:, -1:])[:, -1]

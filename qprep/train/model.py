@@ -31,6 +31,7 @@ class Batch:
     second_per_grid: torch.Tensor  # [videos] float64
     audio_tokens: torch.Tensor | None = None  # [all audio tokens, hidden] (audio in video)
     mel_lengths: torch.Tensor | None = None  # [videos] valid mel frames
+    deepstack: torch.Tensor | None = None  # [levels, all videos' tokens, hidden] (towers with deepstack)
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> "Batch":
         return self._map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
@@ -64,7 +65,11 @@ class LanguageModel(torch.nn.Module):
             self.lm_head = torch.nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False,
                                            dtype=weights_dtype)
         load_weights(self.model.language_model, checkpoint, family.text_prefixes)
-        load_weights(self.lm_head, checkpoint, family.lm_head_prefixes)
+        if getattr(self.config, "tie_word_embeddings", False):
+            # as transformers ties them for this config (the smaller releases store no lm_head)
+            self.lm_head.weight = self.language_model.get_input_embeddings().weight
+        else:
+            load_weights(self.lm_head, checkpoint, family.lm_head_prefixes)
         with torch.device("meta"):  # get_rope_index reads only the config: no weights behind it
             reference = getattr(module, family.feature_class)(self.config)
         object.__setattr__(self, "_positions", reference)  # not a submodule: never moved, saved or trained
@@ -87,10 +92,16 @@ class LanguageModel(torch.nn.Module):
             embeds = _scatter(embeds, batch.input_ids == audio_id, batch.audio_tokens)
         return embeds
 
+    def text_inputs(self, batch: Batch) -> dict:
+        """What the language model takes besides embeddings and positions (the family decides:
+        deepstack features at the visual positions, for one)."""
+        return self.family.text_model_inputs(batch, self.config)
+
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits), the same as the full model's on the raw video."""
         hidden = self.language_model(inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask,
-                            position_ids=self.position_ids(batch), use_cache=False).last_hidden_state
+                                     position_ids=self.position_ids(batch), use_cache=False,
+                                     **self.text_inputs(batch)).last_hidden_state
         logits = self.lm_head(hidden)
         loss = self._positions.loss_function(logits=logits, labels=batch.labels,
                                              vocab_size=self.config.get_text_config().vocab_size)

@@ -9,7 +9,10 @@ from __future__ import annotations
 from qprep.models.families.base import Family, PlaceholderIds, PromptLayout
 from qprep.models.families.qwen2_5_omni import QWEN2_5_OMNI, QWEN2_5_OMNI_THINKER
 from qprep.models.families.qwen2_5_vl import QWEN2_5_VL
+from qprep.models.families.qwen3_5 import QWEN3_5, QWEN3_5_MOE
+from qprep.models.families.qwen3_vl import QWEN3_VL, QWEN3_VL_MOE
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (QWEN2_5_OMNI, QWEN2_5_OMNI_THINKER, QWEN2_5_VL)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (
+    QWEN2_5_OMNI, QWEN2_5_OMNI_THINKER, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE, QWEN3_5, QWEN3_5_MOE)}
 
 __all__ = ["FAMILIES", "Family", "PlaceholderIds", "PromptLayout"]

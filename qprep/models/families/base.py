@@ -64,6 +64,7 @@ class Family:
     text_prefixes: tuple[str, ...]  # (tower keys never count for these)
     lm_head_prefixes: tuple[str, ...]
     lora_targets: tuple[str, ...] = ATTENTION_AND_MLP
+    pixel_bounds_per_clip: bool = False  # the video processor's size bounds all frames together, not each
 
     @property
     def has_audio(self) -> bool:
@@ -89,10 +90,19 @@ class Family:
         """(video placeholder id, audio placeholder id or None) as the model config names them."""
         raise NotImplementedError
 
-    def video_block(self, grid_thw: tuple[int, int, int], ids: PlaceholderIds, config, *, merge_size: int,
-                    second_per_grid: float, audio_tokens: int = 0) -> list[int]:
-        """The ids that stand for one video (and its audio, when `audio_tokens` > 0) in a prompt."""
+    def video_block(self, layout: "PromptLayout", row: dict) -> list[int]:
+        """The ids that stand for one cached video (its manifest row) in a prompt, with its audio
+        where the layout puts audio in the block."""
         raise NotImplementedError
+
+    def deepstack_levels(self, config) -> int:
+        """How many deepstack feature levels the vision tower returns beside its merged tokens
+        (`config`: `Checkpoint.model_config()`)."""
+        return 0
+
+    def text_model_inputs(self, batch, config) -> dict:
+        """What the language model takes besides embeddings and positions (e.g. deepstack features)."""
+        return {}
 
     def position_ids(self, rope_model, batch, config) -> "torch.Tensor":
         """[3, batch, length] positions of a batch, from the family's own `get_rope_index` on
@@ -102,7 +112,8 @@ class Family:
     def prompt_layout(self, checkpoint, tokenizer) -> "PromptLayout":
         get = tokenizer.convert_tokens_to_ids
         return PromptLayout(family=self, ids=self.placeholder_ids(tokenizer), config=checkpoint.model_config(),
-                            merge_size=checkpoint.merge_size, pad_id=get("<|endoftext|>"), turn_end_id=get("<|im_end|>"))
+                            merge_size=checkpoint.merge_size, pad_id=get("<|endoftext|>"), turn_end_id=get("<|im_end|>"),
+                            tokenizer=tokenizer)
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,7 @@ class PromptLayout:
     merge_size: int
     pad_id: int  # what pads a batch (ChatML's <|endoftext|>)
     turn_end_id: int  # what closes a turn (<|im_end|>), the last label of an answer
+    tokenizer: Any = None  # for text inside a block (time stamps)
 
     @property
     def audio(self) -> bool:
@@ -124,6 +136,8 @@ class PromptLayout:
 
     def video_block(self, row: dict) -> list[int]:
         """The block of one cached video (its manifest row)."""
-        return self.family.video_block(tuple(row["grid_thw"]), self.ids, self.config, merge_size=self.merge_size,
-                                       second_per_grid=row["second_per_grid"],
-                                       audio_tokens=(row["audio_length"] or 0) if self.audio else 0)
+        return self.family.video_block(self, row)
+
+    def text_ids(self, text: str) -> list[int]:
+        """`text` tokenized alone, as the processor's prompt tokenizes it between special tokens."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]

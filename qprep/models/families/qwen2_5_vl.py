@@ -20,8 +20,8 @@ class QwenVLFamily(Family):
     def media_token_ids(self, config) -> tuple[int, int | None]:
         return config.video_token_id, None
 
-    def video_block(self, grid_thw, ids, config, *, merge_size, second_per_grid, audio_tokens=0) -> list[int]:
-        return plain_video_block(grid_thw, ids, merge_size)
+    def video_block(self, layout, row) -> list[int]:
+        return plain_video_block(row["grid_thw"], layout.ids, layout.merge_size)
 
     def position_ids(self, rope_model, batch, config):
         import torch

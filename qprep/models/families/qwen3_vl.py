@@ -1,0 +1,116 @@
+"""Qwen3-VL (`qwen3_vl`, and the MoE `qwen3_vl_moe`): a vision tower with deepstack levels, no audio.
+
+Block: the chat template's `<|vision_start|>` … `<|vision_end|>` around, for each temporal patch k,
+`<{t_k:.1f} seconds><|vision_start|>` + `<|video_pad|>` × (h·w / merge²) + `<|vision_end|>`. Time
+reaches the model only through that text: `get_rope_index` splits the grid into one (1, h, w) row
+per temporal patch and gives every patch the same temporal positions.
+
+t_k is the mean time of the patch's first and last frame, as `Qwen3VLProcessor` computes it
+(`(t_a + t_b) / 2`, Python floats, printed with `.1f`). The processor derives frame times from
+`frames_indices / fps` of the metadata it is handed (24 fps when it has none); qprep takes them from
+the sampled frames' presentation timestamps, computed exactly (`qprep.pipeline.probe`), so on a
+constant-rate stream they are the processor's own numbers given the true metadata, and on a
+variable-rate stream they are the frames' real times, which no (indices, fps) pair expresses.
+
+The vision tower also returns one `[n, d]` feature map per `deepstack_visual_indexes` entry; the
+language model adds level i to the hidden states at the visual positions after decoder layer i.
+They are cached beside the merged tokens and handed back as `visual_pos_masks` +
+`deepstack_visual_embeds`, as the model's own forward does.
+
+Frame size: `Qwen3VLVideoProcessor`'s `size` bounds the pixels of the whole clip (all frames),
+not of one frame (`Family.pixel_bounds_per_clip`).
+"""
+
+from __future__ import annotations
+
+from qprep.models.families.base import ATTENTION_AND_MLP, Family, PlaceholderIds
+
+VIDEO_TOKEN_TYPE = 2  # what the processor's mm_token_type_ids holds at a video token
+
+
+def patch_times(frame_times, temporal_patch_size: int) -> list[float]:
+    """The time each temporal patch stands for: the mean of its first and last frame's time (the
+    clip padded with its last frame, as the processor pads it)."""
+    times = [float(t) for t in frame_times]
+    if pad := -len(times) % temporal_patch_size:
+        times += [times[-1]] * pad
+    return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]
+
+
+def time_stamp(seconds: float) -> str:
+    return f"<{seconds:.1f} seconds>"
+
+
+class Qwen3VLFamily(Family):
+    def placeholder_ids(self, tokenizer) -> PlaceholderIds:
+        get = tokenizer.convert_tokens_to_ids
+        return PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"))
+
+    def media_token_ids(self, config) -> tuple[int, int | None]:
+        return config.video_token_id, None
+
+    def video_block(self, layout, row) -> list[int]:
+        ids = layout.ids
+        grid_t, grid_h, grid_w = (int(v) for v in row["grid_thw"])
+        per_patch = (grid_h // layout.merge_size) * (grid_w // layout.merge_size)
+        times = patch_times(row["frame_times"], layout.config.vision_config.temporal_patch_size)
+        if len(times) != grid_t:
+            raise ValueError(f"video {row.get('id')}: {len(times)} temporal patches of frame times for a grid of {grid_t}")
+        block = [ids.vision_start]
+        for seconds in times:
+            block += layout.text_ids(time_stamp(seconds)) + [ids.vision_start] + [ids.video] * per_patch + [ids.vision_end]
+        return block + [ids.vision_end]
+
+    def position_ids(self, rope_model, batch, config):
+        import torch
+
+        ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
+        token_types = (ids == config.video_token_id).to(torch.int32) * VIDEO_TOKEN_TYPE
+        positions, _ = rope_model.get_rope_index(ids, token_types, video_grid_thw=batch.video_grid_thw.cpu(),
+                                                 attention_mask=mask)
+        return positions
+
+    def deepstack_levels(self, config) -> int:
+        return len(getattr(config.vision_config, "deepstack_visual_indexes", None) or ())
+
+    def text_model_inputs(self, batch, config) -> dict:
+        if batch.deepstack is None:
+            return {}
+        return {"visual_pos_masks": batch.input_ids == config.video_token_id,
+                "deepstack_visual_embeds": list(batch.deepstack)}
+
+
+QWEN3_CHECKPOINT = dict(
+    audio_class=None,
+    thinker_key=None,
+    vision_prefixes=("model.visual.",),
+    audio_prefixes=(),
+    text_prefixes=("model.language_model.",),
+    lm_head_prefixes=("lm_head.",),
+    pixel_bounds_per_clip=True,
+)
+
+QWEN3_VL = Qwen3VLFamily(
+    name="qwen3_vl",
+    module="transformers.models.qwen3_vl.modeling_qwen3_vl",
+    vision_class="Qwen3VLVisionModel",
+    feature_class="Qwen3VLModel",
+    text_class="Qwen3VLTextModel",
+    full_model=("Qwen3VLForConditionalGeneration", None),
+    lora_targets=ATTENTION_AND_MLP,
+    **QWEN3_CHECKPOINT,
+)
+
+# Every decoder layer's MLP is a sparse MoE block whose experts are fused 3-D parameters
+# (`experts.gate_up_proj`, `experts.down_proj`), which peft's `target_modules` cannot name: the
+# default adapts the attention projections only.
+QWEN3_VL_MOE = Qwen3VLFamily(
+    name="qwen3_vl_moe",
+    module="transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
+    vision_class="Qwen3VLMoeVisionModel",
+    feature_class="Qwen3VLMoeModel",
+    text_class="Qwen3VLMoeTextModel",
+    full_model=("Qwen3VLMoeForConditionalGeneration", None),
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    **QWEN3_CHECKPOINT,
+)

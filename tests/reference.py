@@ -22,15 +22,11 @@ FULL_MODELS = {
 }
 
 
-# The kinds whose tiny checkpoints are also written in the hub's released layout.
-RELEASED_LAYOUT = ("qwen2_5_omni", "qwen2_5_vl")
-
-
 def kinds_and_layouts(kinds) -> list[tuple[str, str]]:
-    """(kind, layout) cases: every kind in the layout `save_pretrained` writes, and in the released one
-    where the tiny checkpoints have it."""
-    return [(kind, layout) for kind in kinds for layout in ("save_pretrained", "released")
-            if layout == "save_pretrained" or kind in RELEASED_LAYOUT]
+    """(kind, layout) cases: every kind in the layout `save_pretrained` writes and in the hub's released one."""
+    from qprep.models.tiny import LAYOUTS
+
+    return [(kind, layout) for kind in kinds for layout in LAYOUTS]
 
 
 def full_model(model_dir, dtype: torch.dtype = torch.float32):

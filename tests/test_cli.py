@@ -43,6 +43,11 @@ def test_jobs_lists_the_presets():
     listed = json.loads(CliRunner().invoke(main, ["jobs", "--json"]).output)
     seed = next(job for job in listed if job["name"] == "seed-omni-100f")
     assert seed["video"]["num_frames"] == 100 and seed["train"]["lora_r"] == 16
+    by_name = {job["name"]: job for job in listed}
+    assert by_name["seed-qwen3-vl-100f"]["video"]["num_frames"] == 100
+    # Qwen3.5's preset builds on Qwen3-VL's video settings
+    assert by_name["qwen3.5-default"]["video"] == by_name["qwen3-vl-default"]["video"]
+    assert by_name["qwen3.5-default"]["model"].startswith("Qwen/Qwen3.5")
 
 
 @pytest.mark.slow

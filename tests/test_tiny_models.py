@@ -4,25 +4,39 @@ token ids that agree with the model configs. No Ray."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
 
-from qprep.models.tiny import make_tiny_model, token_ids
+from qprep.models.tiny import MODEL_CLASSES, QWEN3_KINDS, RELEASED_FILES, make_tiny_model, token_ids
 from reference import full_model
 
+QWEN3_5 = ("qwen3_5", "qwen3_5_moe")
+MOE = ("qwen3_vl_moe", "qwen3_5_moe")
+VL_VIDEO = ("Qwen3VLProcessor", "<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
 # kind -> (processor class, video block of the chat template, video token)
 KINDS = {
     "qwen2_5_omni": ("Qwen2_5OmniProcessor", "<|vision_bos|><|VIDEO|><|vision_eos|>", "<|VIDEO|>"),
     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>"),
-    "qwen3_vl": ("Qwen3VLProcessor", "<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>"),
-}
+} | {kind: VL_VIDEO for kind in QWEN3_KINDS}
+# kind -> the tokenizer class transformers gives it (its own for the qwen3_5 model types)
+TOKENIZER_CLASS = {kind: "Qwen3_5Tokenizer" if kind in QWEN3_5 else "Qwen2Tokenizer" for kind in KINDS}
 # kind -> the tiny bounds of (video processor, image processor); Qwen3-VL's video bound is per video
 PIXELS = {kind: [(28 * 28 * 4, 28 * 28 * 64)] * 2 for kind in ("qwen2_5_omni", "qwen2_5_vl")} | {
-    "qwen3_vl": [(32 * 32 * 4, 32 * 32 * 4 * 64), (32 * 32 * 4, 32 * 32 * 64)]}
+    kind: [(32 * 32 * 4, 32 * 32 * 4 * 64), (32 * 32 * 4, 32 * 32 * 64)] for kind in QWEN3_KINDS}
 # kind -> the system turn its chat template opens with when the conversation has none
 DEFAULT_SYSTEM = {kind: "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                  for kind in ("qwen2_5_omni", "qwen2_5_vl")} | {"qwen3_vl": ""}
+                  for kind in ("qwen2_5_omni", "qwen2_5_vl")} | {kind: "" for kind in QWEN3_KINDS}
+# kind -> what the template writes between "<|im_start|>assistant\n" and the answer: Qwen3.5 thinks,
+# and a final answer without reasoning gets an empty thinking block
+THINKING = {kind: "<think>\n\n</think>\n\n" if kind in QWEN3_5 else "" for kind in KINDS}
+# kind -> the (bos, eos, pad) tokens of its text config, as in the releases' configs
+TEXT_IDS = {kind: ("<|endoftext|>", "<|im_end|>", "<|endoftext|>") for kind in KINDS} | {
+    "qwen2_5_omni": ("<|im_start|>", "<|im_end|>", "<|endoftext|>")} | {
+    kind: ("<|endoftext|>", "<|endoftext|>", None) for kind in QWEN3_5}
 ANSWER = "A test pattern moves."
 
 
@@ -76,8 +90,8 @@ def test_the_processor_loads_with_the_tokenizer_the_configs_name(model_dir, kind
     processor = AutoProcessor.from_pretrained(path)
     assert type(processor).__name__ == KINDS[kind][0]
     tokenizer = processor.tokenizer
-    assert type(tokenizer).__name__ == "Qwen2Tokenizer"
-    assert type(AutoTokenizer.from_pretrained(path)).__name__ == "Qwen2Tokenizer"
+    assert type(tokenizer).__name__ == TOKENIZER_CLASS[kind]
+    assert type(AutoTokenizer.from_pretrained(path)).__name__ == TOKENIZER_CLASS[kind]
     ids = token_ids(kind)
     assert dict(zip(ids, tokenizer.convert_tokens_to_ids(list(ids)))) == ids
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
@@ -114,10 +128,13 @@ def test_the_processor_loads_with_the_tokenizer_the_configs_name(model_dir, kind
                    talker.tts_text_end_token_id) < text_config.vocab_size
         assert torch.load(path / "spk_dict.pt")["Chelsie"]["bos_token"] < text_config.vocab_size
         assert processor.feature_extractor.feature_size == 128
-    bos = "<|im_start|>" if kind == "qwen2_5_omni" else "<|endoftext|>"  # as in the releases' configs
-    assert (text_config.bos_token_id, text_config.eos_token_id, text_config.pad_token_id) == (
-        ids[bos], ids["<|im_end|>"], ids["<|endoftext|>"])
+    assert (text_config.bos_token_id, text_config.eos_token_id, text_config.pad_token_id) == tuple(
+        ids.get(token) for token in TEXT_IDS[kind])
     assert len(tokenizer) <= text_config.vocab_size
+    if kind in QWEN3_KINDS:  # Qwen3's four plain added tokens after Qwen2.5's, <think> among them
+        assert tokenizer.convert_ids_to_tokens(list(range(len(tokenizer) - 4, len(tokenizer)))) == [
+            "<tool_response>", "</tool_response>", "<think>", "</think>"]
+        assert tokenizer.encode("<think>\n") == [ids["<think>"], tokenizer.convert_tokens_to_ids("Ċ")]
 
     # the pixel bounds of the tiny checkpoints, for the standalone and the processor's processors
     standalone = type(processor.video_processor).from_pretrained(path)
@@ -134,9 +151,20 @@ def test_the_chat_template_renders_qwens_chatml_with_the_video_block(model_dir, 
     block = KINDS[kind][1]
     text = processor.apply_chat_template(conversation(), tokenize=False)
     assert text == (f"{DEFAULT_SYSTEM[kind]}<|im_start|>user\n{block}What happens in the video?<|im_end|>\n"
-                    f"<|im_start|>assistant\n{ANSWER}<|im_end|>\n")
-    prompt = processor.apply_chat_template(conversation()[:1], tokenize=False, add_generation_prompt=True)
+                    f"<|im_start|>assistant\n{THINKING[kind]}{ANSWER}<|im_end|>\n")
+    # Qwen3.5's generation prompt opens a thinking block unless thinking is off
+    no_thinking = {"enable_thinking": False} if kind in QWEN3_5 else {}
+    prompt = processor.apply_chat_template(conversation()[:1], tokenize=False, add_generation_prompt=True,
+                                           **no_thinking)
     assert prompt == text[: text.index(ANSWER)]
+    if kind in QWEN3_5:
+        thinking = processor.apply_chat_template(conversation()[:1], tokenize=False, add_generation_prompt=True)
+        assert thinking == text[: text.index("<think>")] + "<think>\n"
+        # reasoning in the content becomes the thinking block
+        reasoned = conversation()
+        reasoned[1]["content"][0]["text"] = f"<think>\nStripes.\n</think>\n\n{ANSWER}"
+        assert processor.apply_chat_template(reasoned, tokenize=False).endswith(
+            f"<|im_start|>assistant\n<think>\nStripes.\n</think>\n\n{ANSWER}<|im_end|>\n")
     with_system = [{"role": "system", "content": "Be brief."}] + conversation()
     assert processor.apply_chat_template(with_system, tokenize=False).startswith(
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
@@ -157,7 +185,7 @@ def test_the_full_model_trains_on_what_the_processor_makes_of_raw_video(model_di
     if kind == "qwen2_5_vl":
         assert grid[0].tolist() == [2, 4, 6]  # the tiny bounds keep 56×84
         assert inputs["second_per_grid_ts"].tolist() == [1.0]  # 2 frames at 2 fps
-    elif kind == "qwen3_vl":
+    elif kind in QWEN3_KINDS:
         assert grid[0].tolist() == [2, 4, 6]  # 56×84 rounds to 64×96, patch 16
         # time is text: each temporal patch opens with the mean time of its two frames (0.25 s, 1.25 s)
         rendered = tokenizer.decode(ids)
@@ -210,3 +238,184 @@ def test_the_full_model_trains_on_what_the_processor_makes_of_raw_video(model_di
         out = model(**inputs, **extra, labels=inputs["input_ids"])
     assert out.logits.shape[:2] == inputs["input_ids"].shape
     assert torch.isfinite(out.loss) and out.loss > 0
+
+
+@pytest.mark.parametrize("kind", QWEN3_KINDS)
+def test_the_qwen3_families_have_the_releases_structure(model_dir, kind):
+    """Deepstack in Qwen3-VL's vision tower and not in Qwen3.5's; a few routed experts (and Qwen3.5's
+    shared expert) in the MoE kinds; both Gated DeltaNet and full-attention layers in Qwen3.5."""
+    model = full_model(model_dir(kind))
+    config, language = model.config, model.model.language_model
+    assert bool(getattr(config.vision_config, "deepstack_visual_indexes", None)) == (kind not in QWEN3_5)
+    assert hasattr(model.model.visual, "deepstack_merger_list") == (kind not in QWEN3_5)
+    for layer in language.layers:
+        mlp = layer.mlp
+        if kind in MOE:
+            text = config.text_config
+            assert (text.num_experts, text.num_experts_per_tok) == (4, 2)
+            # transformers 5 holds them fused: (experts, 2 × width, hidden), (experts, hidden, width)
+            width, hidden = text.moe_intermediate_size, text.hidden_size
+            assert tuple(mlp.experts.gate_up_proj.shape) == (4, 2 * width, hidden) and 2 * width != hidden
+            assert tuple(mlp.experts.down_proj.shape) == (4, hidden, width)
+            assert hasattr(mlp, "shared_expert") == (kind == "qwen3_5_moe")
+        else:
+            assert hasattr(mlp, "gate_proj")
+    if kind in QWEN3_5:
+        assert config.text_config.layer_types == ["linear_attention", "full_attention"]
+        assert hasattr(language.layers[0], "linear_attn") and hasattr(language.layers[1], "self_attn")
+
+
+# ---------------------------------------------------------------------------------------------
+# The released layouts of the Qwen3 families
+
+RELEASES = [(kind, "fused") for kind in QWEN3_KINDS] + [("qwen3_5_moe", "per_expert")]
+
+
+@pytest.fixture(scope="module")
+def released_dir(tmp_path_factory):
+    made: dict[tuple, object] = {}
+
+    def get(kind: str, experts: str = "fused", layout: str = "released"):
+        if (kind, experts, layout) not in made:
+            made[kind, experts, layout] = make_tiny_model(
+                kind, tmp_path_factory.mktemp(f"{kind}-{layout}-{experts}"), max_shard_size="4MB", layout=layout,
+                **({"experts": experts} if layout == "released" else {}))
+        return made[kind, experts, layout]
+
+    return get
+
+
+def checkpoint_keys(path) -> dict[str, tuple[str, tuple]]:
+    """Every weight in the checkpoint's safetensors files: name -> (file, shape)."""
+    from safetensors import safe_open
+
+    found = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            found |= {key: (file.name, tuple(f.get_slice(key).get_shape())) for key in f.keys()}  # noqa: SIM118
+    return found
+
+
+@pytest.mark.parametrize(("kind", "experts"), RELEASES)
+def test_a_released_layout_loads_as_its_save_pretrained_twin(released_dir, kind, experts):
+    """transformers' conversion mapping takes the released names (transposed Qwen3-VL-MoE experts,
+    per-expert Qwen3.5-MoE experts) to the model's, and ignores Qwen3.5's multi-token-prediction head:
+    every tensor is the save_pretrained one's, and so are the logits on the same processor inputs. The
+    released processor files make the same inputs of the clip."""
+    import transformers
+    from transformers import AutoProcessor
+
+    released, saved = released_dir(kind, experts), released_dir(kind, layout="save_pretrained")
+    model_class = getattr(transformers, MODEL_CLASSES[kind])
+    model, info = model_class.from_pretrained(released, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"] and not info["unexpected_keys"]
+    twin = model_class.from_pretrained(saved, dtype=torch.float32)
+    ours, theirs = model.state_dict(), twin.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert [key for key in ours if not torch.equal(ours[key], theirs[key])] == []
+
+    processor, released_processor = AutoProcessor.from_pretrained(saved), AutoProcessor.from_pretrained(released)
+    assert type(released_processor).__name__ == "Qwen3VLProcessor"
+    assert type(released_processor.tokenizer).__name__ == TOKENIZER_CLASS[kind]
+    assert released_processor.apply_chat_template(conversation(), tokenize=False) == processor.apply_chat_template(
+        conversation(), tokenize=False)
+    inputs = processed(processor, kind)
+    released_inputs = processed(released_processor, kind)
+    assert inputs.keys() == released_inputs.keys()
+    assert all(torch.equal(inputs[key], released_inputs[key]) for key in inputs)
+    with torch.no_grad():
+        logits = model.eval()(**inputs).logits
+        assert torch.equal(logits, twin.eval()(**inputs).logits)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(("kind", "experts"), RELEASES)
+def test_the_released_files_config_keys_and_weight_names_are_the_hubs(released_dir, kind, experts):
+    released = released_dir(kind, experts)
+    weights = checkpoint_keys(released)
+    files = {path.name for path in released.iterdir()}
+    weight_files = files - set(RELEASED_FILES[kind])
+    assert set(RELEASED_FILES[kind]) <= files and "processor_config.json" not in files
+    # Qwen3.5 names its files model.safetensors-0000K-of-0000N.safetensors, Qwen3-VL model-0000K-of-0000N
+    name = (r"model\.safetensors-\d{5}-of-\d{5}\.safetensors" if kind in QWEN3_5
+            else r"model-\d{5}-of-\d{5}\.safetensors")
+    assert len(weight_files) > 1 and all(re.fullmatch(name, file) for file in weight_files)
+    index = json.loads((released / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {key: file for key, (file, _) in weights.items()}
+    assert index["metadata"]["total_size"] > 0
+
+    config = json.loads((released / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    assert "dtype" not in config and "torch_dtype" not in config and text["dtype"] == "float32"
+    assert vision["model_type"] == kind and "rope_parameters" not in vision
+    if kind in QWEN3_5:
+        assert config["transformers_version"] == "4.57.1" and config["language_model_only"] is False
+        assert text["rope_parameters"]["partial_rotary_factor"] == text["partial_rotary_factor"] == 0.25
+        assert "rope_scaling" not in text and "rope_theta" not in text
+        assert text["layer_types"] == ["linear_attention", "full_attention"] and text["full_attention_interval"] == 2
+        assert (text["mtp_num_hidden_layers"], text["attn_output_gate"], text["pad_token_id"]) == (1, True, None)
+        assert vision["deepstack_visual_indexes"] == []
+        assert (released / "chat_template.jinja").read_text() == json.loads(
+            (released / "tokenizer_config.json").read_text())["chat_template"]
+        assert json.loads((released / "tokenizer_config.json").read_text())["tokenizer_class"] == "Qwen2Tokenizer"
+    else:
+        assert config["transformers_version"] == "4.57.0.dev0"
+        assert "rope_parameters" not in text and "pad_token_id" not in text
+        assert text["rope_theta"] == 5_000_000.0
+        assert text["rope_scaling"] == {"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True}
+        assert vision["deepstack_visual_indexes"] == [0, 1]
+        assert "chat_template" in json.loads((released / "chat_template.json").read_text())
+    if kind in MOE:
+        assert text["num_experts"] == 4 and "num_local_experts" not in text
+    assert json.loads((released / "video_preprocessor_config.json").read_text())["size"] == {
+        "longest_edge": 25165824, "shortest_edge": 4096}
+    assert json.loads((released / "preprocessor_config.json").read_text())["size"] == {
+        "longest_edge": 16777216, "shortest_edge": 65536}
+
+    # weight names: model.visual.*, model.language_model.*, lm_head.weight (and Qwen3.5's mtp.*)
+    prefixes = ("model.visual.", "model.language_model.", "lm_head.") + (("mtp.",) if kind in QWEN3_5 else ())
+    assert all(key.startswith(prefixes) for key in weights)
+    assert "lm_head.weight" in weights and "model.language_model.embed_tokens.weight" in weights
+    assert any(key.startswith("model.visual.deepstack_merger_list.") for key in weights) == (kind not in QWEN3_5)
+    layer = "model.language_model.layers.0.mlp."
+    hidden, width = 64, 16
+    if kind == "qwen3_vl_moe":  # fused and transposed: (experts, hidden, 2 × width), (experts, width, hidden)
+        assert weights[layer + "experts.gate_up_proj"][1] == (4, hidden, 2 * width)
+        assert weights[layer + "experts.down_proj"][1] == (4, width, hidden)
+    elif kind == "qwen3_5_moe" and experts == "fused":  # fused as transformers 5 holds them
+        assert weights[layer + "experts.gate_up_proj"][1] == (4, 2 * width, hidden)
+        assert weights[layer + "experts.down_proj"][1] == (4, hidden, width)
+        assert not any(re.search(r"\.layers\.\d+\.mlp\.experts\.\d", key)
+                       for key in weights if key.startswith("model."))
+    elif kind == "qwen3_5_moe":  # one tensor per expert and projection
+        assert not any(key.endswith(("experts.gate_up_proj", "experts.down_proj")) for key in weights)
+        assert {key for key in weights if key.startswith(layer + "experts.")} == {
+            f"{layer}experts.{e}.{p}_proj.weight" for e in range(4) for p in ("gate", "up", "down")}
+        assert weights[layer + "experts.3.up_proj.weight"][1] == (width, hidden)
+        assert weights[layer + "experts.3.down_proj.weight"][1] == (hidden, width)
+    else:
+        assert weights[layer + "gate_proj.weight"][1] == (2 * hidden, hidden)
+    if kind in MOE:
+        assert weights[layer + "gate.weight"][1] == (4, hidden)
+    if kind == "qwen3_5_moe":
+        assert weights[layer + "shared_expert_gate.weight"][1] == (1, hidden)
+    # Qwen3.5's multi-token-prediction head, which transformers' classes do not have
+    mtp = {key: shape for key, (_, shape) in weights.items() if key.startswith("mtp.")}
+    if kind in QWEN3_5:
+        assert mtp["mtp.fc.weight"] == (hidden, 2 * hidden)
+        assert {"mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.norm.weight",
+                "mtp.layers.0.self_attn.q_proj.weight", "mtp.layers.0.input_layernorm.weight"} <= mtp.keys()
+        # the gated attention: q_proj makes the query and its gate
+        assert mtp["mtp.layers.0.self_attn.q_proj.weight"] == (2 * 4 * 32, hidden)
+        if kind == "qwen3_5_moe":  # per expert in every release
+            assert mtp["mtp.layers.0.mlp.experts.0.gate_proj.weight"] == (width, hidden)
+            assert "mtp.layers.0.mlp.shared_expert.down_proj.weight" in mtp
+    else:
+        assert mtp == {}
+
+
+def test_only_qwen3_5_moe_has_a_choice_of_expert_layouts(tmp_path):
+    with pytest.raises(ValueError, match="Qwen3.5-MoE"):
+        make_tiny_model("qwen3_vl_moe", tmp_path / "a", layout="released", experts="per_expert")
+    with pytest.raises(ValueError, match="layout='released'"):
+        make_tiny_model("qwen3_5_moe", tmp_path / "b", experts="per_expert")

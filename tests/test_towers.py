@@ -17,6 +17,7 @@ from transformers import AutoProcessor, WhisperFeatureExtractor
 import qprep
 from qprep.errors import SettingsError
 from qprep.models.checkpoint import open_checkpoint
+from qprep.models.tiny import QWEN3_KINDS
 from qprep.pipeline.towers import AudioInput, Budget, Towers, VideoInput
 from qprep.schemas.settings import load_model_spec
 from qprep.store.reader import to_storage, to_tensor
@@ -37,7 +38,7 @@ def audio_input(prepared) -> AudioInput:
     return AudioInput(prepared.mel_frames(), tuple(prepared.feature_attention_mask.sum(-1).tolist()))
 
 
-@pytest.mark.parametrize(("kind", "layout"), kinds_and_layouts(["qwen2_5_omni", "qwen2_5_vl", "qwen3_vl"]))
+@pytest.mark.parametrize(("kind", "layout"), kinds_and_layouts(["qwen2_5_omni", "qwen2_5_vl", *QWEN3_KINDS]))
 def test_tokens_equal_the_full_model_on_the_processors_output(tiny_model, videos, kind, layout):
     """Merged tokens (and every deepstack level, where the tower has them) bit for bit."""
     model_dir = tiny_model(kind, layout)
@@ -57,7 +58,7 @@ def test_tokens_equal_the_full_model_on_the_processors_output(tiny_model, videos
         levels = getattr(output, "deepstack_features", None)
         assert (ours.deepstack is None) == (not levels)
         if levels:
-            assert len(levels) == ours.deepstack.shape[0] == 2
+            assert len(levels) == ours.deepstack.shape[0] == len(reference.config.vision_config.deepstack_visual_indexes)
             for level, (mine, theirs) in enumerate(zip(ours.deepstack, levels)):
                 assert torch.equal(mine, theirs[0]), f"{name}: deepstack level {level}"
         if kind == "qwen2_5_omni":

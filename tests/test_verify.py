@@ -156,3 +156,15 @@ def test_a_qwen3_vl_store_holds_every_deepstack_level_and_verifies_them(qwen3_vl
     assert result.exit_code == EXIT_MISMATCH, result.output
     assert "ok    a:" in result.output and "FAIL  b: deepstack: max |Δ| 0.25" in result.output
     assert "first row 2" in result.output and "b (deepstack)" in result.output
+
+
+def test_status_prints_what_the_deepstack_levels_cost(qwen3_vl_store):
+    """Two levels beside the merged tokens: the deepstack array is twice the video array, row for row."""
+    from qprep.store.status import format_status, store_status
+
+    _, cache = qwen3_vl_store
+    report = store_status(cache.store.root)
+    tokens = sum(cache.row(video_id)["video_length"] for video_id in cache.ids())
+    assert report["token_bytes"] == {"video": tokens * 64 * 4, "deepstack": tokens * 2 * 64 * 4}
+    line = next(line for line in format_status(report).splitlines() if line.startswith("arrays"))
+    assert "2 deepstack levels: 2× the merged tokens" in line

@@ -217,6 +217,8 @@ def load_weights(module, checkpoint: Checkpoint, prefixes: tuple[str, ...]) -> N
         with safe_open(str(path), "pt") as handle:
             for key in keys:
                 state[key[len(prefix):]] = handle.get_tensor(key)
+    for conversion in checkpoint.family.weight_conversions:
+        state = conversion(state, module)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise SettingsError(f"model {checkpoint.source}: weights under {prefix} do not fit "

@@ -3,13 +3,19 @@
 They are built with transformers' own model classes and saved with `save_pretrained`, so the files
 have the real key layout (`thinker.visual.*`, `thinker.audio_tower.*`, `thinker.model.*`,
 `talker.*`, `token2wav.*` for Omni; `visual.*`, `model.*` for Qwen2.5-VL; `model.visual.*`,
-`model.language_model.*` for Qwen3-VL, whose vision tower has deepstack levels) and the real config
-and preprocessor files. Only the widths, depths and the vocabulary are small.
+`model.language_model.*`, `lm_head.*` for Qwen3-VL (dense and MoE, whose vision towers have
+deepstack levels) and Qwen3.5 (dense and MoE, a hybrid Gated DeltaNet / full-attention text model
+and a vision tower without deepstack)) and the real config and preprocessor files. Only the widths,
+depths, expert counts and the vocabulary are small.
 
-They also carry what transformers' processors need offline: a byte-level BPE Qwen2 tokenizer with
-Qwen's special tokens and ChatML chat template, and the full processor config, so that
-`AutoProcessor.from_pretrained(dir)` works and the model runs on what it makes of raw video. Every
-token id in the model configs is the tokenizer's id of that token (see `token_ids`).
+They also carry what transformers' processors need offline: a byte-level BPE tokenizer (Qwen2's,
+Qwen3.5's own for Qwen3.5) with Qwen's special tokens and the releases' chat template, and the full
+processor config, so that `AutoProcessor.from_pretrained(dir)` works and the model runs on what it
+makes of raw video. Every token id in the model configs is the tokenizer's id of that token (see
+`token_ids`).
+
+`layout="released"` rewrites a checkpoint into the hub repositories' file set, config keys and
+weight key names (see `to_released_layout`); transformers' `from_pretrained` loads either.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-KINDS = ("qwen2_5_omni", "qwen2_5_vl", "qwen3_vl")
+KINDS = ("qwen2_5_omni", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+QWEN3_KINDS = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # the Qwen3VLProcessor families
+_QWEN3_5 = ("qwen3_5", "qwen3_5_moe")
 DEMO_KIND = "qwen2_5_omni"  # what `qprep demo` trains: video with the audio inside it, the seed recipe's model
 
 
@@ -52,16 +60,28 @@ _SPECIAL_TOKENS = {
                      "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>",
                      "<|vision_pad|>", "<|IMAGE|>", "<|VIDEO|>"),
 }
-_SPECIAL_TOKENS["qwen3_vl"] = _SPECIAL_TOKENS["qwen2_5_vl"]  # the same first 14 added tokens in the releases
+# The Qwen3 families have the same first 14 added tokens (151643.. in Qwen3-VL, 248044.. in Qwen3.5:
+# <|endoftext|> 248044, <|im_start|> 248045, <|im_end|> 248046, <|vision_start|> 248053,
+# <|image_pad|> 248056, <|video_pad|> 248057 in the Qwen3.5 configs and tokenizer_config.json).
+for _kind in QWEN3_KINDS:
+    _SPECIAL_TOKENS[_kind] = _SPECIAL_TOKENS["qwen2_5_vl"]
 _PLAIN_ADDED_TOKENS = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
                        "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")  # added, but not special
+# Qwen3 adds these four after them (151665-151668 in Qwen3-VL; <think> is 248068 in Qwen3.5), also not
+# special; Qwen3.5's thinking template writes <think> and </think>.
+_QWEN3_PLAIN_ADDED_TOKENS = _PLAIN_ADDED_TOKENS + ("<tool_response>", "</tool_response>", "<think>", "</think>")
+
+
+def _plain_added_tokens(kind: str) -> tuple[str, ...]:
+    return _QWEN3_PLAIN_ADDED_TOKENS if kind in QWEN3_KINDS else _PLAIN_ADDED_TOKENS
+
 
 # The tokenizer attributes the processors read (Qwen2_5OmniProcessor reads all of them; the VL
 # processor falls back to "<|image_pad|>" / "<|video_pad|>", as with the real VL tokenizer, which
 # defines none).
 _TOKEN_ATTRIBUTES = {
     "qwen2_5_vl": {},
-    "qwen3_vl": {},
+    **{kind: {} for kind in QWEN3_KINDS},
     "qwen2_5_omni": {"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
                      "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
                      "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"},
@@ -109,6 +129,127 @@ _CHAT_TEMPLATE = {
 _CHAT_TEMPLATE["qwen3_vl"] = _CHAT_TEMPLATE["qwen2_5_vl"].replace(
     "{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}", "")
+_CHAT_TEMPLATE["qwen3_vl_moe"] = _CHAT_TEMPLATE["qwen3_vl"]
+
+# Qwen3.5's released template (Qwen/Qwen3.5-27B's chat_template.jinja, also in its
+# tokenizer_config.json), less its tool declarations and tool-call rendering: no default system turn;
+# content trimmed; Qwen3-VL's video block; a thinking model, so an assistant turn after the last user
+# query opens with "<think>\n{reasoning}\n</think>\n\n" (an empty block when it has no reasoning),
+# earlier assistant turns are their content alone; the generation prompt opens the thinking block
+# ("<think>\n"), or with enable_thinking=False is an empty one ("<think>\n\n</think>\n\n").
+_CHAT_TEMPLATE["qwen3_5"] = r"""{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- macro render_content(content, do_vision_count, is_system_content=false) %}
+    {%- if content is string %}
+        {{- content }}
+    {%- elif content is iterable and content is not mapping %}
+        {%- for item in content %}
+            {%- if 'image' in item or 'image_url' in item or item.type == 'image' %}
+                {%- if is_system_content %}
+                    {{- raise_exception('System message cannot contain images.') }}
+                {%- endif %}
+                {%- if do_vision_count %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                {%- endif %}
+                {%- if add_vision_id %}
+                    {{- 'Picture ' ~ image_count.value ~ ': ' }}
+                {%- endif %}
+                {{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+            {%- elif 'video' in item or item.type == 'video' %}
+                {%- if is_system_content %}
+                    {{- raise_exception('System message cannot contain videos.') }}
+                {%- endif %}
+                {%- if do_vision_count %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                {%- endif %}
+                {%- if add_vision_id %}
+                    {{- 'Video ' ~ video_count.value ~ ': ' }}
+                {%- endif %}
+                {{- '<|vision_start|><|video_pad|><|vision_end|>' }}
+            {%- elif 'text' in item %}
+                {{- item.text }}
+            {%- else %}
+                {{- raise_exception('Unexpected item type in content.') }}
+            {%- endif %}
+        {%- endfor %}
+    {%- elif content is none or content is undefined %}
+        {{- '' }}
+    {%- else %}
+        {{- raise_exception('Unexpected content type.') }}
+    {%- endif %}
+{%- endmacro %}
+{%- if not messages %}
+    {{- raise_exception('No messages provided.') }}
+{%- endif %}
+{%- if messages[0].role == 'system' %}
+    {%- set content = render_content(messages[0].content, false, true)|trim %}
+    {{- '<|im_start|>system\n' + content + '<|im_end|>\n' }}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" %}
+        {%- set content = render_content(message.content, false)|trim %}
+        {%- if not(content.startswith('<tool_response>') and content.endswith('</tool_response>')) %}
+            {%- set ns.multi_step_tool = false %}
+            {%- set ns.last_query_index = index %}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if ns.multi_step_tool %}
+    {{- raise_exception('No user query found in messages.') }}
+{%- endif %}
+{%- for message in messages %}
+    {%- set content = render_content(message.content, true)|trim %}
+    {%- if message.role == "system" %}
+        {%- if not loop.first %}
+            {{- raise_exception('System message must be at the beginning.') }}
+        {%- endif %}
+    {%- elif message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- set reasoning_content = reasoning_content|trim %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content + '\n</think>\n\n' + content }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.previtem and loop.previtem.role != "tool" %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if not loop.last and loop.nextitem.role != "tool" %}
+            {{- '<|im_end|>\n' }}
+        {%- elif loop.last %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- raise_exception('Unexpected message role.') }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- else %}
+        {{- '<think>\n' }}
+    {%- endif %}
+{%- endif %}
+"""
+_CHAT_TEMPLATE["qwen3_5_moe"] = _CHAT_TEMPLATE["qwen3_5"]
 
 
 def _byte_symbols() -> list[str]:
@@ -134,7 +275,8 @@ def _bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
 def token_ids(kind: str) -> dict[str, int]:
     """Every added token of the tiny `kind` tokenizer (and "user") with its id."""
     vocab, _ = _bpe()
-    ids = {token: len(vocab) + i for i, token in enumerate(_SPECIAL_TOKENS[_check(kind)] + _PLAIN_ADDED_TOKENS)}
+    added = _SPECIAL_TOKENS[_check(kind)] + _plain_added_tokens(kind)
+    ids = {token: len(vocab) + i for i, token in enumerate(added)}
     return ids | {"user": vocab["user"]}
 
 
@@ -145,21 +287,23 @@ def _check(kind: str) -> str:
 
 
 def tiny_tokenizer(kind: str):
-    """Qwen2's tokenizer class over a tiny byte-level BPE with Qwen's special tokens and chat template."""
+    """Qwen2's tokenizer class (Qwen3.5's own for Qwen3.5, the class transformers gives its model types)
+    over a tiny byte-level BPE with Qwen's special tokens and chat template."""
     from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer
+    from transformers import Qwen2Tokenizer, Qwen3_5Tokenizer
 
     vocab, merges = _bpe()
     ids = token_ids(_check(kind))
     # The added tokens are in the BPE vocabulary too, at their ids: the class adds its special
     # tokens in its own order, and adding keeps the id of a token the vocabulary already has.
-    tokenizer = Qwen2Tokenizer(vocab=vocab | ids, merges=merges, unk_token=None, bos_token=None,
+    tokenizer_class = Qwen3_5Tokenizer if kind in _QWEN3_5 else Qwen2Tokenizer
+    tokenizer = tokenizer_class(vocab=vocab | ids, merges=merges, unk_token=None, bos_token=None,
                                eos_token="<|im_end|>", pad_token="<|endoftext|>", errors="replace",
                                model_max_length=32768, chat_template=_CHAT_TEMPLATE[kind],
                                **_TOKEN_ATTRIBUTES[kind])
     specials = _SPECIAL_TOKENS[kind]
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials]
-                         + [AddedToken(t, special=False, normalized=False) for t in _PLAIN_ADDED_TOKENS])
+                         + [AddedToken(t, special=False, normalized=False) for t in _plain_added_tokens(kind)])
     tokenizer.add_special_tokens({"extra_special_tokens": [t for t in specials if t != "<|endoftext|>"]})
     got = dict(zip(ids, tokenizer.convert_tokens_to_ids(list(ids))))
     if got != ids or len(tokenizer) != len(vocab) + len(ids) - 1:
@@ -188,6 +332,33 @@ def _audio(hidden: int) -> dict:
                 num_mel_bins=128, n_window=100, max_source_positions=1500)
 
 
+# A few experts with a small width (the releases: Qwen3-VL-30B-A3B 128 experts, top-8, width 768 of
+# 2048; Qwen3.5-35B-A3B 256 experts, top-8, width 512 of 2048, plus one shared expert of 512). The
+# widths are chosen so that no fused expert tensor is square: Qwen3-VL-MoE's release stores them
+# transposed, and transformers transposes only what does not already have its parameter's shape.
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1, mlp_only_layers=[],
+            norm_topk_prob=True)
+
+
+def _qwen3_5_text(kind: str, hidden: int, ids: dict) -> dict:
+    """Qwen3.5's hybrid text model: a Gated DeltaNet layer then a gated full-attention layer (the
+    releases: 3 linear to 1 full, full_attention_interval 4), partial M-RoPE over a quarter of the
+    head. bos and eos are both <|endoftext|> and there is no pad id, as in the releases' text_config."""
+    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, vocab_size=TEXT_VOCAB_SIZE,
+                layer_types=["linear_attention", "full_attention"],
+                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                linear_conv_kernel_dim=4,
+                # a quarter of 32 rotates: 8 dims, 4 frequency pairs over (t, h, w) as the releases' [11, 11, 10]
+                rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
+                                 "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"], pad_token_id=None)
+    if kind == "qwen3_5_moe":  # every layer's MLP is sparse: no dense intermediate_size
+        del text["intermediate_size"]
+        text |= dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    return text
+
+
 # Ids of the Omni talker's text markers and of the speaker's text bos: beyond the tokenizer,
 # inside the embedding, as in the release (151859-151861 and 151872 of 152064 rows).
 _TTS_TEXT_PAD, _TTS_TEXT_START, _TTS_TEXT_END = TEXT_VOCAB_SIZE - 16, TEXT_VOCAB_SIZE - 15, TEXT_VOCAB_SIZE - 14
@@ -199,22 +370,31 @@ def tiny_config(kind: str, hidden: int = 64):
 
     Every token id in it is the id of that token in `tiny_tokenizer(kind)`.
     """
-    from transformers import Qwen2_5OmniConfig, Qwen2_5_VLConfig, Qwen3VLConfig
+    import transformers
 
     ids = token_ids(_check(kind))
-    if kind == "qwen3_vl":
+    if kind in QWEN3_KINDS:
+        media = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                     vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        vision = dict(hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
+        config_class = getattr(transformers, _CONFIG_CLASSES[kind])
+        if kind in _QWEN3_5:
+            # Qwen3.5's vision tower has no deepstack (the releases: 27 blocks, deepstack_visual_indexes []).
+            return config_class(text_config=_qwen3_5_text(kind, hidden, ids), vision_config=dict(vision, depth=2),
+                                **media)
         text = dict(_text(hidden, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                           pad_token_id=ids["<|endoftext|>"]),
                     # interleaved M-RoPE over (t, h, w), as the releases' [24, 20, 20] of 64
                     rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
                                      "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+        if kind == "qwen3_vl_moe":
+            text |= _MOE
         # three blocks, deepstack after the first two (the releases: 27 blocks, levels at 8, 16, 24)
-        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden,
-                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                      deepstack_visual_indexes=[0, 1])
-        return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                             video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                             vision_end_token_id=ids["<|vision_end|>"])
+        return config_class(text_config=text, vision_config=dict(vision, depth=3, deepstack_visual_indexes=[0, 1]),
+                            **media)
+    from transformers import Qwen2_5OmniConfig, Qwen2_5_VLConfig
+
     if kind == "qwen2_5_vl":
         text = _text(hidden, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                      pad_token_id=ids["<|endoftext|>"])
@@ -253,7 +433,7 @@ def tiny_processor(kind: str):
 
     tokenizer = tiny_tokenizer(kind)
     pixels = _pixel_bounds()
-    if kind == "qwen3_vl":
+    if kind in QWEN3_KINDS:
         image = Qwen2VLImageProcessor(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                                       min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)
         return Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=_video_processor(kind),
@@ -274,7 +454,7 @@ def _pixel_bounds() -> dict:
 def _video_processor(kind: str = "qwen2_5_vl"):
     from transformers import Qwen2VLVideoProcessor, Qwen3VLVideoProcessor
 
-    if kind == "qwen3_vl":
+    if kind in QWEN3_KINDS:
         # Qwen3-VL's `longest_edge` is a pixel budget over all of a video's frames, not per frame.
         return Qwen3VLVideoProcessor(size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 4 * 64})
     return Qwen2VLVideoProcessor(**_pixel_bounds())
@@ -287,26 +467,35 @@ def _feature_extractor():
 
 
 LAYOUTS = ("save_pretrained", "released")
-_MODEL_CLASSES = {"qwen2_5_omni": "Qwen2_5OmniForConditionalGeneration",
-                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                  "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+# kind -> the transformers class of the full model (and of its config)
+MODEL_CLASSES = {"qwen2_5_omni": "Qwen2_5OmniForConditionalGeneration",
+                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                 "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                 "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+                 "qwen3_5": "Qwen3_5ForConditionalGeneration",
+                 "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
+_MODEL_CLASSES = MODEL_CLASSES
+_CONFIG_CLASSES = {"qwen3_vl": "Qwen3VLConfig", "qwen3_vl_moe": "Qwen3VLMoeConfig", "qwen3_5": "Qwen3_5Config",
+                   "qwen3_5_moe": "Qwen3_5MoeConfig"}
 
 
 def make_tiny_model(kind: str, out: str | Path, *, seed: int = 0, hidden: int = 64,
-                    max_shard_size: str | None = None, layout: str = "save_pretrained") -> Path:
+                    max_shard_size: str | None = None, layout: str = "save_pretrained",
+                    experts: str = "fused") -> Path:
     """Build and save a tiny random `kind` checkpoint (weights, config, tokenizer, processor configs).
 
     The directory loads offline with `from_pretrained` of the model class and of `AutoProcessor`
     (tokenizer with Qwen's special tokens and chat template; image and video processors; for Omni
     the feature extractor). `max_shard_size` splits the weights over several files with an index,
     like the real releases. `layout` "save_pretrained" is what transformers 5 writes; "released" is
-    the file set and config keys of the hub repositories (see `to_released_layout`). Returns the
+    the file set, config keys and weight key names of the hub repositories (see
+    `to_released_layout`; `experts` picks a Qwen3.5-MoE release's expert storage there). Returns the
     directory.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
-    if layout == "released" and kind not in _RELEASED_PROCESSOR_CLASS:
-        raise ValueError(f"no released layout is written for {kind} yet; use layout='save_pretrained'")
+    if experts != "fused" and layout != "released":
+        raise ValueError("`experts` chooses between the releases' expert layouts; pass layout='released'")
     import torch
     import transformers
     from transformers.utils import logging
@@ -339,7 +528,7 @@ def make_tiny_model(kind: str, out: str | Path, *, seed: int = 0, hidden: int = 
                                 "ref_mel": torch.zeros(1, 30, 80)}}, out / "spk_dict.pt")
         _feature_extractor().save_pretrained(out)
     if layout == "released":
-        to_released_layout(kind, out)
+        to_released_layout(kind, out, experts=experts)
     return out
 
 
@@ -353,16 +542,29 @@ _RELEASED_WHISPER = dict(chunk_length=300, dither=0.0, feature_extractor_type="W
 _RELEASED_PROCESSOR_CLASS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_5_omni": "Qwen2_5OmniProcessor"}
 
 
-def to_released_layout(kind: str, out: Path) -> None:
-    """Rewrite a saved tiny checkpoint into the layout of the hub releases (Qwen2.5-VL-7B-Instruct,
-    Qwen2.5-Omni-7B): one combined `preprocessor_config.json` and no `processor_config.json` or
-    `video_preprocessor_config.json`; `chat_template.json`; `vocab.json` + `merges.txt` beside
-    `tokenizer.json`; `config.json` with the releases' keys (`torch_dtype`, `rope_theta` +
-    `rope_scaling`, and for VL the text settings at the top level rather than in `text_config`).
-    Weight key names are already the hub's (`visual.*`, `model.*` / `thinker.*`)."""
+def to_released_layout(kind: str, out: Path, *, experts: str = "fused") -> None:
+    """Rewrite a saved tiny checkpoint into the layout of the hub releases.
+
+    Qwen2.5-VL-7B-Instruct, Qwen2.5-Omni-7B: one combined `preprocessor_config.json` and no
+    `processor_config.json` or `video_preprocessor_config.json`; `chat_template.json`; `vocab.json` +
+    `merges.txt` beside `tokenizer.json`; `config.json` with the releases' keys (`torch_dtype`,
+    `rope_theta` + `rope_scaling`, and for VL the text settings at the top level rather than in
+    `text_config`). Weight key names are already the hub's (`visual.*`, `model.*` / `thinker.*`).
+
+    Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE: see `_to_released_qwen3` (and `RELEASED_FILES`).
+    `experts` ("fused" or "per_expert") is how a Qwen3.5-MoE release stores its routed experts:
+    fused 3D tensors as Qwen3.5-35B-A3B, or one tensor per expert and projection as Qwen3.5-397B-A17B.
+    """
     import json
 
     from qprep.schemas.settings import CLIP_MEAN, CLIP_STD
+
+    if kind in QWEN3_KINDS:
+        _to_released_qwen3(kind, Path(out), experts)
+        return
+    if experts != "fused":
+        raise ValueError(f"only the Qwen3.5-MoE releases store experts either way, not {kind}")
+    out = Path(out)
 
     config = json.loads((out / "config.json").read_text())
     if kind == "qwen2_5_vl":
@@ -401,3 +603,257 @@ def _legacy_keys(config, rope_type: str):
         else:
             out[key] = _legacy_keys(value, rope_type)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Released layouts of the Qwen3 families
+#
+# Qwen/Qwen3-VL-8B-Instruct (and -30B-A3B-Instruct): config.json, generation_config.json,
+# chat_template.json, preprocessor_config.json, video_preprocessor_config.json, tokenizer.json,
+# tokenizer_config.json, vocab.json, merges.txt, model-0000K-of-0000N.safetensors +
+# model.safetensors.index.json; no processor_config.json. Qwen/Qwen3.5-* (seen for 0.8B, 27B and
+# 35B-A3B): the same but chat_template.jinja for chat_template.json, and the weights in
+# model.safetensors-0000K-of-0000N.safetensors with an index even for one file (0.8B:
+# model.safetensors-00001-of-00001.safetensors; 35B-A3B: ...-00014-of-00014). generation_config.json
+# is kept as save_pretrained writes it.
+
+RELEASED_FILES = {
+    "qwen3_vl": ("chat_template.json", "config.json", "generation_config.json", "merges.txt",
+                 "model.safetensors.index.json", "preprocessor_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "video_preprocessor_config.json", "vocab.json"),
+    "qwen3_5": ("chat_template.jinja", "config.json", "generation_config.json", "merges.txt",
+                "model.safetensors.index.json", "preprocessor_config.json", "tokenizer.json",
+                "tokenizer_config.json", "video_preprocessor_config.json", "vocab.json"),
+}
+RELEASED_FILES["qwen3_vl_moe"] = RELEASED_FILES["qwen3_vl"]
+RELEASED_FILES["qwen3_5_moe"] = RELEASED_FILES["qwen3_5"]
+
+# preprocessor_config.json and video_preprocessor_config.json of the releases (the same in Qwen3-VL
+# and Qwen3.5): pixel budgets 256²..4096² per image, 4096..25165824 over a video's frames.
+_RELEASED_QWEN3_IMAGE_PROCESSOR = {
+    "size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16, "temporal_patch_size": 2,
+    "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"}
+_RELEASED_QWEN3_VIDEO_PROCESSOR = {
+    "size": {"longest_edge": 25165824, "shortest_edge": 4096}, "patch_size": 16, "temporal_patch_size": 2,
+    "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor", "video_processor_type": "Qwen3VLVideoProcessor"}
+# The transformers version each release's config.json names.
+_RELEASED_TRANSFORMERS_VERSION = {"qwen3_vl": "4.57.0.dev0", "qwen3_vl_moe": "4.57.0.dev0", "qwen3_5": "4.57.1",
+                                  "qwen3_5_moe": "4.57.1"}
+EXPERT_LAYOUTS = ("fused", "per_expert")
+
+
+def released_weight_file(kind: str, index: int, count: int) -> str:
+    """The name of the `index`-th (from 1) of `count` weight files in a `kind` release."""
+    if kind in _QWEN3_5:
+        return f"model.safetensors-{index:05d}-of-{count:05d}.safetensors"
+    return "model.safetensors" if count == 1 else f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def _to_released_qwen3(kind: str, out: Path, experts: str) -> None:
+    """The Qwen3 families' release layout, written over a `save_pretrained` directory.
+
+    Files: `RELEASED_FILES` plus the weight files; processor_config.json goes (the image and video
+    processors are preprocessor_config.json and video_preprocessor_config.json with the releases'
+    bounds), the chat template is chat_template.json (Qwen3-VL) or chat_template.jinja (Qwen3.5, also
+    in tokenizer_config.json), vocab.json + merges.txt are written beside tokenizer.json.
+
+    config.json (see `_released_qwen3_config`): as transformers 4.57 wrote it for the releases.
+
+    Weights: the names transformers 5 gives them (`model.visual.*`, `model.language_model.*`,
+    `lm_head.weight`) except that Qwen3-VL-MoE stores its fused experts transposed
+    (`mlp.experts.gate_up_proj` (experts, hidden, 2 × width), `mlp.experts.down_proj` (experts,
+    width, hidden)); a per-expert Qwen3.5-MoE release splits them into
+    `mlp.experts.{e}.{gate,up,down}_proj.weight`; and Qwen3.5 releases carry a multi-token-prediction
+    head, `mtp.*` (random here), that transformers' model classes do not have (they ignore it).
+    """
+    import json
+
+    if experts not in EXPERT_LAYOUTS:
+        raise ValueError(f"unknown expert layout {experts!r}; choose from {EXPERT_LAYOUTS}")
+    if experts != "fused" and kind != "qwen3_5_moe":
+        raise ValueError(f"only the Qwen3.5-MoE releases store experts either way, not {kind}")
+    config = json.loads((out / "config.json").read_text())
+    _rewrite_released_weights(kind, out, config["text_config"], experts)
+    (out / "config.json").write_text(json.dumps(_released_qwen3_config(kind, config), indent=2, sort_keys=True))
+
+    (out / "preprocessor_config.json").write_text(json.dumps(_RELEASED_QWEN3_IMAGE_PROCESSOR, indent=4))
+    (out / "video_preprocessor_config.json").write_text(json.dumps(_RELEASED_QWEN3_VIDEO_PROCESSOR, indent=4))
+    (out / "processor_config.json").unlink(missing_ok=True)
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    tokenizer_config["model_max_length"] = 262144
+    if kind in _QWEN3_5:
+        # The releases name Qwen2's class; transformers gives the qwen3_5 model types Qwen3_5Tokenizer
+        # whatever the file says (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS).
+        tokenizer_config["tokenizer_class"] = "Qwen2Tokenizer"
+        tokenizer_config["chat_template"] = _CHAT_TEMPLATE[kind]
+        (out / "chat_template.jinja").write_text(_CHAT_TEMPLATE[kind])
+    else:
+        (out / "chat_template.jinja").unlink(missing_ok=True)
+        (out / "chat_template.json").write_text(json.dumps({"chat_template": _CHAT_TEMPLATE[kind]}, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
+    vocab, merges = _bpe()
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def _released_qwen3_config(kind: str, config: dict) -> dict:
+    """config.json as the Qwen3 releases have it (written by transformers 4.57):
+
+    - no top-level `dtype`; `text_config.dtype` instead;
+    - Qwen3-VL: `text_config.rope_theta` + `text_config.rope_scaling` ({"mrope_interleaved",
+      "mrope_section", "rope_type"}) for transformers 5's `rope_parameters`, no `pad_token_id`;
+      Qwen3-VL-MoE: `num_experts` for `num_local_experts`;
+    - Qwen3.5: `rope_parameters` as transformers 5 (with `partial_rotary_factor` in it and beside
+      it), and the keys transformers does not read: `attn_output_gate`, `output_gate_type`,
+      `full_attention_interval`, `mamba_ssm_dtype`, `mtp_num_hidden_layers`,
+      `mtp_use_dedicated_embeddings`, top-level `language_model_only`; `vision_config` with
+      `deepstack_visual_indexes: []`;
+    - `vision_config.model_type` the model's own type ("qwen3_vl", "qwen3_5_moe", ...; transformers
+      maps it to its vision type) and no `vision_config.rope_parameters`.
+    """
+    config = dict(config)
+    dtype = config.pop("dtype", None)
+    text = dict(config["text_config"])
+    vision = dict(config["vision_config"])
+    vision.pop("rope_parameters", None)
+    vision["model_type"] = kind
+    text.pop("dtype", None)
+    text["dtype"] = dtype
+    if kind in _QWEN3_5:
+        rope = text["rope_parameters"]
+        layer_types = text["layer_types"]
+        interval = layer_types.index("full_attention") + 1
+        text |= dict(attn_output_gate=True, output_gate_type="swish", full_attention_interval=interval,
+                     mamba_ssm_dtype="float32", mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False,
+                     partial_rotary_factor=rope["partial_rotary_factor"])
+        vision["deepstack_visual_indexes"] = []
+        config["language_model_only"] = False
+    else:
+        rope = text.pop("rope_parameters")
+        text["rope_theta"] = rope["rope_theta"]
+        text["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        text.pop("pad_token_id", None)
+        text.pop("sliding_window", None)
+        if "num_local_experts" in text:
+            text["num_experts"] = text.pop("num_local_experts")
+    config["text_config"] = text
+    config["vision_config"] = vision
+    config["transformers_version"] = _RELEASED_TRANSFORMERS_VERSION[kind]
+    return config
+
+
+def _rewrite_released_weights(kind: str, out: Path, text_config: dict, experts: str) -> None:
+    """Rename (and for Qwen3.5 extend) the saved weights as the `kind` release stores them.
+
+    transformers 5.24's `save_pretrained` writes the fused experts of Qwen3-VL-MoE as its modules
+    hold them, and those of Qwen3.5-MoE one tensor per expert (it reverts the load-time fusion of
+    its conversion mapping, `qwen2_moe`); either is first brought to the modules' fused layout here.
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    if kind == "qwen3_vl":
+        return  # already the release's names and files
+    index_path = out / "model.safetensors.index.json"
+    if index_path.exists():
+        names = list(dict.fromkeys(json.loads(index_path.read_text())["weight_map"].values()))
+    else:
+        names = ["model.safetensors"]
+    # every tensor with the file it is in, in file order
+    placed = {key: (i, t) for i, name in enumerate(names) for key, t in load_file(out / name).items()}
+    placed = _fused_experts(placed)
+    released: dict = {}
+    for key, (i, tensor) in placed.items():
+        if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            if kind == "qwen3_vl_moe":
+                # (experts, 2 × width, hidden) and (experts, hidden, width) in transformers 5
+                released[key] = (i, tensor.transpose(1, 2).contiguous())
+                continue
+            if experts == "per_expert":
+                released |= {k: (i, t) for k, t in _per_expert(key, tensor).items()}
+                continue
+        released[key] = (i, tensor)
+    if kind in _QWEN3_5:
+        released |= {k: (len(names) - 1, t) for k, t in _mtp_weights(placed, text_config).items()}
+    for name in names:
+        (out / name).unlink()
+    shards = [{k: t for k, (i, t) in released.items() if i == n} for n in range(len(names))]
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        name = released_weight_file(kind, i, len(shards))
+        save_file(shard, out / name, metadata={"format": "pt"})
+        weight_map |= {key: name for key in shard}
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    if len(shards) > 1 or kind in _QWEN3_5:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        index_path.write_text(json.dumps(index, indent=2))
+
+
+def _fused_experts(placed: dict) -> dict:
+    """`...mlp.experts.{e}.{gate,up,down}_proj.weight` (each placed in a file) fused as transformers
+    5 loads them: `...mlp.experts.gate_up_proj` = the gates stacked, then the ups stacked, along dim
+    1 (experts, 2 × width, hidden); `...mlp.experts.down_proj` stacked (experts, hidden, width). The
+    fused tensor goes to the file of its first expert."""
+    import re
+
+    import torch
+
+    pattern = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+    groups: dict = {}
+    out = {}
+    for key, value in placed.items():
+        match = pattern.fullmatch(key)
+        if match is None:
+            out[key] = value
+            continue
+        prefix, expert, projection = match.group(1), int(match.group(2)), match.group(3)
+        if prefix not in groups:
+            groups[prefix] = {}
+            out[f"{prefix}.gate_up_proj"] = out[f"{prefix}.down_proj"] = None  # keep the place in order
+        groups[prefix][projection, expert] = value
+    for prefix, parts in groups.items():
+        count = 1 + max(e for _, e in parts)
+        stack = {name: torch.stack([parts[name, e][1] for e in range(count)]) for name in ("gate_proj", "up_proj",
+                                                                                          "down_proj")}
+        file = parts["gate_proj", 0][0]
+        out[f"{prefix}.gate_up_proj"] = (file, torch.cat([stack["gate_proj"], stack["up_proj"]], dim=1))
+        out[f"{prefix}.down_proj"] = (file, stack["down_proj"])
+    return out
+
+
+def _per_expert(key: str, tensor) -> dict:
+    """Fused experts as one tensor per expert and projection (`...experts.{e}.gate_proj.weight`)."""
+    prefix = key.rsplit(".", 1)[0]
+    if key.endswith("gate_up_proj"):  # (experts, 2 × width, hidden): gate rows, then up rows
+        gate, up = tensor.chunk(2, dim=1)
+        return {f"{prefix}.{e}.{name}.weight": part[e].contiguous()
+                for name, part in (("gate_proj", gate), ("up_proj", up)) for e in range(tensor.shape[0])}
+    return {f"{prefix}.{e}.down_proj.weight": tensor[e].contiguous() for e in range(tensor.shape[0])}
+
+
+def _mtp_weights(placed: dict, text_config: dict) -> dict:
+    """A random multi-token-prediction head as the Qwen3.5 releases store it: `mtp.fc` (hidden,
+    2 × hidden) over the normed embedding and hidden state, `mtp.pre_fc_norm_embedding`,
+    `mtp.pre_fc_norm_hidden`, one full-attention decoder layer `mtp.layers.0.*` shaped as the text
+    model's own (its MoE experts one tensor per expert, as in every Qwen3.5-MoE release), and
+    `mtp.norm`."""
+    import torch
+
+    full = text_config["layer_types"].index("full_attention")
+    layer = f"model.language_model.layers.{full}."
+    hidden = text_config["hidden_size"]
+    generator = torch.Generator().manual_seed(1234)
+    shapes = {"mtp.fc.weight": (hidden, 2 * hidden), "mtp.pre_fc_norm_embedding.weight": (hidden,),
+              "mtp.pre_fc_norm_hidden.weight": (hidden,), "mtp.norm.weight": (hidden,)}
+    for key, (_, tensor) in placed.items():
+        if not key.startswith(layer):
+            continue
+        name = "mtp.layers.0." + key[len(layer):]
+        if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            shapes |= {k: tuple(v.shape) for k, v in _per_expert(name, tensor).items()}
+        else:
+            shapes[name] = tuple(tensor.shape)
+    return {key: 0.02 * torch.randn(shape, generator=generator) for key, shape in sorted(shapes.items())}

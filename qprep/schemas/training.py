@@ -13,16 +13,30 @@ from typing import Any
 
 from qprep.errors import SettingsError
 
+EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")  # transformers 5's fused MoE experts
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     r: int = 16
     alpha: int = 16
     dropout: float = 0.05
-    targets: tuple[str, ...] | None = None  # None: the model family's default targets
+    # None: the model family's default targets. A name with a dot names a parameter, not a module:
+    # MoE experts are fused 3-D parameters ("experts.gate_up_proj", "experts.down_proj"; "experts"
+    # for both), adapted through peft's `target_parameters`.
+    targets: tuple[str, ...] | None = None
 
     def target_regex(self, family_targets: tuple[str, ...]) -> str:
-        """The targets inside the language model only (the towers of the full model have the same names)."""
-        return r".*\blanguage_model\.layers\.\d+\..*\.(" + "|".join(self.targets or family_targets) + r")$"
+        """The module targets inside the language model only (the towers of the full model have the same names)."""
+        modules, _ = self.split_targets(family_targets)
+        return r".*\blanguage_model\.layers\.\d+\..*\.(" + "|".join(modules) + r")$"
+
+    def split_targets(self, family_targets: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(module names, parameter names) of the targets."""
+        chosen: list[str] = []
+        for name in self.targets or family_targets:
+            chosen += list(EXPERT_PARAMETERS) if name == "experts" else [name]
+        return tuple(n for n in chosen if "." not in n), tuple(n for n in chosen if "." in n)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from qprep.schemas.manifest import FAILED, OK
-from qprep.store.layout import LAST_RUN, Store
+from qprep.store.layout import LAST_RUN, SPAN, Store
 
 
 def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
@@ -29,6 +29,8 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
         "shards": {"committed": len(store.shard_files()), "count": store.shard_count},
         "videos": {"ok": _count(status, OK), "failed": _count(status, FAILED), "pending": None, "gone": None},
         "tokens": {"video": _sum(manifest, "video_length"), "audio": _sum(manifest, "audio_length")},
+        "deepstack_levels": store.deepstack_levels,
+        "token_bytes": _token_bytes(store, manifest),
         "bytes": store.size_bytes(),
         "videos_dir": str(videos) if videos else None,
         "failures": [
@@ -63,11 +65,30 @@ def format_status(report: dict) -> str:
         f"tokens       {tokens['video']} video, {tokens['audio']} audio",
         f"size         {report['bytes'] / 1e6:.1f} MB",
     ]
+    arrays = report["token_bytes"]
+    if report["deepstack_levels"]:
+        per_video = sum(arrays.values()) / max(videos["ok"], 1)
+        ratio = arrays["deepstack"] / max(arrays["video"], 1)
+        lines.append("arrays       " + ", ".join(f"{kind} {size / 1e6:.1f} MB" for kind, size in arrays.items())
+                     + f" ({report['deepstack_levels']} deepstack levels: {ratio:.0f}× the merged tokens; "
+                     f"{per_video / 1e6:.2f} MB per video)")
     for failure in report["failures"][:10]:
         lines.append(f"failed       {failure['path']}: {failure['error']}")
     if len(report["failures"]) > 10:
         lines.append(f"             ... and {len(report['failures']) - 10} more (--json lists all)")
     return "\n".join(lines)
+
+
+def _token_bytes(store: Store, manifest) -> dict[str, int]:
+    """Bytes of each token array over the committed rows (what the kinds cost, apart)."""
+    import numpy as np
+
+    item = np.dtype(store.attrs["storage_dtype"]).itemsize
+    out = {}
+    for kind in store.kinds():
+        rows = _sum(manifest, f"{SPAN[kind]}_length")
+        out[kind] = rows * int(np.prod(store.row_shape(kind))) * item
+    return out
 
 
 def _count(column, value: str) -> int:

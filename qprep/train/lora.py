@@ -2,7 +2,9 @@
 
 The recipe's plain target list (q/k/v/o/up/down_proj) also names modules inside the vision and
 audio towers of the full models. Targets here are a regex anchored on `language_model`, so the same
-adapter config hits the language model alone wherever it is applied.
+adapter config hits the language model alone wherever it is applied. MoE experts, fused 3-D
+parameters in transformers 5, are targeted by parameter name (peft's `target_parameters`; only the
+language model has experts).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ def apply_lora(language_model, settings: LoraSettings = LoraSettings()):
     """Wrap a `qprep.train.model.LanguageModel` with LoRA adapters (only they train)."""
     from peft import LoraConfig, get_peft_model
 
+    family_targets = language_model.family.lora_targets
+    modules, parameters = settings.split_targets(family_targets)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=settings.target_regex(language_model.family.lora_targets), bias="none")
+                        target_modules=settings.target_regex(family_targets) if modules else [],
+                        target_parameters=list(parameters) or None, bias="none")
     return get_peft_model(language_model, config)

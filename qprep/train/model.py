@@ -45,6 +45,10 @@ class Batch:
 
 
 class LanguageModel(torch.nn.Module):
+    # As the full models name their base (`model.language_model.*`): peft reads it when it scopes
+    # transformers' weight conversions to the submodules it adapts.
+    base_model_prefix = "model"
+
     def __init__(self, checkpoint: Checkpoint, dtype: str = "float32", device: str = "cpu",
                  attn_implementation: str = "sdpa"):
         super().__init__()

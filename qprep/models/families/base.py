@@ -17,7 +17,7 @@ checkpoint and tokenizer; nothing outside `qprep/models/` names a family.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +65,9 @@ class Family:
     lm_head_prefixes: tuple[str, ...]
     lora_targets: tuple[str, ...] = ATTENTION_AND_MLP
     pixel_bounds_per_clip: bool = False  # the video processor's size bounds all frames together, not each
+    # (state dict, module) -> state dict: what transformers converts at load time for this family's
+    # checkpoints (released weight names or shapes that differ from the module's), applied in order
+    weight_conversions: tuple[Callable[[dict, Any], dict], ...] = ()
 
     @property
     def has_audio(self) -> bool:

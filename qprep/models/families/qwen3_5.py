@@ -10,6 +10,7 @@ projections (`q_proj`, `k_proj`, `v_proj`, `o_proj`) and the linear-attention on
 
 from __future__ import annotations
 
+from qprep.models.families import experts
 from qprep.models.families.qwen3_vl import QWEN3_CHECKPOINT, Qwen3VLFamily
 
 FULL_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -35,5 +36,6 @@ QWEN3_5_MOE = Qwen3VLFamily(
     text_class="Qwen3_5MoeTextModel",
     full_model=("Qwen3_5MoeForConditionalGeneration", None),
     lora_targets=FULL_ATTENTION + LINEAR_ATTENTION,
+    weight_conversions=(experts.per_expert,),  # some releases, and save_pretrained, store one tensor per expert
     **QWEN3_CHECKPOINT,
 )

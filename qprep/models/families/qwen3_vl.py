@@ -23,6 +23,7 @@ not of one frame (`Family.pixel_bounds_per_clip`).
 
 from __future__ import annotations
 
+from qprep.models.families import experts
 from qprep.models.families.base import ATTENTION_AND_MLP, Family, PlaceholderIds
 
 VIDEO_TOKEN_TYPE = 2  # what the processor's mm_token_type_ids holds at a video token
@@ -103,7 +104,7 @@ QWEN3_VL = Qwen3VLFamily(
 
 # Every decoder layer's MLP is a sparse MoE block whose experts are fused 3-D parameters
 # (`experts.gate_up_proj`, `experts.down_proj`), which peft's `target_modules` cannot name: the
-# default adapts the attention projections only.
+# default adapts the attention projections only (`experts` in the targets adds them).
 QWEN3_VL_MOE = Qwen3VLFamily(
     name="qwen3_vl_moe",
     module="transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
@@ -112,5 +113,6 @@ QWEN3_VL_MOE = Qwen3VLFamily(
     text_class="Qwen3VLMoeTextModel",
     full_model=("Qwen3VLMoeForConditionalGeneration", None),
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    weight_conversions=(experts.transposed,),  # the releases store the fused experts transposed
     **QWEN3_CHECKPOINT,
 )

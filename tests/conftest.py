@@ -83,17 +83,32 @@ def omni_store(ray_cluster, tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def qwen3_vl_store(ray_cluster, tiny_model, tmp_path_factory):
-    """(model dir, open cache) of a float32 Qwen3-VL store (merged tokens and deepstack levels):
-    videos a (3 s, landscape) and b (2 s, portrait), no audio."""
+def qwen3_store(ray_cluster, tiny_model, tmp_path_factory):
+    """`qwen3_store(kind)` → (model dir, open cache) of a float32 store of a Qwen3-VL / Qwen3.5 tiny
+    checkpoint (merged tokens, and deepstack levels where the tower has them): videos a (3 s,
+    landscape, B-frames) and b (2 s, portrait), no audio. Built once per kind."""
     from qprep import open_cache
     from qprep.extraction.run import ExtractOptions, extract
     from qprep.schemas.settings import VideoSettings
 
-    root = tmp_path_factory.mktemp("qwen3-vl-store")
-    make_video(root / "videos" / "a.mp4", VideoSpec(width=128, height=96, fps=25, seconds=3, bframes=2, audio=False))
-    make_video(root / "videos" / "b.mp4", VideoSpec(width=96, height=128, fps=30, seconds=2, audio=False))
-    model_dir = str(tiny_model("qwen3_vl"))
-    extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2), dtype="float32", shards=1,
-            options=ExtractOptions(progress=False))
-    return model_dir, open_cache(root / "store.zarr")
+    made: dict[str, tuple] = {}
+
+    def get(kind: str):
+        if kind not in made:
+            root = tmp_path_factory.mktemp(f"{kind}-store")
+            make_video(root / "videos" / "a.mp4", VideoSpec(width=128, height=96, fps=25, seconds=3, bframes=2,
+                                                            audio=False))
+            make_video(root / "videos" / "b.mp4", VideoSpec(width=96, height=128, fps=30, seconds=2, audio=False))
+            model_dir = str(tiny_model(kind))
+            extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2), dtype="float32",
+                    shards=1, options=ExtractOptions(progress=False))
+            made[kind] = model_dir, open_cache(root / "store.zarr")
+        return made[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_store(qwen3_store):
+    """(model dir, open cache) of the Qwen3-VL store of `qwen3_store`."""
+    return qwen3_store("qwen3_vl")

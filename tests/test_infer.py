@@ -16,6 +16,7 @@ from qprep import open_cache
 from qprep.cli import main
 from qprep.extraction.run import ExtractOptions, extract
 from qprep.models.checkpoint import open_checkpoint
+from qprep.models.tiny import QWEN3_KINDS
 from qprep.schemas.settings import VideoSettings, load_model_spec
 from qprep.schemas.training import LoraSettings, TrainSettings
 from qprep.synth import VideoSpec, make_video
@@ -178,16 +179,18 @@ def test_cli_infer_writes_one_answer_per_id(omni_store, adapter, tmp_path):
     assert result.exit_code == 3 and "no adapter_config.json" in result.output
 
 
-def test_qwen3_vl_answers_from_the_cache_equal_generate_with_the_true_metadata_and_the_same_adapter(qwen3_vl_store,
-                                                                                                      tmp_path):
-    """Trained from the cache (time stamps in the prompt, deepstack levels at the visual positions),
-    then answered from it: the same tokens and logits as the full Qwen3-VL model's `generate` on the raw
-    video, its processor given the true video metadata, with the same adapter applied by peft."""
+@pytest.mark.parametrize("kind", QWEN3_KINDS)
+def test_qwen3_answers_from_the_cache_equal_generate_with_the_true_metadata_and_the_same_adapter(qwen3_store, kind,
+                                                                                                   tmp_path):
+    """Trained from the cache (time stamps in the prompt; Qwen3-VL: deepstack levels at the visual
+    positions; Qwen3.5: its linear-attention states carried in the cache), then answered from it: the
+    same tokens and logits as the full model's `generate` on the raw video, its processor given the
+    true video metadata, with the same adapter applied by peft."""
     from peft import PeftModel
 
     from test_train_parity import true_metadata
 
-    model_dir, cache = qwen3_vl_store
+    model_dir, cache = qwen3_store(kind)
     settings = TrainSettings(epochs=2, lr=5e-2, grad_accum=1, workers=0, gradient_checkpointing=False,
                              lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     train(cache.store.root, write_data(tmp_path / "train.json"), model_dir, tmp_path / "run", settings,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor, Qwen2VLVideoProcessor, WhisperFeatureExtractor
@@ -89,12 +90,14 @@ def test_a_users_file_builds_on_a_preset_and_flags_override_both(tmp_path):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_frames_are_sized_as_the_checkpoints_own_processor_sizes_them(tiny_model, videos, kind, layout):
     """A 1280×720 clip at fps 2, against `AutoProcessor` called as a user calls it (no size given). The
     released Omni checkpoint's preprocessor_config.json holds the image bounds (3136–12845056, which
     `Qwen2VLVideoProcessor.from_pretrained` would take: 5×52×92); the Omni processor resizes video
-    within its own 128·28²–768·28²: 5×40×72. Released VL: the image bounds do apply, 5×52×92."""
+    within its own 128·28²–768·28²: 5×40×72. Released VL: the image bounds do apply, 5×52×92.
+    Released Qwen3-VL / Qwen3.5: 4096–25165824 pixels for the whole clip (10 frames of 704×1280
+    fit; 720/32 = 22.5 rounds to 22): 5×44×80."""
     model_dir = tiny_model(kind, layout)
     path = videos("720p-5s.mp4", width=1280, height=720, fps=10, seconds=5)
     prepared = qprep.preprocess_video(path, model_dir, fps=2, audio=False)
@@ -103,5 +106,31 @@ def test_frames_are_sized_as_the_checkpoints_own_processor_sizes_them(tiny_model
     assert torch.equal(prepared.pixel_values_videos, expected["pixel_values_videos"])
     if kind == "qwen2_5_omni":
         assert prepared.video_grid_thw.tolist() == [[5, 40, 72]]
-    elif layout == "released":
+    elif layout == "released" and kind == "qwen2_5_vl":
         assert prepared.video_grid_thw.tolist() == [[5, 52, 92]]
+    elif layout == "released":
+        assert prepared.video_grid_thw.tolist() == [[5, 44, 80]]
+
+
+@pytest.mark.parametrize("cap", [False, True])
+def test_clip_bounds_size_frames_as_the_qwen3_video_processor_does(cap):
+    """The bounds cover all frames together, so the size depends on the frame count; with
+    `cap_pixels_per_frame` each frame also gets at most `max_video_tokens` merged tokens."""
+    from transformers import Qwen3VLVideoProcessor
+
+    from qprep.pipeline.patchify import target_size
+    from qprep.schemas.settings import ModelSpec, VideoSettings
+
+    processor = Qwen3VLVideoProcessor(size={"shortest_edge": 4096, "longest_edge": 2_000_000}, max_video_tokens=64)
+    spec = ModelSpec.from_processors(processor, per_clip=True)
+    spec = ModelSpec(**{**vars(spec), "cap_pixels_per_frame": cap})
+    sizes = set()
+    for frames, (height, width) in [(2, (720, 1280)), (8, (720, 1280)), (40, (720, 1280)), (16, (64, 48)),
+                                    (100, (1080, 1920)), (6, (500, 333))]:
+        ours = target_size("clip.mp4", height, width, frames, VideoSettings(), spec)
+        out = processor(videos=[np.zeros((frames, height, width, 3), np.uint8)], do_sample_frames=False,
+                        cap_pixels_per_frame=cap, return_tensors="pt")
+        grid = out["video_grid_thw"][0].tolist()
+        assert (ours[0] // 16, ours[1] // 16) == tuple(grid[1:]), (frames, height, width)
+        sizes.add(ours)
+    assert len(sizes) >= 5  # the cases really differ

@@ -201,9 +201,9 @@ def test_moe_experts_adapted_on_request_get_the_full_models_gradients(tiny_model
         assert torch.equal(gradient, reference[name]), name
 
 
-@pytest.mark.parametrize("store", ["omni_store", "qwen3_vl_store"])
-def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss_on_the_raw_videos(ray_cluster, request, store,
-                                                                                                   tmp_path):
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", *QWEN3])
+def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss_on_the_raw_videos(
+        omni_store, qwen3_store, kind, tmp_path):
     """End to end: videos extracted through Ray into a store, a LongVALE-style data file, `qprep train`'s
     own dataset, loader and collate; against the full model on each raw video through its processor
     (Qwen3-VL: given the true video metadata, the time stamps in the prompt and the deepstack levels)."""
@@ -214,8 +214,8 @@ def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss
     from qprep.train.data import build_dataset, load_records
     from qprep.train.loader import batch_stream, plan
 
-    model_dir, cache = request.getfixturevalue(store)
-    omni = store == "omni_store"
+    omni = kind == "qwen2_5_omni"
+    model_dir, cache = omni_store if omni else qwen3_store(kind)
     questions = {"a": "<video>\nWhat happens, and when?", "b": "Describe it. <video>"}
     records = [{"id": video_id, "conversations": [{"from": "human", "value": question},
                                                   {"from": "gpt", "value": f"From 0 to 1, event {video_id}."}]}
@@ -245,7 +245,7 @@ def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss
         labels = answer_labels(inputs["input_ids"], tokenizer)
         batch = batches[video_id]
         assert torch.equal(batch.input_ids, inputs["input_ids"]) and torch.equal(batch.labels, labels)
-        assert (batch.deepstack is None) == omni
+        assert (batch.deepstack is None) == (not kind.startswith("qwen3_vl"))
         with torch.no_grad():
             expected = full(**inputs, labels=labels, **({"use_audio_in_video": True} if omni else {}))
             loss, logits = language_model(batch)
@@ -253,10 +253,17 @@ def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss
 
 
 def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
-    """The answer's tokens and its closing <|im_end|>, -100 elsewhere (the newline after it included)."""
+    """What the assistant says after the chat template's generation prompt (`<|im_start|>assistant\n`,
+    and Qwen3.5's `<think>\n`), up to and including its closing <|im_end|>; -100 elsewhere."""
     labels = torch.full_like(input_ids, -100)
     ids = input_ids[0].tolist()
-    begin = len(ids) - ids[::-1].index(tokenizer.convert_tokens_to_ids("<|im_start|>")) + 2
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    opened = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer(opened, add_special_tokens=False)["input_ids"]
+    prompt = prompt[len(prompt) - prompt[::-1].index(start) - 1:]  # from the last <|im_start|>
+    at = len(ids) - ids[::-1].index(start) - 1
+    assert ids[at:at + len(prompt)] == prompt
+    begin = at + len(prompt)
     end = ids.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), begin) + 1
     labels[0, begin:end] = input_ids[0, begin:end]
     return labels

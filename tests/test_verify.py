@@ -14,6 +14,7 @@ from qprep import open_cache
 from qprep.audit import reference
 from qprep.cli import EXIT_MISMATCH, EXIT_SETTINGS, main
 from qprep.extraction.run import ExtractOptions, extract
+from qprep.models.tiny import QWEN3_KINDS
 from qprep.schemas.settings import VideoSettings
 from qprep.synth import VideoSpec, make_video
 
@@ -113,11 +114,12 @@ def test_verify_a_bf16_vl_store_and_its_tolerance(vl_store, tmp_path):
     assert result.exit_code == EXIT_MISMATCH and "FAIL  turned: video_tokens" in result.output
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl", *QWEN3_KINDS])
 def test_a_store_extracted_from_a_checkpoint_in_its_released_layout_verifies_bit_for_bit(ray_cluster, tiny_model,
                                                                                          tmp_path, kind):
-    """The hub's file set (one combined preprocessor_config.json, chat_template.json, legacy config keys),
-    through Ray into a store, then recomputed by transformers' AutoProcessor and from_pretrained alone."""
+    """The hub's file set (Qwen2.5: one combined preprocessor_config.json, chat_template.json; the
+    releases' config keys and weight names), through Ray into a store, then recomputed by transformers'
+    AutoProcessor and from_pretrained alone (merged tokens, deepstack levels, audio tokens)."""
     model_dir = tiny_model(kind, "released")
     for name, audio in (("talk", True), ("quiet", False)):
         make_video(tmp_path / "videos" / f"{name}.mp4", VideoSpec(width=96, height=72, fps=25, seconds=2, audio=audio))
@@ -131,6 +133,9 @@ def test_a_store_extracted_from_a_checkpoint_in_its_released_layout_verifies_bit
     for entry in report["results"]:
         checks = {c["name"]: c for c in entry["checks"]}
         assert checks["video_tokens"]["detail"] == "bit-exact"
+        assert ("deepstack" in checks) == kind.startswith("qwen3_vl")
+        if "deepstack" in checks:
+            assert checks["deepstack"]["detail"] == "bit-exact"
         if kind == "qwen2_5_omni" and entry["id"] == "talk":
             assert checks["audio_tokens"]["detail"] == "bit-exact"
 
@@ -168,3 +173,19 @@ def test_status_prints_what_the_deepstack_levels_cost(qwen3_vl_store):
     assert report["token_bytes"] == {"video": tokens * 64 * 4, "deepstack": tokens * 2 * 64 * 4}
     line = next(line for line in format_status(report).splitlines() if line.startswith("arrays"))
     assert "2 deepstack levels: 2× the merged tokens" in line
+
+
+def test_schema_versions_name_what_a_store_holds_and_an_unknown_one_is_refused(omni_store, qwen3_vl_store, tmp_path):
+    """Version 2 only where a deepstack array exists (a reader of version 1 would miss it); a version
+    this qprep does not read is refused with what to do."""
+    from qprep.errors import StoreError
+    from qprep.store.layout import Store
+
+    assert omni_store[1].store.attrs["schema_version"] == 1
+    assert qwen3_vl_store[1].store.attrs["schema_version"] == 2
+    store = copy_store(qwen3_vl_store[1], tmp_path)
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["qprep"]["schema_version"] = 3
+    (store / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="schema version 3, this qprep reads versions 1, 2; re-extract with --rebuild"):
+        Store.open(store)

@@ -37,7 +37,10 @@ from qprep.errors import StoreError
 from qprep.schemas.manifest import MANIFEST_SCHEMA, manifest_table
 from qprep.store.fs import LocalFiles, RemoteFiles, files_at
 
-SCHEMA_VERSION = 1
+# 1: video (and audio) arrays. 2: also a deepstack array; written only by stores that have one, so
+# that a qprep reading version 1 alone refuses such a store rather than read it without its levels.
+SCHEMA_VERSION = 2
+READS = (1, 2)
 KINDS = ("video", "audio", "deepstack")
 # The manifest columns `<span>_offset` / `<span>_length` that place a kind's rows; deepstack rows
 # are the video rows' twins. (A store without deepstack levels holds no such array: the layout of
@@ -78,7 +81,7 @@ class Store:
             # zarr's mode "w" would empty the directory: never point it at someone's files
             raise StoreError(f"{files.root} exists and is neither empty nor a qprep store; refusing to write there")
         attrs = {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION if deepstack_levels else 1,
             "fingerprint": fingerprint,
             "config": config,
             "model": model,
@@ -109,9 +112,9 @@ class Store:
             attrs = json.loads(meta)["attributes"]["qprep"]
         except (KeyError, json.JSONDecodeError) as exc:
             raise StoreError(f"{files.root}: a Zarr group, but not a qprep store ({exc})") from exc
-        if attrs.get("schema_version") != SCHEMA_VERSION:
+        if attrs.get("schema_version") not in READS:
             raise StoreError(f"{files.root}: store schema version {attrs.get('schema_version')}, this qprep reads "
-                             f"version {SCHEMA_VERSION}; re-extract with --rebuild")
+                             f"versions {', '.join(map(str, READS))}; re-extract with --rebuild")
         return cls(files, attrs)
 
     @staticmethod

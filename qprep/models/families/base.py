@@ -4,11 +4,16 @@ A family is one transformers model type (or a few sharing classes). Its module i
 the one place that knows, for that family:
 
 * the checkpoint: which towers exist, their transformers classes, the key prefixes of their weights
-  (in the released hub layout and in the one `save_pretrained` writes), the language model's and
-  `lm_head`'s, and the full-model class that `verify` and the parity tests compare against;
-* the prompt: the placeholder tokens, the token layout of a video block (`video_block`) and how the
-  model positions it (`position_ids`: the family's own `get_rope_index`, called as its model does);
-* training: which cached tensors fill which placeholders, and the default LoRA targets.
+  (in the released hub layout and in the one `save_pretrained` writes) and the conversions the
+  releases' weights need (`weight_conversions`), the language model's and `lm_head`'s, and the
+  full-model class that `verify` and the parity tests compare against;
+* the video processor's frame-size rule (`video_pixel_bounds`, `pixel_bounds_per_clip`);
+* the prompt: the placeholder tokens, the token layout of a video block (`video_block`: time stamps
+  as text, audio interleave) and how the model positions it (`position_ids`: the family's own
+  `get_rope_index`, called as its model does);
+* the store and training: what the tower returns beside the merged tokens (`deepstack_levels`),
+  what the language model takes besides embeddings and positions (`text_model_inputs`), and the
+  default LoRA targets.
 
 The rest of qprep asks a `Family` (through `Checkpoint.family`) or the `PromptLayout` it binds to a
 checkpoint and tokenizer; nothing outside `qprep/models/` names a family.

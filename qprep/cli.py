@@ -231,7 +231,24 @@ def status(store, videos, as_json):
               help="Run folder: checkpoint-*/, adapter/, metrics.jsonl, loss.png, run.json.")
 @click.option("--job", default=None, help="Preset (see `qprep jobs`) or TOML file whose [train] table to start from.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Passes over the data (default 2).")
-@click.option("--lr", type=float, default=None, help="AdamW learning rate, constant (default 1e-4).")
+@click.option("--lr", type=float, default=None, help="AdamW peak learning rate (default 1e-4).")
+@click.option("--lr-scheduler", type=click.Choice(["linear", "cosine", "constant", "constant-with-warmup"]),
+              default=None, help="How the learning rate moves over the run's optimizer steps, transformers' "
+                                 "schedules (default linear: the Trainer's, down to 0).")
+@click.option("--warmup-steps", type=click.IntRange(0), default=None,
+              help="Optimizer steps of linear warmup from 0 (default 0; 0 lets --warmup-ratio decide).")
+@click.option("--warmup-ratio", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Warmup as a fraction of the run's optimizer steps, rounded up (default 0).")
+@click.option("--weight-decay", type=click.FloatRange(0), default=None,
+              help="AdamW weight decay, never on biases and norms (default 0, the Trainer's).")
+@click.option("--max-grad-norm", type=click.FloatRange(0), default=None,
+              help="Clip the global gradient norm to this (default 1.0, the Trainer's; 0: no clipping).")
+@click.option("--adam-beta1", type=click.FloatRange(0, 1), default=None, help="AdamW β1 (default 0.9).")
+@click.option("--adam-beta2", type=click.FloatRange(0, 1), default=None, help="AdamW β2 (default 0.999).")
+@click.option("--adam-eps", type=click.FloatRange(0), default=None, help="AdamW ε (default 1e-8).")
+@click.option("--loss-weighting", type=click.Choice(["tokens", "batches"]), default=None,
+              help="tokens: a step's loss is the mean over all its label tokens (the Trainer's, default); "
+                   "batches: the mean of its batches' means.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Samples per batch, right-padded; audio and no-audio videos are batched apart (default 1).")
 @click.option("--grad-accum", type=click.IntRange(1), default=None, help="Batches per optimizer step (default 2).")

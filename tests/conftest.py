@@ -83,6 +83,23 @@ def omni_store(ray_cluster, tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def vl_train_store(ray_cluster, tiny_model, tmp_path_factory):
+    """(model dir, open cache) of a tiny Qwen2.5-VL store: videos a (2 s) and b (3 s)."""
+    from qprep import open_cache
+    from qprep.extraction.run import ExtractOptions, extract
+    from qprep.schemas.settings import VideoSettings
+
+    root = tmp_path_factory.mktemp("vl-train-data")
+    for name, seconds in (("a", 2), ("b", 3)):
+        make_video(root / "videos" / f"{name}.mp4", VideoSpec(width=112, height=84, fps=25, seconds=seconds,
+                                                              audio=False))
+    model_dir = str(tiny_model("qwen2_5_vl"))
+    extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2), dtype="float32", shards=1,
+            options=ExtractOptions(progress=False))
+    return model_dir, open_cache(root / "store.zarr")
+
+
+@pytest.fixture(scope="session")
 def qwen3_store(ray_cluster, tiny_model, tmp_path_factory):
     """`qwen3_store(kind)` → (model dir, open cache) of a float32 store of a Qwen3-VL / Qwen3.5 tiny
     checkpoint (merged tokens, and deepstack levels where the tower has them): videos a (3 s,

@@ -4,6 +4,7 @@ uninterrupted one, and the adapter and metrics land where they should."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import torch
 from click.testing import CliRunner
@@ -26,7 +27,8 @@ def write_data(path) -> str:
     return str(path)
 
 
-SETTINGS = TrainSettings(epochs=4, lr=1e-2, batch_size=1, grad_accum=2, seed=3,
+# warmup over 3 of the 4 steps, then the linear decay: a resume after step 2 restarts mid-warmup
+SETTINGS = TrainSettings(epochs=4, lr=1e-2, batch_size=1, grad_accum=2, seed=3, warmup_steps=3,
                          lora=LoraSettings(r=4, alpha=8, dropout=0.1))
 
 
@@ -42,13 +44,21 @@ def test_training_lowers_the_loss_and_a_resumed_run_equals_an_uninterrupted_one(
     assert whole.samples == 2 and whole.skipped == {"video failed extraction": ["broken"]}
     assert whole.steps == 4
     lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 8 and {"loss", "lr", "tokens_per_s", "step_time_s", "memory_mb"} <= set(lines[0])
+    assert len(lines) == 8 and {"loss", "tokens_per_s", "step_time_s", "memory_mb"} <= set(lines[0])
+    # each optimizer step's last batch records the step: its loss, the lr it used, the norm before clipping
+    assert [line["lr"] for line in lines[1::2]] == [1e-2 * f for f in (0.0, 1 / 3, 2 / 3, 1.0)]
+    assert all({"step_loss", "grad_norm"} <= set(line) for line in lines[1::2])
     # every epoch visits both samples once: its mean loss is comparable from epoch to epoch
     epoch_loss = [sum(line["loss"] for line in lines if line["epoch"] == epoch) / 2 for epoch in range(4)]
     assert epoch_loss[-1] < epoch_loss[0], epoch_loss
 
-    first = TrainSettings(**{**SETTINGS.__dict__, "epochs": 2})
-    train(store, data, model_dir, tmp_path / "split", first, progress=False, echo=lambda _: None)
+    # killed after step 2, mid-warmup: the checkpoints after it and the adapter never written
+    shutil.copytree(tmp_path / "whole", tmp_path / "split")
+    shutil.rmtree(tmp_path / "split" / "adapter")
+    for later in sorted((tmp_path / "split").glob("checkpoint-*"))[2:]:
+        shutil.rmtree(later)
+    assert sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*")) == ["checkpoint-0000001",
+                                                                              "checkpoint-0000002"]
     train(store, data, model_dir, tmp_path / "split", SETTINGS, resume=True, progress=False, echo=lambda _: None)
     ours, theirs = adapter(tmp_path / "split" / "adapter"), adapter(tmp_path / "whole" / "adapter")
     assert ours.keys() == theirs.keys()

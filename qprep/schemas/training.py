@@ -2,8 +2,11 @@
 
 The defaults are the research recipe's: LoRA r 16, alpha 16, dropout 0.05 on the model family's
 default targets in the language model (q/k/v/o/up/down_proj for the Qwen2.5 families), lr 1e-4,
-gradient accumulation 2, 2 epochs. In a preset and on the command line the LoRA fields are spelled
-flat: `lora_r`, `lora_alpha`, `lora_dropout`, `lora_targets`.
+gradient accumulation 2, 2 epochs; and for everything the recipe left at transformers' `Trainer`
+defaults, the Trainer's: a linear decay to 0 with no warmup, AdamW (β 0.9/0.999, ε 1e-8) without
+weight decay, the global gradient norm clipped to 1.0, token-weighted accumulation. In a preset and
+on the command line the LoRA fields are spelled flat: `lora_r`, `lora_alpha`, `lora_dropout`,
+`lora_targets`.
 """
 
 from __future__ import annotations
@@ -39,10 +42,23 @@ class LoraSettings:
         return tuple(n for n in chosen if "." not in n), tuple(n for n in chosen if "." in n)
 
 
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers' get_scheduler names
+LOSS_WEIGHTING = ("tokens", "batches")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     epochs: int = 2
-    lr: float = 1e-4
+    lr: float = 1e-4  # the peak: the schedule scales it
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 0  # optimizer steps; 0: warmup_ratio decides
+    warmup_ratio: float = 0.0  # of the run's optimizer steps, rounded up
+    weight_decay: float = 0.0  # on everything but biases and norms
+    max_grad_norm: float = 1.0  # 0: no clipping
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    loss_weighting: str = "tokens"  # "tokens": every label token of a step weighs the same; "batches": every batch
     batch_size: int = 1
     grad_accum: int = 2
     max_length: int | None = None  # tokens, video included
@@ -55,6 +71,16 @@ class TrainSettings:
     # the compute and workers would take them from it (measured: 1.21x the in-memory floor vs 1.04x)
     workers: int | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        scheduler = self.lr_scheduler.replace("-", "_")
+        object.__setattr__(self, "lr_scheduler", scheduler)
+        if scheduler not in SCHEDULERS:
+            raise SettingsError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.loss_weighting not in LOSS_WEIGHTING:
+            raise SettingsError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTING)}, got {self.loss_weighting!r}")
+        if not 0 <= self.warmup_ratio < 1 or self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise SettingsError("need warmup_ratio in [0, 1), and warmup_steps, max_grad_norm, weight_decay >= 0")
 
     def updated(self, values: dict[str, Any], source: str = "flags") -> "TrainSettings":
         """These settings with `values` (flat names; None means "not given") on top."""

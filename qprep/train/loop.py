@@ -1,6 +1,8 @@
 """`qprep train`: LoRA on the language model from a cache. No tower is built, no video decoded.
 
-Each epoch visits the samples in an order fixed by (seed, epoch), so a resumed run sees exactly
+The optimizer step is the Trainer's (`qprep.train.optim`: its optimizer, parameter groups, schedule,
+clipping and token-weighted accumulation); on GPU the forward runs under bf16 autocast with the
+adapter and the optimizer state in float32, as the Trainer's `bf16=True`. Each epoch visits the samples in an order fixed by (seed, epoch), so a resumed run sees exactly
 the batches an uninterrupted run would. Checkpoints (`checkpoint-<step>/`: the adapter in peft's
 format, the optimizer and the position in the data) are written every `save_every` optimizer steps
 and at the end of each epoch; the final adapter is `adapter/`. Metrics go to `metrics.jsonl`, the loss curve to
@@ -21,12 +23,14 @@ import torch
 
 from qprep.errors import SettingsError
 from qprep.schemas.training import TrainSettings
+from qprep.train.optim import build_optimizer, build_scheduler, clip, step_shares, steps_in_run
 from qprep.train.plot import plot_loss
 
 CHECKPOINT_PREFIX = "checkpoint-"
 RUN_FILE = "run.json"  # the effective settings and what the run was trained on
-# How long a resumed run goes on and how often it saves; every other setting decides what it computes.
-CHANGEABLE_ON_RESUME = frozenset({"epochs", "save_every"})
+# How often a resumed run saves; every other setting decides what it computes (the number of epochs
+# too: the learning-rate schedule spans the whole run).
+CHANGEABLE_ON_RESUME = frozenset({"save_every"})
 
 
 @dataclass
@@ -79,20 +83,25 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
         language_model.language_model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})  # reentrant breaks with injected embeddings
     peft_model = apply_lora(language_model, settings.lora)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=settings.lr)
+    optimizer = build_optimizer(peft_model, settings)
     per_epoch = batches_per_epoch(dataset.samples, settings.batch_size)
+    scheduler = build_scheduler(optimizer, settings, steps_in_run(settings, per_epoch))
     state = {"epoch": 0, "batch": 0, "step": 0}
     if resume:
-        state = _restore(out, peft_model, optimizer) or state
+        state = _restore(out, peft_model, optimizer, scheduler) or state
 
     planned = plan(dataset.samples, seed=settings.seed, batch_size=settings.batch_size, epochs=settings.epochs,
                    start=(state["epoch"], state["batch"]))
+    shares = step_shares(planned, dataset.samples, settings.grad_accum, per_epoch)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and dtype == "bfloat16")
     workers = settings.workers if settings.workers is not None else (2 if device == "cuda" else 0)
     stream = batch_stream(planned, dataset.samples, cache, layout, workers=workers, pin_memory=device == "cuda")
     metrics = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=settings.epochs * per_epoch, initial=state["epoch"] * per_epoch + state["batch"],
                desc="train", unit="batch", disable=not progress)
     first_loss = last_loss = None
+    step_loss = 0.0
     peft_model.train()
     try:
         while True:
@@ -103,28 +112,35 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
             position, batch = item
             batch = batch.to(device, non_blocking=True)
             waited = time.perf_counter() - tick
-            loss, _ = peft_model(batch)
-            (loss / settings.grad_accum).backward()
-            last_loss = float(loss.detach())
+            share = shares[position.epoch, position.index]
+            with autocast:
+                loss = _step_part_loss(peft_model, batch, share, settings.loss_weighting)
+            loss.backward()
+            step_loss += float(loss.detach())
+            last_loss = _batch_mean(float(loss.detach()), share, batch, settings.loss_weighting)
             first_loss = last_loss if first_loss is None else first_loss
             epoch_end = position.index + 1 == per_epoch
-            boundary = (position.index + 1) % settings.grad_accum == 0 or epoch_end
-            if boundary:
+            row = {"epoch": position.epoch, "batch": position.index, "step": state["step"], "loss": last_loss}
+            if share.last:
+                lr = optimizer.param_groups[0]["lr"]
+                grad_norm = clip(trainable, settings.max_grad_norm)
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
+                row.update(step=state["step"], step_loss=step_loss, lr=lr, grad_norm=grad_norm)
+                step_loss = 0.0
             state.update(epoch=position.epoch, batch=position.index + 1)
             elapsed = time.perf_counter() - tick
-            metrics.write(json.dumps({
-                "epoch": position.epoch, "batch": position.index, "step": state["step"], "loss": last_loss,
-                "lr": settings.lr, "tokens_per_s": int(batch.attention_mask.sum()) / elapsed, "step_time_s": elapsed,
-                "data_wait_s": waited, "memory_mb": _memory_mb(device)}) + "\n")
+            metrics.write(json.dumps({**row, "tokens_per_s": int(batch.attention_mask.sum()) / elapsed,
+                                      "step_time_s": elapsed, "data_wait_s": waited,
+                                      "memory_mb": _memory_mb(device)}) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", epoch=position.epoch)
             if epoch_end:
                 state.update(epoch=position.epoch + 1, batch=0)
-            if epoch_end or (boundary and settings.save_every and state["step"] % settings.save_every == 0):
-                _save(out, peft_model, optimizer, state)
+            if epoch_end or (share.last and settings.save_every and state["step"] % settings.save_every == 0):
+                _save(out, peft_model, optimizer, scheduler, state)
                 if cache.changed_on_disk():
                     raise _cache_changed(cache)
     finally:
@@ -134,6 +150,23 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     return TrainSummary(samples=len(dataset.samples), skipped=dataset.skipped, steps=state["step"],
                         first_loss=first_loss, last_loss=last_loss, seconds=time.perf_counter() - started)
+
+
+def _step_part_loss(model, batch, share, weighting: str) -> torch.Tensor:
+    """This batch's part of its optimizer step's loss (the parts sum to the step's loss)."""
+    if weighting == "tokens":
+        return model(batch, num_items_in_batch=share.label_tokens)[0]
+    return model(batch)[0] / share.batches
+
+
+def _batch_mean(part: float, share, batch, weighting: str) -> float:
+    """The batch's own mean loss, for the curve (the step's loss is what the optimizer follows)."""
+    from qprep.train.optim import label_tokens
+
+    if weighting == "batches":
+        return part * share.batches
+    tokens = sum(label_tokens(row) for row in batch.labels.tolist())
+    return part * share.label_tokens / max(tokens, 1)
 
 
 def _next_batch(stream, cache):
@@ -202,10 +235,11 @@ def _memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _save(out: Path, peft_model, optimizer, state: dict) -> None:
+def _save(out: Path, peft_model, optimizer, scheduler, state: dict) -> None:
     directory = out / f"{CHECKPOINT_PREFIX}{state['step']:07d}"
     peft_model.save_pretrained(directory)
-    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, directory / "trainer.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+               directory / "trainer.pt")
     # Last and in one step: --resume takes only checkpoints with a state.json, so one killed while
     # being written is skipped, never half-read.
     _write_json(directory / "state.json", state)
@@ -221,7 +255,7 @@ def load_trainer_state(path: Path) -> dict:
                             f"earlier one") from exc
 
 
-def _restore(out: Path, peft_model, optimizer) -> dict | None:
+def _restore(out: Path, peft_model, optimizer, scheduler) -> dict | None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -232,6 +266,7 @@ def _restore(out: Path, peft_model, optimizer) -> dict | None:
     set_peft_model_state_dict(peft_model, load_file(str(latest / "adapter_model.safetensors")))
     saved = load_trainer_state(latest / "trainer.pt")
     optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])
     return json.loads((latest / "state.json").read_text())
 

@@ -101,14 +101,17 @@ class LanguageModel(torch.nn.Module):
         deepstack features at the visual positions, for one)."""
         return self.family.text_model_inputs(batch, self.config)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, logits), the same as the full model's on the raw video."""
+    def forward(self, batch: Batch, num_items_in_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits), the same as the full model's on the raw video. `num_items_in_batch`: divide
+        the summed cross-entropy by this many label tokens (those of a whole accumulated step, as the
+        Trainer passes it) instead of taking this batch's mean."""
         hidden = self.language_model(inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask,
                                      position_ids=self.position_ids(batch), use_cache=False,
                                      **self.text_inputs(batch)).last_hidden_state
         logits = self.lm_head(hidden)
         loss = self._positions.loss_function(logits=logits, labels=batch.labels,
-                                             vocab_size=self.config.get_text_config().vocab_size)
+                                             vocab_size=self.config.get_text_config().vocab_size,
+                                             num_items_in_batch=num_items_in_batch)
         return loss, logits
 
 

@@ -9,10 +9,13 @@ WIDTH, HEIGHT, MARGIN = 720, 400, 56
 
 
 def plot_loss(metrics: str | Path, out: str | Path) -> Path:
-    """Loss per batch (thin) and its running mean over 10 batches (thick) from `metrics.jsonl`."""
+    """Loss per batch (thin) and its running mean over 10 batches (thick) from `metrics.jsonl`, and
+    the learning rate of each optimizer step (orange, on its own scale: 0 to its peak)."""
     from PIL import Image, ImageDraw
 
-    losses = [json.loads(line)["loss"] for line in Path(metrics).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    losses = [row["loss"] for row in rows]
+    rates = [(index, row["lr"]) for index, row in enumerate(rows) if "lr" in row]
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = MARGIN, MARGIN // 2, WIDTH - MARGIN // 2, HEIGHT - MARGIN
@@ -31,6 +34,11 @@ def plot_loss(metrics: str | Path, out: str | Path) -> Path:
         draw.text((4, top), f"{high:.3f}", fill="black")
         draw.text((4, bottom - 10), f"{low:.3f}", fill="black")
         draw.text((right - 90, bottom + 8), f"{len(losses)} batches", fill="black")
+        peak = max((rate for _, rate in rates), default=0.0)
+        if len(rates) > 1 and peak > 0:
+            scaled = [(point(index, low)[0], bottom - (bottom - top) * rate / peak) for index, rate in rates]
+            draw.line(scaled, fill=(230, 120, 20), width=2)
+            draw.text((right - 120, top + 4), f"lr (peak {peak:.2g})", fill=(230, 120, 20))
     draw.text((left, bottom + 8), "loss per batch (running mean of 10 in bold)", fill="black")
     image.save(out)
     return Path(out)

@@ -45,6 +45,25 @@ run), after `touch`ing 10 files (re-hash, no extraction), and after replacing 1 
 (one extraction, so Ray starts). The summaries are checked: nothing extracted and Ray not started,
 10 touched, 1 extracted.
 
+Qwen3-VL (`--family qwen3_vl`): the same throughput rows on the same videos, with a Qwen3-VL
+checkpoint (bench/qwen3vl.py: the real classes and key layout; the vision tower at Qwen3-VL-8B's
+released width, hidden 1152, MLP 4304, 16 heads, patch 16, temporal 2, merge 2, 2304 position
+embeddings, out_hidden_size 4096, with --vision-depth blocks (default 9 of the 8B's 27) and the
+three deepstack levels at the released relative depths, [2, 5, 8] of 9 for [8, 16, 24] of 27; a
+2-layer language model of width --hidden, which extraction never runs), fps 2, no audio
+(`--no-audio`), float32. Qwen3VLVideoProcessor's `size` is a pixel budget over all frames of the
+clip: both sides resize within --min-pixels..--max-pixels per clip (default 4·32²..256·32², the
+checkpoint's own; the 8B's release allows up to 25,165,824). The reference loop reads each video
+with qwen-vl-utils' reader (decord; its fps-2 frame choice, frames at the decoded size, so that the
+processor's own per-clip resize applies, which is what qprep reproduces; `fetch_video` would first
+resize every frame by its per-frame rules), runs the checkpoint's `Qwen3VLVideoProcessor`
+(do_sample_frames=False) and `Qwen3VLForConditionalGeneration.from_pretrained(...).model`
+`.get_video_features(...)`, and saves the merged tokens and the deepstack levels ([levels, n, d])
+with numpy. A second table gives the bytes per video of the cold run's store from
+`qprep.store.status.store_status(store)["token_bytes"]` (rows × row shape × item size of each token
+array: `video` [n, 4096] and `deepstack` [n, 3, 4096]), and of the reference's .npy files. The no-op
+re-run is not repeated (it hashes files and starts no tower; the Omni run measures it).
+
 Goals stated by the project: qprep >= 3x the reference's videos/min on this 2-core machine; the
 no-op re-run over 10,000 videos < 5 s.
 
@@ -54,6 +73,8 @@ store are cached in --workdir, so only the first run pays for them):
     python bench/extract.py                          # everything (first run ~12 min, then ~5 min)
     python bench/extract.py --skip-noop --videos 8   # the throughput comparison only, a smoke run
     python bench/extract.py --repeats 3 --json extract.json   # ~8 min more; what the report used
+    python bench/extract.py --family qwen3_vl --videos 4 --quiet-wait 30   # Qwen3-VL smoke run (~7 min)
+    python bench/extract.py --family qwen3_vl --videos 16 --max-pixels 1048576   # larger frames (long)
 """
 
 from __future__ import annotations
@@ -91,6 +112,30 @@ RESULT_TAG = "BENCH-RESULT "
 SAMPLE_EVERY_S = 0.2
 TIMEOUT_S = 3600
 THROUGHPUT_GOAL, NOOP_GOAL_S = 3.0, 5.0
+
+FAMILIES = ("qwen2_5_omni", "qwen3_vl")
+# Qwen3-VL (--family qwen3_vl): Qwen3VLVideoProcessor's `size` bounds the pixels of the whole clip
+# (all frames together), not of a frame. The default is the bench checkpoint's own processor config
+# (4..256 merged tokens of 32² pixels per clip); Qwen3-VL-8B's release allows 4096..25165824.
+QWEN3_VL_PIXELS = {"min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 256}
+QWEN3_VL_TEXT_LAYERS = 2
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What differs between the families the bench runs: model, pixel bounds, audio, store folder."""
+
+    family: str
+    pixels: dict
+    audio: bool
+    stores: str  # folder of the stores under the workdir
+    description: str  # of the model, for the table's title
+
+    @property
+    def cli_flags(self) -> tuple[str, ...]:
+        flags = ("--fps", str(FPS), "--min-pixels", str(self.pixels["min_pixels"]), "--max-pixels",
+                 str(self.pixels["max_pixels"]))
+        return flags if self.audio else (*flags, "--no-audio")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +414,55 @@ def reference_worker(job: dict) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def reference_qwen3_vl_worker(job: dict) -> dict:
+    """The same loop for Qwen3-VL: qwen-vl-utils' video reader (its fps-2 frame choice, frames at
+    the decoded size), the checkpoint's `Qwen3VLVideoProcessor` resizing the clip within its
+    per-clip pixel budget, `Qwen3VLForConditionalGeneration.from_pretrained(...).model`
+    `.get_video_features(...)`: merged tokens (`pooler_output`) and deepstack levels
+    (`deepstack_features`, saved as one [levels, n, d] array), each with numpy."""
+    begun = time.perf_counter()
+    import numpy as np
+    import torch
+    from qwen_vl_utils.vision_process import VIDEO_READER_BACKENDS
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLVideoProcessor
+
+    model = job["model"]
+    video_processor = Qwen3VLVideoProcessor.from_pretrained(model)
+    vl = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=torch.float32).model.eval()
+    size = {"shortest_edge": job["pixels"]["min_pixels"], "longest_edge": job["pixels"]["max_pixels"]}
+    out = Path(job["out"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    @torch.inference_mode()
+    def one(path: str) -> list:
+        # fetch_video would also resize each frame by its own per-frame rules (then the processor is
+        # called with do_resize=False); the processor's per-clip rule is what qprep follows.
+        element = {"type": "video", "video": path, "fps": FPS}
+        frames, metadata, _ = VIDEO_READER_BACKENDS[job["reader"]](element)
+        if metadata.get("video_backend") != job["reader"]:
+            raise RuntimeError(f"qwen-vl-utils read {path} with {metadata.get('video_backend')}, not {job['reader']}")
+        vision = video_processor(videos=[frames], do_sample_frames=False, size=size, return_tensors="pt")
+        output = vl.get_video_features(vision["pixel_values_videos"], vision["video_grid_thw"])
+        tokens = torch.cat(list(output.pooler_output))
+        deepstack = torch.stack([torch.cat(list(level)) for level in output.deepstack_features])
+        name = Path(path).stem
+        np.save(out / f"{name}.video.npy", tokens.numpy())
+        np.save(out / f"{name}.deepstack.npy", deepstack.numpy())
+        return [len(frames), int(tokens.shape[0]), 0, (out / f"{name}.video.npy").stat().st_size,
+                (out / f"{name}.deepstack.npy").stat().st_size]
+
+    loaded = time.perf_counter()
+    one(job["warmup"])
+    warmed = time.perf_counter()
+    per_video = []
+    for path in job["videos"]:
+        started = time.perf_counter()
+        frames, video_tokens, audio_tokens, *sizes = one(path)
+        per_video.append([frames, video_tokens, audio_tokens, time.perf_counter() - started, *sizes])
+    return {"load_s": loaded - begun, "warmup_s": warmed - loaded, "per_video": per_video,
+            "torch_threads": torch.get_num_threads()}
+
+
 def qprep_warm_worker(job: dict) -> dict:
     """`extract` with Ray already up and its workers warmed by a first small extract: of N videos,
     then of 2N (the same N and N more) on another fresh store."""
@@ -382,7 +476,8 @@ def qprep_warm_worker(job: dict) -> dict:
     started = time.perf_counter()
     ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)  # as qprep's own
     result = {"ray_init_s": time.perf_counter() - started}
-    settings, options = VideoSettings(fps=FPS, **PIXELS), ExtractOptions(progress=False)
+    settings = VideoSettings(fps=FPS, **job.get("pixels", PIXELS), audio=job.get("audio", True))
+    options = ExtractOptions(progress=False)
     extract(job["warmup"], job["warmup_store"], job["model"], settings, dtype="float32", options=options)
     for key in ("videos", "videos_2x"):
         begun = time.perf_counter()
@@ -392,7 +487,8 @@ def qprep_warm_worker(job: dict) -> dict:
     return result
 
 
-WORKERS = {"reference": reference_worker, "qprep-warm": qprep_warm_worker}
+WORKERS = {"reference": reference_worker, "reference-qwen3_vl": reference_qwen3_vl_worker,
+           "qprep-warm": qprep_warm_worker}
 
 
 def worker_main(job_json: str) -> None:
@@ -420,6 +516,7 @@ class Row:
     others_cores: float | None = None
     note: str = ""
     ratio: float | None = None
+    files: dict | None = None  # bytes of the token files the reference saved, by kind (Qwen3-VL)
 
     @property
     def per_min(self) -> float:
@@ -440,11 +537,9 @@ def measured_fields(measured: Measured) -> dict:
             "tree_pss_mb": measured.tree_pss_mb, "cpu_s": measured.cpu_s, "others_cores": measured.others_cores}
 
 
-def measure_qprep_cold(videos: Path, model: Path, workdir: Path, count: int) -> Row:
-    store = fresh(workdir / "stores" / "cold.zarr")
-    measured, summary = run_cli_extract(videos, store, model, ("--fps", str(FPS), "--min-pixels",
-                                                               str(PIXELS["min_pixels"]), "--max-pixels",
-                                                               str(PIXELS["max_pixels"])))
+def measure_qprep_cold(videos: Path, model: Path, workdir: Path, count: int, mode: Mode) -> Row:
+    store = fresh(workdir / mode.stores / "cold.zarr")
+    measured, summary = run_cli_extract(videos, store, model, mode.cli_flags)
     check(summary["extracted"] == count and summary["ray_started"], f"cold extract: {short(summary)}")
     note = (f"extract() {summary['seconds']:.1f} s of it; {measured.processes} processes; "
             f"{summary['failed']} failed")
@@ -454,11 +549,12 @@ def measure_qprep_cold(videos: Path, model: Path, workdir: Path, count: int) -> 
 
 
 def measure_qprep_warm(videos: Path, videos_2x: Path, warmup: Path, model: Path, workdir: Path,
-                       count: int) -> tuple[Row, Row]:
+                       count: int, mode: Mode) -> tuple[Row, Row]:
     """The warm extract of N videos, and the marginal cost of N more: extract(2N) - extract(N)."""
-    stores = workdir / "stores"
+    stores = workdir / mode.stores
     job = {"kind": "qprep-warm", "videos": str(videos), "videos_2x": str(videos_2x), "warmup": str(warmup),
-           "model": str(model), "warmup_store": str(fresh(stores / "warmup.zarr")),
+           "model": str(model), "pixels": mode.pixels, "audio": mode.audio,
+           "warmup_store": str(fresh(stores / "warmup.zarr")),
            "videos_store": str(fresh(stores / "warm.zarr")), "videos_2x_store": str(fresh(stores / "warm-2x.zarr"))}
     measured, result = run_worker(job)
     first, double = result["videos"], result["videos_2x"]
@@ -476,14 +572,15 @@ def measure_qprep_warm(videos: Path, videos_2x: Path, warmup: Path, model: Path,
 
 
 def measure_reference(videos: Path, videos_2x: Path, warmup: Path, model: Path, workdir: Path, count: int,
-                      reader: str) -> tuple[Row, Row, Row]:
+                      reader: str, mode: Mode) -> tuple[Row, Row, Row]:
     """One process looping over the 2N videos: cold and warm rows for the first N (cold: the
     process wall minus the warm-up clip and the second N), and the loop over the second N."""
     files = sorted(str(p) for p in videos_2x.glob("*.mp4"))
     first = {str(videos_2x / p.name) for p in videos.glob("*.mp4")}
     files.sort(key=lambda f: f not in first)  # the N of the qprep run first, then the N more
-    job = {"kind": "reference", "videos": files, "warmup": str(next(warmup.glob("*.mp4"))), "model": str(model),
-           "out": str(fresh(workdir / "stores" / "reference")), "reader": reader}
+    kind = "reference" if mode.family == "qwen2_5_omni" else f"reference-{mode.family}"
+    job = {"kind": kind, "videos": files, "warmup": str(next(warmup.glob("*.mp4"))), "model": str(model),
+           "out": str(fresh(workdir / mode.stores / "reference")), "reader": reader, "pixels": mode.pixels}
     env = {**os.environ, "FORCE_QWENVL_VIDEO_READER": reader}
     measured, result = run_worker(job, env)
     head, tail = result["per_video"][:count], result["per_video"][count:]
@@ -498,7 +595,40 @@ def measure_reference(videos: Path, videos_2x: Path, warmup: Path, model: Path, 
                     f"whole process ({2 * count} videos)", **measured_fields(measured))
     warm = Row(f"reference loop ({reader}), warm (the loop alone)", count, loop_head, **totals(head))
     more = Row(f"reference loop over the {count} more videos", count, loop_tail, **totals(tail))
+    if len(head[0]) > 4:  # the .npy sizes (Qwen3-VL: video, deepstack)
+        cold.files = {"video": sum(v[4] for v in head), "deepstack": sum(v[5] for v in head)}
     return cold, warm, more
+
+
+def store_bytes(store: Path, count: int) -> dict:
+    """What a store of `count` videos holds: bytes of each token array (`store_status`'s
+    token_bytes: rows × row shape × item size), all its files, and its token count."""
+    from qprep.store.status import store_status
+
+    status = store_status(store)
+    check(status["videos"]["ok"] == count, f"{store}: {status['videos']}")
+    return {"videos": count, "arrays": status["token_bytes"], "files": status["bytes"],
+            "video_tokens": status["tokens"]["video"], "levels": status["deepstack_levels"],
+            "dtype": status["dtype"]}
+
+
+def bytes_table(stored: dict, reference: Row) -> str:
+    """Bytes per video of the qprep store, split by array, and of the reference's .npy files."""
+    count, arrays = stored["videos"], stored["arrays"]
+    header = ("what", "videos", "merged tokens / video", "video bytes / video", "deepstack bytes / video",
+              "deepstack / video", "all files / video", "bytes / merged token")
+    deep = arrays.get("deepstack", 0)
+    rows = [(f"qprep store ({stored['levels']} deepstack levels, {stored['dtype']}; token_bytes)", count,
+             fmt(stored["video_tokens"] / count, ".0f"), fmt(arrays["video"] / count, ",.0f"),
+             fmt(deep / count, ",.0f"), fmt(deep / max(arrays["video"], 1), ".2f") + "x",
+             fmt(stored["files"] / count, ",.0f"), fmt(sum(arrays.values()) / max(stored["video_tokens"], 1), ",.0f"))]
+    if reference.files:
+        files, tokens = reference.files, reference.video_tokens or 1
+        rows.append(("reference .npy files (first N)", reference.videos, fmt(tokens / reference.videos, ".0f"),
+                     fmt(files["video"] / reference.videos, ",.0f"), fmt(files["deepstack"] / reference.videos, ",.0f"),
+                     fmt(files["deepstack"] / max(files["video"], 1), ".2f") + "x",
+                     fmt(sum(files.values()) / reference.videos, ",.0f"), fmt(sum(files.values()) / tokens, ",.0f")))
+    return markdown(header, rows)
 
 
 @dataclass
@@ -625,6 +755,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reader", default="decord", choices=("decord", "torchvision", "torchcodec"),
                         help="qwen-vl-utils' video reader for the reference (FORCE_QWENVL_VIDEO_READER)")
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny model's language part")
+    parser.add_argument("--family", default="qwen2_5_omni", choices=FAMILIES,
+                        help="qwen3_vl: a Qwen3-VL checkpoint with the 8B's vision width, no audio, no no-op run")
+    parser.add_argument("--vision-depth", type=int, default=9,
+                        help="Qwen3-VL only: vision blocks (the 8B has 27; deepstack levels at the same relative "
+                             "depths)")
+    parser.add_argument("--min-pixels", type=int, default=QWEN3_VL_PIXELS["min_pixels"],
+                        help="Qwen3-VL only: pixel floor of a whole clip")
+    parser.add_argument("--max-pixels", type=int, default=QWEN3_VL_PIXELS["max_pixels"],
+                        help="Qwen3-VL only: pixel budget of a whole clip (all its frames)")
     parser.add_argument("--quiet-wait", type=float, default=180,
                         help="before each measured run, wait up to this many seconds for the other processes "
                              "on the machine to go idle (0: never wait)")
@@ -638,19 +777,35 @@ def main(argv: list[str] | None = None) -> int:
     workdir, repeats = args.workdir.resolve(), max(1, args.repeats)
     QUIET["max_wait_s"] = args.quiet_wait
     workdir.mkdir(parents=True, exist_ok=True)
-    model = ensure_model(workdir, args.hidden)
+    if args.family == "qwen3_vl":
+        import qwen3vl  # bench/qwen3vl.py: the Qwen3-VL bench checkpoint
+
+        out_hidden = qwen3vl.QWEN3_VL_8B["vision"]["out_hidden_size"]
+        model = qwen3vl.ensure_model(workdir, args.vision_depth, out_hidden, args.hidden, QWEN3_VL_TEXT_LAYERS)
+        pixels = {"min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
+        mode = Mode("qwen3_vl", pixels, audio=False, stores="stores-qwen3_vl", description=(
+            f", Qwen3-VL {model.name} (vision {args.vision_depth} blocks at the 8B's width 1152, deepstack "
+            f"{qwen3vl.deepstack_indexes(args.vision_depth)}, out {out_hidden}; language model "
+            f"{QWEN3_VL_TEXT_LAYERS} × {args.hidden}), no audio, pixels {pixels['min_pixels']}..{pixels['max_pixels']} "
+            f"per clip"))
+        args.skip_noop = True  # the no-op re-run hashes files and starts no tower: the Omni run measures it
+    else:
+        model = ensure_model(workdir, args.hidden)
+        mode = Mode("qwen2_5_omni", PIXELS, audio=True, stores="stores",
+                    description=f" + audio, tiny Omni (hidden {args.hidden})")
     videos, videos_2x, warmup = ensure_videos(workdir, args.videos)
     facts = environment(workdir)
     print("environment: " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
 
     print("reference loop …", file=sys.stderr, flush=True)
     reference = repeated(lambda: measure_reference(videos, videos_2x, warmup, model, workdir, args.videos,
-                                                   args.reader), repeats)
+                                                   args.reader, mode), repeats)
     print("qprep extract, cold …", file=sys.stderr, flush=True)
-    cold = repeated(lambda: measure_qprep_cold(videos, model, workdir, args.videos), repeats)
+    cold = repeated(lambda: measure_qprep_cold(videos, model, workdir, args.videos, mode), repeats)
+    stored = store_bytes(workdir / mode.stores / "cold.zarr", args.videos)
     print("qprep extract, warm …", file=sys.stderr, flush=True)
-    warm, marginal = repeated(lambda: measure_qprep_warm(videos, videos_2x, warmup, model, workdir, args.videos),
-                              repeats)
+    warm, marginal = repeated(lambda: measure_qprep_warm(videos, videos_2x, warmup, model, workdir, args.videos,
+                                                         mode), repeats)
     compare([(cold, reference[0]), (warm, reference[1]), (marginal, reference[2])])
     rows = [*reference, cold, warm, marginal]
 
@@ -661,8 +816,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"Throughput: {args.videos} videos ({sum(clip_spec(i).seconds for i in range(args.videos))} s of "
           f"{'/'.join(f'{w}x{h}' for w, h in SIZES)} h264+aac at {'/'.join(map(str, RATES))} fps), "
-          f"fps {FPS:g} + audio, tiny Omni (hidden {args.hidden}), float32, fastest of {repeats}:\n")
+          f"fps {FPS:g}{mode.description}, float32, fastest of {repeats}:\n")
     print(throughput_table(rows))
+    if mode.family != "qwen2_5_omni":
+        print(f"\nStore bytes per video (the cold run's store of {args.videos} videos):\n")
+        print(bytes_table(stored, reference[0]))
     print(f"\ngoal: qprep >= {THROUGHPUT_GOAL:g}x the reference's videos/min — cold: {cold.ratio:.2f}x "
           f"({'MET' if cold.ratio >= THROUGHPUT_GOAL else 'NOT MET'}), warm: {warm.ratio:.2f}x "
           f"({'MET' if warm.ratio >= THROUGHPUT_GOAL else 'NOT MET'}), marginal: {marginal.ratio:.2f}x "
@@ -679,8 +837,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({'MET' if best < NOOP_GOAL_S else 'NOT MET'})")
     print(f"\nwaited {QUIET['waited_s']:.0f} s in all for the machine to go idle (limit {args.quiet_wait:g} s a run)")
     if args.json:
-        args.json.write_text(json.dumps({"environment": facts, "rows": [asdict(r) for r in rows], "noop_build": build,
-                                         "noop": [asdict(r) for r in noop_rows]}, indent=2))
+        args.json.write_text(json.dumps({"environment": facts, "family": mode.family, "pixels": mode.pixels,
+                                         "rows": [asdict(r) for r in rows], "store_bytes": stored,
+                                         "noop_build": build, "noop": [asdict(r) for r in noop_rows]}, indent=2))
     return 0
 
 

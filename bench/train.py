@@ -25,8 +25,9 @@ What is compared (same model, same data, same sample order, same number of steps
   the vision patch embedding and the audio conv1 included, so autograd records the frozen towers and
   the backward runs through them; the other row removes those hooks (`disable_input_require_grads()`)
   so the towers stay out of autograd, the fairer (and faster) reference, used for the goal.
-* floor: the cache path's language-model step alone: the same `LanguageModel` + `apply_lora` + AdamW
-  set up as `train` sets them up, on batches `collate`d from the cache before the timed loop (each
+* floor: the cache path's language-model step alone: the same `LanguageModel` + `apply_lora` and the
+  same optimizer step (`qprep.train.optim`: the Trainer's AdamW groups, linear schedule, clipping at
+  1.0, token-weighted loss) set up as `train` sets them up, on batches `collate`d from the cache before the timed loop (each
   sample's batch built once, held in memory, reused): forward (positions, embedding scatter, text
   model, loss), backward, step. No data loading at all.
 
@@ -36,7 +37,8 @@ The raw path's parts are timed too (decode, audio, processor, towers' forward, t
 
 Settings on every path: batch size 1, gradient accumulation 1 (one optimizer step per sample),
 float32 on CPU, torch's default threads, LoRA r 16 / alpha 16 / dropout 0.05 on q/k/v/o/up/down_proj,
-AdamW lr 1e-4, gradient checkpointing on the language model (non-reentrant, as `train` enables it;
+lr 1e-4 (the cache paths take `train`'s optimizer step, clipping and schedule included; the raw
+path plain AdamW), gradient checkpointing on the language model (non-reentrant, as `train` enables it;
 --no-gradient-checkpointing turns it off everywhere), the same seed before the LoRA weights are
 made. The samples come in `train`'s order (a seeded permutation); the data file lists each video
 --steps / --videos times, so every path runs exactly --steps steps. The first --warmup steps are
@@ -69,9 +71,22 @@ idle, and the "others' cores" column says how busy the other processes kept the 
 (/proc/stat minus the worker's own CPU time). With --repeats N each path runs N times; the run with
 the lowest median step time is shown, with the largest memory seen.
 
-Goals stated by the issue: raw / cache step time >= 5x; cache / floor within 10 % (<= 1.10). If
-cache / floor is over 1.10 (or with --profile), the cache loop runs once more under cProfile and the
-top functions are printed.
+Qwen3-VL (`--family qwen3_vl`): the cache, cache-phases and floor paths (no raw-video path) on a
+Qwen3-VL checkpoint (bench/qwen3vl.py: the real classes and key layout; the vision tower at
+Qwen3-VL-8B's released width 1152 / MLP 4304 / 16 heads / patch 16, --vision-depth blocks, default 3,
+one per deepstack level, out_hidden_size = the language model's width; a language model of
+--text-layers × --text-hidden, M-RoPE sections in the release's proportions). The clips are
+extracted at fps 2 (or --num-frames) without audio, within 4·32²..1024·32² pixels per clip (the
+Qwen3-VL video processor's `size` bounds the whole clip). Each step's sample carries the
+`<t seconds>` stamps of its temporal patches in the prompt, and the cache path reads the merged
+tokens and the deepstack levels ([levels, n, d], 3× the merged tokens' bytes) from the store, which
+the language model gets as `visual_pos_masks` + `deepstack_visual_embeds`; the floor holds the same
+batches, deepstack included, in memory. The line above the table gives the cache's array sizes and
+what a step reads.
+
+Goals stated by the issue: raw / cache step time >= 5x; cache / floor within 10 % (<= 1.10); for
+Qwen3-VL, cache / floor within 5 % (<= 1.05). If cache / floor is over its goal (or with --profile),
+the cache loop runs once more under cProfile and the top functions are printed.
 
 Reproduce (from the repository root, with the virtualenv active; about 4 min on 2 cores, the first run
 included):
@@ -79,6 +94,8 @@ included):
     python bench/train.py                                # 12 clips, 24 steps per path
     python bench/train.py --videos 4 --steps 8           # a smoke run
     python bench/train.py --repeats 2 --json train.json  # what a report would use
+    python bench/train.py --family qwen3_vl --videos 4 --steps 12 --quiet-wait 30   # Qwen3-VL smoke run
+    python bench/train.py --family qwen3_vl --repeats 2   # Qwen3-VL: 12 clips, 24 steps per path
 """
 
 from __future__ import annotations
@@ -118,6 +135,14 @@ LORA_REGEX = r".*language_model\.layers\.\d+\..*\.(q_proj|k_proj|v_proj|o_proj|u
 RESULT_TAG = "BENCH-RESULT "
 TIMEOUT_S = 3600
 RAW_OVER_CACHE_GOAL, CACHE_OVER_FLOOR_GOAL = 5.0, 1.10
+
+FAMILIES = ("qwen2_5_omni", "qwen3_vl")
+# Qwen3-VL (--family qwen3_vl): Qwen3VLVideoProcessor's `size` bounds the pixels of the whole clip
+# (all its frames), not of one frame: 4..1024 merged tokens of 32² pixels per clip, about the Omni
+# run's video tokens per clip on these clips.
+QWEN3_VL_PIXELS = {"min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 1024}
+QWEN3_VL_PATHS = ("cache", "cache-loop", "floor")  # no raw-video path for Qwen3-VL here
+QWEN3_VL_CACHE_OVER_FLOOR_GOAL = 1.05
 QUESTIONS = ("what happens in the video", "describe the video", "when does the red disc show")
 
 # Qwen2.5-Omni-7B's thinker (its config.json): what the bench model is compared with.
@@ -135,6 +160,10 @@ OMNI_7B = {
 
 
 def model_name(args) -> str:
+    if args.family == "qwen3_vl":
+        import qwen3vl
+
+        return qwen3vl.model_name(args.vision_depth, args.text_hidden, args.text_layers, args.text_hidden)
     return (f"omni-v{args.vision_depth}x1280-a{args.audio_layers}x1280-t{args.text_layers}x{args.text_hidden}")
 
 
@@ -165,6 +194,11 @@ def ensure_model(workdir: Path, args) -> Path:
 
     from qprep.models.tiny import make_tiny_model
 
+    if args.family == "qwen3_vl":
+        import qwen3vl  # bench/qwen3vl.py; the merged tokens go into the LM: out_hidden_size = its width
+
+        return qwen3vl.ensure_model(workdir, args.vision_depth, args.text_hidden, args.text_hidden,
+                                    args.text_layers, seed=SEED)
     path = workdir / model_name(args)
     if (path / "config.json").is_file():
         return path
@@ -377,6 +411,8 @@ def loop_worker(job: dict) -> dict:
     from qprep.train.data import build_dataset, collate, load_records
     from qprep.train.lora import LoraSettings, apply_lora
     from qprep.train.model import LanguageModel
+    from qprep.schemas.training import TrainSettings
+    from qprep.train.optim import build_optimizer, build_scheduler, clip, label_tokens
 
     _quiet_transformers()
     checkpoint = open_checkpoint(job["model"])
@@ -390,8 +426,12 @@ def loop_worker(job: dict) -> dict:
         language_model.language_model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(language_model, LoraSettings())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     order = _train_order(len(dataset.samples))
+    # the optimizer step `train` takes (its settings: batch 1, no accumulation, so one step per sample)
+    step_settings = TrainSettings(epochs=1, lr=LR, batch_size=1, grad_accum=1, seed=SEED)
+    optimizer = build_optimizer(model, step_settings)
+    scheduler = build_scheduler(optimizer, step_settings, len(order))
+    trainable = [p for p in model.parameters() if p.requires_grad]
     floor = job["kind"] == "floor"
     batches = {}
     if floor:  # each sample's batch collated once, before the loop
@@ -419,11 +459,13 @@ def loop_worker(job: dict) -> dict:
         else:
             batch = collate([sample], cache, layout)
         collated = time.perf_counter()
-        loss, _ = model(batch)
+        loss, _ = model(batch, num_items_in_batch=label_tokens(sample.labels))
         forwarded = time.perf_counter()
         loss.backward()
         backward = time.perf_counter()
+        clip(trainable, step_settings.max_grad_norm)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = time.perf_counter()
         parts = phases.take()
@@ -433,6 +475,7 @@ def loop_worker(job: dict) -> dict:
         steps.append({"s": done - tick, "loss": float(loss), "tokens": len(sample.input_ids),
                       "video_tokens": int(batch.video_tokens.shape[0]),
                       "audio_tokens": 0 if batch.audio_tokens is None else int(batch.audio_tokens.shape[0]),
+                      "deepstack_levels": 0 if batch.deepstack is None else int(batch.deepstack.shape[0]),
                       "ids": _digest(sample.input_ids), "phases": parts})
     result = {"steps": steps, "setup_s": setup_s, "samples": len(dataset.samples),
               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -563,7 +606,7 @@ def extract_worker(job: dict) -> dict:
 
     _quiet_transformers()
     began = time.perf_counter()
-    settings = VideoSettings(**job["policy"], **PIXELS, audio=True)
+    settings = VideoSettings(**job["policy"], **job.get("pixels", PIXELS), audio=job.get("audio", True))
     summary = extract(job["videos"], job["store"], job["model"], settings, dtype="float32",
                       options=ExtractOptions(progress=False))
     return {"wall_s": time.perf_counter() - began, **summary.to_dict()}
@@ -762,13 +805,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-frames", type=int, help="a fixed frame count instead of fps 2")
     parser.add_argument("--text-hidden", type=int, default=512, help="language model width")
     parser.add_argument("--text-layers", type=int, default=4, help="language model layers")
-    parser.add_argument("--vision-depth", type=int, default=2, help="vision blocks (width 1280, as released)")
+    parser.add_argument("--family", default="qwen2_5_omni", choices=FAMILIES,
+                        help="qwen3_vl: a Qwen3-VL checkpoint (vision at the 8B's width, deepstack), no audio; "
+                             f"paths {','.join(QWEN3_VL_PATHS)} only")
+    parser.add_argument("--vision-depth", type=int,
+                        help="vision blocks (default 2 for Omni, width 1280 as released; 3 for Qwen3-VL, width "
+                             "1152, one block per deepstack level)")
     parser.add_argument("--audio-layers", type=int, default=2, help="audio encoder layers (width 1280, as released)")
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="off on every path")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qprep-bench-train"),
                         help="cache of clips, model and store")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each path; the fastest median is shown")
-    parser.add_argument("--paths", default="cache,cache-loop,floor,raw,raw-stock", help="which paths to run")
+    parser.add_argument("--paths", help="which paths to run (default: cache,cache-loop,floor,raw,raw-stock; "
+                                         f"Qwen3-VL: {','.join(QWEN3_VL_PATHS)})")
     parser.add_argument("--profile", action="store_true", help="cProfile the cache loop even within the goal")
     parser.add_argument("--quiet-wait", type=float, default=180,
                         help="before each measured run, wait up to this many seconds for the other processes "
@@ -783,6 +832,14 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or 2 * args.videos
     if steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
+    qwen3_vl = args.family == "qwen3_vl"
+    if args.vision_depth is None:
+        args.vision_depth = 3 if qwen3_vl else 2
+    if args.paths is None:
+        args.paths = ",".join(QWEN3_VL_PATHS) if qwen3_vl else "cache,cache-loop,floor,raw,raw-stock"
+    if qwen3_vl and set(args.paths.split(",")) - set(QWEN3_VL_PATHS):
+        parser.error(f"--family qwen3_vl runs the paths {','.join(QWEN3_VL_PATHS)} only")
+    floor_goal = QWEN3_VL_CACHE_OVER_FLOOR_GOAL if qwen3_vl else CACHE_OVER_FLOOR_GOAL
     workdir, repeats = args.workdir.resolve(), max(1, args.repeats)
     QUIET["max_wait_s"] = args.quiet_wait
     workdir.mkdir(parents=True, exist_ok=True)
@@ -795,11 +852,13 @@ def main(argv: list[str] | None = None) -> int:
     print("environment: " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
 
     print("extract (brings the cache up to date) …", file=sys.stderr, flush=True)
+    media = {"pixels": QWEN3_VL_PIXELS, "audio": False} if qwen3_vl else {}
     extracted = run_worker({"kind": "extract", "videos": str(videos), "store": str(store), "model": str(model),
-                            "policy": policy(args)}, measured=False).result
+                            "policy": policy(args), **media}, measured=False).result
     if extracted["failed"]:
         raise RuntimeError(f"extraction failed: {json.dumps(extracted)[:2000]}")
-    weights = run_worker({"kind": "compute", "model": str(model)}, measured=False).result
+    # The compute split compares the raw path's towers with the LM (Omni only: no raw path for Qwen3-VL).
+    weights = None if qwen3_vl else run_worker({"kind": "compute", "model": str(model)}, measured=False).result
 
     common = {"model": str(model), "cache": str(store), "data": str(data), "videos": str(videos),
               "gradient_checkpointing": not args.no_gradient_checkpointing, "warmup": args.warmup,
@@ -839,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     if floor and cache:
         ratios["cache/floor"] = (cache.median_s / floor.median_s, cache.mean_s / floor.mean_s)
     profile = None
-    if "cache/floor" in ratios and (ratios["cache/floor"][0] > CACHE_OVER_FLOOR_GOAL or args.profile):
+    if "cache/floor" in ratios and (ratios["cache/floor"][0] > floor_goal or args.profile):
         print("cache loop under cProfile …", file=sys.stderr, flush=True)
         profile = run_worker({**common, "kind": "cache-loop", "out": "", "profile": True}).result.get("profile")
 
@@ -847,9 +906,19 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown(("machine", "value"), list(facts.items())))
     seconds = sum(SECONDS[i % len(SECONDS)] for i in range(args.videos))
-    print(f"\nModel {model.name}: vision {args.vision_depth} blocks and audio {args.audio_layers} layers at the "
-          f"released width 1280, language model {args.text_layers} layers × {args.text_hidden}. Data: {args.videos} "
-          f"clips ({seconds} s, {WIDTH}x{HEIGHT} h264 + aac at {'/'.join(map(str, RATES))} fps), {frames} + audio, "
+    if qwen3_vl:
+        import qwen3vl
+
+        what = (f"Qwen3-VL, vision {args.vision_depth} blocks at the 8B's width 1152 with deepstack levels "
+                f"{qwen3vl.deepstack_indexes(args.vision_depth)} (out {args.text_hidden}), language model "
+                f"{args.text_layers} layers × {args.text_hidden}. Data: {args.videos} clips ({seconds} s, "
+                f"{WIDTH}x{HEIGHT} h264 at {'/'.join(map(str, RATES))} fps), {frames}, no audio, "
+                f"{QWEN3_VL_PIXELS['min_pixels']}..{QWEN3_VL_PIXELS['max_pixels']} pixels per clip")
+    else:
+        what = (f"vision {args.vision_depth} blocks and audio {args.audio_layers} layers at the released width 1280, "
+                f"language model {args.text_layers} layers × {args.text_hidden}. Data: {args.videos} clips "
+                f"({seconds} s, {WIDTH}x{HEIGHT} h264 + aac at {'/'.join(map(str, RATES))} fps), {frames} + audio")
+    print(f"\nModel {model.name}: {what}, "
           f"{steps} steps per path (each clip {steps / args.videos:g}×, train()'s seeded order), first {args.warmup} "
           f"left out. Batch size 1, grad accum 1, float32, CPU, gradient checkpointing "
           f"{'off' if args.no_gradient_checkpointing else 'on'}, "
@@ -860,18 +929,28 @@ def main(argv: list[str] | None = None) -> int:
               f"(one-off, not in the step times).")
     else:
         print(f"Cache up to date ({extracted['videos']} videos; extract() took {extracted['wall_s']:.1f} s to check).")
+    if qwen3_vl:
+        from qprep.store.status import store_status
+
+        status = store_status(store)
+        arrays, tokens = status["token_bytes"], status["tokens"]["video"] or None
+        sample = statistics.fmean(s["video_tokens"] for s in reference.steps) if reference else None
+        print("Cache arrays: " + ", ".join(f"{kind} {size / 1e6:.1f} MB" for kind, size in arrays.items())
+              + (f" ({sum(arrays.values()) / tokens / 1e3:.1f} kB per merged token" if tokens else "")
+              + (f"; a step reads {sample:.0f} merged tokens, {sample * sum(arrays.values()) / tokens / 1e6:.2f} MB)"
+                 if tokens and sample else ")" if tokens else ""))
     print()
     print(main_table(ordered, cache, "cache") if cache else main_table(ordered, ordered[-1], "floor"))
     print()
     print("Where a step's time goes (median over the measured steps of each phase):\n")
     print(phase_table([r for r in ordered if r.phases]))
-    if reference:
+    if reference and weights:
         print("\nHow the compute splits (matmuls only):\n")
         print(compute_table(weights, reference))
     print()
     for name, (median, mean) in ratios.items():
         over = name.startswith("raw")
-        goal = RAW_OVER_CACHE_GOAL if over else CACHE_OVER_FLOOR_GOAL
+        goal = RAW_OVER_CACHE_GOAL if over else floor_goal
         met = median >= goal if over else median <= goal
         sign = ">=" if over else "<="
         print(f"goal {name} step time {sign} {goal:g}x: median {median:.2f}x, mean {mean:.2f}x "

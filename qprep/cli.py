@@ -57,8 +57,12 @@ def video_options(command):
         click.option("--max-frames", type=int, default=None, help="Upper bound on frames with --fps (default 768)."),
         click.option("--video-start", type=float, default=None, help="Window start, seconds."),
         click.option("--video-end", type=float, default=None, help="Window end, seconds."),
-        click.option("--min-pixels", type=int, default=None, help="Per-frame pixel floor (default: the model's)."),
-        click.option("--max-pixels", type=int, default=None, help="Per-frame pixel ceiling (default: the model's)."),
+        click.option("--min-pixels", type=int, default=None,
+                     help="Pixel floor per frame, or for the whole clip where the model's processor bounds "
+                          "the clip (default: the model's)."),
+        click.option("--max-pixels", type=int, default=None,
+                     help="Pixel ceiling per frame, or budget for the whole clip where the model's "
+                          "processor bounds the clip (default: the model's)."),
         click.option("--size", callback=_size, default=None, metavar="HxW", help="Resize every frame to HxW, e.g. 224x224."),
         click.option("--audio/--no-audio", default=None, help="Featurize the audio track (Omni models; default on)."),
         click.option("--long-audio", type=click.Choice(["window", "error"]), default=None,

@@ -19,6 +19,8 @@ FULL_MODELS = {
     "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", None),
     "qwen3_5": ("Qwen3_5ForConditionalGeneration", None),
     "qwen3_5_moe": ("Qwen3_5MoeForConditionalGeneration", None),
+    "qwen3_omni_moe": ("Qwen3OmniMoeForConditionalGeneration", "thinker"),
+    "qwen3_omni_moe_thinker": ("Qwen3OmniMoeThinkerForConditionalGeneration", None),
 }
 
 

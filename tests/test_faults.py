@@ -335,7 +335,7 @@ def train_command(cache, data, model_dir, out, *extra) -> list[str]:
             "--epochs", str(s.epochs), "--lr", str(s.lr), "--batch-size", str(s.batch_size),
             "--grad-accum", str(s.grad_accum), "--seed", str(s.seed), "--lora-r", str(s.lora.r),
             "--lora-alpha", str(s.lora.alpha), "--lora-dropout", str(s.lora.dropout), "--workers", "0",
-            "--save-every", "1", "--quiet", *extra]
+            "--warmup-steps", str(s.warmup_steps), "--save-every", "1", "--quiet", *extra]
 
 
 def complete_checkpoints(out: Path) -> list[str]:

@@ -5,8 +5,11 @@ have the real key layout (`thinker.visual.*`, `thinker.audio_tower.*`, `thinker.
 `talker.*`, `token2wav.*` for Omni; `visual.*`, `model.*` for Qwen2.5-VL; `model.visual.*`,
 `model.language_model.*`, `lm_head.*` for Qwen3-VL (dense and MoE, whose vision towers have
 deepstack levels) and Qwen3.5 (dense and MoE, a hybrid Gated DeltaNet / full-attention text model
-and a vision tower without deepstack)) and the real config and preprocessor files. Only the widths,
-depths, expert counts and the vocabulary are small.
+and a vision tower without deepstack); `thinker.visual.*`, `thinker.audio_tower.*`, `thinker.model.*`,
+`thinker.lm_head.*`, `talker.*`, `code2wav.*` for Qwen3-Omni (a MoE thinker with a deepstack vision
+tower and an audio tower), and the same without `thinker.` for its bare thinker, `qwen3_omni_moe_thinker`) and
+the real config and preprocessor files. Only the widths, depths, expert counts and the vocabulary are
+small.
 
 They also carry what transformers' processors need offline: a byte-level BPE tokenizer (Qwen2's,
 Qwen3.5's own for Qwen3.5) with Qwen's special tokens and the releases' chat template, and the full
@@ -23,9 +26,14 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-KINDS = ("qwen2_5_omni", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+KINDS = ("qwen2_5_omni", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "qwen3_omni_moe",
+         "qwen3_omni_moe_thinker")
 QWEN3_KINDS = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # the Qwen3VLProcessor families
 _QWEN3_5 = ("qwen3_5", "qwen3_5_moe")
+# Qwen3-Omni (Qwen3OmniMoeProcessor): the full model (thinker, talker, code2wav), and its thinker alone
+# as transformers' own `qwen3_omni_moe_thinker` model type (Qwen3OmniMoeThinkerForConditionalGeneration,
+# mapped by AutoModel and AutoModelForImageTextToText), which is what qprep trains.
+QWEN3_OMNI_KINDS = ("qwen3_omni_moe", "qwen3_omni_moe_thinker")
 DEMO_KIND = "qwen2_5_omni"  # what `qprep demo` trains: video with the audio inside it, the seed recipe's model
 
 
@@ -70,21 +78,45 @@ _PLAIN_ADDED_TOKENS = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_m
 # Qwen3 adds these four after them (151665-151668 in Qwen3-VL; <think> is 248068 in Qwen3.5), also not
 # special; Qwen3.5's thinking template writes <think> and </think>.
 _QWEN3_PLAIN_ADDED_TOKENS = _PLAIN_ADDED_TOKENS + ("<tool_response>", "</tool_response>", "<think>", "</think>")
+# Qwen3-Omni then adds seven special tokens: <|audio_start|> 151669, <|audio_end|> 151670, <tts_pad>
+# 151671, <tts_text_bos> 151672, <tts_text_eod> 151673, <tts_text_bos_single> 151674, <|audio_pad|> 151675
+# (the ids of the release's tokenizer_config.json as vllm-omni's qwen3_omni_moe model quotes them; the
+# release's config.json has the same audio_start / audio_end / audio_token and tts_* ids).
+_QWEN3_OMNI_SPECIAL_TOKENS = ("<|audio_start|>", "<|audio_end|>", "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>",
+                              "<tts_text_bos_single>", "<|audio_pad|>")
+for _kind in QWEN3_OMNI_KINDS:
+    _SPECIAL_TOKENS[_kind] = _SPECIAL_TOKENS["qwen2_5_vl"]
 
 
 def _plain_added_tokens(kind: str) -> tuple[str, ...]:
-    return _QWEN3_PLAIN_ADDED_TOKENS if kind in QWEN3_KINDS else _PLAIN_ADDED_TOKENS
+    return _QWEN3_PLAIN_ADDED_TOKENS if kind in QWEN3_KINDS + QWEN3_OMNI_KINDS else _PLAIN_ADDED_TOKENS
 
 
-# The tokenizer attributes the processors read (Qwen2_5OmniProcessor reads all of them; the VL
-# processor falls back to "<|image_pad|>" / "<|video_pad|>", as with the real VL tokenizer, which
-# defines none).
+def _special_tokens(kind: str) -> tuple[str, ...]:
+    """Every special added token of the `kind` tokenizer, in id order."""
+    return _SPECIAL_TOKENS[kind] + (_QWEN3_OMNI_SPECIAL_TOKENS if kind in QWEN3_OMNI_KINDS else ())
+
+
+def _added_tokens(kind: str) -> tuple[str, ...]:
+    """Every added token in id order: the first special ones, the plain ones, then (Qwen3-Omni) the
+    audio and TTS ones."""
+    tail = _QWEN3_OMNI_SPECIAL_TOKENS if kind in QWEN3_OMNI_KINDS else ()
+    return _SPECIAL_TOKENS[kind] + _plain_added_tokens(kind) + tail
+
+
+# The tokenizer attributes the processors read (Qwen2_5OmniProcessor and Qwen3OmniMoeProcessor read
+# all of them, the latter with no fallback; the VL processor falls back to "<|image_pad|>" /
+# "<|video_pad|>", as with the real VL tokenizer, which defines none).
 _TOKEN_ATTRIBUTES = {
     "qwen2_5_vl": {},
     **{kind: {} for kind in QWEN3_KINDS},
     "qwen2_5_omni": {"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
                      "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
                      "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"},
+    **{kind: {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "audio_token": "<|audio_pad|>",
+              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+              "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>"}
+       for kind in QWEN3_OMNI_KINDS},
 }
 
 # ChatML templates of the releases' form: a default system turn, one placeholder block per image /
@@ -130,6 +162,18 @@ _CHAT_TEMPLATE["qwen3_vl"] = _CHAT_TEMPLATE["qwen2_5_vl"].replace(
     "{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}", "")
 _CHAT_TEMPLATE["qwen3_vl_moe"] = _CHAT_TEMPLATE["qwen3_vl"]
+# Qwen3-Omni's is Qwen3-VL's with an audio block between the image and the video ones, in Qwen3's
+# token names: <|vision_start|><|image_pad|><|vision_end|>, <|audio_start|><|audio_pad|><|audio_end|>,
+# <|vision_start|><|video_pad|><|vision_end|>; the processor expands a video's block, with its sound
+# track, to <|vision_start|><|audio_start|> (video and audio tokens in time order) <|audio_end|><|vision_end|>.
+_CHAT_TEMPLATE["qwen3_omni_moe"] = (
+    _CHAT_TEMPLATE["qwen2_5_omni"]
+    .replace("{% if loop.first and message['role'] != 'system' %}"
+             "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}", "")
+    .replace("<|vision_bos|><|IMAGE|><|vision_eos|>", "<|vision_start|><|image_pad|><|vision_end|>")
+    .replace("<|audio_bos|><|AUDIO|><|audio_eos|>", "<|audio_start|><|audio_pad|><|audio_end|>")
+    .replace("<|vision_bos|><|VIDEO|><|vision_eos|>", "<|vision_start|><|video_pad|><|vision_end|>"))
+_CHAT_TEMPLATE["qwen3_omni_moe_thinker"] = _CHAT_TEMPLATE["qwen3_omni_moe"]
 
 # Qwen3.5's released template (Qwen/Qwen3.5-27B's chat_template.jinja, also in its
 # tokenizer_config.json), less its tool declarations and tool-call rendering: no default system turn;
@@ -272,12 +316,14 @@ def _bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
+_ROLES = ("user", "system", "assistant")  # single tokens, as in Qwen's vocabulary
+
+
 def token_ids(kind: str) -> dict[str, int]:
-    """Every added token of the tiny `kind` tokenizer (and "user") with its id."""
+    """Every added token of the tiny `kind` tokenizer (and the role names) with its id."""
     vocab, _ = _bpe()
-    added = _SPECIAL_TOKENS[_check(kind)] + _plain_added_tokens(kind)
-    ids = {token: len(vocab) + i for i, token in enumerate(added)}
-    return ids | {"user": vocab["user"]}
+    ids = {token: len(vocab) + i for i, token in enumerate(_added_tokens(_check(kind)))}
+    return ids | {role: vocab[role] for role in _ROLES}
 
 
 def _check(kind: str) -> str:
@@ -297,16 +343,16 @@ def tiny_tokenizer(kind: str):
     # The added tokens are in the BPE vocabulary too, at their ids: the class adds its special
     # tokens in its own order, and adding keeps the id of a token the vocabulary already has.
     tokenizer_class = Qwen3_5Tokenizer if kind in _QWEN3_5 else Qwen2Tokenizer
-    tokenizer = tokenizer_class(vocab=vocab | ids, merges=merges, unk_token=None, bos_token=None,
+    added = {token: ids[token] for token in _added_tokens(kind)}
+    tokenizer = tokenizer_class(vocab=vocab | added, merges=merges, unk_token=None, bos_token=None,
                                eos_token="<|im_end|>", pad_token="<|endoftext|>", errors="replace",
                                model_max_length=32768, chat_template=_CHAT_TEMPLATE[kind],
                                **_TOKEN_ATTRIBUTES[kind])
-    specials = _SPECIAL_TOKENS[kind]
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials]
-                         + [AddedToken(t, special=False, normalized=False) for t in _plain_added_tokens(kind)])
+    specials = _special_tokens(kind)
+    tokenizer.add_tokens([AddedToken(t, special=t in specials, normalized=False) for t in added])
     tokenizer.add_special_tokens({"extra_special_tokens": [t for t in specials if t != "<|endoftext|>"]})
     got = dict(zip(ids, tokenizer.convert_tokens_to_ids(list(ids))))
-    if got != ids or len(tokenizer) != len(vocab) + len(ids) - 1:
+    if got != ids or len(tokenizer) != len(vocab) + len(added):
         raise AssertionError(f"tiny tokenizer ids {got} differ from {ids}")
     return tokenizer
 
@@ -359,6 +405,91 @@ def _qwen3_5_text(kind: str, hidden: int, ids: dict) -> dict:
     return text
 
 
+def _interleaved_sections(pairs: int) -> list[int]:
+    """(t, h, w) frequency pairs of Qwen3-VL's interleaved M-RoPE, as 24:20:20 (of 64) as the pairs allow."""
+    side = 5 * pairs // 16
+    return [pairs - 2 * side, side, side]
+
+
+# Qwen3-Omni's M-RoPE time scale, in position ids per second of video and audio. The released
+# config.json has 13 in both thinker_config and talker_config (Qwen/Qwen3-Omni-30B-A3B-Instruct: as
+# transformers 5.7 prints the downloaded config in a model report, and in the configs Megatron-Bridge's
+# and vllm-omni's Qwen3-Omni tests copy from it); Qwen3OmniMoeProcessor's default is 13.0 too, but
+# the transformers config classes default to 25 (Qwen2.5-Omni's): a config without the key would give
+# the thinker positions that disagree with the processor's audio-in-video layout.
+QWEN3_OMNI_POSITION_ID_PER_SECONDS = 13
+
+
+def _qwen3_omni_thinker(ids: dict, hidden: int) -> dict:
+    """The thinker config: a MoE text model (the release: 48 layers, 128 experts, top-8, width 768 of
+    2048, no shared expert), Qwen3-VL's vision tower with deepstack (27 blocks, levels at 8, 16, 24)
+    and the audio tower (32 layers, d_model 1280, 128 mel bins, windows of n_window 50 × 2 frames)."""
+    media = dict(audio_token_id=ids["<|audio_pad|>"], image_token_id=ids["<|image_pad|>"],
+                 video_token_id=ids["<|video_pad|>"], audio_start_token_id=ids["<|audio_start|>"],
+                 # not fields of the config class, but in the release's thinker_config; get_rope_index
+                 # reads vision_start_token_id
+                 audio_end_token_id=ids["<|audio_end|>"], vision_start_token_id=ids["<|vision_start|>"],
+                 vision_end_token_id=ids["<|vision_end|>"])
+    # the release's text_config has no bos, eos or pad id (the generation config has them)
+    text = dict(_text(hidden), **_MOE, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                # interleaved M-RoPE over (t, h, w) in the releases' [24, 20, 20] of 64 proportions
+                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
+                                 "mrope_section": _interleaved_sections(hidden // 8), "interleaved": True,
+                                 "mrope_interleaved": True})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    # n_window 50 and n_window_infer 800 as released: the processor counts audio tokens with 13 per
+    # full window of 100 frames, which holds only for n_window 50
+    audio = dict(encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32, output_dim=hidden,
+                 num_mel_bins=128, n_window=50, n_window_infer=800, downsample_hidden_size=16,
+                 max_source_positions=1500)
+    return dict(text_config=text, vision_config=vision, audio_config=audio, user_token_id=ids["user"],
+                position_id_per_seconds=QWEN3_OMNI_POSITION_ID_PER_SECONDS, seconds_per_chunk=2, **media)
+
+
+# The tiny codec: codes 0..63 (the release's codebook: 2048), and the talker's control codes above them
+# in a 128-row codec embedding, as the release's 2148-2157 and speakers 2301-2303 of 3072.
+_CODEBOOK = 64
+_CODEC_IDS = dict(codec_pad_id=100, codec_bos_id=101, codec_eos_token_id=102, codec_nothink_id=107,
+                  codec_think_bos_id=108, codec_think_eos_id=109)
+_SPEAKERS = {"chelsie": 125, "ethan": 126, "aiden": 127}
+
+
+def _qwen3_omni_config(ids: dict, hidden: int):
+    """The full Qwen3-Omni config: the thinker, and the smallest talker (a MoE text model with a shared
+    expert, a code predictor) and code2wav the config classes allow (one layer each, two code groups,
+    one upsampling stage each way). qprep never loads the last two."""
+    from transformers import Qwen3OmniMoeConfig
+
+    thinker = _qwen3_omni_thinker(ids, hidden)
+    talker_text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=16, vocab_size=128, num_experts=2, num_experts_per_tok=1,
+                       moe_intermediate_size=16, shared_expert_intermediate_size=16, norm_topk_prob=True,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
+                                        "mrope_section": _interleaved_sections(8), "interleaved": True})
+    code_predictor = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16, vocab_size=_CODEBOOK, num_code_groups=2,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+    media = {key: thinker[key] for key in ("audio_token_id", "image_token_id", "video_token_id",
+                                           "audio_start_token_id", "audio_end_token_id", "vision_start_token_id")}
+    talker = dict(text_config=talker_text, code_predictor_config=code_predictor, num_code_groups=2,
+                  thinker_hidden_size=hidden,
+                  # the thinker layer the talker reads (the release: 24 of 48)
+                  accept_hidden_layer=1, spatial_merge_size=2, speaker_id=_SPEAKERS,
+                  position_id_per_seconds=QWEN3_OMNI_POSITION_ID_PER_SECONDS, seconds_per_chunk=2,
+                  **_CODEC_IDS, **media)
+    code2wav = dict(codebook_size=_CODEBOOK, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2, num_quantizers=2, upsample_rates=[2],
+                    upsampling_ratios=[2], decoder_dim=32, sliding_window=8, max_position_embeddings=256,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
+    return Qwen3OmniMoeConfig(thinker_config=thinker, talker_config=talker, code2wav_config=code2wav,
+                              im_start_token_id=ids["<|im_start|>"], im_end_token_id=ids["<|im_end|>"],
+                              tts_pad_token_id=ids["<tts_pad>"], tts_bos_token_id=ids["<tts_text_bos>"],
+                              tts_eos_token_id=ids["<tts_text_eod>"], system_token_id=ids["system"],
+                              user_token_id=ids["user"], assistant_token_id=ids["assistant"])
+
+
 # Ids of the Omni talker's text markers and of the speaker's text bos: beyond the tokenizer,
 # inside the embedding, as in the release (151859-151861 and 151872 of 152064 rows).
 _TTS_TEXT_PAD, _TTS_TEXT_START, _TTS_TEXT_END = TEXT_VOCAB_SIZE - 16, TEXT_VOCAB_SIZE - 15, TEXT_VOCAB_SIZE - 14
@@ -373,6 +504,10 @@ def tiny_config(kind: str, hidden: int = 64):
     import transformers
 
     ids = token_ids(_check(kind))
+    if kind == "qwen3_omni_moe":
+        return _qwen3_omni_config(ids, hidden)
+    if kind == "qwen3_omni_moe_thinker":
+        return transformers.Qwen3OmniMoeThinkerConfig(**_qwen3_omni_thinker(ids, hidden))
     if kind in QWEN3_KINDS:
         media = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
@@ -385,9 +520,10 @@ def tiny_config(kind: str, hidden: int = 64):
                                 **media)
         text = dict(_text(hidden, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                           pad_token_id=ids["<|endoftext|>"]),
-                    # interleaved M-RoPE over (t, h, w), as the releases' [24, 20, 20] of 64
+                    # interleaved M-RoPE over (t, h, w) in the releases' proportions, [24, 20, 20] of 64
+                    # frequency pairs ([4, 2, 2] of the 8 at hidden 64)
                     rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                                     "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+                                     "mrope_section": _interleaved_sections(hidden // 8), "mrope_interleaved": True})
         if kind == "qwen3_vl_moe":
             text |= _MOE
         # three blocks, deepstack after the first two (the releases: 27 blocks, levels at 8, 16, 24)
@@ -433,6 +569,12 @@ def tiny_processor(kind: str):
 
     tokenizer = tiny_tokenizer(kind)
     pixels = _pixel_bounds()
+    if kind in QWEN3_OMNI_KINDS:
+        from transformers import Qwen3OmniMoeProcessor
+
+        return Qwen3OmniMoeProcessor(image_processor=Qwen2VLImageProcessor(**_qwen3_omni_pixels()),
+                                     video_processor=_video_processor(kind), feature_extractor=_feature_extractor(),
+                                     tokenizer=tokenizer, chat_template=_CHAT_TEMPLATE[kind])
     if kind in QWEN3_KINDS:
         image = Qwen2VLImageProcessor(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                                       min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)
@@ -451,9 +593,19 @@ def _pixel_bounds() -> dict:
     return dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
 
 
+def _qwen3_omni_pixels() -> dict:
+    # Qwen3-Omni's vision tower takes 16-pixel patches with mean and std 0.5 (as Qwen3-VL's), through
+    # Qwen2-VL's image and video processor classes (AutoVideoProcessor maps qwen3_omni_moe to
+    # Qwen2VLVideoProcessor, whose bounds are per frame).
+    return dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)
+
+
 def _video_processor(kind: str = "qwen2_5_vl"):
     from transformers import Qwen2VLVideoProcessor, Qwen3VLVideoProcessor
 
+    if kind in QWEN3_OMNI_KINDS:
+        return Qwen2VLVideoProcessor(**_qwen3_omni_pixels())
     if kind in QWEN3_KINDS:
         # Qwen3-VL's `longest_edge` is a pixel budget over all of a video's frames, not per frame.
         return Qwen3VLVideoProcessor(size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 4 * 64})
@@ -473,7 +625,9 @@ MODEL_CLASSES = {"qwen2_5_omni": "Qwen2_5OmniForConditionalGeneration",
                  "qwen3_vl": "Qwen3VLForConditionalGeneration",
                  "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
                  "qwen3_5": "Qwen3_5ForConditionalGeneration",
-                 "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
+                 "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
+                 "qwen3_omni_moe": "Qwen3OmniMoeForConditionalGeneration",
+                 "qwen3_omni_moe_thinker": "Qwen3OmniMoeThinkerForConditionalGeneration"}
 _MODEL_CLASSES = MODEL_CLASSES
 _CONFIG_CLASSES = {"qwen3_vl": "Qwen3VLConfig", "qwen3_vl_moe": "Qwen3VLMoeConfig", "qwen3_5": "Qwen3_5Config",
                    "qwen3_5_moe": "Qwen3_5MoeConfig"}
@@ -492,10 +646,7 @@ def make_tiny_model(kind: str, out: str | Path, *, seed: int = 0, hidden: int = 
     `to_released_layout`; `experts` picks a Qwen3.5-MoE release's expert storage there). Returns the
     directory.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
-    if experts != "fused" and layout != "released":
-        raise ValueError("`experts` chooses between the releases' expert layouts; pass layout='released'")
+    _check_layout(_check(kind), layout, experts)
     import torch
     import transformers
     from transformers.utils import logging
@@ -511,6 +662,14 @@ def make_tiny_model(kind: str, out: str | Path, *, seed: int = 0, hidden: int = 
         with warnings.catch_warnings():  # the talker's unused zero-width layers, initialised all the same
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
             model = model_class(config)
+        if kind == "qwen3_omni_moe":
+            # transformers 5.24 initialises the thinker's routed experts but leaves the talker's
+            # (Qwen3OmniMoeTalkerTextExperts, torch.empty) as whatever memory they got: two builds
+            # with the same seed would differ there.
+            with torch.no_grad():
+                for name, param in model.talker.named_parameters():
+                    if ".mlp.experts." in name:
+                        param.normal_(0.0, config.initializer_range)
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(out, **kwargs)
         # processor_config.json (image / video processor, feature extractor), tokenizer.json,
@@ -526,10 +685,23 @@ def make_tiny_model(kind: str, out: str | Path, *, seed: int = 0, hidden: int = 
         # The full Omni model's from_pretrained also loads the talker's speaker table.
         torch.save({"Chelsie": {"bos_token": _SPEAKER_BOS, "cond": torch.zeros(1, 192),
                                 "ref_mel": torch.zeros(1, 30, 80)}}, out / "spk_dict.pt")
+    if kind in ("qwen2_5_omni",) + QWEN3_OMNI_KINDS:
         _feature_extractor().save_pretrained(out)
     if layout == "released":
         to_released_layout(kind, out, experts=experts)
     return out
+
+
+def _check_layout(kind: str, layout: str, experts: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
+    if experts != "fused" and layout != "released":
+        raise ValueError("`experts` chooses between the releases' expert layouts; pass layout='released'")
+    if experts != "fused" and kind != "qwen3_5_moe":
+        raise ValueError(f"only the Qwen3.5-MoE releases store experts either way, not {kind}")
+    if layout == "released" and kind == "qwen3_omni_moe_thinker":
+        raise ValueError("no release has the bare thinker's layout (model_type qwen3_omni_moe_thinker); "
+                         "make a released qwen3_omni_moe checkpoint and read its thinker.* weights")
 
 
 # The released repositories' preprocessor_config.json: the image processor's bounds (which the Omni
@@ -554,17 +726,23 @@ def to_released_layout(kind: str, out: Path, *, experts: str = "fused") -> None:
     Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE: see `_to_released_qwen3` (and `RELEASED_FILES`).
     `experts` ("fused" or "per_expert") is how a Qwen3.5-MoE release stores its routed experts:
     fused 3D tensors as Qwen3.5-35B-A3B, or one tensor per expert and projection as Qwen3.5-397B-A17B.
+
+    Qwen3-Omni-30B-A3B-Instruct: see `_to_released_qwen3_omni`. The bare thinker has no released
+    layout: `qwen3_omni_moe_thinker` is a model type of transformers' own (what
+    `Qwen3OmniMoeThinkerForConditionalGeneration.save_pretrained` writes), not of a hub repository.
     """
     import json
 
     from qprep.schemas.settings import CLIP_MEAN, CLIP_STD
 
+    _check_layout(kind, "released", experts)
     if kind in QWEN3_KINDS:
         _to_released_qwen3(kind, Path(out), experts)
         return
-    if experts != "fused":
-        raise ValueError(f"only the Qwen3.5-MoE releases store experts either way, not {kind}")
     out = Path(out)
+    if kind == "qwen3_omni_moe":
+        _to_released_qwen3_omni(out)
+        return
 
     config = json.loads((out / "config.json").read_text())
     if kind == "qwen2_5_vl":
@@ -638,9 +816,10 @@ _RELEASED_QWEN3_VIDEO_PROCESSOR = {
     "size": {"longest_edge": 25165824, "shortest_edge": 4096}, "patch_size": 16, "temporal_patch_size": 2,
     "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
     "processor_class": "Qwen3VLProcessor", "video_processor_type": "Qwen3VLVideoProcessor"}
-# The transformers version each release's config.json names.
+# The transformers version each release's config.json names (Qwen3-Omni's not seen: taken to be
+# Qwen3-VL's, the source build both needed in September 2025; transformers does not read it).
 _RELEASED_TRANSFORMERS_VERSION = {"qwen3_vl": "4.57.0.dev0", "qwen3_vl_moe": "4.57.0.dev0", "qwen3_5": "4.57.1",
-                                  "qwen3_5_moe": "4.57.1"}
+                                  "qwen3_5_moe": "4.57.1", "qwen3_omni_moe": "4.57.0.dev0"}
 EXPERT_LAYOUTS = ("fused", "per_expert")
 
 
@@ -857,3 +1036,97 @@ def _mtp_weights(placed: dict, text_config: dict) -> dict:
         else:
             shapes[name] = tuple(tensor.shape)
     return {key: 0.02 * torch.randn(shape, generator=generator) for key, shape in sorted(shapes.items())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Released layout of Qwen3-Omni
+#
+# Qwen/Qwen3-Omni-30B-A3B-Instruct holds thinker, talker and code2wav in one checkpoint,
+# model-00001-of-00015.safetensors ... model-00015-of-00015.safetensors + model.safetensors.index.json
+# (28,010 tensors; a model report of the downloaded directory lists every name and file), beside
+# config.json and a combined preprocessor_config.json (Qwen2VLImageProcessor with 16-pixel patches
+# and Whisper's settings, processor_class Qwen3OmniMoeProcessor). The other files are taken to be
+# Qwen2.5-Omni-7B's (generation_config.json, chat_template.json, tokenizer.json, tokenizer_config.json,
+# vocab.json, merges.txt; their list was not seen for this release), less its spk_dict.pt: Qwen3-Omni's
+# speakers are talker_config.speaker_id. The weight names are the
+# ones transformers 5's save_pretrained writes: `thinker.audio_tower.*`, `thinker.visual.*` (with the
+# deepstack mergers `thinker.visual.merger_list.{i}.*`), `thinker.model.*` (the text model),
+# `thinker.lm_head.weight`, `talker.*`, `code2wav.*`, and every routed expert one tensor per expert and
+# projection (`thinker.model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight`, as in the
+# release), which transformers' conversion mapping (`qwen3_omni_moe` -> `qwen2_moe`) fuses at load
+# and splits again at save.
+
+RELEASED_FILES["qwen3_omni_moe"] = ("chat_template.json", "config.json", "generation_config.json", "merges.txt",
+                                    "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                                    "vocab.json")
+# preprocessor_config.json of the release, as a study of its fields lists them: the image bounds of
+# Qwen2.5-Omni's (3136..12845056 pixels) with Qwen3-VL's patch 16 and mean and std 0.5, and Whisper's
+# settings (128 mel bins at 16 kHz, hop 160, 300 s chunks).
+_RELEASED_QWEN3_OMNI_PREPROCESSOR = dict(
+    min_pixels=3136, max_pixels=12845056, patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
+    image_std=[0.5] * 3, image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen3OmniMoeProcessor")
+
+
+def _to_released_qwen3_omni(out: Path) -> None:
+    """Qwen3-Omni's release layout, written over a `save_pretrained` directory: its config.json (see
+    `_released_qwen3_omni_config`), the combined preprocessor_config.json (no processor_config.json,
+    video_preprocessor_config.json or chat_template.jinja), chat_template.json, vocab.json +
+    merges.txt. The weights stay as they are: save_pretrained already writes the release's names and
+    per-expert tensors, in model-0000K-of-0000N.safetensors files when sharded."""
+    import json
+
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(_released_qwen3_omni_config(config), indent=2, sort_keys=True))
+    preprocessor = {**_RELEASED_WHISPER, **_RELEASED_QWEN3_OMNI_PREPROCESSOR}
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    for name in ("processor_config.json", "video_preprocessor_config.json", "chat_template.jinja"):
+        (out / name).unlink(missing_ok=True)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": _CHAT_TEMPLATE["qwen3_omni_moe"]}, indent=2))
+    vocab, merges = _bpe()
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def _released_qwen3_omni_config(config: dict) -> dict:
+    """config.json as the release has it (transformers 4.57's, the same nesting and token ids; as
+    transformers 5.7 prints the downloaded file, and as the configs of Megatron-Bridge's Qwen3-Omni
+    tests copy it):
+
+    - `dtype` at the top and in thinker_config;
+    - `rope_theta` + `rope_scaling` for transformers 5's `rope_parameters` (the thinker's text
+      model: {"interleaved", "mrope_interleaved", "mrope_section", "rope_type", "type"}; the
+      talker's: {"interleaved", "mrope_section", "rope_type", "type"}; the code predictor's
+      `rope_scaling` null; code2wav `rope_theta` alone), no `vision_config.rope_parameters`;
+    - talker_config `model_type` "qwen3_omni_moe_talker" (transformers 5's class has none) and its
+      text_config's `num_experts` for `num_local_experts`;
+    - keys transformers does not read: the thinker text model's `use_qk_norm`,
+      `shared_expert_intermediate_size` 0, `use_sliding_window`; the vision tower's
+      `apply_vit_abs_pos_embed`, `image_size`, `in_chans`, `spatial_patch_size`,
+      `tokens_per_second`; code2wav's `codebook_dim`, `num_semantic_quantizers`,
+      `semantic_codebook_size`, `vector_quantization_hidden_dimension`;
+    - `position_id_per_seconds` 13 and `seconds_per_chunk` 2 in thinker_config and talker_config (as
+      the tiny config has them already).
+    """
+    import copy
+
+    config = copy.deepcopy(config)
+    thinker, talker, code2wav = config["thinker_config"], config["talker_config"], config["code2wav_config"]
+    thinker["dtype"] = config["dtype"]
+    text, vision = thinker["text_config"], thinker["vision_config"]
+    text |= dict(use_qk_norm=True, shared_expert_intermediate_size=0, use_sliding_window=False)
+    vision.pop("rope_parameters", None)
+    vision |= dict(apply_vit_abs_pos_embed=True, image_size=768, in_chans=vision["in_channels"],
+                   spatial_patch_size=vision["patch_size"], tokens_per_second=2)
+    talker["model_type"] = "qwen3_omni_moe_talker"
+    talker_text = talker["text_config"]
+    talker_text["num_experts"] = talker_text.pop("num_local_experts")
+    talker_text["use_sliding_window"] = False
+    code2wav |= dict(codebook_dim=512, num_semantic_quantizers=1, semantic_codebook_size=4096,
+                     vector_quantization_hidden_dimension=512)
+    for sub in (text, talker_text, talker["code_predictor_config"], code2wav):
+        rope = sub.pop("rope_parameters")
+        sub["rope_theta"] = rope.pop("rope_theta")
+        if sub is not code2wav:
+            sub["rope_scaling"] = {**rope, "type": rope["rope_type"]} if "mrope_section" in rope else None
+    config["transformers_version"] = _RELEASED_TRANSFORMERS_VERSION["qwen3_omni_moe"]
+    return config

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Codes of failures that are not the video's content: the run records them per video and goes on.
+WORKER_DIED = "worker-died"  # the process preparing the video died on every try (decoder crash, OOM kill)
+TOWER_ERROR = "tower-error"  # the towers could not take the prepared video
+INTERNAL_ERROR = "internal-error"  # a qprep bug, recorded loudly instead of stopping the run
+
 
 class QprepError(Exception):
     """Base class of every error qprep raises on purpose."""

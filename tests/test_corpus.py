@@ -23,14 +23,14 @@ from qprep import open_cache
 from qprep.cli import main
 from qprep.extraction.discover import discover, find_videos
 from qprep.extraction.run import ExtractOptions, Summary, extract, format_summary
-from qprep.extraction.stages import INTERNAL_ERROR
+from qprep.errors import INTERNAL_ERROR, TOWER_ERROR
 from qprep.schemas.settings import VideoSettings
 from qprep.synth import VideoSpec, make_video
 
 pytestmark = pytest.mark.slow
 
 QUIET = ExtractOptions(progress=False)
-CRASH_CODES = {INTERNAL_ERROR, "tower-error"}
+CRASH_CODES = {INTERNAL_ERROR, TOWER_ERROR}
 NOBODY = 65534
 
 

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 
 import qprep.extraction.stages as stages
 from qprep import open_cache
-from qprep.errors import StoreError
+from qprep.errors import WORKER_DIED, StoreError
 from qprep.extraction.run import ExtractOptions, extract
 from qprep.schemas.settings import VideoSettings
 from qprep.store.layout import Store
@@ -214,7 +214,7 @@ def test_a_video_whose_worker_dies_on_every_try_is_recorded_failed_and_the_rest_
     assert (summary.extracted, summary.failed) == (len(CLIPS) - 1, 1)
     assert summary.failures[0][0] == poison and "died on all 3 tries" in summary.failures[0][1]
     row = open_cache(store).row("clip03")
-    assert (row["status"], row["error_code"]) == ("failed", stages.WORKER_DIED)
+    assert (row["status"], row["error_code"]) == ("failed", WORKER_DIED)
 
     monkeypatch.undo()
     again = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)

@@ -203,7 +203,8 @@ def _run_towers(plan: Plan, writer: ShardWriter, summary: Summary, job: TowerJob
 def _record_lost(plan: Plan, writer: ShardWriter, summary: Summary) -> int:
     """Videos whose CPU-stage task failed on every try (Ray leaves them out and goes on): failed rows,
     so their shards commit and the next run tries them again."""
-    from qprep.extraction.stages import CPU_STAGE_TRIES, WORKER_DIED
+    from qprep.errors import WORKER_DIED
+    from qprep.extraction.stages import CPU_STAGE_TRIES
 
     unfinished = writer.unfinished()
     cause = (f"the worker preparing it died on all {CPU_STAGE_TRIES} tries (a crash in the decoder, or killed "

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qprep.errors import FileNameError, VideoError
+from qprep.errors import INTERNAL_ERROR, TOWER_ERROR, FileNameError, VideoError
 from qprep.schemas.manifest import FAILED, OK
 from qprep.schemas.settings import ModelSpec, VideoSettings
 
-INTERNAL_ERROR = "internal-error"
-WORKER_DIED = "worker-died"
 CPU_STAGE_TRIES = 3  # a video whose worker process dies this many times is recorded as failed
 
 
@@ -96,7 +94,7 @@ class TowerStage:
                     try:
                         self._encode(batch, [i], out)
                     except Exception as exc:
-                        metas[i].update(status=FAILED, error=f"tower stage: {exc!r}", error_code="tower-error")
+                        metas[i].update(status=FAILED, error=f"tower stage: {exc!r}", error_code=TOWER_ERROR)
         for meta in metas:
             meta["device"] = self.device
         return {"task": list(batch["task"]), "meta": [json.dumps(m) for m in metas], **out}

@@ -21,7 +21,7 @@ checkpoint and tokenizer; nothing outside `qprep/models/` names a family.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -136,6 +136,7 @@ class PromptLayout:
     pad_id: int  # what pads a batch (ChatML's <|endoftext|>)
     turn_end_id: int  # what closes a turn (<|im_end|>), the last label of an answer
     tokenizer: Any = None  # for text inside a block (time stamps)
+    _text_ids: dict = field(default_factory=dict, compare=False, repr=False)  # text → ids, tokenized once
 
     @property
     def audio(self) -> bool:
@@ -148,4 +149,6 @@ class PromptLayout:
 
     def text_ids(self, text: str) -> list[int]:
         """`text` tokenized alone, as the processor's prompt tokenizes it between special tokens."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if text not in self._text_ids:  # a data set repeats the same few hundred time stamps
+            self._text_ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return list(self._text_ids[text])

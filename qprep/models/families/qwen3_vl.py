@@ -24,9 +24,8 @@ not of one frame (`Family.pixel_bounds_per_clip`).
 from __future__ import annotations
 
 from qprep.models.families import experts
-from qprep.models.families.base import ATTENTION_AND_MLP, Family, PlaceholderIds
-
-VIDEO_TOKEN_TYPE = 2  # what the processor's mm_token_type_ids holds at a video token
+from qprep.models.families.base import ATTENTION_AND_MLP
+from qprep.models.families.qwen2_5_vl import VIDEO_TOKEN_TYPE, QwenVLFamily
 
 
 def patch_times(frame_times, temporal_patch_size: int) -> list[float]:
@@ -42,13 +41,8 @@ def time_stamp(seconds: float) -> str:
     return f"<{seconds:.1f} seconds>"
 
 
-class Qwen3VLFamily(Family):
-    def placeholder_ids(self, tokenizer) -> PlaceholderIds:
-        get = tokenizer.convert_tokens_to_ids
-        return PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"))
-
-    def media_token_ids(self, config) -> tuple[int, int | None]:
-        return config.video_token_id, None
+class Qwen3VLFamily(QwenVLFamily):
+    """Qwen2.5-VL's placeholders and token types; its own block (time as text) and positions."""
 
     def video_block(self, layout, row) -> list[int]:
         ids = layout.ids

@@ -34,13 +34,6 @@ def deepstack_indexes(depth: int) -> list[int]:
     return sorted({index * depth // RELEASED_DEPTH for index in QWEN3_VL_8B["vision"]["deepstack_visual_indexes"]})
 
 
-def mrope_section(head_dim: int) -> list[int]:
-    """(t, h, w) frequency pairs of a head, in the release's proportions ([24, 20, 20] of 64)."""
-    half = head_dim // 2
-    spatial = round(half * 20 / 64)
-    return [half - 2 * spatial, spatial, spatial]
-
-
 def model_name(vision_depth: int, out_hidden: int, text_layers: int, text_hidden: int) -> str:
     return f"qwen3vl-v{vision_depth}x1152o{out_hidden}-t{text_layers}x{text_hidden}"
 
@@ -49,7 +42,7 @@ def bench_config(vision_depth: int, out_hidden: int, text_hidden: int, text_laye
     """tiny_config("qwen3_vl") with the released vision width at `vision_depth` blocks."""
     from transformers import Qwen3VLConfig
 
-    from qprep.models.tiny import tiny_config
+    from qprep.models.tiny import interleaved_mrope_sections, tiny_config
 
     config = tiny_config("qwen3_vl", hidden=text_hidden).to_dict()
     vision = {k: v for k, v in QWEN3_VL_8B["vision"].items() if k != "depth"}
@@ -58,7 +51,8 @@ def bench_config(vision_depth: int, out_hidden: int, text_hidden: int, text_laye
     text = config["text_config"]
     text["num_hidden_layers"] = text_layers
     text.pop("layer_types", None)  # rebuilt for the new depth
-    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": mrope_section(text["head_dim"])}
+    pairs = text["head_dim"] // 2  # the release's proportions of the head's frequency pairs
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": interleaved_mrope_sections(pairs)}
     return Qwen3VLConfig(**config)
 
 

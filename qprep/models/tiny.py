@@ -405,7 +405,7 @@ def _qwen3_5_text(kind: str, hidden: int, ids: dict) -> dict:
     return text
 
 
-def _interleaved_sections(pairs: int) -> list[int]:
+def interleaved_mrope_sections(pairs: int) -> list[int]:
     """(t, h, w) frequency pairs of Qwen3-VL's interleaved M-RoPE, as 24:20:20 (of 64) as the pairs allow."""
     side = 5 * pairs // 16
     return [pairs - 2 * side, side, side]
@@ -434,7 +434,7 @@ def _qwen3_omni_thinker(ids: dict, hidden: int) -> dict:
     text = dict(_text(hidden), **_MOE, bos_token_id=None, eos_token_id=None, pad_token_id=None,
                 # interleaved M-RoPE over (t, h, w) in the releases' [24, 20, 20] of 64 proportions
                 rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
-                                 "mrope_section": _interleaved_sections(hidden // 8), "interleaved": True,
+                                 "mrope_section": interleaved_mrope_sections(hidden // 8), "interleaved": True,
                                  "mrope_interleaved": True})
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden, patch_size=16,
                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
@@ -467,7 +467,7 @@ def _qwen3_omni_config(ids: dict, hidden: int):
                        num_key_value_heads=1, head_dim=16, vocab_size=128, num_experts=2, num_experts_per_tok=1,
                        moe_intermediate_size=16, shared_expert_intermediate_size=16, norm_topk_prob=True,
                        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
-                                        "mrope_section": _interleaved_sections(8), "interleaved": True})
+                                        "mrope_section": interleaved_mrope_sections(8), "interleaved": True})
     code_predictor = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                           num_key_value_heads=1, head_dim=16, vocab_size=_CODEBOOK, num_code_groups=2,
                           rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
@@ -523,7 +523,7 @@ def tiny_config(kind: str, hidden: int = 64):
                     # interleaved M-RoPE over (t, h, w) in the releases' proportions, [24, 20, 20] of 64
                     # frequency pairs ([4, 2, 2] of the 8 at hidden 64)
                     rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                                     "mrope_section": _interleaved_sections(hidden // 8), "mrope_interleaved": True})
+                                     "mrope_section": interleaved_mrope_sections(hidden // 8), "mrope_interleaved": True})
         if kind == "qwen3_vl_moe":
             text |= _MOE
         # three blocks, deepstack after the first two (the releases: 27 blocks, levels at 8, 16, 24)

@@ -126,6 +126,24 @@ def qwen3_store(ray_cluster, tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen3_omni_store(ray_cluster, tiny_model, tmp_path_factory):
+    """(model dir, open cache) of a float32 store of the released tiny Qwen3-Omni checkpoint: videos
+    a (3 s, B-frames) and b (2 s, portrait) with audio, and c (2 s) without."""
+    from qprep import open_cache
+    from qprep.extraction.run import ExtractOptions, extract
+    from qprep.schemas.settings import VideoSettings
+
+    root = tmp_path_factory.mktemp("qwen3-omni-store")
+    make_video(root / "videos" / "a.mp4", VideoSpec(width=128, height=96, fps=25, seconds=3, bframes=2))
+    make_video(root / "videos" / "b.mp4", VideoSpec(width=96, height=128, fps=30, seconds=2))
+    make_video(root / "videos" / "c.mp4", VideoSpec(width=128, height=96, fps=24, seconds=2, audio=False))
+    model_dir = str(tiny_model("qwen3_omni_moe", "released"))
+    extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2), dtype="float32", shards=1,
+            options=ExtractOptions(progress=False))
+    return model_dir, open_cache(root / "store.zarr")
+
+
+@pytest.fixture(scope="session")
 def qwen3_vl_store(qwen3_store):
     """(model dir, open cache) of the Qwen3-VL store of `qwen3_store`."""
     return qwen3_store("qwen3_vl")

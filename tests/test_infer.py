@@ -55,7 +55,9 @@ def raw_inputs(model_dir, path, row, question: str, omni: bool, metadata: VideoM
     kwargs = dict(text=[text], videos=[chosen], video_metadata=[metadata], do_sample_frames=False,
                   size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}, return_tensors="pt")
     if omni:
-        kwargs.update(audio=[plain_audio_decode(path)], use_audio_in_video=True, audio_from_video_indices=[0])
+        kwargs.update(audio=[plain_audio_decode(path)], load_audio_from_video=True, audio_from_video_indices=[0])
+    if type(processor).__name__ == "Qwen3OmniMoeProcessor":
+        kwargs["fps"] = row["sample_fps"]  # its only source of the video's time (video_second_per_grid)
     return processor(**kwargs)
 
 
@@ -209,4 +211,41 @@ def test_qwen3_answers_from_the_cache_equal_generate_with_the_true_metadata_and_
         assert ours.prompt_ids(request) == inputs["input_ids"][0].tolist()
         answer = ours_with_logits(ours, request)
         assert_same_steps(answer, generated(model, inputs, ours.stop), request.id)
+        assert answer[0] != base.generate(request, NEW_TOKENS), "the adapter must change the answer"
+
+
+def test_qwen3_omni_answers_from_the_cache_equal_the_thinkers_generate_with_the_same_adapter(qwen3_omni_store,
+                                                                                              tmp_path):
+    """Trained from the cache of the released checkpoint (audio and video merged by time; deepstack
+    levels; a video without sound in the same run), then answered from it: the same tokens and
+    logits as the full thinker's `generate` on the raw video with its audio, the same adapter applied by peft."""
+    from peft import PeftModel
+
+    model_dir, cache = qwen3_omni_store
+    data = [{"id": video_id, "conversations": [{"from": "human", "value": "<video> what happens"},
+                                               {"from": "gpt", "value": f"From 0 to 1, event {video_id}."}]}
+            for video_id in ("a", "b", "c")]
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    settings = TrainSettings(epochs=2, lr=5e-2, batch_size=2, grad_accum=1, workers=0, gradient_checkpointing=False,
+                             lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    summary = train(cache.store.root, tmp_path / "train.json", model_dir, tmp_path / "run", settings,
+                    progress=False, echo=lambda _: None)
+    assert summary.steps == 4  # per epoch: a and b in one batch, c (no audio) in its own
+    adapter = tmp_path / "run" / "adapter"
+    checkpoint = open_checkpoint(model_dir)
+    ours = Generator(checkpoint, checkpoint.tokenizer(), cache, adapter=adapter)
+    base = Generator(checkpoint, checkpoint.tokenizer(), cache)
+    thinker = PeftModel.from_pretrained(full_model(model_dir), str(adapter)).eval()
+    adapted = {name.split(".lora_")[0] for name, _ in thinker.named_parameters() if ".lora_" in name}
+    assert adapted and all(".language_model.layers." in name for name in adapted), "LoRA in the language model only"
+    videos = cache.store.root.parent / "videos"
+    for request in choose_requests(cache, ids=["a", "b", "c"])[0]:
+        row = cache.row(request.id)
+        with_audio = bool(row["audio_length"])
+        assert with_audio == (request.id != "c")
+        inputs = raw_inputs(model_dir, videos / row["path"], row, DENSE_CAPTION_PROMPT, omni=with_audio)
+        assert ours.prompt_ids(request) == inputs["input_ids"][0].tolist()
+        answer = ours_with_logits(ours, request)
+        assert_same_steps(answer, generated(thinker, inputs, ours.stop, use_audio_in_video=with_audio), request.id,
+                          whole_prompt_head=True)
         assert answer[0] != base.generate(request, NEW_TOKENS), "the adapter must change the answer"

@@ -12,12 +12,12 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoProcessor, WhisperFeatureExtractor
+from transformers import AutoProcessor
 
 import qprep
 from qprep.errors import SettingsError
 from qprep.models.checkpoint import open_checkpoint
-from qprep.models.tiny import QWEN3_KINDS
+from qprep.models.tiny import QWEN3_KINDS, QWEN3_OMNI_KINDS
 from qprep.pipeline.towers import AudioInput, Budget, Towers, VideoInput
 from qprep.schemas.settings import load_model_spec
 from qprep.store.reader import to_storage, to_tensor
@@ -38,7 +38,11 @@ def audio_input(prepared) -> AudioInput:
     return AudioInput(prepared.mel_frames(), tuple(prepared.feature_attention_mask.sum(-1).tolist()))
 
 
-@pytest.mark.parametrize(("kind", "layout"), kinds_and_layouts(["qwen2_5_omni", "qwen2_5_vl", *QWEN3_KINDS]))
+OMNI = ("qwen2_5_omni", *QWEN3_OMNI_KINDS)
+
+
+@pytest.mark.parametrize(("kind", "layout"), kinds_and_layouts(["qwen2_5_omni", "qwen2_5_vl", *QWEN3_KINDS, "qwen3_omni_moe"])
+                         + [("qwen3_omni_moe_thinker", "save_pretrained")])
 def test_tokens_equal_the_full_model_on_the_processors_output(tiny_model, videos, kind, layout):
     """Merged tokens (and every deepstack level, where the tower has them) bit for bit."""
     model_dir = tiny_model(kind, layout)
@@ -61,14 +65,41 @@ def test_tokens_equal_the_full_model_on_the_processors_output(tiny_model, videos
             assert len(levels) == ours.deepstack.shape[0] == len(reference.config.vision_config.deepstack_visual_indexes)
             for level, (mine, theirs) in enumerate(zip(ours.deepstack, levels)):
                 assert torch.equal(mine, theirs[0]), f"{name}: deepstack level {level}"
-        if kind == "qwen2_5_omni":
-            extractor = WhisperFeatureExtractor.from_pretrained(model_dir)
-            features = extractor([plain_audio_decode(path)], sampling_rate=16000, return_attention_mask=True,
-                                 padding="max_length", return_tensors="pt")
+        if kind in OMNI:  # the audio features as the whole processor makes them for an audio prompt
+            features = processor(text=[processor.audio_token], audio=[plain_audio_decode(path)], return_tensors="pt")
+            assert torch.equal(prepared.input_features, features["input_features"]), name
             with torch.inference_mode():
                 expected_audio = reference.get_audio_features(
-                    features["input_features"], features["attention_mask"]).last_hidden_state
+                    features["input_features"], features["feature_attention_mask"]).last_hidden_state
             assert torch.equal(towers.encode_audio([audio_input(prepared)])[0], expected_audio), name
+
+
+@pytest.mark.parametrize(("seconds", "audio_seconds"), [(40, None), (2, 301)])
+def test_qwen3_omni_encodes_a_long_track_whole_neither_cut_nor_padded_away(tiny_model, videos, seconds, audio_seconds):
+    """A 40 s clip, and a 301 s track (past the feature extractor's 300 s chunk, where Qwen2.5-Omni's
+    processor would cut): one piece at the track's own length, as Qwen3-Omni's processor makes it,
+    and as many audio tokens as the model's formula gives for the whole track."""
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+
+    model_dir = tiny_model("qwen3_omni_moe", "released")
+    path = videos(f"long-{seconds}-{audio_seconds}.mp4", width=64, height=48, fps=4, seconds=seconds,
+                  audio_seconds=audio_seconds, audio_rate=16000, audio_channels=1)
+    prepared = qprep.preprocess_video(path, model_dir, fps=1)
+    waveform = plain_audio_decode(path)
+    assert prepared.mel_length == len(waveform) // 160 and prepared.metadata.audio_windows == 1
+    assert prepared.metadata.audio_seconds == len(waveform) / 16000 >= (audio_seconds or seconds)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    features = processor(text=[processor.audio_token], audio=[waveform], return_tensors="pt")
+    assert torch.equal(prepared.input_features, features["input_features"])
+    towers = Towers(open_checkpoint(model_dir), load_model_spec(model_dir), dtype="float32", device="cpu")
+    tokens = towers.encode_audio([audio_input(prepared)])[0]
+    n_window = json.loads((model_dir / "config.json").read_text())["thinker_config"]["audio_config"]["n_window"]
+    assert tokens.shape[0] == int(_get_feat_extract_output_lengths(torch.tensor(prepared.mel_length), n_window))
+    assert tokens.shape[0] >= 13 * int(audio_seconds or seconds)  # about 13 a second, all of the track
+    with torch.inference_mode():
+        expected = full_model(model_dir).get_audio_features(features["input_features"],
+                                                            features["feature_attention_mask"]).last_hidden_state
+    assert torch.equal(tokens, expected)
 
 
 def test_a_videos_tokens_do_not_depend_on_its_batch_mates(tiny_model, videos):

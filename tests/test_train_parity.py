@@ -71,17 +71,34 @@ def processor_inputs(model_dir, path, conversation, frame_indices, sample_fps, o
     kwargs = dict(text=[text], videos=[chosen], video_metadata=[metadata], do_sample_frames=False, size=size,
                   return_tensors="pt")
     if omni:
-        kwargs.update(audio=[plain_audio_decode(path)], use_audio_in_video=True, audio_from_video_indices=[0])
+        kwargs.update(audio=[plain_audio_decode(path)], load_audio_from_video=True, audio_from_video_indices=[0])
+    if type(processor).__name__ == "Qwen3OmniMoeProcessor":
+        kwargs["fps"] = sample_fps  # its only source of the video's time (video_second_per_grid)
     return processor, processor(**kwargs)
 
 
 QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # time as text, positions per frame
+QWEN3_OMNI = ("qwen3_omni_moe", "qwen3_omni_moe_thinker")  # audio and video merged token by token in time
+OMNI = ("qwen2_5_omni", *QWEN3_OMNI)
+DEEPSTACK = ("qwen3_vl", "qwen3_vl_moe", *QWEN3_OMNI)
+
+
+def placeholder_ids(tokenizer, kind) -> PlaceholderIds:
+    """The placeholders as the model cards name them (not through qprep's family)."""
+    get = tokenizer.convert_tokens_to_ids
+    if kind == "qwen2_5_omni":
+        return PlaceholderIds(get("<|vision_bos|>"), get("<|vision_eos|>"), get("<|VIDEO|>"), get("<|AUDIO|>"),
+                              get("<|audio_bos|>"), get("<|audio_eos|>"))
+    if kind in QWEN3_OMNI:
+        return PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"), get("<|audio_pad|>"),
+                              get("<|audio_start|>"), get("<|audio_end|>"))
+    return PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"))
 
 
 def _both_paths(tiny_model, videos, kind, layout):
     """The full model with its processor's inputs, and qprep's language model with its cached batch."""
     model_dir = tiny_model(kind, layout)
-    omni, qwen3 = kind == "qwen2_5_omni", kind in QWEN3
+    omni, qwen3 = kind in OMNI, kind in QWEN3
     path = videos("train-clip.mp4", **CLIP)
     spec = load_model_spec(model_dir)
     prepared = qprep.preprocess_video(path, model_dir, fps=2, audio=omni)
@@ -105,26 +122,23 @@ def _both_paths(tiny_model, videos, kind, layout):
 
     # the cache path: no tower, no video
     tokenizer = processor.tokenizer
-    get = tokenizer.convert_tokens_to_ids
+    ids = placeholder_ids(tokenizer, kind)
+    audio_tokens = None
     if omni:
-        ids = PlaceholderIds(get("<|vision_bos|>"), get("<|vision_eos|>"), get("<|VIDEO|>"), get("<|AUDIO|>"),
-                             get("<|audio_bos|>"), get("<|audio_eos|>"))
         audio_tokens = towers.encode_audio([AudioInput(prepared.mel_frames(),
                                                        tuple(prepared.feature_attention_mask.sum(-1).tolist()))])[0]
-    else:
-        ids = PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"))
-        audio_tokens = None
     family = open_checkpoint(model_dir).family
     layout = PromptLayout(family=family, ids=ids, config=full.config, merge_size=2, pad_id=0, turn_end_id=0,
                           tokenizer=tokenizer)
+    text_ids = tokenizer(processor.apply_chat_template(CONVERSATION, tokenize=False))["input_ids"]
     block = layout.video_block({"grid_thw": prepared.video_grid_thw[0].tolist(),
                                 "second_per_grid": prepared.second_per_grid,
                                 "frame_times": list(prepared.metadata.frame_times),
-                                "audio_length": 0 if audio_tokens is None else audio_tokens.shape[0]})
-    input_ids = torch.tensor([expand(tokenizer(processor.apply_chat_template(CONVERSATION, tokenize=False))["input_ids"], block, ids)])
+                                "audio_length": 0 if audio_tokens is None else audio_tokens.shape[0]},
+                               start=text_ids.index(ids.vision_start))
+    input_ids = torch.tensor([expand(text_ids, block, ids)])
     assert torch.equal(input_ids, inputs["input_ids"])
-    if qwen3:
-        assert (features.deepstack is not None) == (kind.startswith("qwen3_vl"))
+    assert (features.deepstack is not None) == (kind in DEEPSTACK)
     language_model = LanguageModel(open_checkpoint(model_dir), dtype="float32").eval()
     batch = Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels,
                   video_tokens=features.tokens, video_grid_thw=prepared.video_grid_thw,
@@ -135,7 +149,8 @@ def _both_paths(tiny_model, videos, kind, layout):
     return full, inputs, model_kwargs, labels, language_model, batch
 
 
-CASES = kinds_and_layouts(["qwen2_5_omni", "qwen2_5_vl", *QWEN3])
+CASES = kinds_and_layouts(["qwen2_5_omni", "qwen2_5_vl", *QWEN3]) + kinds_and_layouts(["qwen3_omni_moe"]) + [
+    ("qwen3_omni_moe_thinker", "save_pretrained")]
 
 
 @pytest.mark.parametrize(("kind", "layout"), CASES)
@@ -165,7 +180,8 @@ def _gradients_both_ways(tiny_model, videos, kind, layout, targets=None):
     modules, parameters = settings.split_targets(language_model.family.lora_targets)
     theirs = get_peft_model(full, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                              target_modules=settings.target_regex(language_model.family.lora_targets),
-                                             target_parameters=list(parameters) or None))
+                                             target_parameters=list(parameters) or None,
+                                             exclude_modules=settings.tower_regex()))
     set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours))
     ours(batch)[0].backward()
     # Without a generation cache, as the training stacks call it (LLaMA-Factory and ms-swift set
@@ -190,7 +206,7 @@ def test_lora_gradients_equal_the_full_model_with_the_same_adapter(tiny_model, v
         assert torch.equal(gradient, reference[name]), name
 
 
-@pytest.mark.parametrize(("kind", "layout"), kinds_and_layouts(["qwen3_vl_moe", "qwen3_5_moe"]))
+@pytest.mark.parametrize(("kind", "layout"), kinds_and_layouts(["qwen3_vl_moe", "qwen3_5_moe", "qwen3_omni_moe"]))
 def test_moe_experts_adapted_on_request_get_the_full_models_gradients(tiny_model, videos, kind, layout):
     """`experts` in the targets: peft's `target_parameters` on the fused 3-D expert weights."""
     _, mine, reference = _gradients_both_ways(tiny_model, videos, kind, layout,
@@ -201,28 +217,28 @@ def test_moe_experts_adapted_on_request_get_the_full_models_gradients(tiny_model
         assert torch.equal(gradient, reference[name]), name
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", *QWEN3])
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", *QWEN3, "qwen3_omni_moe"])
 def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss_on_the_raw_videos(
-        omni_store, qwen3_store, kind, tmp_path):
+        omni_store, qwen3_store, qwen3_omni_store, kind, tmp_path):
     """End to end: videos extracted through Ray into a store, a LongVALE-style data file, `qprep train`'s
     own dataset, loader and collate; against the full model on each raw video through its processor
     (Qwen3-VL: given the true video metadata, the time stamps in the prompt and the deepstack levels)."""
     import json
 
-    from transformers import AutoTokenizer
-
     from qprep.train.data import build_dataset, load_records
     from qprep.train.loader import batch_stream, plan
 
-    omni = kind == "qwen2_5_omni"
-    model_dir, cache = omni_store if omni else qwen3_store(kind)
+    stores = {"qwen2_5_omni": omni_store, "qwen3_omni_moe": qwen3_omni_store}
+    model_dir, cache = stores[kind] if kind in stores else qwen3_store(kind)
     questions = {"a": "<video>\nWhat happens, and when?", "b": "Describe it. <video>"}
+    if kind == "qwen3_omni_moe":
+        questions["c"] = "<video> And this one, which has no sound?"  # its batch holds no audio
     records = [{"id": video_id, "conversations": [{"from": "human", "value": question},
                                                   {"from": "gpt", "value": f"From 0 to 1, event {video_id}."}]}
                for video_id, question in questions.items()]
     (tmp_path / "data.json").write_text(json.dumps(records))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     checkpoint = open_checkpoint(model_dir)
+    tokenizer = checkpoint.tokenizer()
     layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
     dataset = build_dataset(load_records(tmp_path / "data.json"), cache, tokenizer, layout)
     planned = plan(dataset.samples, seed=0, batch_size=1, epochs=1)
@@ -239,13 +255,15 @@ def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss
                                                      {"type": "text", "text": after.strip()}) if c.get("text", 1)]},
             {"role": "assistant", "content": [{"type": "text", "text": f"From 0 to 1, event {video_id}."}]}]
         path = videos / row["path"]
-        metadata = None if omni else true_metadata(path, row["frame_indices"])
+        omni = kind in OMNI and bool(row["audio_length"])
+        metadata = true_metadata(path, row["frame_indices"]) if kind in QWEN3 else None
         _, inputs = processor_inputs(model_dir, path, conversation, row["frame_indices"], row["sample_fps"],
                                      omni=omni, metadata=metadata)
         labels = answer_labels(inputs["input_ids"], tokenizer)
         batch = batches[video_id]
         assert torch.equal(batch.input_ids, inputs["input_ids"]) and torch.equal(batch.labels, labels)
-        assert (batch.deepstack is None) == (not kind.startswith("qwen3_vl"))
+        assert (batch.deepstack is None) == (kind not in DEEPSTACK)
+        assert (batch.audio_tokens is None) == (not omni)
         with torch.no_grad():
             expected = full(**inputs, labels=labels, **({"use_audio_in_video": True} if omni else {}))
             loss, logits = language_model(batch)

@@ -114,7 +114,7 @@ def test_verify_a_bf16_vl_store_and_its_tolerance(vl_store, tmp_path):
     assert result.exit_code == EXIT_MISMATCH and "FAIL  turned: video_tokens" in result.output
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl", *QWEN3_KINDS])
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl", *QWEN3_KINDS, "qwen3_omni_moe"])
 def test_a_store_extracted_from_a_checkpoint_in_its_released_layout_verifies_bit_for_bit(ray_cluster, tiny_model,
                                                                                          tmp_path, kind):
     """The hub's file set (Qwen2.5: one combined preprocessor_config.json, chat_template.json; the
@@ -133,11 +133,26 @@ def test_a_store_extracted_from_a_checkpoint_in_its_released_layout_verifies_bit
     for entry in report["results"]:
         checks = {c["name"]: c for c in entry["checks"]}
         assert checks["video_tokens"]["detail"] == "bit-exact"
-        assert ("deepstack" in checks) == kind.startswith("qwen3_vl")
+        assert ("deepstack" in checks) == kind.startswith(("qwen3_vl", "qwen3_omni"))
         if "deepstack" in checks:
             assert checks["deepstack"]["detail"] == "bit-exact"
-        if kind == "qwen2_5_omni" and entry["id"] == "talk":
+        if kind in ("qwen2_5_omni", "qwen3_omni_moe") and entry["id"] == "talk":
             assert checks["audio_tokens"]["detail"] == "bit-exact"
+
+
+def test_verify_names_the_qwen3_omni_video_whose_audio_row_changed(qwen3_omni_store, tmp_path):
+    _, cache = qwen3_omni_store
+    store = copy_store(cache, tmp_path)
+    array, rows = token_array(store, "b", "audio")
+    values = array[rows]
+    values[-1, 3] += 0.25  # the track's last token: a cut or padded-away track would show here first
+    array[rows] = values
+    result = run_verify(store, "--json")
+    assert result.exit_code == EXIT_MISMATCH, result.output
+    by_id = {entry["id"]: {c["name"]: c for c in entry["checks"]} for entry in json.loads(result.stdout)["results"]}
+    assert not by_id["b"]["audio_tokens"]["ok"] and by_id["b"]["video_tokens"]["ok"]
+    assert by_id["a"]["audio_tokens"]["ok"] and "audio_tokens" not in by_id["c"]
+    assert "FAIL  b: audio_tokens" in run_verify(store).output
 
 
 def test_a_qwen3_vl_store_holds_every_deepstack_level_and_verifies_them(qwen3_vl_store, tmp_path):

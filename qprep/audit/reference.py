@@ -10,9 +10,9 @@ or tower stage in the path.
   qwen-vl-utils resizes them (torchvision's functional bicubic + antialias) and the processor keeps
   that size;
 * audio: the whole track resampled to 16 kHz by FFmpeg, channels averaged, cut to the window, then
-  the model's own `WhisperFeatureExtractor` called as `Qwen2_5OmniProcessor` calls it; a track
+  the model's own processor on it (its own feature-extractor call); for Qwen2.5-Omni, a track
   longer than the extractor's window goes in consecutive windows, as the cache records it (the
-  processor alone would cut it);
+  processor alone would cut it), while Qwen3-Omni's processor takes any track whole;
 * tokens: the model class loaded with `from_pretrained`, through its own
   `get_video_features(...).pooler_output` (and `.deepstack_features`, where the tower has deepstack
   levels) and `get_audio_features(...).last_hidden_state`.
@@ -118,13 +118,15 @@ class Reference:
     """transformers' processor and model for one checkpoint, loaded once, applied video by video."""
 
     def __init__(self, source: str, full_model: tuple[str, str | None], *, dtype: str, device: str,
-                 attn_implementation: str = "sdpa", revision: str | None = None, pixel_bounds_per_clip: bool = False):
+                 attn_implementation: str = "sdpa", revision: str | None = None, pixel_bounds_per_clip: bool = False,
+                 audio_whole_track: bool = False):
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(source, revision=revision)
         self.processor = processor
         # the frame size then depends on the frame count: the clip goes to the processor in one call
         self.whole_clip = pixel_bounds_per_clip
+        self.whole_track = audio_whole_track  # the processor featurizes a track whole, never cut
         self.video_processor = processor.video_processor
         self.feature_extractor = getattr(processor, "feature_extractor", None)
         self.dtype, self.device = torch_dtype(dtype), device
@@ -222,10 +224,10 @@ class Reference:
         if len(waveform) == 0:
             return None, 0, "the audio stream holds no samples in the window"
         window = int(self.feature_extractor.n_samples)
-        pieces = [waveform[i:i + window] for i in range(0, len(waveform), window)]
-        features = self.feature_extractor(pieces, sampling_rate=rate, padding="max_length",
-                                          return_attention_mask=True, return_tensors="pt")
-        mask = features["attention_mask"]
+        pieces = [waveform] if self.whole_track else [waveform[i:i + window] for i in range(0, len(waveform), window)]
+        # the whole processor, on one audio prompt per piece: its own feature-extractor call
+        features = self.processor(text=[self.processor.audio_token] * len(pieces), audio=pieces, return_tensors="pt")
+        mask = features["feature_attention_mask"]
         tokens = self.model.get_audio_features(features["input_features"].to(self.device, self.dtype),
                                                mask.to(self.device)).last_hidden_state
         return tokens.float().cpu(), int(mask.sum()), ""

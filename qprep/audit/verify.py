@@ -120,7 +120,8 @@ def verify(store: str | Path, *, model: str | None = None, videos: str | Path | 
     device = device or ("cuda" if torch.cuda.is_available() and "cuda" in extracted_on else "cpu")
     reference = Reference(checkpoint.source, checkpoint.family.full_model, dtype=dtype, device=device,
                           attn_implementation=cache.config.get("attn_implementation", "sdpa"), revision=revision,
-                          pixel_bounds_per_clip=checkpoint.family.pixel_bounds_per_clip)
+                          pixel_bounds_per_clip=checkpoint.family.pixel_bounds_per_clip,
+                          audio_whole_track=checkpoint.family.audio_whole_track)
     report = VerifyReport(store=str(cache.store.root), model=checkpoint.source,
                           reference=checkpoint.family.full_model[0], dtype=dtype, device=device,
                           extracted_on=extracted_on, tolerance=tolerance, videos_ok_in_store=len(cache.ids()))

@@ -144,7 +144,8 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
 # How a checkpoint's files become a ModelSpec; a new rule invalidates the specs stores have cached.
 # 2: the frame size a checkpoint's own processor applies to video (Family.video_pixel_bounds).
 # 3: pixel bounds over the whole clip where the family's processor applies them so.
-SPEC_RULES = 3
+# 4: audio featurized whole where the family's processor does so.
+SPEC_RULES = 4
 
 
 def _model_spec(model: str, checkpoint, cache: dict) -> ModelSpec:

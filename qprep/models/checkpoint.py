@@ -43,6 +43,20 @@ class Checkpoint:
         """Patches merged per side into one visual token."""
         return int(self.tower_config["vision_config"].get("spatial_merge_size", 2))
 
+    def tokenizer(self):
+        """The checkpoint's tokenizer, with the chat template its processor renders prompts with:
+        some releases (Qwen3-Omni's) keep that template beside the processor (`chat_template.json`)
+        rather than in `tokenizer_config.json`."""
+        from transformers import AutoProcessor, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.source, revision=self.revision)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = getattr(AutoProcessor.from_pretrained(self.source, revision=self.revision),
+                                              "chat_template", None)
+        if tokenizer.chat_template is None:
+            raise SettingsError(f"model {self.source}: no chat template (neither its tokenizer nor its processor has one)")
+        return tokenizer
+
     def model_config(self):
         """The transformers config of the part holding the towers and the language model (the
         thinker's, for a full Omni checkpoint): what `get_rope_index` and the layout read."""

@@ -4,10 +4,11 @@ The track is decoded and resampled to 16 kHz by FFmpeg's resampler (PyAV), its c
 mono as the reference (librosa) does, in one streaming
 pass that keeps only the `video_start`/`video_end` window, so the result equals a full decode cut
 afterwards, sample for sample, without holding a long track in memory. Features come from
-transformers' own `WhisperFeatureExtractor`, called as `Qwen2_5OmniProcessor` calls it (padding to
-the model's 300 s window), so they match the processor exactly.
+transformers' own `WhisperFeatureExtractor`, called as the model's processor calls it, so they match
+the processor exactly: `Qwen2_5OmniProcessor` pads every track to the model's 300 s window;
+`Qwen3OmniMoeProcessor` featurizes the track whole, at its own length (`AudioSpec.whole_track`).
 
-The processor would silently cut a track longer than its window. qprep never does: with
+Qwen2.5-Omni's processor would silently cut a track longer than its window. qprep never does: with
 `long_audio="window"` the track is featurized in consecutive 300 s windows (the audio tower
 attends within 2 s chunks, so windows concatenate cleanly) and the count is recorded; with
 `long_audio="error"` such a video fails with that cause.
@@ -92,7 +93,8 @@ def _keep(frames, pieces: list, seen: int, start: int, end: int | None) -> int:
 
 
 def log_mel(waveform: np.ndarray, spec: AudioSpec, long_audio: str, path: str) -> AudioFeatures:
-    """Whisper log-mel features of `waveform`, one processor window at a time.
+    """Whisper log-mel features of `waveform`, as the model's processor makes them: the whole
+    track in one piece where it does so (`spec.whole_track`, Qwen3-Omni), else one window at a time.
 
     transformers' `WhisperFeatureExtractor` is called exactly as the Omni processor calls it: every
     window padded to the whole 300 s. Computing only the frames that hold the signal would save
@@ -100,6 +102,10 @@ def log_mel(waveform: np.ndarray, spec: AudioSpec, long_audio: str, path: str) -
     (AVX2 kernels) that rounds a few values one ulp away from the processor's. The same call shape
     is what makes the features bit-identical to the processor on every machine.
     """
+    if spec.whole_track:
+        features = whole_track_features(waveform, spec)
+        return AudioFeatures(waveform=waveform, input_features=features["input_features"],
+                             feature_attention_mask=features["attention_mask"].to(torch.int32))
     window = spec.window_samples
     count = max(1, math.ceil(len(waveform) / window))
     if count > 1 and long_audio == "error":
@@ -118,6 +124,19 @@ def window_features(pieces: list[np.ndarray], spec: AudioSpec):
         pieces,
         sampling_rate=spec.sampling_rate,
         padding="max_length",
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+
+
+def whole_track_features(waveform: np.ndarray, spec: AudioSpec):
+    """transformers' WhisperFeatureExtractor on one whole track, as `Qwen3OmniMoeProcessor` calls it
+    (padded to the longest track, here the track itself, and never truncated)."""
+    return spec.feature_extractor()(
+        [waveform],
+        sampling_rate=spec.sampling_rate,
+        padding=True,
+        truncation=False,
         return_attention_mask=True,
         return_tensors="pt",
     )

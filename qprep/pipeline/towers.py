@@ -55,7 +55,7 @@ class Towers(torch.nn.Module):
 
         family = checkpoint.family
         module = importlib.import_module(family.module)
-        self.spec, self.budget = spec, budget
+        self.spec, self.budget, self.family = spec, budget, family
         self.dtype_name = resolve_dtype(dtype, checkpoint.dtype)
         self.device_name = device or default_device()
         tower_config = checkpoint.model_config()
@@ -110,7 +110,7 @@ class Towers(torch.nn.Module):
         for group in _groups([a.mel.shape[1] for a in audios], self.budget.audio_frames):
             features, mask, per_video = self._padded_windows([audios[i] for i in group])
             hidden = self._features.get_audio_features(self, features, mask).last_hidden_state
-            _, lengths = self.audio_tower._get_feat_extract_output_lengths(mask.sum(-1))
+            lengths = self.family.audio_token_counts(self.audio_tower, mask.sum(-1))
             windows = torch.split(hidden, lengths.tolist())
             start = 0
             for count in per_video:

@@ -89,10 +89,13 @@ class AudioSpec:
     hop_length: int = 160
     n_fft: int = 400
     chunk_length: int = 300
+    # True: the processor featurizes a track whole, padded to its own length and never cut
+    # (Qwen3-Omni's); False: in windows of chunk_length seconds, each padded to it (Qwen2.5-Omni's)
+    whole_track: bool = False
 
     @property
     def window_samples(self) -> int:
-        """Samples the processor pads every track to (and would cut longer ones at)."""
+        """Samples the processor pads every track to (and would cut longer ones at), in windows."""
         return self.chunk_length * self.sampling_rate
 
     def feature_extractor(self):
@@ -100,7 +103,8 @@ class AudioSpec:
         return _whisper_feature_extractor(self)
 
 
-_ADDED_LATER = {"pixel_bounds_per_clip": False}  # ModelSpec fields, and the value that means "as before"
+# ModelSpec fields (and AudioSpec's, under "audio"), and the value that means "as before"
+_ADDED_LATER = {"pixel_bounds_per_clip": False, "audio": {"whole_track": False}}
 
 
 @dataclass(frozen=True)
@@ -134,11 +138,7 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         """Plain values; a field added after stores existed is left out at its old behaviour's value,
         so that the fingerprints of those stores stay what they were."""
-        values = dataclasses.asdict(self)
-        for name, old_behaviour in _ADDED_LATER.items():
-            if values[name] == old_behaviour:
-                del values[name]
-        return values
+        return _without_old_behaviour(dataclasses.asdict(self), _ADDED_LATER)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelSpec":
@@ -150,12 +150,13 @@ class ModelSpec:
         return cls(**values)
 
     @classmethod
-    def from_processors(cls, video_processor, feature_extractor=None,
-                        pixel_bounds: tuple[int, int] | None = None, per_clip: bool = False) -> "ModelSpec":
+    def from_processors(cls, video_processor, feature_extractor=None, pixel_bounds: tuple[int, int] | None = None,
+                        per_clip: bool = False, whole_track: bool = False) -> "ModelSpec":
         """Read the values from transformers' processor objects (the single source of truth).
         `pixel_bounds`: (min, max) pixels where the model's processor overrides the video
         processor's own `size` (see `Family.video_pixel_bounds`); `per_clip`: they bound the whole
-        clip rather than each frame (`Family.pixel_bounds_per_clip`)."""
+        clip rather than each frame (`Family.pixel_bounds_per_clip`); `whole_track`: the processor
+        featurizes audio whole (`Family.audio_whole_track`)."""
         size = video_processor.size
         min_pixels, max_pixels = pixel_bounds or (size["shortest_edge"], size["longest_edge"])
         audio = AudioSpec()
@@ -166,6 +167,7 @@ class ModelSpec:
                 hop_length=int(feature_extractor.hop_length),
                 n_fft=int(feature_extractor.n_fft),
                 chunk_length=int(feature_extractor.chunk_length),
+                whole_track=whole_track,
             )
         return cls(
             patch_size=int(video_processor.patch_size),
@@ -181,6 +183,15 @@ class ModelSpec:
             pixel_bounds_per_clip=per_clip,
             audio=audio,
         )
+
+
+def _without_old_behaviour(values: dict, added_later: dict) -> dict:
+    for name, old_behaviour in added_later.items():
+        if isinstance(old_behaviour, dict):
+            values[name] = _without_old_behaviour(values[name], old_behaviour)
+        elif values[name] == old_behaviour:
+            del values[name]
+    return values
 
 
 def load_model_spec(model: str | Path | dict | ModelSpec | None = None) -> ModelSpec:
@@ -231,7 +242,8 @@ def _spec_from_checkpoint(model: str) -> ModelSpec:
     feature_extractor = getattr(processor, "feature_extractor", None)
     return ModelSpec.from_processors(processor.video_processor, feature_extractor,
                                      pixel_bounds=checkpoint.family.video_pixel_bounds(processor),
-                                     per_clip=checkpoint.family.pixel_bounds_per_clip)
+                                     per_clip=checkpoint.family.pixel_bounds_per_clip,
+                                     whole_track=checkpoint.family.audio_whole_track)
 
 
 def _describes_audio(config: dict) -> bool:

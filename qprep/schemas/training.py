@@ -34,6 +34,13 @@ class LoraSettings:
         modules, _ = self.split_targets(family_targets)
         return r".*\blanguage_model\.layers\.\d+\..*\.(" + "|".join(modules) + r")$"
 
+    @staticmethod
+    def tower_regex() -> str:
+        """The full model's towers, excluded by name as well: for MoE model types that transformers
+        converts at load time (Qwen3-Omni's), peft rewrites a regex `target_modules` into bare module
+        names (`q_proj`, ...), which the audio tower's projections also carry."""
+        return r".*\b(visual|audio_tower)\..*"
+
     def split_targets(self, family_targets: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(module names, parameter names) of the targets."""
         chosen: list[str] = []

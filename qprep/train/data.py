@@ -146,8 +146,8 @@ def with_video_block(text_ids: list[int], labels: list[int], row: dict,
                      layout: PromptLayout) -> tuple[list[int], list[int], int]:
     """The chat template's video placeholder (start, pad, end) replaced by the cached video's block
     (the family's `video_block`), which the labels ignore: (input ids, labels, where the block ends)."""
-    block = layout.video_block(row)
     at = text_ids.index(layout.ids.video)
+    block = layout.video_block(row, start=at - 1)  # one video per prompt: its position is its index
     return (text_ids[: at - 1] + block + text_ids[at + 2:], labels[: at - 1] + [IGNORE] * len(block) + labels[at + 2:],
             at - 1 + len(block))
 

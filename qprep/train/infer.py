@@ -59,7 +59,6 @@ def infer(cache_path: str | Path, model: str | None, out: str | Path, *, adapter
     video extracted ok. `prompt` replaces the question.
     """
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
     from qprep.models.checkpoint import open_checkpoint
     from qprep.store.reader import open_cache
@@ -78,7 +77,7 @@ def infer(cache_path: str | Path, model: str | None, out: str | Path, *, adapter
     if not requests:
         raise SettingsError(f"no video to answer for in {cache.store.location} (the reasons are listed above); "
                             f"pass --ids or --data naming videos extracted ok (`qprep status` lists them)")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint.source, revision=checkpoint.revision)
+    tokenizer = checkpoint.tokenizer()
     generator = Generator(checkpoint, tokenizer, cache, adapter=adapter, dtype=dtype, device=device)
     summary = InferSummary(answers=0, skipped=skipped)
     out = Path(out)
@@ -225,7 +224,10 @@ def load_adapter(model, adapter: str | Path):
     if not (adapter / "adapter_model.safetensors").is_file():  # peft would fall back to unpickling a .bin
         raise SettingsError(f"--adapter {adapter}: no adapter_model.safetensors there; qprep loads weights "
                             f"from safetensors only")
+    from qprep.train.lora import no_tower_warning
+
     try:
-        return PeftModel.from_pretrained(model, str(adapter)).eval()
+        with no_tower_warning():
+            return PeftModel.from_pretrained(model, str(adapter)).eval()
     except (RuntimeError, ValueError, KeyError) as exc:
         raise SettingsError(f"--adapter {adapter} does not fit the model: {str(exc).splitlines()[0]}") from exc

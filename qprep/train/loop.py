@@ -47,7 +47,6 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
           settings: TrainSettings = TrainSettings(), *, resume: bool = False, device: str | None = None,
           progress: bool = True, echo=print) -> TrainSummary:
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
     from qprep.models.checkpoint import open_checkpoint
     from qprep.store.reader import open_cache
@@ -64,7 +63,7 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
     checkpoint = open_checkpoint(model)
     cache = open_cache(cache_path)
     check_cache_fits(cache, checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint.source, revision=checkpoint.revision)
+    tokenizer = checkpoint.tokenizer()
     layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
     dataset = build_dataset(load_records(data_path), cache, tokenizer, layout, max_length=settings.max_length,
                             cut=settings.cut_to_max_length)

@@ -70,6 +70,9 @@ class Family:
     lm_head_prefixes: tuple[str, ...]
     lora_targets: tuple[str, ...] = ATTENTION_AND_MLP
     pixel_bounds_per_clip: bool = False  # the video processor's size bounds all frames together, not each
+    # the processor featurizes an audio track whole (padded to its own length, never cut), not in
+    # padded windows of the feature extractor's chunk_length
+    audio_whole_track: bool = False
     # (state dict, module) -> state dict: what transformers converts at load time for this family's
     # checkpoints (released weight names or shapes that differ from the module's), applied in order
     weight_conversions: tuple[Callable[[dict, Any], dict], ...] = ()
@@ -98,9 +101,14 @@ class Family:
         """(video placeholder id, audio placeholder id or None) as the model config names them."""
         raise NotImplementedError
 
-    def video_block(self, layout: "PromptLayout", row: dict) -> list[int]:
+    def video_block(self, layout: "PromptLayout", row: dict, start: int = 0) -> list[int]:
         """The ids that stand for one cached video (its manifest row) in a prompt, with its audio
-        where the layout puts audio in the block."""
+        where the layout puts audio in the block. `start`: the position of the block's first token
+        in the prompt (where the layout depends on it)."""
+        raise NotImplementedError
+
+    def audio_token_counts(self, audio_tower, mel_lengths: "torch.Tensor") -> "torch.Tensor":
+        """Audio tokens the tower makes of tracks (or windows) of these many mel frames."""
         raise NotImplementedError
 
     def deepstack_levels(self, config) -> int:
@@ -143,9 +151,9 @@ class PromptLayout:
         """Whether a video's own audio goes into its block (families with an audio tower)."""
         return self.family.has_audio
 
-    def video_block(self, row: dict) -> list[int]:
-        """The block of one cached video (its manifest row)."""
-        return self.family.video_block(self, row)
+    def video_block(self, row: dict, start: int = 0) -> list[int]:
+        """The block of one cached video (its manifest row), its first token at position `start`."""
+        return self.family.video_block(self, row, start)
 
     def text_ids(self, text: str) -> list[int]:
         """`text` tokenized alone, as the processor's prompt tokenizes it between special tokens."""

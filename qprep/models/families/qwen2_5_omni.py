@@ -29,7 +29,7 @@ class QwenOmniFamily(Family):
     def media_token_ids(self, config) -> tuple[int, int | None]:
         return config.video_token_index, config.audio_token_index
 
-    def video_block(self, layout, row) -> list[int]:
+    def video_block(self, layout, row, start=0) -> list[int]:
         ids, config, merge_size = layout.ids, layout.config, layout.merge_size
         audio_tokens = row["audio_length"] or 0
         if not audio_tokens:
@@ -49,6 +49,9 @@ class QwenOmniFamily(Family):
             if j < len(audio_chunks):
                 block += [ids.audio] * (audio_chunks[j][1] - audio_chunks[j][0])
         return block + [ids.audio_end, ids.vision_end]
+
+    def audio_token_counts(self, audio_tower, mel_lengths):
+        return audio_tower._get_feat_extract_output_lengths(mel_lengths)[1]
 
     def position_ids(self, rope_model, batch, config):
         ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()

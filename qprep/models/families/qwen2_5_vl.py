@@ -20,7 +20,7 @@ class QwenVLFamily(Family):
     def media_token_ids(self, config) -> tuple[int, int | None]:
         return config.video_token_id, None
 
-    def video_block(self, layout, row) -> list[int]:
+    def video_block(self, layout, row, start=0) -> list[int]:
         return plain_video_block(row["grid_thw"], layout.ids, layout.merge_size)
 
     def position_ids(self, rope_model, batch, config):

@@ -41,10 +41,24 @@ def time_stamp(seconds: float) -> str:
     return f"<{seconds:.1f} seconds>"
 
 
-class Qwen3VLFamily(QwenVLFamily):
+class Deepstack:
+    """What a family whose vision tower has deepstack levels tells the store and the language model
+    (mixed into Qwen3-VL's and Qwen3-Omni's families)."""
+
+    def deepstack_levels(self, config) -> int:
+        return len(getattr(config.vision_config, "deepstack_visual_indexes", None) or ())
+
+    def text_model_inputs(self, batch, config) -> dict:
+        if batch.deepstack is None:
+            return {}
+        return {"visual_pos_masks": batch.input_ids == config.video_token_id,
+                "deepstack_visual_embeds": list(batch.deepstack)}
+
+
+class Qwen3VLFamily(Deepstack, QwenVLFamily):
     """Qwen2.5-VL's placeholders and token types; its own block (time as text) and positions."""
 
-    def video_block(self, layout, row) -> list[int]:
+    def video_block(self, layout, row, start=0) -> list[int]:
         ids = layout.ids
         grid_t, grid_h, grid_w = (int(v) for v in row["grid_thw"])
         per_patch = (grid_h // layout.merge_size) * (grid_w // layout.merge_size)
@@ -65,14 +79,6 @@ class Qwen3VLFamily(QwenVLFamily):
                                                  attention_mask=mask)
         return positions
 
-    def deepstack_levels(self, config) -> int:
-        return len(getattr(config.vision_config, "deepstack_visual_indexes", None) or ())
-
-    def text_model_inputs(self, batch, config) -> dict:
-        if batch.deepstack is None:
-            return {}
-        return {"visual_pos_masks": batch.input_ids == config.video_token_id,
-                "deepstack_visual_embeds": list(batch.deepstack)}
 
 
 QWEN3_CHECKPOINT = dict(

@@ -66,7 +66,8 @@ def video_options(command):
         click.option("--size", callback=_size, default=None, metavar="HxW", help="Resize every frame to HxW, e.g. 224x224."),
         click.option("--audio/--no-audio", default=None, help="Featurize the audio track (Omni models; default on)."),
         click.option("--long-audio", type=click.Choice(["window", "error"]), default=None,
-                     help="Audio longer than the model's 300 s window: encode it in windows, or fail."),
+                     help="Qwen2.5-Omni audio longer than the model's 300 s window: encode it in windows, or "
+                          "fail (Qwen3-Omni takes any track whole, as its processor does)."),
     ]
     for option in reversed(options):
         command = option(command)

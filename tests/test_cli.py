@@ -48,6 +48,9 @@ def test_jobs_lists_the_presets():
     # Qwen3.5's preset builds on Qwen3-VL's video settings
     assert by_name["qwen3.5-default"]["video"] == by_name["qwen3-vl-default"]["video"]
     assert by_name["qwen3.5-default"]["model"].startswith("Qwen/Qwen3.5")
+    # the seed recipe on Qwen3-Omni: its video settings, LoRA on the MoE thinker's attention
+    assert by_name["seed-qwen3-omni-100f"]["video"] == seed["video"]
+    assert by_name["seed-qwen3-omni-100f"]["train"]["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 @pytest.mark.slow

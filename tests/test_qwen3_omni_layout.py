@@ -103,3 +103,47 @@ def test_position_id_per_seconds_comes_from_the_checkpoint_not_a_class_default(o
     thinker, processor = omni
     assert thinker.config.position_id_per_seconds == 13
     assert type(thinker.config)().position_id_per_seconds == 25
+
+
+def test_the_layout_and_the_positions_read_position_id_per_seconds_from_the_same_checkpoint_config(tiny_model,
+                                                                                                   tmp_path):
+    """One value from one place: a checkpoint whose config says 25 is laid out and positioned at 25
+    (the block changes with it), and a layout made with another value than the model's is refused."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from qprep.models.checkpoint import open_checkpoint
+    from qprep.train.model import Batch, LanguageModel
+
+    source = tiny_model("qwen3_omni_moe", "released")
+    changed = shutil.copytree(source, tmp_path / "at-25")
+    config = json.loads((changed / "config.json").read_text())
+    assert config["thinker_config"]["position_id_per_seconds"] == 13
+    config["thinker_config"]["position_id_per_seconds"] = 25
+    (changed / "config.json").write_text(json.dumps(config))
+
+    frames, seconds = 20, 7  # second_per_grid 0.7: audio and video interleave differently at 13 and 25
+    row = {"grid_thw": [frames // 2, *GRID_HW], "second_per_grid": 2 / (frames / seconds), "audio_length": 0}
+    mel = seconds * 100
+    blocks, models = {}, {}
+    for name, model_dir in (("13", source), ("25", changed)):
+        checkpoint = open_checkpoint(model_dir)
+        layout = checkpoint.family.prompt_layout(checkpoint, AutoTokenizer.from_pretrained(model_dir))
+        models[name] = LanguageModel(checkpoint)
+        assert layout.config.position_id_per_seconds == models[name].config.position_id_per_seconds == int(name)
+        row["audio_length"] = audio_tokens(mel, layout.config)
+        blocks[name] = layout.video_block(row, start=TEXT_BEFORE)
+    assert blocks["13"] != blocks["25"]
+
+    def batch(block):
+        ids = torch.tensor([[0] * TEXT_BEFORE + block + [0] * 5])
+        return Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, video_tokens=torch.zeros(0),
+                     video_grid_thw=torch.tensor([row["grid_thw"]]), second_per_grid=torch.tensor([row["second_per_grid"]]),
+                     audio_tokens=torch.zeros(row["audio_length"], 1), mel_lengths=torch.tensor([mel]))
+
+    for name in ("13", "25"):
+        models[name].position_ids(batch(blocks[name]))  # each block fits its own model's positions
+    with pytest.raises(AssertionError, match="audio tokens got non-audio positions"):
+        models["13"].position_ids(batch(blocks["25"]))

@@ -19,6 +19,7 @@ two agree.
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -174,11 +175,13 @@ def greedy(model, batch, max_new_tokens: int, stop: set[int], scores: list | Non
     positions = prompt_positions(model, batch)
     embeds = model.embed(batch)
     extra = model.text_inputs(batch)  # the prompt step only: later steps hold no visual position
+    # transformers renamed the text models' `past_key_values` to `cache` (the old name warns, then goes)
+    cache_kwarg = "cache" if "cache" in inspect.signature(text_model.forward).parameters else "past_key_values"
     tokens: list[int] = []
     for _ in range(max_new_tokens):
         # one unpadded prompt: no attention mask, as generate drops an all-ones one
-        hidden = text_model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
-                            use_cache=True, **extra).last_hidden_state
+        hidden = text_model(inputs_embeds=embeds, position_ids=positions, use_cache=True,
+                            **{cache_kwarg: cache}, **extra).last_hidden_state
         extra = {}
         # The last position only (VL's generate does the same; the Omni thinker multiplies the whole
         # prompt, gigabytes of logits for a long video, and keeps the last row: another matmul shape).

@@ -64,6 +64,24 @@ with numpy. A second table gives the bytes per video of the cold run's store fro
 array: `video` [n, 4096] and `deepstack` [n, 3, 4096]), and of the reference's .npy files. The no-op
 re-run is not repeated (it hashes files and starts no tower; the Omni run measures it).
 
+Qwen3-Omni (`--family qwen3_omni_moe`): the same throughput rows on the same videos, with audio, on a
+Qwen3-Omni checkpoint (bench/qwen3omni.py: the full Qwen3OmniMoeForConditionalGeneration, real
+classes and key layout; the towers at Qwen3-Omni-30B-A3B's released widths, vision 1152 wide / MLP
+4304 / 16 heads / patch 16 / temporal 2 / merge 2 / 2304 position embeddings with --vision-depth
+blocks, default 9 of 27, deepstack at [2, 5, 8]; audio d_model 1280 / 20 heads / FFN 5120 / 128 mel
+bins / n_window 50 with --audio-layers layers, default 8 of 32; both out 2048 as released; a 2-layer
+MoE language model of width --hidden, which extraction never runs), fps 2 + audio, float32. Its
+video processor is Qwen2VLVideoProcessor, bounds per frame as Qwen2.5-Omni's: both sides resize
+within --min-pixels..--max-pixels per frame (default 4·32²..64·32², the checkpoint's own; the
+processor's own default is 128·32²..768·32²). The reference loop reads video as the Qwen2.5-Omni
+loop does (qwen-vl-utils' `fetch_video`, decord, fps 2, the per-frame bounds, `image_patch_size`
+16), the whole audio track with PyAV at 16 kHz (channels averaged; qwen-omni-utils and librosa are
+not needed), runs the checkpoint's `AutoProcessor` (Qwen3OmniMoeProcessor) on the frames and the
+track (its own feature-extractor call: padded to the track's own length, never truncated), and
+`Qwen3OmniMoeForConditionalGeneration.from_pretrained(...).thinker`'s `get_video_features(...)`
+(merged tokens and deepstack levels) and `get_audio_features(...).last_hidden_state`, saving each
+with numpy. The bytes table adds the audio array (`audio` [n, 2048]). No no-op re-run.
+
 Goals stated by the project: qprep >= 3x the reference's videos/min on this 2-core machine; the
 no-op re-run over 10,000 videos < 5 s.
 
@@ -75,6 +93,7 @@ store are cached in --workdir, so only the first run pays for them):
     python bench/extract.py --repeats 3 --json extract.json   # ~8 min more; what the report used
     python bench/extract.py --family qwen3_vl --videos 4 --quiet-wait 30   # Qwen3-VL smoke run (~7 min)
     python bench/extract.py --family qwen3_vl --videos 16 --max-pixels 1048576   # larger frames (long)
+    python bench/extract.py --family qwen3_omni_moe --videos 4 --quiet-wait 30   # Qwen3-Omni smoke run (~7 min)
 """
 
 from __future__ import annotations
@@ -113,12 +132,19 @@ SAMPLE_EVERY_S = 0.2
 TIMEOUT_S = 3600
 THROUGHPUT_GOAL, NOOP_GOAL_S = 3.0, 5.0
 
-FAMILIES = ("qwen2_5_omni", "qwen3_vl")
+FAMILIES = ("qwen2_5_omni", "qwen3_vl", "qwen3_omni_moe")
 # Qwen3-VL (--family qwen3_vl): Qwen3VLVideoProcessor's `size` bounds the pixels of the whole clip
 # (all frames together), not of a frame. The default is the bench checkpoint's own processor config
 # (4..256 merged tokens of 32² pixels per clip); Qwen3-VL-8B's release allows 4096..25165824.
 QWEN3_VL_PIXELS = {"min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 256}
 QWEN3_VL_TEXT_LAYERS = 2
+# Qwen3-Omni (--family qwen3_omni_moe): its video processor is Qwen2VLVideoProcessor, whose bounds are
+# per frame. The default is the bench checkpoint's own video processor config (4..64 merged tokens of
+# 32² pixels per frame, Qwen2.5-Omni's row's 4..64 × 28² at the 16-pixel patch); Qwen3OmniMoeProcessor's
+# own video default, 128·32²..768·32² per frame, would upscale these clips.
+QWEN3_OMNI_PIXELS = {"min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 64}
+QWEN3_OMNI_TEXT_LAYERS = 2
+DEFAULT_PIXELS = {"qwen3_vl": QWEN3_VL_PIXELS, "qwen3_omni_moe": QWEN3_OMNI_PIXELS}
 
 
 @dataclass(frozen=True)
@@ -463,6 +489,81 @@ def reference_qwen3_vl_worker(job: dict) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def pyav_audio(path: str, rate: int):
+    """The whole first audio track, resampled to `rate` by FFmpeg's resampler (PyAV), channels
+    averaged (as librosa's to_mono), float32: in place of qwen-omni-utils' audioread + librosa loading
+    (another resampler, so not the same samples; about as many)."""
+    import av
+    import numpy as np
+
+    with av.open(path) as container:
+        resampler = av.AudioResampler(format="fltp", rate=rate)
+        frames = [f for frame in container.decode(audio=0) for f in resampler.resample(frame)]
+        frames += resampler.resample(None)
+    return np.concatenate([f.to_ndarray() for f in frames], axis=1).mean(axis=0, dtype=np.float32)
+
+
+def reference_qwen3_omni_worker(job: dict) -> dict:
+    """The same loop for Qwen3-Omni, as the Qwen2.5-Omni loop reads video (its video processor is
+    Qwen2VLVideoProcessor too, with per-frame bounds): qwen-vl-utils' `fetch_video` (fps 2, the
+    per-frame min/max pixels, `image_patch_size` 16), the whole audio track at 16 kHz (`pyav_audio`, so
+    that the row needs neither qwen-omni-utils nor librosa, with which the Qwen2.5-Omni loop loads
+    audio), the checkpoint's `AutoProcessor` (Qwen3OmniMoeProcessor) on the frames and the track in
+    one call (its own feature-extractor call: padded to the track's own length, never truncated),
+    then `Qwen3OmniMoeForConditionalGeneration.from_pretrained(...).thinker`'s
+    `get_video_features(...)` (merged tokens `pooler_output` and the deepstack levels
+    `deepstack_features`, saved as one [levels, n, d] array) and
+    `get_audio_features(...).last_hidden_state`, each saved with numpy."""
+    begun = time.perf_counter()
+    import numpy as np
+    import torch
+    from qwen_vl_utils import fetch_video
+    from transformers import AutoProcessor, Qwen3OmniMoeForConditionalGeneration
+
+    model = job["model"]
+    processor = AutoProcessor.from_pretrained(model)
+    thinker = Qwen3OmniMoeForConditionalGeneration.from_pretrained(model, dtype=torch.float32).thinker.eval()
+    pixels = job["pixels"]
+    size = {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]}
+    patch, rate = int(processor.video_processor.patch_size), int(processor.feature_extractor.sampling_rate)
+    prompt = processor.video_token + processor.audio_token
+    out = Path(job["out"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    @torch.inference_mode()
+    def one(path: str) -> list:
+        element = {"type": "video", "video": path, "fps": FPS, **pixels}
+        (frames, metadata), _ = fetch_video(element, image_patch_size=patch, return_video_sample_fps=True,
+                                            return_video_metadata=True)
+        if metadata.get("video_backend") != job["reader"]:
+            raise RuntimeError(f"qwen-vl-utils read {path} with {metadata.get('video_backend')}, not {job['reader']}")
+        waveform = pyav_audio(path, rate)
+        inputs = processor(text=[prompt], videos=[frames], audio=[waveform], do_sample_frames=False, size=size,
+                           cap_pixels_per_frame=False, return_tensors="pt")
+        output = thinker.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        tokens = torch.cat(list(output.pooler_output))
+        deepstack = torch.stack([torch.cat(list(level)) for level in output.deepstack_features])
+        audio = thinker.get_audio_features(inputs["input_features"],
+                                           feature_attention_mask=inputs["feature_attention_mask"]).last_hidden_state
+        name = Path(path).stem
+        sizes = []
+        for kind, array in (("video", tokens), ("deepstack", deepstack), ("audio", audio)):
+            np.save(out / f"{name}.{kind}.npy", array.numpy())
+            sizes.append((out / f"{name}.{kind}.npy").stat().st_size)
+        return [len(frames), int(tokens.shape[0]), int(audio.shape[0]), *sizes]
+
+    loaded = time.perf_counter()
+    one(job["warmup"])
+    warmed = time.perf_counter()
+    per_video = []
+    for path in job["videos"]:
+        started = time.perf_counter()
+        frames, video_tokens, audio_tokens, *sizes = one(path)
+        per_video.append([frames, video_tokens, audio_tokens, time.perf_counter() - started, *sizes])
+    return {"load_s": loaded - begun, "warmup_s": warmed - loaded, "per_video": per_video,
+            "files": ["video", "deepstack", "audio"], "torch_threads": torch.get_num_threads()}
+
+
 def qprep_warm_worker(job: dict) -> dict:
     """`extract` with Ray already up and its workers warmed by a first small extract: of N videos,
     then of 2N (the same N and N more) on another fresh store."""
@@ -488,7 +589,7 @@ def qprep_warm_worker(job: dict) -> dict:
 
 
 WORKERS = {"reference": reference_worker, "reference-qwen3_vl": reference_qwen3_vl_worker,
-           "qprep-warm": qprep_warm_worker}
+           "reference-qwen3_omni_moe": reference_qwen3_omni_worker, "qprep-warm": qprep_warm_worker}
 
 
 def worker_main(job_json: str) -> None:
@@ -516,7 +617,7 @@ class Row:
     others_cores: float | None = None
     note: str = ""
     ratio: float | None = None
-    files: dict | None = None  # bytes of the token files the reference saved, by kind (Qwen3-VL)
+    files: dict | None = None  # bytes of the token files the reference saved, by kind (Qwen3-VL, Qwen3-Omni)
 
     @property
     def per_min(self) -> float:
@@ -595,8 +696,9 @@ def measure_reference(videos: Path, videos_2x: Path, warmup: Path, model: Path, 
                     f"whole process ({2 * count} videos)", **measured_fields(measured))
     warm = Row(f"reference loop ({reader}), warm (the loop alone)", count, loop_head, **totals(head))
     more = Row(f"reference loop over the {count} more videos", count, loop_tail, **totals(tail))
-    if len(head[0]) > 4:  # the .npy sizes (Qwen3-VL: video, deepstack)
-        cold.files = {"video": sum(v[4] for v in head), "deepstack": sum(v[5] for v in head)}
+    if len(head[0]) > 4:  # the .npy sizes (Qwen3-VL: video, deepstack; Qwen3-Omni: and audio)
+        kinds = result.get("files", ["video", "deepstack"])
+        cold.files = {kind: sum(v[4 + i] for v in head) for i, kind in enumerate(kinds)}
     return cold, warm, more
 
 
@@ -608,26 +710,33 @@ def store_bytes(store: Path, count: int) -> dict:
     status = store_status(store)
     check(status["videos"]["ok"] == count, f"{store}: {status['videos']}")
     return {"videos": count, "arrays": status["token_bytes"], "files": status["bytes"],
-            "video_tokens": status["tokens"]["video"], "levels": status["deepstack_levels"],
+            "video_tokens": status["tokens"]["video"], "audio_tokens": status["tokens"]["audio"],
+            "levels": status["deepstack_levels"],
             "dtype": status["dtype"]}
 
 
 def bytes_table(stored: dict, reference: Row) -> str:
-    """Bytes per video of the qprep store, split by array, and of the reference's .npy files."""
+    """Bytes per video of the qprep store, split by array, and of the reference's .npy files (with
+    audio columns where the store has an audio array). "bytes / merged token": the merged tokens'
+    and deepstack levels' bytes over the merged tokens."""
     count, arrays = stored["videos"], stored["arrays"]
+    audio = "audio" in arrays
     header = ("what", "videos", "merged tokens / video", "video bytes / video", "deepstack bytes / video",
-              "deepstack / video", "all files / video", "bytes / merged token")
-    deep = arrays.get("deepstack", 0)
-    rows = [(f"qprep store ({stored['levels']} deepstack levels, {stored['dtype']}; token_bytes)", count,
-             fmt(stored["video_tokens"] / count, ".0f"), fmt(arrays["video"] / count, ",.0f"),
-             fmt(deep / count, ",.0f"), fmt(deep / max(arrays["video"], 1), ".2f") + "x",
-             fmt(stored["files"] / count, ",.0f"), fmt(sum(arrays.values()) / max(stored["video_tokens"], 1), ",.0f"))]
+              "deepstack / video", *(("audio tokens / video", "audio bytes / video") if audio else ()),
+              "all files / video", "bytes / merged token")
+
+    def row(name: str, videos: int, video_tokens: int, audio_tokens: int, sizes: dict, files: int) -> tuple:
+        deep = sizes.get("deepstack", 0)
+        audio_columns = (fmt(audio_tokens / videos, ".0f"), fmt(sizes.get("audio", 0) / videos, ",.0f")) if audio else ()
+        return (name, videos, fmt(video_tokens / videos, ".0f"), fmt(sizes["video"] / videos, ",.0f"),
+                fmt(deep / videos, ",.0f"), fmt(deep / max(sizes["video"], 1), ".2f") + "x", *audio_columns,
+                fmt(files / videos, ",.0f"), fmt((sizes["video"] + deep) / max(video_tokens, 1), ",.0f"))
+
+    rows = [row(f"qprep store ({stored['levels']} deepstack levels, {stored['dtype']}; token_bytes)", count,
+                stored["video_tokens"], stored["audio_tokens"], arrays, stored["files"])]
     if reference.files:
-        files, tokens = reference.files, reference.video_tokens or 1
-        rows.append(("reference .npy files (first N)", reference.videos, fmt(tokens / reference.videos, ".0f"),
-                     fmt(files["video"] / reference.videos, ",.0f"), fmt(files["deepstack"] / reference.videos, ",.0f"),
-                     fmt(files["deepstack"] / max(files["video"], 1), ".2f") + "x",
-                     fmt(sum(files.values()) / reference.videos, ",.0f"), fmt(sum(files.values()) / tokens, ",.0f")))
+        rows.append(row("reference .npy files (first N)", reference.videos, reference.video_tokens or 0,
+                        reference.audio_tokens or 0, reference.files, sum(reference.files.values())))
     return markdown(header, rows)
 
 
@@ -756,14 +865,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="qwen-vl-utils' video reader for the reference (FORCE_QWENVL_VIDEO_READER)")
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny model's language part")
     parser.add_argument("--family", default="qwen2_5_omni", choices=FAMILIES,
-                        help="qwen3_vl: a Qwen3-VL checkpoint with the 8B's vision width, no audio, no no-op run")
+                        help="qwen3_vl: a Qwen3-VL checkpoint with the 8B's vision width, no audio; qwen3_omni_moe: "
+                             "a Qwen3-Omni checkpoint with the 30B-A3B's tower widths, with audio; both without the "
+                             "no-op run")
     parser.add_argument("--vision-depth", type=int, default=9,
-                        help="Qwen3-VL only: vision blocks (the 8B has 27; deepstack levels at the same relative "
-                             "depths)")
-    parser.add_argument("--min-pixels", type=int, default=QWEN3_VL_PIXELS["min_pixels"],
-                        help="Qwen3-VL only: pixel floor of a whole clip")
-    parser.add_argument("--max-pixels", type=int, default=QWEN3_VL_PIXELS["max_pixels"],
-                        help="Qwen3-VL only: pixel budget of a whole clip (all its frames)")
+                        help="Qwen3-VL and Qwen3-Omni only: vision blocks (the releases have 27; deepstack levels at "
+                             "the same relative depths)")
+    parser.add_argument("--audio-layers", type=int, default=8,
+                        help="Qwen3-Omni only: audio encoder layers (the release has 32)")
+    parser.add_argument("--min-pixels", type=int,
+                        help=f"Qwen3-VL: pixel floor of a whole clip (default {QWEN3_VL_PIXELS['min_pixels']}); "
+                             f"Qwen3-Omni: of a frame (default {QWEN3_OMNI_PIXELS['min_pixels']})")
+    parser.add_argument("--max-pixels", type=int,
+                        help=f"Qwen3-VL: pixel budget of a whole clip, all its frames (default "
+                             f"{QWEN3_VL_PIXELS['max_pixels']}); Qwen3-Omni: of a frame (default "
+                             f"{QWEN3_OMNI_PIXELS['max_pixels']})")
     parser.add_argument("--quiet-wait", type=float, default=180,
                         help="before each measured run, wait up to this many seconds for the other processes "
                              "on the machine to go idle (0: never wait)")
@@ -777,18 +893,32 @@ def main(argv: list[str] | None = None) -> int:
     workdir, repeats = args.workdir.resolve(), max(1, args.repeats)
     QUIET["max_wait_s"] = args.quiet_wait
     workdir.mkdir(parents=True, exist_ok=True)
+    default = DEFAULT_PIXELS.get(args.family, PIXELS)
+    pixels = {"min_pixels": args.min_pixels or default["min_pixels"],
+              "max_pixels": args.max_pixels or default["max_pixels"]}
     if args.family == "qwen3_vl":
         import qwen3vl  # bench/qwen3vl.py: the Qwen3-VL bench checkpoint
 
         out_hidden = qwen3vl.QWEN3_VL_8B["vision"]["out_hidden_size"]
         model = qwen3vl.ensure_model(workdir, args.vision_depth, out_hidden, args.hidden, QWEN3_VL_TEXT_LAYERS)
-        pixels = {"min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
         mode = Mode("qwen3_vl", pixels, audio=False, stores="stores-qwen3_vl", description=(
             f", Qwen3-VL {model.name} (vision {args.vision_depth} blocks at the 8B's width 1152, deepstack "
             f"{qwen3vl.deepstack_indexes(args.vision_depth)}, out {out_hidden}; language model "
             f"{QWEN3_VL_TEXT_LAYERS} × {args.hidden}), no audio, pixels {pixels['min_pixels']}..{pixels['max_pixels']} "
             f"per clip"))
         args.skip_noop = True  # the no-op re-run hashes files and starts no tower: the Omni run measures it
+    elif args.family == "qwen3_omni_moe":
+        import qwen3omni  # bench/qwen3omni.py: the Qwen3-Omni bench checkpoint
+
+        out_hidden = qwen3omni.RELEASED_OUT  # extraction never runs the language model
+        model = qwen3omni.ensure_model(workdir, args.vision_depth, args.audio_layers, out_hidden, args.hidden,
+                                       QWEN3_OMNI_TEXT_LAYERS)
+        mode = Mode("qwen3_omni_moe", pixels, audio=True, stores="stores-qwen3_omni_moe", description=(
+            f" + audio, Qwen3-Omni {model.name} (vision {args.vision_depth} blocks at the 30B-A3B's width 1152, "
+            f"deepstack {qwen3omni.deepstack_indexes(args.vision_depth)}; audio {args.audio_layers} layers at its "
+            f"width 1280; out {out_hidden}; MoE language model {QWEN3_OMNI_TEXT_LAYERS} × {args.hidden}), pixels "
+            f"{pixels['min_pixels']}..{pixels['max_pixels']} per frame"))
+        args.skip_noop = True
     else:
         model = ensure_model(workdir, args.hidden)
         mode = Mode("qwen2_5_omni", PIXELS, audio=True, stores="stores",

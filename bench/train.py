@@ -84,8 +84,24 @@ the language model gets as `visual_pos_masks` + `deepstack_visual_embeds`; the f
 batches, deepstack included, in memory. The line above the table gives the cache's array sizes and
 what a step reads.
 
+Qwen3-Omni (`--family qwen3_omni_moe`): the same three paths on a Qwen3-Omni checkpoint
+(bench/qwen3omni.py: the full Qwen3OmniMoeForConditionalGeneration, real classes and key layout; the
+towers at Qwen3-Omni-30B-A3B's released widths, vision 1152 / MLP 4304 / 16 heads / patch 16 with
+--vision-depth blocks, default 3, one per deepstack level, and audio 1280 / 20 heads / FFN 5120 with
+--audio-layers layers, both out = the language model's width; a MoE language model of
+--text-layers × --text-hidden, 8 experts, top 2, M-RoPE sections in the release's proportions;
+talker and code2wav tiny and never read). The clips are extracted at fps 2 (or --num-frames) with
+audio, within 4·32²..64·32² pixels per frame (its video processor is Qwen2VLVideoProcessor: bounds
+per frame). Each step's prompt holds the audio-in-video block (`<|vision_start|><|audio_start|>`,
+video and audio placeholders merged one by one in time order, `<|audio_end|><|vision_end|>`), the
+cache path reads the merged tokens, the deepstack levels and the audio tokens from the store, and
+the positions come from the thinker's `get_rope_index(use_audio_in_video=True)`; the floor holds the
+same batches in memory. LoRA on the thinker's attention (q/k/v/o_proj, the family's default for its
+MoE language model). The tokenizer is `Checkpoint.tokenizer()`, as `train` gets it (Qwen3-Omni
+keeps the chat template beside the processor).
+
 Goals stated by the issue: raw / cache step time >= 5x; cache / floor within 10 % (<= 1.10); for
-Qwen3-VL, cache / floor within 5 % (<= 1.05). If cache / floor is over its goal (or with --profile),
+Qwen3-VL, cache / floor within 5 % (<= 1.05); Qwen3-Omni is held to the 10 %. If cache / floor is over its goal (or with --profile),
 the cache loop runs once more under cProfile and the top functions are printed.
 
 Reproduce (from the repository root, with the virtualenv active; about 4 min on 2 cores, the first run
@@ -96,6 +112,8 @@ included):
     python bench/train.py --repeats 2 --json train.json  # what a report would use
     python bench/train.py --family qwen3_vl --videos 4 --steps 12 --quiet-wait 30   # Qwen3-VL smoke run
     python bench/train.py --family qwen3_vl --repeats 2   # Qwen3-VL: 12 clips, 24 steps per path
+    python bench/train.py --family qwen3_omni_moe --videos 4 --steps 12 --quiet-wait 30   # Qwen3-Omni smoke run
+    python bench/train.py --family qwen3_omni_moe --repeats 2   # Qwen3-Omni: 12 clips, 24 steps per path
 """
 
 from __future__ import annotations
@@ -136,13 +154,20 @@ RESULT_TAG = "BENCH-RESULT "
 TIMEOUT_S = 3600
 RAW_OVER_CACHE_GOAL, CACHE_OVER_FLOOR_GOAL = 5.0, 1.10
 
-FAMILIES = ("qwen2_5_omni", "qwen3_vl")
+FAMILIES = ("qwen2_5_omni", "qwen3_vl", "qwen3_omni_moe")
 # Qwen3-VL (--family qwen3_vl): Qwen3VLVideoProcessor's `size` bounds the pixels of the whole clip
 # (all its frames), not of one frame: 4..1024 merged tokens of 32² pixels per clip, about the Omni
 # run's video tokens per clip on these clips.
 QWEN3_VL_PIXELS = {"min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 1024}
 QWEN3_VL_PATHS = ("cache", "cache-loop", "floor")  # no raw-video path for Qwen3-VL here
 QWEN3_VL_CACHE_OVER_FLOOR_GOAL = 1.05
+# Qwen3-Omni (--family qwen3_omni_moe): Qwen2VLVideoProcessor's bounds are per frame: 4..64 merged
+# tokens of 32² pixels per frame (the bench checkpoint's own video processor config; the Omni run's
+# 4..64 × 28² at the 16-pixel patch). The same paths as Qwen3-VL, the general cache / floor goal.
+QWEN3_OMNI_PIXELS = {"min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 64}
+QWEN3_PATHS = {"qwen3_vl": QWEN3_VL_PATHS, "qwen3_omni_moe": QWEN3_VL_PATHS}  # no raw-video path for either
+QWEN3_MEDIA = {"qwen3_vl": {"pixels": QWEN3_VL_PIXELS, "audio": False},
+               "qwen3_omni_moe": {"pixels": QWEN3_OMNI_PIXELS, "audio": True}}
 QUESTIONS = ("what happens in the video", "describe the video", "when does the red disc show")
 
 # Qwen2.5-Omni-7B's thinker (its config.json): what the bench model is compared with.
@@ -164,6 +189,11 @@ def model_name(args) -> str:
         import qwen3vl
 
         return qwen3vl.model_name(args.vision_depth, args.text_hidden, args.text_layers, args.text_hidden)
+    if args.family == "qwen3_omni_moe":
+        import qwen3omni
+
+        return qwen3omni.model_name(args.vision_depth, args.audio_layers, args.text_hidden, args.text_layers,
+                                    args.text_hidden)
     return (f"omni-v{args.vision_depth}x1280-a{args.audio_layers}x1280-t{args.text_layers}x{args.text_hidden}")
 
 
@@ -199,6 +229,11 @@ def ensure_model(workdir: Path, args) -> Path:
 
         return qwen3vl.ensure_model(workdir, args.vision_depth, args.text_hidden, args.text_hidden,
                                     args.text_layers, seed=SEED)
+    if args.family == "qwen3_omni_moe":
+        import qwen3omni  # bench/qwen3omni.py; vision and audio outputs at the LM's width, as for Qwen3-VL
+
+        return qwen3omni.ensure_model(workdir, args.vision_depth, args.audio_layers, args.text_hidden,
+                                      args.text_hidden, args.text_layers, seed=SEED)
     path = workdir / model_name(args)
     if (path / "config.json").is_file():
         return path
@@ -404,8 +439,6 @@ def loop_worker(job: dict) -> dict:
     collate inside the step), set up exactly as `train` sets itself up."""
     began = time.perf_counter()
     import torch
-    from transformers import AutoTokenizer
-
     from qprep.models.checkpoint import open_checkpoint
     from qprep.store.reader import open_cache
     from qprep.train.data import build_dataset, collate, load_records
@@ -417,7 +450,7 @@ def loop_worker(job: dict) -> dict:
     _quiet_transformers()
     checkpoint = open_checkpoint(job["model"])
     cache = open_cache(job["cache"])
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint.source)
+    tokenizer = checkpoint.tokenizer()  # as `train` gets it (Qwen3-Omni: the processor's chat template)
     layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
     dataset = build_dataset(load_records(job["data"]), cache, tokenizer, layout)
     torch.manual_seed(SEED)
@@ -807,17 +840,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-layers", type=int, default=4, help="language model layers")
     parser.add_argument("--family", default="qwen2_5_omni", choices=FAMILIES,
                         help="qwen3_vl: a Qwen3-VL checkpoint (vision at the 8B's width, deepstack), no audio; "
-                             f"paths {','.join(QWEN3_VL_PATHS)} only")
+                             "qwen3_omni_moe: a Qwen3-Omni checkpoint (towers at the 30B-A3B's widths, deepstack, "
+                             f"MoE language model), audio in video; both: paths {','.join(QWEN3_VL_PATHS)} only")
     parser.add_argument("--vision-depth", type=int,
-                        help="vision blocks (default 2 for Omni, width 1280 as released; 3 for Qwen3-VL, width "
-                             "1152, one block per deepstack level)")
-    parser.add_argument("--audio-layers", type=int, default=2, help="audio encoder layers (width 1280, as released)")
+                        help="vision blocks (default 2 for Qwen2.5-Omni, width 1280 as released; 3 for Qwen3-VL and "
+                             "Qwen3-Omni, width 1152, one block per deepstack level)")
+    parser.add_argument("--audio-layers", type=int, default=2,
+                        help="audio encoder layers (width 1280, as released; Qwen2.5-Omni and Qwen3-Omni)")
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="off on every path")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qprep-bench-train"),
                         help="cache of clips, model and store")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each path; the fastest median is shown")
     parser.add_argument("--paths", help="which paths to run (default: cache,cache-loop,floor,raw,raw-stock; "
-                                         f"Qwen3-VL: {','.join(QWEN3_VL_PATHS)})")
+                                         f"Qwen3-VL, Qwen3-Omni: {','.join(QWEN3_VL_PATHS)})")
     parser.add_argument("--profile", action="store_true", help="cProfile the cache loop even within the goal")
     parser.add_argument("--quiet-wait", type=float, default=180,
                         help="before each measured run, wait up to this many seconds for the other processes "
@@ -832,13 +867,14 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or 2 * args.videos
     if steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
-    qwen3_vl = args.family == "qwen3_vl"
+    qwen3_vl, qwen3_omni = args.family == "qwen3_vl", args.family == "qwen3_omni_moe"
+    qwen3 = QWEN3_PATHS.get(args.family)  # the Qwen3 families' paths (None: Qwen2.5-Omni, every path)
     if args.vision_depth is None:
-        args.vision_depth = 3 if qwen3_vl else 2
+        args.vision_depth = 3 if qwen3 else 2
     if args.paths is None:
-        args.paths = ",".join(QWEN3_VL_PATHS) if qwen3_vl else "cache,cache-loop,floor,raw,raw-stock"
-    if qwen3_vl and set(args.paths.split(",")) - set(QWEN3_VL_PATHS):
-        parser.error(f"--family qwen3_vl runs the paths {','.join(QWEN3_VL_PATHS)} only")
+        args.paths = ",".join(qwen3) if qwen3 else "cache,cache-loop,floor,raw,raw-stock"
+    if qwen3 and set(args.paths.split(",")) - set(qwen3):
+        parser.error(f"--family {args.family} runs the paths {','.join(qwen3)} only")
     floor_goal = QWEN3_VL_CACHE_OVER_FLOOR_GOAL if qwen3_vl else CACHE_OVER_FLOOR_GOAL
     workdir, repeats = args.workdir.resolve(), max(1, args.repeats)
     QUIET["max_wait_s"] = args.quiet_wait
@@ -852,13 +888,13 @@ def main(argv: list[str] | None = None) -> int:
     print("environment: " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
 
     print("extract (brings the cache up to date) …", file=sys.stderr, flush=True)
-    media = {"pixels": QWEN3_VL_PIXELS, "audio": False} if qwen3_vl else {}
+    media = QWEN3_MEDIA.get(args.family, {})
     extracted = run_worker({"kind": "extract", "videos": str(videos), "store": str(store), "model": str(model),
                             "policy": policy(args), **media}, measured=False).result
     if extracted["failed"]:
         raise RuntimeError(f"extraction failed: {json.dumps(extracted)[:2000]}")
-    # The compute split compares the raw path's towers with the LM (Omni only: no raw path for Qwen3-VL).
-    weights = None if qwen3_vl else run_worker({"kind": "compute", "model": str(model)}, measured=False).result
+    # The compute split compares the raw path's towers with the LM (Qwen2.5-Omni only: no raw path for Qwen3).
+    weights = None if qwen3 else run_worker({"kind": "compute", "model": str(model)}, measured=False).result
 
     common = {"model": str(model), "cache": str(store), "data": str(data), "videos": str(videos),
               "gradient_checkpointing": not args.no_gradient_checkpointing, "warmup": args.warmup,
@@ -914,6 +950,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.text_layers} layers × {args.text_hidden}. Data: {args.videos} clips ({seconds} s, "
                 f"{WIDTH}x{HEIGHT} h264 at {'/'.join(map(str, RATES))} fps), {frames}, no audio, "
                 f"{QWEN3_VL_PIXELS['min_pixels']}..{QWEN3_VL_PIXELS['max_pixels']} pixels per clip")
+    elif qwen3_omni:
+        import qwen3omni
+
+        what = (f"Qwen3-Omni, vision {args.vision_depth} blocks at the 30B-A3B's width 1152 with deepstack levels "
+                f"{qwen3omni.deepstack_indexes(args.vision_depth)} and audio {args.audio_layers} layers at its width "
+                f"1280 (both out {args.text_hidden}), MoE language model {args.text_layers} layers × "
+                f"{args.text_hidden} ({qwen3omni.EXPERTS} experts, top {qwen3omni.EXPERTS_PER_TOKEN}). Data: "
+                f"{args.videos} clips ({seconds} s, {WIDTH}x{HEIGHT} h264 + aac at {'/'.join(map(str, RATES))} fps), "
+                f"{frames} + audio in the video block, {QWEN3_OMNI_PIXELS['min_pixels']}.."
+                f"{QWEN3_OMNI_PIXELS['max_pixels']} pixels per frame")
     else:
         what = (f"vision {args.vision_depth} blocks and audio {args.audio_layers} layers at the released width 1280, "
                 f"language model {args.text_layers} layers × {args.text_hidden}. Data: {args.videos} clips "
@@ -929,16 +975,22 @@ def main(argv: list[str] | None = None) -> int:
               f"(one-off, not in the step times).")
     else:
         print(f"Cache up to date ({extracted['videos']} videos; extract() took {extracted['wall_s']:.1f} s to check).")
-    if qwen3_vl:
+    if qwen3:
         from qprep.store.status import store_status
 
         status = store_status(store)
         arrays, tokens = status["token_bytes"], status["tokens"]["video"] or None
+        audio_tokens = status["tokens"]["audio"] or None
+        visual = sum(size for kind, size in arrays.items() if kind != "audio")  # merged tokens + deepstack
         sample = statistics.fmean(s["video_tokens"] for s in reference.steps) if reference else None
+        heard = statistics.fmean(s["audio_tokens"] for s in reference.steps) if reference and audio_tokens else 0
+        step_mb = ((sample * visual / tokens + (heard * arrays["audio"] / audio_tokens if heard else 0)) / 1e6
+                   if tokens and sample else None)
         print("Cache arrays: " + ", ".join(f"{kind} {size / 1e6:.1f} MB" for kind, size in arrays.items())
-              + (f" ({sum(arrays.values()) / tokens / 1e3:.1f} kB per merged token" if tokens else "")
-              + (f"; a step reads {sample:.0f} merged tokens, {sample * sum(arrays.values()) / tokens / 1e6:.2f} MB)"
-                 if tokens and sample else ")" if tokens else ""))
+              + (f" ({visual / tokens / 1e3:.1f} kB per merged token with its deepstack levels" if tokens else "")
+              + (f", {arrays['audio'] / audio_tokens / 1e3:.1f} kB per audio token" if audio_tokens else "")
+              + (f"; a step reads {sample:.0f} merged tokens{f' and {heard:.0f} audio tokens' if heard else ''}, "
+                 f"{step_mb:.2f} MB)" if step_mb is not None else ")" if tokens else ""))
     print()
     print(main_table(ordered, cache, "cache") if cache else main_table(ordered, ordered[-1], "floor"))
     print()

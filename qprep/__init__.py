@@ -18,6 +18,7 @@ _LAZY = {
     "preprocess_video": "qprep.pipeline.prepare",
     "open_cache": "qprep.store.reader",
     "extract": "qprep.extraction.run",
+    "evaluate": "qprep.eval.score",
 }
 
 __all__ = ["QprepError", "SettingsError", "VideoError", *_LAZY]

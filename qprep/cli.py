@@ -66,8 +66,9 @@ def video_options(command):
         click.option("--size", callback=_size, default=None, metavar="HxW", help="Resize every frame to HxW, e.g. 224x224."),
         click.option("--audio/--no-audio", default=None, help="Featurize the audio track (Omni models; default on)."),
         click.option("--long-audio", type=click.Choice(["window", "error"]), default=None,
-                     help="Qwen2.5-Omni audio longer than the model's 300 s window: encode it in windows, or "
-                          "fail (Qwen3-Omni takes any track whole, as its processor does)."),
+                     help="Audio longer than the feature extractor's window (300 s), where the model's processor "
+                          "would cut it: encode it in windows, or fail. (Where the processor takes any track "
+                          "whole, so does qprep.)"),
     ]
     for option in reversed(options):
         command = option(command)
@@ -407,6 +408,52 @@ def infer(cache_path, model, adapter, out, ids, data, prompt, max_new_tokens, de
         click.echo(json.dumps({**summary.__dict__, "out": str(out)}, indent=2))
     else:
         click.echo(f"{summary.answers} answers ({summary.new_tokens} tokens) in {summary.seconds:.1f} s → {out}")
+
+
+@main.command("eval")
+@click.option("--answers", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help='JSON lines of {"id", "answer"}, as `qprep infer` writes them.')
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The true answers: a LongVALE-style file (its first assistant turn per record) or "
+                   "ActivityNet-style records with timestamps and sentences.")
+@click.option("--per-video", is_flag=True, help="Also a row per video.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw the true and predicted segments of the first --plot-videos videos to this PNG.")
+@click.option("--plot-videos", type=click.IntRange(1), default=6, show_default=True,
+              help="How many videos the picture shows.")
+@click.option("--no-captions", is_flag=True, help="Temporal metrics only (no BLEU-4, CIDEr, METEOR).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with every video).")
+def evaluate(answers, data, per_video, plot, plot_videos, no_captions, as_json):
+    """Score timed event captions ("From 0 to 4.5, a man talks. ...") against the true segments.
+
+    Each answer is parsed into (start, end, caption) segments, leniently ("From 0.0s to 4.5s:",
+    "0 - 4.5 seconds", "[0, 4.5]", reversed ranges, several on a line) and with every line it
+    could not read listed. Then, as the ActivityNet dense-captioning evaluator computes them:
+    precision, recall and F1 at tIoU 0.3 / 0.5 / 0.7 / 0.9 and their mean, and BLEU-4, CIDEr and
+    METEOR (pycocoevalcap; METEOR and the PTB tokenizer need Java) of the matched captions; also
+    the mean best tIoU per true segment. A missing, empty or duplicate answer, or a line that is not
+    JSON, is reported with its file and line; the rest is scored.
+
+    \b
+    Examples:
+      qprep eval --answers answers.jsonl --data test.json
+      qprep eval --answers answers.jsonl --data test.json --per-video --plot eval.png
+      qprep eval --answers answers.jsonl --data test.json --json > scores.json
+    """
+    import json
+
+    from qprep.eval.report import format_report, plot_timelines
+    from qprep.eval.score import evaluate as score
+
+    with _errors_to_exit_codes():
+        report = score(answers, data, captions=not no_captions)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(format_report(report, per_video=per_video))
+    if plot:
+        click.echo(f"picture of {min(plot_videos, len(report.videos))} videos → {plot_timelines(report, plot, plot_videos)}",
+                   err=as_json)
 
 
 @main.command()

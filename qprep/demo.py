@@ -3,8 +3,8 @@
 Makes a handful of short videos with speech-like audio and visible events at known times (a red
 disc and a tone burst), a tiny Qwen2.5-Omni checkpoint (random weights, real structure and key
 layout), and a LongVALE-style training file whose answers say when the events happen; then runs
-`extract` through Ray, `status`, a few `train` steps from the store, `infer` with the adapter and an
-`extract` re-run that finds nothing to do, and prints where everything went and what each step took. `--videos` and
+`extract` through Ray, `status`, a few `train` steps from the store, `infer` with the adapter, `eval`
+of its answers against the training file and an `extract` re-run that finds nothing to do, and prints where everything went and what each step took. `--videos` and
 `--model` run the same steps on one's own inputs.
 """
 
@@ -41,6 +41,7 @@ class DemoResult:
     first_extract: object = None  # qprep.extraction.run.Summary
     re_run: object = None
     training: object = None  # qprep.train.loop.TrainSummary
+    evaluation: object = None  # qprep.eval.score.EvalReport
     seconds: dict[str, float] = field(default_factory=dict)  # step → wall seconds
 
 
@@ -66,6 +67,8 @@ def run_demo(workdir: Path | None = None, videos: Path | None = None, model: str
 
 
 def _steps(result: DemoResult, job: str, echo) -> None:
+    from qprep.eval.report import format_report, plot_timelines
+    from qprep.eval.score import evaluate
     from qprep.extraction.run import extract, format_summary
     from qprep.models.tiny import DEMO_KIND, make_tiny_model
     from qprep.schemas.jobs import load_job
@@ -100,13 +103,19 @@ def _steps(result: DemoResult, job: str, echo) -> None:
     echo(f"{training.steps} optimizer steps from the cache (no tower loaded, no video decoded): loss "
          f"{training.first_loss:.3f} → {training.last_loss:.3f}")
     answers = result.workdir / "answers.jsonl"
-    first = json.loads(result.data.read_text())[0]["id"]
-    echo(f"\n$ qprep infer --cache {result.store} --adapter {result.run / 'adapter'} --ids {first} "
+    echo(f"\n$ qprep infer --cache {result.store} --adapter {result.run / 'adapter'} --data {result.data} "
          f"--max-new-tokens 16 --out {answers}")
     with _timed(result, "infer", echo):
-        infer(result.store, result.model, answers, adapter=result.run / "adapter", ids=[first], max_new_tokens=16,
-              progress=False)
-    echo(f"{answers.read_text().strip()}   (random weights: the words mean nothing, the path is the real one)")
+        infer(result.store, result.model, answers, adapter=result.run / "adapter", data=result.data,
+              max_new_tokens=16, progress=False, echo=echo)
+    echo(f"{answers.read_text().splitlines()[0]}   (random weights: the words mean nothing, the path is the real one)")
+    picture = result.workdir / "eval.png"
+    echo(f"\n$ qprep eval --answers {answers} --data {result.data} --plot {picture}")
+    with _timed(result, "eval", echo):
+        result.evaluation = evaluate(answers, result.data)
+        echo(format_report(result.evaluation))
+        echo(f"picture of {min(6, len(result.evaluation.videos))} videos → {plot_timelines(result.evaluation, picture)}"
+             "   (the tiny model's scores are near zero: the loop is what runs)")
     echo("\n$ qprep extract ... (again: nothing changed, so nothing is decoded and Ray does not start)")
     with _timed(result, "extract again", echo):
         result.re_run = extract(result.videos, result.store, result.model, settings)
@@ -151,6 +160,7 @@ def _report(result: DemoResult) -> str:
     places = [("videos", result.videos), ("tiny model", result.model), ("store (Zarr + Parquet)", result.store),
               ("training data", result.data), ("adapter (peft format)", result.run / "adapter"),
               ("metrics, loss curve", f"{result.run / 'metrics.jsonl'}, {result.run / 'loss.png'}"),
-              ("effective settings", result.run / "run.json"), ("answers", result.workdir / "answers.jsonl")]
+              ("effective settings", result.run / "run.json"), ("answers", result.workdir / "answers.jsonl"),
+              ("scores' picture", result.workdir / "eval.png")]
     lines += [f"  {name:<24} {place}" for name, place in places]
     return "\n".join(lines)

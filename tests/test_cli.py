@@ -72,5 +72,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert "nothing to do, 5 videos up to date" in result.output  # the re-run extracted nothing
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
-    assert len(answers) == 1 and answers[0]["id"] == records[0]["id"]
+    assert sorted(a["id"] for a in answers) == sorted(r["id"] for r in records)
+    # the loop ends with the answers scored against the training file, and the picture named
+    assert "precision" in result.output and "mean best tIoU per true segment" in result.output
+    assert f"videos → {tmp_path / 'eval.png'}" in result.output and (tmp_path / "eval.png").stat().st_size > 1000
     assert "what each step took" in result.output and "where everything went" in result.output

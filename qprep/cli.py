@@ -268,6 +268,13 @@ def status(store, videos, as_json):
 @click.option("--lora-dropout", type=click.FloatRange(0, 1), default=None, help="LoRA dropout (default 0.05).")
 @click.option("--save-every", type=click.IntRange(0), default=None,
               help="Checkpoint every N optimizer steps, as well as at each epoch's end (default 0: epoch ends only).")
+@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Held-out records (as --data's): their loss from the cache, the training loss's token-level "
+                   "mean, at each epoch's end and every --eval-every steps; in metrics.jsonl, loss.png and the bar.")
+@click.option("--eval-every", type=click.IntRange(0), default=None,
+              help="Validate every N optimizer steps as well as at epoch ends (default 0: epoch ends only).")
+@click.option("--save-best", "save_best", is_flag=True, default=None,
+              help="Keep the adapter with the lowest validation loss in OUT/best-adapter/ (needs --eval-data).")
 @click.option("--seed", type=int, default=None, help="Fixes the data order and the LoRA init (default 0).")
 @click.option("--workers", type=click.IntRange(0), default=None,
               help="Processes reading the cache ahead of the model; 0 reads in-process (default: 2 on GPU, "
@@ -277,7 +284,7 @@ def status(store, videos, as_json):
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out, with the same data order.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(cache_path, data, model, out, job, resume, as_json, quiet, **flags):
+def train(cache_path, data, model, out, job, eval_data, resume, as_json, quiet, **flags):
     """Train LoRA adapters on the language model from a cache: no tower loaded, no video decoded.
 
     Settings come from the defaults (the research recipe), then --job's [train] table, then the
@@ -288,6 +295,7 @@ def train(cache_path, data, model, out, job, resume, as_json, quiet, **flags):
     Examples:
       qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/
       qprep train --cache clips.zarr --data train.json --job seed-omni-100f --out run/ --epochs 3
+      qprep train --cache clips.zarr --data train.json --eval-data val.json --save-best --out run/
       qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/ --resume
     """
     import json
@@ -297,13 +305,16 @@ def train(cache_path, data, model, out, job, resume, as_json, quiet, **flags):
     with _errors_to_exit_codes():
         preset = _preset(job)
         settings, model = preset.train_settings(**flags), _model(model, preset)
-        summary = run_train(cache_path, data, model, out, settings, resume=resume, progress=not quiet,
-                            echo=(lambda line: click.echo(line, err=True)) if as_json else click.echo)
+        summary = run_train(cache_path, data, model, out, settings, resume=resume, eval_data=eval_data,
+                            progress=not quiet, echo=(lambda line: click.echo(line, err=True)) if as_json else click.echo)
     if as_json:
         click.echo(json.dumps({**summary.__dict__, "adapter": str(out / "adapter")}, indent=2))
     else:
-        click.echo(f"{summary.steps} steps, loss {summary.first_loss:.4f} → {summary.last_loss:.4f} in "
-                   f"{summary.seconds:.1f} s; adapter in {out / 'adapter'}")
+        validation = "" if summary.last_val_loss is None else f", validation loss {summary.last_val_loss:.4f}"
+        best = "" if summary.best_val_loss is None else f"; lowest validation loss {summary.best_val_loss:.4f} in " \
+                                                       f"{out / 'best-adapter'}"
+        click.echo(f"{summary.steps} steps, loss {summary.first_loss:.4f} → {summary.last_loss:.4f}{validation} in "
+                   f"{summary.seconds:.1f} s; adapter in {out / 'adapter'}{best}")
 
 
 @main.command()

@@ -3,14 +3,18 @@ uninterrupted one, and the adapter and metrics land where they should."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from qprep.cli import main
+from qprep.errors import SettingsError
 from qprep.schemas.training import TrainSettings
 from qprep.train.loop import train
 from qprep.schemas.training import LoraSettings
@@ -63,6 +67,42 @@ def test_training_lowers_the_loss_and_a_resumed_run_equals_an_uninterrupted_one(
     ours, theirs = adapter(tmp_path / "split" / "adapter"), adapter(tmp_path / "whole" / "adapter")
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_validation_reports_the_held_out_loss_keeps_the_best_adapter_and_leaves_the_training_unchanged(
+        omni_store, tmp_path):
+    """Validation runs in eval mode without gradients or random numbers: the adapter ends bit for bit
+    as without it. Every --eval-every steps and at epoch ends; --save-best keeps the lowest."""
+    from PIL import Image
+
+    model_dir, cache = omni_store
+    data = write_data(tmp_path / "train.json")
+    held_out = json.loads(Path(data).read_text())[:1]
+    (tmp_path / "val.json").write_text(json.dumps(held_out))
+    store = cache.store.root
+    plain = train(store, data, model_dir, tmp_path / "plain", SETTINGS, progress=False, echo=lambda _: None)
+    settings = dataclasses.replace(SETTINGS, eval_every=1, save_best=True)
+    lines: list[str] = []
+    run = train(store, data, model_dir, tmp_path / "validated", settings, eval_data=tmp_path / "val.json",
+                progress=False, echo=lines.append)
+    assert "validation: 1 samples" in lines
+    ours, theirs = adapter(tmp_path / "validated" / "adapter"), adapter(tmp_path / "plain" / "adapter")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours) and run.last_loss == plain.last_loss
+    rows = [json.loads(line) for line in (tmp_path / "validated" / "metrics.jsonl").read_text().splitlines()]
+    validations = [row for row in rows if "val_loss" in row]
+    # 4 optimizer steps of 2 batches, one epoch each: after every step, and the epoch end coincides
+    assert [(row["epoch"], row["step"]) for row in validations] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    best = min(validations, key=lambda row: row["val_loss"])
+    assert run.best_val_loss == best["val_loss"] and run.last_val_loss == validations[-1]["val_loss"]
+    saved = json.loads((tmp_path / "validated" / "best-adapter" / "best.json").read_text())
+    assert saved == {"step": best["step"], "val_loss": best["val_loss"]}
+    at_best = adapter(tmp_path / "validated" / f"checkpoint-{best['step']:07d}")  # each epoch's end is a step's
+    assert all(torch.equal(adapter(tmp_path / "validated" / "best-adapter")[k], at_best[k]) for k in at_best)
+    with Image.open(tmp_path / "validated" / "loss.png") as image:  # the validation points are drawn in red
+        assert (200, 40, 40) in set(image.getdata())
+
+    with pytest.raises(SettingsError, match="need --eval-data"):
+        train(store, data, model_dir, tmp_path / "no-data", settings, progress=False, echo=lambda _: None)
 
 
 def test_cli_train_takes_a_job_file_and_flags_and_records_the_effective_settings(omni_store, tmp_path):

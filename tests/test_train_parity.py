@@ -299,3 +299,48 @@ def test_the_deepstack_levels_matter(tiny_model, videos):
     moved = float((logits - without).abs().max())
     print(f"dropping the deepstack levels moves the logits by up to {moved:.3f}")
     assert moved > 0.05
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen3_vl", "qwen3_omni_moe"])
+def test_the_validation_loss_is_the_full_models_loss_on_the_raw_video_with_the_trained_adapter(
+        omni_store, qwen3_store, qwen3_omni_store, kind, tmp_path):
+    """`train --eval-data` with one held-out record: the loss it reports at the run's end equals the
+    full model's on that record's raw video through its processor, with the final adapter (peft)."""
+    import json
+
+    from peft import PeftModel
+
+    from qprep.schemas.training import LoraSettings, TrainSettings
+    from qprep.train.loop import train
+
+    stores = {"qwen2_5_omni": omni_store, "qwen3_omni_moe": qwen3_omni_store}
+    model_dir, cache = stores[kind] if kind in stores else qwen3_store(kind)
+    answer = "From 0 to 1, event a."
+    records = [{"id": video_id, "conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
+                                                  {"from": "gpt", "value": f"From 0 to 1, event {video_id}."}]}
+               for video_id in ("a", "b")]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    (tmp_path / "val.json").write_text(json.dumps(records[:1]))
+    settings = TrainSettings(epochs=2, lr=2e-2, grad_accum=1, workers=0, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    train(cache.store.root, tmp_path / "train.json", model_dir, tmp_path / "run", settings,
+          eval_data=tmp_path / "val.json", progress=False, echo=lambda _: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validations = [row for row in rows if "val_loss" in row]
+    assert [row["epoch"] for row in validations] == [0, 1]  # at each epoch's end
+
+    row = cache.row("a")
+    path = cache.store.root.parent / "videos" / row["path"]
+    omni = kind in OMNI and bool(row["audio_length"])
+    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    metadata = true_metadata(path, row["frame_indices"]) if kind in QWEN3 else None
+    processor, inputs = processor_inputs(model_dir, path, conversation, row["frame_indices"], row["sample_fps"],
+                                         omni=omni, metadata=metadata)
+    tokenizer = processor.tokenizer
+    tokenizer.chat_template = tokenizer.chat_template or processor.chat_template  # Qwen3-Omni keeps it beside the processor
+    labels = answer_labels(inputs["input_ids"], tokenizer)
+    full = PeftModel.from_pretrained(full_model(model_dir), str(tmp_path / "run" / "adapter")).eval()
+    with torch.no_grad():
+        expected = full(**inputs, labels=labels, **({"use_audio_in_video": True} if omni else {})).loss
+    assert validations[-1]["val_loss"] == float(expected)
+    assert validations[0]["val_loss"] != validations[-1]["val_loss"]  # the adapter moved between them

@@ -72,6 +72,8 @@ class TrainSettings:
     cut_to_max_length: bool = False  # cut longer samples' text (never a video block) instead of leaving them out
     seed: int = 0
     save_every: int = 0  # optimizer steps between checkpoints (0: at epoch ends only)
+    eval_every: int = 0  # optimizer steps between validations, with held-out records (0: at epoch ends only)
+    save_best: bool = False  # keep the adapter with the lowest validation loss in best-adapter/
     gradient_checkpointing: bool = True
     dtype: str | None = None  # None: bf16 on GPU, float32 on CPU
     # processes reading the cache ahead of the model; None: 2 on GPU, 0 on CPU, where the cores are
@@ -86,8 +88,10 @@ class TrainSettings:
             raise SettingsError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
         if self.loss_weighting not in LOSS_WEIGHTING:
             raise SettingsError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTING)}, got {self.loss_weighting!r}")
-        if not 0 <= self.warmup_ratio < 1 or self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
-            raise SettingsError("need warmup_ratio in [0, 1), and warmup_steps, max_grad_norm, weight_decay >= 0")
+        if not 0 <= self.warmup_ratio < 1 or min(self.warmup_steps, self.max_grad_norm, self.weight_decay,
+                                                 self.eval_every) < 0:
+            raise SettingsError("need warmup_ratio in [0, 1), and warmup_steps, max_grad_norm, weight_decay, "
+                                "eval_every >= 0")
 
     def updated(self, values: dict[str, Any], source: str = "flags") -> "TrainSettings":
         """These settings with `values` (flat names; None means "not given") on top."""

@@ -5,8 +5,9 @@ clipping and token-weighted accumulation); on GPU the forward runs under bf16 au
 adapter and the optimizer state in float32, as the Trainer's `bf16=True`. Each epoch visits the samples in an order fixed by (seed, epoch), so a resumed run sees exactly
 the batches an uninterrupted run would. Checkpoints (`checkpoint-<step>/`: the adapter in peft's
 format, the optimizer and the position in the data) are written every `save_every` optimizer steps
-and at the end of each epoch; the final adapter is `adapter/`. Metrics go to `metrics.jsonl`, the loss curve to
-`loss.png`, the effective settings and the cache's content key to `run.json`: `--resume` refuses a
+and at the end of each epoch; the final adapter is `adapter/`. With held-out records, the
+validation loss (`qprep.train.validation`) goes beside the training loss. Metrics go to
+`metrics.jsonl`, the loss curves to `loss.png`, the effective settings and the cache's content key to `run.json`: `--resume` refuses a
 run whose settings, data or cache changed since.
 """
 
@@ -25,12 +26,13 @@ from qprep.errors import SettingsError
 from qprep.schemas.training import TrainSettings
 from qprep.train.optim import build_optimizer, build_scheduler, clip, step_shares, steps_in_run
 from qprep.train.plot import plot_loss
+from qprep.train.validation import Validation, best_so_far, keep_best, validation_row
 
 CHECKPOINT_PREFIX = "checkpoint-"
 RUN_FILE = "run.json"  # the effective settings and what the run was trained on
 # How often a resumed run saves; every other setting decides what it computes (the number of epochs
 # too: the learning-rate schedule spans the whole run).
-CHANGEABLE_ON_RESUME = frozenset({"save_every"})
+CHANGEABLE_ON_RESUME = frozenset({"save_every", "eval_every", "save_best"})  # none changes the training
 
 
 @dataclass
@@ -41,11 +43,15 @@ class TrainSummary:
     first_loss: float | None
     last_loss: float | None
     seconds: float
+    last_val_loss: float | None = None
+    best_val_loss: float | None = None  # with save_best: the loss of best-adapter/
 
 
 def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | Path,
           settings: TrainSettings = TrainSettings(), *, resume: bool = False, device: str | None = None,
-          progress: bool = True, echo=print) -> TrainSummary:
+          eval_data: str | Path | None = None, progress: bool = True, echo=print) -> TrainSummary:
+    """Train LoRA on the language model from the cache; with `eval_data` (records as `data_path`'s),
+    the validation loss every `settings.eval_every` optimizer steps and at each epoch's end."""
     from tqdm.auto import tqdm
 
     from qprep.models.checkpoint import open_checkpoint
@@ -71,6 +77,7 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
     if not dataset.samples:
         raise SettingsError(f"--data {data_path}: no sample left to train on (the reasons are listed above); its ids "
                             f"must be the cache's video ids (`qprep status {cache.store.location}` lists them)")
+    validation = _validation(eval_data, cache, tokenizer, layout, settings, echo)
     identity = _run_identity(settings, cache, dataset, checkpoint, data_path)
     if resume:
         _check_resumable(out, identity)
@@ -99,7 +106,8 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
     metrics = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=settings.epochs * per_epoch, initial=state["epoch"] * per_epoch + state["batch"],
                desc="train", unit="batch", disable=not progress)
-    first_loss = last_loss = None
+    first_loss = last_loss = val_loss = None
+    best_val = best_so_far(out) if resume else None
     step_loss = 0.0
     peft_model.train()
     try:
@@ -134,8 +142,18 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
             metrics.write(json.dumps({**row, "tokens_per_s": int(batch.attention_mask.sum()) / elapsed,
                                       "step_time_s": elapsed, "data_wait_s": waited,
                                       "memory_mb": _memory_mb(device)}) + "\n")
+            if validation and (epoch_end or (share.last and settings.eval_every
+                                              and state["step"] % settings.eval_every == 0)):
+                tick = time.perf_counter()
+                val_loss = validation.loss(peft_model, device, autocast)
+                metrics.write(json.dumps(validation_row(position.epoch, state["step"], val_loss,
+                                                        validation.label_tokens, tick)) + "\n")
+                if settings.save_best and (best_val is None or val_loss < best_val):
+                    best_val = val_loss
+                    keep_best(out, peft_model, state["step"], val_loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", epoch=position.epoch)
+            bar.set_postfix(loss=f"{last_loss:.4f}", epoch=position.epoch,
+                            **({"val": f"{val_loss:.4f}"} if val_loss is not None else {}))
             if epoch_end:
                 state.update(epoch=position.epoch + 1, batch=0)
             if epoch_end or (share.last and settings.save_every and state["step"] % settings.save_every == 0):
@@ -148,7 +166,24 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
     peft_model.save_pretrained(out / "adapter")
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     return TrainSummary(samples=len(dataset.samples), skipped=dataset.skipped, steps=state["step"],
-                        first_loss=first_loss, last_loss=last_loss, seconds=time.perf_counter() - started)
+                        first_loss=first_loss, last_loss=last_loss, seconds=time.perf_counter() - started,
+                        last_val_loss=val_loss, best_val_loss=best_val)
+
+
+def _validation(eval_data, cache, tokenizer, layout, settings: TrainSettings, echo):
+    """The held-out samples (reported as the training ones are), or None without --eval-data."""
+    from qprep.train.data import build_dataset, load_records
+
+    if eval_data is None:
+        if settings.eval_every or settings.save_best:
+            raise SettingsError("--eval-every and --save-best need --eval-data (the held-out records)")
+        return None
+    held_out = build_dataset(load_records(eval_data), cache, tokenizer, layout, max_length=settings.max_length,
+                             cut=settings.cut_to_max_length)
+    echo(f"validation: {held_out.report()}")
+    if not held_out.samples:
+        raise SettingsError(f"--eval-data {eval_data}: no sample left to validate on (the reasons are listed above)")
+    return Validation.build(held_out.samples, cache, layout, settings.batch_size)
 
 
 def _step_part_loss(model, batch, share, weighting: str) -> torch.Tensor:

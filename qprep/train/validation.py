@@ -1,0 +1,71 @@
+"""Validation while training: the loss on held-out records, from the cache (no tower, no decoding).
+
+The loss is the training loss's token-level mean over the whole held-out set: every batch's summed
+cross-entropy divided by the label tokens of all the held-out samples (the model's own
+`loss_function` with `num_items_in_batch`), the parts added up. The model runs in eval mode (no
+LoRA dropout) without gradients, and validation draws no random numbers, so a run with it trains
+exactly as one without it. `best-adapter/` keeps the adapter with the lowest validation loss (with
+`best.json`: its step and loss) when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BEST_ADAPTER = "best-adapter"
+BEST_FILE = "best.json"
+
+
+@dataclass
+class Validation:
+    samples: list  # qprep.train.data.Sample
+    cache: object
+    layout: object
+    batch_size: int
+    label_tokens: int
+
+    @classmethod
+    def build(cls, samples: list, cache, layout, batch_size: int) -> "Validation":
+        from qprep.train.optim import label_tokens
+
+        return cls(samples, cache, layout, batch_size, sum(label_tokens(s.labels) for s in samples))
+
+    @torch.no_grad()
+    def loss(self, model, device: str, autocast) -> float:
+        """The held-out set's mean loss per label token, with the model as it is now."""
+        from qprep.train.loader import batch_stream, plan
+
+        was_training = model.training
+        model.eval()
+        total = torch.zeros((), dtype=torch.float64)
+        try:
+            batches = plan(self.samples, seed=0, batch_size=self.batch_size, epochs=1)
+            for _, batch in batch_stream(batches, self.samples, self.cache, self.layout, workers=0):
+                with autocast:
+                    part = model(batch.to(device), num_items_in_batch=self.label_tokens)[0]
+                total += part.double().cpu()
+        finally:
+            model.train(was_training)
+        return float(total)
+
+
+def best_so_far(out: Path) -> float | None:
+    """The lowest validation loss a resumed run's `best-adapter/` holds."""
+    path = out / BEST_ADAPTER / BEST_FILE
+    return json.loads(path.read_text())["val_loss"] if path.is_file() else None
+
+
+def keep_best(out: Path, peft_model, step: int, val_loss: float) -> None:
+    directory = out / BEST_ADAPTER
+    peft_model.save_pretrained(directory)
+    (directory / BEST_FILE).write_text(json.dumps({"step": step, "val_loss": val_loss}))
+
+
+def validation_row(epoch: int, step: int, val_loss: float, tokens: int, started: float) -> dict:
+    return {"epoch": epoch, "step": step, "val_loss": val_loss, "val_tokens": tokens,
+            "val_time_s": time.perf_counter() - started}

@@ -727,7 +727,8 @@ def bytes_table(stored: dict, reference: Row) -> str:
 
     def row(name: str, videos: int, video_tokens: int, audio_tokens: int, sizes: dict, files: int) -> tuple:
         deep = sizes.get("deepstack", 0)
-        audio_columns = (fmt(audio_tokens / videos, ".0f"), fmt(sizes.get("audio", 0) / videos, ",.0f")) if audio else ()
+        audio_columns = ((fmt(audio_tokens / videos, ".0f"), fmt(sizes.get("audio", 0) / videos, ",.0f"))
+                         if audio else ())
         return (name, videos, fmt(video_tokens / videos, ".0f"), fmt(sizes["video"] / videos, ",.0f"),
                 fmt(deep / videos, ",.0f"), fmt(deep / max(sizes["video"], 1), ".2f") + "x", *audio_columns,
                 fmt(files / videos, ",.0f"), fmt((sizes["video"] + deep) / max(video_tokens, 1), ",.0f"))

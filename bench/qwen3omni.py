@@ -109,8 +109,9 @@ def ensure_model(workdir: Path, vision_depth: int, audio_layers: int, out_hidden
     workdir.mkdir(parents=True, exist_ok=True)
     tiny = make_tiny_model("qwen3_omni_moe", template, hidden=text_hidden)
     config = bench_config(vision_depth, audio_layers, out_hidden, text_hidden, text_layers)
-    verbosity = logging.get_verbosity()
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()  # the token ids of transformers' default sub-configs, as in tiny.py
+    logging.disable_progress_bar()
     try:
         torch.manual_seed(seed)
         with warnings.catch_warnings():  # the talker's unused zero-width layers
@@ -124,6 +125,8 @@ def ensure_model(workdir: Path, vision_depth: int, audio_layers: int, out_hidden
         del model
     finally:
         logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
     weights = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
     for item in tiny.iterdir():
         if item.name not in weights and not item.name.startswith("model-"):

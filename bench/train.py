@@ -101,8 +101,9 @@ MoE language model). The tokenizer is `Checkpoint.tokenizer()`, as `train` gets 
 keeps the chat template beside the processor).
 
 Goals stated by the issue: raw / cache step time >= 5x; cache / floor within 10 % (<= 1.10); for
-Qwen3-VL, cache / floor within 5 % (<= 1.05); Qwen3-Omni is held to the 10 %. If cache / floor is over its goal (or with --profile),
-the cache loop runs once more under cProfile and the top functions are printed.
+Qwen3-VL, cache / floor within 5 % (<= 1.05); Qwen3-Omni is held to the 10 %. If cache / floor is
+over its goal (or with --profile), the cache loop runs once more under cProfile and the top
+functions are printed.
 
 Reproduce (from the repository root, with the virtualenv active; about 4 min on 2 cores, the first run
 included):
@@ -439,6 +440,7 @@ def loop_worker(job: dict) -> dict:
     collate inside the step), set up exactly as `train` sets itself up."""
     began = time.perf_counter()
     import torch
+
     from qprep.models.checkpoint import open_checkpoint
     from qprep.store.reader import open_cache
     from qprep.train.data import build_dataset, collate, load_records

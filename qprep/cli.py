@@ -1,7 +1,8 @@
 """The `qprep` command line. It parses and delegates; the work lives in the library.
 
 Exit codes: 0 success, 2 usage error, 3 bad settings, 4 a video that cannot be prepared,
-5 `qprep verify` found a cached video that differs from transformers' reference beyond the tolerance.
+5 `qprep verify` found a cached video that differs from transformers' reference beyond the tolerance,
+6 a data-parallel training rank died or failed.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import click
 
-from qprep.errors import SettingsError, VideoError
+from qprep.errors import RankFailed, SettingsError, VideoError
 from qprep.store.fs import is_url
 
 EXIT_SETTINGS, EXIT_VIDEO = 3, 4
 EXIT_MISMATCH = 5  # qprep verify: the cache differs from the reference
+EXIT_RANK = 6  # qprep train: a data-parallel rank died or failed
 
 
 def _size(ctx, param, value):
@@ -281,10 +283,22 @@ def status(store, videos, as_json):
                    "0 on CPU, where workers would take cores from the compute). The result does not depend on it.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute activations in the backward: less memory, slower (default on).")
+@click.option("--gpus", type=click.IntRange(1), default=None,
+              help="Data-parallel over N GPUs of this machine: N processes through torch's elastic launcher, "
+                   "one GPU each; --batch-size is per GPU (torchrun --nproc-per-node N -m qprep train ... works too).")
+@click.option("--cpu-ranks", type=click.IntRange(1), default=None,
+              help="Data-parallel over N CPU processes (gloo): what --gpus does, without GPUs (for tests and "
+                   "CPU-only machines).")
+@click.option("--ray-address", default=None,
+              help="Run the --gpus (or --cpu-ranks) ranks as Ray Train workers on this Ray cluster ('auto': the "
+                   "running one), across its nodes; OUT must then be on storage every node reaches.")
+@click.option("--ray-restarts", type=click.IntRange(0), default=2, show_default=True,
+              help="Under Ray: restart the workers from the last checkpoint this many times when one dies.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out, with the same data order.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(cache_path, data, model, out, job, eval_data, resume, as_json, quiet, **flags):
+def train(cache_path, data, model, out, job, eval_data, gpus, cpu_ranks, ray_address, ray_restarts, resume, as_json,
+          quiet, **flags):
     """Train LoRA adapters on the language model from a cache: no tower loaded, no video decoded.
 
     Settings come from the defaults (the research recipe), then --job's [train] table, then the
@@ -296,6 +310,8 @@ def train(cache_path, data, model, out, job, eval_data, resume, as_json, quiet, 
       qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/
       qprep train --cache clips.zarr --data train.json --job seed-omni-100f --out run/ --epochs 3
       qprep train --cache clips.zarr --data train.json --eval-data val.json --save-best --out run/
+      qprep train --cache clips.zarr --data train.json --job seed-omni-100f --out run/ --gpus 3
+      qprep train --cache s3://b/clips.zarr --data train.json --out /shared/run --ray-address auto --gpus 8
       qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/ --resume
     """
     import json
@@ -305,8 +321,16 @@ def train(cache_path, data, model, out, job, eval_data, resume, as_json, quiet, 
     with _errors_to_exit_codes():
         preset = _preset(job)
         settings, model = preset.train_settings(**flags), _model(model, preset)
+        if gpus and cpu_ranks:
+            raise SettingsError("--gpus and --cpu-ranks: choose one")
+        if ray_address and not (gpus or cpu_ranks):
+            raise SettingsError("--ray-address needs --gpus N (or --cpu-ranks N): how many workers to run")
         summary = run_train(cache_path, data, model, out, settings, resume=resume, eval_data=eval_data,
+                            ranks=gpus or cpu_ranks or 1, device="cuda" if gpus else ("cpu" if cpu_ranks else None),
+                            ray_address=ray_address, ray_restarts=ray_restarts,
                             progress=not quiet, echo=(lambda line: click.echo(line, err=True)) if as_json else click.echo)
+    if summary is None:  # a rank other than 0 (under torchrun): rank 0 reports
+        return
     if as_json:
         click.echo(json.dumps({**summary.__dict__, "adapter": str(out / "adapter")}, indent=2))
     else:
@@ -531,6 +555,9 @@ class _errors_to_exit_codes:
         if isinstance(error, VideoError):
             click.echo(f"error: {error}", err=True)
             sys.exit(EXIT_VIDEO)
+        if isinstance(error, RankFailed):
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_RANK)
         return False
 
 

@@ -22,6 +22,10 @@ class SettingsError(QprepError, ValueError):
     """Settings that contradict each other or the model (raised before any video is touched)."""
 
 
+class RankFailed(QprepError):
+    """A data-parallel training process died or raised; the message names the rank and the cause."""
+
+
 class StoreError(SettingsError):
     """A store that cannot be used as asked: not a store, built with other settings, or in use."""
 

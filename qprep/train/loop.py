@@ -8,7 +8,9 @@ format, the optimizer and the position in the data) are written every `save_ever
 and at the end of each epoch; the final adapter is `adapter/`. With held-out records, the
 validation loss (`qprep.train.validation`) goes beside the training loss. Metrics go to
 `metrics.jsonl`, the loss curves to `loss.png`, the effective settings and the cache's content key to `run.json`: `--resume` refuses a
-run whose settings, data or cache changed since.
+run whose settings, data or cache changed since. Data-parallel runs (`--gpus`, `--cpu-ranks`,
+torchrun, Ray Train) run this same loop in every rank (`qprep.train.distributed`): rank 0 alone
+writes, and the plan is dealt over the ranks by global batch.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 RUN_FILE = "run.json"  # the effective settings and what the run was trained on
 # How often a resumed run saves; every other setting decides what it computes (the number of epochs
 # too: the learning-rate schedule spans the whole run).
-CHANGEABLE_ON_RESUME = frozenset({"save_every", "eval_every", "save_best"})  # none changes the training
+# None changes the training; batch_size is per rank: a resumed run keeps the run's global batch
+CHANGEABLE_ON_RESUME = frozenset({"save_every", "eval_every", "save_best", "batch_size"})
 
 
 @dataclass
@@ -49,23 +52,62 @@ class TrainSummary:
 
 def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | Path,
           settings: TrainSettings = TrainSettings(), *, resume: bool = False, device: str | None = None,
-          eval_data: str | Path | None = None, progress: bool = True, echo=print) -> TrainSummary:
+          eval_data: str | Path | None = None, ranks: int = 1, ray_address: str | None = None,
+          ray_restarts: int = 2, progress: bool = True, echo=print) -> TrainSummary | None:
     """Train LoRA on the language model from the cache; with `eval_data` (records as `data_path`'s),
-    the validation loss every `settings.eval_every` optimizer steps and at each epoch's end."""
+    the validation loss every `settings.eval_every` optimizer steps and at each epoch's end.
+
+    `ranks` > 1 starts that many data-parallel processes on this machine (one per GPU with
+    `device="cuda"`, gloo ranks on CPU); a process started by torchrun or Ray Train joins its
+    process group by itself (`qprep.train.distributed`). Rank 0 returns the summary, the other
+    ranks None."""
+    from qprep.train.distributed import launch, launch_on_ray
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if ray_address:
+        summary = launch_on_ray(ray_address, ranks, device, str(Path(out).resolve() / "ray"), ray_restarts, _rank_main,
+                                cache_path, data_path, model, out, settings, resume, eval_data, progress)
+        return TrainSummary(**summary)
+    if ranks > 1 and "WORLD_SIZE" not in os.environ:
+        if device == "cuda" and torch.cuda.device_count() < ranks:
+            raise SettingsError(f"--gpus {ranks}: this machine has {torch.cuda.device_count()} GPUs")
+        return launch(ranks, device, _rank_main, cache_path, data_path, model, out, settings, resume, eval_data,
+                      progress)
+    return _train(cache_path, data_path, model, out, settings, resume=resume, device=device, eval_data=eval_data,
+                  progress=progress, echo=echo)
+
+
+def _rank_main(device, cache_path, data_path, model, out, settings, resume, eval_data, progress, *,
+               restarted: bool = False, reporter=None) -> TrainSummary | None:
+    """One launched rank (a top-level function: the launcher starts it in a fresh process). Its
+    error, if any, goes to the launcher (torch's `record`), which names it with the rank. Under Ray
+    Train, a restarted attempt resumes from the checkpoints the last one wrote."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_train)(cache_path, data_path, model, out, settings, resume=resume or restarted, device=device,
+                          eval_data=eval_data, progress=progress, echo=print, reporter=reporter)
+
+
+def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume: bool, device: str, eval_data,
+           progress: bool, echo, reporter=None) -> TrainSummary | None:
     from tqdm.auto import tqdm
 
     from qprep.models.checkpoint import open_checkpoint
     from qprep.store.reader import open_cache
     from qprep.train.data import build_dataset, load_records
-    from qprep.train.loader import batch_stream, batches_per_epoch, plan
+    from qprep.train.distributed import deal, join_world, leave_world, rank_device
+    from qprep.train.loader import PlannedBatch, batch_stream, batches_per_epoch, plan
     from qprep.train.lora import apply_lora
     from qprep.train.model import LanguageModel
+    from qprep.train.optim import label_tokens
 
     started = time.perf_counter()
+    world = join_world(device)
+    device = rank_device(device, world)
+    echo = echo if world.main else (lambda _: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = settings.dtype or ("bfloat16" if device == "cuda" else "float32")
+    dtype = settings.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     checkpoint = open_checkpoint(model)
     cache = open_cache(cache_path)
     check_cache_fits(cache, checkpoint)
@@ -79,9 +121,14 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
                             f"must be the cache's video ids (`qprep status {cache.store.location}` lists them)")
     validation = _validation(eval_data, cache, tokenizer, layout, settings, echo)
     identity = _run_identity(settings, cache, dataset, checkpoint, data_path)
-    if resume:
+    # the global batch is the run's: a run resumed on another number of ranks deals the same batches
+    global_batch = _saved_global_batch(out) if resume else None
+    identity["global_batch"] = global_batch or settings.batch_size * world.size
+    if resume and world.main:
         _check_resumable(out, identity)
-    _write_json(out / RUN_FILE, identity)
+    if world.main:
+        _write_json(out / RUN_FILE, identity)
+    global_batch = identity["global_batch"]
 
     torch.manual_seed(settings.seed)
     language_model = LanguageModel(checkpoint, dtype=dtype, device=device)
@@ -90,45 +137,56 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
             activation_checkpointing_kwargs={"use_reentrant": False})  # reentrant breaks with injected embeddings
     peft_model = apply_lora(language_model, settings.lora)
     optimizer = build_optimizer(peft_model, settings)
-    per_epoch = batches_per_epoch(dataset.samples, settings.batch_size)
+    per_epoch = batches_per_epoch(dataset.samples, global_batch)
     scheduler = build_scheduler(optimizer, settings, steps_in_run(settings, per_epoch))
     state = {"epoch": 0, "batch": 0, "step": 0}
     if resume:
         state = _restore(out, peft_model, optimizer, scheduler) or state
 
-    planned = plan(dataset.samples, seed=settings.seed, batch_size=settings.batch_size, epochs=settings.epochs,
+    planned = plan(dataset.samples, seed=settings.seed, batch_size=global_batch, epochs=settings.epochs,
                    start=(state["epoch"], state["batch"]))
     shares = step_shares(planned, dataset.samples, settings.grad_accum, per_epoch)
+    # this rank's parts of each global batch, read ahead in plan order
+    parts = {(p.epoch, p.index): deal(p.samples, settings.batch_size, world) for p in planned}
+    mine = [PlannedBatch(p.epoch, p.index, part) for p in planned for part in parts[p.epoch, p.index]]
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and dtype == "bfloat16")
-    workers = settings.workers if settings.workers is not None else (2 if device == "cuda" else 0)
-    stream = batch_stream(planned, dataset.samples, cache, layout, workers=workers, pin_memory=device == "cuda")
-    metrics = open(out / "metrics.jsonl", "a")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda") and dtype == "bfloat16")
+    workers = settings.workers if settings.workers is not None else (2 if device.startswith("cuda") else 0)
+    stream = batch_stream(mine, dataset.samples, cache, layout, workers=workers, pin_memory=device.startswith("cuda"))
+    metrics = open(out / "metrics.jsonl", "a") if world.main else None
     bar = tqdm(total=settings.epochs * per_epoch, initial=state["epoch"] * per_epoch + state["batch"],
-               desc="train", unit="batch", disable=not progress)
+               desc="train", unit="batch", disable=not progress or not world.main)
     first_loss = last_loss = val_loss = None
     best_val = best_so_far(out) if resume else None
     step_loss = 0.0
     peft_model.train()
     try:
-        while True:
+        for position in planned:
             tick = time.perf_counter()
-            item = _next_batch(stream, cache)
-            if item is None:
-                break
-            position, batch = item
-            batch = batch.to(device, non_blocking=True)
-            waited = time.perf_counter() - tick
             share = shares[position.epoch, position.index]
-            with autocast:
-                loss = _step_part_loss(peft_model, batch, share, settings.loss_weighting)
-            loss.backward()
-            step_loss += float(loss.detach())
-            last_loss = _batch_mean(float(loss.detach()), share, batch, settings.loss_weighting)
+            batch_tokens = sum(label_tokens(dataset.samples[i].labels) for i in position.samples)
+            whole = len(position.samples) <= settings.batch_size and world.size == 1  # one part, one process
+            # [this batch's part of the step loss, attention tokens, seconds waiting for data], summed over ranks
+            totals = torch.zeros(3, dtype=torch.float64)
+            for _ in parts[position.epoch, position.index]:
+                waiting = time.perf_counter()
+                _, batch = _next_batch(stream, cache)
+                batch = batch.to(device, non_blocking=True)
+                totals[2] += time.perf_counter() - waiting
+                with autocast:
+                    loss = _step_part_loss(peft_model, batch, share, settings.loss_weighting, batch_tokens, whole)
+                loss.backward()
+                totals[0] += float(loss.detach())
+                totals[1] += int(batch.attention_mask.sum())
+            world.sum(totals)
+            part = float(totals[0])
+            step_loss += part
+            last_loss = _batch_mean(part, share, batch_tokens, settings.loss_weighting)
             first_loss = last_loss if first_loss is None else first_loss
             epoch_end = position.index + 1 == per_epoch
             row = {"epoch": position.epoch, "batch": position.index, "step": state["step"], "loss": last_loss}
             if share.last:
+                world.sum_gradients(trainable)
                 lr = optimizer.param_groups[0]["lr"]
                 grad_norm = clip(trainable, settings.max_grad_norm)
                 optimizer.step()
@@ -139,35 +197,54 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
                 step_loss = 0.0
             state.update(epoch=position.epoch, batch=position.index + 1)
             elapsed = time.perf_counter() - tick
-            metrics.write(json.dumps({**row, "tokens_per_s": int(batch.attention_mask.sum()) / elapsed,
-                                      "step_time_s": elapsed, "data_wait_s": waited,
-                                      "memory_mb": _memory_mb(device)}) + "\n")
+            if metrics:
+                metrics.write(json.dumps({**row, "tokens_per_s": float(totals[1]) / elapsed, "step_time_s": elapsed,
+                                          "data_wait_s": float(totals[2]) / world.size,
+                                          "memory_mb": _memory_mb(device)}) + "\n")
             if validation and (epoch_end or (share.last and settings.eval_every
                                               and state["step"] % settings.eval_every == 0)):
                 tick = time.perf_counter()
-                val_loss = validation.loss(peft_model, device, autocast)
-                metrics.write(json.dumps(validation_row(position.epoch, state["step"], val_loss,
-                                                        validation.label_tokens, tick)) + "\n")
+                val_loss = validation.loss(peft_model, device, autocast, world)
+                if metrics:
+                    metrics.write(json.dumps(validation_row(position.epoch, state["step"], val_loss,
+                                                            validation.label_tokens, tick)) + "\n")
                 if settings.save_best and (best_val is None or val_loss < best_val):
                     best_val = val_loss
-                    keep_best(out, peft_model, state["step"], val_loss)
+                    if world.main:
+                        keep_best(out, peft_model, state["step"], val_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", epoch=position.epoch,
                             **({"val": f"{val_loss:.4f}"} if val_loss is not None else {}))
             if epoch_end:
                 state.update(epoch=position.epoch + 1, batch=0)
             if epoch_end or (share.last and settings.save_every and state["step"] % settings.save_every == 0):
-                _save(out, peft_model, optimizer, scheduler, state)
+                if world.main:
+                    _save(out, peft_model, optimizer, scheduler, state)
+                if reporter:
+                    reporter.checkpoint(_checkpoint_dir(out, state), world, {"step": state["step"], "loss": last_loss})
                 if cache.changed_on_disk():
                     raise _cache_changed(cache)
+        if world.main:
+            metrics.close()  # complete before the picture reads it
+            peft_model.save_pretrained(out / "adapter")
+            plot_loss(out / "metrics.jsonl", out / "loss.png")
+        world.barrier()  # the adapter is on disk before any rank returns
     finally:
         bar.close()
-        metrics.close()
-    peft_model.save_pretrained(out / "adapter")
-    plot_loss(out / "metrics.jsonl", out / "loss.png")
-    return TrainSummary(samples=len(dataset.samples), skipped=dataset.skipped, steps=state["step"],
-                        first_loss=first_loss, last_loss=last_loss, seconds=time.perf_counter() - started,
-                        last_val_loss=val_loss, best_val_loss=best_val)
+        if metrics:
+            metrics.close()
+        leave_world(world)
+    summary = TrainSummary(samples=len(dataset.samples), skipped=dataset.skipped, steps=state["step"],
+                           first_loss=first_loss, last_loss=last_loss, seconds=time.perf_counter() - started,
+                           last_val_loss=val_loss, best_val_loss=best_val) if world.main else None  # rank 0 reports
+    if reporter:
+        reporter.finish(summary, world, out / "adapter")
+    return summary
+
+
+def _saved_global_batch(out: Path) -> int | None:
+    path = out / RUN_FILE
+    return json.loads(path.read_text()).get("global_batch") if path.is_file() else None
 
 
 def _validation(eval_data, cache, tokenizer, layout, settings: TrainSettings, echo):
@@ -186,21 +263,21 @@ def _validation(eval_data, cache, tokenizer, layout, settings: TrainSettings, ec
     return Validation.build(held_out.samples, cache, layout, settings.batch_size)
 
 
-def _step_part_loss(model, batch, share, weighting: str) -> torch.Tensor:
-    """This batch's part of its optimizer step's loss (the parts sum to the step's loss)."""
+def _step_part_loss(model, batch, share, weighting: str, batch_tokens: int, whole: bool) -> torch.Tensor:
+    """This part's share of its optimizer step's loss (over all parts and ranks, they sum to the
+    step's loss). `whole`: the part is its whole batch, on one process."""
     if weighting == "tokens":
         return model(batch, num_items_in_batch=share.label_tokens)[0]
-    return model(batch)[0] / share.batches
+    if whole:  # the batch's own mean, as the Trainer takes it
+        return model(batch)[0] / share.batches
+    return model(batch, num_items_in_batch=batch_tokens)[0] / share.batches
 
 
-def _batch_mean(part: float, share, batch, weighting: str) -> float:
+def _batch_mean(part: float, share, batch_tokens: int, weighting: str) -> float:
     """The batch's own mean loss, for the curve (the step's loss is what the optimizer follows)."""
-    from qprep.train.optim import label_tokens
-
     if weighting == "batches":
         return part * share.batches
-    tokens = sum(label_tokens(row) for row in batch.labels.tolist())
-    return part * share.label_tokens / max(tokens, 1)
+    return part * share.label_tokens / max(batch_tokens, 1)
 
 
 def _next_batch(stream, cache):
@@ -269,8 +346,12 @@ def _memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _checkpoint_dir(out: Path, state: dict) -> Path:
+    return out / f"{CHECKPOINT_PREFIX}{state['step']:07d}"
+
+
 def _save(out: Path, peft_model, optimizer, scheduler, state: dict) -> None:
-    directory = out / f"{CHECKPOINT_PREFIX}{state['step']:07d}"
+    directory = _checkpoint_dir(out, state)
     peft_model.save_pretrained(directory)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
                directory / "trainer.pt")

@@ -36,22 +36,26 @@ class Validation:
         return cls(samples, cache, layout, batch_size, sum(label_tokens(s.labels) for s in samples))
 
     @torch.no_grad()
-    def loss(self, model, device: str, autocast) -> float:
-        """The held-out set's mean loss per label token, with the model as it is now."""
+    def loss(self, model, device: str, autocast, world=None) -> float:
+        """The held-out set's mean loss per label token, with the model as it is now (each rank of
+        `world` takes every size-th sample; the parts are summed over the ranks)."""
+        from qprep.train.distributed import World
         from qprep.train.loader import batch_stream, plan
 
+        world = world or World()
+        samples = self.samples[world.rank::world.size]
         was_training = model.training
         model.eval()
         total = torch.zeros((), dtype=torch.float64)
         try:
-            batches = plan(self.samples, seed=0, batch_size=self.batch_size, epochs=1)
-            for _, batch in batch_stream(batches, self.samples, self.cache, self.layout, workers=0):
+            batches = plan(samples, seed=0, batch_size=self.batch_size, epochs=1)
+            for _, batch in batch_stream(batches, samples, self.cache, self.layout, workers=0):
                 with autocast:
                     part = model(batch.to(device), num_items_in_batch=self.label_tokens)[0]
                 total += part.double().cpu()
         finally:
             model.train(was_training)
-        return float(total)
+        return float(world.sum(total))
 
 
 def best_so_far(out: Path) -> float | None:

@@ -262,6 +262,9 @@ def status(store, videos, as_json):
 @click.option("--grad-accum", type=click.IntRange(1), default=None, help="Batches per optimizer step (default 2).")
 @click.option("--max-length", type=click.IntRange(1), default=None,
               help="Leave out samples longer than this many tokens, video included (reported before training).")
+@click.option("--packing", "packing", is_flag=True, default=None,
+              help="Fill each row with several samples up to --max-length tokens (first fit over the seeded order, "
+                   "never cut), attention kept within each sample: no step pays for padding.")
 @click.option("--cut-to-max-length", "cut_to_max_length", is_flag=True, default=None,
               help="Cut longer samples' text at --max-length instead of leaving them out; a sample whose "
                    "video block itself reaches past it is still left out.")

@@ -177,16 +177,30 @@ def collate(samples: list[Sample], cache, layout: PromptLayout):
     """Samples → one right-padded `Batch`, cached tokens concatenated in placeholder order."""
     from qprep.train.model import Batch
 
-    videos = [cache[sample.id] for sample in samples]
-    input_ids = pad([s.input_ids for s in samples], layout.pad_id)
+    return Batch(input_ids=pad([s.input_ids for s in samples], layout.pad_id),
+                 attention_mask=pad([[1] * len(s.input_ids) for s in samples], 0),
+                 labels=pad([s.labels for s in samples], IGNORE), **_media([cache[s.id] for s in samples], layout))
+
+
+def collate_packed(samples: list[Sample], cache, layout: PromptLayout):
+    """Samples side by side in one row, no padding: a `Batch` whose `sample_lengths` tell the model
+    where each sample starts (its positions restart there, and attention stays within it)."""
+    from qprep.train.model import Batch
+
+    input_ids = torch.tensor([[i for s in samples for i in s.input_ids]], dtype=torch.int64)
+    return Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                 labels=torch.tensor([[label for s in samples for label in s.labels]], dtype=torch.int64),
+                 sample_lengths=tuple(len(s.input_ids) for s in samples),
+                 **_media([cache[s.id] for s in samples], layout))
+
+
+def _media(videos: list, layout: PromptLayout) -> dict:
+    """The batch's cached tokens, concatenated in placeholder order, and what places them in time."""
     has_audio = {v.audio_tokens is not None for v in videos} if layout.audio else {False}
     if len(has_audio) > 1:  # get_rope_index takes one use_audio_in_video flag per batch
         raise ValueError("a batch mixes videos with and without audio; batch them apart")
     with_audio = has_audio == {True}
-    return Batch(
-        input_ids=input_ids,
-        attention_mask=pad([[1] * len(s.input_ids) for s in samples], 0),
-        labels=pad([s.labels for s in samples], IGNORE),
+    return dict(
         video_tokens=torch.cat([v.video_tokens for v in videos]),
         video_grid_thw=torch.tensor([v.grid_thw for v in videos], dtype=torch.int64),
         second_per_grid=torch.tensor([v.second_per_grid for v in videos], dtype=torch.float64),

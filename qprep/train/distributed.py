@@ -92,10 +92,11 @@ def rank_device(device: str, world: World) -> str:
     return f"cuda:{world.local_rank}" if device == "cuda" and world.size > 1 else device
 
 
-def deal(samples: tuple[int, ...], part_size: int, world: World) -> list[tuple[int, ...]]:
-    """This rank's parts of one global batch: the batch cut into parts of at most `part_size`
-    samples, dealt to the ranks in turn."""
-    parts = [samples[i:i + part_size] for i in range(0, len(samples), part_size)]
+def deal(planned, part_size: int, world: World) -> list[tuple[int, ...]]:
+    """This rank's parts of one global batch (a `PlannedBatch`): its packed rows, or the batch cut
+    into parts of at most `part_size` samples, dealt to the ranks in turn."""
+    samples = planned.samples
+    parts = list(planned.rows) if planned.rows else [samples[i:i + part_size] for i in range(0, len(samples), part_size)]
     return parts[world.rank::world.size]
 
 

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from qprep.train.data import Sample, collate
+from qprep.train.data import Sample, collate, collate_packed
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,10 @@ class PlannedBatch:
     epoch: int
     index: int  # position within the epoch
     samples: tuple[int, ...]  # indices into the dataset's samples
+    # with packing: the packed rows (each a tuple of samples, side by side in one row); for a part
+    # dealt to a rank, `packed` says its samples are one such row
+    rows: tuple[tuple[int, ...], ...] | None = None
+    packed: bool = False
 
 
 def plan_epoch(samples: list[Sample], epoch: int, seed: int, batch_size: int) -> list[tuple[int, ...]]:
@@ -55,6 +59,42 @@ def plan(samples: list[Sample], *, seed: int, batch_size: int, epochs: int, star
     return out
 
 
+def first_fit_packs(samples: list[Sample], seed: int, max_length: int) -> list[tuple[int, ...]]:
+    """The samples packed into rows of at most `max_length` tokens: first fit over the order `seed`
+    fixes, each sample into the first row of its kind (audio or not) it fits in; none is cut or left out."""
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows: list[list[int]] = []
+    kinds: list[bool] = []
+    used: list[int] = []
+    for i in order:
+        length, kind = len(samples[i].input_ids), samples[i].has_audio
+        if length > max_length:
+            raise ValueError(f"sample {samples[i].id} has {length} tokens, more than the {max_length} a packed row holds")
+        row = next((r for r in range(len(rows)) if kinds[r] == kind and used[r] + length <= max_length), None)
+        if row is None:
+            rows.append([])
+            kinds.append(kind)
+            used.append(0)
+            row = len(rows) - 1
+        rows[row].append(i)
+        used[row] += length
+    return [tuple(row) for row in rows]
+
+
+def plan_packed(packs: list[tuple[int, ...]], *, seed: int, packs_per_batch: int, epochs: int,
+                start: tuple[int, int] = (0, 0)) -> list[PlannedBatch]:
+    """Every batch of packed rows from `start`: each epoch a seeded permutation of the same packs,
+    `packs_per_batch` of them per batch (one per rank)."""
+    out = []
+    for epoch in range(start[0], epochs):
+        order = torch.randperm(len(packs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for index, first in enumerate(range(0, len(order), packs_per_batch)):
+            rows = tuple(packs[i] for i in order[first:first + packs_per_batch])
+            if (epoch, index) >= start:
+                out.append(PlannedBatch(epoch, index, tuple(i for row in rows for i in row), rows=rows))
+    return out
+
+
 class CachedBatches(torch.utils.data.Dataset):
     """The planned batches, collated from the cache. Each worker process opens its own reader."""
 
@@ -72,7 +112,10 @@ class CachedBatches(torch.utils.data.Dataset):
 
             self._cache = open_cache(self.cache_path)
         planned = self.planned[position]
-        return planned, collate([self.samples[i] for i in planned.samples], self._cache, self.layout)
+        chosen = [self.samples[i] for i in planned.samples]
+        if planned.packed:
+            return planned, collate_packed(chosen, self._cache, self.layout)
+        return planned, collate(chosen, self._cache, self.layout)
 
     def __getstate__(self):
         return {**self.__dict__, "_cache": None}  # a worker opens the store itself

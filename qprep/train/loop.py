@@ -96,7 +96,7 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     from qprep.store.reader import open_cache
     from qprep.train.data import build_dataset, load_records
     from qprep.train.distributed import deal, join_world, leave_world, rank_device
-    from qprep.train.loader import PlannedBatch, batch_stream, batches_per_epoch, plan
+    from qprep.train.loader import PlannedBatch, batch_stream, batches_per_epoch, first_fit_packs, plan, plan_packed
     from qprep.train.lora import apply_lora
     from qprep.train.model import LanguageModel
     from qprep.train.optim import label_tokens
@@ -122,8 +122,9 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     validation = _validation(eval_data, cache, tokenizer, layout, settings, echo)
     identity = _run_identity(settings, cache, dataset, checkpoint, data_path)
     # the global batch is the run's: a run resumed on another number of ranks deals the same batches
-    global_batch = _saved_global_batch(out) if resume else None
-    identity["global_batch"] = global_batch or settings.batch_size * world.size
+    check_packing(settings, checkpoint)
+    global_batch = _saved_global_batch(out) if resume else None  # samples, or packed rows with packing
+    identity["global_batch"] = global_batch or (1 if settings.packing else settings.batch_size) * world.size
     if resume and world.main:
         _check_resumable(out, identity)
     if world.main:
@@ -137,18 +138,22 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
             activation_checkpointing_kwargs={"use_reentrant": False})  # reentrant breaks with injected embeddings
     peft_model = apply_lora(language_model, settings.lora)
     optimizer = build_optimizer(peft_model, settings)
-    per_epoch = batches_per_epoch(dataset.samples, global_batch)
+    packs = first_fit_packs(dataset.samples, settings.seed, settings.max_length) if settings.packing else None
+    per_epoch = -(-len(packs) // global_batch) if packs else batches_per_epoch(dataset.samples, global_batch)
     scheduler = build_scheduler(optimizer, settings, steps_in_run(settings, per_epoch))
     state = {"epoch": 0, "batch": 0, "step": 0}
     if resume:
         state = _restore(out, peft_model, optimizer, scheduler) or state
 
-    planned = plan(dataset.samples, seed=settings.seed, batch_size=global_batch, epochs=settings.epochs,
-                   start=(state["epoch"], state["batch"]))
+    start = (state["epoch"], state["batch"])
+    planned = (plan_packed(packs, seed=settings.seed, packs_per_batch=global_batch, epochs=settings.epochs, start=start)
+               if packs else plan(dataset.samples, seed=settings.seed, batch_size=global_batch, epochs=settings.epochs,
+                                  start=start))
     shares = step_shares(planned, dataset.samples, settings.grad_accum, per_epoch)
     # this rank's parts of each global batch, read ahead in plan order
-    parts = {(p.epoch, p.index): deal(p.samples, settings.batch_size, world) for p in planned}
-    mine = [PlannedBatch(p.epoch, p.index, part) for p in planned for part in parts[p.epoch, p.index]]
+    parts = {(p.epoch, p.index): deal(p, settings.batch_size, world) for p in planned}
+    mine = [PlannedBatch(p.epoch, p.index, part, packed=packs is not None)
+            for p in planned for part in parts[p.epoch, p.index]]
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda") and dtype == "bfloat16")
     workers = settings.workers if settings.workers is not None else (2 if device.startswith("cuda") else 0)
@@ -165,7 +170,7 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
             tick = time.perf_counter()
             share = shares[position.epoch, position.index]
             batch_tokens = sum(label_tokens(dataset.samples[i].labels) for i in position.samples)
-            whole = len(position.samples) <= settings.batch_size and world.size == 1  # one part, one process
+            whole = len(parts[position.epoch, position.index]) == 1 and world.size == 1  # one part, one process
             # [this batch's part of the step loss, attention tokens, seconds waiting for data], summed over ranks
             totals = torch.zeros(3, dtype=torch.float64)
             for _ in parts[position.epoch, position.index]:
@@ -240,6 +245,18 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     if reporter:
         reporter.finish(summary, world, out / "adapter")
     return summary
+
+
+def check_packing(settings: TrainSettings, checkpoint) -> None:
+    if not settings.packing:
+        return
+    if not settings.max_length:
+        raise SettingsError("--packing needs --max-length: the tokens a packed row holds")
+    if settings.batch_size != 1:
+        raise SettingsError("--packing fills one row per batch up to --max-length; leave --batch-size at 1")
+    if not checkpoint.family.isolates_packed_samples:
+        raise SettingsError(f"--packing: {checkpoint.family.name}'s transformers implementation cannot keep packed "
+                            f"samples apart (its linear-attention layers scan the whole row); train it unpacked")
 
 
 def _saved_global_batch(out: Path) -> int | None:

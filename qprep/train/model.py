@@ -32,6 +32,8 @@ class Batch:
     audio_tokens: torch.Tensor | None = None  # [all audio tokens, hidden] (audio in video)
     mel_lengths: torch.Tensor | None = None  # [videos] valid mel frames
     deepstack: torch.Tensor | None = None  # [levels, all videos' tokens, hidden] (towers with deepstack)
+    # packed: one row of several samples side by side (no padding), their lengths in order
+    sample_lengths: tuple[int, ...] | None = None
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> "Batch":
         return self._map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
@@ -84,8 +86,17 @@ class LanguageModel(torch.nn.Module):
         return self.model.language_model
 
     def position_ids(self, batch: Batch) -> torch.Tensor:
-        """3-D (M-RoPE / TM-RoPE) positions, as the model computes them."""
-        return self.family.position_ids(self._positions, batch, self.config).to(batch.input_ids.device)
+        """3-D (M-RoPE / TM-RoPE) positions, as the model computes them. A packed row: each sample's
+        own positions side by side, under a text row that restarts at 0 with each sample (what the
+        model reads to keep attention within a sample), [4, 1, length]."""
+        if batch.sample_lengths is None:
+            return self.family.position_ids(self._positions, batch, self.config).to(batch.input_ids.device)
+        pieces = []
+        for sample in unpacked(batch):
+            positions = self.family.position_ids(self._positions, sample, self.config)
+            text = torch.arange(positions.shape[-1], dtype=positions.dtype).view(1, 1, -1)
+            pieces.append(torch.cat([text, positions]))
+        return torch.cat(pieces, dim=-1).to(batch.input_ids.device)
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Text embeddings with the cached tokens scattered into their placeholders."""
@@ -105,7 +116,10 @@ class LanguageModel(torch.nn.Module):
         """(loss, logits), the same as the full model's on the raw video. `num_items_in_batch`: divide
         the summed cross-entropy by this many label tokens (those of a whole accumulated step, as the
         Trainer passes it) instead of taking this batch's mean."""
-        hidden = self.language_model(inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask,
+        # a packed row takes no attention mask: the model then keeps attention within each sample
+        # from the restarting text positions (transformers' packed-sequence mask)
+        mask = None if batch.sample_lengths is not None else batch.attention_mask
+        hidden = self.language_model(inputs_embeds=self.embed(batch), attention_mask=mask,
                                      position_ids=self.position_ids(batch), use_cache=False,
                                      **self.text_inputs(batch)).last_hidden_state
         logits = self.lm_head(hidden)
@@ -120,3 +134,17 @@ def _scatter(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor) ->
     if count != tokens.shape[0]:
         raise ValueError(f"{count} placeholders but {tokens.shape[0]} cached tokens")
     return embeds.masked_scatter(where.unsqueeze(-1).expand_as(embeds), tokens.to(embeds.device, embeds.dtype))
+
+
+def unpacked(batch: Batch) -> list[Batch]:
+    """The samples of a packed row, each a batch of one (what its positions are computed from)."""
+    out, start = [], 0
+    for index, length in enumerate(batch.sample_lengths):
+        ids = batch.input_ids[:, start:start + length]
+        out.append(Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=batch.labels[:, start:start + length],
+                         video_tokens=batch.video_tokens[:0], video_grid_thw=batch.video_grid_thw[index:index + 1],
+                         second_per_grid=batch.second_per_grid[index:index + 1],
+                         audio_tokens=batch.audio_tokens[:0] if batch.audio_tokens is not None else None,
+                         mel_lengths=batch.mel_lengths[index:index + 1] if batch.mel_lengths is not None else None))
+        start += length
+    return out

@@ -73,6 +73,9 @@ class Family:
     # the processor featurizes an audio track whole (padded to its own length, never cut), not in
     # padded windows of the feature extractor's chunk_length
     audio_whole_track: bool = False
+    # transformers' implementation keeps packed samples apart (its attention reads the packed-sequence
+    # mask); False where some layer would carry state from one sample into the next
+    isolates_packed_samples: bool = True
     # (state dict, module) -> state dict: what transformers converts at load time for this family's
     # checkpoints (released weight names or shapes that differ from the module's), applied in order
     weight_conversions: tuple[Callable[[dict, Any], dict], ...] = ()

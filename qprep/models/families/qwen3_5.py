@@ -24,6 +24,7 @@ QWEN3_5 = Qwen3VLFamily(
     text_class="Qwen3_5TextModel",
     full_model=("Qwen3_5ForConditionalGeneration", None),
     lora_targets=FULL_ATTENTION + LINEAR_ATTENTION + ("up_proj", "down_proj"),
+    isolates_packed_samples=False,  # the Gated DeltaNet layers scan the whole row without the packed mask
     **QWEN3_CHECKPOINT,
 )
 
@@ -37,5 +38,6 @@ QWEN3_5_MOE = Qwen3VLFamily(
     full_model=("Qwen3_5MoeForConditionalGeneration", None),
     lora_targets=FULL_ATTENTION + LINEAR_ATTENTION,
     weight_conversions=(experts.per_expert,),  # some releases, and save_pretrained, store one tensor per expert
+    isolates_packed_samples=False,
     **QWEN3_CHECKPOINT,
 )

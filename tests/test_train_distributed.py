@@ -176,3 +176,34 @@ def test_ray_train_runs_the_same_loop_on_the_suites_ray(two_ranks, ray_cluster, 
     assert on_ray.steps == summary.steps and on_ray.last_loss == summary.last_loss
     assert largest_gap(adapter(tmp_path / "ray"), adapter(two)) == 0.0
     assert [(r["epoch"], r["batch"]) for r in rows(tmp_path / "ray")] == [(r["epoch"], r["batch"]) for r in rows(two)]
+
+
+def test_ray_train_restarts_the_workers_from_the_last_checkpoint_when_one_dies(omni_store, ray_cluster, tmp_path):
+    import threading
+
+    import psutil
+
+    model_dir, cache = omni_store
+    data = write_records(tmp_path / "train.json")
+    run = tmp_path / "run"
+    settings = dataclasses.replace(SETTINGS, epochs=30)
+    killed: list[int] = []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        deadline = time.monotonic() + 240
+        while not list(run.glob("checkpoint-*/state.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        if workers:
+            killed.append(workers[-1].pid)
+            os.kill(workers[-1].pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint)
+    killer.start()
+    summary = train(cache.store.root, data, model_dir, run, settings, ranks=2, device="cpu", ray_address="auto",
+                    ray_restarts=2, progress=False)
+    killer.join()
+    assert killed, "no Ray Train worker was found to kill"
+    assert summary.steps == 30 * 3
+    done = {(r["epoch"], r["batch"]) for r in rows(run)}
+    assert done == {(epoch, batch) for epoch in range(30) for batch in range(3)}  # resumed, nothing skipped

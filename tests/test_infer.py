@@ -105,6 +105,26 @@ def assert_same_steps(ours: tuple[list[int], list], theirs: tuple[list[int], tup
             assert torch.equal(mine, reference), f"{what}: logits of new token {step}"
 
 
+def assert_answers_equal_generate(ours, base, model, cache, model_dir, ids, *, omni, metadata=None,
+                                  whole_prompt_head: bool = False) -> None:
+    """For each id: qprep's prompt ids are the processor's, its greedy tokens and logits `generate`'s
+    on the raw video (`omni(row)`: with its audio; `metadata(path, row)`: what the processor is
+    told of the video), and the adapter changes the answer."""
+    videos = cache.store.root.parent / "videos"
+    for request in choose_requests(cache, ids=ids)[0]:
+        row = cache.row(request.id)
+        path = videos / row["path"]
+        with_audio = omni(row)
+        inputs = raw_inputs(model_dir, path, row, DENSE_CAPTION_PROMPT, omni=with_audio,
+                            metadata=metadata(path, row) if metadata else None)
+        assert ours.prompt_ids(request) == inputs["input_ids"][0].tolist()
+        answer = ours_with_logits(ours, request)
+        kwargs = {"use_audio_in_video": True} if with_audio else {}
+        assert_same_steps(answer, generated(model, inputs, ours.stop, **kwargs), request.id,
+                          whole_prompt_head=whole_prompt_head)
+        assert answer[0] != base.generate(request, NEW_TOKENS), "the adapter must change the answer"
+
+
 def ours_with_logits(generator, request) -> tuple[list[int], list]:
     scores: list = []
     return generator.generate(request, NEW_TOKENS, scores), scores
@@ -117,19 +137,11 @@ def test_greedy_answers_from_the_cache_equal_generate_on_the_raw_video_with_the_
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ours = Generator(open_checkpoint(model_dir), tokenizer, cache, adapter=adapter)
     base = Generator(open_checkpoint(model_dir), tokenizer, cache)
-    requests, _ = choose_requests(cache, ids=["a", "b"])
-    videos = cache.store.root.parent / "videos"
     thinker = PeftModel.from_pretrained(full_model(model_dir), str(adapter)).eval()
-    for request in requests:
-        row = cache.row(request.id)
-        inputs = raw_inputs(model_dir, videos / row["path"], row, DENSE_CAPTION_PROMPT, omni=True)
-        assert ours.prompt_ids(request) == inputs["input_ids"][0].tolist()
-        answer = ours_with_logits(ours, request)
-        # The thinker computes lm_head over the whole prompt and keeps the last row; qprep multiplies the
-        # last row alone (a long prompt's full logits would take gigabytes).
-        assert_same_steps(answer, generated(thinker, inputs, ours.stop, use_audio_in_video=True), request.id,
-                          whole_prompt_head=True)
-        assert answer[0] != base.generate(request, NEW_TOKENS), "the adapter must change the answer"
+    # The thinker computes lm_head over the whole prompt and keeps the last row; qprep multiplies the
+    # last row alone (a long prompt's full logits would take gigabytes).
+    assert_answers_equal_generate(ours, base, thinker, cache, model_dir, ["a", "b"], omni=lambda row: True,
+                                  whole_prompt_head=True)
 
 
 @pytest.fixture(scope="module")
@@ -202,16 +214,8 @@ def test_qwen3_answers_from_the_cache_equal_generate_with_the_true_metadata_and_
     ours = Generator(open_checkpoint(model_dir), tokenizer, cache, adapter=adapter)
     base = Generator(open_checkpoint(model_dir), tokenizer, cache)
     model = PeftModel.from_pretrained(full_model(model_dir), str(adapter)).eval()
-    videos = cache.store.root.parent / "videos"
-    for request in choose_requests(cache, ids=["a", "b"])[0]:
-        row = cache.row(request.id)
-        path = videos / row["path"]
-        inputs = raw_inputs(model_dir, path, row, DENSE_CAPTION_PROMPT, omni=False,
-                            metadata=true_metadata(path, row["frame_indices"]))
-        assert ours.prompt_ids(request) == inputs["input_ids"][0].tolist()
-        answer = ours_with_logits(ours, request)
-        assert_same_steps(answer, generated(model, inputs, ours.stop), request.id)
-        assert answer[0] != base.generate(request, NEW_TOKENS), "the adapter must change the answer"
+    assert_answers_equal_generate(ours, base, model, cache, model_dir, ["a", "b"], omni=lambda row: False,
+                                  metadata=lambda path, row: true_metadata(path, row["frame_indices"]))
 
 
 def test_qwen3_omni_answers_from_the_cache_equal_the_thinkers_generate_with_the_same_adapter(qwen3_omni_store,
@@ -238,14 +242,6 @@ def test_qwen3_omni_answers_from_the_cache_equal_the_thinkers_generate_with_the_
     thinker = PeftModel.from_pretrained(full_model(model_dir), str(adapter)).eval()
     adapted = {name.split(".lora_")[0] for name, _ in thinker.named_parameters() if ".lora_" in name}
     assert adapted and all(".language_model.layers." in name for name in adapted), "LoRA in the language model only"
-    videos = cache.store.root.parent / "videos"
-    for request in choose_requests(cache, ids=["a", "b", "c"])[0]:
-        row = cache.row(request.id)
-        with_audio = bool(row["audio_length"])
-        assert with_audio == (request.id != "c")
-        inputs = raw_inputs(model_dir, videos / row["path"], row, DENSE_CAPTION_PROMPT, omni=with_audio)
-        assert ours.prompt_ids(request) == inputs["input_ids"][0].tolist()
-        answer = ours_with_logits(ours, request)
-        assert_same_steps(answer, generated(thinker, inputs, ours.stop, use_audio_in_video=with_audio), request.id,
-                          whole_prompt_head=True)
-        assert answer[0] != base.generate(request, NEW_TOKENS), "the adapter must change the answer"
+    assert [bool(cache.row(i)["audio_length"]) for i in ("a", "b", "c")] == [True, True, False]
+    assert_answers_equal_generate(ours, base, thinker, cache, model_dir, ["a", "b", "c"],
+                                  omni=lambda row: bool(row["audio_length"]), whole_prompt_head=True)

@@ -106,3 +106,15 @@ def test_train_with_packing_takes_fewer_steps_of_the_same_loss_and_refuses_what_
 
     with pytest.raises(SettingsError, match="qwen3_5's transformers implementation cannot keep packed samples apart"):
         check_packing(TrainSettings(packing=True, max_length=1024), open_checkpoint(tiny_model("qwen3_5")))
+
+
+def test_packed_rows_are_dealt_one_per_rank_and_a_resumed_rank_count_takes_them_in_turn():
+    from qprep.train.distributed import World, deal
+    from qprep.train.loader import PlannedBatch
+
+    batch = PlannedBatch(0, 0, (4, 1, 7, 2, 5), rows=((4, 1), (7, 2, 5)))
+    assert [deal(batch, 1, World(rank=r, size=2)) for r in range(2)] == [[(4, 1)], [(7, 2, 5)]]
+    assert deal(batch, 1, World()) == [(4, 1), (7, 2, 5)]  # one rank: both rows, one after the other
+    assert [deal(batch, 1, World(rank=r, size=3)) for r in range(3)] == [[(4, 1)], [(7, 2, 5)], []]
+    unpacked = PlannedBatch(0, 0, (4, 1, 7, 2, 5))
+    assert [deal(unpacked, 2, World(rank=r, size=2)) for r in range(2)] == [[(4, 1), (5,)], [(7, 2)]]

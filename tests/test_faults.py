@@ -4,6 +4,7 @@
   with SIGKILL while an extract runs: Ray retries their work and the store is the same as an
   uninterrupted run's; a reader polling the store meanwhile only ever sees complete shards;
 * a video whose worker process dies on every try: recorded failed after three, the run goes on;
+  so is one that kills the tower actor on every try of its batch;
 * a full disk (a small tmpfs) while a shard is written: a StoreError that names the store and
   "no space left", the committed shards intact, and the next run (with space) finishes;
 * two `qprep extract` started at once on one new store: one refuses, saying another extract is
@@ -215,6 +216,36 @@ def test_a_video_whose_worker_dies_on_every_try_is_recorded_failed_and_the_rest_
     assert summary.failures[0][0] == poison and "died on all 3 tries" in summary.failures[0][1]
     row = open_cache(store).row("clip03")
     assert (row["status"], row["error_code"]) == ("failed", WORKER_DIED)
+
+    monkeypatch.undo()
+    again = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)
+    assert (again.extracted, again.failed, again.up_to_date) == (1, 0, len(CLIPS) - 1)
+    assert snapshot(store) == reference
+
+
+def test_a_video_that_kills_the_tower_actor_on_every_try_is_recorded_failed_and_the_rest_finish(
+        job, tmp_path, monkeypatch):
+    """The tower actor is restarted each time it dies, and a batch is tried TOWER_BATCH_TRIES times:
+    a video that crashes the towers ends failed instead of looping the run (batches of one video)."""
+    import qprep.extraction.cluster as cluster
+
+    videos, model_dir, reference, _ = job
+    store, tries, poison = tmp_path / "store.zarr", tmp_path / "tries", "clip05.mp4"
+
+    class CrashesOnThePoison(stages.TowerStage):  # runs in the actor (the class travels by value)
+        def __call__(self, batch):
+            if any(json.loads(task)["path"] == poison for task in batch["task"]):
+                with open(tries, "a") as tally:
+                    tally.write("try\n")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().__call__(batch)
+
+    monkeypatch.setattr(cluster, "TowerStage", CrashesOnThePoison)
+    summary = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)
+    assert tries.read_text().count("try") == stages.TOWER_BATCH_TRIES
+    assert (summary.extracted, summary.failed) == (len(CLIPS) - 1, 1)
+    assert summary.failures[0][0] == poison and "the tower actor on all 3 tries" in summary.failures[0][1]
+    assert open_cache(store).row("clip05")["error_code"] == WORKER_DIED
 
     monkeypatch.undo()
     again = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)

@@ -15,7 +15,7 @@ import warnings
 from typing import Iterator
 
 from qprep.extraction.discover import VideoFile
-from qprep.extraction.stages import CPU_STAGE_TRIES, TowerStage, cpu_stage
+from qprep.extraction.stages import CPU_STAGE_TRIES, TOWER_BATCH_TRIES, TowerStage, cpu_stage
 
 
 @contextlib.contextmanager
@@ -61,9 +61,10 @@ def tower_dataset(tasks: list[VideoFile], job, device: str, options, resources: 
         threads = options.tower_threads or 1
     constructor = dict(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
                        attn_implementation=job.attn_implementation, budget=options.budget, threads=threads)
+    # the actor is restarted as often as it dies; each batch is tried TOWER_BATCH_TRIES times
     return dataset.map_batches(TowerStage, fn_constructor_kwargs=constructor, batch_size=options.batch_size,
                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-                               **actor_resources)
+                               max_restarts=-1, max_task_retries=TOWER_BATCH_TRIES - 1, **actor_resources)
 
 
 def _configure_ray_data() -> None:

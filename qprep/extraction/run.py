@@ -202,14 +202,15 @@ def _run_towers(plan: Plan, writer: ShardWriter, summary: Summary, job: TowerJob
 
 
 def _record_lost(plan: Plan, writer: ShardWriter, summary: Summary) -> int:
-    """Videos whose CPU-stage task failed on every try (Ray leaves them out and goes on): failed rows,
-    so their shards commit and the next run tries them again."""
+    """Videos whose CPU-stage task or tower batch failed on every try (Ray leaves them out and goes
+    on): failed rows, so their shards commit and the next run tries them again."""
     from qprep.errors import WORKER_DIED
-    from qprep.extraction.stages import CPU_STAGE_TRIES
+    from qprep.extraction.stages import CPU_STAGE_TRIES, TOWER_BATCH_TRIES
 
     unfinished = writer.unfinished()
-    cause = (f"the worker preparing it died on all {CPU_STAGE_TRIES} tries (a crash in the decoder, or killed "
-             f"for memory; Ray's log above has the error); the next run tries it again")
+    cause = (f"the worker preparing it died on all {CPU_STAGE_TRIES} tries, or the tower actor on all "
+             f"{TOWER_BATCH_TRIES} tries of its batch (a crash in the decoder or the towers, or killed for "
+             f"memory; Ray's log above has the error); the next run tries it again")
     lost = [video for video in plan.tasks if video.id in unfinished]
     for video in lost:
         _count(summary, writer.add_failed(video, cause, WORKER_DIED), {})

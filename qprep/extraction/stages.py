@@ -21,6 +21,10 @@ from qprep.schemas.manifest import FAILED, OK
 from qprep.schemas.settings import ModelSpec, VideoSettings
 
 CPU_STAGE_TRIES = 3  # a video whose worker process dies this many times is recorded as failed
+# A tower batch whose actor dies this many times (the actor is restarted each time) is given up and
+# its videos recorded as failed: without a bound Ray Data retries it forever, and one video that
+# crashes the towers would loop the run.
+TOWER_BATCH_TRIES = 3
 
 
 def cpu_stage(row: dict, *, videos_dir: str, settings: VideoSettings, spec: ModelSpec) -> dict:

@@ -320,6 +320,7 @@ def train(cache_path, data, model, out, job, eval_data, gpus, cpu_ranks, ray_add
     import json
 
     from qprep.train.loop import train as run_train
+    from qprep.train.run_folder import RunFolder
 
     with _errors_to_exit_codes():
         preset = _preset(job)
@@ -335,13 +336,13 @@ def train(cache_path, data, model, out, job, eval_data, gpus, cpu_ranks, ray_add
     if summary is None:  # a rank other than 0 (under torchrun): rank 0 reports
         return
     if as_json:
-        click.echo(json.dumps({**summary.__dict__, "adapter": str(out / "adapter")}, indent=2))
+        click.echo(json.dumps({**summary.__dict__, "adapter": str(RunFolder(out).adapter)}, indent=2))
     else:
         validation = "" if summary.last_val_loss is None else f", validation loss {summary.last_val_loss:.4f}"
         best = "" if summary.best_val_loss is None else f"; lowest validation loss {summary.best_val_loss:.4f} in " \
-                                                       f"{out / 'best-adapter'}"
+                                                       f"{RunFolder(out).best_adapter}"
         click.echo(f"{summary.steps} steps, loss {summary.first_loss:.4f} → {summary.last_loss:.4f}{validation} in "
-                   f"{summary.seconds:.1f} s; adapter in {out / 'adapter'}{best}")
+                   f"{summary.seconds:.1f} s; adapter in {RunFolder(out).adapter}{best}")
 
 
 @main.command()

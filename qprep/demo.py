@@ -75,6 +75,7 @@ def _steps(result: DemoResult, job: str, echo) -> None:
     from qprep.store.status import format_status, store_status
     from qprep.train.infer import infer
     from qprep.train.loop import train
+    from qprep.train.run_folder import RunFolder
 
     preset = load_job(job)
     settings = preset.video_settings(num_frames=DEMO_FRAMES)
@@ -103,10 +104,10 @@ def _steps(result: DemoResult, job: str, echo) -> None:
     echo(f"{training.steps} optimizer steps from the cache (no tower loaded, no video decoded): loss "
          f"{training.first_loss:.3f} → {training.last_loss:.3f}")
     answers = result.workdir / "answers.jsonl"
-    echo(f"\n$ qprep infer --cache {result.store} --adapter {result.run / 'adapter'} --data {result.data} "
+    echo(f"\n$ qprep infer --cache {result.store} --adapter {RunFolder(result.run).adapter} --data {result.data} "
          f"--max-new-tokens 16 --out {answers}")
     with _timed(result, "infer", echo):
-        infer(result.store, result.model, answers, adapter=result.run / "adapter", data=result.data,
+        infer(result.store, result.model, answers, adapter=RunFolder(result.run).adapter, data=result.data,
               max_new_tokens=16, progress=False, echo=echo)
     echo(f"{answers.read_text().splitlines()[0]}   (random weights: the words mean nothing, the path is the real one)")
     picture = result.workdir / "eval.png"
@@ -154,13 +155,16 @@ class _timed:
 
 
 def _report(result: DemoResult) -> str:
+    from qprep.train.run_folder import RunFolder
+
+    run = RunFolder(result.run)
     lines = ["", "what each step took:"]
     lines += [f"  {step:<20} {seconds:6.1f} s" for step, seconds in result.seconds.items()]
     lines += [f"  {'total':<20} {sum(result.seconds.values()):6.1f} s", "", "where everything went:"]
     places = [("videos", result.videos), ("tiny model", result.model), ("store (Zarr + Parquet)", result.store),
-              ("training data", result.data), ("adapter (peft format)", result.run / "adapter"),
-              ("metrics, loss curve", f"{result.run / 'metrics.jsonl'}, {result.run / 'loss.png'}"),
-              ("effective settings", result.run / "run.json"), ("answers", result.workdir / "answers.jsonl"),
+              ("training data", result.data), ("adapter (peft format)", run.adapter),
+              ("metrics, loss curve", f"{run.metrics}, {run.loss_plot}"),
+              ("effective settings", run.run_file), ("answers", result.workdir / "answers.jsonl"),
               ("scores' picture", result.workdir / "eval.png")]
     lines += [f"  {name:<24} {place}" for name, place in places]
     return "\n".join(lines)

@@ -28,10 +28,9 @@ from qprep.errors import SettingsError
 from qprep.schemas.training import TrainSettings
 from qprep.train.optim import build_optimizer, build_scheduler, clip, step_shares, steps_in_run
 from qprep.train.plot import plot_loss
+from qprep.train.run_folder import RunFolder, state_file, trainer_file
 from qprep.train.validation import Validation, best_so_far, keep_best, validation_row
 
-CHECKPOINT_PREFIX = "checkpoint-"
-RUN_FILE = "run.json"  # the effective settings and what the run was trained on
 # How often a resumed run saves; every other setting decides what it computes (the number of epochs
 # too: the learning-rate schedule spans the whole run).
 # None changes the training; batch_size is per rank: a resumed run keeps the run's global batch
@@ -65,7 +64,7 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if ray_address:
-        summary = launch_on_ray(ray_address, ranks, device, str(Path(out).resolve() / "ray"), ray_restarts, _rank_main,
+        summary = launch_on_ray(ray_address, ranks, device, str(RunFolder(Path(out)).ray_storage), ray_restarts, _rank_main,
                                 cache_path, data_path, model, out, settings, resume, eval_data, progress)
         return TrainSummary(**summary)
     if ranks > 1 and "WORLD_SIZE" not in os.environ:
@@ -107,6 +106,7 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     echo = echo if world.main else (lambda _: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(out)
     dtype = settings.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     checkpoint = open_checkpoint(model)
     cache = open_cache(cache_path)
@@ -123,12 +123,12 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     identity = _run_identity(settings, cache, dataset, checkpoint, data_path)
     # the global batch is the run's: a run resumed on another number of ranks deals the same batches
     check_packing(settings, checkpoint)
-    global_batch = _saved_global_batch(out) if resume else None  # samples, or packed rows with packing
+    global_batch = _saved_global_batch(folder) if resume else None  # samples, or packed rows with packing
     identity["global_batch"] = global_batch or (1 if settings.packing else settings.batch_size) * world.size
     if resume and world.main:
-        _check_resumable(out, identity)
+        _check_resumable(folder, identity)
     if world.main:
-        _write_json(out / RUN_FILE, identity)
+        _write_json(folder.run_file, identity)
     global_batch = identity["global_batch"]
 
     torch.manual_seed(settings.seed)
@@ -143,7 +143,7 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     scheduler = build_scheduler(optimizer, settings, steps_in_run(settings, per_epoch))
     state = {"epoch": 0, "batch": 0, "step": 0}
     if resume:
-        state = _restore(out, peft_model, optimizer, scheduler) or state
+        state = _restore(folder, peft_model, optimizer, scheduler) or state
 
     start = (state["epoch"], state["batch"])
     planned = (plan_packed(packs, seed=settings.seed, packs_per_batch=global_batch, epochs=settings.epochs, start=start)
@@ -158,11 +158,11 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda") and dtype == "bfloat16")
     workers = settings.workers if settings.workers is not None else (2 if device.startswith("cuda") else 0)
     stream = batch_stream(mine, dataset.samples, cache, layout, workers=workers, pin_memory=device.startswith("cuda"))
-    metrics = open(out / "metrics.jsonl", "a") if world.main else None
+    metrics = open(folder.metrics, "a") if world.main else None
     bar = tqdm(total=settings.epochs * per_epoch, initial=state["epoch"] * per_epoch + state["batch"],
                desc="train", unit="batch", disable=not progress or not world.main)
     first_loss = last_loss = val_loss = None
-    best_val = best_so_far(out) if resume else None
+    best_val = best_so_far(folder) if resume else None
     step_loss = 0.0
     peft_model.train()
     try:
@@ -216,7 +216,7 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
                 if settings.save_best and (best_val is None or val_loss < best_val):
                     best_val = val_loss
                     if world.main:
-                        keep_best(out, peft_model, state["step"], val_loss)
+                        keep_best(folder, peft_model, state["step"], val_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", epoch=position.epoch,
                             **({"val": f"{val_loss:.4f}"} if val_loss is not None else {}))
@@ -224,15 +224,15 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
                 state.update(epoch=position.epoch + 1, batch=0)
             if epoch_end or (share.last and settings.save_every and state["step"] % settings.save_every == 0):
                 if world.main:
-                    _save(out, peft_model, optimizer, scheduler, state)
+                    _save(folder, peft_model, optimizer, scheduler, state)
                 if reporter:
-                    reporter.checkpoint(_checkpoint_dir(out, state), world, {"step": state["step"], "loss": last_loss})
+                    reporter.checkpoint(folder.checkpoint(state["step"]), world, {"step": state["step"], "loss": last_loss})
                 if cache.changed_on_disk():
                     raise _cache_changed(cache)
         if world.main:
             metrics.close()  # complete before the picture reads it
-            peft_model.save_pretrained(out / "adapter")
-            plot_loss(out / "metrics.jsonl", out / "loss.png")
+            peft_model.save_pretrained(folder.adapter)
+            plot_loss(folder.metrics, folder.loss_plot)
         world.barrier()  # the adapter is on disk before any rank returns
     finally:
         bar.close()
@@ -243,7 +243,7 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
                            first_loss=first_loss, last_loss=last_loss, seconds=time.perf_counter() - started,
                            last_val_loss=val_loss, best_val_loss=best_val) if world.main else None  # rank 0 reports
     if reporter:
-        reporter.finish(summary, world, out / "adapter")
+        reporter.finish(summary, world, folder.adapter)
     return summary
 
 
@@ -259,8 +259,8 @@ def check_packing(settings: TrainSettings, checkpoint) -> None:
                             f"samples apart (its linear-attention layers scan the whole row); train it unpacked")
 
 
-def _saved_global_batch(out: Path) -> int | None:
-    path = out / RUN_FILE
+def _saved_global_batch(folder: RunFolder) -> int | None:
+    path = folder.run_file
     return json.loads(path.read_text()).get("global_batch") if path.is_file() else None
 
 
@@ -325,8 +325,8 @@ def _run_identity(settings: TrainSettings, cache, dataset, checkpoint, data_path
             "data": str(data_path), "samples": samples.hexdigest()[:16], "model": checkpoint.source}
 
 
-def _check_resumable(out: Path, identity: dict) -> None:
-    saved_path = out / RUN_FILE
+def _check_resumable(folder: RunFolder, identity: dict) -> None:
+    out, saved_path = folder.root, folder.run_file
     if not saved_path.is_file():
         return
     saved = json.loads(saved_path.read_text())
@@ -363,18 +363,14 @@ def _memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _checkpoint_dir(out: Path, state: dict) -> Path:
-    return out / f"{CHECKPOINT_PREFIX}{state['step']:07d}"
-
-
-def _save(out: Path, peft_model, optimizer, scheduler, state: dict) -> None:
-    directory = _checkpoint_dir(out, state)
+def _save(folder: RunFolder, peft_model, optimizer, scheduler, state: dict) -> None:
+    directory = folder.checkpoint(state["step"])
     peft_model.save_pretrained(directory)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
-               directory / "trainer.pt")
+               trainer_file(directory))
     # Last and in one step: --resume takes only checkpoints with a state.json, so one killed while
     # being written is skipped, never half-read.
-    _write_json(directory / "state.json", state)
+    _write_json(state_file(directory), state)
 
 
 def load_trainer_state(path: Path) -> dict:
@@ -387,18 +383,18 @@ def load_trainer_state(path: Path) -> dict:
                             f"earlier one") from exc
 
 
-def _restore(out: Path, peft_model, optimizer, scheduler) -> dict | None:
+def _restore(folder: RunFolder, peft_model, optimizer, scheduler) -> dict | None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    checkpoints = sorted(p for p in out.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.json").is_file())
+    checkpoints = folder.complete_checkpoints()
     if not checkpoints:
         return None
     latest = checkpoints[-1]
     set_peft_model_state_dict(peft_model, load_file(str(latest / "adapter_model.safetensors")))
-    saved = load_trainer_state(latest / "trainer.pt")
+    saved = load_trainer_state(trainer_file(latest))
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])
-    return json.loads((latest / "state.json").read_text())
+    return json.loads(state_file(latest).read_text())
 

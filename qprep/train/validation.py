@@ -13,12 +13,8 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-
-BEST_ADAPTER = "best-adapter"
-BEST_FILE = "best.json"
 
 
 @dataclass
@@ -58,16 +54,15 @@ class Validation:
         return float(world.sum(total))
 
 
-def best_so_far(out: Path) -> float | None:
-    """The lowest validation loss a resumed run's `best-adapter/` holds."""
-    path = out / BEST_ADAPTER / BEST_FILE
+def best_so_far(folder) -> float | None:
+    """The lowest validation loss a resumed run's `best-adapter/` holds (`folder`: its `RunFolder`)."""
+    path = folder.best_file
     return json.loads(path.read_text())["val_loss"] if path.is_file() else None
 
 
-def keep_best(out: Path, peft_model, step: int, val_loss: float) -> None:
-    directory = out / BEST_ADAPTER
-    peft_model.save_pretrained(directory)
-    (directory / BEST_FILE).write_text(json.dumps({"step": step, "val_loss": val_loss}))
+def keep_best(folder, peft_model, step: int, val_loss: float) -> None:
+    peft_model.save_pretrained(folder.best_adapter)
+    folder.best_file.write_text(json.dumps({"step": step, "val_loss": val_loss}))
 
 
 def validation_row(epoch: int, step: int, val_loss: float, tokens: int, started: float) -> dict:

@@ -1,0 +1,67 @@
+"""The run folder `qprep train --out` writes: the one place that names its files.
+
+    run.json            the effective settings and what the run was trained on (`--resume` checks it)
+    metrics.jsonl       one row per batch (and per validation)
+    loss.png            the loss curves and the learning rate
+    checkpoint-<step>/  the adapter (peft's format), trainer.pt (optimizer, schedule, RNG) and
+                        state.json (the position in the data; written last: a checkpoint without
+                        it was cut short and is never resumed from)
+    adapter/            the final adapter
+    best-adapter/       with --save-best: the adapter of the lowest validation loss, and best.json
+    ray/                under Ray Train: its copies of the checkpoints
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def best_adapter(self) -> Path:
+        return self.root / "best-adapter"
+
+    @property
+    def best_file(self) -> Path:
+        return self.best_adapter / "best.json"
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.root.resolve() / "ray"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.root / f"{CHECKPOINT_PREFIX}{step:07d}"
+
+    def complete_checkpoints(self) -> list[Path]:
+        """The checkpoints written to the end (with their state file), oldest first."""
+        return sorted(p for p in self.root.glob(f"{CHECKPOINT_PREFIX}*") if state_file(p).is_file())
+
+
+def state_file(checkpoint: Path) -> Path:
+    return checkpoint / "state.json"
+
+
+def trainer_file(checkpoint: Path) -> Path:
+    return checkpoint / "trainer.pt"

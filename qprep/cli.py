@@ -265,6 +265,9 @@ def status(store, videos, as_json):
 @click.option("--packing", "packing", is_flag=True, default=None,
               help="Fill each row with several samples up to --max-length tokens (first fit over the seeded order, "
                    "never cut), attention kept within each sample: no step pays for padding.")
+@click.option("--attn-implementation", type=click.Choice(["sdpa", "flash_attention_2", "eager"]), default=None,
+              help="The language model's attention (default sdpa). With --packing, flash_attention_2 (GPU, "
+                   "flash-attn installed) attends within each sample; sdpa attends over the whole row, masked.")
 @click.option("--cut-to-max-length", "cut_to_max_length", is_flag=True, default=None,
               help="Cut longer samples' text at --max-length instead of leaving them out; a sample whose "
                    "video block itself reaches past it is still left out.")

@@ -71,6 +71,9 @@ class TrainSettings:
     max_length: int | None = None  # tokens, video included
     cut_to_max_length: bool = False  # cut longer samples' text (never a video block) instead of leaving them out
     packing: bool = False  # several samples side by side in each row, up to max_length tokens, no padding
+    # the language model's attention (transformers' names): with packing, "flash_attention_2" attends
+    # within each sample (variable length); "sdpa" masks a whole row's attention to its samples
+    attn_implementation: str = "sdpa"
     seed: int = 0
     save_every: int = 0  # optimizer steps between checkpoints (0: at epoch ends only)
     eval_every: int = 0  # optimizer steps between validations, with held-out records (0: at epoch ends only)

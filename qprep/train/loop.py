@@ -132,7 +132,8 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     global_batch = identity["global_batch"]
 
     torch.manual_seed(settings.seed)
-    language_model = LanguageModel(checkpoint, dtype=dtype, device=device)
+    language_model = LanguageModel(checkpoint, dtype=dtype, device=device,
+                                   attn_implementation=settings.attn_implementation)
     if settings.gradient_checkpointing:
         language_model.language_model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})  # reentrant breaks with injected embeddings
@@ -183,6 +184,7 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
                 loss.backward()
                 totals[0] += float(loss.detach())
                 totals[1] += int(batch.attention_mask.sum())
+            reducing = time.perf_counter()
             world.sum(totals)
             part = float(totals[0])
             step_loss += part
@@ -192,6 +194,7 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
             row = {"epoch": position.epoch, "batch": position.index, "step": state["step"], "loss": last_loss}
             if share.last:
                 world.sum_gradients(trainable)
+                row["allreduce_s"] = time.perf_counter() - reducing  # the ranks' sums, waiting included
                 lr = optimizer.param_groups[0]["lr"]
                 grad_norm = clip(trainable, settings.max_grad_norm)
                 optimizer.step()

@@ -47,7 +47,12 @@ def write_records(path) -> str:
 
 
 def rows(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    """The training rows of a run's metrics (validation rows apart: `validations`)."""
+    return [row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+
+
+def validations(run) -> list[dict]:
+    return [row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in row]
 
 
 def adapter(run) -> dict:
@@ -87,16 +92,22 @@ def two_ranks(omni_store, tmp_path_factory):
     model_dir, cache = omni_store
     root = tmp_path_factory.mktemp("ranks")
     data = write_records(root / "train.json")
-    summary = train(cache.store.root, data, model_dir, root / "two", SETTINGS, ranks=2, device="cpu", progress=False)
+    held_out = write_records(root / "val.json")  # five records: the ranks take three and two of them
+    summary = train(cache.store.root, data, model_dir, root / "two", SETTINGS, ranks=2, device="cpu",
+                    eval_data=held_out, progress=False)
     return model_dir, cache, data, root / "two", summary
 
 
 def test_two_ranks_follow_one_rank_with_the_same_global_batch(two_ranks, one_thread, tmp_path):
     model_dir, cache, data, two, summary = two_ranks
     one = tmp_path / "one"
-    train(cache.store.root, data, model_dir, one, dataclasses.replace(SETTINGS, batch_size=2), progress=False,
-          echo=lambda _: None)
+    train(cache.store.root, data, model_dir, one, dataclasses.replace(SETTINGS, batch_size=2),
+          eval_data=str(two.parent / "val.json"), progress=False, echo=lambda _: None)
     ours, theirs = rows(two), rows(one)
+    # the validation loss: each rank's share of the held-out records, summed by rank 0
+    assert [r["epoch"] for r in validations(two)] == [r["epoch"] for r in validations(one)] == [0, 1]
+    for mine, reference in zip(validations(two), validations(one)):
+        assert mine["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)
     assert summary.steps == 6 and summary.samples == 5  # 3 global batches per epoch, the last one sample
     assert [(r["epoch"], r["batch"], r["step"]) for r in ours] == [(r["epoch"], r["batch"], r["step"]) for r in theirs]
     for mine, reference in zip(ours, theirs):

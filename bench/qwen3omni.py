@@ -4,29 +4,33 @@ A reduced `qwen3_omni_moe` checkpoint: the full `Qwen3OmniMoeForConditionalGener
 talker, code2wav) with transformers' real classes and key layout, built from
 `qprep.models.tiny.tiny_config("qwen3_omni_moe")` and saved with `save_pretrained`; the tokenizer,
 chat template, processor and feature-extractor files are those `make_tiny_model("qwen3_omni_moe")`
-writes (the chat template sits beside the processor, as in the release, where
-`Checkpoint.tokenizer()` finds it).
+writes. `ensure_model` checks that `AutoProcessor` loads the directory offline and that qprep's
+`Checkpoint.tokenizer()` finds a chat template (the tokenizer's own here, `chat_template.jinja`; the
+release keeps it beside the processor, `chat_template.json`, where that lookup falls back to).
 
-Its towers keep Qwen3-Omni-30B-A3B-Instruct's released widths, with fewer blocks and layers:
+Its towers keep Qwen3-Omni-30B-A3B-Instruct's released widths, with fewer blocks and layers. Where
+the numbers come from: transformers' config class defaults (5.24, configuration_qwen3_omni_moe.py),
+checked against the thinker_config of Megatron-Bridge's Qwen3-Omni test
+(tests/functional_tests/models/qwen_omni/test_qwen3_omni_moe_generation.py), a copy of the
+release's config.json with some vision fields reduced:
 
-* vision (`thinker_config.vision_config`): hidden 1152, MLP 4304, 16 heads, patch 16, temporal
-  patch 2, merge 2, 2304 position embeddings, 27 blocks with deepstack levels at [8, 16, 24]. These
-  are transformers' `Qwen3OmniMoeVisionEncoderConfig` defaults (transformers 5.24), and the same
-  values as in the vision_config of Megatron-Bridge's Qwen3-Omni test config, which copies the
-  release's config.json (there with a reduced width and depth, but patch, temporal patch, merge and
-  MLP as released). Here `vision_depth` blocks, the three levels at the released relative depths
-  ([8, 16, 24] of 27 -> [2, 5, 8] of 9, [0, 1, 2] of 3).
+* vision (`thinker_config.vision_config`): hidden 1152, 16 heads, MLP 4304, patch 16, temporal
+  patch 2, merge 2, 2304 position embeddings, 27 blocks with deepstack levels at [8, 16, 24]: all
+  `Qwen3OmniMoeVisionEncoderConfig` defaults. The Megatron-Bridge copy has depth 27, MLP 4304,
+  patch 16, temporal patch 2 and merge 2 too (its hidden 288, 2 heads and levels [1, 2, 3] are
+  reduced, and it leaves the position embeddings at the default). Here `vision_depth` blocks, the
+  three levels at the released relative depths ([8, 16, 24] of 27 -> [2, 5, 8] of 9, [0, 1, 2] of 3).
 * audio (`thinker_config.audio_config`): d_model 1280, 20 heads, FFN 5120, 128 mel bins, n_window
-  50, n_window_infer 800, downsample_hidden_size 480, conv_chunksize 500, 32 layers: transformers'
-  `Qwen3OmniMoeAudioEncoderConfig` defaults, and the release's values as that Megatron-Bridge config
-  holds them (unreduced there). Here `audio_layers` layers.
-* output width: `out_hidden_size` (vision) and `output_dim` (audio) are 2048 in the release (the
-  Megatron-Bridge config; they must equal the thinker's text hidden size, 2048 in the 30B-A3B). The
-  transformers config classes default both to 3584 (Qwen2.5-Omni-7B's width), not the release's: the
-  release's 2048 is what this module calls released. Where the benches run the language model
-  (training) the merged tokens must go into it, so there the output width is the language model's
-  (`out_hidden` = `text_hidden`), as bench/qwen3vl.py does for Qwen3-VL; extraction never runs the
-  language model and keeps 2048.
+  50, n_window_infer 800, downsample_hidden_size 480, conv_chunksize 500, 32 layers: all
+  `Qwen3OmniMoeAudioEncoderConfig` defaults, and all as in the Megatron-Bridge copy (not reduced
+  there). Here `audio_layers` layers.
+* output width: `out_hidden_size` (vision) and `output_dim` (audio) are 2048 in the release (both
+  in the Megatron-Bridge copy; they must equal the thinker's text hidden size, 2048 in the 30B-A3B),
+  where the config classes default both to 3584 (Qwen2.5-Omni-7B's width): the classes' defaults
+  are not the release's here, and 2048 is what this module uses as released. Where a bench runs
+  the language model (training) the merged tokens go into it, so there the output width is the
+  language model's (`out_hidden` = `text_hidden`), as bench/qwen3vl.py does for Qwen3-VL;
+  extraction never runs the language model and keeps 2048.
 
 The thinker's language model is a small MoE (the release: 48 layers, hidden 2048, 32 heads, 4 KV
 heads, head 128, 128 experts, top 8, expert width 768): `text_layers` layers of `text_hidden`, 8

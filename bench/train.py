@@ -97,10 +97,10 @@ video and audio placeholders merged one by one in time order, `<|audio_end|><|vi
 cache path reads the merged tokens, the deepstack levels and the audio tokens from the store, and
 the positions come from the thinker's `get_rope_index(use_audio_in_video=True)`; the floor holds the
 same batches in memory. LoRA on the thinker's attention (q/k/v/o_proj, the family's default for its
-MoE language model). The tokenizer is `Checkpoint.tokenizer()`, as `train` gets it (Qwen3-Omni
-keeps the chat template beside the processor).
+MoE language model). The tokenizer is `Checkpoint.tokenizer()`, as `train` gets it (Qwen3-Omni's
+release keeps its chat template beside the processor, `chat_template.json`).
 
-Goals stated by the issue: raw / cache step time >= 5x; cache / floor within 10 % (<= 1.10); for
+Goals stated by the project: raw / cache step time >= 5x; cache / floor within 10 % (<= 1.10); for
 Qwen3-VL, cache / floor within 5 % (<= 1.05); Qwen3-Omni is held to the 10 %. If cache / floor is
 over its goal (or with --profile), the cache loop runs once more under cProfile and the top
 functions are printed.
@@ -452,7 +452,7 @@ def loop_worker(job: dict) -> dict:
     _quiet_transformers()
     checkpoint = open_checkpoint(job["model"])
     cache = open_cache(job["cache"])
-    tokenizer = checkpoint.tokenizer()  # as `train` gets it (Qwen3-Omni: the processor's chat template)
+    tokenizer = checkpoint.tokenizer()  # as `train` gets it (the processor's chat template where it has none)
     layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
     dataset = build_dataset(load_records(job["data"]), cache, tokenizer, layout)
     torch.manual_seed(SEED)

@@ -429,15 +429,22 @@ def reference_worker(job: dict) -> dict:
         np.save(out / f"{name}.audio.npy", audio_tokens.numpy())
         return len(frames), int(video_tokens.shape[0]), int(audio_tokens.shape[0])
 
+    return {**timed_loop(one, job, begun), "torch_threads": torch.get_num_threads()}
+
+
+def timed_loop(one, job: dict, begun: float) -> dict:
+    """The reference loop's timing: `one` on the warm-up clip, then on each video, timed alone.
+    `one(path)` returns (frames, video tokens, audio tokens, *file sizes); each `per_video` row is
+    [frames, video tokens, audio tokens, seconds, *file sizes]."""
     loaded = time.perf_counter()
     one(job["warmup"])
     warmed = time.perf_counter()
     per_video = []
     for path in job["videos"]:
         started = time.perf_counter()
-        per_video.append([*one(path), time.perf_counter() - started])
-    return {"load_s": loaded - begun, "warmup_s": warmed - loaded, "per_video": per_video,
-            "torch_threads": torch.get_num_threads()}
+        frames, video_tokens, audio_tokens, *sizes = one(path)
+        per_video.append([frames, video_tokens, audio_tokens, time.perf_counter() - started, *sizes])
+    return {"load_s": loaded - begun, "warmup_s": warmed - loaded, "per_video": per_video}
 
 
 def reference_qwen3_vl_worker(job: dict) -> dict:
@@ -477,16 +484,7 @@ def reference_qwen3_vl_worker(job: dict) -> dict:
         return [len(frames), int(tokens.shape[0]), 0, (out / f"{name}.video.npy").stat().st_size,
                 (out / f"{name}.deepstack.npy").stat().st_size]
 
-    loaded = time.perf_counter()
-    one(job["warmup"])
-    warmed = time.perf_counter()
-    per_video = []
-    for path in job["videos"]:
-        started = time.perf_counter()
-        frames, video_tokens, audio_tokens, *sizes = one(path)
-        per_video.append([frames, video_tokens, audio_tokens, time.perf_counter() - started, *sizes])
-    return {"load_s": loaded - begun, "warmup_s": warmed - loaded, "per_video": per_video,
-            "torch_threads": torch.get_num_threads()}
+    return {**timed_loop(one, job, begun), "torch_threads": torch.get_num_threads()}
 
 
 def pyav_audio(path: str, rate: int):
@@ -552,16 +550,8 @@ def reference_qwen3_omni_worker(job: dict) -> dict:
             sizes.append((out / f"{name}.{kind}.npy").stat().st_size)
         return [len(frames), int(tokens.shape[0]), int(audio.shape[0]), *sizes]
 
-    loaded = time.perf_counter()
-    one(job["warmup"])
-    warmed = time.perf_counter()
-    per_video = []
-    for path in job["videos"]:
-        started = time.perf_counter()
-        frames, video_tokens, audio_tokens, *sizes = one(path)
-        per_video.append([frames, video_tokens, audio_tokens, time.perf_counter() - started, *sizes])
-    return {"load_s": loaded - begun, "warmup_s": warmed - loaded, "per_video": per_video,
-            "files": ["video", "deepstack", "audio"], "torch_threads": torch.get_num_threads()}
+    return {**timed_loop(one, job, begun), "files": ["video", "deepstack", "audio"],
+            "torch_threads": torch.get_num_threads()}
 
 
 def qprep_warm_worker(job: dict) -> dict:

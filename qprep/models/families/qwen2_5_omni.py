@@ -54,13 +54,16 @@ class QwenOmniFamily(Family):
         return audio_tower._get_feat_extract_output_lengths(mel_lengths)[1]
 
     def position_ids(self, rope_model, batch, config):
+        """The thinker's `get_rope_index` with the audio in the video (Qwen3-Omni's gives float
+        positions: its audio-in-video times are not whole numbers), checked as `check_audio_positions` says."""
         ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
         use_audio = batch.audio_tokens is not None
         positions, _ = rope_model.get_rope_index(
-            ids, video_grid_thw=batch.video_grid_thw, attention_mask=mask, use_audio_in_video=use_audio,
-            audio_seqlens=batch.mel_lengths if use_audio else None, second_per_grids=batch.second_per_grid)
+            ids, video_grid_thw=batch.video_grid_thw.cpu(), attention_mask=mask, use_audio_in_video=use_audio,
+            audio_seqlens=batch.mel_lengths.cpu() if use_audio else None,
+            second_per_grids=batch.second_per_grid.cpu())
         if use_audio:
-            check_audio_positions(positions, ids == config.audio_token_index)
+            check_audio_positions(positions, ids == self.media_token_ids(config)[1])
         return positions
 
 

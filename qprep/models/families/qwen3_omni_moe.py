@@ -24,8 +24,8 @@ attends within windows of `n_window_infer` mel frames, so a track of any length 
 from __future__ import annotations
 
 from qprep.models.families import experts
-from qprep.models.families.base import Family, PlaceholderIds, plain_video_block
-from qprep.models.families.qwen2_5_omni import check_audio_positions
+from qprep.models.families.base import PlaceholderIds, plain_video_block
+from qprep.models.families.qwen2_5_omni import QwenOmniFamily
 from qprep.models.families.qwen3_vl import Deepstack
 
 BOS_TOKENS = 2  # <|vision_start|><|audio_start|>: positions before the merged tokens
@@ -59,7 +59,9 @@ def audio_in_video_order(grid_thw, merge_size: int, second_per_grid: float, posi
     return order + [True] * (len(video) - v) + [False] * (len(audio) - a)
 
 
-class Qwen3OmniFamily(Deepstack, Family):
+class Qwen3OmniFamily(Deepstack, QwenOmniFamily):
+    """Qwen2.5-Omni's positions and checks; its own placeholders, time-merged block and audio lengths."""
+
     def placeholder_ids(self, tokenizer) -> PlaceholderIds:
         get = tokenizer.convert_tokens_to_ids
         return PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"), get("<|audio_pad|>"),
@@ -77,18 +79,6 @@ class Qwen3OmniFamily(Deepstack, Family):
                                      layout.config.position_id_per_seconds, audio_tokens, start)
         return ([ids.vision_start, ids.audio_start] + [ids.video if video else ids.audio for video in order]
                 + [ids.audio_end, ids.vision_end])
-
-    def position_ids(self, rope_model, batch, config):
-        ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
-        use_audio = batch.audio_tokens is not None
-        # float positions: the audio-in-video times are not whole numbers
-        positions, _ = rope_model.get_rope_index(
-            ids, video_grid_thw=batch.video_grid_thw.cpu(), attention_mask=mask, use_audio_in_video=use_audio,
-            audio_seqlens=batch.mel_lengths.cpu() if use_audio else None,
-            second_per_grids=batch.second_per_grid.cpu())
-        if use_audio:
-            check_audio_positions(positions, ids == config.audio_token_id)
-        return positions
 
     def audio_token_counts(self, audio_tower, mel_lengths):
         from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths

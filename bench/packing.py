@@ -10,13 +10,16 @@ targets; each path in a process of its own, so that its peak memory is its own):
 * packed: `--packing --max-length L --grad-accum 1`, L = 4 x the mean sample length (rows hold
   about four samples; first fit over the seeded order; no padding);
 * 2 ranks: `--cpu-ranks 2 --batch-size 1 --grad-accum 2` (the same 4 samples per optimizer step,
-  two per rank), whose rows record the time of each step's all-reduce (`allreduce_s`).
+  two per rank), whose rows record the time of each step's all-reduce (`allreduce_s`);
+* 2 ranks, `--shard`: the same, the language model sharded over the two ranks (FSDP2: each layer
+  gathered for its forward and backward, the adapter's gradients reduce-scattered in the backward,
+  so its `allreduce_s` holds only the step's loss sums).
 
 Columns: the sample tokens trained per second of step time (padding not counted), the share of
 computed tokens that were padding, the peak resident memory (the largest process: with 2 ranks, one
 rank), and the mean loss
 of each epoch (the paths see the same samples per epoch, in other groupings: the epoch means agree
-to the precision the groupings allow). The 2-rank row adds the all-reduce's share of the step time.
+to the precision the groupings allow). The 2-rank rows add the all-reduce's share of the step time.
 
 Goal stated by the project: packing >= 1.3x the padded tokens/s on this CPU. With SDPA (the
 default, and all a CPU has) a packed row's attention is computed over the whole row and masked to
@@ -45,6 +48,7 @@ PATHS = {
     "padded (batch 4)": ["--batch-size", "4", "--grad-accum", "1"],
     "packed": ["--packing", "--grad-accum", "1"],
     "2 CPU ranks": ["--cpu-ranks", "2", "--batch-size", "1", "--grad-accum", "2"],
+    "2 ranks, --shard": ["--cpu-ranks", "2", "--batch-size", "1", "--grad-accum", "2", "--shard"],
 }
 
 
@@ -114,7 +118,7 @@ def summarise(name: str, result: dict, lengths: list[int]) -> dict:
     padded = {"padded (batch 4)": _padded_tokens(result)} .get(name, computed)
     epochs = [sum(r["loss"] for r in rows if r["epoch"] == e) / max(1, sum(1 for r in rows if r["epoch"] == e))
               for e in (0, 1)]
-    reduce_share = (sum(r.get("allreduce_s", 0.0) for r in rows) / step_time) if name == "2 CPU ranks" else None
+    reduce_share = (sum(r.get("allreduce_s", 0.0) for r in rows) / step_time) if name.startswith("2 ") else None
     return {"path": name, "tokens_per_s": real / step_time, "padding": 1 - real / max(padded, real),
             "peak_mb": result["peak_mb"], "wall_s": result["wall_s"], "epoch_loss": epochs, "batches": len(rows),
             "allreduce_share": reduce_share}

@@ -268,6 +268,9 @@ def status(store, videos, as_json):
 @click.option("--attn-implementation", type=click.Choice(["sdpa", "flash_attention_2", "eager"]), default=None,
               help="The language model's attention (default sdpa). With --packing, flash_attention_2 (GPU, "
                    "flash-attn installed) attends within each sample; sdpa attends over the whole row, masked.")
+@click.option("--shard", "shard", is_flag=True, default=None,
+              help="Shard the language model, the adapter and the optimizer state over the ranks (FSDP2), for "
+                   "models that do not fit one GPU: each rank holds 1/N of them and gathers a layer at a time.")
 @click.option("--cut-to-max-length", "cut_to_max_length", is_flag=True, default=None,
               help="Cut longer samples' text at --max-length instead of leaving them out; a sample whose "
                    "video block itself reaches past it is still left out.")

@@ -1,5 +1,5 @@
 """Data-parallel training on CPU ranks (gloo): the global order, the losses and the adapter of N
-ranks follow one rank with the same global batch; a run resumes on another rank count; torchrun
+ranks follow one rank with the same global batch; a run resumes on another rank count; the model sharded over the ranks (FSDP2) trains as unsharded; torchrun
 starts the same loop; a killed rank ends the run with its name, and `--resume` finishes it.
 
 Tolerance. Two ranks each run a batch of one sample and all-reduce (sum) their gradients; one rank
@@ -218,3 +218,61 @@ def test_ray_train_restarts_the_workers_from_the_last_checkpoint_when_one_dies(o
     assert summary.steps == 30 * 3
     done = {(r["epoch"], r["batch"]) for r in rows(run)}
     assert done == {(epoch, batch) for epoch in range(30) for batch in range(3)}  # resumed, nothing skipped
+
+
+@pytest.fixture(scope="module")
+def sharded(two_ranks, tmp_path_factory):
+    """The `two_ranks` run again with the model sharded over the two ranks (FSDP2)."""
+    model_dir, cache, data, two, _ = two_ranks
+    run = tmp_path_factory.mktemp("sharded") / "run"
+    summary = train(cache.store.root, data, model_dir, run, dataclasses.replace(SETTINGS, shard=True), ranks=2,
+                    device="cpu", eval_data=str(two.parent / "val.json"), progress=False)
+    return run, summary
+
+
+def test_sharded_ranks_train_as_unsharded_ranks_and_the_adapter_loads_onto_the_full_model(two_ranks, sharded):
+    """Sharded, the ranks all-gather each layer's weights whole and reduce-scatter its gradients: the
+    same matmuls and the same sum of the same two values as the all-reduce, so losses and adapter are
+    equal bit for bit. Only the gradient norm is computed otherwise (from the shards' norms), so it
+    may differ in the last bits; here it stays near 0.6, below max_grad_norm 1, so clipping scales
+    by exactly 1 on both sides."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from reference import full_model
+
+    model_dir, _, _, two, summary = two_ranks
+    run, on_shards = sharded
+    assert on_shards.steps == summary.steps
+    ours, theirs = rows(run), rows(two)
+    assert [(r["epoch"], r["batch"], r["step"]) for r in ours] == [(r["epoch"], r["batch"], r["step"]) for r in theirs]
+    assert [r["loss"] for r in ours] == [r["loss"] for r in theirs]
+    for mine, reference in zip(ours, theirs):
+        assert mine["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-6)
+        assert mine["grad_norm"] < SETTINGS.max_grad_norm
+    assert [r["val_loss"] for r in validations(run)] == [r["val_loss"] for r in validations(two)]
+    assert largest_gap(adapter(run), adapter(two)) == 0.0
+    loaded = get_peft_model_state_dict(PeftModel.from_pretrained(full_model(model_dir), run / "adapter"))
+    saved = adapter(run)
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_a_sharded_run_resumes_sharded_bit_for_bit_and_refuses_to_resume_unsharded(two_ranks, sharded, tmp_path):
+    model_dir, cache, data, _, _ = two_ranks
+    run, _ = sharded
+    stop_after_epoch(run, tmp_path / "resumed", epoch_steps=3)
+    with pytest.raises(Exception, match="settings.shard"):
+        train(cache.store.root, data, model_dir, tmp_path / "resumed", SETTINGS, resume=True, progress=False,
+              echo=lambda _: None)
+    train(cache.store.root, data, model_dir, tmp_path / "resumed", dataclasses.replace(SETTINGS, shard=True),
+          resume=True, ranks=2, device="cpu", progress=False)
+    assert largest_gap(adapter(tmp_path / "resumed"), adapter(run)) == 0.0
+    assert [r["loss"] for r in rows(tmp_path / "resumed")] == [r["loss"] for r in rows(run)]
+
+
+def test_shard_needs_two_ranks(omni_store, tmp_path):
+    from qprep.errors import SettingsError
+
+    model_dir, cache = omni_store
+    with pytest.raises(SettingsError, match="--shard shards the model over the ranks: start two or more"):
+        train(cache.store.root, write_records(tmp_path / "train.json"), model_dir, tmp_path / "run",
+              dataclasses.replace(SETTINGS, shard=True), progress=False, echo=lambda _: None)

@@ -109,12 +109,19 @@ def test_train_with_packing_takes_fewer_steps_of_the_same_loss_and_refuses_what_
 
 
 def test_packed_rows_are_dealt_one_per_rank_and_a_resumed_rank_count_takes_them_in_turn():
-    from qprep.train.distributed import World, deal
+    from qprep.train.distributed import Part, World, deal
     from qprep.train.loader import PlannedBatch
 
+    def dealt(batch, size, part_size=1, even=False):
+        return [[part.samples for part in deal(batch, part_size, World(rank=r, size=size), even)] for r in range(size)]
+
     batch = PlannedBatch(0, 0, (4, 1, 7, 2, 5), rows=((4, 1), (7, 2, 5)))
-    assert [deal(batch, 1, World(rank=r, size=2)) for r in range(2)] == [[(4, 1)], [(7, 2, 5)]]
-    assert deal(batch, 1, World()) == [(4, 1), (7, 2, 5)]  # one rank: both rows, one after the other
-    assert [deal(batch, 1, World(rank=r, size=3)) for r in range(3)] == [[(4, 1)], [(7, 2, 5)], []]
+    assert dealt(batch, 2) == [[(4, 1)], [(7, 2, 5)]]
+    assert dealt(batch, 1) == [[(4, 1), (7, 2, 5)]]  # one rank: both rows, one after the other
+    assert dealt(batch, 3) == [[(4, 1)], [(7, 2, 5)], []]
     unpacked = PlannedBatch(0, 0, (4, 1, 7, 2, 5))
-    assert [deal(unpacked, 2, World(rank=r, size=2)) for r in range(2)] == [[(4, 1), (5,)], [(7, 2)]]
+    assert dealt(unpacked, 2, part_size=2) == [[(4, 1), (5,)], [(7, 2)]]
+    # sharded weights: every rank runs as many parts, the short ones topped up with a stand-in
+    assert deal(unpacked, 2, World(rank=1, size=2), even=True) == [Part((7, 2)), Part((4, 1), counted=False)]
+    assert dealt(batch, 3, even=True) == [[(4, 1)], [(7, 2, 5)], [(4, 1)]]
+    assert all(part.counted for part in deal(unpacked, 2, World(rank=0, size=2), even=True))

@@ -74,6 +74,8 @@ class TrainSettings:
     # the language model's attention (transformers' names): with packing, "flash_attention_2" attends
     # within each sample (variable length); "sdpa" masks a whole row's attention to its samples
     attn_implementation: str = "sdpa"
+    # FSDP2 over the ranks: each keeps 1/N of the frozen base, the adapter and the optimizer state
+    shard: bool = False
     seed: int = 0
     save_every: int = 0  # optimizer steps between checkpoints (0: at epoch ends only)
     eval_every: int = 0  # optimizer steps between validations, with held-out records (0: at epoch ends only)

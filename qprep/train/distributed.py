@@ -92,12 +92,26 @@ def rank_device(device: str, world: World) -> str:
     return f"cuda:{world.local_rank}" if device == "cuda" and world.size > 1 else device
 
 
-def deal(planned, part_size: int, world: World) -> list[tuple[int, ...]]:
+@dataclass(frozen=True)
+class Part:
+    """A rank's part of one global batch: its samples (a packed row, or at most the per-rank batch)."""
+
+    samples: tuple[int, ...]
+    # False: a stand-in (another part of the same batch, its loss weighted 0), so that with sharded
+    # weights every rank runs as many forwards as the others (`qprep.train.sharding`)
+    counted: bool = True
+
+
+def deal(planned, part_size: int, world: World, even: bool = False) -> list[Part]:
     """This rank's parts of one global batch (a `PlannedBatch`): its packed rows, or the batch cut
-    into parts of at most `part_size` samples, dealt to the ranks in turn."""
+    into parts of at most `part_size` samples, dealt to the ranks in turn. `even`: as many parts on
+    every rank, the short ones topped up with stand-ins."""
     samples = planned.samples
     parts = list(planned.rows) if planned.rows else [samples[i:i + part_size] for i in range(0, len(samples), part_size)]
-    return parts[world.rank::world.size]
+    mine = [Part(part) for part in parts[world.rank::world.size]]
+    if even:
+        mine += [Part(parts[0], counted=False)] * (-(-len(parts) // world.size) - len(mine))
+    return mine
 
 
 def launch(processes: int, device: str, entrypoint, *args):

@@ -29,6 +29,7 @@ from qprep.schemas.training import TrainSettings
 from qprep.train.optim import build_optimizer, build_scheduler, clip, step_shares, steps_in_run
 from qprep.train.plot import plot_loss
 from qprep.train.run_folder import RunFolder, state_file, trainer_file
+from qprep.train.sharding import full_optimizer_state, load_full_optimizer_state, save_adapter, shard
 from qprep.train.validation import Validation, best_so_far, keep_best, validation_row
 
 # How often a resumed run saves; every other setting decides what it computes (the number of epochs
@@ -123,6 +124,9 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     identity = _run_identity(settings, cache, dataset, checkpoint, data_path)
     # the global batch is the run's: a run resumed on another number of ranks deals the same batches
     check_packing(settings, checkpoint)
+    if settings.shard and world.size == 1:
+        raise SettingsError("--shard shards the model over the ranks: start two or more (--gpus N, --cpu-ranks N, "
+                            "torchrun --nproc-per-node N)")
     global_batch = _saved_global_batch(folder) if resume else None  # samples, or packed rows with packing
     identity["global_batch"] = global_batch or (1 if settings.packing else settings.batch_size) * world.size
     if resume and world.main:
@@ -138,13 +142,18 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
         language_model.language_model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})  # reentrant breaks with injected embeddings
     peft_model = apply_lora(language_model, settings.lora)
+    latest = folder.complete_checkpoints()[-1:] if resume else []
+    if latest:
+        _restore_adapter(latest[0], peft_model)
+    if settings.shard:
+        shard(peft_model, device, world)
     optimizer = build_optimizer(peft_model, settings)
     packs = first_fit_packs(dataset.samples, settings.seed, settings.max_length) if settings.packing else None
     per_epoch = -(-len(packs) // global_batch) if packs else batches_per_epoch(dataset.samples, global_batch)
     scheduler = build_scheduler(optimizer, settings, steps_in_run(settings, per_epoch))
     state = {"epoch": 0, "batch": 0, "step": 0}
-    if resume:
-        state = _restore(folder, peft_model, optimizer, scheduler) or state
+    if latest:
+        state = _restore_trainer(latest[0], peft_model, optimizer, scheduler, settings.shard)
 
     start = (state["epoch"], state["batch"])
     planned = (plan_packed(packs, seed=settings.seed, packs_per_batch=global_batch, epochs=settings.epochs, start=start)
@@ -152,8 +161,8 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
                                   start=start))
     shares = step_shares(planned, dataset.samples, settings.grad_accum, per_epoch)
     # this rank's parts of each global batch, read ahead in plan order
-    parts = {(p.epoch, p.index): deal(p, settings.batch_size, world) for p in planned}
-    mine = [PlannedBatch(p.epoch, p.index, part, packed=packs is not None)
+    parts = {(p.epoch, p.index): deal(p, settings.batch_size, world, even=settings.shard) for p in planned}
+    mine = [PlannedBatch(p.epoch, p.index, part.samples, packed=packs is not None)
             for p in planned for part in parts[p.epoch, p.index]]
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda") and dtype == "bfloat16")
@@ -174,16 +183,19 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
             whole = len(parts[position.epoch, position.index]) == 1 and world.size == 1  # one part, one process
             # [this batch's part of the step loss, attention tokens, seconds waiting for data], summed over ranks
             totals = torch.zeros(3, dtype=torch.float64)
-            for _ in parts[position.epoch, position.index]:
+            for part in parts[position.epoch, position.index]:
                 waiting = time.perf_counter()
                 _, batch = _next_batch(stream, cache)
                 batch = batch.to(device, non_blocking=True)
                 totals[2] += time.perf_counter() - waiting
                 with autocast:
                     loss = _step_part_loss(peft_model, batch, share, settings.loss_weighting, batch_tokens, whole)
+                if not part.counted:  # a stand-in: its forward and backward run, its gradients are zero
+                    loss = loss * 0.0
                 loss.backward()
-                totals[0] += float(loss.detach())
-                totals[1] += int(batch.attention_mask.sum())
+                if part.counted:
+                    totals[0] += float(loss.detach())
+                    totals[1] += int(batch.attention_mask.sum())
             reducing = time.perf_counter()
             world.sum(totals)
             part = float(totals[0])
@@ -193,7 +205,8 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
             epoch_end = position.index + 1 == per_epoch
             row = {"epoch": position.epoch, "batch": position.index, "step": state["step"], "loss": last_loss}
             if share.last:
-                world.sum_gradients(trainable)
+                if not settings.shard:  # sharded, the backward summed them (reduce-scatter)
+                    world.sum_gradients(trainable)
                 row["allreduce_s"] = time.perf_counter() - reducing  # the ranks' sums, waiting included
                 lr = optimizer.param_groups[0]["lr"]
                 grad_norm = clip(trainable, settings.max_grad_norm)
@@ -212,29 +225,27 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
             if validation and (epoch_end or (share.last and settings.eval_every
                                               and state["step"] % settings.eval_every == 0)):
                 tick = time.perf_counter()
-                val_loss = validation.loss(peft_model, device, autocast, world)
+                val_loss = validation.loss(peft_model, device, autocast, world, even=settings.shard)
                 if metrics:
                     metrics.write(json.dumps(validation_row(position.epoch, state["step"], val_loss,
                                                             validation.label_tokens, tick)) + "\n")
                 if settings.save_best and (best_val is None or val_loss < best_val):
                     best_val = val_loss
-                    if world.main:
-                        keep_best(folder, peft_model, state["step"], val_loss)
+                    keep_best(folder, peft_model, state["step"], val_loss, world, settings.shard)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", epoch=position.epoch,
                             **({"val": f"{val_loss:.4f}"} if val_loss is not None else {}))
             if epoch_end:
                 state.update(epoch=position.epoch + 1, batch=0)
             if epoch_end or (share.last and settings.save_every and state["step"] % settings.save_every == 0):
-                if world.main:
-                    _save(folder, peft_model, optimizer, scheduler, state)
+                _save(folder, peft_model, optimizer, scheduler, state, world, settings.shard)
                 if reporter:
                     reporter.checkpoint(folder.checkpoint(state["step"]), world, {"step": state["step"], "loss": last_loss})
                 if cache.changed_on_disk():
                     raise _cache_changed(cache)
+        save_adapter(peft_model, folder.adapter, world, settings.shard)
         if world.main:
             metrics.close()  # complete before the picture reads it
-            peft_model.save_pretrained(folder.adapter)
             plot_loss(folder.metrics, folder.loss_plot)
         world.barrier()  # the adapter is on disk before any rank returns
     finally:
@@ -366,10 +377,14 @@ def _memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _save(folder: RunFolder, peft_model, optimizer, scheduler, state: dict) -> None:
+def _save(folder: RunFolder, peft_model, optimizer, scheduler, state: dict, world, sharded: bool) -> None:
+    """Checkpoint (every rank calls it: sharded, the adapter and the optimizer state are gathered; rank 0 writes)."""
     directory = folder.checkpoint(state["step"])
-    peft_model.save_pretrained(directory)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+    save_adapter(peft_model, directory, world, sharded)
+    optimizer_state = full_optimizer_state(peft_model, optimizer) if sharded else optimizer.state_dict()
+    if not world.main:
+        return
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
                trainer_file(directory))
     # Last and in one step: --resume takes only checkpoints with a state.json, so one killed while
     # being written is skipped, never half-read.
@@ -386,18 +401,20 @@ def load_trainer_state(path: Path) -> dict:
                             f"earlier one") from exc
 
 
-def _restore(folder: RunFolder, peft_model, optimizer, scheduler) -> dict | None:
+def _restore_adapter(checkpoint: Path, peft_model) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    checkpoints = folder.complete_checkpoints()
-    if not checkpoints:
-        return None
-    latest = checkpoints[-1]
-    set_peft_model_state_dict(peft_model, load_file(str(latest / "adapter_model.safetensors")))
-    saved = load_trainer_state(trainer_file(latest))
-    optimizer.load_state_dict(saved["optimizer"])
+    set_peft_model_state_dict(peft_model, load_file(str(checkpoint / "adapter_model.safetensors")))
+
+
+def _restore_trainer(checkpoint: Path, peft_model, optimizer, scheduler, sharded: bool) -> dict:
+    """The optimizer, schedule and RNG state of `checkpoint`; its position in the plan."""
+    saved = load_trainer_state(trainer_file(checkpoint))
+    if sharded:
+        load_full_optimizer_state(peft_model, optimizer, saved["optimizer"])
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])
-    return json.loads(state_file(latest).read_text())
-
+    return json.loads(state_file(checkpoint).read_text())

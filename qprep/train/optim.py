@@ -96,5 +96,7 @@ def steps_in_run(settings: TrainSettings, per_epoch: int) -> int:
 
 def clip(parameters, max_grad_norm: float) -> float:
     """Clip the global gradient norm (0: leave it) and return it as it was before."""
+    from qprep.train.sharding import full_norm
+
     limit = max_grad_norm if max_grad_norm > 0 else math.inf
-    return float(torch.nn.utils.clip_grad_norm_(parameters, limit))
+    return full_norm(torch.nn.utils.clip_grad_norm_(parameters, limit))

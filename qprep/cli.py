@@ -159,7 +159,13 @@ def prepare(video, job, model, as_json, **flags):
               help="Shard count of a new store (default 256). A changed video re-writes one shard.")
 @click.option("--rebuild", is_flag=True, help="Delete the store and extract everything again (needed to change settings).")
 @click.option("--ray-address", envvar="RAY_ADDRESS", default=None,
-              help="Run on this Ray cluster (env RAY_ADDRESS); default: a local Ray started for this run.")
+              help="Run on this Ray cluster (env RAY_ADDRESS); default: a Ray of this run's own when Ray runs the "
+                   "stages (see --executor).")
+@click.option("--executor", type=click.Choice(["auto", "local", "ray"]), default="auto", show_default=True,
+              help="What runs the stages. local: a process per core for the CPU stage and the towers in this "
+                   "process, no Ray (fastest start, one machine, one GPU); ray: Ray Data over the cluster; auto: "
+                   "local for a plan of up to 256 videos when no cluster is named, else ray. The store is the "
+                   "same bytes either way.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
               help="Where the towers run (default: one actor per GPU when the cluster has GPUs, else the CPU).")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
@@ -170,12 +176,13 @@ def prepare(video, job, model, as_json, **flags):
                    "not followed are listed in the summary).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(videos, out, job, model, dtype, shards, rebuild, ray_address, device, batch_size, revision, follow_links,
-            as_json, quiet, **flags):
+def extract(videos, out, job, model, dtype, shards, rebuild, ray_address, executor, device, batch_size, revision,
+            follow_links, as_json, quiet, **flags):
     """Cache the frozen towers' output for every video under --videos in the store --out.
 
-    The CPU stage (decode, sample, resize, patchify, log-mel) runs as Ray tasks; the vision and
-    audio towers run in one actor per GPU (or on the CPU); each shard of the store is committed
+    The CPU stage (decode, sample, resize, patchify, log-mel) runs as Ray tasks, or in a pool of
+    local processes for small runs (--executor); the vision and audio towers run in one actor per
+    GPU (or on the CPU), or in this process; each shard of the store is committed
     atomically. Re-running extracts only new, changed and previously failed videos: an
     up-to-date store is checked in seconds without decoding anything or starting Ray. A video
     that cannot be read is recorded as failed with its cause, and the run goes on.
@@ -193,8 +200,8 @@ def extract(videos, out, job, model, dtype, shards, rebuild, ray_address, device
     with _errors_to_exit_codes():
         preset = _preset(job)
         settings, model = preset.video_settings(**flags), _model(model, preset)
-        options = ExtractOptions(ray_address=ray_address, device=device, batch_size=batch_size, progress=not quiet,
-                                 follow_links=follow_links)
+        options = ExtractOptions(ray_address=ray_address, executor=executor, device=device, batch_size=batch_size,
+                                 progress=not quiet, follow_links=follow_links)
         try:
             summary = run_extract(videos, out, model, settings, dtype=dtype, shards=shards, rebuild=rebuild,
                                   revision=revision, options=options)

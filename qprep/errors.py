@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Every code a failed manifest row can hold is here: these three, and each VideoError's `code`.
 # Codes of failures that are not the video's content: the run records them per video and goes on.
-WORKER_DIED = "worker-died"  # the process preparing the video died on every try (decoder crash, OOM kill)
-TOWER_ERROR = "tower-error"  # the towers could not take the prepared video
-INTERNAL_ERROR = "internal-error"  # a qprep bug, recorded loudly instead of stopping the run
+WORKER_DIED = "worker_died"  # the process preparing the video died on every try (decoder crash, OOM kill)
+TOWER_ERROR = "tower_error"  # the towers could not take the prepared video
+INTERNAL_ERROR = "internal_error"  # a qprep bug, recorded loudly instead of stopping the run
 
 
 class QprepError(Exception):
@@ -24,6 +25,10 @@ class SettingsError(QprepError, ValueError):
 
 class RankFailed(QprepError):
     """A data-parallel training process died or raised; the message names the rank and the cause."""
+
+
+class ExtractError(QprepError):
+    """The extraction itself cannot run (no video's fault): its workers cannot start."""
 
 
 class StoreError(SettingsError):

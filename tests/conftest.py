@@ -52,6 +52,11 @@ def tiny_model(tmp_path_factory):
     return get
 
 
+# The stores the tests of training, verify, infer and the reader start from are extracted in
+# process (no Ray: the same bytes, tests/test_executors.py); the tests of Ray itself request ray_cluster.
+LOCAL_EXTRACT = {"progress": False, "executor": "local"}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session (qprep uses an already initialized Ray as it is)."""
@@ -66,7 +71,7 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def omni_store(ray_cluster, tiny_model, tmp_path_factory):
+def omni_store(tiny_model, tmp_path_factory):
     """(model dir, open cache) of a tiny Omni store: videos a (2 s), b (3 s) and a broken one."""
     from qprep import open_cache
     from qprep.extraction.run import ExtractOptions, extract
@@ -78,12 +83,12 @@ def omni_store(ray_cluster, tiny_model, tmp_path_factory):
     (root / "videos" / "broken.mp4").write_bytes(b"\0" * 100)
     model_dir = str(tiny_model("qwen2_5_omni"))
     extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2), shards=2,
-            options=ExtractOptions(progress=False))
+            options=ExtractOptions(**LOCAL_EXTRACT))
     return model_dir, open_cache(root / "store.zarr")
 
 
 @pytest.fixture(scope="session")
-def vl_train_store(ray_cluster, tiny_model, tmp_path_factory):
+def vl_train_store(tiny_model, tmp_path_factory):
     """(model dir, open cache) of a tiny Qwen2.5-VL store: videos a (2 s) and b (3 s)."""
     from qprep import open_cache
     from qprep.extraction.run import ExtractOptions, extract
@@ -95,12 +100,12 @@ def vl_train_store(ray_cluster, tiny_model, tmp_path_factory):
                                                               audio=False))
     model_dir = str(tiny_model("qwen2_5_vl"))
     extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2), dtype="float32", shards=1,
-            options=ExtractOptions(progress=False))
+            options=ExtractOptions(**LOCAL_EXTRACT))
     return model_dir, open_cache(root / "store.zarr")
 
 
 @pytest.fixture(scope="session")
-def qwen3_store(ray_cluster, tiny_model, tmp_path_factory):
+def qwen3_store(tiny_model, tmp_path_factory):
     """`qwen3_store(kind)` → (model dir, open cache) of a float32 store of a Qwen3-VL / Qwen3.5 tiny
     checkpoint (merged tokens, and deepstack levels where the tower has them): videos a (3 s,
     landscape, B-frames) and b (2 s, portrait), no audio. Built once per kind."""
@@ -118,7 +123,7 @@ def qwen3_store(ray_cluster, tiny_model, tmp_path_factory):
             make_video(root / "videos" / "b.mp4", VideoSpec(width=96, height=128, fps=30, seconds=2, audio=False))
             model_dir = str(tiny_model(kind))
             extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2), dtype="float32",
-                    shards=1, options=ExtractOptions(progress=False))
+                    shards=1, options=ExtractOptions(**LOCAL_EXTRACT))
             made[kind] = model_dir, open_cache(root / "store.zarr")
         return made[kind]
 
@@ -126,7 +131,7 @@ def qwen3_store(ray_cluster, tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def qwen3_omni_store(ray_cluster, tiny_model, tmp_path_factory):
+def qwen3_omni_store(tiny_model, tmp_path_factory):
     """(model dir, open cache) of a float32 store of the released tiny Qwen3-Omni checkpoint: videos
     a (3 s, B-frames) and b (2 s, portrait) with audio, and c (2 s) without."""
     from qprep import open_cache
@@ -139,7 +144,7 @@ def qwen3_omni_store(ray_cluster, tiny_model, tmp_path_factory):
     make_video(root / "videos" / "c.mp4", VideoSpec(width=128, height=96, fps=24, seconds=2, audio=False))
     model_dir = str(tiny_model("qwen3_omni_moe", "released"))
     extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2), dtype="float32", shards=1,
-            options=ExtractOptions(progress=False))
+            options=ExtractOptions(**LOCAL_EXTRACT))
     return model_dir, open_cache(root / "store.zarr")
 
 

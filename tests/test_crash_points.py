@@ -5,7 +5,9 @@ run picks up the work, and each chain of killed runs ends in a store byte-identi
 uninterrupted run's.
 
 The killed drivers join the session's Ray (a kill -9 of the driver is what is tested; Ray cleans up
-its job), so no run pays for starting Ray.
+its job), so no run pays for starting Ray. Two of the chains run again with the in-process
+executor (`--executor local`), against the same uninterrupted store (made on Ray); its worker
+processes end with the killed driver.
 """
 
 from __future__ import annotations
@@ -34,17 +36,21 @@ SCRIPT = Path(__file__).with_name("crash_run.py")
 def setup(ray_cluster, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("crash-points")
     model_dir = str(tiny_model("qwen2_5_omni"))
-    videos, reference = reference_run(root, CLIPS, model_dir, shards=12, options=ExtractOptions(progress=False))
+    videos, reference = reference_run(root, CLIPS, model_dir, shards=12,
+                                      options=ExtractOptions(progress=False, executor="ray"))
     return root, videos, model_dir, snapshot(reference)
 
 
-def run(point: str, videos, store, model_dir) -> int:
-    """A driver that joins the session's Ray and dies with SIGKILL at `point` (return code -9)."""
+def run(point: str, videos, store, model_dir, executor: str = "ray") -> int:
+    """A driver that joins the session's Ray (or runs without it, `executor` "local") and dies with
+    SIGKILL at `point` (return code -9)."""
     import ray
 
     command = [sys.executable, str(SCRIPT), point, "extract", "--videos", str(videos), "--out", str(store),
                "--model", model_dir, "--fps", "2", "--shards", "12", "--batch-size", "1", "--quiet",
-               "--ray-address", ray.get_runtime_context().gcs_address]
+               "--executor", executor]
+    if executor == "ray":
+        command += ["--ray-address", ray.get_runtime_context().gcs_address]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode in (0, -signal.SIGKILL), result.stderr[-3000:]
@@ -63,17 +69,17 @@ def assert_only_complete_shards(store: Path) -> int:
     return len(cache.ids())
 
 
-@pytest.mark.parametrize("chain", range(len(CHAINS)))
-def test_killed_drivers_leave_consistent_stores_and_the_next_run_finishes(setup, chain):
+@pytest.mark.parametrize("executor, chain", [("ray", chain) for chain in range(len(CHAINS))] + [("local", 0), ("local", 1)])
+def test_killed_drivers_leave_consistent_stores_and_the_next_run_finishes(setup, executor, chain):
     root, videos, model_dir, reference = setup
-    store = root / f"chain{chain}.zarr"
+    store = root / f"{executor}-chain{chain}.zarr"
     landed = []
     for point in CHAINS[chain]:
         before = assert_only_complete_shards(store)
-        if run(point, videos, store, model_dir) == -signal.SIGKILL:
+        if run(point, videos, store, model_dir, executor) == -signal.SIGKILL:
             landed.append(point)
         after = assert_only_complete_shards(store)
         assert after >= before  # committed work is never lost
     assert landed == CHAINS[chain], f"kills that did not land (the run finished first): {landed}"
-    assert run("none:0", videos, store, model_dir) == 0
+    assert run("none:0", videos, store, model_dir, executor) == 0
     assert snapshot(store) == reference

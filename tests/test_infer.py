@@ -145,12 +145,12 @@ def test_greedy_answers_from_the_cache_equal_generate_on_the_raw_video_with_the_
 
 
 @pytest.fixture(scope="module")
-def long_vl_store(ray_cluster, tiny_model, tmp_path_factory):
+def long_vl_store(tiny_model, tmp_path_factory):
     """A VL store of a 10 s clip sampled at 4 frames: 5 s per temporal patch."""
     root = tmp_path_factory.mktemp("infer-vl")
     make_video(root / "videos" / "long.mp4", VideoSpec(width=64, height=64, fps=10, seconds=10))
     extract(root / "videos", root / "store.zarr", str(tiny_model("qwen2_5_vl")), VideoSettings(num_frames=4),
-            dtype="float32", shards=1, options=ExtractOptions(progress=False))
+            dtype="float32", shards=1, options=ExtractOptions(progress=False, executor="local"))
     return str(tiny_model("qwen2_5_vl")), open_cache(root / "store.zarr")
 
 

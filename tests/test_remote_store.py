@@ -25,7 +25,7 @@ from test_train_loop import adapter, write_data
 
 pytestmark = pytest.mark.slow
 
-QUIET = ExtractOptions(progress=False)
+QUIET = ExtractOptions(progress=False, executor="local")  # the subject is the store, not Ray
 BUCKET = "qprep-tests"
 
 

@@ -82,10 +82,10 @@ def _copy_store(omni_store, tmp_path):
 
 def _re_extract_with_a_new_video(model_dir, videos, store):
     make_video(videos / "c.mp4", VideoSpec(width=112, height=84, fps=25, seconds=2))
-    extract(videos, store, model_dir, VideoSettings(fps=2), options=ExtractOptions(progress=False))
+    extract(videos, store, model_dir, VideoSettings(fps=2), options=ExtractOptions(progress=False, executor="local"))
 
 
-def test_resume_refuses_other_settings_or_a_re_extracted_cache(omni_store, tmp_path, ray_cluster):
+def test_resume_refuses_other_settings_or_a_re_extracted_cache(omni_store, tmp_path):
     model_dir, videos, store = _copy_store(omni_store, tmp_path)
     data = write_data(tmp_path / "train.json")
     out = tmp_path / "run"
@@ -99,8 +99,7 @@ def test_resume_refuses_other_settings_or_a_re_extracted_cache(omni_store, tmp_p
         train(store, data, model_dir, out, SETTINGS, resume=True, progress=False, echo=lambda _: None)
 
 
-def test_a_cache_re_extracted_during_training_stops_the_run_after_its_checkpoint(omni_store, tmp_path, ray_cluster,
-                                                                              monkeypatch):
+def test_a_cache_re_extracted_during_training_stops_the_run_after_its_checkpoint(omni_store, tmp_path, monkeypatch):
     model_dir, videos, store = _copy_store(omni_store, tmp_path)
     save = loop._save
 

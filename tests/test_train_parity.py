@@ -220,7 +220,7 @@ def test_moe_experts_adapted_on_request_get_the_full_models_gradients(tiny_model
 @pytest.mark.parametrize("kind", ["qwen2_5_omni", *QWEN3, "qwen3_omni_moe"])
 def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss_on_the_raw_videos(
         omni_store, qwen3_store, qwen3_omni_store, kind, tmp_path):
-    """End to end: videos extracted through Ray into a store, a LongVALE-style data file, `qprep train`'s
+    """End to end: videos extracted into a store, a LongVALE-style data file, `qprep train`'s
     own dataset, loader and collate; against the full model on each raw video through its processor
     (Qwen3-VL: given the true video metadata, the time stamps in the prompt and the deepstack levels)."""
     import json

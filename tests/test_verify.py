@@ -82,14 +82,14 @@ def test_verify_refuses_another_model_and_unknown_ids(omni_store, tiny_model, tm
 
 
 @pytest.fixture(scope="module")
-def vl_store(ray_cluster, tiny_model, tmp_path_factory):
+def vl_store(tiny_model, tmp_path_factory):
     """A bf16 VL store with a fixed size, a fixed frame count and a window; one video rotated."""
     root = tmp_path_factory.mktemp("vl-verify")
     make_video(root / "videos" / "plain.mp4", VideoSpec(width=128, height=96, fps=25, seconds=2, bframes=2))
     make_video(root / "videos" / "turned.mp4", VideoSpec(width=112, height=84, fps=30, seconds=2, rotation=90))
     settings = VideoSettings(num_frames=4, size=(84, 112), video_start=0.2, video_end=1.7)
     extract(root / "videos", root / "store.zarr", str(tiny_model("qwen2_5_vl")), settings, dtype="bfloat16",
-            shards=2, options=ExtractOptions(progress=False))
+            shards=2, options=ExtractOptions(progress=False, executor="local"))
     return open_cache(root / "store.zarr")
 
 
@@ -115,17 +115,16 @@ def test_verify_a_bf16_vl_store_and_its_tolerance(vl_store, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl", *QWEN3_KINDS, "qwen3_omni_moe"])
-def test_a_store_extracted_from_a_checkpoint_in_its_released_layout_verifies_bit_for_bit(ray_cluster, tiny_model,
-                                                                                         tmp_path, kind):
+def test_a_store_extracted_from_a_checkpoint_in_its_released_layout_verifies_bit_for_bit(tiny_model, tmp_path, kind):
     """The hub's file set (Qwen2.5: one combined preprocessor_config.json, chat_template.json; the
-    releases' config keys and weight names), through Ray into a store, then recomputed by transformers'
+    releases' config keys and weight names), extracted into a store, then recomputed by transformers'
     AutoProcessor and from_pretrained alone (merged tokens, deepstack levels, audio tokens)."""
     model_dir = tiny_model(kind, "released")
     for name, audio in (("talk", True), ("quiet", False)):
         make_video(tmp_path / "videos" / f"{name}.mp4", VideoSpec(width=96, height=72, fps=25, seconds=2, audio=audio))
     store = tmp_path / "store.zarr"
     extract(tmp_path / "videos", store, str(model_dir), VideoSettings(fps=2), dtype="float32", shards=1,
-            options=ExtractOptions(progress=False))
+            options=ExtractOptions(progress=False, executor="local"))
     result = run_verify(store, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

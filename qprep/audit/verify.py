@@ -29,7 +29,6 @@ match shows as such whatever the tolerance.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -222,14 +221,13 @@ def file_check(path: Path, row: dict) -> Check:
     """The file must be the one extracted: same size and mtime, or else the same content hash."""
     if not path.is_file():
         return Check("file", False, f"{path} is missing (pass --videos with the folder the store was extracted from)")
+    from qprep.extraction.discover import TOUCHED, UNCHANGED, file_state, same_content
+
     stat = path.stat()
-    if (stat.st_size, stat.st_mtime_ns) == (row["size"], row["mtime_ns"]):
+    state = file_state(row, stat.st_size, stat.st_mtime_ns)
+    if state == UNCHANGED:
         return Check("file", True, "unchanged")
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    if digest.hexdigest() == row["content_hash"]:
+    if state == TOUCHED and same_content(path, row):
         return Check("file", True, "same content (touched since)")
     return Check("file", False, f"{path} changed since it was extracted; re-run `qprep extract` first")
 
@@ -293,7 +291,7 @@ def _videos_dir(cache, videos: str | Path | None) -> Path:
 def _checkpoint(cache, model: str | None, revision: str | None):
     """The checkpoint to recompute with; it must be the one the store was extracted with (the same
     tower configs and tower weights), or every token would differ for a reason that is not fidelity."""
-    from qprep.extraction.run import WEIGHT_DIGESTS
+    from qprep.store.layout import WEIGHT_DIGESTS
     from qprep.models.checkpoint import open_checkpoint
     from qprep.schemas.fingerprint import differences
 

@@ -25,6 +25,7 @@ def ray_session(address: str | None = None) -> Iterator[dict]:
 
     owned = not ray.is_initialized()
     if owned:
+        quiet_ray_notices()
         address = address or os.environ.get("RAY_ADDRESS") or None
         # No address: a Ray of this run's own ("local"); Ray's default would join a cluster that
         # `ray start` left on this machine.
@@ -65,6 +66,12 @@ def tower_dataset(tasks: list[VideoFile], job, device: str, options, resources: 
     return dataset.map_batches(TowerStage, fn_constructor_kwargs=constructor, batch_size=options.batch_size,
                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                                max_restarts=-1, max_task_retries=TOWER_BATCH_TRIES - 1, **actor_resources)
+
+
+def quiet_ray_notices() -> None:
+    """Ray's notice that a local cluster enables token authentication (a WARNING on every start)
+    is about Ray's own defaults, not this run; Ray's warnings and errors otherwise still show."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 def _configure_ray_data() -> None:

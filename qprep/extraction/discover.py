@@ -89,6 +89,25 @@ def content_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# How a file on disk stands against the manifest row of its last extraction (`file_state`)
+UNCHANGED = "unchanged"  # same size and mtime: taken as the same file, never read
+TOUCHED = "touched"  # same size, another mtime (a `touch`, a copy): its bytes' sha256 decides
+CHANGED = "changed"  # another size: changed, whatever its bytes
+
+
+def file_state(row: dict, size: int, mtime_ns: int) -> str:
+    """The rule every reader of the manifest applies (extract's plan, `status`, `verify`): what a
+    file of this size and mtime is to its row, without reading it."""
+    if size != row["size"]:
+        return CHANGED
+    return UNCHANGED if mtime_ns == row["mtime_ns"] else TOUCHED
+
+
+def same_content(path: str | Path, row: dict) -> bool:
+    """Whether a touched file still holds the bytes its row was extracted from."""
+    return content_hash(path) == row["content_hash"]
+
+
 def is_video_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
 

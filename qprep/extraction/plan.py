@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from qprep.extraction.discover import VideoFile, content_hash
+from qprep.extraction.discover import CHANGED, TOUCHED, VideoFile, file_state, same_content
 from qprep.schemas.manifest import OK
 
 
@@ -67,10 +67,10 @@ def make_plan(videos: list[VideoFile], manifest: pa.Table, videos_dir: str | Pat
     up_to_date = 0
     for video in videos:
         row = committed.get(video.id)
-        if row is None or row["status"] != OK or row["size"] != video.size or row["path"] != video.path \
-                or row["shard"] != video.shard:
+        state = file_state(row, video.size, video.mtime_ns) if row is not None else CHANGED
+        if state == CHANGED or row["status"] != OK or row["path"] != video.path or row["shard"] != video.shard:
             plan_for(video.shard).extract.append(video)
-        elif row["mtime_ns"] != video.mtime_ns:
+        elif state == TOUCHED:
             rehash.append((video, row))
         else:
             plan_for(video.shard).keep.append(row)
@@ -82,9 +82,9 @@ def make_plan(videos: list[VideoFile], manifest: pa.Table, videos_dir: str | Pat
 
     root = Path(videos_dir)
     with ThreadPoolExecutor(max_workers=hash_threads) as pool:  # hashlib releases the GIL
-        hashes = list(pool.map(lambda item: _hash_or_none(root / item[0].path), rehash))
-    for (video, row), digest in zip(rehash, hashes):
-        if digest is not None and digest == row["content_hash"]:
+        same = list(pool.map(lambda item: _same_or_false(root / item[0].path, item[1]), rehash))
+    for (video, row), unchanged in zip(rehash, same):
+        if unchanged:
             plan_for(video.shard).keep.append(dict(row, mtime_ns=video.mtime_ns))
             plans[video.shard].touched += 1
             up_to_date += 1
@@ -103,8 +103,8 @@ def shard_key(fingerprint: str, members: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def _hash_or_none(path: Path) -> str | None:
+def _same_or_false(path: Path, row: dict) -> bool:
     try:
-        return content_hash(path)
-    except OSError:
-        return None
+        return same_content(path, row)
+    except OSError:  # gone or unreadable since it was found: extracted again, and recorded if it fails
+        return False

@@ -2,7 +2,8 @@
 
 resolve model + settings → fingerprint → open (or create) the store, refusing a different config →
 discover + plan (no decoding, no Ray) → commit shards that need no towers → if any video needs the
-towers: Ray Data CPU stage → tower actor pool → writer committing shard by shard.
+towers: the CPU stage → the towers (on Ray or in this process: `qprep.extraction.executors`) →
+writer committing shard by shard.
 """
 
 from __future__ import annotations
@@ -16,17 +17,15 @@ from pathlib import Path
 from qprep.errors import StoreError
 from qprep.extraction.discover import find_videos
 from qprep.extraction.plan import Plan, make_plan
-from qprep.extraction.writer import ShardWriter, decode_result
+from qprep.extraction.writer import ShardWriter
 from qprep.models.checkpoint import open_checkpoint
 from qprep.schemas.fingerprint import differences, extraction_config, fingerprint
 from qprep.schemas.manifest import OK
 from qprep.schemas.settings import ModelSpec, VideoSettings, load_model_spec
 from qprep.schemas.towers import Budget, resolve_dtype
-from qprep.store.layout import LAST_RUN, Store
+from qprep.store.layout import LAST_RUN, MODEL_SPEC, WEIGHT_DIGESTS, Store
 
 DEFAULT_SHARDS = 256
-WEIGHT_DIGESTS = "weight-digests.json"  # in the store's .qprep/: tower weight hashes by file, size, mtime
-MODEL_SPEC = "model-spec.json"  # the preprocessor spec, by the config files it was read from
 
 
 @dataclass
@@ -44,6 +43,7 @@ class Summary:
     bytes_written: int = 0
     seconds: float = 0.0
     ray_started: bool = False
+    executor: str | None = None  # what ran the stages ("local" or "ray"); None: nothing needed them
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, cause)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why): links not followed, pipes, ...
 
@@ -69,6 +69,7 @@ class ExtractOptions:
     """How to run (none of it changes the output, so none of it is in the fingerprint)."""
 
     ray_address: str | None = None
+    executor: str = "auto"  # "local", "ray" or "auto" (qprep.extraction.executors.choose)
     device: str | None = None  # None: cuda when the cluster has GPUs, else cpu
     batch_size: int = 8  # videos per tower-stage batch
     budget: Budget = Budget()
@@ -130,7 +131,6 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
         writer = ShardWriter(store, plan.shards)
         writer.commit_ready()
         if plan.tasks:
-            summary.ray_started = True
             job = TowerJob(str(Path(videos).resolve()), model, revision, settings, spec, dtype, attn_implementation)
             _run_towers(plan, writer, summary, job, options)
         summary.shards_written = writer.shards_written
@@ -176,27 +176,26 @@ def _check_compatible(store: Store, new_fingerprint: str, config: dict, shards: 
 def _run_towers(plan: Plan, writer: ShardWriter, summary: Summary, job: TowerJob, options: ExtractOptions) -> None:
     from tqdm.auto import tqdm
 
-    from qprep.extraction.cluster import ray_session, tower_dataset
+    from qprep.extraction.executors import choose, run_locally, run_on_ray
 
-    with ray_session(options.ray_address) as resources:
-        device = options.device or ("cuda" if resources.get("GPU", 0) >= 1 else "cpu")
-        dataset = tower_dataset(plan.tasks, job, device, options, resources)
-        bar = tqdm(total=len(plan.tasks), unit="video", desc="extract", disable=not options.progress,
-                   dynamic_ncols=True)
-        begun = time.perf_counter()
-        try:
-            for result in dataset.iter_rows():
-                task, meta, tokens = decode_result(result)
-                row = writer.add(task, meta, tokens)
-                _count(summary, row, tokens)
-                bar.update(1)
-                elapsed = max(time.perf_counter() - begun, 1e-9)
-                bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, "
-                                    f"{(summary.video_tokens + summary.audio_tokens) / elapsed:.0f} tokens/s, "
-                                    f"{summary.failed} failed", refresh=False)
-            bar.update(_record_lost(plan, writer, summary))
-        finally:
-            bar.close()
+    summary.executor = choose(options.executor, options.ray_address, len(plan.tasks))
+    summary.ray_started = summary.executor == "ray"
+    results = (run_on_ray if summary.ray_started else run_locally)(plan.tasks, job, options)
+    bar = tqdm(total=len(plan.tasks), unit="video", desc="extract", disable=not options.progress, dynamic_ncols=True)
+    begun = time.perf_counter()
+    try:
+        for task, meta, tokens in results:
+            row = writer.add(task, meta, tokens)
+            _count(summary, row, tokens)
+            bar.update(1)
+            elapsed = max(time.perf_counter() - begun, 1e-9)
+            bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, "
+                                f"{(summary.video_tokens + summary.audio_tokens) / elapsed:.0f} tokens/s, "
+                                f"{summary.failed} failed", refresh=False)
+        bar.update(_record_lost(plan, writer, summary))
+    finally:
+        bar.close()
+        results.close()  # the executor's workers and session end here, also on an error
     if writer.pending_shards:
         raise RuntimeError(f"the tower stage ended with shards {writer.pending_shards[:5]} incomplete")
 
@@ -230,7 +229,7 @@ def _count(summary: Summary, row: dict, tokens: dict) -> None:
 
 def format_summary(summary: Summary, store: str | Path) -> str:
     """The human summary printed at the end of a run."""
-    if not summary.ray_started and not summary.shards_written:
+    if summary.executor is None and not summary.shards_written:
         return "\n".join([f"{store}: nothing to do, {summary.up_to_date} videos up to date "
                           f"({summary.seconds:.2f} s, nothing decoded)", *_skipped_lines(summary)])
     lines = [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qprep.errors import INTERNAL_ERROR, TOWER_ERROR, FileNameError, VideoError
+from qprep.errors import INTERNAL_ERROR, TOWER_ERROR, FileNameError, UnreadableFileError, VideoError
 from qprep.schemas.manifest import FAILED, OK
 from qprep.schemas.settings import ModelSpec, VideoSettings
 
@@ -48,7 +48,8 @@ def cpu_stage(row: dict, *, videos_dir: str, settings: VideoSettings, spec: Mode
     except VideoError as exc:
         meta.update(status=FAILED, error=exc.cause, error_code=exc.code)
     except OSError as exc:
-        meta.update(status=FAILED, error=f"cannot read the file: {exc.strerror or exc}", error_code="unreadable")
+        meta.update(status=FAILED, error=f"cannot read the file: {exc.strerror or exc}",
+                    error_code=UnreadableFileError.code)
     except Exception as exc:  # a qprep bug must not stop 7,000 videos: record it loudly instead
         meta.update(status=FAILED, error=f"internal error: {exc!r}\n{traceback.format_exc(limit=4)}",
                     error_code=INTERNAL_ERROR)

@@ -247,7 +247,7 @@ class RemoteFiles:
             holder = json.loads(self.read(rel))
             who = ", ".join(f"{k} {holder[k]}" for k in ("host", "pid", "user", "since") if k in holder)
         except (FileNotFoundError, ValueError):
-            who = "unreadable"
+            who = "(its content cannot be read)"
         remove = f"`aws s3 rm {url}`" if url.startswith("s3://") else "any client of the store"
         return (f"The lock object {url} was written by: {who}.\n"
                 f"If that process is gone (killed before it could remove the lock), delete the object "

@@ -49,7 +49,10 @@ SPAN = {"video": "video", "audio": "audio", "deepstack": "video"}
 # Logical dtype → what the Zarr array holds. Zarr and NumPy have no bfloat16: keep its bits.
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 CHUNK_BYTES = 4 << 20  # rows per chunk are chosen so a chunk holds about this much
-LAST_RUN = "last-run.json"  # in .qprep/: the videos directory and summary of the latest run
+# qprep's own files, in .qprep/
+LAST_RUN = "last-run.json"  # the videos directory and summary of the latest run
+WEIGHT_DIGESTS = "weight-digests.json"  # tower weight hashes by file, size and mtime (not re-hashed when equal)
+MODEL_SPEC = "model-spec.json"  # the preprocessor spec, by the config files it was read from
 GROUP, MANIFEST, SHARDS, PRIVATE = "zarr.json", "manifest", "shards", ".qprep"
 LOCK = f"{PRIVATE}/lock"
 

@@ -13,7 +13,7 @@ from qprep.store.layout import LAST_RUN, SPAN, Store
 def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
     """Counts, sizes and config of a store; with a videos directory (default: the last run's),
     also how many videos a re-run would extract or drop (compared by size and mtime only)."""
-    from qprep.extraction.discover import discover
+    from qprep.extraction.discover import UNCHANGED, discover, file_state
 
     store = Store.open(path)
     manifest = store.manifest()
@@ -45,7 +45,7 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
         report["videos"]["pending"] = sum(
             1 for video in on_disk
             if (row := committed.get(video.id)) is None or row["status"] != OK
-            or (row["size"], row["mtime_ns"]) != (video.size, video.mtime_ns))
+            or file_state(row, video.size, video.mtime_ns) != UNCHANGED)
         report["videos"]["gone"] = len(set(committed) - {video.id for video in on_disk})
     return report
 

@@ -171,7 +171,10 @@ def launch_on_ray(address: str, processes: int, device: str, storage: str, resta
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from qprep.extraction.cluster import quiet_ray_notices
+
     if not ray.is_initialized():
+        quiet_ray_notices()
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     trainer = TorchTrainer(_RayWorker(entrypoint, device, args),
                            scaling_config=ScalingConfig(num_workers=processes, use_gpu=device == "cuda"),

@@ -1,0 +1,209 @@
+"""Who runs the two stages of an extraction: Ray Data, or this process.
+
+Both take the same videos through the same functions (`stages.cpu_stage`, then `stages.TowerStage`)
+and hand the writer the same (task, meta, tokens) triples, so a store is byte-for-byte the same
+whichever ran it; the writer, the commit protocol and the failure rows are shared.
+
+* `ray`: a Ray Data graph (`cluster.tower_dataset`): CPU tasks over the cluster's CPUs, one tower
+  actor per GPU. For clusters, several GPUs, and plans large enough that starting Ray and a
+  worker per core (each importing torch) is small beside the work.
+* `local`: no Ray. A pool of CPU-stage processes on this machine (one per core, each started
+  once) and the towers in this process, fed as the prepared videos come back. A worker process
+  that dies (a decoder crash, an out-of-memory kill) is replaced; the videos it may have held are
+  tried again one at a time, so that a video that kills its worker on each of its
+  `CPU_STAGE_TRIES` is recorded failed (`worker_died`) and no other video pays for it.
+* `auto` (the default): `ray` when a cluster is named (`--ray-address`, RAY_ADDRESS) or this
+  process already runs Ray, or the plan is larger than `LOCAL_MAX_VIDEOS`; `local` otherwise.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+
+from qprep.errors import WORKER_DIED, ExtractError
+from qprep.extraction.discover import VideoFile
+from qprep.extraction.stages import CPU_STAGE_TRIES, TowerStage, cpu_stage
+from qprep.schemas.manifest import FAILED
+
+EXECUTORS = ("auto", "local", "ray")
+# Plans up to this many videos run in-process under `auto` (bench/extract.py measures the crossover)
+LOCAL_MAX_VIDEOS = 256
+
+Result = tuple[dict, dict, dict]  # (task, meta, tokens by kind) of one video, for the writer
+
+
+def choose(executor: str, ray_address: str | None, videos: int) -> str:
+    """The executor `executor` ("auto", "local" or "ray") means for a plan of `videos` videos."""
+    if executor != "auto":
+        return executor
+    if ray_address or os.environ.get("RAY_ADDRESS") or _ray_running() or videos > LOCAL_MAX_VIDEOS:
+        return "ray"
+    return "local"
+
+
+def _ray_running() -> bool:
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def run_on_ray(tasks: list[VideoFile], job, options) -> Iterator[Result]:
+    """The Ray Data graph's rows, as they come. Videos whose task or batch failed on every try are
+    left out (the caller records them from what did not arrive)."""
+    from qprep.extraction.cluster import ray_session, tower_dataset
+    from qprep.extraction.writer import decode_result
+
+    with ray_session(options.ray_address) as resources:
+        device = options.device or ("cuda" if resources.get("GPU", 0) >= 1 else "cpu")
+        for row in tower_dataset(tasks, job, device, options, resources).iter_rows():
+            yield decode_result(row)
+
+
+def run_locally(tasks: list[VideoFile], job, options) -> Iterator[Result]:
+    """The CPU stage in a pool of processes, the towers here, one video at a time as it is prepared."""
+    import torch
+
+    from qprep.extraction.writer import decode_result
+
+    cores = os.cpu_count() or 1
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # the thread count of Ray's CPU tower actor: the same kernels, so the same bits
+    threads = options.tower_threads or (max(1, cores // 2) if device == "cpu" else 1)
+    kept_threads = torch.get_num_threads()
+    pool = _CpuPool(tasks, workers=min(cores, len(tasks)), job=job)  # the workers start while the towers load
+    try:
+        towers = TowerStage(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
+                            attn_implementation=job.attn_implementation, budget=options.budget, threads=threads)
+        for prepared in pool.results():
+            encoded = towers({name: [value] for name, value in prepared.items()})  # a batch of one
+            yield decode_result({name: values[0] for name, values in encoded.items()})
+    finally:
+        pool.close()
+        torch.set_num_threads(kept_threads)
+
+
+class _CpuPool:
+    """CPU-stage worker processes, replaced when one dies, and the tries each video has had."""
+
+    def __init__(self, tasks: list[VideoFile], workers: int, job):
+        self.workers, self.job = max(1, workers), job
+        self.waiting = collections.deque(tasks)
+        self.suspects: collections.deque[VideoFile] = collections.deque()  # in flight when a worker died
+        self.tries: collections.Counter[str] = collections.Counter()
+        self.running: dict = {}  # future → video
+        self.pool = self._start()
+        self.probe = self.pool.submit(os.getpid)  # a bare call: do the workers start at all?
+
+    def results(self) -> Iterator[dict]:
+        """Each video's CPU-stage row (a failed row for one that killed its worker on every try), in
+        the order they finish."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            self.probe.result()
+        except BrokenProcessPool:
+            raise ExtractError("the CPU-stage worker processes could not start; a script that calls qprep's "
+                               "extract needs an `if __name__ == \"__main__\":` guard, as any script that starts "
+                               "processes does (or --executor ray)") from None
+        self._fill()
+        while self.running:
+            done, _ = wait(list(self.running), return_when=FIRST_COMPLETED)
+            broken = []
+            for future in done:
+                video = self.running.pop(future)
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    broken.append(video)
+            if broken:  # the pool went down with every task in it: each may be the cause
+                broken += list(self.running.values())
+                self.running.clear()
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = None
+                for video in broken:
+                    self.tries[video.id] += 1
+                    if self.tries[video.id] >= CPU_STAGE_TRIES:
+                        yield _died(video)
+                    else:
+                        self.suspects.append(video)
+            self._fill()
+
+    def _fill(self) -> None:
+        """Keep the workers busy (two tasks each, so none waits for the driver); a suspect runs alone:
+        if its worker dies again, it is the cause."""
+        if self.pool is None:
+            self.pool = self._start()
+        if self.suspects:
+            if not self.running:
+                self._submit(self.suspects.popleft())
+            return
+        while self.waiting and len(self.running) < 2 * self.workers:
+            self._submit(self.waiting.popleft())
+
+    def _start(self):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # Workers fork from a fresh server process that imported the CPU stage (torch, PyAV) once, so
+        # each starts in milliseconds; not from this process, whose torch threads and CUDA state a
+        # fork would copy.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["qprep.pipeline.prepare", "qprep.extraction.executors"])
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_follow_driver,
+                                   initargs=(os.getpid(),))
+
+    def _submit(self, video: VideoFile) -> None:
+        row = {"task": json.dumps(video.__dict__)}
+        future = self.pool.submit(cpu_stage, row, videos_dir=self.job.videos_dir, settings=self.job.settings,
+                                  spec=self.job.spec)
+        self.running[future] = video
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def _follow_driver(driver: int) -> None:
+    """In each worker: exit when the driver has gone (killed with SIGKILL, say). A pool's workers
+    hold both ends of their task queue, so they would otherwise wait for tasks forever, keeping the
+    driver's output pipes open."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while _alive(driver):
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="qprep-follow-driver", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): whether the pid exists at all
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def _died(video: VideoFile) -> dict:
+    """The CPU-stage row of a video whose worker process died on every try."""
+    cause = (f"the worker preparing it died on all {CPU_STAGE_TRIES} tries (a crash in the decoder, or killed for "
+             f"memory); the next run tries it again")
+    return {"task": json.dumps(video.__dict__), "patches": np.zeros((0, 0), np.uint8), "grid": np.zeros(3, np.int64),
+            "mel": np.zeros((0, 0), np.float32), "windows": np.zeros(0, np.int64),
+            "meta": json.dumps({"status": FAILED, "error": cause, "error_code": WORKER_DIED})}

@@ -1,0 +1,119 @@
+"""The two executors of `qprep extract`: Ray Data and the in-process one write the same store, byte
+for byte (Omni with and without audio, VL), also after an incremental change; `auto` picks the
+in-process one for a small plan with no cluster; a video that kills its local worker process on
+every try is recorded failed while the rest finish; a script without a `__main__` guard gets a
+clear error, not a folder of failed videos. Kills of the driver at the crash points run against
+both executors in tests/test_crash_points.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qprep import open_cache
+from qprep.errors import WORKER_DIED
+from qprep.extraction import executors
+from qprep.extraction.run import ExtractOptions, extract
+from qprep.schemas.settings import VideoSettings
+from qprep.synth import VideoSpec, make_video
+from test_extract import FOLDER, make_folder, snapshot
+
+LOCAL = ExtractOptions(progress=False, executor="local")
+RAY = ExtractOptions(progress=False, executor="ray")
+VL_FOLDER = {name: {**spec, "audio": False} for name, spec in FOLDER.items()}
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
+def test_both_executors_write_the_same_store(ray_cluster, tiny_model, tmp_path, kind):
+    model_dir = str(tiny_model(kind))
+    videos = make_folder(tmp_path / "videos", FOLDER if kind == "qwen2_5_omni" else VL_FOLDER)
+    (videos / "broken.mp4").write_bytes(b"\0" * 64)  # a failed row: recorded the same way by both
+
+    def both() -> tuple[dict, dict]:
+        runs = {}
+        for name, options in (("ray", RAY), ("local", LOCAL)):
+            summary = extract(videos, tmp_path / f"{name}.zarr", model_dir, VideoSettings(fps=2), shards=3,
+                              options=options)
+            assert summary.executor == name and (summary.failed, summary.failures[0][0]) == (1, "broken.mp4")
+            runs[name] = snapshot(tmp_path / f"{name}.zarr")
+        return runs["ray"], runs["local"]
+
+    on_ray, local = both()
+    assert on_ray == local and len(local) > 3
+    make_video(videos / "talk/b.mp4", VideoSpec(width=96, height=64, fps=30, seconds=3, bframes=2))
+    make_video(videos / "new/e.mp4", VideoSpec(width=64, height=64, fps=25, seconds=2, audio=kind == "qwen2_5_omni"))
+    again_on_ray, again_local = both()
+    assert again_on_ray == again_local != local
+    if kind == "qwen2_5_omni":
+        cache = open_cache(tmp_path / "local.zarr")
+        assert cache.row("silent")["audio_length"] == 0 and cache.row("talk/a")["audio_length"] > 0
+
+
+def test_auto_runs_small_plans_in_process_and_clusters_and_large_plans_on_ray(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(executors, "_ray_running", lambda: False)
+    assert executors.choose("auto", None, executors.LOCAL_MAX_VIDEOS) == "local"
+    assert executors.choose("auto", None, executors.LOCAL_MAX_VIDEOS + 1) == "ray"
+    assert executors.choose("auto", "10.0.0.1:6379", 3) == "ray"
+    assert executors.choose("local", None, 10**6) == "local" and executors.choose("ray", None, 1) == "ray"
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert executors.choose("auto", None, 3) == "ray"
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(executors, "_ray_running", lambda: True)  # a notebook's Ray, or this suite's
+    assert executors.choose("auto", None, 3) == "ray"
+
+
+def dies_on_the_poison(row, *, poison: str, tries: str, **kwargs):
+    """The CPU stage, except that the process preparing the poison video kills itself (a module-level
+    function: the worker processes import it from here)."""
+    import json
+
+    from qprep.extraction.stages import cpu_stage
+
+    if json.loads(row["task"])["path"] == poison:
+        with open(tries, "a") as tally:
+            tally.write("try\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return cpu_stage(row, **kwargs)
+
+
+def test_a_video_that_kills_its_local_worker_on_every_try_is_recorded_failed_and_the_rest_finish(
+        tiny_model, tmp_path, monkeypatch):
+    """The pool goes down with every task in it, so each video in flight may be the cause: they are
+    tried again one at a time, and only the one whose worker dies again and again is failed."""
+    model_dir = str(tiny_model("qwen2_5_omni"))
+    videos = make_folder(tmp_path / "videos")
+    clean = extract(videos, tmp_path / "clean.zarr", model_dir, VideoSettings(fps=2), shards=3, options=LOCAL)
+    tries = tmp_path / "tries"
+    monkeypatch.setattr(executors, "cpu_stage", functools.partial(dies_on_the_poison, poison="c.mp4", tries=str(tries)))
+    store = tmp_path / "store.zarr"
+    summary = extract(videos, store, model_dir, VideoSettings(fps=2), shards=3, options=LOCAL)
+    assert tries.read_text().count("try") == executors.CPU_STAGE_TRIES
+    assert (summary.extracted, summary.failed) == (clean.extracted - 1, 1)
+    assert summary.failures[0][0] == "c.mp4" and "died on all 3 tries" in summary.failures[0][1]
+    assert open_cache(store).row("c")["error_code"] == WORKER_DIED
+
+    monkeypatch.undo()
+    again = extract(videos, store, model_dir, VideoSettings(fps=2), shards=3, options=LOCAL)
+    assert (again.extracted, again.failed) == (1, 0)
+    assert snapshot(store) == snapshot(tmp_path / "clean.zarr")
+
+
+def test_a_script_without_a_main_guard_is_told_so(tiny_model, tmp_path):
+    videos = make_folder(tmp_path / "videos", {"a.mp4": FOLDER["talk/a.mp4"]})
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from qprep.extraction.run import ExtractOptions, extract\n"
+        f"extract({str(videos)!r}, {str(tmp_path / 'store.zarr')!r}, {str(tiny_model('qwen2_5_omni'))!r},\n"
+        "        options=ExtractOptions(progress=False, executor='local'))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent)
+    assert done.returncode != 0
+    assert "worker processes could not start" in done.stderr and "__main__" in done.stderr

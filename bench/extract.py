@@ -19,7 +19,9 @@ layout, float32, fps 2 with audio):
 * reference: one Python process looping over the videos as a training script would:
   qwen-vl-utils' `fetch_video` (fps 2, the model's min/max pixels; reader forced with
   FORCE_QWENVL_VIDEO_READER, decord by default), transformers' `Qwen2VLVideoProcessor` from the
-  model dir, qwen-omni-utils' audio loading (audioread + librosa at 16 kHz) and
+  model dir, qwen-omni-utils' audio loading (audioread + librosa at 16 kHz; where the ffmpeg
+  program audioread needs is missing, the whole track through PyAV at 16 kHz instead, as the
+  Qwen3-Omni loop reads it) and
   `WhisperFeatureExtractor` from the model dir (padding="max_length", return_attention_mask=True,
   as the Omni processor calls it), then the full model's
   `Qwen2_5OmniForConditionalGeneration.from_pretrained(...).thinker` `get_video_features(...)
@@ -417,6 +419,9 @@ def reference_worker(job: dict) -> dict:
     pixels = PIXELS
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
+    # qwen-omni-utils reads audio through audioread, which needs the ffmpeg program; without it,
+    # the whole track through PyAV (FFmpeg's own resampler, about the same work)
+    with_ffmpeg = shutil.which("ffmpeg") is not None
 
     @torch.inference_mode()
     def one(path: str) -> tuple[int, int, int]:
@@ -426,7 +431,8 @@ def reference_worker(job: dict) -> dict:
             raise RuntimeError(f"qwen-vl-utils read {path} with {metadata.get('video_backend')}, not {job['reader']}")
         vision = video_processor(videos=[frames], do_sample_frames=False, cap_pixels_per_frame=False,
                                  return_tensors="pt")
-        waveform = process_audio_info([{"role": "user", "content": [element]}], use_audio_in_video=True)[0]
+        waveform = (process_audio_info([{"role": "user", "content": [element]}], use_audio_in_video=True)[0]
+                    if with_ffmpeg else pyav_audio(path, 16000))
         audio = feature_extractor(waveform, sampling_rate=16000, padding="max_length", return_attention_mask=True,
                                   return_tensors="pt")
         video_tokens = thinker.get_video_features(vision["pixel_values_videos"], vision["video_grid_thw"]).pooler_output
@@ -438,7 +444,8 @@ def reference_worker(job: dict) -> dict:
         np.save(out / f"{name}.audio.npy", audio_tokens.numpy())
         return len(frames), int(video_tokens.shape[0]), int(audio_tokens.shape[0])
 
-    return {**timed_loop(one, job, begun), "torch_threads": torch.get_num_threads()}
+    return {**timed_loop(one, job, begun), "torch_threads": torch.get_num_threads(),
+            "audio_reader": "qwen-omni-utils (audioread + librosa)" if with_ffmpeg else "PyAV (no ffmpeg program)"}
 
 
 def timed_loop(one, job: dict, begun: float) -> dict:
@@ -696,7 +703,8 @@ def measure_reference(videos: Path, videos_2x: Path, warmup: Path, model: Path, 
     loop_head, loop_tail = sum(v[3] for v in head), sum(v[3] for v in tail)
     cold = Row(f"reference loop ({reader}), cold (process: imports, model load)", count,
                measured.wall_s - result["warmup_s"] - loop_tail, **totals(head),
-               note=f"load {result['load_s']:.1f} s; torch threads {result['torch_threads']}; memory, CPU: "
+               note=f"load {result['load_s']:.1f} s; torch threads {result['torch_threads']}; "
+                    f"audio {result.get('audio_reader', 'PyAV')}; memory, CPU: "
                     f"whole process ({2 * count} videos)", **measured_fields(measured))
     warm = Row(f"reference loop ({reader}), warm (the loop alone)", count, loop_head, **totals(head))
     more = Row(f"reference loop over the {count} more videos", count, loop_tail, **totals(tail))

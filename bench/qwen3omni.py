@@ -97,10 +97,10 @@ def ensure_model(workdir: Path, vision_depth: int, audio_layers: int, out_hidden
                  text_layers: int, seed: int = 0) -> Path:
     """Build and save the bench checkpoint once (cached in `workdir`)."""
     import torch
-    from transformers import AutoProcessor, Qwen3OmniMoeForConditionalGeneration
+    from checkpoints import finish_from_template
+    from transformers import Qwen3OmniMoeForConditionalGeneration
     from transformers.utils import logging
 
-    from qprep.models.checkpoint import open_checkpoint
     from qprep.models.tiny import make_tiny_model
 
     path = workdir / model_name(vision_depth, audio_layers, out_hidden, text_layers, text_hidden)
@@ -131,13 +131,11 @@ def ensure_model(workdir: Path, vision_depth: int, audio_layers: int, out_hidden
         logging.set_verbosity(verbosity)
         if bars:
             logging.enable_progress_bar()
-    weights = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
-    for item in tiny.iterdir():
-        if item.name not in weights and not item.name.startswith("model-"):
-            shutil.copy2(item, partial / item.name)
-    AutoProcessor.from_pretrained(partial)  # loads offline
-    if not open_checkpoint(partial).tokenizer().chat_template:  # qprep's own lookup (processor's template)
-        raise RuntimeError(f"{partial}: no chat template reachable")
-    shutil.rmtree(tiny)
-    partial.rename(path)
-    return path
+    return finish_from_template(tiny, partial, path, check=_has_chat_template)
+
+
+def _has_chat_template(checkpoint: Path) -> None:
+    from qprep.models.checkpoint import open_checkpoint
+
+    if not open_checkpoint(checkpoint).tokenizer().chat_template:  # qprep's own lookup (processor's template)
+        raise RuntimeError(f"{checkpoint}: no chat template reachable")

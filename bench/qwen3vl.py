@@ -60,7 +60,8 @@ def ensure_model(workdir: Path, vision_depth: int, out_hidden: int, text_hidden:
                  seed: int = 0) -> Path:
     """Build and save the bench checkpoint once (cached in `workdir`)."""
     import torch
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+    from checkpoints import finish_from_template
+    from transformers import Qwen3VLForConditionalGeneration
     from transformers.utils import logging
 
     from qprep.models.tiny import make_tiny_model
@@ -82,11 +83,4 @@ def ensure_model(workdir: Path, vision_depth: int, out_hidden: int, text_hidden:
                                         ).save_pretrained(partial)
     finally:
         logging.set_verbosity(verbosity)
-    weights = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
-    for item in tiny.iterdir():
-        if item.name not in weights and not item.name.startswith("model-"):
-            shutil.copy2(item, partial / item.name)
-    AutoProcessor.from_pretrained(partial)  # loads offline
-    shutil.rmtree(tiny)
-    partial.rename(path)
-    return path
+    return finish_from_template(tiny, partial, path)

@@ -149,7 +149,7 @@ def qwen2_5_config(kind: str, released: dict, vision_depth: int, audio_layers: i
 def ensure_qwen2_5(workdir: Path, kind: str, released: dict, vision_depth: int, audio_layers: int) -> Path:
     """Build and save a Qwen2.5-Omni / Qwen2.5-VL bench checkpoint once (cached in `workdir`)."""
     import transformers
-    from transformers import AutoProcessor
+    from checkpoints import finish_from_template
     from transformers.utils import logging
 
     from qprep.models.tiny import MODEL_CLASSES, make_tiny_model
@@ -178,14 +178,7 @@ def ensure_qwen2_5(workdir: Path, kind: str, released: dict, vision_depth: int, 
         del model
     finally:
         logging.set_verbosity(verbosity)
-    weights = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
-    for item in tiny.iterdir():
-        if item.name not in weights and not item.name.startswith("model-"):
-            shutil.copy2(item, partial / item.name)
-    AutoProcessor.from_pretrained(partial)  # loads offline
-    shutil.rmtree(tiny)
-    partial.rename(path)
-    return path
+    return finish_from_template(tiny, partial, path)
 
 
 MODELS = (

@@ -220,7 +220,8 @@ def ensure_model(workdir: Path, args) -> Path:
     """Build and save the bench model once: real classes and key layout; the tokenizer, chat
     template, processor configs and speaker table are those `make_tiny_model` writes."""
     import torch
-    from transformers import AutoProcessor, Qwen2_5OmniForConditionalGeneration
+    from checkpoints import finish_from_template
+    from transformers import Qwen2_5OmniForConditionalGeneration
     from transformers.utils import logging
 
     from qprep.models.tiny import make_tiny_model
@@ -249,14 +250,7 @@ def ensure_model(workdir: Path, args) -> Path:
                                                          args.audio_layers)).save_pretrained(partial)
     finally:
         logging.set_verbosity(verbosity)
-    weights = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
-    for item in tiny.iterdir():
-        if item.name not in weights and not item.name.startswith("model-"):
-            shutil.copy2(item, partial / item.name)
-    AutoProcessor.from_pretrained(partial)  # loads offline
-    shutil.rmtree(tiny)
-    partial.rename(path)
-    return path
+    return finish_from_template(tiny, partial, path)
 
 
 def clip_name(index: int) -> str:

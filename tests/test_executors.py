@@ -117,3 +117,22 @@ def test_a_script_without_a_main_guard_is_told_so(tiny_model, tmp_path):
                           cwd=Path(__file__).parent)
     assert done.returncode != 0
     assert "worker processes could not start" in done.stderr and "__main__" in done.stderr
+
+
+def test_the_local_executor_counts_the_cores_a_container_allows(monkeypatch):
+    import io
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(64)), raising=False)
+    limits = {"cpu.max": "400000 100000\n"}  # a pod of 4 CPUs on a 64-core host
+
+    def fake_open(path, *args, **kwargs):
+        if str(path).endswith("cpu.max") and "cpu.max" in limits:
+            return io.StringIO(limits["cpu.max"])
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(executors, "open", fake_open, raising=False)
+    assert executors.usable_cores() == 4
+    limits["cpu.max"] = "max 100000\n"
+    assert executors.usable_cores() == 64
+    del limits["cpu.max"]  # no cgroup v2: the affinity alone
+    assert executors.usable_cores() == 64

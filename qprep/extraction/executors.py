@@ -70,7 +70,7 @@ def run_locally(tasks: list[VideoFile], job, options) -> Iterator[Result]:
 
     from qprep.extraction.writer import decode_result
 
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # the thread count of Ray's CPU tower actor: the same kernels, so the same bits
     threads = options.tower_threads or (max(1, cores // 2) if device == "cpu" else 1)
@@ -198,6 +198,20 @@ def _alive(pid: int) -> bool:
         except ProcessLookupError:
             return False
         return True
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, within a container's CPU quota (cgroup v2
+    `cpu.max`), not the host's count, which a pod of 4 CPUs on a 64-core host would otherwise get."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as limit:
+            quota, period = limit.read().split()[:2]
+    except (OSError, ValueError):
+        return max(1, cores)
+    if quota != "max":
+        cores = min(cores, max(1, int(int(quota) // int(period))))
+    return max(1, cores)
 
 
 def _died(video: VideoFile) -> dict:

@@ -381,9 +381,10 @@ def _save(folder: RunFolder, peft_model, optimizer, scheduler, state: dict, worl
     """Checkpoint (every rank calls it: sharded, the adapter and the optimizer state are gathered; rank 0 writes)."""
     directory = folder.checkpoint(state["step"])
     save_adapter(peft_model, directory, world, sharded)
-    optimizer_state = full_optimizer_state(peft_model, optimizer) if sharded else optimizer.state_dict()
+    gathered = full_optimizer_state(peft_model, optimizer) if sharded else None  # a collective
     if not world.main:
         return
+    optimizer_state = gathered if sharded else optimizer.state_dict()
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
                trainer_file(directory))
     # Last and in one step: --resume takes only checkpoints with a state.json, so one killed while

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from qprep.errors import RankFailed, SettingsError, VideoError
+from qprep.schemas.dtypes import DTYPE_NAMES
 from qprep.store.fs import is_url
 
 EXIT_SETTINGS, EXIT_VIDEO = 3, 4
@@ -153,7 +154,7 @@ def prepare(video, job, model, as_json, **flags):
 @click.option("--out", required=True, type=StoreLocation(exists=False),
               help="The store to create or update, e.g. store.zarr or s3://bucket/prefix/store.zarr.")
 @video_options
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True,
+@click.option("--dtype", type=click.Choice(["auto", *DTYPE_NAMES]), default="auto", show_default=True,
               help="Tower dtype and token dtype; auto = the checkpoint's (bf16 for Qwen's releases), or the store's.")
 @click.option("--shards", type=click.IntRange(1, 1 << 20), default=None,
               help="Shard count of a new store (default 256). A changed video re-writes one shard.")
@@ -430,7 +431,7 @@ def verify(store, sample, check_all, ids, seed, tolerance, videos, model, revisi
               help="Longest answer, in tokens.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
               help="Where the model runs (default: cuda when present).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
               help="Model dtype (default: bfloat16 on cuda, float32 on cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

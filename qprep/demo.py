@@ -133,8 +133,8 @@ def write_demo_data(path: Path, store: Path) -> Path:
     records = []
     for video_id in cache.ids():
         row = cache.row(video_id)
-        spec = DEMO_VIDEOS.get(row["path"])
-        events = spec.events if spec else ((0.0, round(row["duration"] or 0.0, 1)),)
+        spec = DEMO_VIDEOS.get(row.path)
+        events = spec.events if spec else ((0.0, round(row.duration or 0.0, 1)),)
         answer = " ".join(f"From {start:.1f} to {end:.1f}, {'a red disc appears' if spec else 'the video plays'}."
                           for start, end in events)
         records.append({"id": video_id, "conversations": [

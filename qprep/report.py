@@ -21,21 +21,22 @@ def prepared_summary(prepared: PreparedVideo) -> dict:
 
 
 def format_prepared(prepared: PreparedVideo) -> str:
-    s = prepared_summary(prepared)
-    times = s["frame_times"]
+    meta, s = prepared.metadata, prepared_summary(prepared)
+    times = meta.frame_times
     lines = [
-        f"{s['path']}",
-        f"  video     {s['codec']} {s['width']}x{s['height']} rotation {s['rotation']}°, {s['frame_count']} frames "
-        f"at {s['native_fps']:.3f} fps, {s['duration']:.2f} s",
-        f"  sampled   {len(times)} frames at {s['sample_fps']:.4f} fps ({times[0]:.2f}–{times[-1]:.2f} s), "
-        f"second_per_grid {s['second_per_grid']:.4f}",
-        f"  vision    resized to {s['resized_width']}x{s['resized_height']}, grid_thw {s['video_grid_thw']}, "
+        f"{meta.path}",
+        f"  video     {meta.codec} {meta.width}x{meta.height} rotation {meta.rotation}°, {meta.frame_count} frames "
+        f"at {meta.native_fps:.3f} fps, {meta.duration:.2f} s",
+        f"  sampled   {len(times)} frames at {meta.sample_fps:.4f} fps ({times[0]:.2f}–{times[-1]:.2f} s), "
+        f"second_per_grid {meta.second_per_grid:.4f}",
+        f"  vision    resized to {meta.resized_width}x{meta.resized_height}, grid_thw {s['video_grid_thw']}, "
         f"{s['patches']} patches → {s['video_tokens']} tokens",
     ]
-    if s["has_audio"]:
-        lines.append(f"  audio     {s['audio_seconds']:.2f} s, {s['mel_length']} mel frames in {s['audio_windows']} window(s)")
+    if meta.has_audio:
+        lines.append(f"  audio     {meta.audio_seconds:.2f} s, {prepared.mel_length} mel frames in "
+                     f"{meta.audio_windows} window(s)")
     else:
-        lines.append(f"  audio     none ({s['audio_note']})")
+        lines.append(f"  audio     none ({meta.audio_note})")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """One module owns each contract: a grep over qprep's own code (its string constants, docstrings
-left out) finds the store's paths and file names only in `qprep/store/layout.py`, and the failure
-codes of the manifest only in `qprep/errors.py`."""
+left out) finds the store's paths and file names only in `qprep/store/layout.py`, the failure
+codes of the manifest only in `qprep/errors.py`, and no manifest column read by name outside
+`qprep/schemas/manifest.py`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import qprep
 from qprep import errors
+from qprep.schemas import manifest
 from qprep.store import layout
 
 PACKAGE = Path(qprep.__file__).parent
@@ -49,3 +51,50 @@ def test_only_the_errors_module_spells_the_failure_codes():
     codes |= {kind.code for kind in vars(errors).values() if isinstance(kind, type) and hasattr(kind, "code")}
     assert len(codes) > 5
     assert spelled_outside(Path(errors.__file__), lambda value: value in codes) == []
+
+
+# Dicts of other contracts whose keys share a manifest column's name: the video settings and the
+# processor's kwargs (`size`, `fps`), a data file's records (`id`), the store's attributes
+# (`fingerprint`), the `qprep status` report (`path`, `error`, `fingerprint`).
+OTHER_CONTRACTS = {"settings", "kwargs", "merged", "video", "values", "overrides", "record", "attrs", "report",
+                   "failure"}
+
+
+def column_reads(path: Path) -> list[str]:
+    """Where a module reads a manifest column by its name: `x["col"]`, `x.get("col")`,
+    `table.column("col")`, `table.select([...])`, or an f-string building `<span>_offset|_length`."""
+    columns = set(manifest.COLUMNS)
+
+    def named(node) -> str | None:
+        return node.value if isinstance(node, ast.Constant) and node.value in columns else None
+
+    def receiver(node) -> str:
+        while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+            if isinstance(node, ast.Attribute):
+                return node.attr
+            node = node.value if not isinstance(node, ast.Call) else node.func
+        return node.id if isinstance(node, ast.Name) else ""
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        keys, owner = [], ""
+        if isinstance(node, ast.Subscript):
+            keys, owner = [named(node.slice)], receiver(node.value)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args and \
+                node.func.attr in ("get", "pop", "setdefault", "column", "select", "field", "sort_by"):
+            first = node.args[0]
+            keys = [named(item) for item in (first.elts if isinstance(first, (ast.List, ast.Tuple)) else [first])]
+            owner = receiver(node.func.value)
+        elif isinstance(node, ast.JoinedStr):
+            tail = "".join(part.value for part in node.values if isinstance(part, ast.Constant))
+            keys = [tail] if tail.endswith(("_offset", "_length")) else []
+        found += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {key!r}" for key in keys
+                  if key and owner not in OTHER_CONTRACTS]
+    return found
+
+
+def test_only_the_manifest_module_reads_manifest_columns_by_name():
+    owner = Path(manifest.__file__)
+    assert column_reads(owner), "the check must see the manifest module's own reads"
+    found = [read for path in sorted(PACKAGE.rglob("*.py")) if path != owner for read in column_reads(path)]
+    assert found == []

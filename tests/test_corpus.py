@@ -86,7 +86,7 @@ def unprivileged(corpus, model_dir) -> dict:
 AS_NOBODY = f"""
 import json, os, sys
 from qprep.extraction.discover import find_videos
-from qprep.extraction.stages import cpu_stage
+from qprep.extraction.stages import prepare_video
 from qprep.schemas.settings import VideoSettings, load_model_spec
 import qprep.pipeline.prepare  # everything the CPU stage imports, while the model files are readable
 
@@ -101,8 +101,8 @@ found = find_videos(".", 4)
 metas = {{}}
 for video in found.videos:
     if video.path in paths:
-        row = cpu_stage({{"task": json.dumps(video.__dict__)}}, videos_dir=".", settings=settings, spec=spec)
-        metas[video.path] = json.loads(row["meta"])
+        prepared = prepare_video(video, videos_dir=".", settings=settings, spec=spec)
+        metas[video.path] = prepared.row.to_dict()
 print(json.dumps({{"uid": os.geteuid(), "skipped": found.skipped, "ids": [v.id for v in found.videos],
                   "metas": metas}}))
 """

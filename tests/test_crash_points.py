@@ -63,9 +63,9 @@ def assert_only_complete_shards(store: Path) -> int:
     cache = open_cache(store)
     for video_id in cache.ids():
         row = cache.row(video_id)
-        assert cache.video_tokens(video_id).shape[0] == row["video_length"]
+        assert cache.video_tokens(video_id).shape[0] == row.video_length
         audio = cache.audio_tokens(video_id)
-        assert (0 if audio is None else audio.shape[0]) == row["audio_length"]
+        assert (0 if audio is None else audio.shape[0]) == row.audio_length
     return len(cache.ids())
 
 

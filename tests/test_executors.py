@@ -53,7 +53,7 @@ def test_both_executors_write_the_same_store(ray_cluster, tiny_model, tmp_path, 
     assert again_on_ray == again_local != local
     if kind == "qwen2_5_omni":
         cache = open_cache(tmp_path / "local.zarr")
-        assert cache.row("silent")["audio_length"] == 0 and cache.row("talk/a")["audio_length"] > 0
+        assert cache.row("silent").audio_length == 0 and cache.row("talk/a").audio_length > 0
 
 
 def test_auto_runs_small_plans_in_process_and_clusters_and_large_plans_on_ray(monkeypatch):
@@ -70,18 +70,16 @@ def test_auto_runs_small_plans_in_process_and_clusters_and_large_plans_on_ray(mo
     assert executors.choose("auto", None, 3) == "ray"
 
 
-def dies_on_the_poison(row, *, poison: str, tries: str, **kwargs):
+def dies_on_the_poison(video, *, poison: str, tries: str, **kwargs):
     """The CPU stage, except that the process preparing the poison video kills itself (a module-level
     function: the worker processes import it from here)."""
-    import json
+    from qprep.extraction.stages import prepare_video
 
-    from qprep.extraction.stages import cpu_stage
-
-    if json.loads(row["task"])["path"] == poison:
+    if video.path == poison:
         with open(tries, "a") as tally:
             tally.write("try\n")
         os.kill(os.getpid(), signal.SIGKILL)
-    return cpu_stage(row, **kwargs)
+    return prepare_video(video, **kwargs)
 
 
 def test_a_video_that_kills_its_local_worker_on_every_try_is_recorded_failed_and_the_rest_finish(
@@ -92,13 +90,13 @@ def test_a_video_that_kills_its_local_worker_on_every_try_is_recorded_failed_and
     videos = make_folder(tmp_path / "videos")
     clean = extract(videos, tmp_path / "clean.zarr", model_dir, VideoSettings(fps=2), shards=3, options=LOCAL)
     tries = tmp_path / "tries"
-    monkeypatch.setattr(executors, "cpu_stage", functools.partial(dies_on_the_poison, poison="c.mp4", tries=str(tries)))
+    monkeypatch.setattr(executors, "prepare_video", functools.partial(dies_on_the_poison, poison="c.mp4", tries=str(tries)))
     store = tmp_path / "store.zarr"
     summary = extract(videos, store, model_dir, VideoSettings(fps=2), shards=3, options=LOCAL)
     assert tries.read_text().count("try") == executors.CPU_STAGE_TRIES
     assert (summary.extracted, summary.failed) == (clean.extracted - 1, 1)
     assert summary.failures[0][0] == "c.mp4" and "died on all 3 tries" in summary.failures[0][1]
-    assert open_cache(store).row("c")["error_code"] == WORKER_DIED
+    assert open_cache(store).row("c").error_code == WORKER_DIED
 
     monkeypatch.undo()
     again = extract(videos, store, model_dir, VideoSettings(fps=2), shards=3, options=LOCAL)

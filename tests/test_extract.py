@@ -95,15 +95,15 @@ def test_cached_tokens_equal_the_full_model_on_the_processors_output(ray_cluster
     extractor = WhisperFeatureExtractor.from_pretrained(model_dir)
     for video_id in cache.ids():
         cached = cache[video_id]
-        path = folder / cached.row["path"]
-        pixels = reference_pixels(path, cached.row["frame_indices"], processor)
+        path = folder / cached.row.path
+        pixels = reference_pixels(path, cached.row.frame_indices, processor)
         assert list(pixels["video_grid_thw"][0]) == list(cached.grid_thw)
         with torch.inference_mode():
             expected = thinker.get_video_features(pixels["pixel_values_videos"], pixels["video_grid_thw"])
         assert cached.video_tokens.dtype == torch.float32
         assert torch.equal(cached.video_tokens, expected.pooler_output[0]), video_id
         if video_id == "silent":
-            assert cached.audio_tokens is None and cached.row["audio_note"] == "no audio stream"
+            assert cached.audio_tokens is None and cached.row.audio_note == "no audio stream"
             continue
         features = extractor([plain_audio_decode(path)], sampling_rate=16000, return_attention_mask=True,
                              padding="max_length", return_tensors="pt")
@@ -117,9 +117,9 @@ def test_cached_tokens_equal_the_full_model_on_the_processors_output(ray_cluster
 
     table = pq.read_table(tmp_path / "store.zarr" / "manifest")
     row = table.filter(pc.equal(table.column("id"), "talk/a")).to_pylist()[0]
-    array = zarr.open_array(str(tmp_path / "store.zarr" / "shards" / f"{row['shard']:05d}" / row["shard_key"][:16]
+    array = zarr.open_array(str(tmp_path / "store.zarr" / "shards" / f"{row.shard:05d}" / row.shard_key[:16]
                                 / "video"), mode="r")
-    assert torch.equal(torch.from_numpy(array[row["video_offset"]:row["video_offset"] + row["video_length"]]),
+    assert torch.equal(torch.from_numpy(array[row.video_offset:row.video_offset + row.video_length]),
                        cache.video_tokens("talk/a"))
 
 
@@ -145,17 +145,17 @@ def test_reruns_touch_only_what_changed(ray_cluster, tiny_model, tmp_path):
     os.utime(folder / "c.mp4")
     touched = run()
     assert (touched.extracted, touched.touched, touched.ray_started) == (0, 1, False)
-    shard_c = open_cache(store).row("c")["shard"]
+    shard_c = open_cache(store).row("c").shard
     after = snapshot(store)
     assert {k for k in before if before[k] != after.get(k)} == {f"manifest/{shard_c:05d}.parquet"}
-    assert open_cache(store).row("c")["mtime_ns"] == (folder / "c.mp4").stat().st_mtime_ns
+    assert open_cache(store).row("c").mtime_ns == (folder / "c.mp4").stat().st_mtime_ns
     before = after
 
     # one video changed: exactly its shard re-written, every other file byte-identical
     make_video(folder / "talk/b.mp4", VideoSpec(width=96, height=64, fps=30, seconds=3, bframes=2))
     changed = run()
     assert (changed.extracted, changed.shards_written) == (1, 1)
-    shard_b = open_cache(store).row("talk/b")["shard"]
+    shard_b = open_cache(store).row("talk/b").shard
     after = snapshot(store)
     assert other_files(after, shard_b) == other_files(before, shard_b)
     assert shard_files(after, shard_b) != shard_files(before, shard_b)
@@ -165,14 +165,14 @@ def test_reruns_touch_only_what_changed(ray_cluster, tiny_model, tmp_path):
     make_video(folder / "new/e.mp4", VideoSpec(width=64, height=64, fps=25, seconds=2))
     added = run()
     assert (added.extracted, added.shards_written) == (1, 1)
-    shard_e = open_cache(store).row("new/e")["shard"]
+    shard_e = open_cache(store).row("new/e").shard
     after = snapshot(store)
     assert other_files(after, shard_e) == other_files(before, shard_e)
     before = after
 
     # one deleted: its row gone, no tower work, the others untouched
     (folder / "d.mkv").unlink()
-    shard_d = open_cache(store).row("d")["shard"]
+    shard_d = open_cache(store).row("d").shard
     removed = run()
     assert (removed.removed, removed.extracted, removed.ray_started) == (1, 0, False)
     cache = open_cache(store)
@@ -194,7 +194,7 @@ def test_a_store_refuses_other_settings_unless_rebuilt(ray_cluster, tiny_model, 
     rebuilt = extract(folder, store, model_dir, VideoSettings(num_frames=6), rebuild=True, options=QUIET)
     assert rebuilt.extracted == 1
     cache = open_cache(store)
-    assert cache.row("x")["grid_thw"][0] == 3 and cache.dtype == torch.float32  # auto: the checkpoint's dtype
+    assert cache.row("x").grid_thw[0] == 3 and cache.dtype == torch.float32  # auto: the checkpoint's dtype
 
 
 def test_vl_store_holds_bf16_tokens_equal_to_the_bf16_model(ray_cluster, tiny_model, tmp_path):
@@ -207,8 +207,8 @@ def test_vl_store_holds_bf16_tokens_equal_to_the_bf16_model(ray_cluster, tiny_mo
     processor = AutoProcessor.from_pretrained(model_dir)
     for video_id in cache.ids():
         cached = cache[video_id]
-        assert cached.audio_tokens is None and cached.row["audio_note"] == "audio disabled"
-        pixels = reference_pixels(folder / cached.row["path"], cached.row["frame_indices"], processor)
+        assert cached.audio_tokens is None and cached.row.audio_note == "audio disabled"
+        pixels = reference_pixels(folder / cached.row.path, cached.row.frame_indices, processor)
         with torch.inference_mode():
             expected = model.get_video_features(pixels["pixel_values_videos"], pixels["video_grid_thw"])
         assert cached.video_tokens.dtype == torch.bfloat16
@@ -245,7 +245,7 @@ def test_a_killed_run_leaves_no_half_shard_and_the_next_run_finishes(ray_cluster
     survivors = open_cache(store)
     assert 0 < len(survivors) < len(CRASH_FOLDER), "the kill must land mid-run"
     for video_id in survivors.ids():  # what is visible is complete
-        assert survivors.video_tokens(video_id).shape[0] == survivors.row(video_id)["video_length"]
+        assert survivors.video_tokens(video_id).shape[0] == survivors.row(video_id).video_length
 
     resumed = extract(folder, store, model_dir, settings, options=QUIET)
     assert resumed.extracted == len(CRASH_FOLDER) - len(survivors)
@@ -269,7 +269,7 @@ def test_cli_extract_and_status(ray_cluster, tiny_model, tmp_path):
     report = json.loads(result.output)
     assert report["videos"] == {"ok": 1, "failed": 1, "pending": 1, "gone": 0}  # the failed one is retried
     assert report["failures"][0]["code"] == "empty_file"
-    assert report["tokens"]["video"] == open_cache(store).row("x")["video_length"]
+    assert report["tokens"]["video"] == open_cache(store).row("x").video_length
 
     result = runner.invoke(main, ["status", str(store)])
     assert "1 ok, 1 failed" in result.output and "empty.mp4" in result.output

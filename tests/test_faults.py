@@ -81,9 +81,9 @@ def complete_rows(store: Path) -> int:
     cache = open_cache(store)
     for video_id in cache.ids():
         row = cache.row(video_id)
-        assert cache.video_tokens(video_id).shape[0] == row["video_length"] > 0, video_id
+        assert cache.video_tokens(video_id).shape[0] == row.video_length > 0, video_id
         audio = cache.audio_tokens(video_id)
-        assert (0 if audio is None else audio.shape[0]) == row["audio_length"], video_id
+        assert (0 if audio is None else audio.shape[0]) == row.audio_length, video_id
     return len(cache.ids())
 
 
@@ -202,12 +202,12 @@ def test_a_video_whose_worker_dies_on_every_try_is_recorded_failed_and_the_rest_
     videos, model_dir, reference, _ = job
     store, tries, poison = tmp_path / "store.zarr", tmp_path / "tries", "clip03.mp4"
 
-    def dies_on_the_poison(row, **kwargs):  # runs in the Ray worker (a closure travels by value)
-        if json.loads(row["task"])["path"] == poison:
+    def dies_on_the_poison(item, **kwargs):  # runs in the Ray worker (a closure travels by value)
+        if json.loads(item["video"])["path"] == poison:
             with open(tries, "a") as tally:
                 tally.write("try\n")
             os.kill(os.getpid(), signal.SIGKILL)
-        return stages.cpu_stage(row, **kwargs)
+        return stages.cpu_stage(item, **kwargs)
 
     monkeypatch.setattr(cluster, "cpu_stage", dies_on_the_poison)
     summary = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)
@@ -215,7 +215,7 @@ def test_a_video_whose_worker_dies_on_every_try_is_recorded_failed_and_the_rest_
     assert (summary.extracted, summary.failed) == (len(CLIPS) - 1, 1)
     assert summary.failures[0][0] == poison and "died on all 3 tries" in summary.failures[0][1]
     row = open_cache(store).row("clip03")
-    assert (row["status"], row["error_code"]) == ("failed", WORKER_DIED)
+    assert (row.status, row.error_code) == ("failed", WORKER_DIED)
 
     monkeypatch.undo()
     again = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)
@@ -234,7 +234,7 @@ def test_a_video_that_kills_the_tower_actor_on_every_try_is_recorded_failed_and_
 
     class CrashesOnThePoison(stages.TowerStage):  # runs in the actor (the class travels by value)
         def __call__(self, batch):
-            if any(json.loads(task)["path"] == poison for task in batch["task"]):
+            if any(json.loads(video)["path"] == poison for video in batch["video"]):
                 with open(tries, "a") as tally:
                     tally.write("try\n")
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -245,7 +245,7 @@ def test_a_video_that_kills_the_tower_actor_on_every_try_is_recorded_failed_and_
     assert tries.read_text().count("try") == stages.TOWER_BATCH_TRIES
     assert (summary.extracted, summary.failed) == (len(CLIPS) - 1, 1)
     assert summary.failures[0][0] == poison and "the tower actor on all 3 tries" in summary.failures[0][1]
-    assert open_cache(store).row("clip05")["error_code"] == WORKER_DIED
+    assert open_cache(store).row("clip05").error_code == WORKER_DIED
 
     monkeypatch.undo()
     again = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)

@@ -47,17 +47,17 @@ def raw_inputs(model_dir, path, row, question: str, omni: bool, metadata: VideoM
     processor = AutoProcessor.from_pretrained(model_dir)
     spec = load_model_spec(model_dir)
     frames, _ = plain_decode(path)
-    chosen = np.stack([frames[i] for i in row["frame_indices"]])
+    chosen = np.stack([frames[i] for i in row.frame_indices])
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    metadata = metadata or VideoMetadata(total_num_frames=len(chosen), fps=row["sample_fps"],
+    metadata = metadata or VideoMetadata(total_num_frames=len(chosen), fps=row.sample_fps,
                                          frames_indices=list(range(len(chosen))))
     kwargs = dict(text=[text], videos=[chosen], video_metadata=[metadata], do_sample_frames=False,
                   size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}, return_tensors="pt")
     if omni:
         kwargs.update(audio=[plain_audio_decode(path)], load_audio_from_video=True, audio_from_video_indices=[0])
     if type(processor).__name__ == "Qwen3OmniMoeProcessor":
-        kwargs["fps"] = row["sample_fps"]  # its only source of the video's time (video_second_per_grid)
+        kwargs["fps"] = row.sample_fps  # its only source of the video's time (video_second_per_grid)
     return processor(**kwargs)
 
 
@@ -113,7 +113,7 @@ def assert_answers_equal_generate(ours, base, model, cache, model_dir, ids, *, o
     videos = cache.store.root.parent / "videos"
     for request in choose_requests(cache, ids=ids)[0]:
         row = cache.row(request.id)
-        path = videos / row["path"]
+        path = videos / row.path
         with_audio = omni(row)
         inputs = raw_inputs(model_dir, path, row, DENSE_CAPTION_PROMPT, omni=with_audio,
                             metadata=metadata(path, row) if metadata else None)
@@ -165,7 +165,7 @@ def test_vl_generated_tokens_continue_from_the_last_prompt_position_as_generate_
     positions = prompt_positions(ours.model, ours.batch(request))
     assert int(positions[1:, 0, -1].max()) < int(positions[1:].max())  # the case where the rules differ
     row = cache.row("long")
-    inputs = raw_inputs(model_dir, cache.store.root.parent / "videos" / row["path"], row, "Hi", omni=False)
+    inputs = raw_inputs(model_dir, cache.store.root.parent / "videos" / row.path, row, "Hi", omni=False)
     assert ours.prompt_ids(request) == inputs["input_ids"][0].tolist()
     assert_same_steps(ours_with_logits(ours, request), generated(full_model(model_dir), inputs, ours.stop),
                       "long")
@@ -215,7 +215,7 @@ def test_qwen3_answers_from_the_cache_equal_generate_with_the_true_metadata_and_
     base = Generator(open_checkpoint(model_dir), tokenizer, cache)
     model = PeftModel.from_pretrained(full_model(model_dir), str(adapter)).eval()
     assert_answers_equal_generate(ours, base, model, cache, model_dir, ["a", "b"], omni=lambda row: False,
-                                  metadata=lambda path, row: true_metadata(path, row["frame_indices"]))
+                                  metadata=lambda path, row: true_metadata(path, row.frame_indices))
 
 
 def test_qwen3_omni_answers_from_the_cache_equal_the_thinkers_generate_with_the_same_adapter(qwen3_omni_store,
@@ -242,6 +242,6 @@ def test_qwen3_omni_answers_from_the_cache_equal_the_thinkers_generate_with_the_
     thinker = PeftModel.from_pretrained(full_model(model_dir), str(adapter)).eval()
     adapted = {name.split(".lora_")[0] for name, _ in thinker.named_parameters() if ".lora_" in name}
     assert adapted and all(".language_model.layers." in name for name in adapted), "LoRA in the language model only"
-    assert [bool(cache.row(i)["audio_length"]) for i in ("a", "b", "c")] == [True, True, False]
+    assert [bool(cache.row(i).audio_length) for i in ("a", "b", "c")] == [True, True, False]
     assert_answers_equal_generate(ours, base, thinker, cache, model_dir, ["a", "b", "c"],
-                                  omni=lambda row: bool(row["audio_length"]), whole_prompt_head=True)
+                                  omni=lambda row: bool(row.audio_length), whole_prompt_head=True)

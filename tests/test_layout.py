@@ -8,6 +8,7 @@ import torch
 from transformers import AutoProcessor
 
 from qprep.models.families import FAMILIES, PlaceholderIds, PromptLayout
+from qprep.schemas.manifest import ManifestRow
 from reference import full_model
 
 OMNI, VL = FAMILIES["qwen2_5_omni"], FAMILIES["qwen2_5_vl"]
@@ -16,8 +17,8 @@ OMNI, VL = FAMILIES["qwen2_5_omni"], FAMILIES["qwen2_5_vl"]
 def block_of(family, ids, config, grid, second_per_grid, audio_tokens=0) -> list[int]:
     """qprep's block for a video of this grid, time per grid and audio length (a manifest row's facts)."""
     layout = PromptLayout(family=family, ids=ids, config=config, merge_size=2, pad_id=0, turn_end_id=0)
-    return layout.video_block({"grid_thw": list(grid), "second_per_grid": second_per_grid,
-                               "audio_length": audio_tokens})
+    return layout.video_block(ManifestRow(id="v", path="v.mp4", grid_thw=list(grid), second_per_grid=second_per_grid,
+                                          audio_length=audio_tokens))
 
 
 def omni_block(thinker, grid, ids, second_per_grid, audio_tokens) -> list[int]:

@@ -14,6 +14,7 @@ import torch
 
 from qprep.models.families.qwen2_5_omni import check_audio_positions
 from qprep.models.families.qwen3_omni_moe import audio_in_video_order
+from qprep.schemas.manifest import ManifestRow
 
 TEXT_BEFORE = 17  # tokens ahead of the block: the model offsets every time by the block's start
 GRID_HW = (4, 6)  # patches: 2 × 3 merged tokens per temporal patch
@@ -125,7 +126,8 @@ def test_the_layout_and_the_positions_read_position_id_per_seconds_from_the_same
     (changed / "config.json").write_text(json.dumps(config))
 
     frames, seconds = 20, 7  # second_per_grid 0.7: audio and video interleave differently at 13 and 25
-    row = {"grid_thw": [frames // 2, *GRID_HW], "second_per_grid": 2 / (frames / seconds), "audio_length": 0}
+    row = ManifestRow(id="v", path="v.mp4", grid_thw=[frames // 2, *GRID_HW], second_per_grid=2 / (frames / seconds),
+                      audio_length=0)
     mel = seconds * 100
     blocks, models = {}, {}
     for name, model_dir in (("13", source), ("25", changed)):
@@ -133,15 +135,15 @@ def test_the_layout_and_the_positions_read_position_id_per_seconds_from_the_same
         layout = checkpoint.family.prompt_layout(checkpoint, AutoTokenizer.from_pretrained(model_dir))
         models[name] = LanguageModel(checkpoint)
         assert layout.config.position_id_per_seconds == models[name].config.position_id_per_seconds == int(name)
-        row["audio_length"] = audio_tokens(mel, layout.config)
+        row.audio_length = audio_tokens(mel, layout.config)
         blocks[name] = layout.video_block(row, start=TEXT_BEFORE)
     assert blocks["13"] != blocks["25"]
 
     def batch(block):
         ids = torch.tensor([[0] * TEXT_BEFORE + block + [0] * 5])
         return Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, video_tokens=torch.zeros(0),
-                     video_grid_thw=torch.tensor([row["grid_thw"]]), second_per_grid=torch.tensor([row["second_per_grid"]]),
-                     audio_tokens=torch.zeros(row["audio_length"], 1), mel_lengths=torch.tensor([mel]))
+                     video_grid_thw=torch.tensor([row.grid_thw]), second_per_grid=torch.tensor([row.second_per_grid]),
+                     audio_tokens=torch.zeros(row.audio_length, 1), mel_lengths=torch.tensor([mel]))
 
     for name in ("13", "25"):
         models[name].position_ids(batch(blocks[name]))  # each block fits its own model's positions

@@ -84,7 +84,7 @@ def test_an_s3_store_holds_what_a_local_extract_holds(s3, remote_store, omni_sto
     remote = open_cache(url)
     assert remote.store.attrs == local.store.attrs
     assert remote.manifest.equals(local.manifest)  # nothing in a row depends on where the store is
-    assert remote.ids() == local.ids() == ["a", "b"] and remote.row("broken")["status"] == "failed"
+    assert remote.ids() == local.ids() == ["a", "b"] and remote.row("broken").status == "failed"
     for video_id in remote.ids():
         ours, theirs = remote[video_id], local[video_id]
         assert torch.equal(ours.video_tokens, theirs.video_tokens), video_id
@@ -96,9 +96,9 @@ def test_an_s3_store_holds_what_a_local_extract_holds(s3, remote_store, omni_sto
     table = pq.read_table(f"{BUCKET}/omni/store.zarr/manifest", filesystem=S3FileSystem(endpoint_override=endpoint))
     assert sorted(table.column("id").to_pylist()) == ["a", "b", "broken"]
     row = remote.row("a")
-    array = zarr.open_array(f"{url}/shards/{row['shard']:05d}/{row['shard_key'][:16]}/video", mode="r")
-    start = row["video_offset"]
-    assert torch.equal(torch.from_numpy(array[start:start + row["video_length"]]), remote.video_tokens("a"))
+    array = zarr.open_array(f"{url}/shards/{row.shard:05d}/{row.shard_key[:16]}/video", mode="r")
+    start = row.video_offset
+    assert torch.equal(torch.from_numpy(array[start:start + row.video_length]), remote.video_tokens("a"))
 
     result = CliRunner().invoke(main, ["status", url, "--json"])
     assert result.exit_code == 0, result.output
@@ -158,11 +158,11 @@ def test_reruns_on_s3_touch_only_what_changed(s3, remote_store, tmp_path):
     make_video(videos / "a.mp4", VideoSpec(width=112, height=84, fps=25, seconds=3))
     changed = run()
     assert (changed["extracted"], changed["shards_written"]) == (1, 1)
-    shard = f"{open_cache(mine).row('a')['shard']:05d}"
+    shard = f"{open_cache(mine).row('a').shard:05d}"
     after = objects(fs, mine)
     mine_changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     assert mine_changed and all(k.startswith((f"shards/{shard}/", f"manifest/{shard}.")) for k in mine_changed)
-    assert open_cache(mine).row("a")["duration"] == pytest.approx(3, abs=0.1)
+    assert open_cache(mine).row("a").duration == pytest.approx(3, abs=0.1)
 
     Store.remove(mine)  # what --rebuild does first: every object goes, the lock last
     assert fs.find(mine) == [] and not Store.exists(mine)

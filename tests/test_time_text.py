@@ -18,6 +18,7 @@ from transformers.video_utils import VideoMetadata
 import qprep
 from qprep.models.checkpoint import open_checkpoint
 from qprep.models.families.qwen3_vl import patch_times, time_stamp
+from qprep.schemas.manifest import ManifestRow
 
 CONVERSATION = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what happens"}]}]
 
@@ -45,7 +46,8 @@ def ours(layout, processor, prepared) -> list[int]:
     from qprep.train.data import IGNORE, with_video_block
 
     text_ids = processor.tokenizer(processor.apply_chat_template(CONVERSATION, tokenize=False))["input_ids"]
-    row = {"grid_thw": prepared.video_grid_thw[0].tolist(), "frame_times": list(prepared.metadata.frame_times)}
+    row = ManifestRow(id="v", path="v.mp4", grid_thw=prepared.video_grid_thw[0].tolist(),
+                      frame_times=list(prepared.metadata.frame_times))
     return with_video_block(text_ids, [IGNORE] * len(text_ids), row, layout)[0]
 
 

@@ -20,7 +20,7 @@ from qprep.models.checkpoint import open_checkpoint
 from qprep.models.tiny import QWEN3_KINDS, QWEN3_OMNI_KINDS
 from qprep.pipeline.towers import AudioInput, Budget, Towers, VideoInput
 from qprep.schemas.settings import load_model_spec
-from qprep.store.reader import to_storage, to_tensor
+from qprep.schemas.dtypes import to_storage, to_tensor
 from reference import full_model, kinds_and_layouts, plain_audio_decode, reference_pixels
 
 CLIPS = {

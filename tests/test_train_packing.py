@@ -38,7 +38,7 @@ def test_each_samples_logits_in_a_packed_row_equal_its_logits_alone(request, ray
     checkpoint = open_checkpoint(model_dir)
     tokenizer = checkpoint.tokenizer()
     layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
-    with_audio = [i for i in cache.ids() if (cache.row(i)["audio_length"] or 0) > 0] if layout.audio else cache.ids()
+    with_audio = [i for i in cache.ids() if (cache.row(i).audio_length or 0) > 0] if layout.audio else cache.ids()
     ids = (with_audio * 2)[:3]  # three samples of one kind, one video twice
     dataset = build_dataset(load_records(records(tmp_path / "data.json", ids)), cache, tokenizer, layout)
     samples = dataset.samples

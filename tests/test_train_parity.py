@@ -18,6 +18,7 @@ import qprep
 from qprep.models.checkpoint import open_checkpoint
 from qprep.models.families import PlaceholderIds, PromptLayout
 from qprep.pipeline.towers import AudioInput, Towers, VideoInput
+from qprep.schemas.manifest import ManifestRow
 from qprep.schemas.settings import load_model_spec
 from qprep.train.model import Batch, LanguageModel
 from reference import full_model, kinds_and_layouts, plain_audio_decode, plain_decode
@@ -131,11 +132,10 @@ def _both_paths(tiny_model, videos, kind, layout):
     layout = PromptLayout(family=family, ids=ids, config=full.config, merge_size=2, pad_id=0, turn_end_id=0,
                           tokenizer=tokenizer)
     text_ids = tokenizer(processor.apply_chat_template(CONVERSATION, tokenize=False))["input_ids"]
-    block = layout.video_block({"grid_thw": prepared.video_grid_thw[0].tolist(),
-                                "second_per_grid": prepared.second_per_grid,
-                                "frame_times": list(prepared.metadata.frame_times),
-                                "audio_length": 0 if audio_tokens is None else audio_tokens.shape[0]},
-                               start=text_ids.index(ids.vision_start))
+    row = ManifestRow(id="v", path="v.mp4", grid_thw=prepared.video_grid_thw[0].tolist(),
+                      second_per_grid=prepared.second_per_grid, frame_times=list(prepared.metadata.frame_times),
+                      audio_length=0 if audio_tokens is None else audio_tokens.shape[0])
+    block = layout.video_block(row, start=text_ids.index(ids.vision_start))
     input_ids = torch.tensor([expand(text_ids, block, ids)])
     assert torch.equal(input_ids, inputs["input_ids"])
     assert (features.deepstack is not None) == (kind in DEEPSTACK)
@@ -254,10 +254,10 @@ def test_training_batches_read_from_an_extracted_store_give_the_full_models_loss
             {"role": "user", "content": [c for c in ({"type": "text", "text": before.strip()}, {"type": "video"},
                                                      {"type": "text", "text": after.strip()}) if c.get("text", 1)]},
             {"role": "assistant", "content": [{"type": "text", "text": f"From 0 to 1, event {video_id}."}]}]
-        path = videos / row["path"]
-        omni = kind in OMNI and bool(row["audio_length"])
-        metadata = true_metadata(path, row["frame_indices"]) if kind in QWEN3 else None
-        _, inputs = processor_inputs(model_dir, path, conversation, row["frame_indices"], row["sample_fps"],
+        path = videos / row.path
+        omni = kind in OMNI and bool(row.audio_length)
+        metadata = true_metadata(path, row.frame_indices) if kind in QWEN3 else None
+        _, inputs = processor_inputs(model_dir, path, conversation, row.frame_indices, row.sample_fps,
                                      omni=omni, metadata=metadata)
         labels = answer_labels(inputs["input_ids"], tokenizer)
         batch = batches[video_id]
@@ -329,12 +329,12 @@ def test_the_validation_loss_is_the_full_models_loss_on_the_raw_video_with_the_t
     assert [row["epoch"] for row in validations] == [0, 1]  # at each epoch's end
 
     row = cache.row("a")
-    path = cache.store.root.parent / "videos" / row["path"]
-    omni = kind in OMNI and bool(row["audio_length"])
+    path = cache.store.root.parent / "videos" / row.path
+    omni = kind in OMNI and bool(row.audio_length)
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]},
                     {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-    metadata = true_metadata(path, row["frame_indices"]) if kind in QWEN3 else None
-    processor, inputs = processor_inputs(model_dir, path, conversation, row["frame_indices"], row["sample_fps"],
+    metadata = true_metadata(path, row.frame_indices) if kind in QWEN3 else None
+    processor, inputs = processor_inputs(model_dir, path, conversation, row.frame_indices, row.sample_fps,
                                          omni=omni, metadata=metadata)
     tokenizer = processor.tokenizer
     tokenizer.chat_template = tokenizer.chat_template or processor.chat_template  # Qwen3-Omni keeps it beside the processor

@@ -79,8 +79,8 @@ def trainer_run(model_dir, cache, samples, settings, omni: bool, tmp_path):
         answer = next(answer for answer in ANSWERS[sample.id] if answer in said)
         conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what happens"}]},
                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-        processor, inputs = processor_inputs(model_dir, videos / row["path"], conversation, row["frame_indices"],
-                                             row["sample_fps"], omni=omni)
+        processor, inputs = processor_inputs(model_dir, videos / row.path, conversation, row.frame_indices,
+                                             row.sample_fps, omni=omni)
         assert inputs["input_ids"][0].tolist() == sample.input_ids
         labels = answer_labels(inputs["input_ids"], processor.tokenizer)
         assert labels[0].tolist() == sample.labels

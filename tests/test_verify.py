@@ -29,7 +29,7 @@ def token_array(store, video_id: str, kind: str = "video"):
     """The writable Zarr array holding a video's tokens, and the video's rows in it (deepstack rows
     are the video rows' twins)."""
     row = open_cache(store).row(video_id)
-    array = zarr.open_array(str(store / "shards" / f"{row['shard']:05d}" / row["shard_key"][:16] / kind), mode="r+")
+    array = zarr.open_array(str(store / "shards" / f"{row.shard:05d}" / row.shard_key[:16] / kind), mode="r+")
     span = "video" if kind == "deepstack" else kind
     return array, slice(row[f"{span}_offset"], row[f"{span}_offset"] + row[f"{span}_length"])
 
@@ -183,7 +183,7 @@ def test_status_prints_what_the_deepstack_levels_cost(qwen3_vl_store):
 
     _, cache = qwen3_vl_store
     report = store_status(cache.store.root)
-    tokens = sum(cache.row(video_id)["video_length"] for video_id in cache.ids())
+    tokens = sum(cache.row(video_id).video_length for video_id in cache.ids())
     assert report["token_bytes"] == {"video": tokens * 64 * 4, "deepstack": tokens * 2 * 64 * 4}
     line = next(line for line in format_status(report).splitlines() if line.startswith("arrays"))
     assert "2 deepstack levels: 2× the merged tokens" in line

@@ -32,7 +32,7 @@ import torch
 
 from transformers.video_utils import VideoMetadata
 
-from qprep.schemas.towers import torch_dtype
+from qprep.schemas.dtypes import torch_dtype
 
 # Frames per processor call. Resizing and patchifying act on each temporal pair alone, so calls on
 # consecutive groups give the same rows as one call on the whole video, while only one group of

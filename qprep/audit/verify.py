@@ -35,10 +35,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qprep.errors import SettingsError
+from qprep.schemas.manifest import ManifestRow
 
 DEFAULT_SAMPLE = 3
 TIME_TOLERANCE = 1e-6  # seconds
-DEFAULT_TOLERANCE = {"float32": 0.0, "bfloat16": 2.0**-6, "float16": 2.0**-9}
 
 
 @dataclass
@@ -91,7 +91,9 @@ class VerifyReport:
 
 
 def default_tolerance(dtype: str) -> float:
-    return DEFAULT_TOLERANCE[dtype]
+    from qprep.schemas.dtypes import dtype_facts
+
+    return dtype_facts(dtype).verify_tolerance
 
 
 def verify(store: str | Path, *, model: str | None = None, videos: str | Path | None = None,
@@ -115,7 +117,7 @@ def verify(store: str | Path, *, model: str | None = None, videos: str | Path | 
     checkpoint = _checkpoint(cache, model, revision)
     dtype = cache.store.attrs["dtype"]
     tolerance = default_tolerance(dtype) if tolerance is None else tolerance
-    extracted_on = sorted({cache.row(video_id)["device"] or "unknown" for video_id in chosen})
+    extracted_on = sorted({cache.row(video_id).device or "unknown" for video_id in chosen})
     device = device or ("cuda" if torch.cuda.is_available() and "cuda" in extracted_on else "cpu")
     reference = Reference(checkpoint.source, checkpoint.family.full_model, dtype=dtype, device=device,
                           attn_implementation=cache.config.get("attn_implementation", "sdpa"), revision=revision,
@@ -153,12 +155,12 @@ def check_video(cache, video_id: str, videos_dir: Path, reference, settings: dic
     import av
 
     cached = cache[video_id]
-    path = videos_dir / cached.row["path"]
+    path = videos_dir / cached.row.path
     checks = [file_check(path, cached.row)]
     if not checks[0].ok:
         return VideoResult(video_id, checks)
     try:
-        recomputed = reference.compute(path, list(cached.row["frame_indices"]), settings)
+        recomputed = reference.compute(path, list(cached.row.frame_indices), settings)
     except (av.error.FFmpegError, ValueError, OSError) as exc:
         checks.append(Check("reference", False, f"cannot recompute {path}: {exc}"))
         return VideoResult(video_id, checks)
@@ -168,14 +170,14 @@ def check_video(cache, video_id: str, videos_dir: Path, reference, settings: dic
 def compare(cached, recomputed, tolerance: float) -> list[Check]:
     """Every check of one video (a `CachedVideo` against a `ReferenceVideo`)."""
     row = cached.row
-    checks = [_equal("frame_count", row["frame_count"], recomputed.frame_count)]
+    checks = [_equal("frame_count", row.frame_count, recomputed.frame_count)]
     plan = recomputed.plan
     if plan is None:
         checks.append(Check("frame_indices", False, f"qwen-vl-utils' rules refuse the video: {recomputed.plan_error}"))
     else:
-        checks.append(_indices(list(row["frame_indices"]), plan.indices))
-        checks.append(_close("second_per_grid", [row["second_per_grid"]], [plan.second_per_grid]))
-    checks.append(_close("frame_times", list(row["frame_times"]), recomputed.frame_times))
+        checks.append(_indices(list(row.frame_indices), plan.indices))
+        checks.append(_close("second_per_grid", [row.second_per_grid], [plan.second_per_grid]))
+    checks.append(_close("frame_times", list(row.frame_times), recomputed.frame_times))
     checks.append(_equal("grid_thw", tuple(cached.grid_thw), tuple(recomputed.video_grid_thw)))
     checks.append(token_check("video_tokens", cached.video_tokens, recomputed.video_tokens, tolerance))
     if cached.deepstack is not None or recomputed.deepstack is not None:
@@ -217,7 +219,7 @@ def token_check(name: str, cached, reference, tolerance: float) -> Check:
     return Check(name, relative <= tolerance, detail, relative, tolerance)
 
 
-def file_check(path: Path, row: dict) -> Check:
+def file_check(path: Path, row: ManifestRow) -> Check:
     """The file must be the one extracted: same size and mtime, or else the same content hash."""
     if not path.is_file():
         return Check("file", False, f"{path} is missing (pass --videos with the folder the store was extracted from)")
@@ -236,7 +238,7 @@ def _audio_checks(cached, recomputed, tolerance: float) -> list[Check]:
     if cached.audio_tokens is None and recomputed.audio_tokens is None:
         return [Check("audio", True, f"none ({recomputed.audio_note})")]
     if cached.audio_tokens is None:
-        return [Check("audio", False, f"the cache has none ({cached.row['audio_note']}); the reference has "
+        return [Check("audio", False, f"the cache has none ({cached.row.audio_note}); the reference has "
                                       f"{recomputed.audio_tokens.shape[0]} audio tokens")]
     if recomputed.audio_tokens is None:
         return [Check("audio", False, f"the cache has {cached.audio_tokens.shape[0]} audio tokens; the reference "
@@ -276,9 +278,7 @@ def _show(value) -> str:
 
 
 def _videos_dir(cache, videos: str | Path | None) -> Path:
-    from qprep.store.layout import LAST_RUN
-
-    recorded = cache.store.read_json(LAST_RUN).get("videos")
+    recorded = cache.store.last_run().videos
     folder = Path(videos or recorded or "")
     if not (videos or recorded):
         raise SettingsError(f"{cache.store.root} does not record its videos folder; pass --videos")

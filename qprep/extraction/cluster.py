@@ -8,13 +8,13 @@ test session) is used as it is.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import warnings
 from typing import Iterator
 
 from qprep.extraction.discover import VideoFile
+from qprep.extraction.rows import video_item
 from qprep.extraction.stages import CPU_STAGE_TRIES, TOWER_BATCH_TRIES, TowerStage, cpu_stage
 
 
@@ -43,7 +43,7 @@ def tower_dataset(tasks: list[VideoFile], job, device: str, options, resources: 
     """tasks → CPU stage (one task per video) → tower actors → rows for the writer (streamed)."""
     import ray.data
 
-    items = [{"task": json.dumps(task.__dict__)} for task in tasks]
+    items = [video_item(task) for task in tasks]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     # Ray Data retries a task whose worker died forever by default: one video that crashes FFmpeg
     # or exhausts memory would stall the run. After CPU_STAGE_TRIES it is that video's fault.
@@ -63,9 +63,11 @@ def tower_dataset(tasks: list[VideoFile], job, device: str, options, resources: 
     constructor = dict(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
                        attn_implementation=job.attn_implementation, budget=options.budget, threads=threads)
     # the actor is restarted as often as it dies; each batch is tried TOWER_BATCH_TRIES times
-    return dataset.map_batches(TowerStage, fn_constructor_kwargs=constructor, batch_size=options.batch_size,
-                               batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-                               max_restarts=-1, max_task_retries=TOWER_BATCH_TRIES - 1, **actor_resources)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return dataset.map_batches(TowerStage, fn_constructor_kwargs=constructor, batch_size=options.batch_size,
+                                   batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                                   max_restarts=-1, max_task_retries=TOWER_BATCH_TRIES - 1, **actor_resources)
 
 
 def quiet_ray_notices() -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from qprep.errors import SettingsError
+from qprep.schemas.manifest import ManifestRow
 
 VIDEO_EXTENSIONS = frozenset({
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".wmv",
@@ -95,17 +96,17 @@ TOUCHED = "touched"  # same size, another mtime (a `touch`, a copy): its bytes' 
 CHANGED = "changed"  # another size: changed, whatever its bytes
 
 
-def file_state(row: dict, size: int, mtime_ns: int) -> str:
+def file_state(row: ManifestRow, size: int, mtime_ns: int) -> str:
     """The rule every reader of the manifest applies (extract's plan, `status`, `verify`): what a
     file of this size and mtime is to its row, without reading it."""
-    if size != row["size"]:
+    if size != row.size:
         return CHANGED
-    return UNCHANGED if mtime_ns == row["mtime_ns"] else TOUCHED
+    return UNCHANGED if mtime_ns == row.mtime_ns else TOUCHED
 
 
-def same_content(path: str | Path, row: dict) -> bool:
+def same_content(path: str | Path, row: ManifestRow) -> bool:
     """Whether a touched file still holds the bytes its row was extracted from."""
-    return content_hash(path) == row["content_hash"]
+    return content_hash(path) == row.content_hash
 
 
 def is_video_name(name: str) -> bool:

@@ -1,7 +1,7 @@
 """Who runs the two stages of an extraction: Ray Data, or this process.
 
-Both take the same videos through the same functions (`stages.cpu_stage`, then `stages.TowerStage`)
-and hand the writer the same (task, meta, tokens) triples, so a store is byte-for-byte the same
+Both take the same videos through the same functions (`stages.prepare_video`, then
+`stages.TowerStage`) and hand the writer the same `Encoded` rows, so a store is byte-for-byte the same
 whichever ran it; the writer, the commit protocol and the failure rows are shared.
 
 * `ray`: a Ray Data graph (`cluster.tower_dataset`): CPU tasks over the cluster's CPUs, one tower
@@ -19,23 +19,17 @@ whichever ran it; the writer, the commit protocol and the failure rows are share
 from __future__ import annotations
 
 import collections
-import json
 import os
 from typing import Iterator
 
-import numpy as np
-
 from qprep.errors import WORKER_DIED, ExtractError
 from qprep.extraction.discover import VideoFile
-from qprep.extraction.stages import CPU_STAGE_TRIES, TowerStage, cpu_stage
-from qprep.schemas.manifest import FAILED
+from qprep.extraction.rows import Encoded, Prepared
+from qprep.extraction.stages import CPU_STAGE_TRIES, TowerStage, prepare_video
 
 EXECUTORS = ("auto", "local", "ray")
 # Plans up to this many videos run in-process under `auto` (bench/extract.py measures the crossover)
 LOCAL_MAX_VIDEOS = 256
-
-Result = tuple[dict, dict, dict]  # (task, meta, tokens by kind) of one video, for the writer
-
 
 def choose(executor: str, ray_address: str | None, videos: int) -> str:
     """The executor `executor` ("auto", "local" or "ray") means for a plan of `videos` videos."""
@@ -52,23 +46,20 @@ def _ray_running() -> bool:
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
-def run_on_ray(tasks: list[VideoFile], job, options) -> Iterator[Result]:
+def run_on_ray(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:
     """The Ray Data graph's rows, as they come. Videos whose task or batch failed on every try are
     left out (the caller records them from what did not arrive)."""
     from qprep.extraction.cluster import ray_session, tower_dataset
-    from qprep.extraction.writer import decode_result
 
     with ray_session(options.ray_address) as resources:
         device = options.device or ("cuda" if resources.get("GPU", 0) >= 1 else "cpu")
         for row in tower_dataset(tasks, job, device, options, resources).iter_rows():
-            yield decode_result(row)
+            yield Encoded.from_ray(row)
 
 
-def run_locally(tasks: list[VideoFile], job, options) -> Iterator[Result]:
+def run_locally(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:
     """The CPU stage in a pool of processes, the towers here, one video at a time as it is prepared."""
     import torch
-
-    from qprep.extraction.writer import decode_result
 
     cores = usable_cores()
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,8 +71,7 @@ def run_locally(tasks: list[VideoFile], job, options) -> Iterator[Result]:
         towers = TowerStage(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
                             attn_implementation=job.attn_implementation, budget=options.budget, threads=threads)
         for prepared in pool.results():
-            encoded = towers({name: [value] for name, value in prepared.items()})  # a batch of one
-            yield decode_result({name: values[0] for name, values in encoded.items()})
+            yield from towers.encode([prepared])  # a batch of one
     finally:
         pool.close()
         torch.set_num_threads(kept_threads)
@@ -99,7 +89,7 @@ class _CpuPool:
         self.pool = self._start()
         self.probe = self.pool.submit(os.getpid)  # a bare call: do the workers start at all?
 
-    def results(self) -> Iterator[dict]:
+    def results(self) -> Iterator[Prepared]:
         """Each video's CPU-stage row (a failed row for one that killed its worker on every try), in
         the order they finish."""
         from concurrent.futures import FIRST_COMPLETED, wait
@@ -159,8 +149,7 @@ class _CpuPool:
                                    initargs=(os.getpid(),))
 
     def _submit(self, video: VideoFile) -> None:
-        row = {"task": json.dumps(video.__dict__)}
-        future = self.pool.submit(cpu_stage, row, videos_dir=self.job.videos_dir, settings=self.job.settings,
+        future = self.pool.submit(prepare_video, video, videos_dir=self.job.videos_dir, settings=self.job.settings,
                                   spec=self.job.spec)
         self.running[future] = video
 
@@ -214,10 +203,10 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
-def _died(video: VideoFile) -> dict:
+def _died(video: VideoFile) -> Prepared:
     """The CPU-stage row of a video whose worker process died on every try."""
     cause = (f"the worker preparing it died on all {CPU_STAGE_TRIES} tries (a crash in the decoder, or killed for "
              f"memory); the next run tries it again")
-    return {"task": json.dumps(video.__dict__), "patches": np.zeros((0, 0), np.uint8), "grid": np.zeros(3, np.int64),
-            "mel": np.zeros((0, 0), np.float32), "windows": np.zeros(0, np.int64),
-            "meta": json.dumps({"status": FAILED, "error": cause, "error_code": WORKER_DIED})}
+    died = Prepared.empty(video)
+    died.row.fail(cause, WORKER_DIED)
+    return died

@@ -20,10 +20,11 @@ from qprep.extraction.plan import Plan, make_plan
 from qprep.extraction.writer import ShardWriter
 from qprep.models.checkpoint import open_checkpoint
 from qprep.schemas.fingerprint import differences, extraction_config, fingerprint
-from qprep.schemas.manifest import OK
+from qprep.schemas.manifest import ManifestRow
 from qprep.schemas.settings import ModelSpec, VideoSettings, load_model_spec
-from qprep.schemas.towers import Budget, resolve_dtype
-from qprep.store.layout import LAST_RUN, MODEL_SPEC, WEIGHT_DIGESTS, Store
+from qprep.schemas.dtypes import resolve_dtype
+from qprep.schemas.towers import Budget
+from qprep.store.layout import MODEL_SPEC, WEIGHT_DIGESTS, LastRun, Store
 
 DEFAULT_SHARDS = 256
 
@@ -120,8 +121,7 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
     store.write_json(MODEL_SPEC, spec_cache)
 
     with store.lock():
-        store.write_json(LAST_RUN, {"videos": str(Path(videos).resolve()), "follow_links": options.follow_links,
-                                    "summary": None})
+        store.record_run(LastRun(str(Path(videos).resolve()), options.follow_links))
         manifest = store.manifest()
         store.collect_garbage(manifest)
         found = find_videos(videos, store.shard_count, options.follow_links)
@@ -136,8 +136,7 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
         summary.shards_written = writer.shards_written
         summary.bytes_written = writer.bytes_written
         summary.seconds = time.perf_counter() - started
-        store.write_json(LAST_RUN, {"videos": str(Path(videos).resolve()), "follow_links": options.follow_links,
-                                    "summary": summary.to_dict()})
+        store.record_run(LastRun(str(Path(videos).resolve()), options.follow_links, summary.to_dict()))
     return summary
 
 
@@ -184,9 +183,8 @@ def _run_towers(plan: Plan, writer: ShardWriter, summary: Summary, job: TowerJob
     bar = tqdm(total=len(plan.tasks), unit="video", desc="extract", disable=not options.progress, dynamic_ncols=True)
     begun = time.perf_counter()
     try:
-        for task, meta, tokens in results:
-            row = writer.add(task, meta, tokens)
-            _count(summary, row, tokens)
+        for encoded in results:
+            _count(summary, writer.add(encoded), encoded.tokens)
             bar.update(1)
             elapsed = max(time.perf_counter() - begun, 1e-9)
             bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, "
@@ -216,15 +214,15 @@ def _record_lost(plan: Plan, writer: ShardWriter, summary: Summary) -> int:
     return len(lost)
 
 
-def _count(summary: Summary, row: dict, tokens: dict) -> None:
-    if row["status"] == OK:
+def _count(summary: Summary, row: ManifestRow, tokens: dict) -> None:
+    if row.ok:
         summary.extracted += 1
-        summary.frames += len(row["frame_indices"] or ())
+        summary.frames += len(row.frame_indices or ())
         summary.video_tokens += int(tokens["video"].shape[0])
         summary.audio_tokens += int(tokens["audio"].shape[0]) if "audio" in tokens else 0
     else:
         summary.failed += 1
-        summary.failures.append((row["path"], row["error"]))
+        summary.failures.append((row.path, row.error))
 
 
 def format_summary(summary: Summary, store: str | Path) -> str:

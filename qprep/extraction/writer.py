@@ -7,13 +7,15 @@ extracted ones, sorted by id. Equal shard keys mean equal arrays, so a shard who
 
 from __future__ import annotations
 
-import json
+import dataclasses
 
 import numpy as np
 
 from qprep.extraction.discover import VideoFile
 from qprep.extraction.plan import ShardPlan, shard_key
-from qprep.schemas.manifest import FAILED, OK
+from qprep.extraction.rows import Encoded
+from qprep.schemas.dtypes import storage_dtype
+from qprep.schemas.manifest import ManifestRow, new_row
 from qprep.store.layout import SPAN, Store
 
 
@@ -22,7 +24,7 @@ class ShardWriter:
         self.store = store
         self.plans = plans
         self.waiting = {shard: {video.id for video in plan.extract} for shard, plan in plans.items()}
-        self.results: dict[int, list[tuple[dict, dict[str, np.ndarray]]]] = {shard: [] for shard in plans}
+        self.results: dict[int, list[tuple[ManifestRow, dict[str, np.ndarray]]]] = {shard: [] for shard in plans}
         self.bytes_written = 0
         self.shards_written = 0
 
@@ -31,20 +33,21 @@ class ShardWriter:
         for shard in [s for s, ids in self.waiting.items() if not ids]:
             self._commit(shard)
 
-    def add(self, task: dict, meta: dict, tokens: dict[str, np.ndarray]) -> dict:
-        """Take one video's result (`tokens` by kind: video, audio, deepstack; a kind the video has
-        none of may be left out); commits its shard when it was the last one. Returns its row."""
-        row = manifest_row(VideoFile(**task), meta, self.store.fingerprint)
-        shard = row["shard"]
-        self.results[shard].append((row, {kind: tokens.get(kind, self._empty(kind)) for kind in self.store.kinds()}))
-        self.waiting[shard].discard(row["id"])
-        if not self.waiting[shard]:
-            self._commit(shard)
+    def add(self, encoded: Encoded) -> ManifestRow:
+        """Take one video's result (a kind of tokens the video has none of may be left out);
+        commits its shard when it was the last one. Returns its row."""
+        row = encoded.row
+        row.fingerprint = self.store.fingerprint
+        self.results[row.shard].append((row, {kind: encoded.tokens.get(kind, self._empty(kind))
+                                              for kind in self.store.kinds()}))
+        self.waiting[row.shard].discard(row.id)
+        if not self.waiting[row.shard]:
+            self._commit(row.shard)
         return row
 
-    def add_failed(self, video: VideoFile, cause: str, code: str) -> dict:
+    def add_failed(self, video: VideoFile, cause: str, code: str) -> ManifestRow:
         """Record a video no result came back for as failed; returns its row."""
-        return self.add(dict(video.__dict__), {"status": FAILED, "error": cause, "error_code": code}, {})
+        return self.add(Encoded(new_row(video).fail(cause, code)))
 
     def unfinished(self) -> set[str]:
         """Ids of the videos whose result has not arrived yet."""
@@ -56,12 +59,12 @@ class ShardWriter:
 
     def _commit(self, shard: int) -> None:
         plan = self.plans[shard]
-        members = [(dict(row), None) for row in plan.keep] + self.results.pop(shard)
+        members = [(dataclasses.replace(row), None) for row in plan.keep] + self.results.pop(shard)
         del self.waiting[shard]
         if not members:
             self.store.remove_shard(shard)
             return
-        members.sort(key=lambda member: member[0]["id"])
+        members.sort(key=lambda member: member[0].id)
         rows = [row for row, _ in members]
         key = shard_key(self.store.fingerprint, rows)
         if key == plan.committed_key:  # same members, same bytes, same status: the arrays stand
@@ -72,33 +75,13 @@ class ShardWriter:
             self.bytes_written += self.store.commit_shard(shard, key, rows, tokens)
         self.shards_written += 1
 
-    def _tokens(self, row: dict, fresh: dict | None, kind: str, plan: ShardPlan) -> np.ndarray:
+    def _tokens(self, row: ManifestRow, fresh: dict | None, kind: str, plan: ShardPlan) -> np.ndarray:
         if fresh is not None:
             return fresh[kind]
-        length = row.get(f"{SPAN[kind]}_length") or 0
-        if row["status"] != OK or not length:
+        start, length = row.span(SPAN[kind])
+        if not row.ok or not length:
             return self._empty(kind)
-        start = row[f"{SPAN[kind]}_offset"]
         return self.store.array(plan.shard, plan.committed_key, kind)[start:start + length]
 
     def _empty(self, kind: str) -> np.ndarray:
-        return np.zeros((0, *self.store.row_shape(kind)), self.store.attrs["storage_dtype"])
-
-
-def manifest_row(video: VideoFile, meta: dict, fingerprint: str) -> dict:
-    """A manifest row from a video file and what the stages learned about it."""
-    row = {"id": video.id, "path": video.path, "size": video.size, "mtime_ns": video.mtime_ns, "shard": video.shard,
-           "fingerprint": fingerprint, "shard_key": ""}
-    fields = ("content_hash", "status", "error", "error_code", "codec", "width", "height", "rotation", "duration",
-              "frame_count", "frame_indices", "frame_times", "sample_fps", "second_per_grid", "grid_thw",
-              "resized_height", "resized_width", "mel_length", "audio_seconds", "audio_windows", "audio_note",
-              "device")
-    row.update({name: meta.get(name) for name in fields})
-    row["fps"] = meta.get("native_fps")
-    return row
-
-
-def decode_result(result: dict) -> tuple[dict, dict, dict[str, np.ndarray]]:
-    """(task, meta, tokens by kind) of a tower-stage row."""
-    tokens = {kind: np.asarray(result[kind]) for kind in SPAN if kind in result}
-    return json.loads(result["task"]), json.loads(result["meta"]), tokens
+        return np.zeros((0, *self.store.row_shape(kind)), storage_dtype(self.store.attrs["dtype"]))

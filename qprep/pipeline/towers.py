@@ -20,7 +20,8 @@ from qprep.errors import SettingsError
 from qprep.models.checkpoint import Checkpoint, load_weights
 from qprep.pipeline.patchify import normalize
 from qprep.schemas.settings import ModelSpec
-from qprep.schemas.towers import Budget, resolve_dtype, torch_dtype
+from qprep.schemas.dtypes import resolve_dtype, torch_dtype
+from qprep.schemas.towers import Budget
 
 
 @dataclass

@@ -3,59 +3,168 @@
 Everything a trainer needs besides the tokens lives here: where the video's tokens are (shard, key,
 row offsets and lengths), its time facts (sampled frame times, `second_per_grid`, fps) and its
 geometry (`grid_thw`), plus what re-runs compare (size, mtime, content hash, fingerprint).
+
+This module is the only one that names the columns: `ManifestRow` is a row, its fields are the
+columns (in their Parquet order), and the table-wide questions readers ask (ids, counts, token
+totals, shard keys) are answered by the functions at the bottom, so no reader spells a column.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
 import pyarrow as pa
+import pyarrow.compute as pc
+
+if TYPE_CHECKING:
+    from qprep.schemas.metadata import VideoMetadata
 
 OK = "ok"
 FAILED = "failed"
+SPANS = ("video", "audio")  # the row ranges a row points at; deepstack levels share the video's
 
-MANIFEST_SCHEMA = pa.schema([
+
+def _column(arrow_type: pa.DataType, *, nullable: bool = True, default=None):
+    return dataclasses.field(default=default, metadata={"arrow": arrow_type, "nullable": nullable})
+
+
+@dataclass(kw_only=True)
+class ManifestRow:
     # identity and change detection
-    pa.field("id", pa.string(), nullable=False),  # relative path without its extension
-    pa.field("path", pa.string(), nullable=False),  # relative to the videos directory, '/'-separated
-    pa.field("size", pa.int64(), nullable=False),
-    pa.field("mtime_ns", pa.int64(), nullable=False),
-    pa.field("content_hash", pa.string()),  # sha256 of the file's bytes
-    pa.field("shard", pa.int32(), nullable=False),
-    pa.field("shard_key", pa.string(), nullable=False),  # hash(fingerprint, members' paths and hashes)
-    pa.field("fingerprint", pa.string(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),  # "ok" or "failed"
-    pa.field("error", pa.string()),  # the cause, for failed rows
-    pa.field("error_code", pa.string()),  # qprep.errors code, for failed rows
+    id: str = _column(pa.string(), nullable=False)  # relative path without its extension
+    path: str = _column(pa.string(), nullable=False)  # relative to the videos directory, '/'-separated
+    size: int = _column(pa.int64(), nullable=False, default=0)
+    mtime_ns: int = _column(pa.int64(), nullable=False, default=0)
+    content_hash: str | None = _column(pa.string())  # sha256 of the file's bytes
+    shard: int = _column(pa.int32(), nullable=False, default=0)
+    shard_key: str = _column(pa.string(), nullable=False, default="")  # hash(fingerprint, members' paths, hashes)
+    fingerprint: str = _column(pa.string(), nullable=False, default="")
+    status: str = _column(pa.string(), nullable=False, default=OK)  # OK or FAILED
+    error: str | None = _column(pa.string())  # the cause, for failed rows
+    error_code: str | None = _column(pa.string())  # qprep.errors code, for failed rows
     # the video
-    pa.field("codec", pa.string()),
-    pa.field("width", pa.int32()),  # as displayed (after rotation)
-    pa.field("height", pa.int32()),
-    pa.field("rotation", pa.int32()),
-    pa.field("fps", pa.float64()),  # the stream's average frame rate
-    pa.field("duration", pa.float64()),
-    pa.field("frame_count", pa.int64()),
+    codec: str | None = _column(pa.string())
+    width: int | None = _column(pa.int32())  # as displayed (after rotation)
+    height: int | None = _column(pa.int32())
+    rotation: int | None = _column(pa.int32())
+    fps: float | None = _column(pa.float64())  # the stream's average frame rate
+    duration: float | None = _column(pa.float64())
+    frame_count: int | None = _column(pa.int64())
     # what was sampled and how it maps to time
-    pa.field("frame_indices", pa.list_(pa.int64())),
-    pa.field("frame_times", pa.list_(pa.float64())),  # seconds, from the frames' timestamps
-    pa.field("sample_fps", pa.float64()),
-    pa.field("second_per_grid", pa.float64()),
-    pa.field("grid_thw", pa.list_(pa.int64(), 3)),
-    pa.field("resized_height", pa.int32()),
-    pa.field("resized_width", pa.int32()),
+    frame_indices: list[int] | None = _column(pa.list_(pa.int64()))
+    frame_times: list[float] | None = _column(pa.list_(pa.float64()))  # seconds, from the frames' timestamps
+    sample_fps: float | None = _column(pa.float64())
+    second_per_grid: float | None = _column(pa.float64())
+    grid_thw: list[int] | None = _column(pa.list_(pa.int64(), 3))
+    resized_height: int | None = _column(pa.int32())
+    resized_width: int | None = _column(pa.int32())
     # where the tokens are: rows [offset, offset + length) of the shard's arrays
-    pa.field("video_offset", pa.int64()),
-    pa.field("video_length", pa.int64()),  # = t·h·w / merge²
-    pa.field("audio_offset", pa.int64()),
-    pa.field("audio_length", pa.int64()),  # 0 without audio
-    pa.field("mel_length", pa.int64()),  # valid mel frames (get_rope_index's audio length)
-    pa.field("audio_seconds", pa.float64()),
-    pa.field("audio_windows", pa.int32()),
-    pa.field("audio_note", pa.string()),  # why there is no audio, when there is none
-    pa.field("device", pa.string()),  # where the towers ran
-])
+    video_offset: int | None = _column(pa.int64())
+    video_length: int | None = _column(pa.int64())  # = t·h·w / merge²
+    audio_offset: int | None = _column(pa.int64())
+    audio_length: int | None = _column(pa.int64())  # 0 without audio
+    mel_length: int | None = _column(pa.int64())  # valid mel frames (get_rope_index's audio length)
+    audio_seconds: float | None = _column(pa.float64())
+    audio_windows: int | None = _column(pa.int32())
+    audio_note: str | None = _column(pa.string())  # why there is no audio, when there is none
+    device: str | None = _column(pa.string())  # where the towers ran
 
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    @property
+    def has_audio(self) -> bool:
+        return bool(self.audio_length)
+
+    def span(self, span: str) -> tuple[int, int]:
+        """(offset, length) of the row's range in the shard's arrays of `span` ("video" or "audio")."""
+        return getattr(self, f"{span}_offset") or 0, getattr(self, f"{span}_length") or 0
+
+    def set_span(self, span: str, offset: int, length: int) -> None:
+        setattr(self, f"{span}_offset", offset)
+        setattr(self, f"{span}_length", length)
+
+    def fail(self, cause: str, code: str) -> ManifestRow:
+        """This row as failed with `cause` (`code`: a qprep.errors code)."""
+        self.status, self.error, self.error_code = FAILED, cause, code
+        return self
+
+    def describe(self, metadata: VideoMetadata, grid_thw: list[int], mel_length: int) -> ManifestRow:
+        """Record what the CPU stage learned about the video."""
+        for name in ("codec", "width", "height", "rotation", "duration", "frame_count", "sample_fps",
+                     "second_per_grid", "resized_height", "resized_width", "audio_seconds", "audio_windows",
+                     "audio_note"):
+            setattr(self, name, getattr(metadata, name))
+        self.fps = metadata.native_fps
+        self.frame_indices, self.frame_times = list(metadata.frame_indices), list(metadata.frame_times)
+        self.grid_thw, self.mel_length = [int(v) for v in grid_thw], int(mel_length)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ManifestRow:
+        return cls(**values)
+
+
+class VideoFileLike(Protocol):
+    id: str
+    path: str
+    size: int
+    mtime_ns: int
+    shard: int
+
+
+def new_row(video: VideoFileLike, fingerprint: str = "") -> ManifestRow:
+    """The row of a video file before anything was learned about it."""
+    return ManifestRow(id=video.id, path=video.path, size=video.size, mtime_ns=video.mtime_ns, shard=video.shard,
+                       fingerprint=fingerprint)
+
+
+MANIFEST_SCHEMA = pa.schema([pa.field(f.name, f.metadata["arrow"], nullable=f.metadata["nullable"])
+                             for f in dataclasses.fields(ManifestRow)])
 COLUMNS = tuple(MANIFEST_SCHEMA.names)
 
 
-def manifest_table(rows: list[dict]) -> pa.Table:
-    """Rows (dicts keyed by column; missing keys are null) as a table in the manifest schema."""
-    return pa.Table.from_pylist([{name: row.get(name) for name in COLUMNS} for row in rows], schema=MANIFEST_SCHEMA)
+# ---- tables ----------------------------------------------------------------------------------------
+
+def manifest_table(rows: list[ManifestRow]) -> pa.Table:
+    """Rows as a table in the manifest schema."""
+    return pa.Table.from_pylist([row.to_dict() for row in rows], schema=MANIFEST_SCHEMA)
+
+
+def rows_of(table: pa.Table) -> list[ManifestRow]:
+    return [ManifestRow(**values) for values in table.to_pylist()]
+
+
+def sorted_by_id(table: pa.Table) -> pa.Table:
+    return table.take(pc.sort_indices(table, [("id", "ascending")]))
+
+
+def ids(table: pa.Table, status: str | None = None) -> list[str]:
+    """The table's ids in its order, all of them or those with `status`."""
+    if status is not None:
+        table = table.filter(pc.equal(table.column("status"), status))
+    return table.column("id").to_pylist()
+
+
+def with_status(table: pa.Table, status: str) -> list[ManifestRow]:
+    return rows_of(table.filter(pc.equal(table.column("status"), status)))
+
+
+def count(table: pa.Table, status: str) -> int:
+    return int(pc.sum(pc.equal(table.column("status"), status)).as_py() or 0)
+
+
+def token_rows(table: pa.Table, span: str) -> int:
+    """Rows of the `span` arrays the table's rows point at, over all its rows."""
+    return int(pc.sum(table.column(f"{span}_length")).as_py() or 0)
+
+
+def shard_keys(table: pa.Table) -> dict[int, str]:
+    """Each shard's committed key."""
+    return dict(zip(table.column("shard").to_pylist(), table.column("shard_key").to_pylist()))

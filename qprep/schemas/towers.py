@@ -1,12 +1,8 @@
-"""What the tower stage is told: the dtype to run and store in, and how much one call may take."""
+"""What the tower stage is told about how much one call may take (its dtype: `qprep.schemas.dtypes`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from qprep.errors import SettingsError
-
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -23,19 +19,3 @@ class Budget:
     video_patches: int = 0
     audio_frames: int = 0
 
-
-def torch_dtype(name: str):
-    """The torch dtype of one of `DTYPE_NAMES` (torch is imported only when asked: a no-op re-run never is)."""
-    import torch
-
-    if name not in DTYPE_NAMES:
-        raise SettingsError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
-    return getattr(torch, name)
-
-
-def resolve_dtype(name: str, checkpoint_dtype: str) -> str:
-    """'auto' is the dtype the checkpoint was saved in (bf16 for Qwen's releases)."""
-    resolved = checkpoint_dtype if name == "auto" else name
-    if resolved not in DTYPE_NAMES:
-        raise SettingsError(f"dtype must be auto or one of {', '.join(DTYPE_NAMES)}, got {name!r}")
-    return resolved

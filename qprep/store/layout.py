@@ -23,9 +23,11 @@ behind a URL (`s3://bucket/prefix/store.zarr`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,7 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qprep.errors import StoreError
-from qprep.schemas.manifest import MANIFEST_SCHEMA, manifest_table
+from qprep.schemas.dtypes import storage_dtype
+from qprep.schemas.manifest import MANIFEST_SCHEMA, ManifestRow, manifest_table, shard_keys
 from qprep.store.fs import LocalFiles, RemoteFiles, files_at
 
 # 1: video (and audio) arrays. 2: also a deepstack array; written only by stores that have one, so
@@ -42,12 +45,10 @@ from qprep.store.fs import LocalFiles, RemoteFiles, files_at
 SCHEMA_VERSION = 2
 READS = (1, 2)
 KINDS = ("video", "audio", "deepstack")
-# The manifest columns `<span>_offset` / `<span>_length` that place a kind's rows; deepstack rows
-# are the video rows' twins. (A store without deepstack levels holds no such array: the layout of
+# The manifest row's span (`ManifestRow.span`) that places a kind's rows; deepstack rows are the
+# video rows' twins. (A store without deepstack levels holds no such array: the layout of
 # the stores written before it existed is unchanged.)
 SPAN = {"video": "video", "audio": "audio", "deepstack": "video"}
-# Logical dtype → what the Zarr array holds. Zarr and NumPy have no bfloat16: keep its bits.
-STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 CHUNK_BYTES = 4 << 20  # rows per chunk are chosen so a chunk holds about this much
 # qprep's own files, in .qprep/
 LAST_RUN = "last-run.json"  # the videos directory and summary of the latest run
@@ -55,6 +56,16 @@ WEIGHT_DIGESTS = "weight-digests.json"  # tower weight hashes by file, size and 
 MODEL_SPEC = "model-spec.json"  # the preprocessor spec, by the config files it was read from
 GROUP, MANIFEST, SHARDS, PRIVATE = "zarr.json", "manifest", "shards", ".qprep"
 LOCK = f"{PRIVATE}/lock"
+
+
+@dataclass(frozen=True)
+class LastRun:
+    """The latest run's videos folder (where `status` and `verify` look by default), whether it
+    followed links out of it, and its summary (None while it runs, or when it died)."""
+
+    videos: str | None = None
+    follow_links: bool = False
+    summary: dict | None = None
 
 
 class Store:
@@ -90,7 +101,7 @@ class Store:
             "model": model,
             "hidden_size": hidden_size,
             "dtype": dtype,
-            "storage_dtype": STORAGE_DTYPES[dtype],
+            "storage_dtype": storage_dtype(dtype).name,
             "shard_count": shard_count,
             "has_audio": has_audio,
             "deepstack_levels": deepstack_levels,
@@ -181,7 +192,7 @@ class Store:
 
     # ---- writing a shard ------------------------------------------------------------------------
 
-    def commit_shard(self, shard: int, key: str, rows: list[dict], tokens: dict[str, list[np.ndarray]]) -> int:
+    def commit_shard(self, shard: int, key: str, rows: list[ManifestRow], tokens: dict[str, list[np.ndarray]]) -> int:
         """Write a shard's arrays, then make it visible in one atomic step. Returns bytes written.
 
         `rows` are the manifest rows in their final order; `tokens[kind][i]` is row i's tokens in
@@ -198,19 +209,19 @@ class Store:
                 for row, part in zip(rows, parts):
                     span = SPAN[kind]
                     if span == kind:
-                        row[f"{span}_offset"], row[f"{span}_length"] = offset, int(part.shape[0])
-                    elif (row[f"{span}_offset"], row[f"{span}_length"]) != (offset, int(part.shape[0])):
-                        raise StoreError(f"video {row['id']}: {part.shape[0]} {kind} rows for "
-                                         f"{row[f'{span}_length']} {span} rows")
+                        row.set_span(span, offset, int(part.shape[0]))
+                    elif row.span(span) != (offset, int(part.shape[0])):
+                        raise StoreError(f"video {row.id}: {part.shape[0]} {kind} rows for "
+                                         f"{row.span(span)[1]} {span} rows")
                     offset += int(part.shape[0])
                 written += self._write_array(data_dir, kind, parts, offset)
             for row in rows:
-                row["shard_key"] = key
+                row.shard_key = key
             written += self._replace_manifest(shard, manifest_table(rows))
         self._drop_other_keys(shard, keep=key)
         return written
 
-    def rewrite_manifest(self, shard: int, rows: list[dict]) -> int:
+    def rewrite_manifest(self, shard: int, rows: list[ManifestRow]) -> int:
         """Replace a shard's manifest over its existing arrays (rows keep their offsets)."""
         with self._full_disk_named(f"shard {shard}'s manifest"):
             return self._replace_manifest(shard, manifest_table(rows))
@@ -224,7 +235,7 @@ class Store:
         """Remove what a killed writer left: unreferenced arrays and unfinished manifest files.
         `manifest` is the committed manifest (`self.manifest()`)."""
         self.files.remove_unfinished(MANIFEST)
-        committed = dict(zip(manifest.column("shard").to_pylist(), manifest.column("shard_key").to_pylist()))
+        committed = shard_keys(manifest)
         for shard_name in self.files.dirs(SHARDS):
             if not shard_name.isdigit():
                 continue
@@ -246,6 +257,15 @@ class Store:
             return json.loads(self.files.read(f"{PRIVATE}/{name}"))
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
+
+    def last_run(self) -> LastRun:
+        """What the latest `qprep extract` on this store recorded (empty before the first)."""
+        recorded = self.read_json(LAST_RUN)
+        return LastRun(videos=recorded.get("videos"), follow_links=bool(recorded.get("follow_links", False)),
+                       summary=recorded.get("summary"))
+
+    def record_run(self, run: LastRun) -> None:
+        self.write_json(LAST_RUN, dataclasses.asdict(run))
 
     def write_json(self, name: str, value: dict) -> None:
         data = json.dumps(value).encode()

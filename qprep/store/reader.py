@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
-from qprep.schemas.manifest import OK
-from qprep.schemas.towers import torch_dtype
+from qprep.schemas import manifest
+from qprep.schemas.dtypes import to_tensor, torch_dtype
+from qprep.schemas.manifest import OK, ManifestRow
 from qprep.store.layout import SPAN, Store
 
 
@@ -31,7 +31,7 @@ class CachedVideo:
     second_per_grid: float
     frame_times: tuple[float, ...]
     mel_length: int
-    row: dict[str, Any]
+    row: ManifestRow
     deepstack: torch.Tensor | None = None  # [levels, t·h·w/merge², hidden], towers with deepstack levels
 
 
@@ -40,9 +40,8 @@ class Cache:
 
     def __init__(self, path: str | Path):
         self.store = Store.open(path)
-        manifest = self.store.manifest()
-        self.manifest: pa.Table = manifest.take(pc.sort_indices(manifest, [("id", "ascending")]))
-        self._rows = {video_id: i for i, video_id in enumerate(self.manifest.column("id").to_pylist())}
+        self.manifest: pa.Table = manifest.sorted_by_id(self.store.manifest())
+        self._rows = {video_id: i for i, video_id in enumerate(manifest.ids(self.manifest))}
         self._arrays: dict[tuple[int, str, str], Any] = {}
         self._dtype = torch_dtype(self.store.attrs["dtype"])
 
@@ -74,10 +73,7 @@ class Cache:
 
     def ids(self, status: str | None = OK) -> list[str]:
         """Video ids, sorted; by default only those extracted successfully."""
-        if status is None:
-            return list(self._rows)
-        mask = pc.equal(self.manifest.column("status"), status)
-        return self.manifest.filter(mask).column("id").to_pylist()
+        return list(self._rows) if status is None else manifest.ids(self.manifest, status)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -85,23 +81,23 @@ class Cache:
     def __contains__(self, video_id: str) -> bool:
         return video_id in self._rows
 
-    def row(self, video_id: str) -> dict[str, Any]:
+    def row(self, video_id: str) -> ManifestRow:
         try:
             index = self._rows[video_id]
         except KeyError:
             raise KeyError(f"{self.store.root}: no video with id {video_id!r}") from None
-        return self.manifest.slice(index, 1).to_pylist()[0]
+        return manifest.rows_of(self.manifest.slice(index, 1))[0]
 
     def __getitem__(self, video_id: str) -> CachedVideo:
         row = self._ok_row(video_id)
         return CachedVideo(
             id=video_id,
             video_tokens=self._tokens(row, "video"),
-            audio_tokens=self._tokens(row, "audio") if row["audio_length"] else None,
-            grid_thw=tuple(row["grid_thw"]),
-            second_per_grid=row["second_per_grid"],
-            frame_times=tuple(row["frame_times"]),
-            mel_length=row["mel_length"],
+            audio_tokens=self._tokens(row, "audio") if row.has_audio else None,
+            grid_thw=tuple(row.grid_thw),
+            second_per_grid=row.second_per_grid,
+            frame_times=tuple(row.frame_times),
+            mel_length=row.mel_length,
             row=row,
             deepstack=self.deepstack(video_id) if self.store.deepstack_levels else None,
         )
@@ -115,7 +111,7 @@ class Cache:
 
     def audio_tokens(self, video_id: str) -> torch.Tensor | None:
         row = self._ok_row(video_id)
-        return self._tokens(row, "audio") if row["audio_length"] else None
+        return self._tokens(row, "audio") if row.has_audio else None
 
     def deepstack(self, video_id: str) -> torch.Tensor:
         """[levels, tokens, hidden]: level i is what the language model adds after its layer i."""
@@ -123,43 +119,28 @@ class Cache:
             raise KeyError(f"{self.store.root}: this store holds no deepstack features (its model has none)")
         return self._tokens(self._ok_row(video_id), "deepstack").transpose(0, 1)
 
-    def _ok_row(self, video_id: str) -> dict[str, Any]:
+    def _ok_row(self, video_id: str) -> ManifestRow:
         row = self.row(video_id)
-        if row["status"] != OK:
-            raise KeyError(f"{self.store.root}: video {video_id!r} failed extraction: {row['error']}")
+        if not row.ok:
+            raise KeyError(f"{self.store.root}: video {video_id!r} failed extraction: {row.error}")
         return row
 
-    def _tokens(self, row: dict[str, Any], kind: str) -> torch.Tensor:
-        handle = (row["shard"], row["shard_key"], kind)
+    def _tokens(self, row: ManifestRow, kind: str) -> torch.Tensor:
+        handle = (row.shard, row.shard_key, kind)
         array = self._arrays.get(handle)
         if array is None:
             array = self._arrays[handle] = self.store.array(*handle)
-        start = row[f"{SPAN[kind]}_offset"]
-        values = np.ascontiguousarray(array[start:start + row[f"{SPAN[kind]}_length"]])
+        start, length = row.span(SPAN[kind])
+        values = np.ascontiguousarray(array[start:start + length])
         return to_tensor(values, self._dtype)
 
 
-def _content_key(fingerprint: str, manifest: pa.Table) -> str:
+def _content_key(fingerprint: str, table: pa.Table) -> str:
     import hashlib
 
     # a shard's key hashes its members' paths, content hashes and statuses, so the keys name it all
-    shards = sorted(set(zip(manifest.column("shard").to_pylist(), manifest.column("shard_key").to_pylist())))
+    shards = sorted(manifest.shard_keys(table).items())
     return hashlib.sha256(repr((fingerprint, shards)).encode()).hexdigest()[:16]
-
-
-def to_tensor(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """Stored values → torch in the logical dtype (bf16 from its uint16 bits, no copy)."""
-    if dtype is torch.bfloat16:
-        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(values)
-
-
-def to_storage(tokens: torch.Tensor) -> np.ndarray:
-    """Tower output → what the Zarr array holds (bf16 as its uint16 bits, lossless)."""
-    tokens = tokens.detach().to("cpu").contiguous()
-    if tokens.dtype is torch.bfloat16:
-        return tokens.view(torch.int16).numpy().view(np.uint16)
-    return tokens.numpy()
 
 
 def open_cache(path: str | Path) -> Cache:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.compute as pc
-
+from qprep.schemas import manifest as columns
+from qprep.schemas.dtypes import storage_dtype
 from qprep.schemas.manifest import FAILED, OK
-from qprep.store.layout import LAST_RUN, SPAN, Store
+from qprep.store.layout import SPAN, Store
 
 
 def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
@@ -17,9 +17,8 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
 
     store = Store.open(path)
     manifest = store.manifest()
-    status = manifest.column("status")
-    last_run = store.read_json(LAST_RUN)
-    videos = videos or last_run.get("videos")
+    last_run = store.last_run()
+    videos = videos or last_run.videos
     report = {
         "store": str(store.root),
         "model": store.attrs["model"],
@@ -27,24 +26,23 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
         "fingerprint": store.fingerprint,
         "settings": store.attrs["config"]["settings"],
         "shards": {"committed": len(store.shard_files()), "count": store.shard_count},
-        "videos": {"ok": _count(status, OK), "failed": _count(status, FAILED), "pending": None, "gone": None},
-        "tokens": {"video": _sum(manifest, "video_length"), "audio": _sum(manifest, "audio_length")},
+        "videos": {"ok": columns.count(manifest, OK), "failed": columns.count(manifest, FAILED), "pending": None,
+                   "gone": None},
+        "tokens": {span: columns.token_rows(manifest, span) for span in columns.SPANS},
         "deepstack_levels": store.deepstack_levels,
         "token_bytes": _token_bytes(store, manifest),
         "bytes": store.size_bytes(),
         "videos_dir": str(videos) if videos else None,
-        "failures": [
-            {"path": row["path"], "code": row["error_code"], "error": (row["error"] or "").splitlines()[0]}
-            for row in manifest.filter(pc.equal(status, FAILED)).select(["path", "error_code", "error"]).to_pylist()
-        ],
-        "last_run": last_run.get("summary"),
+        "failures": [{"path": row.path, "code": row.error_code, "error": (row.error or "").splitlines()[0]}
+                     for row in columns.with_status(manifest, FAILED)],
+        "last_run": last_run.summary,
     }
     if videos and Path(videos).is_dir():
-        on_disk = discover(videos, store.shard_count, follow_links=last_run.get("follow_links", False))
-        committed = {row["id"]: row for row in manifest.select(["id", "size", "mtime_ns", "status"]).to_pylist()}
+        on_disk = discover(videos, store.shard_count, follow_links=last_run.follow_links)
+        committed = {row.id: row for row in columns.rows_of(manifest)}
         report["videos"]["pending"] = sum(
             1 for video in on_disk
-            if (row := committed.get(video.id)) is None or row["status"] != OK
+            if (row := committed.get(video.id)) is None or not row.ok
             or file_state(row, video.size, video.mtime_ns) != UNCHANGED)
         report["videos"]["gone"] = len(set(committed) - {video.id for video in on_disk})
     return report
@@ -83,17 +81,9 @@ def _token_bytes(store: Store, manifest) -> dict[str, int]:
     """Bytes of each token array over the committed rows (what the kinds cost, apart)."""
     import numpy as np
 
-    item = np.dtype(store.attrs["storage_dtype"]).itemsize
+    item = storage_dtype(store.attrs["dtype"]).itemsize
     out = {}
     for kind in store.kinds():
-        rows = _sum(manifest, f"{SPAN[kind]}_length")
+        rows = columns.token_rows(manifest, SPAN[kind])
         out[kind] = rows * int(np.prod(store.row_shape(kind))) * item
     return out
-
-
-def _count(column, value: str) -> int:
-    return int(pc.sum(pc.equal(column, value)).as_py() or 0)
-
-
-def _sum(table, name: str) -> int:
-    return int(pc.sum(table.column(name)).as_py() or 0)

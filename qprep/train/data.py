@@ -18,6 +18,7 @@ import torch
 
 from qprep.errors import SettingsError
 from qprep.models.families import PromptLayout
+from qprep.schemas.manifest import ManifestRow
 
 VIDEO_MARK = "<video>"
 ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
@@ -138,11 +139,11 @@ def build_dataset(records: list[dict], cache, tokenizer, layout: PromptLayout, *
             input_ids, labels = input_ids[:max_length], labels[:max_length]
             dataset.cut.append(video_id)
         dataset.samples.append(Sample(id=video_id, input_ids=input_ids, labels=labels,
-                                      has_audio=layout.audio and bool(row["audio_length"])))
+                                      has_audio=layout.audio and row.has_audio))
     return dataset
 
 
-def with_video_block(text_ids: list[int], labels: list[int], row: dict,
+def with_video_block(text_ids: list[int], labels: list[int], row: ManifestRow,
                      layout: PromptLayout) -> tuple[list[int], list[int], int]:
     """The chat template's video placeholder (start, pad, end) replaced by the cached video's block
     (the family's `video_block`), which the labels ignore: (input ids, labels, where the block ends)."""

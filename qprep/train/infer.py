@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from qprep.errors import SettingsError
+from qprep.schemas.dtypes import compute_dtype
 
 # The seed recipe's dense-captioning question (LongVALE).
 DENSE_CAPTION_PROMPT = ("Could you detail events during different time segments? Format strictly: "
@@ -68,7 +69,7 @@ def infer(cache_path: str | Path, model: str | None, out: str | Path, *, adapter
 
     started = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+    dtype = dtype or compute_dtype(device)
     cache = open_cache(cache_path)
     checkpoint = open_checkpoint(model or cache.model)
     check_cache_fits(cache, checkpoint)
@@ -154,7 +155,7 @@ class Generator:
         input_ids = self.prompt_ids(request)
         row = self.cache.row(request.id)
         sample = Sample(id=request.id, input_ids=input_ids, labels=[IGNORE] * len(input_ids),
-                        has_audio=self.layout.audio and bool(row["audio_length"]))
+                        has_audio=self.layout.audio and row.has_audio)
         return collate([sample], self.cache, self.layout).to(self.device)
 
     @torch.inference_mode()

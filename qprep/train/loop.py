@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from qprep.errors import SettingsError
+from qprep.schemas.dtypes import compute_dtype
 from qprep.schemas.training import TrainSettings
 from qprep.train.optim import build_optimizer, build_scheduler, clip, step_shares, steps_in_run
 from qprep.train.plot import plot_loss
@@ -108,7 +109,7 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = RunFolder(out)
-    dtype = settings.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = settings.dtype or compute_dtype(device)
     checkpoint = open_checkpoint(model)
     cache = open_cache(cache_path)
     check_cache_fits(cache, checkpoint)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from qprep.models.checkpoint import Checkpoint, load_weights
-from qprep.schemas.towers import resolve_dtype, torch_dtype
+from qprep.schemas.dtypes import resolve_dtype, torch_dtype
 
 
 @dataclass

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     import torch
 
+    from qprep.schemas.manifest import ManifestRow
+
 # peft target module names of the language model's attention and MLP projections.
 ATTENTION_AND_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 
@@ -104,7 +106,7 @@ class Family:
         """(video placeholder id, audio placeholder id or None) as the model config names them."""
         raise NotImplementedError
 
-    def video_block(self, layout: "PromptLayout", row: dict, start: int = 0) -> list[int]:
+    def video_block(self, layout: "PromptLayout", row: ManifestRow, start: int = 0) -> list[int]:
         """The ids that stand for one cached video (its manifest row) in a prompt, with its audio
         where the layout puts audio in the block. `start`: the position of the block's first token
         in the prompt (where the layout depends on it)."""
@@ -154,7 +156,7 @@ class PromptLayout:
         """Whether a video's own audio goes into its block (families with an audio tower)."""
         return self.family.has_audio
 
-    def video_block(self, row: dict, start: int = 0) -> list[int]:
+    def video_block(self, row: ManifestRow, start: int = 0) -> list[int]:
         """The block of one cached video (its manifest row), its first token at position `start`."""
         return self.family.video_block(self, row, start)
 

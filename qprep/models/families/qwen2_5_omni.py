@@ -31,11 +31,11 @@ class QwenOmniFamily(Family):
 
     def video_block(self, layout, row, start=0) -> list[int]:
         ids, config, merge_size = layout.ids, layout.config, layout.merge_size
-        audio_tokens = row["audio_length"] or 0
+        audio_tokens = row.audio_length or 0
         if not audio_tokens:
-            return plain_video_block(row["grid_thw"], ids, merge_size)
-        second_per_grid = row["second_per_grid"]
-        grid_t, grid_h, grid_w = (int(v) for v in row["grid_thw"])
+            return plain_video_block(row.grid_thw, ids, merge_size)
+        second_per_grid = row.second_per_grid
+        grid_t, grid_h, grid_w = (int(v) for v in row.grid_thw)
         per_second = config.position_id_per_seconds
         per_chunk = int(per_second * config.seconds_per_chunk)
         video_times = np.repeat(video_time_positions(grid_t, second_per_grid, per_second),

@@ -21,7 +21,7 @@ class QwenVLFamily(Family):
         return config.video_token_id, None
 
     def video_block(self, layout, row, start=0) -> list[int]:
-        return plain_video_block(row["grid_thw"], layout.ids, layout.merge_size)
+        return plain_video_block(row.grid_thw, layout.ids, layout.merge_size)
 
     def position_ids(self, rope_model, batch, config):
         import torch

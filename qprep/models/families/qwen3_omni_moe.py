@@ -72,10 +72,10 @@ class Qwen3OmniFamily(Deepstack, QwenOmniFamily):
 
     def video_block(self, layout, row, start=0) -> list[int]:
         ids = layout.ids
-        audio_tokens = row["audio_length"] or 0
+        audio_tokens = row.audio_length or 0
         if not audio_tokens:
-            return plain_video_block(row["grid_thw"], ids, layout.merge_size)
-        order = audio_in_video_order(row["grid_thw"], layout.merge_size, row["second_per_grid"],
+            return plain_video_block(row.grid_thw, ids, layout.merge_size)
+        order = audio_in_video_order(row.grid_thw, layout.merge_size, row.second_per_grid,
                                      layout.config.position_id_per_seconds, audio_tokens, start)
         return ([ids.vision_start, ids.audio_start] + [ids.video if video else ids.audio for video in order]
                 + [ids.audio_end, ids.vision_end])

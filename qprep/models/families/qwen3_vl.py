@@ -60,11 +60,11 @@ class Qwen3VLFamily(Deepstack, QwenVLFamily):
 
     def video_block(self, layout, row, start=0) -> list[int]:
         ids = layout.ids
-        grid_t, grid_h, grid_w = (int(v) for v in row["grid_thw"])
+        grid_t, grid_h, grid_w = (int(v) for v in row.grid_thw)
         per_patch = (grid_h // layout.merge_size) * (grid_w // layout.merge_size)
-        times = patch_times(row["frame_times"], layout.config.vision_config.temporal_patch_size)
+        times = patch_times(row.frame_times, layout.config.vision_config.temporal_patch_size)
         if len(times) != grid_t:
-            raise ValueError(f"video {row.get('id')}: {len(times)} temporal patches of frame times for a grid of {grid_t}")
+            raise ValueError(f"video {row.id}: {len(times)} temporal patches of frame times for a grid of {grid_t}")
         block = [ids.vision_start]
         for seconds in times:
             block += layout.text_ids(time_stamp(seconds)) + [ids.vision_start] + [ids.video] * per_patch + [ids.vision_end]

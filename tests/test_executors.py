@@ -30,6 +30,7 @@ RAY = ExtractOptions(progress=False, executor="ray")
 VL_FOLDER = {name: {**spec, "audio": False} for name, spec in FOLDER.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
 def test_both_executors_write_the_same_store(ray_cluster, tiny_model, tmp_path, kind):
     model_dir = str(tiny_model(kind))
@@ -82,6 +83,7 @@ def dies_on_the_poison(video, *, poison: str, tries: str, **kwargs):
     return prepare_video(video, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_video_that_kills_its_local_worker_on_every_try_is_recorded_failed_and_the_rest_finish(
         tiny_model, tmp_path, monkeypatch):
     """The pool goes down with every task in it, so each video in flight may be the cause: they are
@@ -104,6 +106,7 @@ def test_a_video_that_kills_its_local_worker_on_every_try_is_recorded_failed_and
     assert snapshot(store) == snapshot(tmp_path / "clean.zarr")
 
 
+@pytest.mark.slow
 def test_a_script_without_a_main_guard_is_told_so(tiny_model, tmp_path):
     videos = make_folder(tmp_path / "videos", {"a.mp4": FOLDER["talk/a.mp4"]})
     script = tmp_path / "unguarded.py"

@@ -1,4 +1,7 @@
-"""`qprep extract` end to end on Ray: fidelity of the cached tokens, re-runs, crashes, bad videos.
+"""`qprep extract` end to end: fidelity of the cached tokens, re-runs, crashes, bad videos.
+
+The tests whose subject is not Ray run the in-process executor (`LOCAL`), which writes the same
+bytes as Ray (tests/test_executors.py); re-runs and kills run on the session's Ray.
 
 Tower references are transformers' full models (`from_pretrained`) on transformers' processors'
 output for the same frames (tests/reference.py); the store is read back through `open_cache` and
@@ -32,6 +35,7 @@ from qprep.synth import VideoSpec, make_video
 from reference import full_model, plain_audio_decode, reference_pixels
 
 QUIET = ExtractOptions(progress=False)
+LOCAL = ExtractOptions(progress=False, executor="local")
 FOLDER = {
     "talk/a.mp4": dict(width=160, height=120, fps=25, seconds=3, events=((0.5, 1.0),)),
     "talk/b.mp4": dict(width=96, height=64, fps=30, seconds=2, bframes=2),
@@ -77,18 +81,18 @@ def other_files(snap: dict[str, str], shard: int) -> dict[str, str]:
     return {k: v for k, v in snap.items() if k not in mine}
 
 
-def test_cached_tokens_equal_the_full_model_on_the_processors_output(ray_cluster, tiny_model, tmp_path):
+def test_cached_tokens_equal_the_full_model_on_the_processors_output(tiny_model, tmp_path):
     model_dir = tiny_model("qwen2_5_omni")
     folder = make_folder(tmp_path / "videos")
     (folder / "broken.mp4").write_bytes(os.urandom(4096))
     summary = extract(folder, tmp_path / "store.zarr", str(model_dir), VideoSettings(fps=2), dtype="float32",
-                      shards=3, options=QUIET)
+                      shards=3, options=LOCAL)
     assert (summary.extracted, summary.failed, summary.videos) == (5, 1, 6)
 
     cache = open_cache(tmp_path / "store.zarr")
     assert cache.ids() == ["c", "d", "silent", "talk/a", "talk/b"]
     broken = cache.row("broken")
-    assert broken["status"] == "failed" and broken["error_code"] == "unreadable" and "FFmpeg" in broken["error"]
+    assert broken.status == "failed" and broken.error_code == "unreadable" and "FFmpeg" in broken.error
 
     thinker = full_model(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -180,28 +184,28 @@ def test_reruns_touch_only_what_changed(ray_cluster, tiny_model, tmp_path):
     assert other_files(snapshot(store), shard_d) == other_files(before, shard_d)
 
 
-def test_a_store_refuses_other_settings_unless_rebuilt(ray_cluster, tiny_model, tmp_path):
+def test_a_store_refuses_other_settings_unless_rebuilt(tiny_model, tmp_path):
     model_dir = str(tiny_model("qwen2_5_vl"))
     folder = make_folder(tmp_path / "videos", {"x.mp4": FOLDER["talk/b.mp4"]})
     store = tmp_path / "store.zarr"
-    extract(folder, store, model_dir, VideoSettings(num_frames=4), dtype="bfloat16", shards=2, options=QUIET)
+    extract(folder, store, model_dir, VideoSettings(num_frames=4), dtype="bfloat16", shards=2, options=LOCAL)
     with pytest.raises(StoreError, match=r"settings\.num_frames: 4 → 6"):
-        extract(folder, store, model_dir, VideoSettings(num_frames=6), options=QUIET)
+        extract(folder, store, model_dir, VideoSettings(num_frames=6), options=LOCAL)
     with pytest.raises(StoreError, match="dtype"):
-        extract(folder, store, model_dir, VideoSettings(num_frames=4), dtype="float32", options=QUIET)
+        extract(folder, store, model_dir, VideoSettings(num_frames=4), dtype="float32", options=LOCAL)
     with pytest.raises(StoreError, match="model.family"):
-        extract(folder, store, str(tiny_model("qwen2_5_omni")), VideoSettings(num_frames=4), options=QUIET)
-    rebuilt = extract(folder, store, model_dir, VideoSettings(num_frames=6), rebuild=True, options=QUIET)
+        extract(folder, store, str(tiny_model("qwen2_5_omni")), VideoSettings(num_frames=4), options=LOCAL)
+    rebuilt = extract(folder, store, model_dir, VideoSettings(num_frames=6), rebuild=True, options=LOCAL)
     assert rebuilt.extracted == 1
     cache = open_cache(store)
     assert cache.row("x").grid_thw[0] == 3 and cache.dtype == torch.float32  # auto: the checkpoint's dtype
 
 
-def test_vl_store_holds_bf16_tokens_equal_to_the_bf16_model(ray_cluster, tiny_model, tmp_path):
+def test_vl_store_holds_bf16_tokens_equal_to_the_bf16_model(tiny_model, tmp_path):
     model_dir = tiny_model("qwen2_5_vl")
     folder = make_folder(tmp_path / "videos", {k: FOLDER[k] for k in ("talk/a.mp4", "c.mp4")})
     extract(folder, tmp_path / "store.zarr", str(model_dir), VideoSettings(fps=2), dtype="bfloat16", shards=2,
-            options=QUIET)
+            options=LOCAL)
     cache = open_cache(tmp_path / "store.zarr")
     model = full_model(model_dir, torch.bfloat16).model
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -252,13 +256,13 @@ def test_a_killed_run_leaves_no_half_shard_and_the_next_run_finishes(ray_cluster
     assert snapshot(store) == snapshot(reference)
 
 
-def test_cli_extract_and_status(ray_cluster, tiny_model, tmp_path):
+def test_cli_extract_and_status(tiny_model, tmp_path):
     folder = make_folder(tmp_path / "videos", {"x.mp4": FOLDER["talk/b.mp4"]})
     (folder / "empty.mp4").write_bytes(b"")
     store = tmp_path / "store.zarr"
     runner = CliRunner()
     args = ["extract", "--videos", str(folder), "--out", str(store), "--model", str(tiny_model("qwen2_5_omni")),
-            "--num-frames", "4", "--quiet"]
+            "--num-frames", "4", "--executor", "local", "--quiet"]
     result = runner.invoke(main, args + ["--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
@@ -274,7 +278,7 @@ def test_cli_extract_and_status(ray_cluster, tiny_model, tmp_path):
     result = runner.invoke(main, ["status", str(store)])
     assert "1 ok, 1 failed" in result.output and "empty.mp4" in result.output
 
-    result = runner.invoke(main, args[:-3] + ["--num-frames", "8", "--quiet"])
+    result = runner.invoke(main, args[:-5] + ["--num-frames", "8", "--quiet"])
     assert result.exit_code == 3 and "refusing to mix" in result.output
 
     result = runner.invoke(main, ["extract", "--videos", str(folder), "--out", str(tmp_path / "s2")])
@@ -294,12 +298,12 @@ def test_an_existing_folder_that_is_not_a_store_is_never_overwritten(tiny_model,
     assert (precious / "chapter1.tex").read_text() == "months of work"
 
 
-def test_an_up_to_date_store_is_checked_without_torch_ray_or_transformers(ray_cluster, tiny_model, tmp_path):
+def test_an_up_to_date_store_is_checked_without_torch_ray_or_transformers(tiny_model, tmp_path):
     """The no-op path must stay light: a researcher re-runs this on 10,000 videos."""
     model_dir = str(tiny_model("qwen2_5_vl"))
     folder = make_folder(tmp_path / "videos", {"x.mp4": FOLDER["talk/b.mp4"]})
     store = tmp_path / "store.zarr"
-    extract(folder, store, model_dir, VideoSettings(num_frames=4), shards=2, options=QUIET)
+    extract(folder, store, model_dir, VideoSettings(num_frames=4), shards=2, options=LOCAL)
     probe = (
         "import sys, json; from qprep.extraction.run import extract; from qprep.schemas.settings import VideoSettings;"
         f"s = extract({str(folder)!r}, {str(store)!r}, {model_dir!r}, VideoSettings(num_frames=4));"

@@ -98,6 +98,7 @@ def two_ranks(omni_store, tmp_path_factory):
     return model_dir, cache, data, root / "two", summary
 
 
+@pytest.mark.slow
 def test_two_ranks_follow_one_rank_with_the_same_global_batch(two_ranks, one_thread, tmp_path):
     model_dir, cache, data, two, summary = two_ranks
     one = tmp_path / "one"
@@ -119,6 +120,7 @@ def test_two_ranks_follow_one_rank_with_the_same_global_batch(two_ranks, one_thr
     assert (two / "loss.png").is_file() and len(list(two.glob("checkpoint-*"))) == 2  # rank 0 wrote them once
 
 
+@pytest.mark.slow
 def test_a_two_rank_run_resumes_on_one_rank_and_a_one_rank_run_on_two(two_ranks, one_thread, tmp_path):
     model_dir, cache, data, two, _ = two_ranks
     stop_after_epoch(two, tmp_path / "two-then-one", epoch_steps=3)
@@ -138,6 +140,7 @@ def test_a_two_rank_run_resumes_on_one_rank_and_a_one_rank_run_on_two(two_ranks,
     assert largest_gap(adapter(tmp_path / "one-then-two"), adapter(one)) < 1e-6
 
 
+@pytest.mark.slow
 def test_torchrun_starts_the_same_loop(two_ranks, tmp_path):
     model_dir, cache, data, two, _ = two_ranks
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -150,6 +153,7 @@ def test_torchrun_starts_the_same_loop(two_ranks, tmp_path):
     assert largest_gap(adapter(tmp_path / "torchrun"), adapter(two)) == 0.0
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_run_with_its_name_and_resume_finishes_it(omni_store, tmp_path):
     import psutil
 
@@ -178,6 +182,7 @@ def test_a_killed_rank_ends_the_run_with_its_name_and_resume_finishes_it(omni_st
     assert summary.steps == 40 * 3 and (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_ray_train_runs_the_same_loop_on_the_suites_ray(two_ranks, ray_cluster, tmp_path):
     """Two Ray Train workers (TorchTrainer on the test session's Ray): the same adapter as the two
     ranks the elastic launcher started, bit for bit; the summary comes back from rank 0."""
@@ -189,6 +194,7 @@ def test_ray_train_runs_the_same_loop_on_the_suites_ray(two_ranks, ray_cluster, 
     assert [(r["epoch"], r["batch"]) for r in rows(tmp_path / "ray")] == [(r["epoch"], r["batch"]) for r in rows(two)]
 
 
+@pytest.mark.slow
 def test_ray_train_restarts_the_workers_from_the_last_checkpoint_when_one_dies(omni_store, ray_cluster, tmp_path):
     import threading
 
@@ -230,6 +236,7 @@ def sharded(two_ranks, tmp_path_factory):
     return run, summary
 
 
+@pytest.mark.slow
 def test_sharded_ranks_train_as_unsharded_ranks_and_the_adapter_loads_onto_the_full_model(two_ranks, sharded):
     """Sharded, the ranks all-gather each layer's weights whole and reduce-scatter its gradients: the
     same matmuls and the same sum of the same two values as the all-reduce, so losses and adapter are
@@ -256,6 +263,7 @@ def test_sharded_ranks_train_as_unsharded_ranks_and_the_adapter_loads_onto_the_f
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
+@pytest.mark.slow
 def test_a_sharded_run_resumes_sharded_bit_for_bit_and_refuses_to_resume_unsharded(two_ranks, sharded, tmp_path):
     model_dir, cache, data, _, _ = two_ranks
     run, _ = sharded

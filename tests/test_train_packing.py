@@ -33,7 +33,7 @@ def records(path, ids) -> str:
 
 
 @pytest.mark.parametrize("store", ["omni_store", "vl_train_store", "qwen3_vl_store", "qwen3_omni_store"])
-def test_each_samples_logits_in_a_packed_row_equal_its_logits_alone(request, ray_cluster, store, tmp_path):
+def test_each_samples_logits_in_a_packed_row_equal_its_logits_alone(request, store, tmp_path):
     model_dir, cache = request.getfixturevalue(store)
     checkpoint = open_checkpoint(model_dir)
     tokenizer = checkpoint.tokenizer()

@@ -31,6 +31,7 @@ EXECUTORS = ("auto", "local", "ray")
 # Plans up to this many videos run in-process under `auto` (bench/extract.py measures the crossover)
 LOCAL_MAX_VIDEOS = 256
 
+
 def choose(executor: str, ray_address: str | None, videos: int) -> str:
     """The executor `executor` ("auto", "local" or "ray") means for a plan of `videos` videos."""
     if executor != "auto":

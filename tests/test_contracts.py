@@ -98,3 +98,26 @@ def test_only_the_manifest_module_reads_manifest_columns_by_name():
     assert column_reads(owner), "the check must see the manifest module's own reads"
     found = [read for path in sorted(PACKAGE.rglob("*.py")) if path != owner for read in column_reads(path)]
     assert found == []
+
+
+def test_only_the_dtype_table_lists_dtypes_or_their_storage():
+    """One table (qprep/schemas/dtypes.py) says what each dtype is stored as and verified to: no other
+    module holds a literal listing two dtype names (a mapping or a choice list) or spells a storage dtype."""
+    from qprep.schemas import dtypes
+
+    names = set(dtypes.DTYPE_NAMES)
+    storage = {fact.storage for fact in dtypes.DTYPES.values()} - names
+    assert storage == {"uint16"}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == Path(dtypes.__file__):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            items = node.keys if isinstance(node, ast.Dict) else \
+                node.elts if isinstance(node, (ast.List, ast.Tuple, ast.Set)) else []
+            listed = {item.value for item in items if isinstance(item, ast.Constant)} & names
+            if len(listed) >= 2:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {sorted(listed)}")
+        found += [f"{path.relative_to(PACKAGE.parent)}:{line}: {value!r}" for line, value in string_constants(path)
+                  if value in storage]
+    assert found == []

@@ -121,9 +121,9 @@ def test_cached_tokens_equal_the_full_model_on_the_processors_output(tiny_model,
 
     table = pq.read_table(tmp_path / "store.zarr" / "manifest")
     row = table.filter(pc.equal(table.column("id"), "talk/a")).to_pylist()[0]
-    array = zarr.open_array(str(tmp_path / "store.zarr" / "shards" / f"{row.shard:05d}" / row.shard_key[:16]
+    array = zarr.open_array(str(tmp_path / "store.zarr" / "shards" / f"{row['shard']:05d}" / row["shard_key"][:16]
                                 / "video"), mode="r")
-    assert torch.equal(torch.from_numpy(array[row.video_offset:row.video_offset + row.video_length]),
+    assert torch.equal(torch.from_numpy(array[row["video_offset"]:row["video_offset"] + row["video_length"]]),
                        cache.video_tokens("talk/a"))
 
 

@@ -30,8 +30,8 @@ def token_array(store, video_id: str, kind: str = "video"):
     are the video rows' twins)."""
     row = open_cache(store).row(video_id)
     array = zarr.open_array(str(store / "shards" / f"{row.shard:05d}" / row.shard_key[:16] / kind), mode="r+")
-    span = "video" if kind == "deepstack" else kind
-    return array, slice(row[f"{span}_offset"], row[f"{span}_offset"] + row[f"{span}_length"])
+    offset, length = row.span("video" if kind == "deepstack" else kind)
+    return array, slice(offset, offset + length)
 
 
 def run_verify(*args):

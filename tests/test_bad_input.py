@@ -142,6 +142,7 @@ def test_window_outside_the_video(videos):
     assert_fails(path, errors.TimeRangeError, "select no frames", video_start=5.0, video_end=9.0)
 
 
+@pytest.mark.slow  # a 302 s track
 def test_long_audio_policy_error_refuses_instead_of_cutting(tmp_path):
     spec = dict(width=64, height=48, fps=2, seconds=302, gop_seconds=10, audio_rate=16000, audio_channels=1)
     path = make_video(tmp_path / "long.mp4", **spec)

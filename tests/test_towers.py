@@ -74,7 +74,7 @@ def test_tokens_equal_the_full_model_on_the_processors_output(tiny_model, videos
             assert torch.equal(towers.encode_audio([audio_input(prepared)])[0], expected_audio), name
 
 
-@pytest.mark.parametrize(("seconds", "audio_seconds"), [(40, None), (2, 301)])
+@pytest.mark.parametrize(("seconds", "audio_seconds"), [(40, None), pytest.param(2, 301, marks=pytest.mark.slow)])
 def test_qwen3_omni_encodes_a_long_track_whole_neither_cut_nor_padded_away(tiny_model, videos, seconds, audio_seconds):
     """A 40 s clip, and a 301 s track (past the feature extractor's 300 s chunk, where Qwen2.5-Omni's
     processor would cut): one piece at the track's own length, as Qwen3-Omni's processor makes it,

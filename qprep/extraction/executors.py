@@ -60,6 +60,7 @@ def run_on_ray(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:
 
 def run_locally(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:
     """The CPU stage in a pool of processes, the towers here, one video at a time as it is prepared."""
+    start_worker_server()  # its imports overlap the towers' loading here
     import torch
 
     cores = usable_cores()
@@ -67,10 +68,11 @@ def run_locally(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:
     # the thread count of Ray's CPU tower actor: the same kernels, so the same bits
     threads = options.tower_threads or (max(1, cores // 2) if device == "cpu" else 1)
     kept_threads = torch.get_num_threads()
-    pool = _CpuPool(tasks, workers=min(cores, len(tasks)), job=job)  # the workers start while the towers load
+    towers = TowerStage(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
+                        attn_implementation=job.attn_implementation, budget=options.budget, threads=threads)
+    # A worker's start waits for the server to have imported the CPU stage: so the pool comes after the towers.
+    pool = _CpuPool(tasks, workers=min(cores, len(tasks)), job=job)
     try:
-        towers = TowerStage(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
-                            attn_implementation=job.attn_implementation, budget=options.budget, threads=threads)
         for prepared in pool.results():
             yield from towers.encode([prepared])  # a batch of one
     finally:
@@ -138,15 +140,9 @@ class _CpuPool:
             self._submit(self.waiting.popleft())
 
     def _start(self):
-        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        # Workers fork from a fresh server process that imported the CPU stage (torch, PyAV) once, so
-        # each starts in milliseconds; not from this process, whose torch threads and CUDA state a
-        # fork would copy.
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["qprep.pipeline.prepare", "qprep.extraction.executors"])
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_follow_driver,
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=_worker_context(), initializer=_follow_driver,
                                    initargs=(os.getpid(),))
 
     def _submit(self, video: VideoFile) -> None:
@@ -158,6 +154,27 @@ class _CpuPool:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+
+
+def _worker_context():
+    """Workers fork from a fresh server process that imported the CPU stage (torch, PyAV) once, so
+    each starts in milliseconds; not from this process, whose torch threads and CUDA state a fork
+    would copy."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["qprep.pipeline.prepare", "qprep.extraction.executors"])
+    return context
+
+
+def start_worker_server() -> None:
+    """Start the server the CPU-stage workers fork from, without waiting for it: its imports (a few
+    seconds: torch, PyAV) run beside whatever this process does next, and the first worker waits
+    only for what is left of them. Starting it again is a no-op."""
+    import multiprocessing.forkserver
+
+    _worker_context()
+    multiprocessing.forkserver.ensure_running()
 
 
 def _follow_driver(driver: int) -> None:

@@ -1,11 +1,15 @@
 """`--packing`: samples side by side in one row, each with its own positions and attention kept
-within it (transformers' packed-sequence mask, read from the restarting text positions).
+within it, read from the restarting text positions: by transformers' packed-sequence mask (its
+`sdpa`, block-diagonal over the row), and by qprep's `PACKED_SDPA`, which runs transformers'
+`sdpa_attention_forward` once per sample (what `--packing` uses with sdpa).
 
-Tolerance. A packed row runs the language model's matmuls and attention on other shapes than each
-sample alone, so the logits differ by float32 rounding: measured up to 3.6e-7 on the tiny models'
-logits (of magnitude ~1); the tests allow 1e-5. Attention leaking across samples would move them
-by 1e-2 and more. The packed row's loss is the padded batch's token-level mean: the same sum over
-the same tokens, equal within 1e-6 relative.
+Tolerance. A packed row runs the language model's matmuls (and, with the block mask, attention) on
+other shapes than each sample alone, so the logits differ by float32 rounding: measured up to
+3.6e-7 with the block mask and 0 per sample on this machine's AVX-512 (each sample's attention is
+the very call it gets alone; that the matmuls round a row alike whatever the row count is no BLAS
+promise, so the tests allow 1e-5 for both). Attention leaking across samples would move the
+logits by 1e-2 and more. The packed row's loss is the padded batch's token-level
+mean: the same sum over the same tokens, equal within 1e-6 relative.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from qprep.train.data import Sample, build_dataset, collate, collate_packed, loa
 from qprep.train.loader import first_fit_packs, plan_packed
 from qprep.train.loop import train
 from qprep.train.model import LanguageModel
+from qprep.train.packed_attention import PACKED_SDPA
 
 
 def records(path, ids) -> str:
@@ -42,20 +47,61 @@ def test_each_samples_logits_in_a_packed_row_equal_its_logits_alone(request, sto
     ids = (with_audio * 2)[:3]  # three samples of one kind, one video twice
     dataset = build_dataset(load_records(records(tmp_path / "data.json", ids)), cache, tokenizer, layout)
     samples = dataset.samples
-    model = LanguageModel(checkpoint).eval()
+    model = LanguageModel(checkpoint).eval()  # transformers' sdpa: the block-diagonal packed-sequence mask
+    per_sample = LanguageModel(checkpoint, packing=True).eval()
+    assert per_sample.config.get_text_config()._attn_implementation == PACKED_SDPA
     packed = collate_packed(samples, cache, layout)
     assert packed.input_ids.shape == (1, sum(len(s.input_ids) for s in samples)) and packed.sample_lengths
     with torch.no_grad():
         packed_loss, packed_logits = model(packed)
+        per_sample_loss, per_sample_logits = per_sample(packed)
         start = 0
         for sample in samples:
             _, alone = model(collate([sample], cache, layout))
             n = len(sample.input_ids)
-            gap = float((packed_logits[0, start:start + n] - alone[0]).abs().max())
-            assert gap < 1e-5, (sample.id, gap)
+            for logits in (packed_logits, per_sample_logits):
+                gap = float((logits[0, start:start + n] - alone[0]).abs().max())
+                assert gap < 1e-5, (sample.id, gap)
             start += n
-        padded_loss, _ = model(collate(samples, cache, layout))
-    assert float(packed_loss) == pytest.approx(float(padded_loss), rel=1e-6)
+        padded = collate(samples, cache, layout)
+        padded_loss, padded_logits = model(padded)
+        # an unpacked padded batch goes to sdpa itself, with sdpa's own mask: the same bits
+        assert torch.equal(per_sample(padded)[1], padded_logits)
+    assert float((per_sample_logits - packed_logits).abs().max()) < 1e-5
+    for loss in (packed_loss, per_sample_loss):
+        assert float(loss) == pytest.approx(float(padded_loss), rel=1e-6)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_per_sample_attention_equals_sdpa_under_the_block_diagonal_mask_and_refuses_what_it_cannot_split(kv_heads):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from qprep.train.packed_attention import packed_sdpa_attention
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4 // kv_heads, True
+    lengths = [5, 17, 1, 9]
+    total = sum(lengths)
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 4, total, 8, generator=generator)
+    key, value = (torch.randn(1, kv_heads, total, 8, generator=generator) for _ in range(2))
+    positions = torch.cat([torch.arange(n) for n in lengths]).view(1, -1)
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    block = (sample[:, None] == sample[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+    expected, _ = sdpa_attention_forward(module, query, key, value, block.view(1, 1, total, total), scaling=0.3)
+    got, _ = packed_sdpa_attention(module, query, key, value, None, scaling=0.3, position_ids=positions)
+    assert got.shape == expected.shape == (1, total, 4, 8)
+    assert float((got - expected).abs().max()) < 1e-6  # softmax over other shapes: float32 rounding
+    start = 0
+    for n in lengths:  # each sample's attention is the call it gets alone, bit for bit
+        alone, _ = sdpa_attention_forward(module, *(t[:, :, start:start + n] for t in (query, key, value)), None,
+                                          scaling=0.3)
+        assert torch.equal(got[:, start:start + n], alone)
+        start += n
+    with pytest.raises(ValueError, match="needs the text positions"):
+        packed_sdpa_attention(module, query, key, value, None, scaling=0.3)
+    with pytest.raises(ValueError, match="sliding-window"):
+        packed_sdpa_attention(module, query, key, value, None, position_ids=positions, sliding_window=8)
 
 
 def samples_of(lengths: list[int], audio: str) -> list[Sample]:

@@ -138,7 +138,7 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
 
     torch.manual_seed(settings.seed)
     language_model = LanguageModel(checkpoint, dtype=dtype, device=device,
-                                   attn_implementation=settings.attn_implementation)
+                                   attn_implementation=settings.attn_implementation, packing=settings.packing)
     if settings.gradient_checkpointing:
         language_model.language_model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})  # reentrant breaks with injected embeddings

@@ -52,7 +52,9 @@ class LanguageModel(torch.nn.Module):
     base_model_prefix = "model"
 
     def __init__(self, checkpoint: Checkpoint, dtype: str = "float32", device: str = "cpu",
-                 attn_implementation: str = "sdpa"):
+                 attn_implementation: str = "sdpa", packing: bool = False):
+        """`packing`: batches are packed rows (`Batch.sample_lengths`); with `sdpa`, each sample's
+        attention then runs apart (`packed_attention.PACKED_SDPA`)."""
         super().__init__()
         from transformers.initialization import no_init_weights
 
@@ -61,6 +63,10 @@ class LanguageModel(torch.nn.Module):
         self.config = checkpoint.model_config()
         self.family = family
         weights_dtype = torch_dtype(resolve_dtype(dtype, checkpoint.dtype))
+        if packing:
+            from qprep.train.packed_attention import attention_for_packing
+
+            attn_implementation = attention_for_packing(attn_implementation)
         text_config = self.config.get_text_config()
         # Module paths mirror the full model's (`model.language_model.*`, `lm_head`): a LoRA adapter
         # trained here loads onto the full thinker / VL model with peft as it is.

@@ -27,7 +27,6 @@ from qprep.extraction.discover import VideoFile
 from qprep.extraction.rows import Encoded, Prepared
 from qprep.extraction.stages import CPU_STAGE_TRIES, TowerStage, prepare_video
 
-EXECUTORS = ("auto", "local", "ray")
 # Plans up to this many videos run in-process under `auto` (bench/extract.py measures the crossover)
 LOCAL_MAX_VIDEOS = 256
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from qprep.extraction.discover import VideoFile
 from qprep.schemas.manifest import ManifestRow, new_row
+from qprep.store.layout import KINDS
 
 
 @dataclass
@@ -61,9 +62,9 @@ class Encoded:
         return {"row": json.dumps(self.row.to_dict()), **self.tokens}
 
     @classmethod
-    def from_ray(cls, values: dict, kinds: tuple[str, ...] = ("video", "audio", "deepstack")) -> Encoded:
+    def from_ray(cls, values: dict) -> Encoded:
         return cls(ManifestRow.from_dict(json.loads(values["row"])),
-                   {kind: np.asarray(values[kind]) for kind in kinds if kind in values})
+                   {kind: np.asarray(values[kind]) for kind in KINDS if kind in values})
 
 
 def video_item(video: VideoFile) -> dict:

@@ -145,7 +145,8 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
 def _start_workers_early(videos: str | Path, shards: int | None, options: ExtractOptions) -> None:
     """A new store extracts every video found. When they will be prepared in this machine's worker
     processes, start the workers' server now: its imports then overlap reading the model's processor
-    files (measured on the 32 clips of bench/extract.py: about 5 s of a 25 s cold run)."""
+    files (measured on the 32 clips of bench/extract.py: about 5 s of a 25 s cold run). The folder is
+    only counted here; the plan lists it again under the store's lock, where what it holds is settled."""
     from qprep.extraction.executors import choose, start_worker_server
 
     count = len(find_videos(videos, shards or DEFAULT_SHARDS, options.follow_links).videos)

@@ -22,10 +22,9 @@ of each epoch (the paths see the same samples per epoch, in other groupings: the
 to the precision the groupings allow). The 2-rank rows add the all-reduce's share of the step time.
 
 Goal stated by the project: packing >= 1.3x the padded tokens/s on this CPU. With SDPA (the
-default, and all a CPU has) a packed row's attention is computed over the whole row and masked to
-its samples, so it costs the square of the row's length where unpacked batches pay each sample's
-own; flash-attention's variable-length kernel (`--attn-implementation flash_attention_2`, GPU)
-attends within each sample and is where packing pays.
+default) qprep attends each sample of a packed row on its own (`qprep.train.packed_attention`), so
+a row costs its samples' squared lengths in attention, as unpacked batches do; transformers' own
+packed-sequence mask would attend over the whole row, the square of its length.
 
 Reproduce (from the repository root, with the virtualenv active):
 

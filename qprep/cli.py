@@ -274,8 +274,9 @@ def status(store, videos, as_json):
               help="Fill each row with several samples up to --max-length tokens (first fit over the seeded order, "
                    "never cut), attention kept within each sample: no step pays for padding.")
 @click.option("--attn-implementation", type=click.Choice(["sdpa", "flash_attention_2", "eager"]), default=None,
-              help="The language model's attention (default sdpa). With --packing, flash_attention_2 (GPU, "
-                   "flash-attn installed) attends within each sample; sdpa attends over the whole row, masked.")
+              help="The language model's attention (default sdpa). With --packing, both attend within each "
+                   "sample: sdpa one call per sample, flash_attention_2 (GPU, flash-attn installed) its "
+                   "variable-length kernel; eager masks the whole row.")
 @click.option("--shard", "shard", is_flag=True, default=None,
               help="Shard the language model, the adapter and the optimizer state over the ranks (FSDP2), for "
                    "models that do not fit one GPU: each rank holds 1/N of them and gathers a layer at a time.")

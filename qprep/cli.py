@@ -112,6 +112,19 @@ def main():
       qprep jobs                      the named presets
     """
     _exit_cleanly_on_sigterm()
+    _exit_without_a_last_collection()
+
+
+def _exit_without_a_last_collection() -> None:
+    """At exit, freeze what is alive instead of letting the interpreter's shutdown walk it for cycles:
+    with torch and transformers loaded that walk took 3.0 s of every command that ran a model
+    (0.7 s frozen). Nothing is left unfinished: qprep closes its files and stores before it returns,
+    and atexit handlers (multiprocessing's, logging's) still run first."""
+    import atexit
+    import gc
+
+    atexit.unregister(gc.freeze)  # once, however many commands a process runs (tests)
+    atexit.register(gc.freeze)
 
 
 def _exit_cleanly_on_sigterm() -> None:

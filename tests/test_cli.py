@@ -77,3 +77,23 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "precision" in result.output and "mean best tIoU per true segment" in result.output
     assert f"videos → {tmp_path / 'eval.png'}" in result.output and (tmp_path / "eval.png").stat().st_size > 1000
     assert "what each step took" in result.output and "where everything went" in result.output
+
+
+def test_the_interpreter_exits_frozen_after_qprep_commands_ran():
+    """The shutdown's walk for cycles is skipped (it took seconds with torch and transformers
+    loaded): a handler registered before the commands runs after qprep's and sees the freeze."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, gc\n"
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
+        "from click.testing import CliRunner\n"
+        "from qprep.cli import main\n"
+        "for _ in range(3):\n"
+        "    assert CliRunner().invoke(main, ['jobs']).exit_code == 0\n"
+        "print('unfrozen before exit', gc.get_freeze_count() == 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["unfrozen", "before", "exit", "True", "frozen", "True"]

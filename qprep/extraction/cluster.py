@@ -62,11 +62,14 @@ def tower_dataset(tasks: list[VideoFile], job, device: str, options, resources: 
         threads = options.tower_threads or 1
     constructor = dict(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
                        attn_implementation=job.attn_implementation, budget=options.budget, threads=threads)
-    # the actor is restarted as often as it dies; each batch is tried TOWER_BATCH_TRIES times
+    # The actor is restarted as often as it dies; each batch is tried TOWER_BATCH_TRIES times. One
+    # batch at a time on an actor: a batch queued behind one that kills it would die with it on each
+    # try and be recorded failed for a video that is not its own.
+    strategy = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return dataset.map_batches(TowerStage, fn_constructor_kwargs=constructor, batch_size=options.batch_size,
-                                   batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                                   batch_format="numpy", compute=strategy,
                                    max_restarts=-1, max_task_retries=TOWER_BATCH_TRIES - 1, **actor_resources)
 
 

@@ -8,6 +8,7 @@ moves between the stages is `qprep.extraction.rows`: `Prepared`, then `Encoded`.
 from __future__ import annotations
 
 import ctypes
+import functools
 import traceback
 from pathlib import Path
 
@@ -32,9 +33,9 @@ def cpu_stage(item: dict, **job) -> dict:
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_heap_kept = False
 
 
+@functools.cache  # once per process
 def keep_freed_memory() -> None:
     """Have this worker process keep the memory one video's buffers free for the next video, rather
     than hand it back to the kernel.
@@ -46,10 +47,6 @@ def keep_freed_memory() -> None:
     time spent in the kernel. Served from a heap that is never trimmed, the same buffers are reused;
     the worker's resident memory stays at one video's high-water mark. Not glibc: left as it is.
     """
-    global _heap_kept
-    if _heap_kept:
-        return
-    _heap_kept = True
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

@@ -15,8 +15,6 @@ padding mask is sdpa's own 4-D mask, and so are a cache's steps.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -39,8 +37,6 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
         raise ValueError("packed rows are attended per sample over all of each sample; "
                          "a sliding-window layer cannot be packed")
     lengths = _sample_lengths(kwargs.get("position_ids"), query.shape[0], query.shape[2])
-    if len(lengths) == 1:
-        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     pieces = zip(*(tensor.split(lengths, dim=2) for tensor in (query, key, value)))
     outputs = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0] for q, k, v in pieces]
     return torch.cat(outputs, dim=1), None  # sdpa_attention_forward gives [batch, length, heads, dim]
@@ -54,18 +50,10 @@ def _packed_sdpa_mask(*args, attention_mask: torch.Tensor | None = None, **kwarg
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-# Every layer of a forward gets the same positions tensor: its samples' bounds are read once
-# (on a GPU, reading them is a device sync).
-_last_read: tuple[weakref.ref, list[int]] | None = None
-
-
 def _sample_lengths(position_ids: torch.Tensor | None, batch: int, length: int) -> list[int]:
-    global _last_read
     if position_ids is None:
         raise ValueError("packed attention needs the text positions the model passes to its attention layers, "
                          "to find where each sample of the row starts")
-    if _last_read is not None and _last_read[0]() is position_ids:
-        return _last_read[1]
     restarts = position_ids[:, 1:] - position_ids[:, :-1] != 1
     if batch > 1:
         if bool(restarts.any()):
@@ -74,7 +62,6 @@ def _sample_lengths(position_ids: torch.Tensor | None, batch: int, length: int) 
     else:
         bounds = [0, *(restarts[0].nonzero().flatten() + 1).tolist(), length]
         lengths = [end - start for start, end in zip(bounds, bounds[1:])]
-    _last_read = (weakref.ref(position_ids), lengths)
     return lengths
 
 

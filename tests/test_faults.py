@@ -4,7 +4,8 @@
   with SIGKILL while an extract runs: Ray retries their work and the store is the same as an
   uninterrupted run's; a reader polling the store meanwhile only ever sees complete shards;
 * a video whose worker process dies on every try: recorded failed after three, the run goes on;
-  so is one that kills the tower actor on every try of its batch;
+  so is one that kills the tower actor on every try of its batch, while its batch-mates, tried
+  again one a batch, are extracted;
 * a full disk (a small tmpfs) while a shard is written: a StoreError that names the store and
   "no space left", the committed shards intact, and the next run (with space) finishes;
 * two `qprep extract` started at once on one new store: one refuses, saying another extract is
@@ -21,6 +22,7 @@ dead driver's job) and no run pays for starting Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -226,7 +228,8 @@ def test_a_video_whose_worker_dies_on_every_try_is_recorded_failed_and_the_rest_
 def test_a_video_that_kills_the_tower_actor_on_every_try_is_recorded_failed_and_the_rest_finish(
         job, tmp_path, monkeypatch):
     """The tower actor is restarted each time it dies, and a batch is tried TOWER_BATCH_TRIES times:
-    a video that crashes the towers ends failed instead of looping the run (batches of one video)."""
+    a video that crashes the towers ends failed instead of looping the run. Its batch-mates, lost
+    with its batch, are extracted when the lost videos go through again one a batch."""
     import qprep.extraction.cluster as cluster
 
     videos, model_dir, reference, _ = job
@@ -236,13 +239,15 @@ def test_a_video_that_kills_the_tower_actor_on_every_try_is_recorded_failed_and_
         def __call__(self, batch):
             if any(json.loads(video)["path"] == poison for video in batch["video"]):
                 with open(tries, "a") as tally:
-                    tally.write("try\n")
+                    tally.write(f"{len(batch['video'])}\n")
                 os.kill(os.getpid(), signal.SIGKILL)
             return super().__call__(batch)
 
     monkeypatch.setattr(cluster, "TowerStage", CrashesOnThePoison)
-    summary = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)
-    assert tries.read_text().count("try") == stages.TOWER_BATCH_TRIES
+    summary = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS,
+                      options=dataclasses.replace(QUIET, batch_size=4))
+    # each try's batch size: its batch with others, then alone
+    assert tries.read_text().split() == ["4"] * stages.TOWER_BATCH_TRIES + ["1"] * stages.TOWER_BATCH_TRIES
     assert (summary.extracted, summary.failed) == (len(CLIPS) - 1, 1)
     assert summary.failures[0][0] == poison and "the tower actor on all 3 tries" in summary.failures[0][1]
     assert open_cache(store).row("clip05").error_code == WORKER_DIED

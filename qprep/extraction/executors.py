@@ -19,6 +19,7 @@ whichever ran it; the writer, the commit protocol and the failure rows are share
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 from typing import Iterator
 
@@ -48,13 +49,25 @@ def _ray_running() -> bool:
 
 def run_on_ray(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:
     """The Ray Data graph's rows, as they come. Videos whose task or batch failed on every try are
-    left out (the caller records them from what did not arrive)."""
+    left out (the caller records them from what did not arrive).
+
+    A tower batch whose actor died on each of its tries loses all its videos, though one of them
+    alone may crash the towers: with batches of several videos, the lost ones go through the graph
+    once more one video a batch, so that only the video at fault is lost."""
     from qprep.extraction.cluster import ray_session, tower_dataset
 
     with ray_session(options.ray_address) as resources:
         device = options.device or ("cuda" if resources.get("GPU", 0) >= 1 else "cpu")
+        arrived: set[str] = set()
         for row in tower_dataset(tasks, job, device, options, resources).iter_rows():
-            yield Encoded.from_ray(row)
+            encoded = Encoded.from_ray(row)
+            arrived.add(encoded.row.id)
+            yield encoded
+        lost = [task for task in tasks if task.id not in arrived]
+        if lost and options.batch_size > 1:
+            one_a_batch = dataclasses.replace(options, batch_size=1)
+            for row in tower_dataset(lost, job, device, one_a_batch, resources).iter_rows():
+                yield Encoded.from_ray(row)
 
 
 def run_locally(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:

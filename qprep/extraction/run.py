@@ -220,7 +220,7 @@ def _record_lost(plan: Plan, writer: ShardWriter, summary: Summary) -> int:
 
     unfinished = writer.unfinished()
     cause = (f"the worker preparing it died on all {CPU_STAGE_TRIES} tries, or the tower actor on all "
-             f"{TOWER_BATCH_TRIES} tries of its batch (a crash in the decoder or the towers, or killed for "
+             f"{TOWER_BATCH_TRIES} tries of a batch of it alone (a crash in the decoder or the towers, or killed for "
              f"memory; Ray's log above has the error); the next run tries it again")
     lost = [video for video in plan.tasks if video.id in unfinished]
     for video in lost:

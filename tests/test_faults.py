@@ -13,7 +13,7 @@
 * `qprep train` killed with SIGKILL in the middle of writing a checkpoint, then killed again after
   a later checkpoint: resuming gives the same adapter as an uninterrupted run, bit for bit.
 
-kill -9 of the extract driver at 20 moments of a run (decoding and encoding, arrays written,
+kill -9 of the extract driver at 10 moments of a run (decoding and encoding, arrays written,
 manifest written, renamed, committed) is tests/test_crash_points.py.
 
 The extract subprocesses join the session's Ray, so a SIGKILL hits the driver only (Ray cleans up a

@@ -203,7 +203,7 @@ def test_ray_train_restarts_the_workers_from_the_last_checkpoint_when_one_dies(o
     model_dir, cache = omni_store
     data = write_records(tmp_path / "train.json")
     run = tmp_path / "run"
-    settings = dataclasses.replace(SETTINGS, epochs=30)
+    settings = dataclasses.replace(SETTINGS, epochs=10)
     killed: list[int] = []
 
     def kill_a_worker_after_the_first_checkpoint():
@@ -221,9 +221,9 @@ def test_ray_train_restarts_the_workers_from_the_last_checkpoint_when_one_dies(o
                     ray_restarts=2, progress=False)
     killer.join()
     assert killed, "no Ray Train worker was found to kill"
-    assert summary.steps == 30 * 3
+    assert summary.steps == 10 * 3
     done = {(r["epoch"], r["batch"]) for r in rows(run)}
-    assert done == {(epoch, batch) for epoch in range(30) for batch in range(3)}  # resumed, nothing skipped
+    assert done == {(epoch, batch) for epoch in range(10) for batch in range(3)}  # resumed, nothing skipped
 
 
 @pytest.fixture(scope="module")

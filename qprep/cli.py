@@ -109,6 +109,8 @@ def main():
                                       LoRA on the language model from the cache
       qprep infer --cache store.zarr --adapter run/adapter --out answers.jsonl
                                       answer from the cache with a trained adapter
+      qprep eval --answers answers.jsonl --data test.json
+                                      score the answers' timed captions against the truth
       qprep jobs                      the named presets
     """
     _exit_cleanly_on_sigterm()

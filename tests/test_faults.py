@@ -374,6 +374,10 @@ def train_command(cache, data, model_dir, out, *extra) -> list[str]:
             "--warmup-steps", str(s.warmup_steps), "--save-every", "1", "--quiet", *extra]
 
 
+def metrics_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def complete_checkpoints(out: Path) -> list[str]:
     return sorted(p.parent.name for p in out.glob("checkpoint-*/state.json"))
 
@@ -412,3 +416,7 @@ def test_training_killed_mid_checkpoint_and_after_one_resumes_to_the_same_adapte
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert json.loads((out / "checkpoint-0000004" / "state.json").read_text())["step"] == 4
+    # the rows up to each checkpoint reached the disk with it, and those logged after it were cut and logged again
+    logged = ("epoch", "batch", "step", "loss")
+    assert [[row[k] for k in logged] for row in metrics_rows(out)] == [[row[k] for k in logged]
+                                                                      for row in metrics_rows(whole)]

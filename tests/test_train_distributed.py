@@ -65,15 +65,14 @@ def largest_gap(ours: dict, theirs: dict) -> float:
 
 
 def stop_after_epoch(source, target, epoch_steps: int) -> None:
-    """A copy of a finished run as it was when killed after the first epoch."""
+    """A copy of a finished run as it was when killed after the first epoch (with the rows logged
+    after its checkpoint, which the resumed run cuts and logs again)."""
     shutil.copytree(source, target)
     shutil.rmtree(target / "adapter")
     for later in sorted(target.glob("checkpoint-*"))[1:]:
         shutil.rmtree(later)
     kept = json.loads(next(target.glob("checkpoint-*")).joinpath("state.json").read_text())
-    assert kept == {"epoch": 1, "batch": 0, "step": epoch_steps}
-    first_epoch = [line for line in (target / "metrics.jsonl").read_text().splitlines() if json.loads(line)["epoch"] == 0]
-    (target / "metrics.jsonl").write_text("\n".join(first_epoch) + "\n")
+    assert {k: kept[k] for k in ("epoch", "batch", "step")} == {"epoch": 1, "batch": 0, "step": epoch_steps}
 
 
 @pytest.fixture

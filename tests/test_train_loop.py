@@ -67,6 +67,10 @@ def test_training_lowers_the_loss_and_a_resumed_run_equals_an_uninterrupted_one(
     ours, theirs = adapter(tmp_path / "split" / "adapter"), adapter(tmp_path / "whole" / "adapter")
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # the copied rows past checkpoint 2 were cut on resume and logged again: the metrics read as one run's
+    resumed = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["epoch"], row["batch"], row["loss"]) for row in resumed] == [(row["epoch"], row["batch"], row["loss"])
+                                                                              for row in lines]
 
 
 def test_validation_reports_the_held_out_loss_keeps_the_best_adapter_and_leaves_the_training_unchanged(

@@ -155,6 +155,9 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     state = {"epoch": 0, "batch": 0, "step": 0}
     if latest:
         state = _restore_trainer(latest[0], peft_model, optimizer, scheduler, settings.shard)
+        logged = state.pop("metrics_bytes", None)
+        if world.main and logged is not None:
+            folder.keep_metrics_up_to(logged)  # the rows past the checkpoint are logged again as they re-run
 
     start = (state["epoch"], state["batch"])
     planned = (plan_packed(packs, seed=settings.seed, packs_per_batch=global_batch, epochs=settings.epochs, start=start)
@@ -239,7 +242,7 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
             if epoch_end:
                 state.update(epoch=position.epoch + 1, batch=0)
             if epoch_end or (share.last and settings.save_every and state["step"] % settings.save_every == 0):
-                _save(folder, peft_model, optimizer, scheduler, state, world, settings.shard)
+                _save(folder, peft_model, optimizer, scheduler, state, world, settings.shard, metrics)
                 if reporter:
                     reporter.checkpoint(folder.checkpoint(state["step"]), world, {"step": state["step"], "loss": last_loss})
                 if cache.changed_on_disk():
@@ -378,8 +381,9 @@ def _memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _save(folder: RunFolder, peft_model, optimizer, scheduler, state: dict, world, sharded: bool) -> None:
-    """Checkpoint (every rank calls it: sharded, the adapter and the optimizer state are gathered; rank 0 writes)."""
+def _save(folder: RunFolder, peft_model, optimizer, scheduler, state: dict, world, sharded: bool, metrics) -> None:
+    """Checkpoint (every rank calls it: sharded, the adapter and the optimizer state are gathered; rank 0
+    writes). The metrics rows so far reach the disk with it: a rank 0 killed later loses none of them."""
     directory = folder.checkpoint(state["step"])
     save_adapter(peft_model, directory, world, sharded)
     gathered = full_optimizer_state(peft_model, optimizer) if sharded else None  # a collective
@@ -388,9 +392,11 @@ def _save(folder: RunFolder, peft_model, optimizer, scheduler, state: dict, worl
     optimizer_state = gathered if sharded else optimizer.state_dict()
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
                trainer_file(directory))
+    metrics.flush()
+    os.fsync(metrics.fileno())
     # Last and in one step: --resume takes only checkpoints with a state.json, so one killed while
     # being written is skipped, never half-read.
-    _write_json(state_file(directory), state)
+    _write_json(state_file(directory), {**state, "metrics_bytes": metrics.tell()})
 
 
 def load_trainer_state(path: Path) -> dict:

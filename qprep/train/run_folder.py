@@ -54,6 +54,13 @@ class RunFolder:
     def checkpoint(self, step: int) -> Path:
         return self.root / f"{CHECKPOINT_PREFIX}{step:07d}"
 
+    def keep_metrics_up_to(self, length: int) -> None:
+        """Cut `metrics.jsonl` back to the `length` bytes it had at a checkpoint (a resumed run logs the
+        batches after it again)."""
+        if self.metrics.is_file() and self.metrics.stat().st_size > length:
+            with open(self.metrics, "r+b") as handle:
+                handle.truncate(length)
+
     def complete_checkpoints(self) -> list[Path]:
         """The checkpoints written to the end (with their state file), oldest first."""
         return sorted(p for p in self.root.glob(f"{CHECKPOINT_PREFIX}*") if state_file(p).is_file())

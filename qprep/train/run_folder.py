@@ -4,8 +4,8 @@
     metrics.jsonl       one row per batch (and per validation)
     loss.png            the loss curves and the learning rate
     checkpoint-<step>/  the adapter (peft's format), trainer.pt (optimizer, schedule, RNG) and
-                        state.json (the position in the data; written last: a checkpoint without
-                        it was cut short and is never resumed from)
+                        state.json (the position in the data and the length metrics.jsonl had;
+                        written last: a checkpoint without it was cut short and is never resumed from)
     adapter/            the final adapter
     best-adapter/       with --save-best: the adapter of the lowest validation loss, and best.json
     ray/                under Ray Train: its copies of the checkpoints
@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +59,7 @@ class RunFolder:
         """Cut `metrics.jsonl` back to the `length` bytes it had at a checkpoint (a resumed run logs the
         batches after it again)."""
         if self.metrics.is_file() and self.metrics.stat().st_size > length:
-            with open(self.metrics, "r+b") as handle:
-                handle.truncate(length)
+            os.truncate(self.metrics, length)
 
     def complete_checkpoints(self) -> list[Path]:
         """The checkpoints written to the end (with their state file), oldest first."""

@@ -69,7 +69,8 @@ def assert_only_complete_shards(store: Path) -> int:
     return len(cache.ids())
 
 
-@pytest.mark.parametrize("executor, chain", [(executor, chain) for executor in ("ray", "local") for chain in range(len(CHAINS))])
+@pytest.mark.parametrize("executor, chain", [(executor, chain) for executor in ("ray", "local")
+                                             for chain in range(len(CHAINS))])
 def test_killed_drivers_leave_consistent_stores_and_the_next_run_finishes(setup, executor, chain):
     root, videos, model_dir, reference = setup
     store = root / f"{executor}-chain{chain}.zarr"

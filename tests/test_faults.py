@@ -198,7 +198,8 @@ def test_a_killed_cpu_worker_and_tower_actor_are_retried_and_the_store_is_comple
 def test_a_video_whose_worker_dies_on_every_try_is_recorded_failed_and_the_rest_finish(job, tmp_path, monkeypatch):
     """A video that kills the process preparing it (a decoder crash, an out-of-memory kill) is tried
     CPU_STAGE_TRIES times, then recorded as failed; it does not stall or abort the run, and the next
-    run tries it again."""
+    run tries it again. With tower batches of several videos too: it never reached the towers, so it
+    does not go through the one-a-batch pass that videos lost with a tower batch get."""
     import qprep.extraction.cluster as cluster
 
     videos, model_dir, reference, _ = job
@@ -212,10 +213,12 @@ def test_a_video_whose_worker_dies_on_every_try_is_recorded_failed_and_the_rest_
         return stages.cpu_stage(item, **kwargs)
 
     monkeypatch.setattr(cluster, "cpu_stage", dies_on_the_poison)
-    summary = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)
+    summary = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS,
+                      options=dataclasses.replace(QUIET, batch_size=4))
     assert tries.read_text().count("try") == stages.CPU_STAGE_TRIES
     assert (summary.extracted, summary.failed) == (len(CLIPS) - 1, 1)
-    assert summary.failures[0][0] == poison and "died on all 3 tries" in summary.failures[0][1]
+    assert summary.failures[0][0] == poison
+    assert summary.failures[0][1].startswith("the worker preparing it died on all 3 tries"), summary.failures
     row = open_cache(store).row("clip03")
     assert (row.status, row.error_code) == ("failed", WORKER_DIED)
 
@@ -236,12 +239,12 @@ def test_a_video_that_kills_the_tower_actor_on_every_try_is_recorded_failed_and_
     store, tries, poison = tmp_path / "store.zarr", tmp_path / "tries", "clip05.mp4"
 
     class CrashesOnThePoison(stages.TowerStage):  # runs in the actor (the class travels by value)
-        def __call__(self, batch):
-            if any(json.loads(video)["path"] == poison for video in batch["video"]):
+        def encode(self, prepared):
+            if any(item.video.path == poison for item in prepared):
                 with open(tries, "a") as tally:
-                    tally.write(f"{len(batch['video'])}\n")
+                    tally.write(f"{len(prepared)}\n")
                 os.kill(os.getpid(), signal.SIGKILL)
-            return super().__call__(batch)
+            return super().encode(prepared)
 
     monkeypatch.setattr(cluster, "TowerStage", CrashesOnThePoison)
     summary = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS,
@@ -249,7 +252,8 @@ def test_a_video_that_kills_the_tower_actor_on_every_try_is_recorded_failed_and_
     # each try's batch size: its batch with others, then alone
     assert tries.read_text().split() == ["4"] * stages.TOWER_BATCH_TRIES + ["1"] * stages.TOWER_BATCH_TRIES
     assert (summary.extracted, summary.failed) == (len(CLIPS) - 1, 1)
-    assert summary.failures[0][0] == poison and "the tower actor on all 3 tries" in summary.failures[0][1]
+    assert summary.failures[0][0] == poison
+    assert summary.failures[0][1].startswith("the tower actor died on all 3 tries"), summary.failures
     assert open_cache(store).row("clip05").error_code == WORKER_DIED
 
     monkeypatch.undo()

@@ -39,8 +39,34 @@ def ray_session(address: str | None = None) -> Iterator[dict]:
             ray.shutdown()
 
 
-def tower_dataset(tasks: list[VideoFile], job, device: str, options, resources: dict):
-    """tasks → CPU stage (one task per video) → tower actors → rows for the writer (streamed)."""
+class TowerArrivals:
+    """The videos that reached a tower actor since the last `take`. Ray leaves out a video whose
+    CPU-stage task or tower batch failed on every try; this tells the two apart: a video lost with
+    a tower batch of several is worth a try in a batch of its own, one whose CPU stage died is not."""
+
+    def __init__(self):
+        self.ids: set[str] = set()
+
+    def add(self, ids: list[str]) -> None:
+        self.ids.update(ids)
+
+    def take(self) -> set[str]:
+        taken, self.ids = self.ids, set()
+        return taken
+
+
+def start_arrivals():
+    """A `TowerArrivals` actor on the driver's node (it lives and dies with the run)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(TowerArrivals).remote()
+
+
+def tower_dataset(tasks: list[VideoFile], job, device: str, options, resources: dict, arrivals=None):
+    """tasks → CPU stage (one task per video) → tower actors → rows for the writer (streamed). The
+    actors report each batch's videos to `arrivals` (a `TowerArrivals` actor) as it comes in."""
     import ray.data
 
     items = [video_item(task) for task in tasks]
@@ -61,7 +87,8 @@ def tower_dataset(tasks: list[VideoFile], job, device: str, options, resources: 
         actors, actor_resources = max(1, int(resources.get("GPU", 1))), {"num_gpus": 1, "num_cpus": 1}
         threads = options.tower_threads or 1
     constructor = dict(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
-                       attn_implementation=job.attn_implementation, budget=options.budget, threads=threads)
+                       attn_implementation=job.attn_implementation, budget=options.budget, threads=threads,
+                       arrivals=arrivals)
     # The actor is restarted as often as it dies; each batch is tried TOWER_BATCH_TRIES times. One
     # batch at a time on an actor: a batch queued behind one that kills it would die with it on each
     # try and be recorded failed for a video that is not its own.

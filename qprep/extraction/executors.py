@@ -26,7 +26,7 @@ from typing import Iterator
 from qprep.errors import WORKER_DIED, ExtractError
 from qprep.extraction.discover import VideoFile
 from qprep.extraction.rows import Encoded, Prepared
-from qprep.extraction.stages import CPU_STAGE_TRIES, TowerStage, prepare_video
+from qprep.extraction.stages import CPU_STAGE_TRIES, TOWER_BATCH_TRIES, TowerStage, prepare_video
 
 # Plans up to this many videos run in-process under `auto` (bench/extract.py measures the crossover)
 LOCAL_MAX_VIDEOS = 256
@@ -48,26 +48,35 @@ def _ray_running() -> bool:
 
 
 def run_on_ray(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:
-    """The Ray Data graph's rows, as they come. Videos whose task or batch failed on every try are
-    left out (the caller records them from what did not arrive).
+    """The Ray Data graph's rows, as they come, then a failed row for each video whose CPU-stage
+    task or tower batch failed on every try (Ray leaves those out and goes on).
 
     A tower batch whose actor died on each of its tries loses all its videos, though one of them
-    alone may crash the towers: with batches of several videos, the lost ones go through the graph
-    once more one video a batch, so that only the video at fault is lost."""
-    from qprep.extraction.cluster import ray_session, tower_dataset
+    alone may crash the towers: with batches of several videos, the videos lost after reaching the
+    towers go through the graph once more one video a batch, so that only the video at fault is
+    lost. A video whose CPU stage died on every try is not tried again."""
+    from qprep.extraction.cluster import ray_session, start_arrivals, tower_dataset
 
     with ray_session(options.ray_address) as resources:
+        import ray
+
         device = options.device or ("cuda" if resources.get("GPU", 0) >= 1 else "cpu")
-        arrived: set[str] = set()
-        for row in tower_dataset(tasks, job, device, options, resources).iter_rows():
-            encoded = Encoded.from_ray(row)
-            arrived.add(encoded.row.id)
-            yield encoded
-        lost = [task for task in tasks if task.id not in arrived]
-        if lost and options.batch_size > 1:
-            one_a_batch = dataclasses.replace(options, batch_size=1)
-            for row in tower_dataset(lost, job, device, one_a_batch, resources).iter_rows():
-                yield Encoded.from_ray(row)
+        arrivals, todo = start_arrivals(), tasks
+        for batch_size in dict.fromkeys((options.batch_size, 1)):  # the run's batches, then one a batch
+            arrived: set[str] = set()
+            graph = tower_dataset(todo, job, device, dataclasses.replace(options, batch_size=batch_size), resources,
+                                  arrivals)
+            for row in graph.iter_rows():
+                encoded = Encoded.from_ray(row)
+                arrived.add(encoded.row.id)
+                yield encoded
+            reached = ray.get(arrivals.take.remote())
+            lost = [video for video in todo if video.id not in arrived]
+            yield from (Encoded(_died(video).row) for video in lost if video.id not in reached)
+            todo = [video for video in lost if video.id in reached]
+            if not todo:
+                return
+        yield from (Encoded(_crashed_the_towers(video).row) for video in todo)
 
 
 def run_locally(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:
@@ -231,6 +240,15 @@ def usable_cores() -> int:
     if quota != "max":
         cores = min(cores, max(1, int(int(quota) // int(period))))
     return max(1, cores)
+
+
+def _crashed_the_towers(video: VideoFile) -> Prepared:
+    """The row of a video whose tower actor died on every try of a batch of it alone (Ray)."""
+    cause = (f"the tower actor died on all {TOWER_BATCH_TRIES} tries of a batch of it alone (a crash in the towers, "
+             f"or killed for memory; Ray's log above has the error); the next run tries it again")
+    crashed = Prepared.empty(video)
+    crashed.row.fail(cause, WORKER_DIED)
+    return crashed
 
 
 def _died(video: VideoFile) -> Prepared:

@@ -204,28 +204,11 @@ def _run_towers(plan: Plan, writer: ShardWriter, summary: Summary, job: TowerJob
             bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, "
                                 f"{(summary.video_tokens + summary.audio_tokens) / elapsed:.0f} tokens/s, "
                                 f"{summary.failed} failed", refresh=False)
-        bar.update(_record_lost(plan, writer, summary))
     finally:
         bar.close()
         results.close()  # the executor's workers and session end here, also on an error
     if writer.pending_shards:
         raise RuntimeError(f"the tower stage ended with shards {writer.pending_shards[:5]} incomplete")
-
-
-def _record_lost(plan: Plan, writer: ShardWriter, summary: Summary) -> int:
-    """Videos whose CPU-stage task or tower batch failed on every try (Ray leaves them out and goes
-    on): failed rows, so their shards commit and the next run tries them again."""
-    from qprep.errors import WORKER_DIED
-    from qprep.extraction.stages import CPU_STAGE_TRIES, TOWER_BATCH_TRIES
-
-    unfinished = writer.unfinished()
-    cause = (f"the worker preparing it died on all {CPU_STAGE_TRIES} tries, or the tower actor on all "
-             f"{TOWER_BATCH_TRIES} tries of a batch of it alone (a crash in the decoder or the towers, or killed for "
-             f"memory; Ray's log above has the error); the next run tries it again")
-    lost = [video for video in plan.tasks if video.id in unfinished]
-    for video in lost:
-        _count(summary, writer.add_failed(video, cause, WORKER_DIED), {})
-    return len(lost)
 
 
 def _count(summary: Summary, row: ManifestRow, tokens: dict) -> None:

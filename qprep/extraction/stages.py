@@ -92,7 +92,7 @@ class TowerStage:
     """The towers, loaded once; each call encodes a batch of prepared videos."""
 
     def __init__(self, model: str, revision: str | None, spec: ModelSpec, dtype: str, device: str,
-                 attn_implementation: str, budget, threads: int):
+                 attn_implementation: str, budget, threads: int, arrivals=None):
         import torch
 
         from qprep.models.checkpoint import open_checkpoint
@@ -104,11 +104,17 @@ class TowerStage:
         self.towers = Towers(open_checkpoint(model, revision), spec, dtype=dtype, device=device,
                              attn_implementation=attn_implementation, budget=budget)
         self.calls = 0
+        self.arrivals = arrivals  # Ray: the `cluster.TowerArrivals` actor of the run
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        """Ray Data's form: a batch of `Prepared` rows in, `Encoded` rows out."""
-        encoded = self.encode([Prepared.from_ray(row) for row in batch_rows(batch)])
-        return batch_columns([result.to_ray() for result in encoded])
+        """Ray Data's form: a batch of `Prepared` rows in, `Encoded` rows out. The batch's videos
+        are reported as arrived before the towers run, so that a batch that kills the actor counts."""
+        prepared = [Prepared.from_ray(row) for row in batch_rows(batch)]
+        if self.arrivals is not None:
+            import ray
+
+            ray.get(self.arrivals.add.remote([item.video.id for item in prepared]))
+        return batch_columns([result.to_ray() for result in self.encode(prepared)])
 
     def encode(self, prepared: list[Prepared]) -> list[Encoded]:
         """The tower outputs of each video (empty ones for a failed video); a video the towers

@@ -11,11 +11,10 @@ import dataclasses
 
 import numpy as np
 
-from qprep.extraction.discover import VideoFile
 from qprep.extraction.plan import ShardPlan, shard_key
 from qprep.extraction.rows import Encoded
 from qprep.schemas.dtypes import storage_dtype
-from qprep.schemas.manifest import ManifestRow, new_row
+from qprep.schemas.manifest import ManifestRow
 from qprep.store.layout import SPAN, Store
 
 
@@ -44,14 +43,6 @@ class ShardWriter:
         if not self.waiting[row.shard]:
             self._commit(row.shard)
         return row
-
-    def add_failed(self, video: VideoFile, cause: str, code: str) -> ManifestRow:
-        """Record a video no result came back for as failed; returns its row."""
-        return self.add(Encoded(new_row(video).fail(cause, code)))
-
-    def unfinished(self) -> set[str]:
-        """Ids of the videos whose result has not arrived yet."""
-        return set().union(*self.waiting.values())
 
     @property
     def pending_shards(self) -> list[int]:

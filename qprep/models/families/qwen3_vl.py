@@ -1,8 +1,9 @@
 """Qwen3-VL (`qwen3_vl`, and the MoE `qwen3_vl_moe`): a vision tower with deepstack levels, no audio.
 
-Block: the chat template's `<|vision_start|>` … `<|vision_end|>` around, for each temporal patch k,
-`<{t_k:.1f} seconds><|vision_start|>` + `<|video_pad|>` × (h·w / merge²) + `<|vision_end|>`. Time
-reaches the model only through that text: `get_rope_index` splits the grid into one (1, h, w) row
+Block: for each temporal patch k, `<{t_k:.1f} seconds><|vision_start|>` + `<|video_pad|>` × (h·w /
+merge²) + `<|vision_end|>`, in place of the chat template's whole `<|vision_start|><|video_pad|><|vision_end|>`
+(each patch carries its own pair, so the template's does not wrap them: `Qwen3VLProcessor`
+collapses it, as Qwen's own processor did from the first release). Time reaches the model only through that text: `get_rope_index` splits the grid into one (1, h, w) row
 per temporal patch and gives every patch the same temporal positions.
 
 t_k is the mean time of the patch's first and last frame, as `Qwen3VLProcessor` computes it
@@ -65,10 +66,10 @@ class Qwen3VLFamily(Deepstack, QwenVLFamily):
         times = patch_times(row.frame_times, layout.config.vision_config.temporal_patch_size)
         if len(times) != grid_t:
             raise ValueError(f"video {row.id}: {len(times)} temporal patches of frame times for a grid of {grid_t}")
-        block = [ids.vision_start]
+        block = []
         for seconds in times:
             block += layout.text_ids(time_stamp(seconds)) + [ids.vision_start] + [ids.video] * per_patch + [ids.vision_end]
-        return block + [ids.vision_end]
+        return block
 
     def position_ids(self, rope_model, batch, config):
         import torch

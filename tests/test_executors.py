@@ -1,9 +1,9 @@
 """The two executors of `qprep extract`: Ray Data and the in-process one write the same store, byte
 for byte (Omni with and without audio, VL), also after an incremental change; `auto` picks the
 in-process one for a small plan with no cluster; a video that kills its local worker process on
-every try is recorded failed while the rest finish; a script without a `__main__` guard gets a
-clear error, not a folder of failed videos. Kills of the driver at the crash points run against
-both executors in tests/test_crash_points.py.
+every try is recorded failed while the rest finish; the local workers start beside the towers'
+loading; a script without a `__main__` guard gets a clear error, not a folder of failed videos.
+Kills of the driver at the crash points run against both executors in tests/test_crash_points.py.
 """
 
 from __future__ import annotations
@@ -104,6 +104,37 @@ def test_a_video_that_kills_its_local_worker_on_every_try_is_recorded_failed_and
     again = extract(videos, store, model_dir, VideoSettings(fps=2), shards=3, options=LOCAL)
     assert (again.extracted, again.failed) == (1, 0)
     assert snapshot(store) == snapshot(tmp_path / "clean.zarr")
+
+
+def marks_its_start(video, *, marker: str, **kwargs):
+    """The CPU stage, after leaving a file behind (a module-level function, as above)."""
+    from qprep.extraction.stages import prepare_video
+
+    Path(marker).touch()
+    return prepare_video(video, **kwargs)
+
+
+def test_the_local_workers_prepare_videos_while_the_towers_load(tiny_model, tmp_path, monkeypatch):
+    """The workers start beside the towers' loading, not after it: a released checkpoint's towers take
+    seconds to load (weights read, CUDA started), which the other cores would spend idle."""
+    import time
+
+    videos = make_folder(tmp_path / "videos", {"a.mp4": FOLDER["talk/a.mp4"], "b.mp4": FOLDER["talk/b.mp4"]})
+    marker = tmp_path / "a-worker-started"
+    load_towers = executors._load_towers
+
+    def load_once_a_worker_runs(job, options):
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert time.monotonic() < deadline, "no worker took a video while the towers were loading"
+            time.sleep(0.05)
+        return load_towers(job, options)
+
+    monkeypatch.setattr(executors, "prepare_video", functools.partial(marks_its_start, marker=str(marker)))
+    monkeypatch.setattr(executors, "_load_towers", load_once_a_worker_runs)
+    summary = extract(videos, tmp_path / "store.zarr", str(tiny_model("qwen2_5_omni")), VideoSettings(fps=2),
+                      options=LOCAL)
+    assert (summary.extracted, summary.failed) == (2, 0)
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import threading
+from concurrent.futures import Future
 from typing import Iterator
 
 from qprep.errors import WORKER_DIED, ExtractError
@@ -80,25 +82,50 @@ def run_on_ray(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:
 
 
 def run_locally(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:
-    """The CPU stage in a pool of processes, the towers here, one video at a time as it is prepared."""
-    start_worker_server()  # its imports overlap the towers' loading here
+    """The CPU stage in a pool of processes, the towers here, one video at a time as it is prepared.
+
+    The workers start, and take their first videos, while the towers load here: the two are
+    independent, and loading a released checkpoint's towers (reading their weights, starting CUDA,
+    moving them to the GPU) takes seconds that the other cores would otherwise spend idle."""
+    start_worker_server()
+    pool = _CpuPool(tasks, workers=min(usable_cores(), len(tasks)), job=job)
+    starting = _in_background(pool.start, name="qprep-start-workers")
     import torch
 
-    cores = usable_cores()
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # the thread count of Ray's CPU tower actor: the same kernels, so the same bits
-    threads = options.tower_threads or (max(1, cores // 2) if device == "cpu" else 1)
     kept_threads = torch.get_num_threads()
-    towers = TowerStage(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
-                        attn_implementation=job.attn_implementation, budget=options.budget, threads=threads)
-    # A worker's start waits for the server to have imported the CPU stage: so the pool comes after the towers.
-    pool = _CpuPool(tasks, workers=min(cores, len(tasks)), job=job)
     try:
+        towers = _load_towers(job, options)
+        starting.result()
         for prepared in pool.results():
             yield from towers.encode([prepared])  # a batch of one
     finally:
+        starting.exception()  # wait for the start to end (its error, if any, surfaced above or is moot)
         pool.close()
         torch.set_num_threads(kept_threads)
+
+
+def _load_towers(job, options) -> TowerStage:
+    import torch
+
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # the thread count of Ray's CPU tower actor: the same kernels, so the same bits
+    threads = options.tower_threads or (max(1, usable_cores() // 2) if device == "cpu" else 1)
+    return TowerStage(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
+                      attn_implementation=job.attn_implementation, budget=options.budget, threads=threads)
+
+
+def _in_background(function, name: str) -> Future:
+    """Call `function` in a thread; its result (or exception) comes back through the future."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function())
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 class _CpuPool:
@@ -110,8 +137,22 @@ class _CpuPool:
         self.suspects: collections.deque[VideoFile] = collections.deque()  # in flight when a worker died
         self.tries: collections.Counter[str] = collections.Counter()
         self.running: dict = {}  # future → video
+        self.pool = None
+
+    def start(self) -> None:
+        """Start the workers and hand them their first videos (this waits for the worker server's
+        imports, so `run_locally` calls it in a thread of its own)."""
+        from concurrent.futures.process import BrokenProcessPool
+
         self.pool = self._start()
-        self.probe = self.pool.submit(os.getpid)  # a bare call: do the workers start at all?
+        try:
+            self.pool.submit(os.getpid).result()
+  # a bare call: do the workers start at all?
+        except BrokenProcessPool:
+            raise ExtractError("the CPU-stage worker processes could not start; a script that calls qprep's "
+                               "extract needs an `if __name__ == \"__main__\":` guard, as any script that starts "
+                               "processes does (or --executor ray)") from None
+        self._fill()
 
     def results(self) -> Iterator[Prepared]:
         """Each video's CPU-stage row (a failed row for one that killed its worker on every try), in
@@ -119,13 +160,6 @@ class _CpuPool:
         from concurrent.futures import FIRST_COMPLETED, wait
         from concurrent.futures.process import BrokenProcessPool
 
-        try:
-            self.probe.result()
-        except BrokenProcessPool:
-            raise ExtractError("the CPU-stage worker processes could not start; a script that calls qprep's "
-                               "extract needs an `if __name__ == \"__main__\":` guard, as any script that starts "
-                               "processes does (or --executor ray)") from None
-        self._fill()
         while self.running:
             done, _ = wait(list(self.running), return_when=FIRST_COMPLETED)
             broken = []

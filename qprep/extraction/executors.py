@@ -278,17 +278,17 @@ def usable_cores() -> int:
 
 def _crashed_the_towers(video: VideoFile) -> Prepared:
     """The row of a video whose tower actor died on every try of a batch of it alone (Ray)."""
-    cause = (f"the tower actor died on all {TOWER_BATCH_TRIES} tries of a batch of it alone (a crash in the towers, "
-             f"or killed for memory; Ray's log above has the error); the next run tries it again")
-    crashed = Prepared.empty(video)
-    crashed.row.fail(cause, WORKER_DIED)
-    return crashed
+    return _lost(video, f"the tower actor died on all {TOWER_BATCH_TRIES} tries of a batch of it alone (a crash in "
+                        f"the towers, or killed for memory; Ray's log above has the error)")
 
 
 def _died(video: VideoFile) -> Prepared:
     """The CPU-stage row of a video whose worker process died on every try."""
-    cause = (f"the worker preparing it died on all {CPU_STAGE_TRIES} tries (a crash in the decoder, or killed for "
-             f"memory); the next run tries it again")
-    died = Prepared.empty(video)
-    died.row.fail(cause, WORKER_DIED)
-    return died
+    return _lost(video, f"the worker preparing it died on all {CPU_STAGE_TRIES} tries (a crash in the decoder, or "
+                        f"killed for memory)")
+
+
+def _lost(video: VideoFile, cause: str) -> Prepared:
+    lost = Prepared.empty(video)
+    lost.row.fail(f"{cause}; the next run tries it again", WORKER_DIED)
+    return lost

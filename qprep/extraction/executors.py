@@ -146,8 +146,7 @@ class _CpuPool:
 
         self.pool = self._start()
         try:
-            self.pool.submit(os.getpid).result()
-  # a bare call: do the workers start at all?
+            self.pool.submit(os.getpid).result()  # a bare call: do the workers start at all?
         except BrokenProcessPool:
             raise ExtractError("the CPU-stage worker processes could not start; a script that calls qprep's "
                                "extract needs an `if __name__ == \"__main__\":` guard, as any script that starts "

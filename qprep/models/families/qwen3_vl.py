@@ -1,10 +1,11 @@
 """Qwen3-VL (`qwen3_vl`, and the MoE `qwen3_vl_moe`): a vision tower with deepstack levels, no audio.
 
 Block: for each temporal patch k, `<{t_k:.1f} seconds><|vision_start|>` + `<|video_pad|>` × (h·w /
-merge²) + `<|vision_end|>`, in place of the chat template's whole `<|vision_start|><|video_pad|><|vision_end|>`
-(each patch carries its own pair, so the template's does not wrap them: `Qwen3VLProcessor`
-collapses it, as Qwen's own processor did from the first release). Time reaches the model only through that text: `get_rope_index` splits the grid into one (1, h, w) row
-per temporal patch and gives every patch the same temporal positions.
+merge²) + `<|vision_end|>`, in place of the chat template's whole
+`<|vision_start|><|video_pad|><|vision_end|>`: each patch carries its own pair, so the template's
+does not wrap them (`Qwen3VLProcessor` collapses it, as the processor Qwen3-VL was released with
+did). Time reaches the model only through that text: `get_rope_index` splits the grid into one
+(1, h, w) row per temporal patch and gives every patch the same temporal positions.
 
 t_k is the mean time of the patch's first and last frame, as `Qwen3VLProcessor` computes it
 (`(t_a + t_b) / 2`, Python floats, printed with `.1f`). The processor derives frame times from

@@ -21,8 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import threading
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from qprep.errors import WORKER_DIED, ExtractError
@@ -89,7 +88,9 @@ def run_locally(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:
     moving them to the GPU) takes seconds that the other cores would otherwise spend idle."""
     start_worker_server()
     pool = _CpuPool(tasks, workers=min(usable_cores(), len(tasks)), job=job)
-    starting = _in_background(pool.start, name="qprep-start-workers")
+    starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qprep-start-workers")
+    starting = starter.submit(pool.start)
+    starter.shutdown(wait=False)  # the start runs on in its thread; `starting` says when it is done
     import torch
 
     kept_threads = torch.get_num_threads()
@@ -112,20 +113,6 @@ def _load_towers(job, options) -> TowerStage:
     threads = options.tower_threads or (max(1, usable_cores() // 2) if device == "cpu" else 1)
     return TowerStage(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
                       attn_implementation=job.attn_implementation, budget=options.budget, threads=threads)
-
-
-def _in_background(function, name: str) -> Future:
-    """Call `function` in a thread; its result (or exception) comes back through the future."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(function())
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
 
 
 class _CpuPool:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from qprep.models.checkpoint import in_own_memory
 from qprep.models.tiny import (
     MODEL_CLASSES,
     QWEN3_KINDS,
@@ -417,20 +418,12 @@ def test_a_released_layout_loads_as_its_save_pretrained_twin(released_dir, kind,
     released_inputs = processed(released_processor, kind)
     assert inputs.keys() == released_inputs.keys()
     assert all(torch.equal(inputs[key], released_inputs[key]) for key in inputs)
-    with torch.no_grad():  # the same bits in memory of the same alignment (see `in_own_memory`)
+    # from_pretrained maps each file's tensors at their offsets there (a [1, 64] gate sat at 24 and 48 mod
+    # 64 in the two files); the CPU matmul rounds by alignment, so compare with the weights re-placed
+    with torch.no_grad():
         logits = in_own_memory(model).eval()(**inputs).logits
         assert torch.equal(logits, in_own_memory(twin).eval()(**inputs).logits)
     assert torch.isfinite(logits).all()
-
-
-def in_own_memory(model):
-    """`model` with each tensor copied into memory of its own. `from_pretrained` may leave tensors in
-    the memory-mapped file, at whatever alignment their offset there gives, and a CPU matmul's
-    summation order can follow the alignment of its operands (a [1, 64] gate differed by an ulp
-    between two files holding the same bits): equal logits are owed only to equal arithmetic."""
-    for tensor in [*model.parameters(), *model.buffers()]:
-        tensor.data = tensor.data.clone()
-    return model
 
 
 @pytest.mark.parametrize(("kind", "experts"), RELEASES)
@@ -583,9 +576,9 @@ def test_the_qwen3_omni_release_loads_as_its_save_pretrained_twin(released_dir):
     released_inputs = processed(released_processor, "qwen3_omni_moe")
     assert inputs.keys() == released_inputs.keys()
     assert all(torch.equal(inputs[key], released_inputs[key]) for key in inputs)
-    with torch.no_grad():
-        logits = model.thinker.eval()(**inputs, use_audio_in_video=True).logits
-        assert torch.equal(logits, twin.thinker.eval()(**inputs, use_audio_in_video=True).logits)
+    with torch.no_grad():  # the weights re-placed, as in the Qwen3-VL and Qwen3.5 twins' test
+        logits = in_own_memory(model.thinker).eval()(**inputs, use_audio_in_video=True).logits
+        assert torch.equal(logits, in_own_memory(twin.thinker).eval()(**inputs, use_audio_in_video=True).logits)
     assert torch.isfinite(logits).all()
 
 

@@ -1,6 +1,8 @@
 # Two commands on a fresh machine:  `make demo` (the whole job on generated videos) and `make test`.
 VENV ?= .venv
 PYTHON ?= python3
+# pytest-xdist workers for `make test` (0: one process); the Ray tests run together on one of them
+TEST_WORKERS ?= 2
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +17,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/qprep demo
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet -e '.[bench]'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -13,11 +14,29 @@ from qprep.synth import VideoSpec, make_video
 MARKED_BY_FIXTURE = {"ray_cluster": "ray", "small_disk": "root", "unprivileged": "root"}
 
 
-def pytest_collection_modifyitems(items):
+def pytest_configure(config):
+    """Under pytest-xdist (`-n N`), each worker's torch gets its share of the cores: N processes each
+    running every core's worth of threads would mostly wait on each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        from qprep.extraction.executors import usable_cores
+
+        threads = max(1, usable_cores() // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # and the processes the tests start
+        torch.set_num_threads(threads)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups into the test ids
+def pytest_collection_modifyitems(config, items):
+    spread = config.pluginmanager.hasplugin("xdist")
     for item in items:
         for fixture, marker in MARKED_BY_FIXTURE.items():
             if fixture in item.fixturenames:
                 item.add_marker(marker)
+        if spread and "ray_cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("ray"))  # one worker runs them, on one Ray (--dist loadgroup)
 
 
 @pytest.fixture(scope="session")
@@ -58,9 +77,17 @@ LOCAL_EXTRACT = {"progress": False, "executor": "local"}
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(request):
     """One local Ray for the whole session (qprep uses an already initialized Ray as it is)."""
     import ray
+
+    ungrouped = [item for item in request.session.items
+                 if "ray_cluster" in item.fixturenames and not item.nodeid.endswith("@ray")]
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) > 1 and ungrouped:
+        # each worker would start a Ray of its own: on pytest 9.2 pytest-xdist's groups are lost
+        # (pytest-xdist#1386), and without --dist loadgroup there are none
+        pytest.fail("the Ray tests share one Ray on one pytest-xdist worker: run with `--dist loadgroup`, "
+                    "on a pytest whose test ids pytest-xdist can tag with their group (pyproject.toml pins one)")
 
     # "local": a Ray of its own even while another process's `ray start` cluster runs on this machine
     # (Ray would join that one, and refuse num_cpus)

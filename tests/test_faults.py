@@ -16,8 +16,9 @@
 kill -9 of the extract driver at 10 moments of a run (decoding and encoding, arrays written,
 manifest written, renamed, committed) is tests/test_crash_points.py.
 
-The extract subprocesses join the session's Ray, so a SIGKILL hits the driver only (Ray cleans up a
-dead driver's job) and no run pays for starting Ray.
+The faults of Ray's workers and actor, and the two extracts at once, run on the session's Ray (a
+SIGKILL hits the driver only; Ray cleans up a dead driver's job); the full disk is the store's and
+runs with the in-process executor, as does the uninterrupted run every store here is compared with.
 """
 
 from __future__ import annotations
@@ -51,20 +52,22 @@ pytestmark = pytest.mark.slow
 
 CLIPS = {f"clip{i:02d}.mp4": dict(width=64, height=48, fps=10, seconds=1, audio=i % 2 == 0) for i in range(12)}
 SHARDS = 6  # about two videos a shard: shards wait for their second video while others are committed
-QUIET = ExtractOptions(progress=False, batch_size=1)
+ON_RAY = ExtractOptions(progress=False, batch_size=1, executor="ray")
+IN_PROCESS = dataclasses.replace(ON_RAY, executor="local")
 
 
 @pytest.fixture(scope="module")
-def job(ray_cluster, tiny_model, tmp_path_factory):
+def job(tiny_model, tmp_path_factory):
     """(videos, model dir, snapshot of an uninterrupted run's store, that store)."""
     model_dir = str(tiny_model("qwen2_5_omni"))
     videos, reference = reference_run(tmp_path_factory.mktemp("faults"), CLIPS, model_dir, shards=SHARDS,
-                                      options=QUIET)
+                                      options=IN_PROCESS)
     return videos, model_dir, snapshot(reference), reference
 
 
 def extract_command(videos, store, model_dir) -> list[str]:
-    """The same run as `job`'s uninterrupted one, from the command line, on the session's Ray."""
+    """The same run as `job`'s uninterrupted one, from the command line, on the session's Ray (an
+    in-process run of these clips can end before a second process has started)."""
     import ray
 
     return [sys.executable, "-m", "qprep.cli", "extract", "--videos", str(videos), "--out", str(store), "--model",
@@ -172,14 +175,14 @@ def tower_batch(now: str) -> bool:
     return "TowerStage" in now and now.endswith(".submit")
 
 
-def test_a_killed_cpu_worker_and_tower_actor_are_retried_and_the_store_is_complete(job, tmp_path):
+def test_a_killed_cpu_worker_and_tower_actor_are_retried_and_the_store_is_complete(job, ray_cluster, tmp_path):
     videos, model_dir, reference, _ = job
     store = tmp_path / "store.zarr"
     killer, reader = Killer([cpu_task, tower_batch]), Reader(store)
     killer.start()
     reader.start()
     try:
-        summary = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)
+        summary = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=ON_RAY)
     finally:
         killer.stop.set()
         reader.stop.set()
@@ -195,7 +198,8 @@ def test_a_killed_cpu_worker_and_tower_actor_are_retried_and_the_store_is_comple
     assert any(0 < n < len(CLIPS) for n in reader.seen), reader.seen  # it read while shards came in
 
 
-def test_a_video_whose_worker_dies_on_every_try_is_recorded_failed_and_the_rest_finish(job, tmp_path, monkeypatch):
+def test_a_video_whose_worker_dies_on_every_try_is_recorded_failed_and_the_rest_finish(
+        job, ray_cluster, tmp_path, monkeypatch):
     """A video that kills the process preparing it (a decoder crash, an out-of-memory kill) is tried
     CPU_STAGE_TRIES times, then recorded as failed; it does not stall or abort the run, and the next
     run tries it again. With tower batches of several videos too: it never reached the towers, so it
@@ -214,7 +218,7 @@ def test_a_video_whose_worker_dies_on_every_try_is_recorded_failed_and_the_rest_
 
     monkeypatch.setattr(cluster, "cpu_stage", dies_on_the_poison)
     summary = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS,
-                      options=dataclasses.replace(QUIET, batch_size=4))
+                      options=dataclasses.replace(ON_RAY, batch_size=4))
     assert tries.read_text().count("try") == stages.CPU_STAGE_TRIES
     assert (summary.extracted, summary.failed) == (len(CLIPS) - 1, 1)
     assert summary.failures[0][0] == poison
@@ -223,13 +227,13 @@ def test_a_video_whose_worker_dies_on_every_try_is_recorded_failed_and_the_rest_
     assert (row.status, row.error_code) == ("failed", WORKER_DIED)
 
     monkeypatch.undo()
-    again = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)
+    again = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=ON_RAY)
     assert (again.extracted, again.failed, again.up_to_date) == (1, 0, len(CLIPS) - 1)
     assert snapshot(store) == reference
 
 
 def test_a_video_that_kills_the_tower_actor_on_every_try_is_recorded_failed_and_the_rest_finish(
-        job, tmp_path, monkeypatch):
+        job, ray_cluster, tmp_path, monkeypatch):
     """The tower actor is restarted each time it dies, and a batch is tried TOWER_BATCH_TRIES times:
     a video that crashes the towers ends failed instead of looping the run. Its batch-mates, lost
     with its batch, are extracted when the lost videos go through again one a batch."""
@@ -248,7 +252,7 @@ def test_a_video_that_kills_the_tower_actor_on_every_try_is_recorded_failed_and_
 
     monkeypatch.setattr(cluster, "TowerStage", CrashesOnThePoison)
     summary = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS,
-                      options=dataclasses.replace(QUIET, batch_size=4))
+                      options=dataclasses.replace(ON_RAY, batch_size=4))
     # each try's batch size: its batch with others, then alone
     assert tries.read_text().split() == ["4"] * stages.TOWER_BATCH_TRIES + ["1"] * stages.TOWER_BATCH_TRIES
     assert (summary.extracted, summary.failed) == (len(CLIPS) - 1, 1)
@@ -257,7 +261,7 @@ def test_a_video_that_kills_the_tower_actor_on_every_try_is_recorded_failed_and_
     assert open_cache(store).row("clip05").error_code == WORKER_DIED
 
     monkeypatch.undo()
-    again = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)
+    again = extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=ON_RAY)
     assert (again.extracted, again.failed, again.up_to_date) == (1, 0, len(CLIPS) - 1)
     assert snapshot(store) == reference
 
@@ -291,7 +295,7 @@ def test_a_full_disk_fails_clearly_keeps_the_committed_shards_and_the_next_run_f
     resize(disk_pages(reference_store) // 2 // 4096 * 4096)  # room for about half the shards
     store = mount / "store.zarr"
     with pytest.raises(StoreError) as error:
-        extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=QUIET)
+        extract(videos, store, model_dir, VideoSettings(fps=2), shards=SHARDS, options=IN_PROCESS)
     message = str(error.value)
     assert str(store) in message and "no space left on device" in message and "shard" in message, message
 
@@ -300,7 +304,7 @@ def test_a_full_disk_fails_clearly_keeps_the_committed_shards_and_the_next_run_f
     assert garbage(store) == []  # the shard that did not fit gave its space back
 
     resize(64 << 20, "remount,")
-    resumed = extract(videos, store, model_dir, VideoSettings(fps=2), options=QUIET)
+    resumed = extract(videos, store, model_dir, VideoSettings(fps=2), options=IN_PROCESS)
     assert resumed.extracted == len(CLIPS) - kept
     assert snapshot(store) == reference
 
@@ -318,7 +322,7 @@ def flock_holders(path: Path) -> set[int]:
     return holders
 
 
-def test_two_extracts_at_once_one_refuses_and_a_killed_holder_leaves_no_stale_lock(job, tmp_path):
+def test_two_extracts_at_once_one_refuses_and_a_killed_holder_leaves_no_stale_lock(job, ray_cluster, tmp_path):
     videos, model_dir, reference, _ = job
     store = tmp_path / "store.zarr"
     command = extract_command(videos, store, model_dir)
@@ -344,7 +348,7 @@ def test_two_extracts_at_once_one_refuses_and_a_killed_holder_leaves_no_stale_lo
     assert flock_holders(store / ".qprep" / "lock") == set()  # the kernel dropped it with its holder
 
     before = complete_rows(store)
-    resumed = extract(videos, store, model_dir, VideoSettings(fps=2), options=QUIET)
+    resumed = extract(videos, store, model_dir, VideoSettings(fps=2), options=IN_PROCESS)
     assert resumed.extracted == len(CLIPS) - before
     assert snapshot(store) == reference
 

@@ -81,11 +81,10 @@ def ray_cluster(request):
     """One local Ray for the whole session (qprep uses an already initialized Ray as it is)."""
     import ray
 
-    ungrouped = [item for item in request.session.items
-                 if "ray_cluster" in item.fixturenames and not item.nodeid.endswith("@ray")]
-    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) > 1 and ungrouped:
-        # each worker would start a Ray of its own: on pytest 9.2 pytest-xdist's groups are lost
-        # (pytest-xdist#1386), and without --dist loadgroup there are none
+    # Under pytest-xdist each worker would start a Ray of its own unless the group keeps the Ray tests on
+    # one: without --dist loadgroup there are no groups, and on pytest 9.2 they are lost (pytest-xdist#1386)
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) > 1 and any(
+            "ray_cluster" in item.fixturenames and not item.nodeid.endswith("@ray") for item in request.session.items):
         pytest.fail("the Ray tests share one Ray on one pytest-xdist worker: run with `--dist loadgroup`, "
                     "on a pytest whose test ids pytest-xdist can tag with their group (pyproject.toml pins one)")
 

@@ -1,11 +1,18 @@
 """Training samples from LongVALE-style conversations and a cache.
 
-A record is `{"id": ..., "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}`; its video is
-the cached entry with that id, placed where `<video>` appears in a human turn (at the start of the
-first human turn when absent). Prompts are rendered by the tokenizer's own chat template; labels
-cover the assistant turns only (their text and closing `<|im_end|>`), -100 elsewhere. A record that
-cannot be used (its video missing or failed in the cache, too long) is reported with its reason
-before training starts, never in the middle of an epoch.
+A record is `{"id": ..., "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}` and names the
+cached media its conversation reads:
+
+* without a `media` key, one video: the cached entry whose id is the record's id (LongVALE's form);
+* with `"media": [id, ...]`, those cached entries in the order the conversation places them (any
+  number; the same entry may come twice); `"media": []` is a text-only sample. The record's `id` is
+  then only its name (optional: `#<index>` when absent).
+
+Each `<video>` in a user turn marks where the next medium goes. Media without a mark go, in order, at
+the start of the first user turn; more marks than media is an error. Prompts are rendered by the
+tokenizer's own chat template; labels cover the assistant turns only (their text and closing
+`<|im_end|>`), -100 elsewhere. A record that cannot be used (a medium missing or failed in the
+cache, too long) is reported with its reason before training starts, never in the middle of an epoch.
 """
 
 from __future__ import annotations
@@ -30,7 +37,12 @@ class Sample:
     id: str
     input_ids: list[int]
     labels: list[int]
-    has_audio: bool = False  # its cached entry has audio tokens that go into its block
+    has_audio: bool = False  # its videos' audio tokens go into their blocks (batched apart: `loader`)
+    media: tuple[str, ...] | None = None  # cached entry ids in placeholder order; None: the one video `id`
+
+    def __post_init__(self):
+        if self.media is None:
+            self.media = (self.id,)
 
 
 @dataclass
@@ -63,13 +75,30 @@ def load_records(path: str | Path) -> list[dict]:
     if not isinstance(records, list):
         raise SettingsError(f"--data {path}: expected a JSON list of {{id, conversations}} records")
     for index, record in enumerate(records):
-        if not isinstance(record, dict) or "id" not in record or not isinstance(record.get("conversations"), list):
-            raise SettingsError(f"--data {path}: record {index} lacks an id or a conversations list")
+        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+            raise SettingsError(f"--data {path}: record {index} lacks a conversations list")
+        media = record.get("media")
+        if media is None and "id" not in record:
+            raise SettingsError(f"--data {path}: record {index} has neither an id (its video) nor a media list")
+        if media is not None and not (isinstance(media, list) and all(isinstance(m, str) for m in media)):
+            raise SettingsError(f"--data {path}: record {index}: media must be a list of cached ids")
     return records
 
 
-def messages(conversations: list[dict]) -> list[dict]:
-    """LongVALE turns → chat-template messages, with the video where `<video>` marks it."""
+def record_id(record: dict, index: int) -> str:
+    """What a record is called in reports: its id, else its place in the file."""
+    return str(record["id"]) if "id" in record else f"#{index}"
+
+
+def record_media(record: dict) -> tuple[str, ...]:
+    """The cached entries a record reads, in placeholder order."""
+    media = record.get("media")
+    return (str(record["id"]),) if media is None else tuple(media)
+
+
+def messages(conversations: list[dict], media: int = 1) -> list[dict]:
+    """LongVALE turns → chat-template messages, with `media` videos where `<video>` marks them (the
+    unmarked ones, in order, at the start of the first user turn)."""
     out: list[dict] = []
     for turn in conversations:
         role = ROLES.get(turn.get("from"))
@@ -79,16 +108,24 @@ def messages(conversations: list[dict]) -> list[dict]:
     users = [m for m in out if m["role"] == "user"]
     if not users:
         raise SettingsError("a conversation needs a human turn")
-    marked = [m for m in users if VIDEO_MARK in m["content"][0]["text"]]
-    target = marked[0] if marked else users[0]
-    before, _, after = target["content"][0]["text"].partition(VIDEO_MARK)
-    if not marked:
-        before, after = "", target["content"][0]["text"]
-    for m in users:  # any further marks are dropped: one video per record
-        m["content"][0]["text"] = m["content"][0]["text"].replace(VIDEO_MARK, "")
-    target["content"] = [c for c in ({"type": "text", "text": before.strip()}, {"type": "video"},
-                                     {"type": "text", "text": after.strip()}) if c.get("text", True)]
+    marks = sum(m["content"][0]["text"].count(VIDEO_MARK) for m in users)
+    if marks > media:
+        raise SettingsError(f"{marks} {VIDEO_MARK} marks for {media} media")
+    for m in users:
+        m["content"] = _placed(m["content"][0]["text"], unmarked=media - marks if m is users[0] else 0)
     return out
+
+
+def _placed(text: str, unmarked: int) -> list[dict]:
+    """A user turn's content: `unmarked` videos first, then its text with a video at each mark."""
+    content: list[dict] = [{"type": "video"}] * unmarked
+    pieces = text.split(VIDEO_MARK)
+    for index, piece in enumerate(pieces):
+        if index:
+            content.append({"type": "video"})
+        if piece.strip():
+            content.append({"type": "text", "text": piece.strip()})
+    return [dict(c) for c in content] or [{"type": "text", "text": ""}]
 
 
 def tokenize(conversation: list[dict], tokenizer, turn_end: int) -> tuple[list[int], list[int]]:
@@ -113,44 +150,69 @@ def tokenize(conversation: list[dict], tokenizer, turn_end: int) -> tuple[list[i
 def build_dataset(records: list[dict], cache, tokenizer, layout: PromptLayout, *, max_length: int | None = None,
                   cut: bool = False) -> Dataset:
     """Samples ready to collate. Longer than `max_length`: left out, or with `cut` cut at
-    `max_length` provided the cut falls after the video block and leaves an answer token."""
+    `max_length` provided the cut falls after the last media block and leaves an answer token."""
     dataset = Dataset(samples=[])
     ok = set(cache.ids())
-    for record in records:
-        video_id = str(record["id"])
-        if video_id not in cache:
-            dataset.skipped.setdefault("video not in the cache", []).append(video_id)
-            continue
-        if video_id not in ok:
-            dataset.skipped.setdefault("video failed extraction", []).append(video_id)
+    for index, record in enumerate(records):
+        name, media = record_id(record, index), record_media(record)
+        reason = unusable_media(media, cache, ok, layout.audio)
+        if reason:
+            dataset.skipped.setdefault(reason, []).append(name)
             continue
         try:
-            text_ids, labels = tokenize(messages(record["conversations"]), tokenizer, layout.turn_end_id)
+            text_ids, labels = tokenize(messages(record["conversations"], len(media)), tokenizer, layout.turn_end_id)
         except SettingsError as exc:
-            dataset.skipped.setdefault(f"bad conversation: {exc}", []).append(video_id)
+            dataset.skipped.setdefault(f"bad conversation: {exc}", []).append(name)
             continue
-        row = cache.row(video_id)
-        input_ids, labels, block_end = with_video_block(text_ids, labels, row, layout)
+        rows = [cache.row(medium) for medium in media]
+        input_ids, labels, blocks_end = with_media_blocks(text_ids, labels, rows, layout)
         if max_length is not None and len(input_ids) > max_length:
-            reason = _over_length(block_end, labels, max_length, cut)
+            reason = _over_length(blocks_end, labels, max_length, cut)
             if reason:
-                dataset.skipped.setdefault(reason, []).append(video_id)
+                dataset.skipped.setdefault(reason, []).append(name)
                 continue
             input_ids, labels = input_ids[:max_length], labels[:max_length]
-            dataset.cut.append(video_id)
-        dataset.samples.append(Sample(id=video_id, input_ids=input_ids, labels=labels,
-                                      has_audio=layout.audio and row.has_audio))
+            dataset.cut.append(name)
+        dataset.samples.append(Sample(id=name, input_ids=input_ids, labels=labels, media=media,
+                                      has_audio=layout.audio and any(row.has_audio for row in rows)))
     return dataset
+
+
+def unusable_media(media: tuple[str, ...], cache, ok: set[str], audio: bool) -> str | None:
+    """Why a sample reading these cached entries (`ok`: the cache's ids extracted ok) cannot be built,
+    or None. `audio`: the model takes the videos' own audio (`PromptLayout.audio`)."""
+    for medium in media:
+        if medium not in cache:
+            return "video not in the cache"
+        if medium not in ok:
+            return "video failed extraction"
+    if audio and len({cache.row(medium).has_audio for medium in media}) > 1:
+        # the model positions a sample's videos with one use_audio_in_video flag (so does its processor)
+        return "videos with and without audio in one sample (the model takes one use_audio_in_video flag)"
+    return None
+
+
+def with_media_blocks(text_ids: list[int], labels: list[int], rows: list[ManifestRow],
+                      layout: PromptLayout) -> tuple[list[int], list[int], int]:
+    """Each of the chat template's video placeholders (start, pad, end), in order, replaced by its
+    cached medium's block (the family's `video_block`), which the labels ignore: (input ids, labels,
+    where the last block ends)."""
+    ids, out_labels, blocks_end = list(text_ids), list(labels), 0
+    for index, row in enumerate(rows):
+        at = ids.index(layout.ids.video, blocks_end)
+        block = layout.video_block(row, start=layout.block_start(ids[: at - 1], rows[:index]))
+        ids[at - 1: at + 2] = block
+        out_labels[at - 1: at + 2] = [IGNORE] * len(block)
+        blocks_end = at - 1 + len(block)
+    if layout.ids.video in ids[blocks_end:]:
+        raise ValueError(f"the prompt has more video placeholders than the {len(rows)} media given")
+    return ids, out_labels, blocks_end
 
 
 def with_video_block(text_ids: list[int], labels: list[int], row: ManifestRow,
                      layout: PromptLayout) -> tuple[list[int], list[int], int]:
-    """The chat template's video placeholder (start, pad, end) replaced by the cached video's block
-    (the family's `video_block`), which the labels ignore: (input ids, labels, where the block ends)."""
-    at = text_ids.index(layout.ids.video)
-    block = layout.video_block(row, start=at - 1)  # one video per prompt: its position is its index
-    return (text_ids[: at - 1] + block + text_ids[at + 2:], labels[: at - 1] + [IGNORE] * len(block) + labels[at + 2:],
-            at - 1 + len(block))
+    """`with_media_blocks` for a prompt of one video."""
+    return with_media_blocks(text_ids, labels, [row], layout)
 
 
 def _over_length(block_end: int, labels: list[int], max_length: int, cut: bool) -> str | None:
@@ -180,7 +242,7 @@ def collate(samples: list[Sample], cache, layout: PromptLayout):
 
     return Batch(input_ids=pad([s.input_ids for s in samples], layout.pad_id),
                  attention_mask=pad([[1] * len(s.input_ids) for s in samples], 0),
-                 labels=pad([s.labels for s in samples], IGNORE), **_media([cache[s.id] for s in samples], layout))
+                 labels=pad([s.labels for s in samples], IGNORE), **_media(samples, cache, layout))
 
 
 def collate_packed(samples: list[Sample], cache, layout: PromptLayout):
@@ -191,15 +253,19 @@ def collate_packed(samples: list[Sample], cache, layout: PromptLayout):
     input_ids = torch.tensor([[i for s in samples for i in s.input_ids]], dtype=torch.int64)
     return Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                  labels=torch.tensor([[label for s in samples for label in s.labels]], dtype=torch.int64),
-                 sample_lengths=tuple(len(s.input_ids) for s in samples),
-                 **_media([cache[s.id] for s in samples], layout))
+                 sample_lengths=tuple(len(s.input_ids) for s in samples), **_media(samples, cache, layout))
 
 
-def _media(videos: list, layout: PromptLayout) -> dict:
-    """The batch's cached tokens, concatenated in placeholder order, and what places them in time."""
+def _media(samples: list[Sample], cache, layout: PromptLayout) -> dict:
+    """The batch's cached tokens, concatenated in placeholder order, and what places them in time
+    (None where the batch has no video: text-only samples)."""
+    videos = [cache[medium] for s in samples for medium in s.media]
     has_audio = {v.audio_tokens is not None for v in videos} if layout.audio else {False}
     if len(has_audio) > 1:  # get_rope_index takes one use_audio_in_video flag per batch
         raise ValueError("a batch mixes videos with and without audio; batch them apart")
+    media_counts = tuple(len(s.media) for s in samples)
+    if not videos:
+        return dict(video_tokens=None, video_grid_thw=None, second_per_grid=None, media_counts=media_counts)
     with_audio = has_audio == {True}
     return dict(
         video_tokens=torch.cat([v.video_tokens for v in videos]),
@@ -208,4 +274,5 @@ def _media(videos: list, layout: PromptLayout) -> dict:
         audio_tokens=torch.cat([v.audio_tokens for v in videos]) if with_audio else None,
         mel_lengths=torch.tensor([v.mel_length for v in videos]) if with_audio else None,
         deepstack=torch.cat([v.deepstack for v in videos], dim=1) if videos[0].deepstack is not None else None,
+        media_counts=media_counts,
     )

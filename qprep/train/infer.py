@@ -48,6 +48,11 @@ class InferSummary:
 class Request:
     id: str
     conversation: list[dict]  # chat-template messages up to the answer to generate
+    media: tuple[str, ...] | None = None  # cached entries in placeholder order; None: the one video `id`
+
+    def __post_init__(self):
+        if self.media is None:
+            self.media = (self.id,)
 
 
 def infer(cache_path: str | Path, model: str | None, out: str | Path, *, adapter: str | Path | None = None,
@@ -73,13 +78,14 @@ def infer(cache_path: str | Path, model: str | None, out: str | Path, *, adapter
     cache = open_cache(cache_path)
     checkpoint = open_checkpoint(model or cache.model)
     check_cache_fits(cache, checkpoint)
-    requests, skipped = choose_requests(cache, ids=ids, data=data, prompt=prompt)
+    tokenizer = checkpoint.tokenizer()
+    layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
+    requests, skipped = choose_requests(cache, ids=ids, data=data, prompt=prompt, layout=layout)
     for line in left_out_lines(skipped):
         echo(line)
     if not requests:
         raise SettingsError(f"no video to answer for in {cache.store.location} (the reasons are listed above); "
                             f"pass --ids or --data naming videos extracted ok (`qprep status` lists them)")
-    tokenizer = checkpoint.tokenizer()
     generator = Generator(checkpoint, tokenizer, cache, adapter=adapter, dtype=dtype, device=device)
     summary = InferSummary(answers=0, skipped=skipped)
     out = Path(out)
@@ -97,9 +103,10 @@ def infer(cache_path: str | Path, model: str | None, out: str | Path, *, adapter
 
 
 def choose_requests(cache, *, ids: list[str] | None = None, data: str | Path | None = None,
-                    prompt: str | None = None) -> tuple[list[Request], dict[str, list[str]]]:
-    """The prompts to answer and, for a data file, the records left out (reason → ids)."""
-    from qprep.train.data import VIDEO_MARK, load_records, messages
+                    prompt: str | None = None, layout=None) -> tuple[list[Request], dict[str, list[str]]]:
+    """The prompts to answer and, for a data file, the records left out (reason → ids). `layout`
+    (the checkpoint's `PromptLayout`) decides which media a record may mix."""
+    from qprep.train.data import VIDEO_MARK, load_records, messages, record_id, record_media, unusable_media
 
     question = [{"from": "human", "value": VIDEO_MARK + (prompt or DENSE_CAPTION_PROMPT)}]
     ok = set(cache.ids())
@@ -112,19 +119,19 @@ def choose_requests(cache, *, ids: list[str] | None = None, data: str | Path | N
     if data is None:
         return [Request(i, messages(question)) for i in cache.ids()], {}
     requests, skipped = [], {}
-    for record in load_records(data):
-        video_id = str(record["id"])
-        if video_id not in ok:
-            reason = "video failed extraction" if video_id in cache else "video not in the cache"
-            skipped.setdefault(reason, []).append(video_id)
+    for index, record in enumerate(load_records(data)):
+        name, media = record_id(record, index), record_media(record)
+        reason = unusable_media(media, cache, ok, layout is not None and layout.audio)
+        if reason:
+            skipped.setdefault(reason, []).append(name)
             continue
         try:
-            conversation = messages(question if prompt else record["conversations"])
+            conversation = messages(question if prompt else record["conversations"], len(media))
         except SettingsError as exc:
-            skipped.setdefault(f"bad conversation: {exc}", []).append(video_id)
+            skipped.setdefault(f"bad conversation: {exc}", []).append(name)
             continue
         answers = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
-        requests.append(Request(video_id, conversation[: answers[0]] if answers else conversation))
+        requests.append(Request(name, conversation[: answers[0]] if answers else conversation, media))
     return requests, skipped
 
 
@@ -141,21 +148,22 @@ class Generator:
         self.adapter = load_adapter(self.model, adapter) if adapter is not None else None  # LoRA layers go in place
 
     def prompt_ids(self, request: Request) -> list[int]:
-        """The rendered prompt with the video's block in place (as training lays it out)."""
-        from qprep.train.data import IGNORE, with_video_block
+        """The rendered prompt with its media's blocks in place (as training lays them out)."""
+        from qprep.train.data import IGNORE, with_media_blocks
 
         text = self.tokenizer.apply_chat_template(request.conversation, tokenize=False, add_generation_prompt=True)
         text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        input_ids, _, _ = with_video_block(text_ids, [IGNORE] * len(text_ids), self.cache.row(request.id), self.layout)
+        rows = [self.cache.row(medium) for medium in request.media]
+        input_ids, _, _ = with_media_blocks(text_ids, [IGNORE] * len(text_ids), rows, self.layout)
         return input_ids
 
     def batch(self, request: Request):
         from qprep.train.data import IGNORE, Sample, collate
 
         input_ids = self.prompt_ids(request)
-        row = self.cache.row(request.id)
-        sample = Sample(id=request.id, input_ids=input_ids, labels=[IGNORE] * len(input_ids),
-                        has_audio=self.layout.audio and row.has_audio)
+        audio = self.layout.audio and any(self.cache.row(medium).has_audio for medium in request.media)
+        sample = Sample(id=request.id, input_ids=input_ids, labels=[IGNORE] * len(input_ids), media=request.media,
+                        has_audio=audio)
         return collate([sample], self.cache, self.layout).to(self.device)
 
     @torch.inference_mode()

@@ -338,7 +338,10 @@ def _run_identity(settings: TrainSettings, cache, dataset, checkpoint, data_path
 
     values = settings.to_dict()
     values.pop("workers")  # the order and the batches do not depend on it
-    samples = hashlib.sha256(json.dumps([[s.id, s.input_ids, s.labels] for s in dataset.samples]).encode())
+    # a sample's media are named only where they are not its one video `id` (runs of one video per
+    # sample keep the identity they had, so they resume)
+    samples = hashlib.sha256(json.dumps([[s.id, s.input_ids, s.labels] + ([list(s.media)] if s.media != (s.id,) else [])
+                                         for s in dataset.samples]).encode())
     return {"settings": values, "cache": str(cache.store.root), "cache_content": cache.content_key,
             "data": str(data_path), "samples": samples.hexdigest()[:16], "model": checkpoint.source}
 

@@ -26,14 +26,21 @@ class Batch:
     input_ids: torch.Tensor  # [batch, length]
     attention_mask: torch.Tensor  # [batch, length]
     labels: torch.Tensor  # [batch, length], -100 where no loss
-    video_tokens: torch.Tensor  # [all videos' tokens, hidden]
-    video_grid_thw: torch.Tensor  # [videos, 3]
-    second_per_grid: torch.Tensor  # [videos] float64
+    # the batch's videos in placeholder order (sample by sample); None: no video (text-only samples)
+    video_tokens: torch.Tensor | None  # [all videos' tokens, hidden]
+    video_grid_thw: torch.Tensor | None  # [videos, 3]
+    second_per_grid: torch.Tensor | None  # [videos] float64
     audio_tokens: torch.Tensor | None = None  # [all audio tokens, hidden] (audio in video)
     mel_lengths: torch.Tensor | None = None  # [videos] valid mel frames
     deepstack: torch.Tensor | None = None  # [levels, all videos' tokens, hidden] (towers with deepstack)
     # packed: one row of several samples side by side (no padding), their lengths in order
     sample_lengths: tuple[int, ...] | None = None
+    media_counts: tuple[int, ...] | None = None  # videos per sample, in order (None: one per sample)
+
+    @property
+    def audio_in_video(self) -> bool:
+        """Whether the videos' blocks hold their audio (one flag for the batch, as the model takes it)."""
+        return self.audio_tokens is not None
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> "Batch":
         return self._map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
@@ -108,7 +115,8 @@ class LanguageModel(torch.nn.Module):
         """Text embeddings with the cached tokens scattered into their placeholders."""
         embeds = self.language_model.get_input_embeddings()(batch.input_ids)
         video_id, audio_id = self.family.media_token_ids(self.config)
-        embeds = _scatter(embeds, batch.input_ids == video_id, batch.video_tokens)
+        if batch.video_tokens is not None or bool((batch.input_ids == video_id).any()):
+            embeds = _scatter(embeds, batch.input_ids == video_id, batch.video_tokens)
         if batch.audio_tokens is not None:
             embeds = _scatter(embeds, batch.input_ids == audio_id, batch.audio_tokens)
         return embeds
@@ -135,22 +143,29 @@ class LanguageModel(torch.nn.Module):
         return loss, logits
 
 
-def _scatter(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    count = int(where.sum())
-    if count != tokens.shape[0]:
-        raise ValueError(f"{count} placeholders but {tokens.shape[0]} cached tokens")
+def _scatter(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    count, cached = int(where.sum()), 0 if tokens is None else tokens.shape[0]
+    if count != cached:
+        raise ValueError(f"{count} placeholders but {cached} cached tokens")
     return embeds.masked_scatter(where.unsqueeze(-1).expand_as(embeds), tokens.to(embeds.device, embeds.dtype))
 
 
 def unpacked(batch: Batch) -> list[Batch]:
     """The samples of a packed row, each a batch of one (what its positions are computed from)."""
-    out, start = [], 0
-    for index, length in enumerate(batch.sample_lengths):
+    counts = batch.media_counts or (1,) * len(batch.sample_lengths)
+    out, start, first = [], 0, 0
+    for length, count in zip(batch.sample_lengths, counts):
         ids = batch.input_ids[:, start:start + length]
+        videos = slice(first, first + count)
         out.append(Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=batch.labels[:, start:start + length],
-                         video_tokens=batch.video_tokens[:0], video_grid_thw=batch.video_grid_thw[index:index + 1],
-                         second_per_grid=batch.second_per_grid[index:index + 1],
-                         audio_tokens=batch.audio_tokens[:0] if batch.audio_tokens is not None else None,
-                         mel_lengths=batch.mel_lengths[index:index + 1] if batch.mel_lengths is not None else None))
-        start += length
+                         video_tokens=None, video_grid_thw=_part(batch.video_grid_thw, videos),
+                         second_per_grid=_part(batch.second_per_grid, videos),
+                         audio_tokens=batch.audio_tokens[:0] if batch.audio_in_video and count else None,
+                         mel_lengths=_part(batch.mel_lengths, videos), media_counts=(count,)))
+        start, first = start + length, first + count
     return out
+
+
+def _part(values: torch.Tensor | None, videos: slice) -> torch.Tensor | None:
+    """Some videos' entries of a per-video tensor; None where there are none."""
+    return None if values is None or videos.start == videos.stop else values[videos]

@@ -45,6 +45,22 @@ class PlaceholderIds:
     audio_end: int | None = None
 
 
+@dataclass
+class RopeInputs:
+    """What `Family.position_ids` reads of a batch (`qprep.train.model.Batch` has the same fields)."""
+
+    input_ids: "torch.Tensor"  # [batch, length]
+    attention_mask: "torch.Tensor"
+    video_grid_thw: "torch.Tensor | None"  # [videos, 3] in placeholder order; None: no video
+    second_per_grid: "torch.Tensor | None"  # [videos] float64
+    mel_lengths: "torch.Tensor | None" = None  # [videos] valid mel frames, with audio in the videos
+    audio_in_video: bool = False  # the videos' blocks hold their audio (one flag for all)
+
+
+def as_cpu(values: "torch.Tensor | None") -> "torch.Tensor | None":
+    return None if values is None else values.cpu()
+
+
 def plain_video_block(grid_thw, ids: PlaceholderIds, merge_size: int) -> list[int]:
     """Start, one placeholder per merged token, end: a video block with no audio and no time text."""
     grid_t, grid_h, grid_w = (int(v) for v in grid_thw)
@@ -150,6 +166,7 @@ class PromptLayout:
     turn_end_id: int  # what closes a turn (<|im_end|>), the last label of an answer
     tokenizer: Any = None  # for text inside a block (time stamps)
     _text_ids: dict = field(default_factory=dict, compare=False, repr=False)  # text → ids, tokenized once
+    _rope: dict = field(default_factory=dict, compare=False, repr=False)  # the weightless rope model, made once
 
     @property
     def audio(self) -> bool:
@@ -159,6 +176,36 @@ class PromptLayout:
     def video_block(self, row: ManifestRow, start: int = 0) -> list[int]:
         """The block of one cached video (its manifest row), its first token at position `start`."""
         return self.family.video_block(self, row, start)
+
+    def block_start(self, prefix: list[int], earlier: list[ManifestRow]):
+        """The position of a block's first token when `prefix` (ids, holding the blocks of the
+        `earlier` media) comes before it: the family's own `get_rope_index` continues from the last
+        position of the prefix (a scalar tensor of its dtype: Qwen3-Omni's positions are float)."""
+        if not earlier:
+            return len(prefix)  # text alone before it: one position per token
+        import torch
+
+        audio = self.audio and all(row.has_audio for row in earlier)
+        ids = torch.tensor([prefix], dtype=torch.int64)
+        inputs = RopeInputs(
+            input_ids=ids, attention_mask=torch.ones_like(ids),
+            video_grid_thw=torch.tensor([row.grid_thw for row in earlier], dtype=torch.int64),
+            second_per_grid=torch.tensor([row.second_per_grid for row in earlier], dtype=torch.float64),
+            mel_lengths=torch.tensor([row.mel_length for row in earlier]) if audio else None, audio_in_video=audio)
+        return self.family.position_ids(self.rope_model, inputs, self.config)[..., -1].max() + 1
+
+    @property
+    def rope_model(self):
+        """A weightless instance of the family's `feature_class` (`get_rope_index` reads only the config)."""
+        if "model" not in self._rope:
+            import importlib
+
+            import torch
+
+            with torch.device("meta"):
+                self._rope["model"] = getattr(importlib.import_module(self.family.module),
+                                              self.family.feature_class)(self.config)
+        return self._rope["model"]
 
     def text_ids(self, text: str) -> list[int]:
         """`text` tokenized alone, as the processor's prompt tokenizes it between special tokens."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qprep.models.families.base import Family, PlaceholderIds, plain_video_block
+from qprep.models.families.base import Family, PlaceholderIds, as_cpu, plain_video_block
 
 
 class QwenOmniFamily(Family):
@@ -57,13 +57,13 @@ class QwenOmniFamily(Family):
         """The thinker's `get_rope_index` with the audio in the video (Qwen3-Omni's gives float
         positions: its audio-in-video times are not whole numbers), checked as `check_audio_positions` says."""
         ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
-        use_audio = batch.audio_tokens is not None
+        use_audio = batch.audio_in_video
         positions, _ = rope_model.get_rope_index(
-            ids, video_grid_thw=batch.video_grid_thw.cpu(), attention_mask=mask, use_audio_in_video=use_audio,
-            audio_seqlens=batch.mel_lengths.cpu() if use_audio else None,
-            second_per_grids=batch.second_per_grid.cpu())
+            ids, video_grid_thw=as_cpu(batch.video_grid_thw), attention_mask=mask, use_audio_in_video=use_audio,
+            audio_seqlens=as_cpu(batch.mel_lengths) if use_audio else None,
+            second_per_grids=as_cpu(batch.second_per_grid))
         if use_audio:
-            check_audio_positions(positions, ids == self.media_token_ids(config)[1])
+            check_audio_positions(positions, ids == self.media_token_ids(config)[1], ids == config.audio_start_token_id)
         return positions
 
 
@@ -85,14 +85,21 @@ def chunk_bounds(values: np.ndarray, tokens_per_chunk: int) -> list[tuple[int, i
     return bounds
 
 
-def check_audio_positions(positions, is_audio) -> None:
+def check_audio_positions(positions, is_audio, opens_audio=None) -> None:
     """Every audio token must get an audio position: the same in all three axes, one apart in time
-    order (one video per sample). Upstream's float64 chunking breaks this silently for some frame
-    counts and durations (66 frames over 39 s); a layout that did so here would train on wrong positions."""
+    order within its block (`opens_audio`: where each block's audio starts; None: one block). Upstream's float64
+    chunking breaks this silently for some frame counts and durations (66 frames over 39 s); a layout
+    that did so here would train on wrong positions."""
+    import torch
+
     for row in range(positions.shape[1]):
         audio = positions[:, row, is_audio[row]]
+        if opens_audio is None:
+            within = torch.ones(max(0, audio.shape[-1] - 1), dtype=torch.bool)
+        else:
+            within = opens_audio[row].cumsum(0)[is_audio[row]].diff() == 0  # pairs in one block
         if not (bool((audio[0] == audio[1]).all() and (audio[1] == audio[2]).all())
-                and bool((audio[0].diff() == 1).all())):
+                and bool((audio[0].diff()[within] == 1).all())):
             raise AssertionError(f"batch row {row}: audio tokens got non-audio positions; the video block "
                                  "does not follow the model's audio-in-video chunking")
 

@@ -7,7 +7,7 @@ which also needs `mm_token_type_ids` (video tokens are type 2, as the processor 
 
 from __future__ import annotations
 
-from qprep.models.families.base import Family, PlaceholderIds, plain_video_block
+from qprep.models.families.base import Family, PlaceholderIds, as_cpu, plain_video_block
 
 VIDEO_TOKEN_TYPE = 2  # what the processor's mm_token_type_ids holds at a video token
 
@@ -28,8 +28,8 @@ class QwenVLFamily(Family):
 
         ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
         token_types = (ids == config.video_token_id).to(torch.int32) * VIDEO_TOKEN_TYPE
-        positions, _ = rope_model.get_rope_index(ids, token_types, video_grid_thw=batch.video_grid_thw,
-                                                 second_per_grid_ts=batch.second_per_grid, attention_mask=mask)
+        positions, _ = rope_model.get_rope_index(ids, token_types, video_grid_thw=as_cpu(batch.video_grid_thw),
+                                                 second_per_grid_ts=as_cpu(batch.second_per_grid), attention_mask=mask)
         return positions
 
 

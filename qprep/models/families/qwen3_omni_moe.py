@@ -35,13 +35,14 @@ def audio_in_video_order(grid_thw, merge_size: int, second_per_grid: float, posi
                          audio_tokens: int, start: int) -> list[bool]:
     """For each placeholder of the merged block, in order: True for a video token, False for audio.
 
-    `start`: the position of the block's first token (`<|vision_start|>`); the model adds it, plus
-    the two opening tokens, to every time before it compares them."""
+    `start`: the position of the block's first token (`<|vision_start|>`), an int or a scalar tensor
+    of the model's position dtype (after an earlier block); the model adds it, plus the two opening
+    tokens, to every time before it compares them."""
     import torch
 
     grid_t, grid_h, grid_w = (int(v) for v in grid_thw)
     per_frame = (grid_h // merge_size) * (grid_w // merge_size)
-    offset = torch.tensor(start + BOS_TOKENS)  # int64, as get_rope_index's st_idx
+    offset = torch.as_tensor(start) + BOS_TOKENS  # as get_rope_index's st_idx: int64, float after a block
     # get_rope_index: arange(grid_t) · float32(second_per_grid) · position_id_per_seconds, then
     # expanded over the frame's tokens, made float, and offset
     times = (torch.arange(grid_t) * torch.tensor(second_per_grid).float() * position_id_per_seconds).float()

@@ -26,7 +26,7 @@ not of one frame (`Family.pixel_bounds_per_clip`).
 from __future__ import annotations
 
 from qprep.models.families import experts
-from qprep.models.families.base import ATTENTION_AND_MLP
+from qprep.models.families.base import ATTENTION_AND_MLP, as_cpu
 from qprep.models.families.qwen2_5_vl import VIDEO_TOKEN_TYPE, QwenVLFamily
 
 
@@ -77,7 +77,7 @@ class Qwen3VLFamily(Deepstack, QwenVLFamily):
 
         ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
         token_types = (ids == config.video_token_id).to(torch.int32) * VIDEO_TOKEN_TYPE
-        positions, _ = rope_model.get_rope_index(ids, token_types, video_grid_thw=batch.video_grid_thw.cpu(),
+        positions, _ = rope_model.get_rope_index(ids, token_types, video_grid_thw=as_cpu(batch.video_grid_thw),
                                                  attention_mask=mask)
         return positions
 

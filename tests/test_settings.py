@@ -90,12 +90,13 @@ def test_a_users_file_builds_on_a_preset_and_flags_override_both(tmp_path):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"])
 def test_frames_are_sized_as_the_checkpoints_own_processor_sizes_them(tiny_model, videos, kind, layout):
     """A 1280×720 clip at fps 2, against `AutoProcessor` called as a user calls it (no size given). The
     released Omni checkpoint's preprocessor_config.json holds the image bounds (3136–12845056, which
     `Qwen2VLVideoProcessor.from_pretrained` would take: 5×52×92); the Omni processor resizes video
-    within its own 128·28²–768·28²: 5×40×72. Released VL: the image bounds do apply, 5×52×92.
+    within its own 128·28²–768·28²: 5×40×72. Released Qwen2.5-VL and Qwen2-VL: the image bounds do
+    apply, 5×52×92.
     Released Qwen3-VL / Qwen3.5: 4096–25165824 pixels for the whole clip (10 frames of 704×1280
     fit; 720/32 = 22.5 rounds to 22): 5×44×80."""
     model_dir = tiny_model(kind, layout)
@@ -106,7 +107,7 @@ def test_frames_are_sized_as_the_checkpoints_own_processor_sizes_them(tiny_model
     assert torch.equal(prepared.pixel_values_videos, expected["pixel_values_videos"])
     if kind == "qwen2_5_omni":
         assert prepared.video_grid_thw.tolist() == [[5, 40, 72]]
-    elif layout == "released" and kind == "qwen2_5_vl":
+    elif layout == "released" and kind in ("qwen2_5_vl", "qwen2_vl"):
         assert prepared.video_grid_thw.tolist() == [[5, 52, 92]]
     elif layout == "released":
         assert prepared.video_grid_thw.tolist() == [[5, 44, 80]]

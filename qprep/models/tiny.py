@@ -2,7 +2,7 @@
 
 They are built with transformers' own model classes and saved with `save_pretrained`, so the files
 have the real key layout (`thinker.visual.*`, `thinker.audio_tower.*`, `thinker.model.*`,
-`talker.*`, `token2wav.*` for Omni; `visual.*`, `model.*` for Qwen2.5-VL; `model.visual.*`,
+`talker.*`, `token2wav.*` for Omni; `visual.*`, `model.*` for Qwen2.5-VL and Qwen2-VL; `model.visual.*`,
 `model.language_model.*`, `lm_head.*` for Qwen3-VL (dense and MoE, whose vision towers have
 deepstack levels) and Qwen3.5 (dense and MoE, a hybrid Gated DeltaNet / full-attention text model
 and a vision tower without deepstack); `thinker.visual.*`, `thinker.audio_tower.*`, `thinker.model.*`,

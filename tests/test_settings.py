@@ -135,3 +135,14 @@ def test_clip_bounds_size_frames_as_the_qwen3_video_processor_does(cap):
         assert (ours[0] // 16, ours[1] // 16) == tuple(grid[1:]), (frames, height, width)
         sizes.add(ours)
     assert len(sizes) >= 5  # the cases really differ
+
+
+def test_the_qwen2_vl_preset_leaves_the_frame_size_to_the_checkpoints_processor():
+    """No pixel bounds of its own (the released processor's apply, see the test above), fps 2, no audio."""
+    from pathlib import Path
+
+    job = load_job(Path(__file__).resolve().parents[1] / "jobs" / "qwen2-vl-default.toml")
+    video = job.video_settings()
+    assert job.model == "Qwen/Qwen2-VL-7B-Instruct"
+    assert (video.fps, video.num_frames, video.size, video.min_pixels, video.max_pixels, video.audio) == (
+        2.0, None, None, None, None, False)

@@ -113,6 +113,25 @@ def test_frames_are_sized_as_the_checkpoints_own_processor_sizes_them(tiny_model
         assert prepared.video_grid_thw.tolist() == [[5, 44, 80]]
 
 
+def test_qwen_vl_utils_caps_each_frame_where_the_released_qwen2_vl_processor_does_not(tiny_model, videos):
+    """The same 1280×720 clip through qwen-vl-utils' `fetch_video` (its frames handed over decoded):
+    at most 768·28² pixels a frame, 560×1008, where the released Qwen2-VL processor keeps 728×1288
+    (5×52×92, above). qprep given qwen-vl-utils' per-frame bounds makes its size."""
+    from PIL import Image
+    from qwen_vl_utils.vision_process import VIDEO_MAX_TOKEN_NUM, VIDEO_MIN_TOKEN_NUM, fetch_video
+
+    from reference import plain_decode
+
+    path = videos("720p-5s.mp4", width=1280, height=720, fps=10, seconds=5)
+    bounds = dict(min_pixels=VIDEO_MIN_TOKEN_NUM * 28 * 28, max_pixels=VIDEO_MAX_TOKEN_NUM * 28 * 28)
+    prepared = qprep.preprocess_video(path, tiny_model("qwen2_vl", "released"), fps=2, audio=False, **bounds)
+    frames, _ = plain_decode(path)
+    theirs = fetch_video({"video": [Image.fromarray(frames[i]) for i in prepared.metadata.frame_indices],
+                          "sample_fps": 2.0})
+    assert tuple(theirs.shape[2:]) == (560, 1008)
+    assert prepared.video_grid_thw.tolist() == [[5, 560 // 14, 1008 // 14]]
+
+
 @pytest.mark.parametrize("cap", [False, True])
 def test_clip_bounds_size_frames_as_the_qwen3_video_processor_does(cap):
     """The bounds cover all frames together, so the size depends on the frame count; with

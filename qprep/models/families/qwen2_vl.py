@@ -2,9 +2,9 @@
 
 What differs from Qwen2.5-VL (`qwen2_5_vl`), as transformers' `modeling_qwen2_vl` has it:
 
-* The vision tower (`Qwen2VisionTransformerPretrainedModel`): every block attends over the whole
-  temporal patch group of a frame pair (no windows, so no window order for the merger to undo),
-  LayerNorm rather than RMSNorm, a quick-GELU MLP, and a merger of LayerNorm + MLP. Its config names
+* The vision tower (`Qwen2VisionTransformerPretrainedModel`): every block attends over all patches
+  of a temporal patch (two frames), never within windows (so no window order for the merger to
+  undo); LayerNorm rather than RMSNorm, a quick-GELU MLP, a merger of LayerNorm + MLP. Its config names
   the merged tokens' width `hidden_size` (the language model's; `embed_dim` is the tower's own),
   where Qwen2.5-VL's names it `out_hidden_size` (`Family.merged_width_key`).
 * Positions: `get_rope_index` has no time scale and takes no `second_per_grid_ts`. The temporal

@@ -157,6 +157,23 @@ def qwen3_store(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen2_vl_store(tiny_model, tmp_path_factory):
+    """(model dir, open cache) of a float32 store of the released tiny Qwen2-VL checkpoint: videos a
+    (3 s, B-frames) and b (2 s, portrait), no audio."""
+    from qprep import open_cache
+    from qprep.extraction.run import ExtractOptions, extract
+    from qprep.schemas.settings import VideoSettings
+
+    root = tmp_path_factory.mktemp("qwen2_vl-store")
+    make_video(root / "videos" / "a.mp4", VideoSpec(width=128, height=96, fps=25, seconds=3, bframes=2, audio=False))
+    make_video(root / "videos" / "b.mp4", VideoSpec(width=96, height=128, fps=30, seconds=2, audio=False))
+    model_dir = str(tiny_model("qwen2_vl", "released"))
+    extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2), dtype="float32", shards=1,
+            options=ExtractOptions(**LOCAL_EXTRACT))
+    return model_dir, open_cache(root / "store.zarr")
+
+
+@pytest.fixture(scope="session")
 def qwen3_omni_store(tiny_model, tmp_path_factory):
     """(model dir, open cache) of a float32 store of the released tiny Qwen3-Omni checkpoint: videos
     a (3 s, B-frames) and b (2 s, portrait) with audio, and c (2 s) without."""

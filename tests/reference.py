@@ -15,6 +15,7 @@ import torch
 FULL_MODELS = {
     "qwen2_5_omni": ("Qwen2_5OmniForConditionalGeneration", "thinker"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", None),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", None),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", None),
     "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", None),
     "qwen3_5": ("Qwen3_5ForConditionalGeneration", None),

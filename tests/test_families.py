@@ -13,8 +13,10 @@ from qprep.models.families import FAMILIES
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qprep"
 # Spellings of a family in code: model types and transformers class names, in names and in strings.
-FAMILY_NAME = re.compile(r"qwen2_5|qwen3|omni", re.IGNORECASE)
-FAMILY_STRING = re.compile(r"qwen2_5_|qwen3|Qwen2_5|Qwen3")
+# Qwen2-VL's processor classes are not among them: `Qwen2VLVideoProcessor` is every Qwen2/2.5
+# family's video processor (and Qwen3-Omni's), which qprep's CPU stage reproduces for all of them.
+FAMILY_NAME = re.compile(r"qwen2_5|qwen2_vl|qwen3|omni", re.IGNORECASE)
+FAMILY_STRING = re.compile(r"qwen2_5_|qwen2_vl|qwen3|Qwen2_5|Qwen3|Qwen2VL(?:For|Model|Text)|Qwen2Vision")
 
 
 def code_names_and_strings(path: Path):
@@ -48,11 +50,13 @@ def test_no_module_outside_the_models_package_names_a_family():
 
 
 def test_the_scan_finds_a_family_name_where_there_is_one(tmp_path):
-    """The check above can fail: an `is_omni` branch and a model type in a string are both caught."""
+    """The check above can fail: an `is_omni` branch and a model type in a string are both caught, and
+    so is a Qwen2-VL model class, but not the video processor every family shares."""
     sample = tmp_path / "sample.py"
-    sample.write_text('"""Qwen2.5-Omni in prose is fine."""\nis_omni = model_type == "qwen2_5_omni"\n')
-    assert [text for _, text, pattern in code_names_and_strings(sample) if pattern.search(text)] == [
-        "is_omni", "qwen2_5_omni"]
+    sample.write_text('"""Qwen2.5-Omni in prose is fine."""\nis_omni = model_type == "qwen2_5_omni"\n'
+                      'is_qwen2_vl = name == "Qwen2VLForConditionalGeneration"\nQwen2VLVideoProcessor()\n')
+    assert sorted(text for _, text, pattern in code_names_and_strings(sample) if pattern.search(text)) == [
+        "Qwen2VLForConditionalGeneration", "is_omni", "is_qwen2_vl", "qwen2_5_omni"]
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -200,22 +200,41 @@ def test_qwen3_answers_from_the_cache_equal_generate_with_the_true_metadata_and_
     positions; Qwen3.5: its linear-attention states carried in the cache), then answered from it: the
     same tokens and logits as the full model's `generate` on the raw video, its processor given the
     true video metadata, with the same adapter applied by peft."""
-    from peft import PeftModel
-
     from test_train_parity import true_metadata
 
     model_dir, cache = qwen3_store(kind)
+    train_then_answer_as_generate(model_dir, cache, tmp_path,
+                                  metadata=lambda path, row: true_metadata(path, row.frame_indices))
+
+
+def test_qwen2_vl_answers_from_the_cache_equal_generate_with_the_same_adapter(qwen2_vl_store, tmp_path):
+    """The released checkpoint (its image bounds, 3136–12845056 pixels a frame, sizing video and
+    recorded in the store's config), trained from the cache, then answered from it: the same tokens
+    and logits as the full model's `generate` on the raw video, with the same adapter applied by peft.
+    Positions carry no time: `generate` continues from the prompt's with its `rope_deltas`."""
+    model_dir, cache = qwen2_vl_store
+    assert (cache.config["preprocessor"]["min_pixels"], cache.config["preprocessor"]["max_pixels"]) == (3136, 12845056)
+    train_then_answer_as_generate(model_dir, cache, tmp_path)
+
+
+def train_then_answer_as_generate(model_dir, cache, tmp_path, metadata=None) -> None:
+    """Train a few steps from the cache of a store without audio (videos a and b), then check the
+    answers from it against the full model's `generate` with the same adapter (`metadata`: what the
+    processor is told of each video, see `assert_answers_equal_generate`)."""
+    from peft import PeftModel
+
     settings = TrainSettings(epochs=2, lr=5e-2, grad_accum=1, workers=0, gradient_checkpointing=False,
                              lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     train(cache.store.root, write_data(tmp_path / "train.json"), model_dir, tmp_path / "run", settings,
           progress=False, echo=lambda _: None)
     adapter = tmp_path / "run" / "adapter"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ours = Generator(open_checkpoint(model_dir), tokenizer, cache, adapter=adapter)
-    base = Generator(open_checkpoint(model_dir), tokenizer, cache)
+    checkpoint = open_checkpoint(model_dir)
+    tokenizer = checkpoint.tokenizer()  # as `qprep infer` reads it: a release's template may sit beside it
+    ours = Generator(checkpoint, tokenizer, cache, adapter=adapter)
+    base = Generator(checkpoint, tokenizer, cache)
     model = PeftModel.from_pretrained(full_model(model_dir), str(adapter)).eval()
     assert_answers_equal_generate(ours, base, model, cache, model_dir, ["a", "b"], omni=lambda row: False,
-                                  metadata=lambda path, row: true_metadata(path, row.frame_indices))
+                                  metadata=metadata)
 
 
 def test_qwen3_omni_answers_from_the_cache_equal_the_thinkers_generate_with_the_same_adapter(qwen3_omni_store,

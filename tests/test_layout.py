@@ -125,3 +125,34 @@ def test_the_language_model_refuses_a_block_that_gives_audio_tokens_video_positi
     model.position_ids(batch(omni_block(thinker, grid, ids, second_per_grid, audio)))
     with pytest.raises(AssertionError, match="non-audio positions"):
         model.position_ids(batch(processor_block(processor, grid, second_per_grid, audio)))
+
+
+def test_qwen2_vl_temporal_ids_count_patches_whatever_their_time(tiny_model):
+    """Qwen2-VL's `get_rope_index` has no time scale: 50 frames over 180 s (3.6 s a temporal patch)
+    and over 10 s (0.2 s) get the same positions, temporal id start + k for patch k. Qwen2.5-VL's,
+    on the same grid, spreads the slow clip's patches apart."""
+    from qprep.models.checkpoint import open_checkpoint
+    from qprep.models.tiny import token_ids
+    from qprep.train.model import Batch, LanguageModel
+
+    grid = (25, 4, 6)
+
+    def positions(kind, second_per_grid):
+        model = LanguageModel(open_checkpoint(tiny_model(kind)))
+        get = token_ids(kind)
+        ids = PlaceholderIds(get["<|vision_start|>"], get["<|vision_end|>"], get["<|video_pad|>"])
+        block = block_of(model.family, ids, model.config, grid, second_per_grid)
+        input_ids = torch.tensor([[get["user"]] + block + [get["<|im_end|>"]]])
+        batch = Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids,
+                      video_tokens=torch.zeros(0), video_grid_thw=torch.tensor([grid]),
+                      second_per_grid=torch.tensor([second_per_grid], dtype=torch.float64))
+        return model.position_ids(batch)[:, 0], input_ids[0] == ids.video
+
+    slow, video = positions("qwen2_vl", 3.6)
+    fast, _ = positions("qwen2_vl", 0.2)
+    assert torch.equal(slow, fast)
+    start = 2  # after the text token and <|vision_start|>
+    assert slow[0][video].tolist() == [start + k for k in range(grid[0]) for _ in range(grid[1] * grid[2] // 4)]
+    vl_slow, _ = positions("qwen2_5_vl", 3.6)
+    vl_fast, _ = positions("qwen2_5_vl", 0.2)
+    assert not torch.equal(vl_slow[0][video], vl_fast[0][video])

@@ -90,12 +90,13 @@ def test_a_users_file_builds_on_a_preset_and_flags_override_both(tmp_path):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"])
 def test_frames_are_sized_as_the_checkpoints_own_processor_sizes_them(tiny_model, videos, kind, layout):
     """A 1280×720 clip at fps 2, against `AutoProcessor` called as a user calls it (no size given). The
     released Omni checkpoint's preprocessor_config.json holds the image bounds (3136–12845056, which
     `Qwen2VLVideoProcessor.from_pretrained` would take: 5×52×92); the Omni processor resizes video
-    within its own 128·28²–768·28²: 5×40×72. Released VL: the image bounds do apply, 5×52×92.
+    within its own 128·28²–768·28²: 5×40×72. Released Qwen2.5-VL and Qwen2-VL: the image bounds do
+    apply, 5×52×92.
     Released Qwen3-VL / Qwen3.5: 4096–25165824 pixels for the whole clip (10 frames of 704×1280
     fit; 720/32 = 22.5 rounds to 22): 5×44×80."""
     model_dir = tiny_model(kind, layout)
@@ -106,10 +107,29 @@ def test_frames_are_sized_as_the_checkpoints_own_processor_sizes_them(tiny_model
     assert torch.equal(prepared.pixel_values_videos, expected["pixel_values_videos"])
     if kind == "qwen2_5_omni":
         assert prepared.video_grid_thw.tolist() == [[5, 40, 72]]
-    elif layout == "released" and kind == "qwen2_5_vl":
+    elif layout == "released" and kind in ("qwen2_5_vl", "qwen2_vl"):
         assert prepared.video_grid_thw.tolist() == [[5, 52, 92]]
     elif layout == "released":
         assert prepared.video_grid_thw.tolist() == [[5, 44, 80]]
+
+
+def test_qwen_vl_utils_caps_each_frame_where_the_released_qwen2_vl_processor_does_not(tiny_model, videos):
+    """The same 1280×720 clip through qwen-vl-utils' `fetch_video` (its frames handed over decoded):
+    at most 768·28² pixels a frame, 560×1008, where the released Qwen2-VL processor keeps 728×1288
+    (5×52×92, above). qprep given qwen-vl-utils' per-frame bounds makes its size."""
+    from PIL import Image
+    from qwen_vl_utils.vision_process import VIDEO_MAX_TOKEN_NUM, VIDEO_MIN_TOKEN_NUM, fetch_video
+
+    from reference import plain_decode
+
+    path = videos("720p-5s.mp4", width=1280, height=720, fps=10, seconds=5)
+    bounds = dict(min_pixels=VIDEO_MIN_TOKEN_NUM * 28 * 28, max_pixels=VIDEO_MAX_TOKEN_NUM * 28 * 28)
+    prepared = qprep.preprocess_video(path, tiny_model("qwen2_vl", "released"), fps=2, audio=False, **bounds)
+    frames, _ = plain_decode(path)
+    theirs = fetch_video({"video": [Image.fromarray(frames[i]) for i in prepared.metadata.frame_indices],
+                          "sample_fps": 2.0})
+    assert tuple(theirs.shape[2:]) == (560, 1008)
+    assert prepared.video_grid_thw.tolist() == [[5, 560 // 14, 1008 // 14]]
 
 
 @pytest.mark.parametrize("cap", [False, True])
@@ -134,3 +154,14 @@ def test_clip_bounds_size_frames_as_the_qwen3_video_processor_does(cap):
         assert (ours[0] // 16, ours[1] // 16) == tuple(grid[1:]), (frames, height, width)
         sizes.add(ours)
     assert len(sizes) >= 5  # the cases really differ
+
+
+def test_the_qwen2_vl_preset_leaves_the_frame_size_to_the_checkpoints_processor():
+    """No pixel bounds of its own (the released processor's apply, see the test above), fps 2, no audio."""
+    from pathlib import Path
+
+    job = load_job(Path(__file__).resolve().parents[1] / "jobs" / "qwen2-vl-default.toml")
+    video = job.video_settings()
+    assert job.model == "Qwen/Qwen2-VL-7B-Instruct"
+    assert (video.fps, video.num_frames, video.size, video.min_pixels, video.max_pixels, video.audio) == (
+        2.0, None, None, None, None, False)

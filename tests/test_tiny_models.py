@@ -30,18 +30,20 @@ VL_VIDEO = ("Qwen3VLProcessor", "<|vision_start|><|video_pad|><|vision_end|>", "
 KINDS = {
     "qwen2_5_omni": ("Qwen2_5OmniProcessor", "<|vision_bos|><|VIDEO|><|vision_eos|>", "<|VIDEO|>"),
     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>"),
+    "qwen2_vl": ("Qwen2VLProcessor", "<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>"),
 } | {kind: VL_VIDEO for kind in QWEN3_KINDS} | {
     kind: ("Qwen3OmniMoeProcessor", "<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
     for kind in QWEN3_OMNI_KINDS}
 # kind -> the tokenizer class transformers gives it (its own for the qwen3_5 model types)
 TOKENIZER_CLASS = {kind: "Qwen3_5Tokenizer" if kind in QWEN3_5 else "Qwen2Tokenizer" for kind in KINDS}
 # kind -> the tiny bounds of (video processor, image processor); Qwen3-VL's video bound is per video
-PIXELS = {kind: [(28 * 28 * 4, 28 * 28 * 64)] * 2 for kind in ("qwen2_5_omni", "qwen2_5_vl")} | {
+PIXELS = {kind: [(28 * 28 * 4, 28 * 28 * 64)] * 2 for kind in ("qwen2_5_omni", "qwen2_5_vl", "qwen2_vl")} | {
     kind: [(32 * 32 * 4, 32 * 32 * 4 * 64), (32 * 32 * 4, 32 * 32 * 64)] for kind in QWEN3_KINDS} | {
     kind: [(32 * 32 * 4, 32 * 32 * 64)] * 2 for kind in QWEN3_OMNI_KINDS}  # Qwen2VLVideoProcessor: per frame
 # kind -> the system turn its chat template opens with when the conversation has none
 DEFAULT_SYSTEM = {kind: "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                  for kind in ("qwen2_5_omni", "qwen2_5_vl")} | {kind: "" for kind in QWEN3_KINDS + QWEN3_OMNI_KINDS}
+                  for kind in ("qwen2_5_omni", "qwen2_5_vl", "qwen2_vl")} | {
+    kind: "" for kind in QWEN3_KINDS + QWEN3_OMNI_KINDS}
 # kind -> what the template writes between "<|im_start|>assistant\n" and the answer: Qwen3.5 thinks,
 # and a final answer without reasoning gets an empty thinking block
 THINKING = {kind: "<think>\n\n</think>\n\n" if kind in QWEN3_5 else "" for kind in KINDS}
@@ -253,6 +255,9 @@ def test_the_full_model_trains_on_what_the_processor_makes_of_raw_video(model_di
     elif kind == "qwen2_5_vl":
         assert grid[0].tolist() == [2, 4, 6]  # the tiny bounds keep 56×84
         assert inputs["second_per_grid_ts"].tolist() == [1.0]  # 2 frames at 2 fps
+    elif kind == "qwen2_vl":
+        assert grid[0].tolist() == [2, 4, 6]
+        assert "second_per_grid_ts" not in inputs  # no time reaches Qwen2-VL's positions
     elif kind in QWEN3_KINDS:
         assert grid[0].tolist() == [2, 4, 6]  # 56×84 rounds to 64×96, patch 16
         # time is text: each temporal patch opens with the mean time of its two frames (0.25 s, 1.25 s)
@@ -638,3 +643,62 @@ def test_the_qwen3_omni_release_files_config_keys_and_weight_names_are_the_hubs(
 
     with pytest.raises(ValueError, match="qwen3_omni_moe_thinker"):
         make_tiny_model("qwen3_omni_moe_thinker", tmp_path / "bare", layout="released")
+
+
+# Qwen/Qwen2-VL-7B-Instruct's files beside its weights (model-0000K-of-00005.safetensors + index)
+QWEN2_VL_RELEASED_FILES = {"chat_template.json", "config.json", "generation_config.json", "merges.txt",
+                           "model.safetensors.index.json", "preprocessor_config.json", "tokenizer.json",
+                           "tokenizer_config.json", "vocab.json"}
+
+
+def test_the_qwen2_vl_release_has_the_hubs_files_and_config_keys(released_dir):
+    """Text settings at the top level with `rope_scaling` {"type": "mrope"}, the vision_config keys
+    transformers 4.41 wrote (`in_chans`, `spatial_patch_size`, no model_type), one
+    preprocessor_config.json with the image bounds, no video processor file; weights `visual.*`,
+    `model.*`, `lm_head.*`."""
+    released = released_dir("qwen2_vl")
+    files = {path.name for path in released.iterdir()}
+    weight_files = files - QWEN2_VL_RELEASED_FILES
+    assert QWEN2_VL_RELEASED_FILES <= files and len(weight_files) > 1
+    assert all(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", file) for file in weight_files)
+    config = json.loads((released / "config.json").read_text())
+    assert config["model_type"] == "qwen2_vl" and "text_config" not in config
+    assert config["torch_dtype"] == "float32" and config["rope_theta"] == 1_000_000.0
+    assert config["rope_scaling"]["type"] == "mrope" and config["rope_scaling"]["mrope_section"] == [2, 3, 3]
+    assert config["vision_config"] == {"depth": 2, "embed_dim": 32, "mlp_ratio": 2, "num_heads": 4, "hidden_size": 64,
+                                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                                       "in_chans": 3, "spatial_patch_size": 14}
+    preprocessor = json.loads((released / "preprocessor_config.json").read_text())
+    assert preprocessor["processor_class"] == "Qwen2VLProcessor"
+    assert (preprocessor["patch_size"], preprocessor["merge_size"], preprocessor["min_pixels"],
+            preprocessor["max_pixels"]) == (14, 2, 3136, 12845056)
+    assert "chat_template" in json.loads((released / "chat_template.json").read_text())
+    assert {key.split(".")[0] for key in checkpoint_keys(released)} == {"visual", "model", "lm_head"}
+
+
+def test_the_qwen2_vl_release_loads_as_its_save_pretrained_twin(released_dir):
+    """Every tensor and the logits on the same inputs are the save_pretrained twin's; the released
+    processor is Qwen2VLProcessor with the same template, sizing video within the image bounds."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    released, saved = released_dir("qwen2_vl"), released_dir("qwen2_vl", layout="save_pretrained")
+    model, info = Qwen2VLForConditionalGeneration.from_pretrained(released, dtype=torch.float32,
+                                                                  output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"] and not info["unexpected_keys"]
+    twin = Qwen2VLForConditionalGeneration.from_pretrained(saved, dtype=torch.float32)
+    assert model.config.vision_config.in_channels == 3 and model.config.vision_config.hidden_act == "quick_gelu"
+    ours, theirs = model.state_dict(), twin.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+    processor, released_processor = AutoProcessor.from_pretrained(saved), AutoProcessor.from_pretrained(released)
+    assert type(released_processor).__name__ == "Qwen2VLProcessor"
+    size = released_processor.video_processor.size
+    assert (size.shortest_edge, size.longest_edge) == (3136, 12845056)
+    assert released_processor.apply_chat_template(conversation(), tokenize=False) == processor.apply_chat_template(
+        conversation(), tokenize=False)
+    inputs = processed(processor, "qwen2_vl")
+    assert processed(released_processor, "qwen2_vl")["video_grid_thw"].tolist() == [[2, 4, 6]]  # 56×84 as it is
+    with torch.no_grad():
+        logits = in_own_memory(model).eval()(**inputs).logits
+        assert torch.equal(logits, in_own_memory(twin).eval()(**inputs).logits)
+    assert torch.isfinite(logits).all()

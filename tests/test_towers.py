@@ -41,7 +41,8 @@ def audio_input(prepared) -> AudioInput:
 OMNI = ("qwen2_5_omni", *QWEN3_OMNI_KINDS)
 
 
-@pytest.mark.parametrize(("kind", "layout"), kinds_and_layouts(["qwen2_5_omni", "qwen2_5_vl", *QWEN3_KINDS, "qwen3_omni_moe"])
+@pytest.mark.parametrize(("kind", "layout"), kinds_and_layouts(["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", *QWEN3_KINDS,
+                                                                 "qwen3_omni_moe"])
                          + [("qwen3_omni_moe_thinker", "save_pretrained")])
 def test_tokens_equal_the_full_model_on_the_processors_output(tiny_model, videos, kind, layout):
     """Merged tokens (and every deepstack level, where the tower has them) bit for bit."""

@@ -1,7 +1,8 @@
 """The cache path's loss and logits equal transformers' full model on the raw video, exactly in fp32.
 
-Reference: `Qwen2_5OmniForConditionalGeneration(...).thinker` / `Qwen2_5_VLForConditionalGeneration`
-loaded with `from_pretrained`, fed by the checkpoint's own `AutoProcessor` on plainly decoded
+Reference: each family's full model (`Qwen2_5OmniForConditionalGeneration(...).thinker`,
+`Qwen2_5_VLForConditionalGeneration`, `Qwen2VLForConditionalGeneration`, ...: tests/reference.py's
+`FULL_MODELS`) loaded with `from_pretrained`, fed by the checkpoint's own `AutoProcessor` on plainly decoded
 frames and audio (tests/reference.py). Cache path: qprep's tower outputs, the layout of
 the family's `video_block`, and the language model alone (`qprep.train.model`).
 """
@@ -82,6 +83,7 @@ QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # time as text, 
 QWEN3_OMNI = ("qwen3_omni_moe", "qwen3_omni_moe_thinker")  # audio and video merged token by token in time
 OMNI = ("qwen2_5_omni", *QWEN3_OMNI)
 DEEPSTACK = ("qwen3_vl", "qwen3_vl_moe", *QWEN3_OMNI)
+NO_TIME = ("qwen2_vl",)  # positions carry the temporal patch index alone, no second_per_grid
 
 
 def placeholder_ids(tokenizer, kind) -> PlaceholderIds:
@@ -115,6 +117,8 @@ def _both_paths(tiny_model, videos, kind, layout):
     full = full_model(model_dir)
     if omni:
         assert float(inputs["video_second_per_grid"][0]) == prepared.second_per_grid
+    elif kind in NO_TIME:
+        assert "second_per_grid_ts" not in inputs
     elif not qwen3:
         assert float(inputs["second_per_grid_ts"][0]) == prepared.second_per_grid
     model_kwargs = {"use_audio_in_video": True} if omni else {}  # as the Omni model card calls it
@@ -149,7 +153,7 @@ def _both_paths(tiny_model, videos, kind, layout):
     return full, inputs, model_kwargs, labels, language_model, batch
 
 
-CASES = kinds_and_layouts(["qwen2_5_omni", "qwen2_5_vl", *QWEN3]) + kinds_and_layouts(["qwen3_omni_moe"]) + [
+CASES = kinds_and_layouts(["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", *QWEN3]) + kinds_and_layouts(["qwen3_omni_moe"]) + [
     ("qwen3_omni_moe_thinker", "save_pretrained")]
 
 

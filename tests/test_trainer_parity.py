@@ -1,6 +1,6 @@
 """`qprep train` from the cache, step for step against transformers' `Trainer` on the raw videos.
 
-The reference is the seed's training path: the full model (the Omni thinker / Qwen2.5-VL) under peft,
+The reference is the seed's training path: the full model (the Omni thinker, Qwen2.5-VL, Qwen2-VL) under peft,
 fed by its processor on plainly decoded frames (and the whole sound track), `Trainer` with
 `TrainingArguments` left at their defaults but for the recipe's batch size, accumulation and
 learning rate. Both start from the same adapter (LoRA dropout 0) and see the same samples in the
@@ -41,13 +41,11 @@ def write_records(path) -> str:
 
 def planned_samples(cache, data, model_dir, settings):
     """qprep's samples in the order its planner visits them over the whole run."""
-    from transformers import AutoTokenizer
-
     from qprep.train.data import build_dataset, load_records
     from qprep.train.loader import plan
 
     checkpoint = open_checkpoint(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = checkpoint.tokenizer()  # as `qprep train` reads it: a release's template may sit beside it
     dataset = build_dataset(load_records(data), cache, tokenizer, checkpoint.family.prompt_layout(checkpoint, tokenizer))
     batches = plan(dataset.samples, seed=settings.seed, batch_size=1, epochs=settings.epochs)
     return [dataset.samples[batch.samples[0]] for batch in batches]
@@ -82,6 +80,8 @@ def trainer_run(model_dir, cache, samples, settings, omni: bool, tmp_path):
         processor, inputs = processor_inputs(model_dir, videos / row.path, conversation, row.frame_indices,
                                              row.sample_fps, omni=omni)
         assert inputs["input_ids"][0].tolist() == sample.input_ids
+        # a release keeps its template beside the processor (chat_template.json), not in the tokenizer
+        processor.tokenizer.chat_template = processor.tokenizer.chat_template or processor.chat_template
         labels = answer_labels(inputs["input_ids"], processor.tokenizer)
         assert labels[0].tolist() == sample.labels
         items.append({**inputs, "labels": labels, **({"use_audio_in_video": True} if omni else {})})
@@ -137,15 +137,22 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
-def test_qprep_train_steps_as_the_trainer_on_the_raw_videos(omni_store, vl_train_store, kind, case, tmp_path):
+# kind -> the store fixture, and how the Trainer weighs the batches of a step: it token-weights only
+# for model classes that take loss kwargs (the Omni thinker; Qwen2-VL's, whose forward takes **kwargs
+# and which does not say otherwise); Qwen2.5-VL's sets accepts_loss_kwargs = False, so it weighs
+# every batch the same.
+STORES = {"qwen2_5_omni": ("omni_store", "tokens"), "qwen2_5_vl": ("vl_train_store", "batches"),
+          "qwen2_vl": ("qwen2_vl_store", "tokens")}
+
+
+@pytest.mark.parametrize(("kind", "case"), [(kind, case) for kind in ("qwen2_5_omni", "qwen2_5_vl") for case in CASES]
+                         + [("qwen2_vl", "trainer defaults")])
+def test_qprep_train_steps_as_the_trainer_on_the_raw_videos(request, kind, case, tmp_path):
     omni = kind == "qwen2_5_omni"
-    model_dir, cache = omni_store if omni else vl_train_store
-    # The Trainer token-weights a step only for model classes that take loss kwargs (the Omni thinker);
-    # Qwen2.5-VL's sets accepts_loss_kwargs = False, so it weighs every batch the same.
+    store, weighting = STORES[kind]
+    model_dir, cache = request.getfixturevalue(store)
     settings = TrainSettings(epochs=2, lr=5e-2, batch_size=1, grad_accum=2, seed=1, workers=0,
-                             gradient_checkpointing=False, loss_weighting="tokens" if omni else "batches",
+                             gradient_checkpointing=False, loss_weighting=weighting,
                              lora=LoraSettings(r=4, alpha=8, dropout=0.0), **CASES[case])
     data = write_records(tmp_path / "train.json")
     samples = planned_samples(cache, data, model_dir, settings)

@@ -114,9 +114,9 @@ def test_verify_a_bf16_vl_store_and_its_tolerance(vl_store, tmp_path):
     assert result.exit_code == EXIT_MISMATCH and "FAIL  turned: video_tokens" in result.output
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl", *QWEN3_KINDS, "qwen3_omni_moe"])
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", *QWEN3_KINDS, "qwen3_omni_moe"])
 def test_a_store_extracted_from_a_checkpoint_in_its_released_layout_verifies_bit_for_bit(tiny_model, tmp_path, kind):
-    """The hub's file set (Qwen2.5: one combined preprocessor_config.json, chat_template.json; the
+    """The hub's file set (Qwen2, Qwen2.5: one combined preprocessor_config.json, chat_template.json; the
     releases' config keys and weight names), extracted into a store, then recomputed by transformers'
     AutoProcessor and from_pretrained alone (merged tokens, deepstack levels, audio tokens)."""
     model_dir = tiny_model(kind, "released")

@@ -73,7 +73,7 @@ class Checkpoint:
     @property
     def hidden_size(self) -> int:
         """Width of the merged visual tokens (= the language model's hidden size)."""
-        return int(self.tower_config["vision_config"]["out_hidden_size"])
+        return int(self.tower_config["vision_config"][self.family.merged_width_key])
 
     @property
     def dtype(self) -> str:

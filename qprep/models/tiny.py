@@ -2,7 +2,7 @@
 
 They are built with transformers' own model classes and saved with `save_pretrained`, so the files
 have the real key layout (`thinker.visual.*`, `thinker.audio_tower.*`, `thinker.model.*`,
-`talker.*`, `token2wav.*` for Omni; `visual.*`, `model.*` for Qwen2.5-VL; `model.visual.*`,
+`talker.*`, `token2wav.*` for Omni; `visual.*`, `model.*` for Qwen2.5-VL and Qwen2-VL; `model.visual.*`,
 `model.language_model.*`, `lm_head.*` for Qwen3-VL (dense and MoE, whose vision towers have
 deepstack levels) and Qwen3.5 (dense and MoE, a hybrid Gated DeltaNet / full-attention text model
 and a vision tower without deepstack); `thinker.visual.*`, `thinker.audio_tower.*`, `thinker.model.*`,
@@ -26,8 +26,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-KINDS = ("qwen2_5_omni", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "qwen3_omni_moe",
-         "qwen3_omni_moe_thinker")
+KINDS = ("qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe",
+         "qwen3_omni_moe", "qwen3_omni_moe_thinker")
 QWEN3_KINDS = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # the Qwen3VLProcessor families
 _QWEN3_5 = ("qwen3_5", "qwen3_5_moe")
 # Qwen3-Omni (Qwen3OmniMoeProcessor): the full model (thinker, talker, code2wav), and its thinker alone
@@ -73,6 +73,7 @@ _SPECIAL_TOKENS = {
 # <|image_pad|> 248056, <|video_pad|> 248057 in the Qwen3.5 configs and tokenizer_config.json).
 for _kind in QWEN3_KINDS:
     _SPECIAL_TOKENS[_kind] = _SPECIAL_TOKENS["qwen2_5_vl"]
+_SPECIAL_TOKENS["qwen2_vl"] = _SPECIAL_TOKENS["qwen2_5_vl"]  # Qwen2.5-VL kept Qwen2-VL's tokenizer
 _PLAIN_ADDED_TOKENS = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
                        "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")  # added, but not special
 # Qwen3 adds these four after them (151665-151668 in Qwen3-VL; <think> is 248068 in Qwen3.5), also not
@@ -109,6 +110,7 @@ def _added_tokens(kind: str) -> tuple[str, ...]:
 # "<|video_pad|>", as with the real VL tokenizer, which defines none).
 _TOKEN_ATTRIBUTES = {
     "qwen2_5_vl": {},
+    "qwen2_vl": {},
     **{kind: {} for kind in QWEN3_KINDS},
     "qwen2_5_omni": {"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
                      "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
@@ -157,6 +159,8 @@ _CHAT_TEMPLATE = {
 }
 
 
+# Qwen2.5-VL's template is Qwen2-VL's (Qwen/Qwen2-VL-7B-Instruct's chat_template.json), unchanged.
+_CHAT_TEMPLATE["qwen2_vl"] = _CHAT_TEMPLATE["qwen2_5_vl"]
 # Qwen3-VL's template has no default system turn; a video is the same block as Qwen2.5-VL's.
 _CHAT_TEMPLATE["qwen3_vl"] = _CHAT_TEMPLATE["qwen2_5_vl"].replace(
     "{% if loop.first and message['role'] != 'system' %}"
@@ -373,6 +377,12 @@ def _vision(hidden: int) -> dict:
                 fullatt_block_indexes=[1], window_size=112)
 
 
+def _qwen2_vl_vision(hidden: int) -> dict:
+    # Qwen2-VL's tower names its widths differently: embed_dim inside, hidden_size the merged tokens'
+    # (the language model's); every block attends over the whole frame group (no windows).
+    return dict(depth=2, embed_dim=32, mlp_ratio=2, num_heads=4, hidden_size=hidden)
+
+
 def _audio(hidden: int) -> dict:
     return dict(encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32, output_dim=hidden,
                 num_mel_bins=128, n_window=100, max_source_positions=1500)
@@ -529,17 +539,18 @@ def tiny_config(kind: str, hidden: int = 64):
         # three blocks, deepstack after the first two (the releases: 27 blocks, levels at 8, 16, 24)
         return config_class(text_config=text, vision_config=dict(vision, depth=3, deepstack_visual_indexes=[0, 1]),
                             **media)
-    from transformers import Qwen2_5OmniConfig, Qwen2_5_VLConfig
+    from transformers import Qwen2_5OmniConfig, Qwen2_5_VLConfig, Qwen2VLConfig
 
-    if kind == "qwen2_5_vl":
+    if kind in ("qwen2_5_vl", "qwen2_vl"):
         text = _text(hidden, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                      pad_token_id=ids["<|endoftext|>"])
-        return Qwen2_5_VLConfig(text_config=text, vision_config=_vision(hidden),
-                                image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                                vision_start_token_id=ids["<|vision_start|>"],
-                                vision_end_token_id=ids["<|vision_end|>"],
-                                # as in the release's config.json (not read by transformers 5.23)
-                                vision_token_id=ids["<|vision_pad|>"])
+        config_class, vision = ((Qwen2_5_VLConfig, _vision(hidden)) if kind == "qwen2_5_vl"
+                                else (Qwen2VLConfig, _qwen2_vl_vision(hidden)))
+        return config_class(text_config=text, vision_config=vision,
+                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                            # as in the releases' config.json (not read by transformers 5.23)
+                            vision_token_id=ids["<|vision_pad|>"])
     # Omni: the multimodal ids appear in the thinker and (for its position ids) the talker config.
     media = dict(audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"],
                  video_token_index=ids["<|VIDEO|>"], audio_start_token_id=ids["<|audio_bos|>"],
@@ -565,7 +576,13 @@ def tiny_config(kind: str, hidden: int = 64):
 def tiny_processor(kind: str):
     """The transformers processor of a tiny `kind` checkpoint: tokenizer, image and video processors
     (and, for Omni, the Whisper feature extractor), with the chat template."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2_5OmniProcessor, Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers import (
+        Qwen2_5_VLProcessor,
+        Qwen2_5OmniProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen3VLProcessor,
+    )
 
     tokenizer = tiny_tokenizer(kind)
     pixels = _pixel_bounds()
@@ -580,9 +597,10 @@ def tiny_processor(kind: str):
                                       min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)
         return Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=_video_processor(kind),
                                 chat_template=_CHAT_TEMPLATE[kind])
-    if kind == "qwen2_5_vl":
-        return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,
-                                   video_processor=_video_processor(), chat_template=_CHAT_TEMPLATE[kind])
+    if kind in ("qwen2_5_vl", "qwen2_vl"):
+        processor_class = Qwen2_5_VLProcessor if kind == "qwen2_5_vl" else Qwen2VLProcessor
+        return processor_class(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,
+                               video_processor=_video_processor(), chat_template=_CHAT_TEMPLATE[kind])
     return Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(**pixels), video_processor=_video_processor(),
                                 feature_extractor=_feature_extractor(), tokenizer=tokenizer,
                                 chat_template=_CHAT_TEMPLATE[kind])
@@ -622,6 +640,7 @@ LAYOUTS = ("save_pretrained", "released")
 # kind -> the transformers class of the full model (and of its config)
 MODEL_CLASSES = {"qwen2_5_omni": "Qwen2_5OmniForConditionalGeneration",
                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                 "qwen2_vl": "Qwen2VLForConditionalGeneration",
                  "qwen3_vl": "Qwen3VLForConditionalGeneration",
                  "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
                  "qwen3_5": "Qwen3_5ForConditionalGeneration",
@@ -711,17 +730,20 @@ _RELEASED_IMAGE_PROCESSOR = dict(min_pixels=3136, max_pixels=12845056, patch_siz
 _RELEASED_WHISPER = dict(chunk_length=300, dither=0.0, feature_extractor_type="WhisperFeatureExtractor",
                          feature_size=128, hop_length=160, n_fft=400, n_samples=4800000, nb_max_frames=30000,
                          padding_side="right", padding_value=0.0, return_attention_mask=True, sampling_rate=16000)
-_RELEASED_PROCESSOR_CLASS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_5_omni": "Qwen2_5OmniProcessor"}
+_RELEASED_PROCESSOR_CLASS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor",
+                             "qwen2_5_omni": "Qwen2_5OmniProcessor"}
 
 
 def to_released_layout(kind: str, out: Path, *, experts: str = "fused") -> None:
     """Rewrite a saved tiny checkpoint into the layout of the hub releases.
 
-    Qwen2.5-VL-7B-Instruct, Qwen2.5-Omni-7B: one combined `preprocessor_config.json` and no
-    `processor_config.json` or `video_preprocessor_config.json`; `chat_template.json`; `vocab.json` +
-    `merges.txt` beside `tokenizer.json`; `config.json` with the releases' keys (`torch_dtype`,
-    `rope_theta` + `rope_scaling`, and for VL the text settings at the top level rather than in
-    `text_config`). Weight key names are already the hub's (`visual.*`, `model.*` / `thinker.*`).
+    Qwen2-VL-7B-Instruct, Qwen2.5-VL-7B-Instruct, Qwen2.5-Omni-7B: one combined
+    `preprocessor_config.json` and no `processor_config.json` or `video_preprocessor_config.json`;
+    `chat_template.json`; `vocab.json` + `merges.txt` beside `tokenizer.json`; `config.json` with the
+    releases' keys (`torch_dtype`, `rope_theta` + `rope_scaling`, for VL the text settings at the top
+    level rather than in `text_config`, for Qwen2-VL its vision_config's own keys, see
+    `_released_qwen2_vl_vision`). Weight key names are already the hub's (`visual.*`, `model.*` /
+    `thinker.*`).
 
     Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE: see `_to_released_qwen3` (and `RELEASED_FILES`).
     `experts` ("fused" or "per_expert") is how a Qwen3.5-MoE release stores its routed experts:
@@ -745,11 +767,13 @@ def to_released_layout(kind: str, out: Path, *, experts: str = "fused") -> None:
         return
 
     config = json.loads((out / "config.json").read_text())
-    if kind == "qwen2_5_vl":
+    if kind in ("qwen2_5_vl", "qwen2_vl"):
         text = config.pop("text_config")
         config = {**{k: v for k, v in text.items() if k not in ("model_type", "layer_types")}, **config}
+    if kind == "qwen2_vl":
+        config["vision_config"] = _released_qwen2_vl_vision(config["vision_config"])
     # the releases' rope_scaling: {"type": "mrope", ...} for VL, {"type": "default", "rope_type": "default", ...} for Omni
-    rope_type = "mrope" if kind == "qwen2_5_vl" else "default"
+    rope_type = "mrope" if kind in ("qwen2_5_vl", "qwen2_vl") else "default"
     (out / "config.json").write_text(json.dumps(_legacy_keys(config, rope_type), indent=2))
     preprocessor = {**_RELEASED_IMAGE_PROCESSOR, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
                     "processor_class": _RELEASED_PROCESSOR_CLASS[kind]}
@@ -762,6 +786,16 @@ def to_released_layout(kind: str, out: Path, *, experts: str = "fused") -> None:
     vocab, merges = _bpe()
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def _released_qwen2_vl_vision(vision: dict) -> dict:
+    """Qwen2-VL's vision_config as the releases wrote it (transformers 4.41, Qwen/Qwen2-VL-7B-Instruct):
+    no model_type or hidden_act (quick_gelu, the class default), `in_chans` for `in_channels`, and the
+    patch size twice, as `patch_size` and `spatial_patch_size`."""
+    keys = ("depth", "embed_dim", "mlp_ratio", "num_heads", "hidden_size", "patch_size", "spatial_merge_size",
+            "temporal_patch_size")
+    return {**{key: vision[key] for key in keys}, "in_chans": vision["in_channels"],
+            "spatial_patch_size": vision["patch_size"]}
 
 
 def _legacy_keys(config, rope_type: str):

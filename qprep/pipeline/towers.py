@@ -81,7 +81,7 @@ class Towers(torch.nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return int(self.visual.config.out_hidden_size)
+        return int(getattr(self.visual.config, self.family.merged_width_key))
 
 
     def encode_videos(self, videos: list[VideoInput]) -> list[torch.Tensor]:

@@ -86,6 +86,9 @@ class Family:
     audio_prefixes: tuple[str, ...]
     text_prefixes: tuple[str, ...]  # (tower keys never count for these)
     lm_head_prefixes: tuple[str, ...]
+    # the vision config's key for the merged tokens' width (the language model's): Qwen2-VL's tower
+    # calls it hidden_size, the later ones out_hidden_size (their hidden_size is the tower's own)
+    merged_width_key: str = "out_hidden_size"
     lora_targets: tuple[str, ...] = ATTENTION_AND_MLP
     pixel_bounds_per_clip: bool = False  # the video processor's size bounds all frames together, not each
     # the processor featurizes an audio track whole (padded to its own length, never cut), not in

@@ -20,6 +20,7 @@ transformers 5's `save_pretrained` writes.
 
 from __future__ import annotations
 
+from qprep.models.families.base import as_cpu
 from qprep.models.families.qwen2_5_vl import VIDEO_TOKEN_TYPE, QwenVLFamily
 
 
@@ -31,7 +32,7 @@ class Qwen2VLFamily(QwenVLFamily):
 
         ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
         token_types = (ids == config.video_token_id).to(torch.int32) * VIDEO_TOKEN_TYPE
-        positions, _ = rope_model.get_rope_index(ids, token_types, video_grid_thw=batch.video_grid_thw.cpu(),
+        positions, _ = rope_model.get_rope_index(ids, token_types, video_grid_thw=as_cpu(batch.video_grid_thw),
                                                  attention_mask=mask)
         return positions
 

@@ -363,3 +363,39 @@ def _zero_middle(source: Path, target: Path) -> None:
     data[begin:end] = bytes(end - begin)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(bytes(data))
+
+
+def cut_with_stream_copy(source: Path, target: Path, start: float) -> Path:
+    """What `ffmpeg -ss START -i source -c copy target` writes, made with PyAV (no ffmpeg binary here).
+
+    Without re-encoding a clip can only begin at a keyframe, so every packet from the last video
+    keyframe at or before START on is copied, video and audio, with its timestamps moved back by START:
+    the packets before the cut get negative ones, and the MP4 muxer writes an edit list that starts
+    playback at START. Players, and FFmpeg's decoder, do not show the frames before it; the
+    container's frame count includes them.
+    """
+    with av.open(str(source)) as container:
+        video = container.streams.video[0]
+        keyframe = max(packet.pts for packet in container.demux(video)
+                       if packet.size and packet.is_keyframe and packet.pts * video.time_base <= start)
+    begin = keyframe * video.time_base  # seconds
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(source)) as container, av.open(str(target), "w") as output:
+        copies = {stream.index: output.add_stream_from_template(stream)
+                  for stream in container.streams if stream.type in ("video", "audio")}
+        started = False
+        for packet in container.demux():
+            if not packet.size or packet.stream.index not in copies:
+                continue
+            time_base = packet.stream.time_base
+            if packet.stream.type == "video":
+                started = started or packet.pts == keyframe  # from the keyframe on, in decode order
+                if not started:
+                    continue
+            elif (packet.pts + packet.duration) * time_base <= begin:
+                continue  # audio that ends before the keyframe
+            shift = round(start / time_base)
+            packet.pts, packet.dts = packet.pts - shift, packet.dts - shift
+            packet.stream = copies[packet.stream.index]
+            output.mux(packet)
+    return target

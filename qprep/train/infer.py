@@ -72,6 +72,7 @@ def infer(cache_path: str | Path, model: str | None, out: str | Path, *, adapter
     dtype = dtype or compute_dtype(device)
     cache = open_cache(cache_path)
     checkpoint = open_checkpoint(model or cache.model)
+    checkpoint.require_tokenizer()
     check_cache_fits(cache, checkpoint)
     requests, skipped = choose_requests(cache, ids=ids, data=data, prompt=prompt)
     for line in left_out_lines(skipped):

@@ -409,3 +409,22 @@ def cut_with_stream_copy(source: Path, target: Path, start: float) -> Path:
             packet.stream = copies[packet.stream.index]
             output.mux(packet)
     return target
+
+
+def end_edit_early(source: Path, target: Path, seconds: float) -> Path:
+    """`source` with its video track's edit (the first `elst` box, one entry) made `seconds` shorter: what
+    a clip cut with an end as well (`-t`) may hold, frames past the edit's end that players do not show."""
+    data = bytearray(source.read_bytes())
+    header = data.index(b"mvhd")
+    timescale_at = header + 8 + (16 if data[header + 4] == 1 else 8)  # after version, flags and two times
+    timescale = struct.unpack(">I", data[timescale_at : timescale_at + 4])[0]
+    edits = data.index(b"elst")
+    wide = data[edits + 4] == 1
+    if struct.unpack(">I", data[edits + 8 : edits + 12])[0] != 1:
+        raise ValueError(f"{source}: the first edit list holds more than one edit")
+    field = ">Q" if wide else ">I"
+    at, size = edits + 12, 8 if wide else 4
+    duration = struct.unpack(field, data[at : at + size])[0]
+    data[at : at + size] = struct.pack(field, duration - round(seconds * timescale))
+    target.write_bytes(bytes(data))
+    return target

@@ -95,3 +95,21 @@ def test_a_clips_audio_starts_at_the_cut(clip):
     np.testing.assert_array_equal(cut, whole[:, start : start + cut.shape[1]])
     prepared = qprep.preprocess_video(path, num_frames=4)
     assert prepared.metadata.audio_seconds == pytest.approx(len(waveform) / 16000)
+
+
+def test_an_edit_that_ends_before_the_media_hides_the_frames_after_it(clip, tmp_path):
+    """A clip cut with an end as well may hold frames past its edit's end: shown by no player, not sampled."""
+    from corpus import end_edit_early
+
+    _, cut = clip
+    path = end_edit_early(cut, tmp_path / "ends-early.mp4", 0.5)
+    shown, _ = plain_decode(path)
+    before = plain_decode(cut)[0]
+    assert 0 < len(before) - len(shown) < 0.5 * 25 + 2  # hidden at the end now (about 0.5 s of frames)
+    assert all(np.array_equal(mine, theirs) for mine, theirs in zip(shown, before))  # the same first ones
+    prepared = qprep.preprocess_video(path, audio=False, num_frames=10)
+    meta = prepared.metadata
+    assert meta.frame_count == len(shown) and meta.frame_indices[-1] == len(shown) - 1
+    expected = reference_pixels(path, meta.frame_indices, Qwen2VLVideoProcessor())
+    assert torch.equal(prepared.pixel_values_videos, expected["pixel_values_videos"])
+    assert meta.frame_times[0] == 0.0 and meta.frame_times[-1] == pytest.approx((len(shown) - 1) / 25, abs=1e-9)

@@ -129,14 +129,15 @@ def _containers(folder: Path, outside: Path) -> list[Kind]:
     _encode(folder / path, "mpeg4", 64, 48, rate=8, pts=[0, 1, 2, 4, 5, 6, 7, 8])
     kinds.append(_ok("avi with a dropped frame (an empty index entry)", path, audio=False, frame_count=8,
                      note="the container counts 9 frames, 8 hold pictures"))
-    for label, bframes in (("with", 2), ("without", 0)):  # 3 s at 8 fps, a keyframe each second, cut 0.3 s after one
+    for label, bframes in (("with", 2), ("without", 0)):  # 3 s at 8 fps, keyframes each second, cut 0.3 s after one
         source = make_video(outside / f"source-cut-{label}.mp4", VideoSpec(
             **{**SMALL, "seconds": 3.0, "gop_seconds": 1.0, "bframes": bframes,
                "encoder_options": (("x264-params", "scenecut=0"),)}))
         path = f"containers/cut-with-stream-copy-{label}-b-frames.mp4"
         cut_with_stream_copy(source, folder / path, 1.3)
         kinds.append(_ok(f"mp4 cut with stream copy at a non-keyframe, {label} B-frames (an edit list)", path,
-                         frame_count=13, note="the container counts 16 frames; its edit list hides the 3 before the cut"))
+                         frame_count=13,
+                         note="the container counts 16 frames; its edit list hides the 3 before the cut"))
     path = "containers/10bit-h264.mkv"
     kinds.append(_ok("10-bit h264", _clip(folder, path, pix_fmt="yuv420p10le"), codec="h264"))
     kinds.append(_ok("10-bit hevc", _clip(folder, "containers/10bit-hevc.mp4", codec="libx265", pix_fmt="yuv420p10le"),
@@ -157,7 +158,8 @@ def _audio(folder: Path, outside: Path) -> list[Kind]:
         _ok("mono 8 kHz audio", _clip(folder, "audio/mono-8khz.mp4", audio_rate=8000, audio_channels=1)),
         _ok("audio shorter than the video", _clip(folder, "audio/short-audio.mp4", audio_seconds=0.3)),
         _ok("7.1 audio (8-channel AAC)", _clip(folder, "audio/7.1.mp4", audio_channels=8)),
-        _ok("12-channel PCM audio", _clip(folder, "audio/12-channels.mkv", audio_channels=12, audio_codec="pcm_s16le")),
+        _ok("12-channel PCM audio", _clip(folder, "audio/12-channels.mkv", audio_channels=12,
+                                          audio_codec="pcm_s16le")),
     ]
     path = "audio/empty-audio-stream.mkv"
     _encode(folder / path, "libx264", 64, 48, rate=8, pts=range(8), empty_audio=True)

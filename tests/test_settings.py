@@ -141,7 +141,8 @@ TOKENIZER_GAPS = {
     "all": (("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"),
             ": tokenizer_config.json; tokenizer.json (or vocab.json and merges.txt). "),
     "settings": (("tokenizer_config.json",), ": tokenizer_config.json. "),
-    "vocabulary": (("tokenizer.json", "vocab.json", "merges.txt"), ": tokenizer.json (or vocab.json and merges.txt). "),
+    "vocabulary": (("tokenizer.json", "vocab.json", "merges.txt"),
+                   ": tokenizer.json (or vocab.json and merges.txt). "),
 }
 
 
@@ -184,7 +185,7 @@ def test_a_checkpoint_without_its_tokenizer_files_is_refused_naming_them(tiny_mo
         message = str(caught.value)
         assert expected in message, (name, message)
         assert "placeholder tokens" in message, (name, message)
-    assert not (tmp_path / "store.zarr").exists()  # refused before any video
+    assert not (tmp_path / "store.zarr").exists() and not (tmp_path / "run").exists()  # refused before any work
 
 
 def test_infer_and_verify_refuse_a_model_without_its_tokenizer_files(vl_train_store, tiny_model, tmp_path):
@@ -210,6 +211,6 @@ def test_the_cli_names_the_missing_tokenizer_files(tiny_model, videos, tmp_path)
     video = videos("tokenizer-check.mp4", width=64, height=48, fps=8, seconds=1)
     result = CliRunner().invoke(main, ["prepare", str(video), "--model", model])
     assert result.exit_code == 3, result.output
-    assert f"tokenizer files missing from the directory {model}: tokenizer_config.json; tokenizer.json (or vocab.json " \
-           "and merges.txt)" in result.output
+    assert (f"tokenizer files missing from the directory {model}: tokenizer_config.json; "
+            "tokenizer.json (or vocab.json and merges.txt)") in result.output
     assert "image_token" not in result.output

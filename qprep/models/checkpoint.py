@@ -60,11 +60,11 @@ class Checkpoint:
         if not any(all(self._has(name) for name in names) for names in VOCABULARIES):
             missing.append(" (or ".join(" and ".join(names) for names in VOCABULARIES) + ")")
         if missing:
-            where = f"the directory {self.source}" if Path(self.source).is_dir() else f"the hub repository {self.source}"
+            where = "the directory" if Path(self.source).is_dir() else "the hub repository"
             raise SettingsError(
-                f"model {self.source}: tokenizer files missing from {where}: {'; '.join(missing)}. qprep needs the "
-                f"checkpoint's tokenizer to write prompts as token ids and to find the image, video and audio "
-                f"placeholder tokens its processor inserts; copy the files from the released model")
+                f"model {self.source}: tokenizer files missing from {where} {self.source}: {'; '.join(missing)}. "
+                f"qprep needs the checkpoint's tokenizer to write prompts as token ids and to find the image, video "
+                f"and audio placeholder tokens its processor inserts; copy the files from the released model")
 
     def _has(self, name: str) -> bool:
         try:

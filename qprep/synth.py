@@ -28,7 +28,8 @@ class VideoSpec:
     bframes: int | None = None  # None: the encoder's default
     audio: bool = True
     audio_rate: int = 48000
-    audio_channels: int = 2
+    audio_channels: int = 2  # 1 mono, 2 stereo, more: FFmpeg's default layout for the count (8: 7.1)
+    audio_codec: str | None = None  # None: AAC (Opus in WebM); FFmpeg's AAC encoder takes at most 8 channels
     audio_seconds: float | None = None  # default: as long as the video
     rotation: int = 0  # counter-clockwise degrees written as display matrix
     vfr: bool = False  # jitter frame durations (variable frame rate)
@@ -91,10 +92,15 @@ def _add_video_stream(container, spec: VideoSpec):
 
 
 def _add_audio_stream(container, spec: VideoSpec):
-    codec = "libopus" if Path(container.name).suffix.lower() == ".webm" else "aac"
+    codec = spec.audio_codec or ("libopus" if Path(container.name).suffix.lower() == ".webm" else "aac")
     stream = container.add_stream(codec, rate=spec.audio_rate)
-    stream.layout = "stereo" if spec.audio_channels == 2 else "mono"
+    stream.layout = channel_layout(spec.audio_channels)
     return stream
+
+
+def channel_layout(channels: int) -> str:
+    """The layout `make_video` writes for a channel count (FFmpeg's default for counts above 2)."""
+    return {1: "mono", 2: "stereo"}.get(channels, f"{channels}c")
 
 
 def _video_frames(spec: VideoSpec, stream):
@@ -149,12 +155,14 @@ def speech_like(seconds: float, rate: int, events=()) -> np.ndarray:
 def _audio_frames(spec: VideoSpec):
     seconds = spec.audio_seconds if spec.audio_seconds is not None else spec.seconds
     mono = speech_like(seconds, spec.audio_rate, spec.events)
-    channels = np.stack([mono, 0.8 * mono]) if spec.audio_channels == 2 else mono[None]
-    layout = "stereo" if spec.audio_channels == 2 else "mono"
+    # Each channel a quieter copy of the one before, so that a mixdown that drops or weights a channel shows.
+    channels = np.stack([np.float32(0.8**k) * mono for k in range(spec.audio_channels)])
+    layout = channel_layout(spec.audio_channels)
     block = 1024
     for start in range(0, channels.shape[1], block):
-        chunk = np.ascontiguousarray(channels[:, start : start + block])
-        frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
+        # Packed samples (one plane): PyAV 18.1's from_ndarray cannot fill a planar frame of 8 or more channels.
+        chunk = np.ascontiguousarray(channels[:, start : start + block].T).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout=layout)
         frame.sample_rate = spec.audio_rate
         frame.pts = start
         yield frame

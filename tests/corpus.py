@@ -129,6 +129,15 @@ def _containers(folder: Path, outside: Path) -> list[Kind]:
     _encode(folder / path, "mpeg4", 64, 48, rate=8, pts=[0, 1, 2, 4, 5, 6, 7, 8])
     kinds.append(_ok("avi with a dropped frame (an empty index entry)", path, audio=False, frame_count=8,
                      note="the container counts 9 frames, 8 hold pictures"))
+    for label, bframes in (("with", 2), ("without", 0)):  # 3 s at 8 fps, keyframes each second, cut 0.3 s after one
+        source = make_video(outside / f"source-cut-{label}.mp4", VideoSpec(
+            **{**SMALL, "seconds": 3.0, "gop_seconds": 1.0, "bframes": bframes,
+               "encoder_options": (("x264-params", "scenecut=0"),)}))
+        path = f"containers/cut-with-stream-copy-{label}-b-frames.mp4"
+        cut_with_stream_copy(source, folder / path, 1.3)
+        kinds.append(_ok(f"mp4 cut with stream copy at a non-keyframe, {label} B-frames (an edit list)", path,
+                         frame_count=13,
+                         note="the container counts 16 frames; its edit list hides the 3 before the cut"))
     path = "containers/10bit-h264.mkv"
     kinds.append(_ok("10-bit h264", _clip(folder, path, pix_fmt="yuv420p10le"), codec="h264"))
     kinds.append(_ok("10-bit hevc", _clip(folder, "containers/10bit-hevc.mp4", codec="libx265", pix_fmt="yuv420p10le"),
@@ -148,6 +157,9 @@ def _audio(folder: Path, outside: Path) -> list[Kind]:
         _ok("no audio stream", _clip(folder, "audio/silent.mp4", audio=False), audio=False, audio_note="no audio stream"),
         _ok("mono 8 kHz audio", _clip(folder, "audio/mono-8khz.mp4", audio_rate=8000, audio_channels=1)),
         _ok("audio shorter than the video", _clip(folder, "audio/short-audio.mp4", audio_seconds=0.3)),
+        _ok("7.1 audio (8-channel AAC)", _clip(folder, "audio/7.1.mp4", audio_channels=8)),
+        _ok("12-channel PCM audio", _clip(folder, "audio/12-channels.mkv", audio_channels=12,
+                                          audio_codec="pcm_s16le")),
     ]
     path = "audio/empty-audio-stream.mkv"
     _encode(folder / path, "libx264", 64, 48, rate=8, pts=range(8), empty_audio=True)
@@ -363,3 +375,58 @@ def _zero_middle(source: Path, target: Path) -> None:
     data[begin:end] = bytes(end - begin)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(bytes(data))
+
+
+def cut_with_stream_copy(source: Path, target: Path, start: float) -> Path:
+    """What `ffmpeg -ss START -i source -c copy target` writes, made with PyAV (no ffmpeg binary here).
+
+    Without re-encoding a clip can only begin at a keyframe, so every packet from the last video
+    keyframe at or before START on is copied, video and audio, with its timestamps moved back by START:
+    the packets before the cut get negative ones, and the MP4 muxer writes an edit list that starts
+    playback at START. Players, and FFmpeg's decoder, do not show the frames before it; the
+    container's frame count includes them.
+    """
+    with av.open(str(source)) as container:
+        video = container.streams.video[0]
+        keyframe = max(packet.pts for packet in container.demux(video)
+                       if packet.size and packet.is_keyframe and packet.pts * video.time_base <= start)
+    begin = keyframe * video.time_base  # seconds
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(source)) as container, av.open(str(target), "w") as output:
+        copies = {stream.index: output.add_stream_from_template(stream)
+                  for stream in container.streams if stream.type in ("video", "audio")}
+        started = False
+        for packet in container.demux():
+            if not packet.size or packet.stream.index not in copies:
+                continue
+            time_base = packet.stream.time_base
+            if packet.stream.type == "video":
+                started = started or packet.pts == keyframe  # from the keyframe on, in decode order
+                if not started:
+                    continue
+            elif (packet.pts + packet.duration) * time_base <= begin:
+                continue  # audio that ends before the keyframe
+            shift = round(start / time_base)
+            packet.pts, packet.dts = packet.pts - shift, packet.dts - shift
+            packet.stream = copies[packet.stream.index]
+            output.mux(packet)
+    return target
+
+
+def end_edit_early(source: Path, target: Path, seconds: float) -> Path:
+    """`source` with its video track's edit (the first `elst` box, one entry) made `seconds` shorter: what
+    a clip cut with an end as well (`-t`) may hold, frames past the edit's end that players do not show."""
+    data = bytearray(source.read_bytes())
+    header = data.index(b"mvhd")
+    timescale_at = header + 8 + (16 if data[header + 4] == 1 else 8)  # after version, flags and two times
+    timescale = struct.unpack(">I", data[timescale_at : timescale_at + 4])[0]
+    edits = data.index(b"elst")
+    wide = data[edits + 4] == 1
+    if struct.unpack(">I", data[edits + 8 : edits + 12])[0] != 1:
+        raise ValueError(f"{source}: the first edit list holds more than one edit")
+    field = ">Q" if wide else ">I"
+    at, size = edits + 12, 8 if wide else 4
+    duration = struct.unpack(field, data[at : at + size])[0]
+    data[at : at + size] = struct.pack(field, duration - round(seconds * timescale))
+    target.write_bytes(bytes(data))
+    return target

@@ -80,7 +80,18 @@ def plain_audio_decode(path, start_s=None, end_s=None) -> np.ndarray:
         resampler = av.AudioResampler(format="fltp", rate=16000)
         frames = [f for frame in container.decode(audio=0) for f in resampler.resample(frame)]
         frames += resampler.resample(None)
-    waveform = np.concatenate([f.to_ndarray() for f in frames], axis=1).mean(axis=0, dtype=np.float32)
+    waveform = np.concatenate([planar_samples(f) for f in frames], axis=1).mean(axis=0, dtype=np.float32)
     start = int(16000 * start_s) if start_s is not None else 0
     end = int(16000 * end_s) if end_s is not None else None
     return waveform[start:end]
+
+
+def planar_samples(frame) -> np.ndarray:
+    """[channels, samples] of a planar float32 frame, each channel's plane read by its index. PyAV 18.1's
+    `frame.planes` and `frame.to_ndarray()` read past the channel pointers of a frame of 8 or more
+    channels (they look for a NULL pointer that is not there) and crash the process."""
+    from av.audio.plane import AudioPlane
+
+    assert frame.format.name == "fltp"
+    return np.stack([np.frombuffer(AudioPlane(frame, channel), dtype=np.float32, count=frame.samples)
+                     for channel in range(frame.layout.nb_channels)])

@@ -188,3 +188,49 @@ def test_log_mel_equals_the_extractor_padded_to_the_whole_window(samples, signal
     expected = omni_reference_features(waveform)
     assert torch.equal(ours.input_features, expected["input_features"])
     assert torch.equal(ours.feature_attention_mask, expected["attention_mask"].to(torch.int32))
+
+
+# Every channel count up to 7.1 as AAC (FFmpeg's encoder stops at 8), and more as PCM.
+CHANNELS = [(count, f"ch{count}.mp4", {}) for count in range(1, 9)] + [
+    (12, "ch12.mkv", dict(audio_codec="pcm_s16le")),
+    (16, "ch16.mov", dict(audio_codec="pcm_f32le")),
+]
+
+
+@pytest.mark.parametrize("channels, name, codec", CHANNELS, ids=[name for _, name, _ in CHANNELS])
+def test_any_channel_count_is_averaged_as_the_reference_does(videos, channels, name, codec):
+    """Mono to 7.1 and beyond: the waveform is the reference's channel mean, bit for bit, and so are the features."""
+    from qprep.pipeline.audio import decode_audio
+
+    path = videos(name, width=64, height=48, fps=8, seconds=1, audio_channels=channels, **codec)
+    with av.open(str(path)) as container:
+        assert container.streams.audio[0].channels == channels
+    expected = plain_audio_decode(path)
+    waveform = decode_audio(str(path), load_model_spec(OMNI_PREPROCESSOR).audio)
+    assert waveform.dtype == np.float32 and np.array_equal(waveform, expected)
+    prepared = qprep.preprocess_video(path, OMNI_PREPROCESSOR, num_frames=4)
+    features = omni_reference_features(expected)
+    assert torch.equal(prepared.input_features, features["input_features"])
+    assert torch.equal(prepared.feature_attention_mask, features["attention_mask"])
+
+
+def test_a_7_1_track_is_prepared_in_a_process_that_survives(videos):
+    """`qprep prepare` on 7.1 audio exits 0: reading the 8 planar channels as PyAV 18.1 offers them killed the
+    process (SIGSEGV), which only a separate process can show without taking the test run with it."""
+    import subprocess
+    import sys
+
+    path = videos("ch8.mp4", width=64, height=48, fps=8, seconds=1, audio_channels=8)
+    done = subprocess.run([sys.executable, "-m", "qprep", "prepare", str(path), "--num-frames", "4", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+
+
+@pytest.mark.skipif(av.__version__ != "18.1.0", reason="the fault is checked on the PyAV qprep is pinned to")
+def test_pyav_counts_the_planes_of_a_7_1_frame_past_its_channels():
+    """Why qprep reads packed samples: PyAV's `AudioFrame.planes` looks for a NULL pointer after a planar
+    frame's channel pointers; with 8 channels there is none inside the frame's 8 data pointers, so it goes
+    on reading the fields after them (counting is harmless; `to_ndarray` then reads those as sample data)."""
+    planar = av.AudioFrame(format="fltp", layout="7.1", samples=16)
+    assert len(planar.planes) > planar.layout.nb_channels
+    assert len(av.AudioFrame(format="flt", layout="7.1", samples=16).planes) == 1

@@ -23,7 +23,8 @@ def fake_info(total_frames: int, fps: float) -> VideoInfo:
     pts = np.round(np.arange(total_frames) * 90000 / fps).astype(np.int64)
     return VideoInfo(path="fake.mp4", codec="h264", coded_width=64, coded_height=64, time_base=time_base,
                      average_fps=fps, real_fps=fps, duration=total_frames / fps, packet_pts=pts,
-                     packet_is_key=np.arange(total_frames) % 30 == 0, audio=None)
+                     packet_is_key=np.arange(total_frames) % 30 == 0, packet_shown=np.ones(total_frames, bool),
+                     audio=None)
 
 
 def reference_plan(total_frames, fps, element):

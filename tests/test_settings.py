@@ -165,3 +165,83 @@ def test_the_qwen2_vl_preset_leaves_the_frame_size_to_the_checkpoints_processor(
     assert job.model == "Qwen/Qwen2-VL-7B-Instruct"
     assert (video.fps, video.num_frames, video.size, video.min_pixels, video.max_pixels, video.audio) == (
         2.0, None, None, None, None, False)
+
+
+# What a checkpoint may lack of its tokenizer: all of it, its settings, or its vocabulary (in both forms).
+TOKENIZER_GAPS = {
+    "all": (("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"),
+            ": tokenizer_config.json; tokenizer.json (or vocab.json and merges.txt). "),
+    "settings": (("tokenizer_config.json",), ": tokenizer_config.json. "),
+    "vocabulary": (("tokenizer.json", "vocab.json", "merges.txt"),
+                   ": tokenizer.json (or vocab.json and merges.txt). "),
+}
+
+
+def without_tokenizer_files(tiny_model, kind, layout, names, folder):
+    import shutil
+
+    copy = shutil.copytree(tiny_model(kind, layout), folder / f"{kind}-{layout}")
+    for name in names:
+        (copy / name).unlink(missing_ok=True)
+    return str(copy)
+
+
+@pytest.mark.parametrize("gap", sorted(TOKENIZER_GAPS))
+@pytest.mark.parametrize("kind, layout", [("qwen2_5_omni", "released"), ("qwen2_5_vl", "save_pretrained")])
+def test_a_checkpoint_without_its_tokenizer_files_is_refused_naming_them(tiny_model, videos, tmp_path, kind,
+                                                                          layout, gap):
+    """transformers builds a one-token tokenizer instead, and the Omni processor then fails on
+    "Qwen2Tokenizer has no attribute image_token"; qprep names the directory and the missing files."""
+    from qprep.extraction.run import ExtractOptions, extract
+    from qprep.schemas.settings import VideoSettings
+    from qprep.train.loop import train
+
+    names, listed = TOKENIZER_GAPS[gap]
+    model = without_tokenizer_files(tiny_model, kind, layout, names, tmp_path)
+    video = videos("tokenizer-check.mp4", width=64, height=48, fps=8, seconds=1)
+    expected = f"tokenizer files missing from the directory {model}{listed}"
+    calls = {
+        "prepare": lambda: qprep.preprocess_video(video, model),
+        "extract": lambda: extract(video.parent, tmp_path / "store.zarr", model, VideoSettings(),
+                                   options=ExtractOptions(progress=False, executor="local")),
+        # before the cache is opened (there is none) and before two ranks would each fail
+        "train": lambda: train(tmp_path / "no-store.zarr", tmp_path / "no-data.json", model, tmp_path / "run",
+                               progress=False, echo=lambda _: None),
+        "train on 2 ranks": lambda: train(tmp_path / "no-store.zarr", tmp_path / "no-data.json", model,
+                                          tmp_path / "run", ranks=2, device="cpu", progress=False),
+    }
+    for name, call in calls.items():
+        with pytest.raises(SettingsError) as caught:
+            call()
+        message = str(caught.value)
+        assert expected in message, (name, message)
+        assert "placeholder tokens" in message, (name, message)
+    assert not (tmp_path / "store.zarr").exists() and not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_infer_and_verify_refuse_a_model_without_its_tokenizer_files(vl_train_store, tiny_model, tmp_path):
+    from qprep.audit.verify import verify
+    from qprep.train.infer import infer
+
+    _, cache = vl_train_store
+    model = without_tokenizer_files(tiny_model, "qwen2_5_vl", "save_pretrained", TOKENIZER_GAPS["all"][0], tmp_path)
+    for call in (lambda: infer(cache.store.root, model, tmp_path / "answers.jsonl", progress=False),
+                 lambda: verify(cache.store.root, model=model, progress=False)):
+        with pytest.raises(SettingsError, match=f"tokenizer files missing from the directory {model}: "
+                                                f"tokenizer_config.json; tokenizer.json"):
+            call()
+    assert not (tmp_path / "answers.jsonl").exists()
+
+
+def test_the_cli_names_the_missing_tokenizer_files(tiny_model, videos, tmp_path):
+    from click.testing import CliRunner
+
+    from qprep.cli import main
+
+    model = without_tokenizer_files(tiny_model, "qwen2_5_omni", "released", TOKENIZER_GAPS["all"][0], tmp_path)
+    video = videos("tokenizer-check.mp4", width=64, height=48, fps=8, seconds=1)
+    result = CliRunner().invoke(main, ["prepare", str(video), "--model", model])
+    assert result.exit_code == 3, result.output
+    assert (f"tokenizer files missing from the directory {model}: tokenizer_config.json; "
+            "tokenizer.json (or vocab.json and merges.txt)") in result.output
+    assert "image_token" not in result.output

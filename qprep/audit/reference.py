@@ -280,7 +280,17 @@ def plain_audio(path, rate: int) -> np.ndarray | None:
         frames += resampler.resample(None)
     if not frames:
         return np.zeros(0, dtype=np.float32)
-    return np.concatenate([f.to_ndarray() for f in frames], axis=1).mean(axis=0, dtype=np.float32)
+    return np.concatenate([_planar_samples(f) for f in frames], axis=1).mean(axis=0, dtype=np.float32)
+
+
+def _planar_samples(frame) -> np.ndarray:
+    """[channels, samples] of a planar float32 frame, each channel's plane read by its index: PyAV 18.1's
+    `frame.planes` (which `to_ndarray` reads) looks past the channel pointers of a frame of 8 or more
+    channels for a NULL one, and the process dies (SIGSEGV) on 7.1 audio."""
+    from av.audio.plane import AudioPlane
+
+    return np.stack([np.frombuffer(AudioPlane(frame, channel), dtype=np.float32, count=frame.samples)
+                     for channel in range(frame.layout.nb_channels)])
 
 
 def _batched(items: Iterator, size: int) -> Iterator[list]:

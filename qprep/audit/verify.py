@@ -301,6 +301,7 @@ def _checkpoint(cache, model: str | None, revision: str | None):
     except SettingsError as exc:
         hint = "" if model else f" (the model {cache.store.root} was extracted with; pass --model where it is now)"
         raise SettingsError(f"{exc}{hint}") from exc
+    checkpoint.require_tokenizer()  # the reference is the checkpoint's processor, built around it
     identity = checkpoint.identity(cache.store.read_json(WEIGHT_DIGESTS))
     changed = differences(cache.config["model"], identity)
     if changed:

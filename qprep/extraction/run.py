@@ -88,6 +88,8 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
     if Path(model).is_dir():
         model = str(Path(model).resolve())  # Ray workers may run elsewhere (shared storage)
     checkpoint = open_checkpoint(model, revision)
+    # Before any video: the processor needs the tokenizer, and so does training from the store.
+    checkpoint.require_tokenizer()
     if not checkpoint.has_audio and settings.audio:
         settings = dataclasses.replace(settings, audio=False)  # a VL model has no audio tower
     existing = Store.open(out) if Store.exists(out) and not rebuild else None

@@ -19,6 +19,10 @@ from qprep.models.families import FAMILIES, Family
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SINGLE_WEIGHTS = "model.safetensors"
+# The files transformers reads a Qwen tokenizer from (every release ships all four): its settings (the
+# special tokens, the media tokens' names the processors read), and its vocabulary in either form.
+TOKENIZER_CONFIG = "tokenizer_config.json"
+VOCABULARIES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,39 @@ class Checkpoint:
         """Patches merged per side into one visual token."""
         return int(self.tower_config["vision_config"].get("spatial_merge_size", 2))
 
+    def require_tokenizer(self) -> None:
+        """Refuse a checkpoint whose tokenizer files are missing, naming them.
+
+        qprep writes every prompt as the tokenizer's ids, finds the media placeholders (image, video,
+        audio tokens) by it, and builds the processor around it. transformers does not refuse: without
+        the files it makes a tokenizer of one token, and what fails later says nothing of the files
+        (the Omni processors: "Qwen2Tokenizer has no attribute image_token"; training: a placeholder
+        id not in the prompt). Checked first by every command that reads the checkpoint.
+        """
+        missing = [] if self._has(TOKENIZER_CONFIG) else [TOKENIZER_CONFIG]
+        if not any(all(self._has(name) for name in names) for names in VOCABULARIES):
+            missing.append(" (or ".join(" and ".join(names) for names in VOCABULARIES) + ")")
+        if missing:
+            where = "the directory" if Path(self.source).is_dir() else "the hub repository"
+            raise SettingsError(
+                f"model {self.source}: tokenizer files missing from {where} {self.source}: {'; '.join(missing)}. "
+                f"qprep needs the checkpoint's tokenizer to write prompts as token ids and to find the image, video "
+                f"and audio placeholder tokens its processor inserts; copy the files from the released model")
+
+    def _has(self, name: str) -> bool:
+        try:
+            self.file(name)
+        except FileNotFoundError:
+            return False
+        return True
+
     def tokenizer(self):
         """The checkpoint's tokenizer, with the chat template its processor renders prompts with:
         some releases (Qwen3-Omni's) keep that template beside the processor (`chat_template.json`)
         rather than in `tokenizer_config.json`."""
         from transformers import AutoProcessor, AutoTokenizer
 
+        self.require_tokenizer()
         tokenizer = AutoTokenizer.from_pretrained(self.source, revision=self.revision)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = getattr(AutoProcessor.from_pretrained(self.source, revision=self.revision),

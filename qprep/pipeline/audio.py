@@ -1,7 +1,7 @@
 """Stage 5 (Omni): the audio track as the model hears it.
 
 The track is decoded and resampled to 16 kHz by FFmpeg's resampler (PyAV), its channels averaged to
-mono as the reference (librosa) does, in one streaming
+mono as the reference (librosa) does, whatever their count (mono to 7.1 and beyond), in one streaming
 pass that keeps only the `video_start`/`video_end` window, so the result equals a full decode cut
 afterwards, sample for sample, without holding a long track in memory. Features come from
 transformers' own `WhisperFeatureExtractor`, called as the model's processor calls it, so they match
@@ -64,8 +64,12 @@ def decode_audio(path: str, spec: AudioSpec, start: int = 0, end: int | None = N
 def _decode_track(container, path: str, spec: AudioSpec, start: int, end: int | None) -> np.ndarray:
     stream = container.streams.audio[0]
     # Resample every channel, then average them: the reference (librosa's to_mono) takes the channel
-    # mean, where FFmpeg's own stereo→mono downmix weights each channel 1/√2 (3 dB louder).
-    resampler = av.AudioResampler(format="fltp", rate=spec.sampling_rate)
+    # mean, where FFmpeg's own stereo→mono downmix weights each channel 1/√2 (3 dB louder). The samples
+    # come packed (interleaved, one plane): PyAV 18.1's `AudioFrame.planes` (which `to_ndarray` reads)
+    # walks a planar frame's channel pointers until a NULL one, which a frame of 8 or more channels does
+    # not have, so on 7.1 audio it reads past them and the process dies (SIGSEGV). That is PyAV's fault;
+    # a packed frame has one plane, and FFmpeg packs the same floats it would have written planar.
+    resampler = av.AudioResampler(format="flt", rate=spec.sampling_rate)
     pieces, seen = [], 0
     try:
         for packet in container.demux(stream):
@@ -83,13 +87,26 @@ def _decode_track(container, path: str, spec: AudioSpec, start: int, end: int | 
 
 def _keep(frames, pieces: list, seen: int, start: int, end: int | None) -> int:
     for frame in frames:
-        samples = frame.to_ndarray().mean(axis=0, dtype=np.float32)
+        samples = channel_mean(frame)
         lo, hi = seen, seen + len(samples)
         cut_lo, cut_hi = max(start, lo), hi if end is None else min(end, hi)
         if cut_hi > cut_lo:
             pieces.append(samples[cut_lo - lo : cut_hi - lo].astype(np.float32, copy=False))
         seen = hi
     return seen
+
+
+def channel_mean(frame) -> np.ndarray:
+    """The mean of a packed float32 frame's channels: summed one channel after the other, then divided by
+    the count, the order in which numpy's `mean(axis=0)` over [channels, samples] adds them (the reference's
+    arithmetic, whatever the frame's length)."""
+    channels = frame.layout.nb_channels
+    interleaved = frame.to_ndarray().reshape(-1, channels)  # [samples, channels]
+    total = interleaved[:, 0].copy()
+    for channel in range(1, channels):
+        total += interleaved[:, channel]
+    total /= np.float32(channels)
+    return total
 
 
 def log_mel(waveform: np.ndarray, spec: AudioSpec, long_audio: str, path: str) -> AudioFeatures:

@@ -45,6 +45,7 @@ class _Index:
         # Earliest wanted pts among the wanted packets from the i-th (in decode order) on.
         pts_by_position = info.packet_pts[self.wanted_positions]
         self.earliest_pts_from = np.minimum.accumulate(pts_by_position[::-1])[::-1]
+        # Every keyframe, shown or not: a clip cut with stream copy starts at one its edit list hides.
         key_positions = np.flatnonzero(info.packet_is_key)
         order = np.argsort(info.packet_pts[key_positions])
         self.key_pts = info.packet_pts[key_positions][order]

@@ -4,6 +4,12 @@ The index is the list of packet timestamps in decode order. Sorted, it numbers t
 presentation order (frame `i` is the `i`-th smallest pts), which is how every reference reader
 (decord, torchcodec, torchvision) indexes frames; keyframe positions tell the decoder where it
 may start. Demuxing reads the compressed bytes once but decodes nothing.
+
+Only the frames a player shows are numbered. A clip cut from a longer MP4 without re-encoding
+(`ffmpeg -ss 1.3 -i long.mp4 -c copy clip.mp4`) starts at the keyframe before the cut and holds an
+edit list that starts playback at the cut: FFmpeg's demuxer marks the packets before it as discarded
+(they are decoded only as references, and the decoder drops their pictures) and gives the first
+shown frame pts 0, while the container's frame count still includes them.
 """
 
 from __future__ import annotations
@@ -47,21 +53,23 @@ class VideoInfo:
     average_fps: float
     real_fps: float  # the stream's base rate (FFmpeg's r_frame_rate): the timestamps' finest rhythm
     duration: float  # seconds
-    packet_pts: np.ndarray  # int64, decode order
+    packet_pts: np.ndarray  # int64, decode order: every packet, shown or not (decoding may start at any)
     packet_is_key: np.ndarray  # bool, decode order
+    packet_shown: np.ndarray  # bool, decode order: False where an edit list discards the packet's picture
     audio: AudioStreamInfo | None
 
     @property
     def frame_count(self) -> int:
-        return len(self.packet_pts)
+        """Frames a player shows."""
+        return int(self.packet_shown.sum())
 
     @property
     def frame_pts(self) -> np.ndarray:
-        """Timestamps of the frames in presentation order."""
-        return np.sort(self.packet_pts)
+        """Timestamps of the frames a player shows, in presentation order."""
+        return np.sort(self.packet_pts[self.packet_shown])
 
     def seconds(self, pts: np.ndarray) -> np.ndarray:
-        """Seconds from the first frame of the video, each the float nearest the exact rational
+        """Seconds from the first frame shown (an edit list's start), each the float nearest the exact rational
         (pts - first) · time_base: on a constant-rate stream, the same float as `index / fps`."""
         first = int(self.frame_pts[0])
         return np.array([float((int(p) - first) * self.time_base) for p in np.asarray(pts, dtype=np.int64)],
@@ -116,9 +124,11 @@ def probe_container(container: av.container.InputContainer, path: str | Path) ->
     if stream.time_base is None:
         raise DecodeError(path, "the video stream has no time base")
 
-    packet_pts, packet_is_key = _index_packets(container, stream, path)
+    packet_pts, packet_is_key, packet_shown = _index_packets(container, stream, path)
     if len(packet_pts) == 0:
         raise DecodeError(path, "the video stream holds no frames")
+    if not packet_shown.any():
+        raise DecodeError(path, f"the edit list discards all {len(packet_pts)} frames of the video stream")
     if _missing_frames(stream, packet_pts):
         raise DecodeError(
             path, f"file is truncated: the container lists {stream.frames} frames but only {len(packet_pts)} are present"
@@ -128,10 +138,10 @@ def probe_container(container: av.container.InputContainer, path: str | Path) ->
         raise DecodeError(path, f"file is truncated: {cut}")
 
     time_base = Fraction(stream.time_base)
-    frame_pts = np.sort(packet_pts)
+    frame_pts = np.sort(packet_pts[packet_shown])
     span = float((int(frame_pts[-1]) - int(frame_pts[0])) * time_base)
-    average_fps = _average_fps(stream, len(packet_pts), span)
-    duration = len(packet_pts) / average_fps
+    average_fps = _average_fps(stream, len(frame_pts), span)
+    duration = len(frame_pts) / average_fps
     audio = None
     if container.streams.audio:
         a = container.streams.audio[0]
@@ -149,12 +159,13 @@ def probe_container(container: av.container.InputContainer, path: str | Path) ->
         duration=duration,
         packet_pts=packet_pts,
         packet_is_key=packet_is_key,
+        packet_shown=packet_shown,
         audio=audio,
     )
 
 
-def _index_packets(container, stream, path) -> tuple[np.ndarray, np.ndarray]:
-    pts, keys = [], []
+def _index_packets(container, stream, path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pts, keys, shown = [], [], []
     try:
         for packet in container.demux(stream):
             if packet.size == 0:
@@ -164,6 +175,7 @@ def _index_packets(container, stream, path) -> tuple[np.ndarray, np.ndarray]:
                 raise DecodeError(path, f"video packet {len(pts)} has no timestamp")
             pts.append(timestamp)
             keys.append(bool(packet.is_keyframe))
+            shown.append(not packet.is_discard)
     except av.error.FFmpegError as exc:
         if not pts:
             raise DecodeError(path, f"cannot read video packets ({_ffmpeg_message(exc)})") from None
@@ -172,7 +184,7 @@ def _index_packets(container, stream, path) -> tuple[np.ndarray, np.ndarray]:
     packet_pts = np.asarray(pts, dtype=np.int64)
     if len(np.unique(packet_pts)) != len(packet_pts):
         raise DecodeError(path, "the video stream has frames with duplicate timestamps")
-    return packet_pts, np.asarray(keys, dtype=bool)
+    return packet_pts, np.asarray(keys, dtype=bool), np.asarray(shown, dtype=bool)
 
 
 def _missing_frames(stream, packet_pts: np.ndarray) -> int:

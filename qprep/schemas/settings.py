@@ -236,6 +236,10 @@ def _spec_from_checkpoint(model: str) -> ModelSpec:
 
     try:
         checkpoint = open_checkpoint(model)
+    except SettingsError as exc:
+        raise SettingsError(f"cannot read the preprocessor config of model {model}: {exc}") from exc
+    checkpoint.require_tokenizer()  # the processor is built around it
+    try:
         processor = AutoProcessor.from_pretrained(model)
     except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors alike
         raise SettingsError(f"cannot read the preprocessor config of model {model}: {exc}") from exc

@@ -77,6 +77,7 @@ def infer(cache_path: str | Path, model: str | None, out: str | Path, *, adapter
     dtype = dtype or compute_dtype(device)
     cache = open_cache(cache_path)
     checkpoint = open_checkpoint(model or cache.model)
+    checkpoint.require_tokenizer()
     check_cache_fits(cache, checkpoint)
     tokenizer = checkpoint.tokenizer()
     layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)

@@ -72,6 +72,9 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
     if ranks > 1 and "WORLD_SIZE" not in os.environ:
         if device == "cuda" and torch.cuda.device_count() < ranks:
             raise SettingsError(f"--gpus {ranks}: this machine has {torch.cuda.device_count()} GPUs")
+        from qprep.models.checkpoint import open_checkpoint
+
+        open_checkpoint(model).require_tokenizer()  # once, before the ranks start, rather than from each
         return launch(ranks, device, _rank_main, cache_path, data_path, model, out, settings, resume, eval_data,
                       progress)
     return _train(cache_path, data_path, model, out, settings, resume=resume, device=device, eval_data=eval_data,
@@ -106,11 +109,12 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     world = join_world(device)
     device = rank_device(device, world)
     echo = echo if world.main else (lambda _: None)
+    checkpoint = open_checkpoint(model)
+    checkpoint.require_tokenizer()  # before the run folder is made
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = RunFolder(out)
     dtype = settings.dtype or compute_dtype(device)
-    checkpoint = open_checkpoint(model)
     cache = open_cache(cache_path)
     check_cache_fits(cache, checkpoint)
     tokenizer = checkpoint.tokenizer()

@@ -164,8 +164,11 @@ def prepare(video, job, model, as_json, **flags):
 
 
 @main.command()
-@click.option("--videos", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--videos", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of videos (searched recursively). A video's id is its path in it, minus the extension.")
+@click.option("--media", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of videos and images (jpg, png, webp, bmp, tiff, gif), searched recursively; ids as "
+                   "for --videos. Images go through the checkpoint's own image processor and get_image_features.")
 @click.option("--out", required=True, type=StoreLocation(exists=False),
               help="The store to create or update, e.g. store.zarr or s3://bucket/prefix/store.zarr.")
 @video_options
@@ -192,9 +195,10 @@ def prepare(video, job, model, as_json, **flags):
                    "not followed are listed in the summary).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(videos, out, job, model, dtype, shards, rebuild, ray_address, executor, device, batch_size, revision,
-            follow_links, as_json, quiet, **flags):
-    """Cache the frozen towers' output for every video under --videos in the store --out.
+def extract(videos, media, out, job, model, dtype, shards, rebuild, ray_address, executor, device, batch_size,
+            revision, follow_links, as_json, quiet, **flags):
+    """Cache the frozen towers' output for every video under --videos (every video and image under
+    --media) in the store --out.
 
     The CPU stage (decode, sample, resize, patchify, log-mel) runs as Ray tasks, or in a pool of
     local processes for small runs (--executor); the vision and audio towers run in one actor per
@@ -208,14 +212,20 @@ def extract(videos, out, job, model, dtype, shards, rebuild, ray_address, execut
       qprep extract --videos clips/ --out clips.zarr --model ./Qwen2.5-Omni-3B
       qprep extract --videos clips/ --out clips.zarr --job seed-omni-100f
       qprep extract --videos clips/ --out clips.zarr --model Qwen/Qwen2.5-VL-7B-Instruct --ray-address auto
+      qprep extract --media photos_and_clips/ --out mixed.zarr --model ./Qwen2.5-VL-7B-Instruct
     """
+    import dataclasses
     import json
 
     from qprep.extraction.run import ExtractOptions, extract as run_extract, format_summary
 
+    if (videos is None) == (media is None):
+        raise click.UsageError("give one folder: --videos (videos alone) or --media (videos and images)")
     with _errors_to_exit_codes():
         preset = _preset(job)
         settings, model = preset.video_settings(**flags), _model(model, preset)
+        if media is not None:
+            videos, settings = media, dataclasses.replace(settings, kinds=("video", "image"))
         options = ExtractOptions(ray_address=ray_address, executor=executor, device=device, batch_size=batch_size,
                                  progress=not quiet, follow_links=follow_links)
         try:

@@ -1,7 +1,8 @@
-"""Finding the videos, naming them, and assigning each to its shard.
+"""Finding the media files, naming them, and assigning each to its shard.
 
-A video's id is its path relative to the videos directory without the extension (`clips/a.mp4` →
-`clips/a`), the form training data refers to videos by. Its shard is a stable hash of the relative
+A file's kind follows from its extension: videos (`--videos` takes only these), and with `--media`
+also images (`IMAGE_EXTENSIONS`). Its id is its path relative to the folder
+without the extension (`clips/a.mp4` → `clips/a`), the form training data refers to media by. Its shard is a stable hash of the relative
 path modulo the store's shard count, so adding a video touches one shard and nothing else.
 
 Links are followed where they lead inside the videos directory; links leading out of it only when
@@ -26,17 +27,21 @@ VIDEO_EXTENSIONS = frozenset({
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".wmv",
     ".3gp", ".ogv",
 })
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 HASH_BLOCK = 1 << 22
 
 
 @dataclass(frozen=True)
 class VideoFile:
+    """A media file found in the folder (a video unless `kind` says otherwise)."""
+
     id: str
     path: str  # relative, '/'-separated
     size: int
     mtime_ns: int
     shard: int
     bad_name: str = ""  # why the name cannot be recorded as it is: the file is recorded failed, never opened
+    kind: str = "video"  # settings.MEDIA_KINDS
 
 
 @dataclass
@@ -45,17 +50,19 @@ class Discovery:
     skipped: list[tuple[str, str]]  # (relative path, why it was not read)
 
 
-def discover(videos_dir: str | Path, shard_count: int, follow_links: bool = False) -> list[VideoFile]:
-    """Every video file under `videos_dir` (recursively, hidden entries skipped), sorted by id."""
-    return find_videos(videos_dir, shard_count, follow_links).videos
+def discover(videos_dir: str | Path, shard_count: int, follow_links: bool = False,
+             kinds: tuple[str, ...] = ("video",)) -> list[VideoFile]:
+    """Every media file of `kinds` under `videos_dir` (recursively, hidden entries skipped), sorted by id."""
+    return find_videos(videos_dir, shard_count, follow_links, kinds).videos
 
 
-def find_videos(videos_dir: str | Path, shard_count: int, follow_links: bool = False) -> Discovery:
-    """The videos under `videos_dir`, and what was passed over and why."""
+def find_videos(videos_dir: str | Path, shard_count: int, follow_links: bool = False,
+                kinds: tuple[str, ...] = ("video",)) -> Discovery:
+    """The media files of `kinds` under `videos_dir`, and what was passed over and why."""
     root = Path(videos_dir)
     if not root.is_dir():
-        raise SettingsError(f"--videos {root}: not a directory")
-    walk = _Walk(root, follow_links)
+        raise SettingsError(f"--{'videos' if kinds == ('video',) else 'media'} {root}: not a directory")
+    walk = _Walk(root, follow_links, kinds)
     found: dict[str, VideoFile] = {}
     for entry in walk.files():
         relative = Path(entry.path).relative_to(root).as_posix()
@@ -66,7 +73,8 @@ def find_videos(videos_dir: str | Path, shard_count: int, follow_links: bool = F
             continue
         shown, bad_name = _text_name(relative)
         video = VideoFile(id=str(PurePosixPath(shown).with_suffix("")), path=shown, size=stat.st_size,
-                          mtime_ns=stat.st_mtime_ns, shard=shard_of(shown, shard_count), bad_name=bad_name)
+                          mtime_ns=stat.st_mtime_ns, shard=shard_of(shown, shard_count), bad_name=bad_name,
+                          kind=media_kind(entry.name))
         other = found.get(video.id)
         if other is not None:
             raise SettingsError(f"{root}: {other.path} and {video.path} would share the id {video.id!r}; "
@@ -113,6 +121,12 @@ def is_video_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
 
 
+def media_kind(name: str) -> str | None:
+    """The kind of media a file name says it holds (its extension), or None."""
+    extension = os.path.splitext(name)[1].lower()
+    return "video" if extension in VIDEO_EXTENSIONS else "image" if extension in IMAGE_EXTENSIONS else None
+
+
 def _text_name(relative: str) -> tuple[str, str]:
     """(the name as text, why it is not faithful). Undecodable bytes come from the file system as
     lone surrogates, which no UTF-8 writer (Parquet, JSON files, terminals) takes."""
@@ -128,11 +142,15 @@ def _text_name(relative: str) -> tuple[str, str]:
 class _Walk:
     """A depth-first walk that follows links by the module's rules and records what it passes over."""
 
-    def __init__(self, root: Path, follow_links: bool):
+    def __init__(self, root: Path, follow_links: bool, kinds: tuple[str, ...] = ("video",)):
         self.root = root
         self.real_root = os.path.realpath(root)
         self.follow_links = follow_links
+        self.kinds = kinds
         self.skipped: list[tuple[str, str]] = []
+
+    def wanted(self, name: str) -> bool:
+        return media_kind(name) in self.kinds
 
     def files(self):
         # Each folder travels with the identities of the folders above it: a link to one of them
@@ -151,7 +169,7 @@ class _Walk:
                         self.skip(entry, "a link to a folder that holds it (a loop); not followed")
                     else:
                         stack.append((Path(entry.path), above | {identity}))
-                elif not is_video_name(entry.name):
+                elif not self.wanted(entry.name):
                     continue
                 elif kind == "file":
                     yield entry
@@ -183,7 +201,7 @@ class _Walk:
         target = os.path.realpath(entry.path)
         if Path(target).is_relative_to(self.real_root):
             return True
-        if os.path.isdir(target) or is_video_name(entry.name):
+        if os.path.isdir(target) or self.wanted(entry.name):
             self.skip(entry, f"a link to {_text_name(target)[0]}, outside the videos folder; "
                              "not followed (--follow-links follows it)")
         return False

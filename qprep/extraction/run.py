@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qprep.errors import StoreError
+from qprep.errors import SettingsError, StoreError
 from qprep.extraction.discover import find_videos
 from qprep.extraction.plan import Plan, make_plan
 from qprep.extraction.writer import ShardWriter
@@ -94,13 +94,15 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
         settings = dataclasses.replace(settings, audio=False)  # a VL model has no audio tower
     existing = Store.open(out) if Store.exists(out) and not rebuild else None
     if existing is None:
-        _start_workers_early(videos, shards, options)
+        _start_workers_early(videos, shards, options, settings.kinds)
     if dtype == "auto" and existing is not None:
         dtype = existing.attrs["dtype"]  # keep the store's dtype unless told otherwise
     dtype = resolve_dtype(dtype, checkpoint.dtype)
     digests = existing.read_json(WEIGHT_DIGESTS) if existing else {}
     spec_cache = existing.read_json(MODEL_SPEC) if existing else {}
     spec = _model_spec(model, checkpoint, spec_cache)
+    if settings.images and spec.image_pixels is None:
+        raise SettingsError(f"model {model}: no image processor bounds could be read, so images cannot be extracted")
     config = extraction_config(settings, spec, checkpoint.identity(digests), dtype, attn_implementation)
     new_fingerprint = fingerprint(config)
     if existing is not None:
@@ -113,7 +115,7 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
             store = Store.create(out, config=config, fingerprint=new_fingerprint, model=str(model),
                                  hidden_size=checkpoint.hidden_size, dtype=dtype,
                                  shard_count=shards or DEFAULT_SHARDS, has_audio=checkpoint.has_audio,
-                                 deepstack_levels=checkpoint.deepstack_levels)
+                                 deepstack_levels=checkpoint.deepstack_levels, images=settings.images)
         except StoreError:
             if not Store.exists(out):
                 raise
@@ -128,7 +130,7 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
         store.record_run(LastRun(str(Path(videos).resolve()), options.follow_links))
         manifest = store.manifest()
         store.collect_garbage(manifest)
-        found = find_videos(videos, store.shard_count, options.follow_links)
+        found = find_videos(videos, store.shard_count, options.follow_links, settings.kinds)
         plan = make_plan(found.videos, manifest, videos)
         summary = Summary(videos=plan.videos, up_to_date=plan.up_to_date, removed=plan.removed, touched=plan.touched,
                           skipped=found.skipped)
@@ -144,14 +146,15 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
     return summary
 
 
-def _start_workers_early(videos: str | Path, shards: int | None, options: ExtractOptions) -> None:
+def _start_workers_early(videos: str | Path, shards: int | None, options: ExtractOptions,
+                         kinds: tuple[str, ...]) -> None:
     """A new store extracts every video found. When they will be prepared in this machine's worker
     processes, start the workers' server now: its imports then overlap reading the model's processor
     files (measured on the 32 clips of bench/extract.py: about 5 s of a 25 s cold run). The folder is
     only counted here; the plan lists it again under the store's lock, where what it holds is settled."""
     from qprep.extraction.executors import choose, start_worker_server
 
-    count = len(find_videos(videos, shards or DEFAULT_SHARDS, options.follow_links).videos)
+    count = len(find_videos(videos, shards or DEFAULT_SHARDS, options.follow_links, kinds).videos)
     if count and choose(options.executor, options.ray_address, count) == "local":
         start_worker_server()
 
@@ -160,7 +163,8 @@ def _start_workers_early(videos: str | Path, shards: int | None, options: Extrac
 # 2: the frame size a checkpoint's own processor applies to video (Family.video_pixel_bounds).
 # 3: pixel bounds over the whole clip where the family's processor applies them so.
 # 4: audio featurized whole where the family's processor does so.
-SPEC_RULES = 4
+# 5: the image bounds of the checkpoint's processor (Family.image_pixel_bounds).
+SPEC_RULES = 5
 
 
 def _model_spec(model: str, checkpoint, cache: dict) -> ModelSpec:

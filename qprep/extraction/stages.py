@@ -57,7 +57,8 @@ def keep_freed_memory() -> None:
 
 
 def prepare_video(video: VideoFile, *, videos_dir: str, settings: VideoSettings, spec: ModelSpec) -> Prepared:
-    """Hash, probe, sample, decode, resize and patchify one video; featurize its audio."""
+    """Hash, probe, sample, decode, resize and patchify one video; featurize its audio. An image:
+    hash, read, resize and patchify it (`qprep.pipeline.image`)."""
     import torch
 
     from qprep.extraction.discover import content_hash
@@ -71,6 +72,9 @@ def prepare_video(video: VideoFile, *, videos_dir: str, settings: VideoSettings,
         if video.bad_name:  # recorded, never opened: its id could not name it faithfully
             raise FileNameError(video.path, video.bad_name)
         out.row.content_hash = content_hash(path)
+        if video.kind == "image":
+            _prepare_image(out, path, spec)
+            return out
         prepared = prepare(path, settings, spec, threads=1)
     except VideoError as exc:
         out.row.fail(exc.cause, exc.code)
@@ -86,6 +90,14 @@ def prepare_video(video: VideoFile, *, videos_dir: str, settings: VideoSettings,
             out.mel = prepared.mel_frames().numpy()
             out.windows = tuple(prepared.feature_attention_mask.sum(-1).tolist())
     return out
+
+
+def _prepare_image(out: Prepared, path: Path, spec: ModelSpec) -> None:
+    from qprep.pipeline.image import prepare_image
+
+    image = prepare_image(path, spec)
+    out.row.describe_image(image)
+    out.patches, out.grid = image.patches.numpy(), image.grid_thw
 
 
 class TowerStage:
@@ -151,11 +163,15 @@ class TowerStage:
         from qprep.schemas.dtypes import to_storage
 
         self.calls += 1
-        inputs = [VideoInput(torch.from_numpy(prepared[i].patches), prepared[i].grid) for i in rows]
-        for i, features in zip(rows, self.towers.video_features(inputs)):
-            out[i].tokens["video"] = to_storage(features.tokens)
-            if features.deepstack is not None:  # [levels, n, d] → the store's row order [n, levels, d]
-                out[i].tokens["deepstack"] = to_storage(features.deepstack.transpose(0, 1))
+        for kind, encode in (("video", self.towers.video_features), ("image", self.towers.image_features)):
+            of_kind = [i for i in rows if prepared[i].row.kind == kind]
+            if not of_kind:
+                continue
+            inputs = [VideoInput(torch.from_numpy(prepared[i].patches), prepared[i].grid) for i in of_kind]
+            for i, features in zip(of_kind, encode(inputs)):
+                out[i].tokens["video"] = to_storage(features.tokens)  # an image's tokens share the video arrays
+                if features.deepstack is not None:  # [levels, n, d] → the store's row order [n, levels, d]
+                    out[i].tokens["deepstack"] = to_storage(features.deepstack.transpose(0, 1))
         with_audio = [i for i in rows if prepared[i].windows]
         if with_audio and self.towers.audio_tower is not None:
             inputs = [AudioInput(torch.from_numpy(prepared[i].mel), prepared[i].windows) for i in with_audio]

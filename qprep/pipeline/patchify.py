@@ -36,9 +36,7 @@ MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses anything longer
 
 def target_size(path: str, height: int, width: int, num_frames: int, settings: VideoSettings, spec: ModelSpec) -> tuple[int, int]:
     """The (height, width) every frame is resized to."""
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise GeometryError(path, f"aspect ratio {max(height, width) / min(height, width):.1f} of a {width}x{height} "
-                                  f"frame exceeds the model's limit of {MAX_ASPECT_RATIO}")
+    check_aspect(path, height, width)
     factor = spec.factor
     if settings.size is not None:
         # qwen-vl-utils' `resized_height`/`resized_width`: rounded to the factor, its image bounds.
@@ -51,6 +49,12 @@ def target_size(path: str, height: int, width: int, num_frames: int, settings: V
         total_pixels = int(spec.max_video_tokens * factor * factor * 0.9)
         max_pixels = max(min(max_pixels, total_pixels * spec.temporal_patch_size // num_frames), int(min_pixels * 1.05))
     return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def check_aspect(path: str, height: int, width: int) -> None:
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise GeometryError(path, f"aspect ratio {max(height, width) / min(height, width):.1f} of a {width}x{height} "
+                                  f"picture exceeds the model's limit of {MAX_ASPECT_RATIO}")
 
 
 def _clip_size(height: int, width: int, num_frames: int, min_pixels: int, max_pixels: int,

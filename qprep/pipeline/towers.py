@@ -88,14 +88,21 @@ class Towers(torch.nn.Module):
         """Merged visual tokens [t·h·w/merge², d] of each video, on the CPU."""
         return [features.tokens for features in self.video_features(videos)]
 
-    @torch.inference_mode()
     def video_features(self, videos: list[VideoInput]) -> list[VideoFeatures]:
         """Merged tokens and (where the tower has them) deepstack levels of each video, on the CPU."""
+        return self._visual_features(self._features.get_video_features, videos)
+
+    def image_features(self, images: list[VideoInput]) -> list[VideoFeatures]:
+        """The same for images, through the model's own `get_image_features` (grid (1, h, w))."""
+        return self._visual_features(self._features.get_image_features, images)
+
+    @torch.inference_mode()
+    def _visual_features(self, method, videos: list[VideoInput]) -> list[VideoFeatures]:
         out: list[VideoFeatures] = []
         for group in _groups([v.patches.shape[0] for v in videos], self.budget.video_patches):
             pixels = torch.cat([normalize(videos[i].patches, self.spec) for i in group]).to(self.device_name)
             grid = torch.tensor([videos[i].grid_thw for i in group], dtype=torch.int64, device=self.device_name)
-            output = self._features.get_video_features(self, pixels, grid)
+            output = method(self, pixels, grid)
             levels = getattr(output, "deepstack_features", None) or []  # [level][video] → [n, d]
             for index, tokens in enumerate(output.pooler_output):
                 deepstack = torch.stack([level[index] for level in levels]).to("cpu") if levels else None

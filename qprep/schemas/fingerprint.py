@@ -24,7 +24,7 @@ def extraction_config(settings: VideoSettings, spec: ModelSpec, model: dict[str,
     return {
         "output_version": OUTPUT_VERSION,
         "settings": settings.to_dict(),
-        "preprocessor": spec.to_dict(),
+        "preprocessor": spec.to_dict(images=settings.images),
         "model": model,
         "dtype": dtype,
         "attn_implementation": attn_implementation,

@@ -35,6 +35,7 @@ class ManifestRow:
     # identity and change detection
     id: str = _column(pa.string(), nullable=False)  # relative path without its extension
     path: str = _column(pa.string(), nullable=False)  # relative to the videos directory, '/'-separated
+    kind: str = _column(pa.string(), nullable=False, default="video")  # "video" or "image" (settings.MEDIA_KINDS)
     size: int = _column(pa.int64(), nullable=False, default=0)
     mtime_ns: int = _column(pa.int64(), nullable=False, default=0)
     content_hash: str | None = _column(pa.string())  # sha256 of the file's bytes
@@ -92,6 +93,13 @@ class ManifestRow:
         self.status, self.error, self.error_code = FAILED, cause, code
         return self
 
+    def describe_image(self, image) -> ManifestRow:
+        """Record what the CPU stage learned about an image (`qprep.pipeline.image.PreparedImage`)."""
+        self.width, self.height = image.width, image.height
+        self.resized_width, self.resized_height = image.resized_width, image.resized_height
+        self.grid_thw, self.frame_count = [int(v) for v in image.grid_thw], 1
+        return self
+
     def describe(self, metadata: VideoMetadata, grid_thw: list[int], mel_length: int) -> ManifestRow:
         """Record what the CPU stage learned about the video."""
         for name in ("codec", "width", "height", "rotation", "duration", "frame_count", "sample_fps",
@@ -114,15 +122,16 @@ class ManifestRow:
 class VideoFileLike(Protocol):
     id: str
     path: str
+    kind: str
     size: int
     mtime_ns: int
     shard: int
 
 
 def new_row(video: VideoFileLike, fingerprint: str = "") -> ManifestRow:
-    """The row of a video file before anything was learned about it."""
-    return ManifestRow(id=video.id, path=video.path, size=video.size, mtime_ns=video.mtime_ns, shard=video.shard,
-                       fingerprint=fingerprint)
+    """The row of a media file before anything was learned about it."""
+    return ManifestRow(id=video.id, path=video.path, kind=video.kind, size=video.size, mtime_ns=video.mtime_ns,
+                       shard=video.shard, fingerprint=fingerprint)
 
 
 MANIFEST_SCHEMA = pa.schema([pa.field(f.name, f.metadata["arrow"], nullable=f.metadata["nullable"])
@@ -135,6 +144,21 @@ COLUMNS = tuple(MANIFEST_SCHEMA.names)
 def manifest_table(rows: list[ManifestRow]) -> pa.Table:
     """Rows as a table in the manifest schema."""
     return pa.Table.from_pylist([row.to_dict() for row in rows], schema=MANIFEST_SCHEMA)
+
+
+def conformed(table: pa.Table) -> pa.Table:
+    """A table as a shard's file holds it, in the current schema: a column added since that file was
+    written takes the value that means what the file meant (`kind`: every such row is a video)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ManifestRow)}
+    columns = [table.column(field.name) if field.name in table.column_names
+               else pa.array([defaults[field.name]] * table.num_rows, field.type) for field in MANIFEST_SCHEMA]
+    return pa.Table.from_arrays(columns, names=COLUMNS).cast(MANIFEST_SCHEMA)
+
+
+def count_by_kind(table: pa.Table, status: str = OK) -> dict[str, int]:
+    """Rows with `status`, by kind."""
+    kinds = table.filter(pc.equal(table.column("status"), status)).column("kind").to_pylist()
+    return {kind: kinds.count(kind) for kind in sorted(set(kinds))}
 
 
 def rows_of(table: pa.Table) -> list[ManifestRow]:

@@ -21,6 +21,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 LONG_AUDIO_POLICIES = ("window", "error")
+MEDIA_KINDS = ("video", "image")  # what a store can hold (`VideoSettings.kinds`)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class VideoSettings:
     size: tuple[int, int] | None = None
     audio: bool = True
     long_audio: str = "window"
+    # the kinds of media a run takes from its folder: videos alone (`--videos`), or also images (`--media`)
+    kinds: tuple[str, ...] = ("video",)
 
     def __post_init__(self) -> None:
         if self.num_frames is not None:
@@ -75,9 +78,19 @@ class VideoSettings:
             object.__setattr__(self, "size", size)
         if self.long_audio not in LONG_AUDIO_POLICIES:
             raise SettingsError(f"long_audio must be one of {LONG_AUDIO_POLICIES}, got {self.long_audio!r}")
+        kinds = tuple(sorted(set(self.kinds), key=MEDIA_KINDS.index)) if set(self.kinds) <= set(MEDIA_KINDS) else None
+        if not kinds or "video" not in kinds:
+            raise SettingsError(f"kinds must hold video and any of {MEDIA_KINDS[1:]}, got {self.kinds}")
+        object.__setattr__(self, "kinds", kinds)
+
+    @property
+    def images(self) -> bool:
+        return "image" in self.kinds
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values; `kinds` only where it is not the videos alone every store held before it
+        existed (their fingerprints stay what they were)."""
+        return _without_old_behaviour(dataclasses.asdict(self), {"kinds": ("video",)})
 
 
 @dataclass(frozen=True)
@@ -104,7 +117,7 @@ class AudioSpec:
 
 
 # ModelSpec fields (and AudioSpec's, under "audio"), and the value that means "as before"
-_ADDED_LATER = {"pixel_bounds_per_clip": False, "audio": {"whole_track": False}}
+_ADDED_LATER = {"pixel_bounds_per_clip": False, "audio": {"whole_track": False}, "image_pixels": None}
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,9 @@ class ModelSpec:
     # `size` does; False: each frame, as Qwen2VLVideoProcessor's.
     pixel_bounds_per_clip: bool = False
     audio: AudioSpec = field(default_factory=AudioSpec)
+    # (min, max) pixels of one image, as the checkpoint's processor resizes images (its image
+    # processor's bounds, which differ from the video ones in every release); None: not read
+    image_pixels: tuple[int, int] | None = None
 
     @property
     def factor(self) -> int:
@@ -135,10 +151,14 @@ class ModelSpec:
     def patch_dim(self) -> int:
         return 3 * self.temporal_patch_size * self.patch_size**2
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, images: bool = True) -> dict[str, Any]:
         """Plain values; a field added after stores existed is left out at its old behaviour's value,
-        so that the fingerprints of those stores stay what they were."""
-        return _without_old_behaviour(dataclasses.asdict(self), _ADDED_LATER)
+        so that the fingerprints of those stores stay what they were. Not `images`: without the image
+        bounds (a run that extracts no image: they change none of its bytes)."""
+        values = dataclasses.asdict(self)
+        if not images:
+            values["image_pixels"] = None
+        return _without_old_behaviour(values, _ADDED_LATER)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelSpec":
@@ -147,11 +167,14 @@ class ModelSpec:
         values["audio"] = AudioSpec(**values["audio"])
         for name in ("image_mean", "image_std"):
             values[name] = tuple(values[name])
+        if values.get("image_pixels") is not None:
+            values["image_pixels"] = tuple(values["image_pixels"])
         return cls(**values)
 
     @classmethod
     def from_processors(cls, video_processor, feature_extractor=None, pixel_bounds: tuple[int, int] | None = None,
-                        per_clip: bool = False, whole_track: bool = False) -> "ModelSpec":
+                        per_clip: bool = False, whole_track: bool = False,
+                        image_pixels: tuple[int, int] | None = None) -> "ModelSpec":
         """Read the values from transformers' processor objects (the single source of truth).
         `pixel_bounds`: (min, max) pixels where the model's processor overrides the video
         processor's own `size` (see `Family.video_pixel_bounds`); `per_clip`: they bound the whole
@@ -182,6 +205,7 @@ class ModelSpec:
             max_video_tokens=int(getattr(video_processor, "max_video_tokens", 128000)),
             pixel_bounds_per_clip=per_clip,
             audio=audio,
+            image_pixels=None if image_pixels is None else (int(image_pixels[0]), int(image_pixels[1])),
         )
 
 
@@ -247,7 +271,8 @@ def _spec_from_checkpoint(model: str) -> ModelSpec:
     return ModelSpec.from_processors(processor.video_processor, feature_extractor,
                                      pixel_bounds=checkpoint.family.video_pixel_bounds(processor),
                                      per_clip=checkpoint.family.pixel_bounds_per_clip,
-                                     whole_track=checkpoint.family.audio_whole_track)
+                                     whole_track=checkpoint.family.audio_whole_track,
+                                     image_pixels=checkpoint.family.image_pixel_bounds(processor))
 
 
 def _describes_audio(config: dict) -> bool:

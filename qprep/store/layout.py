@@ -37,13 +37,15 @@ import pyarrow.parquet as pq
 
 from qprep.errors import StoreError
 from qprep.schemas.dtypes import storage_dtype
-from qprep.schemas.manifest import MANIFEST_SCHEMA, ManifestRow, manifest_table, shard_keys
+from qprep.schemas.manifest import MANIFEST_SCHEMA, ManifestRow, conformed, manifest_table, shard_keys
 from qprep.store.fs import LocalFiles, RemoteFiles, files_at
 
 # 1: video (and audio) arrays. 2: also a deepstack array; written only by stores that have one, so
 # that a qprep reading version 1 alone refuses such a store rather than read it without its levels.
-SCHEMA_VERSION = 2
-READS = (1, 2)
+# 3: rows of other kinds than video (images; `ManifestRow.kind`), whose tokens share the video
+# arrays; written only by stores that take them, so a qprep that knows only videos refuses such a store.
+SCHEMA_VERSION = 3
+READS = (1, 2, 3)
 KINDS = ("video", "audio", "deepstack")
 # The manifest row's span (`ManifestRow.span`) that places a kind's rows; deepstack rows are the
 # video rows' twins. (A store without deepstack levels holds no such array: the layout of
@@ -87,7 +89,8 @@ class Store:
 
     @classmethod
     def create(cls, root: str | Path, *, config: dict, fingerprint: str, model: str, hidden_size: int,
-               dtype: str, shard_count: int, has_audio: bool, deepstack_levels: int = 0) -> "Store":
+               dtype: str, shard_count: int, has_audio: bool, deepstack_levels: int = 0,
+               images: bool = False) -> "Store":
         import zarr
 
         files = files_at(root)
@@ -95,7 +98,7 @@ class Store:
             # zarr's mode "w" would empty the directory: never point it at someone's files
             raise StoreError(f"{files.root} exists and is neither empty nor a qprep store; refusing to write there")
         attrs = {
-            "schema_version": SCHEMA_VERSION if deepstack_levels else 1,
+            "schema_version": 3 if images else 2 if deepstack_levels else 1,
             "fingerprint": fingerprint,
             "config": config,
             "model": model,
@@ -187,7 +190,7 @@ class Store:
         """All committed rows, in shard order."""
         found = self.files.read_many(list(self.shard_files().values()))
         # ParquetFile, not read_table: the latter imports pyarrow.dataset and pandas (0.3 s)
-        tables = [pq.ParquetFile(pa.BufferReader(data)).read().cast(MANIFEST_SCHEMA) for data in found.values()]
+        tables = [conformed(pq.ParquetFile(pa.BufferReader(data)).read()) for data in found.values()]
         return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
 
     # ---- writing a shard ------------------------------------------------------------------------

@@ -21,11 +21,12 @@ from qprep.store.layout import SPAN, Store
 
 
 @dataclass(frozen=True)
-class CachedVideo:
-    """One video's cached tower outputs and the facts that place them in time."""
+class CachedMedium:
+    """One medium's cached tower outputs and the facts that place them in time: a video (with its
+    audio), or an image (grid (1, h, w), no time)."""
 
     id: str
-    video_tokens: torch.Tensor  # [t·h·w/merge², hidden]
+    video_tokens: torch.Tensor  # the merged visual tokens [t·h·w/merge², hidden], an image's too
     audio_tokens: torch.Tensor | None  # [audio tokens, hidden], None without audio
     grid_thw: tuple[int, int, int]
     second_per_grid: float
@@ -33,6 +34,13 @@ class CachedVideo:
     mel_length: int
     row: ManifestRow
     deepstack: torch.Tensor | None = None  # [levels, t·h·w/merge², hidden], towers with deepstack levels
+
+    @property
+    def kind(self) -> str:
+        return self.row.kind
+
+
+CachedVideo = CachedMedium  # the name of the days when a store held videos alone
 
 
 class Cache:
@@ -88,15 +96,15 @@ class Cache:
             raise KeyError(f"{self.store.root}: no video with id {video_id!r}") from None
         return manifest.rows_of(self.manifest.slice(index, 1))[0]
 
-    def __getitem__(self, video_id: str) -> CachedVideo:
+    def __getitem__(self, video_id: str) -> CachedMedium:
         row = self._ok_row(video_id)
-        return CachedVideo(
+        return CachedMedium(
             id=video_id,
             video_tokens=self._tokens(row, "video"),
             audio_tokens=self._tokens(row, "audio") if row.has_audio else None,
             grid_thw=tuple(row.grid_thw),
             second_per_grid=row.second_per_grid,
-            frame_times=tuple(row.frame_times),
+            frame_times=tuple(row.frame_times or ()),
             mel_length=row.mel_length,
             row=row,
             deepstack=self.deepstack(video_id) if self.store.deepstack_levels else None,

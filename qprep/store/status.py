@@ -28,6 +28,7 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
         "shards": {"committed": len(store.shard_files()), "count": store.shard_count},
         "videos": {"ok": columns.count(manifest, OK), "failed": columns.count(manifest, FAILED), "pending": None,
                    "gone": None},
+        "kinds": columns.count_by_kind(manifest),  # entries extracted ok, by kind
         "tokens": {span: columns.token_rows(manifest, span) for span in columns.SPANS},
         "deepstack_levels": store.deepstack_levels,
         "token_bytes": _token_bytes(store, manifest),
@@ -38,7 +39,8 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
         "last_run": last_run.summary,
     }
     if videos and Path(videos).is_dir():
-        on_disk = discover(videos, store.shard_count, follow_links=last_run.follow_links)
+        kinds = tuple(store.attrs["config"]["settings"].get("kinds", ("video",)))
+        on_disk = discover(videos, store.shard_count, follow_links=last_run.follow_links, kinds=kinds)
         committed = {row.id: row for row in columns.rows_of(manifest)}
         report["videos"]["pending"] = sum(
             1 for video in on_disk
@@ -60,6 +62,8 @@ def format_status(report: dict) -> str:
         f"settings     {settings}",
         f"shards       {report['shards']['committed']} committed of {report['shards']['count']}",
         f"videos       {videos['ok']} ok, {videos['failed']} failed; pending: {pending}",
+        *([f"kinds        " + ", ".join(f"{count} {kind}s" for kind, count in report["kinds"].items())]
+          if set(report["kinds"]) - {"video"} else []),
         f"tokens       {tokens['video']} video, {tokens['audio']} audio",
         f"size         {report['bytes'] / 1e6:.1f} MB",
     ]

@@ -118,6 +118,14 @@ class Family:
         size = merged["videos_kwargs"].get("size") or processor.video_processor.size
         return int(size["shortest_edge"]), int(size["longest_edge"])
 
+    def image_pixel_bounds(self, processor) -> tuple[int, int]:
+        """(min, max) pixels of one image as the checkpoint's own processor resizes it when the caller
+        names none: its images kwargs' size where its class sets one, else its image processor's."""
+        merged = processor._merge_kwargs(getattr(processor, "valid_processor_kwargs", None),
+                                         tokenizer_init_kwargs=processor.tokenizer.init_kwargs)
+        size = merged["images_kwargs"].get("size") or processor.image_processor.size
+        return int(size["shortest_edge"]), int(size["longest_edge"])
+
     def placeholder_ids(self, tokenizer) -> PlaceholderIds:
         raise NotImplementedError
 

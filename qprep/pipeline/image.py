@@ -1,0 +1,60 @@
+"""The CPU stage of an image: one file in, the uint8 patches of one temporal patch out.
+
+What transformers' Qwen image processors do, operation for operation (tests/test_images.py holds it
+bit for bit against the checkpoint's own processor):
+
+* the file is read as transformers' `load_image` reads it: PIL, the EXIF orientation applied
+  (`ImageOps.exif_transpose`: a phone photo taken upright is upright), converted to RGB. Any format
+  PIL reads (JPEG, PNG, WebP, BMP, TIFF; a GIF's first frame). qwen-vl-utils' `fetch_image` does
+  not apply the orientation, so a rotated photo reaches the model turned there;
+* its size is `smart_resize` within the image processor's own bounds (`ModelSpec.image_pixels`),
+  resized with the same torchvision call as the video frames (bicubic, antialias, on uint8);
+* the one frame fills a whole temporal patch (`temporal_patch_size` copies, as the processor tiles
+  it), grid (1, h, w); normalization waits for the tower, as for video.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qprep.errors import SettingsError, UnreadableFileError
+from qprep.pipeline.patchify import check_aspect, frame_to_tensor, patchify, resize, smart_resize
+from qprep.schemas.settings import ModelSpec, VideoSettings
+
+@dataclass(frozen=True)
+class PreparedImage:
+    patches: torch.Tensor  # uint8 [grid_h·grid_w, 3·tps·ps·ps]
+    grid_thw: tuple[int, int, int]  # (1, grid_h, grid_w)
+    width: int  # upright, before resizing
+    height: int
+    resized_width: int
+    resized_height: int
+
+
+def prepare_image(path: str | Path, spec: ModelSpec) -> PreparedImage:
+    """Read, orient, resize and patchify one image as the checkpoint's image processor does."""
+    if spec.image_pixels is None:
+        raise SettingsError("this model spec holds no image bounds (read it from a checkpoint to extract images)")
+    rgb = load_upright(path)
+    height, width = rgb.shape[:2]
+    check_aspect(str(path), height, width)
+    size = smart_resize(height, width, factor=spec.factor, min_pixels=spec.image_pixels[0],
+                        max_pixels=spec.image_pixels[1])
+    picture = resize(frame_to_tensor(rgb, 0), size, VideoSettings())
+    patches, grid = patchify(picture[None], spec)
+    return PreparedImage(patches, grid, width, height, resized_width=size[1], resized_height=size[0])
+
+
+def load_upright(path: str | Path):
+    """The image as an HxWx3 uint8 array, turned by its EXIF orientation, as `load_image` reads it."""
+    import numpy as np
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.array(ImageOps.exif_transpose(image).convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnreadableFileError(path, f"cannot read it as an image: {exc}") from None

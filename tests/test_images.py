@@ -1,0 +1,163 @@
+"""Images in the store: read as transformers' `load_image` reads them (EXIF orientation applied),
+pixels and grid bitwise equal to the checkpoint's own processor, tokens (and deepstack levels)
+bitwise equal to the full model's `get_image_features`, through `qprep extract --media`.
+
+References: `AutoProcessor.from_pretrained(checkpoint)` called on `transformers.image_utils.load_image`
+of the file, and the full model class loaded with `from_pretrained` (tests/reference.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+from transformers.image_utils import load_image
+
+from qprep.pipeline.image import prepare_image
+from qprep.pipeline.patchify import normalize
+from qprep.schemas.settings import load_model_spec
+from reference import full_model, kinds_and_layouts
+from conftest import LOCAL_EXTRACT
+
+FAMILIES = ["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen3_omni_moe"]
+EXIF_ORIENTATION = 0x0112
+
+
+def make_image(path, width, height, seed=0, orientation=None, **save):
+    """A picture of noise and a bright corner (so a wrong turn shows), saved by PIL."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 200, (height, width, 3), dtype=np.uint8)
+    pixels[: height // 4, : width // 4] = 255
+    image = Image.fromarray(pixels)
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = orientation
+        save["exif"] = exif
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **save)
+    return path
+
+
+def processor_pixels(model_dir, path):
+    processor = AutoProcessor.from_pretrained(model_dir)
+    token = getattr(processor, "image_token", None) or "<|image_pad|>"
+    return processor(text=[token], images=[load_image(str(path))], return_tensors="pt")
+
+
+@pytest.mark.parametrize(("kind", "layout"), kinds_and_layouts(FAMILIES))
+def test_image_pixels_and_grid_equal_the_checkpoints_processor(tiny_model, tmp_path, kind, layout):
+    model_dir = tiny_model(kind, layout)
+    spec = load_model_spec(model_dir)
+    for name, width, height, save in (("photo.jpg", 417, 300, {"quality": 90}), ("tall.png", 90, 260, {}),
+                                      ("small.webp", 40, 30, {}), ("frame.bmp", 128, 72, {})):
+        path = make_image(tmp_path / name, width, height)
+        ours = prepare_image(path, spec)
+        reference = processor_pixels(model_dir, path)
+        assert list(ours.grid_thw) == reference["image_grid_thw"][0].tolist(), name
+        assert torch.equal(normalize(ours.patches, spec), reference["pixel_values"]), name
+
+
+def test_the_exif_orientation_is_applied_as_load_image_applies_it(tiny_model, tmp_path):
+    """A photo stored sideways with orientation 6 (turn 90° clockwise to show it): qprep reads it
+    upright, as transformers' `load_image` does (qwen-vl-utils' `fetch_image` would not turn it)."""
+    model_dir = tiny_model("qwen2_5_vl")
+    spec = load_model_spec(model_dir)
+    turned = make_image(tmp_path / "turned.jpg", 320, 180, orientation=6, quality=95)
+    ours = prepare_image(turned, spec)
+    assert (ours.width, ours.height) == (180, 320)  # upright: as shown, not as stored
+    reference = processor_pixels(model_dir, turned)
+    assert torch.equal(normalize(ours.patches, spec), reference["pixel_values"])
+    plain = make_image(tmp_path / "plain.jpg", 320, 180, quality=95)
+    assert list(prepare_image(plain, spec).grid_thw) != list(ours.grid_thw)
+
+
+def test_an_unreadable_image_is_an_error_naming_the_file(tiny_model, tmp_path):
+    from qprep.errors import UnreadableFileError
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(UnreadableFileError, match="broken.png: cannot read it as an image"):
+        prepare_image(broken, load_model_spec(tiny_model("qwen2_5_vl")))
+
+
+@pytest.fixture(scope="module")
+def media_folder(tmp_path_factory, videos):
+    """Two videos, three images (one turned by EXIF, one GIF) and a broken image."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("media")
+    shutil.copy(videos("media-a.mp4", width=112, height=84, fps=25, seconds=2), root / "a.mp4")
+    make_image(root / "photos" / "cat.jpg", 200, 150, seed=1, quality=90)
+    make_image(root / "photos" / "turned.jpg", 160, 96, seed=2, orientation=6, quality=90)
+    make_image(root / "anim.gif", 64, 48, seed=3)
+    (root / "photos" / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen3_vl", "qwen3_omni_moe"])
+def test_extract_media_caches_images_with_the_full_models_image_features(media_folder, tiny_model, tmp_path, kind):
+    from qprep import open_cache
+    from qprep.extraction.run import ExtractOptions, extract
+    from qprep.schemas.settings import VideoSettings
+    from qprep.store.status import store_status
+
+    model_dir = tiny_model(kind, "released")
+    settings = VideoSettings(fps=2, kinds=("video", "image"))
+    summary = extract(media_folder, tmp_path / "store.zarr", model_dir, settings, dtype="float32", shards=2,
+                      options=ExtractOptions(**LOCAL_EXTRACT))
+    assert (summary.extracted, summary.failed) == (4, 1)
+    cache = open_cache(tmp_path / "store.zarr")
+    assert {i: cache.row(i).kind for i in cache.ids()} == {"a": "video", "anim": "image", "photos/cat": "image",
+                                                           "photos/turned": "image"}
+    assert cache.row("photos/broken").error_code == "unreadable"
+    assert store_status(tmp_path / "store.zarr")["kinds"] == {"image": 3, "video": 1}
+    full = full_model(model_dir)
+    for image_id in ("anim", "photos/cat", "photos/turned"):
+        cached = cache[image_id]
+        reference = processor_pixels(model_dir, media_folder / cache.row(image_id).path)
+        assert list(cached.grid_thw) == reference["image_grid_thw"][0].tolist()
+        with torch.no_grad():
+            output = full.get_image_features(reference["pixel_values"], reference["image_grid_thw"])
+        assert torch.equal(cached.video_tokens, output.pooler_output[0]), image_id
+        levels = getattr(output, "deepstack_features", None)
+        assert (cached.deepstack is None) == (not levels)
+        for level, features in enumerate(levels or ()):
+            assert torch.equal(cached.deepstack[level], features[0] if isinstance(features, (list, tuple)) else features)
+    again = extract(media_folder, tmp_path / "store.zarr", model_dir, settings, dtype="float32",
+                    options=ExtractOptions(**LOCAL_EXTRACT))
+    assert (again.up_to_date, again.extracted, again.failed) == (4, 0, 1)  # the broken image is tried again alone
+
+
+def test_videos_alone_keep_their_store_and_fingerprint_and_a_media_run_is_told_apart(media_folder, tiny_model,
+                                                                                       tmp_path):
+    """`--videos` on a folder with images takes the videos alone, with the config (and so the
+    fingerprint) stores had before images existed; the same store refuses a `--media` run, naming why."""
+    from qprep.errors import StoreError
+    from qprep.extraction.run import ExtractOptions, extract
+    from qprep.schemas.fingerprint import extraction_config
+    from qprep.schemas.settings import VideoSettings
+
+    model_dir = tiny_model("qwen2_5_vl")
+    summary = extract(media_folder, tmp_path / "store.zarr", model_dir, VideoSettings(fps=2), dtype="float32",
+                      shards=1, options=ExtractOptions(**LOCAL_EXTRACT))
+    assert (summary.extracted, summary.failed) == (1, 0)
+    spec = load_model_spec(model_dir)
+    config = extraction_config(VideoSettings(fps=2), spec, {}, "float32", "sdpa")
+    assert "kinds" not in config["settings"] and "image_pixels" not in config["preprocessor"]
+    with pytest.raises(StoreError, match="settings.kinds"):
+        extract(media_folder, tmp_path / "store.zarr", model_dir, VideoSettings(fps=2, kinds=("video", "image")),
+                dtype="float32", options=ExtractOptions(**LOCAL_EXTRACT))
+
+
+def test_a_manifest_written_before_kinds_existed_reads_as_videos():
+    import pyarrow as pa
+
+    from qprep.schemas.manifest import COLUMNS, conformed, rows_of
+
+    old = pa.table({"id": ["a"], "path": ["a.mp4"], "size": [3], "mtime_ns": [1], "shard": [0], "shard_key": ["k"],
+                    "fingerprint": ["f"], "status": ["ok"]})
+    table = conformed(old)
+    assert table.column_names == list(COLUMNS)
+    assert rows_of(table)[0].kind == "video"

@@ -71,6 +71,27 @@ def tiny_model(tmp_path_factory):
     return get
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def make_image(path, width, height, seed=0, orientation=None, **save):
+    """A picture of noise and a bright corner (so a wrong turn shows), saved by PIL."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 200, (height, width, 3), dtype=np.uint8)
+    pixels[: height // 4, : width // 4] = 255
+    image = Image.fromarray(pixels)
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = orientation
+        save["exif"] = exif
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **save)
+    return path
+
+
 # The stores the tests of training, verify, infer and the reader start from are extracted in
 # process (no Ray: the same bytes, tests/test_executors.py); the tests of Ray itself request ray_cluster.
 LOCAL_EXTRACT = {"progress": False, "executor": "local"}
@@ -195,3 +216,29 @@ def qwen3_omni_store(tiny_model, tmp_path_factory):
 def qwen3_vl_store(qwen3_store):
     """(model dir, open cache) of the Qwen3-VL store of `qwen3_store`."""
     return qwen3_store("qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def media_store(tiny_model, tmp_path_factory):
+    """`media_store(kind)` → (model dir, open cache) of a float32 store of a released tiny checkpoint
+    extracted with `--media`: video a (2 s, with audio where the model takes it), images photos/cat
+    (200x150 JPEG) and photos/turned (a 160x96 JPEG turned by EXIF orientation 6). Built once per kind."""
+    from qprep import open_cache
+    from qprep.extraction.run import ExtractOptions, extract
+    from qprep.schemas.settings import VideoSettings
+
+    made: dict[str, tuple] = {}
+
+    def get(kind: str):
+        if kind not in made:
+            root = tmp_path_factory.mktemp(f"{kind}-media")
+            make_video(root / "videos" / "a.mp4", VideoSpec(width=112, height=84, fps=25, seconds=2))
+            make_image(root / "videos" / "photos" / "cat.jpg", 200, 150, seed=1, quality=90)
+            make_image(root / "videos" / "photos" / "turned.jpg", 160, 96, seed=2, orientation=6, quality=90)
+            model_dir = str(tiny_model(kind, "released"))
+            extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2, kinds=("video", "image")),
+                    dtype="float32", shards=1, options=ExtractOptions(**LOCAL_EXTRACT))
+            made[kind] = model_dir, open_cache(root / "store.zarr")
+        return made[kind]
+
+    return get

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoProcessor
 from transformers.image_utils import load_image
 
@@ -19,25 +18,9 @@ from qprep.pipeline.image import prepare_image
 from qprep.pipeline.patchify import normalize
 from qprep.schemas.settings import load_model_spec
 from reference import full_model, kinds_and_layouts
-from conftest import LOCAL_EXTRACT
+from conftest import LOCAL_EXTRACT, make_image
 
 FAMILIES = ["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen3_omni_moe"]
-EXIF_ORIENTATION = 0x0112
-
-
-def make_image(path, width, height, seed=0, orientation=None, **save):
-    """A picture of noise and a bright corner (so a wrong turn shows), saved by PIL."""
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 200, (height, width, 3), dtype=np.uint8)
-    pixels[: height // 4, : width // 4] = 255
-    image = Image.fromarray(pixels)
-    if orientation is not None:
-        exif = Image.Exif()
-        exif[EXIF_ORIENTATION] = orientation
-        save["exif"] = exif
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, **save)
-    return path
 
 
 def processor_pixels(model_dir, path):
@@ -161,3 +144,16 @@ def test_a_manifest_written_before_kinds_existed_reads_as_videos():
     table = conformed(old)
     assert table.column_names == list(COLUMNS)
     assert rows_of(table)[0].kind == "video"
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_omni_moe"])
+def test_verify_recomputes_images_with_transformers_and_finds_them_equal(media_store, kind):
+    from qprep.audit.verify import verify
+
+    _, cache = media_store(kind)
+    report = verify(cache.store.root, sample=None, progress=False)
+    checked = {result.id: result for result in report.results}
+    assert {"photos/cat", "photos/turned", "a"} <= set(checked)
+    for result in checked.values():
+        assert result.ok, [(c.name, c.detail) for c in result.failed()]
+    assert {c.name for c in checked["photos/cat"].checks} >= {"grid_thw", "video_tokens"}

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor
+from transformers.image_utils import load_image
 from transformers.video_utils import VideoMetadata
 
 from qprep.models.checkpoint import open_checkpoint
@@ -75,40 +76,50 @@ def dataset_of(cache, model_dir, tmp_path, kind):
     return checkpoint, tokenizer, layout, {s.id: s for s in dataset.samples}
 
 
-def processor_batch(model_dir, cache, kind, names, answered: bool = True):
-    """The checkpoint's processor on the conversations `names`, padded as one batch, with every video
-    plainly decoded at the frames the store sampled (and its whole audio track, for Omni). Not
-    `answered`: the prompts up to the assistant's turn, opened (as one calls `generate`)."""
+def processor_batch(model_dir, cache, kind, names, answered: bool = True, records=None, contents=None):
+    """The checkpoint's processor on the conversations `names` (of `records`, their user turns as
+    `contents`; default this module's), padded as one batch, with every video plainly decoded at the
+    frames the store sampled (and its whole audio track, for Omni) and every image read by
+    transformers' `load_image`. Not `answered`: the prompts up to the assistant's turn, opened (as
+    one calls `generate`)."""
+    records, contents = records or records_for(kind), contents or MESSAGES
     processor = AutoProcessor.from_pretrained(model_dir)
     spec = load_model_spec(model_dir)
-    media = [medium for name in names for medium in next(r for r in records_for(kind) if r["id"] == name).get("media", [name])]
+    media = [medium for name in names for medium in _record(records, name).get("media", [name])]
     rows = [cache.row(medium) for medium in media]
+    videos = [row for row in rows if row.kind == "video"]
+    images = [row for row in rows if row.kind == "image"]
     folder = cache.store.root.parent / "videos"
-    answer = [{"role": "assistant", "content": [{"type": "text", "text": _answer(name)}]} for name in names]
-    texts = [processor.apply_chat_template([{"role": "user", "content": MESSAGES[name]}] + answer[i:i + 1] * answered,
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": _answer(name, records)}]} for name in names]
+    texts = [processor.apply_chat_template([{"role": "user", "content": contents[name]}] + answer[i:i + 1] * answered,
                                            tokenize=False, add_generation_prompt=not answered)
              for i, name in enumerate(names)]
     # right-padded, as qprep's batches (and the training stacks') are: the Omni processors pad left by default
     kwargs = dict(text=texts, padding=True, padding_side="right", return_tensors="pt")
-    if rows:
-        frames = [np.stack([plain_decode(folder / row.path)[0][i] for i in row.frame_indices]) for row in rows]
+    if images:
+        kwargs["images"] = [load_image(str(folder / row.path)) for row in images]
+    if videos:
+        frames = [np.stack([plain_decode(folder / row.path)[0][i] for i in row.frame_indices]) for row in videos]
         if kind in QWEN3:  # the true metadata: the time stamps come from it
-            metadata = [true_metadata(folder / row.path, row.frame_indices) for row in rows]
+            metadata = [true_metadata(folder / row.path, row.frame_indices) for row in videos]
         else:
             metadata = [VideoMetadata(total_num_frames=len(f), fps=row.sample_fps, frames_indices=list(range(len(f))))
-                        for f, row in zip(frames, rows)]
+                        for f, row in zip(frames, videos)]
+        # the frame size for videos alone (images keep their processor's own bounds)
         kwargs.update(videos=frames, video_metadata=metadata, do_sample_frames=False,
-                      size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels})
-    omni = kind in OMNI and bool(rows) and all(row.audio_length for row in rows)
+                      videos_kwargs={"size": {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}})
+    omni = kind in OMNI and bool(videos) and all(row.audio_length for row in videos)
     if omni:
-        kwargs.update(audio=[plain_audio_decode(folder / row.path) for row in rows], load_audio_from_video=True,
-                      audio_from_video_indices=list(range(len(rows))))
-    if type(processor).__name__ == "Qwen3OmniMoeProcessor" and rows:
-        assert len({row.sample_fps for row in rows}) == 1  # it takes one fps for all videos of a call
-        kwargs["fps"] = rows[0].sample_fps
+        kwargs.update(audio=[plain_audio_decode(folder / row.path) for row in videos], load_audio_from_video=True,
+                      audio_from_video_indices=list(range(len(videos))))
+    if type(processor).__name__ == "Qwen3OmniMoeProcessor" and videos:
+        assert len({row.sample_fps for row in videos}) == 1  # it takes one fps for all videos of a call
+        kwargs["fps"] = videos[0].sample_fps
     inputs = processor(**kwargs)
-    if rows:
-        assert inputs["video_grid_thw"].tolist() == [row.grid_thw for row in rows]
+    if videos:
+        assert inputs["video_grid_thw"].tolist() == [row.grid_thw for row in videos]
+    if images:
+        assert inputs["image_grid_thw"].tolist() == [row.grid_thw for row in images]
     model_kwargs = {"use_audio_in_video": True} if omni else {}
     if kind in QWEN3:
         model_kwargs["mm_token_type_ids"] = inputs.pop("mm_token_type_ids")
@@ -119,8 +130,12 @@ def processor_batch(model_dir, cache, kind, names, answered: bool = True):
     return inputs, model_kwargs, labels
 
 
-def _answer(name) -> str:
-    return next(r for r in RECORDS if r["id"] == name)["conversations"][1]["value"]
+def _record(records, name) -> dict:
+    return next(r for r in records if r.get("id") == name)
+
+
+def _answer(name, records=RECORDS) -> str:
+    return _record(records, name)["conversations"][1]["value"]
 
 
 def _row_labels(ids, mask, processor):
@@ -161,7 +176,7 @@ def test_a_packed_row_mixing_them_gives_each_sample_its_logits_alone(request, ki
     model = LanguageModel(checkpoint).eval()
     per_sample = LanguageModel(checkpoint, packing=True).eval()
     packed = collate_packed(chosen, cache, layout)
-    assert packed.media_counts == (2, 0, 2, 1)
+    assert packed.media_kinds == (("video", "video"), (), ("video", "video"), ("video",))
     with torch.no_grad():
         _, logits = per_sample(packed)
         start = 0
@@ -200,7 +215,7 @@ def test_media_marks_and_records_that_cannot_be_used_are_reported(omni_store, qw
                             checkpoint.family.prompt_layout(checkpoint, tokenizer))
     assert [s.id for s in dataset.samples] == ["#3"]
     reasons = {ids[0]: reason for reason, ids in dataset.skipped.items()}
-    assert "1 <video> marks for" not in reasons["too-many-marks"] and "2 <video> marks for 1 media" in reasons["too-many-marks"]
+    assert "2 <video>/<image> marks for 1 media" in reasons["too-many-marks"]
     assert reasons["missing"] == "video not in the cache"
     assert "use_audio_in_video" in reasons["sound-and-silence"]
 

@@ -78,6 +78,13 @@ class ReferenceVideo:
     audio_note: str  # why there is no audio, when there is none
 
 
+@dataclass
+class ReferenceImage:
+    grid_thw: tuple[int, int, int]
+    tokens: torch.Tensor  # float32, on the CPU
+    deepstack: torch.Tensor | None  # float32 [levels, tokens, hidden], towers with deepstack levels
+
+
 def frame_plan(total_frames: int, video_fps: float, settings: dict, factor: int) -> FramePlan:
     """qwen-vl-utils' frame choice for a stream of `total_frames` at `video_fps` (raises ValueError
     where it refuses the video)."""
@@ -160,6 +167,20 @@ class Reference:
                               video_tokens=video.float().cpu(), deepstack=deepstack, audio_tokens=audio,
                               mel_length=mel_length,
                               audio_note=note)
+
+    @torch.inference_mode()
+    def compute_image(self, path: str | Path) -> ReferenceImage:
+        """What the cache holds for one image, recomputed: transformers' `load_image` (EXIF orientation
+        applied), the checkpoint's processor with its own image bounds, `get_image_features`."""
+        from transformers.image_utils import load_image
+
+        token = getattr(self.processor, "image_token", None) or "<|image_pad|>"
+        out = self.processor(text=[token], images=[load_image(str(path))], return_tensors="pt")
+        grid = out["image_grid_thw"]
+        output = self.model.get_image_features(out["pixel_values"].to(self.device, self.dtype), grid.to(self.device))
+        levels = getattr(output, "deepstack_features", None)
+        deepstack = torch.stack([level[0] for level in levels]).float().cpu() if levels else None
+        return ReferenceImage(tuple(grid[0].tolist()), output.pooler_output[0].float().cpu(), deepstack)
 
     def _pixels(self, frames: Iterator[np.ndarray], count: int, settings: dict) -> tuple[torch.Tensor, tuple]:
         processor = self.video_processor

@@ -160,11 +160,22 @@ def check_video(cache, video_id: str, videos_dir: Path, reference, settings: dic
     if not checks[0].ok:
         return VideoResult(video_id, checks)
     try:
+        if cached.kind == "image":
+            return VideoResult(video_id, checks + compare_image(cached, reference.compute_image(path), tolerance))
         recomputed = reference.compute(path, list(cached.row.frame_indices), settings)
     except (av.error.FFmpegError, ValueError, OSError) as exc:
         checks.append(Check("reference", False, f"cannot recompute {path}: {exc}"))
         return VideoResult(video_id, checks)
     return VideoResult(video_id, checks + compare(cached, recomputed, tolerance))
+
+
+def compare_image(cached, recomputed, tolerance: float) -> list[Check]:
+    """Every check of one image (a `CachedMedium` against a `ReferenceImage`)."""
+    checks = [_equal("grid_thw", tuple(cached.grid_thw), tuple(recomputed.grid_thw)),
+              token_check("video_tokens", cached.video_tokens, recomputed.tokens, tolerance)]
+    if cached.deepstack is not None or recomputed.deepstack is not None:
+        checks.append(_deepstack_check(cached.deepstack, recomputed.deepstack, tolerance))
+    return checks
 
 
 def compare(cached, recomputed, tolerance: float) -> list[Check]:

@@ -18,6 +18,8 @@ cache, too long) is reported with its reason before training starts, never in th
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,8 @@ from qprep.errors import SettingsError
 from qprep.models.families import PromptLayout
 from qprep.schemas.manifest import ManifestRow
 
-VIDEO_MARK = "<video>"
+VIDEO_MARK, IMAGE_MARK = "<video>", "<image>"
+MARKS = re.compile(f"{re.escape(VIDEO_MARK)}|{re.escape(IMAGE_MARK)}")
 ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
 IGNORE = -100
 
@@ -96,9 +99,12 @@ def record_media(record: dict) -> tuple[str, ...]:
     return (str(record["id"]),) if media is None else tuple(media)
 
 
-def messages(conversations: list[dict], media: int = 1) -> list[dict]:
-    """LongVALE turns → chat-template messages, with `media` videos where `<video>` marks them (the
-    unmarked ones, in order, at the start of the first user turn)."""
+def messages(conversations: list[dict], media: int | Sequence[str] = 1) -> list[dict]:
+    """LongVALE turns → chat-template messages, with the media (their kinds in order, or a count of
+    videos) where `<video>` / `<image>` marks them, the unmarked ones, in order, at the start of the
+    first user turn. A mark stands for the next medium whatever its kind (LLaVA-Video writes
+    `<image>` for a video): the cached entry's kind decides its placeholder."""
+    kinds = ["video"] * media if isinstance(media, int) else list(media)
     out: list[dict] = []
     for turn in conversations:
         role = ROLES.get(turn.get("from"))
@@ -108,24 +114,25 @@ def messages(conversations: list[dict], media: int = 1) -> list[dict]:
     users = [m for m in out if m["role"] == "user"]
     if not users:
         raise SettingsError("a conversation needs a human turn")
-    marks = sum(m["content"][0]["text"].count(VIDEO_MARK) for m in users)
-    if marks > media:
-        raise SettingsError(f"{marks} {VIDEO_MARK} marks for {media} media")
+    marks = sum(len(MARKS.findall(m["content"][0]["text"])) for m in users)
+    if marks > len(kinds):
+        raise SettingsError(f"{marks} {VIDEO_MARK}/{IMAGE_MARK} marks for {len(kinds)} media")
+    unmarked, marked = kinds[: len(kinds) - marks], iter(kinds[len(kinds) - marks:])
     for m in users:
-        m["content"] = _placed(m["content"][0]["text"], unmarked=media - marks if m is users[0] else 0)
+        m["content"] = _placed(m["content"][0]["text"], unmarked if m is users[0] else [], marked)
     return out
 
 
-def _placed(text: str, unmarked: int) -> list[dict]:
-    """A user turn's content: `unmarked` videos first, then its text with a video at each mark."""
-    content: list[dict] = [{"type": "video"}] * unmarked
-    pieces = text.split(VIDEO_MARK)
-    for index, piece in enumerate(pieces):
+def _placed(text: str, unmarked: list[str], marked) -> list[dict]:
+    """A user turn's content: the `unmarked` media first, then its text with the next of `marked` at
+    each mark."""
+    content: list[dict] = [{"type": kind} for kind in unmarked]
+    for index, piece in enumerate(MARKS.split(text)):
         if index:
-            content.append({"type": "video"})
+            content.append({"type": next(marked)})
         if piece.strip():
             content.append({"type": "text", "text": piece.strip()})
-    return [dict(c) for c in content] or [{"type": "text", "text": ""}]
+    return content or [{"type": "text", "text": ""}]
 
 
 def tokenize(conversation: list[dict], tokenizer, turn_end: int) -> tuple[list[int], list[int]]:
@@ -159,12 +166,13 @@ def build_dataset(records: list[dict], cache, tokenizer, layout: PromptLayout, *
         if reason:
             dataset.skipped.setdefault(reason, []).append(name)
             continue
+        rows = [cache.row(medium) for medium in media]
         try:
-            text_ids, labels = tokenize(messages(record["conversations"], len(media)), tokenizer, layout.turn_end_id)
+            text_ids, labels = tokenize(messages(record["conversations"], [row.kind for row in rows]), tokenizer,
+                                        layout.turn_end_id)
         except SettingsError as exc:
             dataset.skipped.setdefault(f"bad conversation: {exc}", []).append(name)
             continue
-        rows = [cache.row(medium) for medium in media]
         input_ids, labels, blocks_end = with_media_blocks(text_ids, labels, rows, layout)
         if max_length is not None and len(input_ids) > max_length:
             reason = _over_length(blocks_end, labels, max_length, cut)
@@ -186,7 +194,8 @@ def unusable_media(media: tuple[str, ...], cache, ok: set[str], audio: bool) -> 
             return "video not in the cache"
         if medium not in ok:
             return "video failed extraction"
-    if audio and len({cache.row(medium).has_audio for medium in media}) > 1:
+    videos = [cache.row(medium) for medium in media if cache.row(medium).kind == "video"]
+    if audio and len({row.has_audio for row in videos}) > 1:
         # the model positions a sample's videos with one use_audio_in_video flag (so does its processor)
         return "videos with and without audio in one sample (the model takes one use_audio_in_video flag)"
     return None
@@ -198,14 +207,17 @@ def with_media_blocks(text_ids: list[int], labels: list[int], rows: list[Manifes
     cached medium's block (the family's `video_block`), which the labels ignore: (input ids, labels,
     where the last block ends)."""
     ids, out_labels, blocks_end = list(text_ids), list(labels), 0
+    placeholders = {layout.ids.video, layout.ids.image}
     for index, row in enumerate(rows):
-        at = ids.index(layout.ids.video, blocks_end)
-        block = layout.video_block(row, start=layout.block_start(ids[: at - 1], rows[:index]))
+        at = next((i for i in range(blocks_end, len(ids)) if ids[i] in placeholders), None)
+        if at is None or ids[at] != layout.placeholder(row.kind):
+            raise ValueError(f"the prompt's placeholder {index} does not stand for a {row.kind} ({row.id})")
+        block = layout.block(row, start=layout.block_start(ids[: at - 1], rows[:index]))
         ids[at - 1: at + 2] = block
         out_labels[at - 1: at + 2] = [IGNORE] * len(block)
         blocks_end = at - 1 + len(block)
-    if layout.ids.video in ids[blocks_end:]:
-        raise ValueError(f"the prompt has more video placeholders than the {len(rows)} media given")
+    if placeholders & set(ids[blocks_end:]):
+        raise ValueError(f"the prompt has more media placeholders than the {len(rows)} media given")
     return ids, out_labels, blocks_end
 
 
@@ -258,21 +270,26 @@ def collate_packed(samples: list[Sample], cache, layout: PromptLayout):
 
 def _media(samples: list[Sample], cache, layout: PromptLayout) -> dict:
     """The batch's cached tokens, concatenated in placeholder order, and what places them in time
-    (None where the batch has no video: text-only samples)."""
-    videos = [cache[medium] for s in samples for medium in s.media]
+    (None where the batch has none of a kind: text-only samples, images without videos)."""
+    media = [cache[medium] for s in samples for medium in s.media]
+    videos = [m for m in media if m.kind == "video"]
+    images = [m for m in media if m.kind == "image"]
     has_audio = {v.audio_tokens is not None for v in videos} if layout.audio else {False}
     if len(has_audio) > 1:  # get_rope_index takes one use_audio_in_video flag per batch
         raise ValueError("a batch mixes videos with and without audio; batch them apart")
-    media_counts = tuple(len(s.media) for s in samples)
-    if not videos:
-        return dict(video_tokens=None, video_grid_thw=None, second_per_grid=None, media_counts=media_counts)
     with_audio = has_audio == {True}
+    kinds = tuple(tuple(cache.row(medium).kind for medium in s.media) for s in samples)
     return dict(
-        video_tokens=torch.cat([v.video_tokens for v in videos]),
-        video_grid_thw=torch.tensor([v.grid_thw for v in videos], dtype=torch.int64),
-        second_per_grid=torch.tensor([v.second_per_grid for v in videos], dtype=torch.float64),
+        video_tokens=torch.cat([m.video_tokens for m in media]) if media else None,
+        video_grid_thw=_grids(videos),
+        second_per_grid=torch.tensor([v.second_per_grid for v in videos], dtype=torch.float64) if videos else None,
         audio_tokens=torch.cat([v.audio_tokens for v in videos]) if with_audio else None,
         mel_lengths=torch.tensor([v.mel_length for v in videos]) if with_audio else None,
-        deepstack=torch.cat([v.deepstack for v in videos], dim=1) if videos[0].deepstack is not None else None,
-        media_counts=media_counts,
+        deepstack=torch.cat([m.deepstack for m in media], dim=1) if media and media[0].deepstack is not None else None,
+        image_grid_thw=_grids(images),
+        media_kinds=kinds,
     )
+
+
+def _grids(media: list) -> torch.Tensor | None:
+    return torch.tensor([m.grid_thw for m in media], dtype=torch.int64) if media else None

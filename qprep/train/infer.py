@@ -116,9 +116,9 @@ def choose_requests(cache, *, ids: list[str] | None = None, data: str | Path | N
         if unusable:
             raise SettingsError(f"--ids: {', '.join(unusable)} not extracted ok in {cache.store.root} "
                                 f"(`qprep status {cache.store.root}` lists what it holds)")
-        return [Request(i, messages(question)) for i in dict.fromkeys(ids)], {}
+        return [Request(i, messages(question, [cache.row(i).kind])) for i in dict.fromkeys(ids)], {}
     if data is None:
-        return [Request(i, messages(question)) for i in cache.ids()], {}
+        return [Request(i, messages(question, [cache.row(i).kind])) for i in cache.ids()], {}
     requests, skipped = [], {}
     for index, record in enumerate(load_records(data)):
         name, media = record_id(record, index), record_media(record)
@@ -127,7 +127,8 @@ def choose_requests(cache, *, ids: list[str] | None = None, data: str | Path | N
             skipped.setdefault(reason, []).append(name)
             continue
         try:
-            conversation = messages(question if prompt else record["conversations"], len(media))
+            conversation = messages(question if prompt else record["conversations"],
+                                    [cache.row(medium).kind for medium in media])
         except SettingsError as exc:
             skipped.setdefault(f"bad conversation: {exc}", []).append(name)
             continue

@@ -26,16 +26,19 @@ class Batch:
     input_ids: torch.Tensor  # [batch, length]
     attention_mask: torch.Tensor  # [batch, length]
     labels: torch.Tensor  # [batch, length], -100 where no loss
-    # the batch's videos in placeholder order (sample by sample); None: no video (text-only samples)
-    video_tokens: torch.Tensor | None  # [all videos' tokens, hidden]
-    video_grid_thw: torch.Tensor | None  # [videos, 3]
+    # The merged visual tokens of the batch's images and videos, in placeholder order (sample by
+    # sample): the order of their positions. None: no image or video (text-only samples).
+    video_tokens: torch.Tensor | None  # [all visual tokens, hidden]
+    video_grid_thw: torch.Tensor | None  # [videos, 3]; None: no video
     second_per_grid: torch.Tensor | None  # [videos] float64
     audio_tokens: torch.Tensor | None = None  # [all audio tokens, hidden] (audio in video)
     mel_lengths: torch.Tensor | None = None  # [videos] valid mel frames
-    deepstack: torch.Tensor | None = None  # [levels, all videos' tokens, hidden] (towers with deepstack)
+    deepstack: torch.Tensor | None = None  # [levels, all visual tokens, hidden] (towers with deepstack)
     # packed: one row of several samples side by side (no padding), their lengths in order
     sample_lengths: tuple[int, ...] | None = None
-    media_counts: tuple[int, ...] | None = None  # videos per sample, in order (None: one per sample)
+    image_grid_thw: torch.Tensor | None = None  # [images, 3]; None: no image
+    # each sample's media kinds in placeholder order (None: one video per sample)
+    media_kinds: tuple[tuple[str, ...], ...] | None = None
 
     @property
     def audio_in_video(self) -> bool:
@@ -115,8 +118,9 @@ class LanguageModel(torch.nn.Module):
         """Text embeddings with the cached tokens scattered into their placeholders."""
         embeds = self.language_model.get_input_embeddings()(batch.input_ids)
         video_id, audio_id = self.family.media_token_ids(self.config)
-        if batch.video_tokens is not None or bool((batch.input_ids == video_id).any()):
-            embeds = _scatter(embeds, batch.input_ids == video_id, batch.video_tokens)
+        visual = (batch.input_ids == video_id) | (batch.input_ids == self.family.image_token_id(self.config))
+        if batch.video_tokens is not None or bool(visual.any()):
+            embeds = _scatter(embeds, visual, batch.video_tokens)
         if batch.audio_tokens is not None:
             embeds = _scatter(embeds, batch.input_ids == audio_id, batch.audio_tokens)
         return embeds
@@ -152,20 +156,24 @@ def _scatter(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor | N
 
 def unpacked(batch: Batch) -> list[Batch]:
     """The samples of a packed row, each a batch of one (what its positions are computed from)."""
-    counts = batch.media_counts or (1,) * len(batch.sample_lengths)
-    out, start, first = [], 0, 0
-    for length, count in zip(batch.sample_lengths, counts):
+    kinds = batch.media_kinds or (("video",),) * len(batch.sample_lengths)
+    out, start, first = [], 0, {"video": 0, "image": 0}
+    for length, sample_kinds in zip(batch.sample_lengths, kinds):
         ids = batch.input_ids[:, start:start + length]
-        videos = slice(first, first + count)
+        counts = {kind: sample_kinds.count(kind) for kind in first}
+        videos = slice(first["video"], first["video"] + counts["video"])
+        images = slice(first["image"], first["image"] + counts["image"])
         out.append(Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=batch.labels[:, start:start + length],
                          video_tokens=None, video_grid_thw=_part(batch.video_grid_thw, videos),
                          second_per_grid=_part(batch.second_per_grid, videos),
-                         audio_tokens=batch.audio_tokens[:0] if batch.audio_in_video and count else None,
-                         mel_lengths=_part(batch.mel_lengths, videos), media_counts=(count,)))
-        start, first = start + length, first + count
+                         audio_tokens=batch.audio_tokens[:0] if batch.audio_in_video and counts["video"] else None,
+                         mel_lengths=_part(batch.mel_lengths, videos), image_grid_thw=_part(batch.image_grid_thw, images),
+                         media_kinds=(sample_kinds,)))
+        start += length
+        first = {kind: first[kind] + counts[kind] for kind in first}
     return out
 
 
-def _part(values: torch.Tensor | None, videos: slice) -> torch.Tensor | None:
-    """Some videos' entries of a per-video tensor; None where there are none."""
-    return None if values is None or videos.start == videos.stop else values[videos]
+def _part(values: torch.Tensor | None, media: slice) -> torch.Tensor | None:
+    """Some media's entries of a per-medium tensor; None where there are none."""
+    return None if values is None or media.start == media.stop else values[media]

@@ -37,12 +37,13 @@ ATTENTION_AND_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_pr
 class PlaceholderIds:
     """The tokenizer's ids of the placeholders (they are also in the model config)."""
 
-    vision_start: int  # the token opening a video block
+    vision_start: int  # the token opening a video (or image) block
     vision_end: int
-    video: int  # one per merged visual token
+    video: int  # one per merged visual token of a video
     audio: int | None = None  # one per audio token (families with an audio tower)
     audio_start: int | None = None
     audio_end: int | None = None
+    image: int | None = None  # one per merged visual token of an image
 
 
 @dataclass
@@ -55,16 +56,28 @@ class RopeInputs:
     second_per_grid: "torch.Tensor | None"  # [videos] float64
     mel_lengths: "torch.Tensor | None" = None  # [videos] valid mel frames, with audio in the videos
     audio_in_video: bool = False  # the videos' blocks hold their audio (one flag for all)
+    image_grid_thw: "torch.Tensor | None" = None  # [images, 3] in placeholder order; None: no image
 
 
 def as_cpu(values: "torch.Tensor | None") -> "torch.Tensor | None":
     return None if values is None else values.cpu()
 
 
-def plain_video_block(grid_thw, ids: PlaceholderIds, merge_size: int) -> list[int]:
-    """Start, one placeholder per merged token, end: a video block with no audio and no time text."""
+def plain_video_block(grid_thw, ids: PlaceholderIds, merge_size: int, placeholder: int | None = None) -> list[int]:
+    """Start, one placeholder per merged token, end: a video block with no audio and no time text
+    (an image's block, with `placeholder` the image's)."""
     grid_t, grid_h, grid_w = (int(v) for v in grid_thw)
-    return [ids.vision_start] + [ids.video] * (grid_t * (grid_h // merge_size) * (grid_w // merge_size)) + [ids.vision_end]
+    tokens = grid_t * (grid_h // merge_size) * (grid_w // merge_size)
+    return [ids.vision_start] + [ids.video if placeholder is None else placeholder] * tokens + [ids.vision_end]
+
+
+def token_types(ids, config, video_type: int, image_type: int):
+    """`mm_token_type_ids` as the processors mark them: `video_type` at video tokens, `image_type` at
+    image tokens, 0 elsewhere."""
+    import torch
+
+    return ((ids == config.video_token_id).to(torch.int32) * video_type
+            + (ids == config.image_token_id).to(torch.int32) * image_type)
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,14 @@ class Family:
         """(video placeholder id, audio placeholder id or None) as the model config names them."""
         raise NotImplementedError
 
+    def image_token_id(self, config) -> int:
+        """The image placeholder id as the model config names it."""
+        return config.image_token_id
+
+    def image_block(self, layout: "PromptLayout", row: ManifestRow) -> list[int]:
+        """The ids that stand for one cached image: start, a placeholder per merged token, end."""
+        return plain_video_block(row.grid_thw, layout.ids, layout.merge_size, placeholder=layout.ids.image)
+
     def video_block(self, layout: "PromptLayout", row: ManifestRow, start: int = 0) -> list[int]:
         """The ids that stand for one cached video (its manifest row) in a prompt, with its audio
         where the layout puts audio in the block. `start`: the position of the block's first token
@@ -188,6 +209,14 @@ class PromptLayout:
         """The block of one cached video (its manifest row), its first token at position `start`."""
         return self.family.video_block(self, row, start)
 
+    def block(self, row: ManifestRow, start: int = 0) -> list[int]:
+        """The block of one cached medium, whatever its kind."""
+        return self.family.image_block(self, row) if row.kind == "image" else self.video_block(row, start)
+
+    def placeholder(self, kind: str) -> int:
+        """The token of the chat template's placeholder for a medium of `kind`."""
+        return self.ids.image if kind == "image" else self.ids.video
+
     def block_start(self, prefix: list[int], earlier: list[ManifestRow]):
         """The position of a block's first token when `prefix` (ids, holding the blocks of the
         `earlier` media) comes before it: the family's own `get_rope_index` continues from the last
@@ -196,13 +225,16 @@ class PromptLayout:
             return len(prefix)  # text alone before it: one position per token
         import torch
 
-        audio = self.audio and all(row.has_audio for row in earlier)
+        videos = [row for row in earlier if row.kind != "image"]
+        images = [row for row in earlier if row.kind == "image"]
+        audio = self.audio and bool(videos) and all(row.has_audio for row in videos)
         ids = torch.tensor([prefix], dtype=torch.int64)
         inputs = RopeInputs(
             input_ids=ids, attention_mask=torch.ones_like(ids),
-            video_grid_thw=torch.tensor([row.grid_thw for row in earlier], dtype=torch.int64),
-            second_per_grid=torch.tensor([row.second_per_grid for row in earlier], dtype=torch.float64),
-            mel_lengths=torch.tensor([row.mel_length for row in earlier]) if audio else None, audio_in_video=audio)
+            video_grid_thw=torch.tensor([row.grid_thw for row in videos], dtype=torch.int64) if videos else None,
+            second_per_grid=torch.tensor([row.second_per_grid for row in videos], dtype=torch.float64) if videos else None,
+            mel_lengths=torch.tensor([row.mel_length for row in videos]) if audio else None, audio_in_video=audio,
+            image_grid_thw=torch.tensor([row.grid_thw for row in images], dtype=torch.int64) if images else None)
         return self.family.position_ids(self.rope_model, inputs, self.config)[..., -1].max() + 1
 
     @property

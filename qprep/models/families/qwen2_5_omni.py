@@ -24,10 +24,13 @@ class QwenOmniFamily(Family):
     def placeholder_ids(self, tokenizer) -> PlaceholderIds:
         get = tokenizer.convert_tokens_to_ids
         return PlaceholderIds(get("<|vision_bos|>"), get("<|vision_eos|>"), get("<|VIDEO|>"), get("<|AUDIO|>"),
-                              get("<|audio_bos|>"), get("<|audio_eos|>"))
+                              get("<|audio_bos|>"), get("<|audio_eos|>"), get("<|IMAGE|>"))
 
     def media_token_ids(self, config) -> tuple[int, int | None]:
         return config.video_token_index, config.audio_token_index
+
+    def image_token_id(self, config) -> int:
+        return config.image_token_index
 
     def video_block(self, layout, row, start=0) -> list[int]:
         ids, config, merge_size = layout.ids, layout.config, layout.merge_size
@@ -59,7 +62,8 @@ class QwenOmniFamily(Family):
         ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
         use_audio = batch.audio_in_video
         positions, _ = rope_model.get_rope_index(
-            ids, video_grid_thw=as_cpu(batch.video_grid_thw), attention_mask=mask, use_audio_in_video=use_audio,
+            ids, image_grid_thw=as_cpu(batch.image_grid_thw), video_grid_thw=as_cpu(batch.video_grid_thw),
+            attention_mask=mask, use_audio_in_video=use_audio,
             audio_seqlens=as_cpu(batch.mel_lengths) if use_audio else None,
             second_per_grids=as_cpu(batch.second_per_grid))
         if use_audio:

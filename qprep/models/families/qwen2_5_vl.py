@@ -7,15 +7,16 @@ which also needs `mm_token_type_ids` (video tokens are type 2, as the processor 
 
 from __future__ import annotations
 
-from qprep.models.families.base import Family, PlaceholderIds, as_cpu, plain_video_block
+from qprep.models.families.base import Family, PlaceholderIds, as_cpu, plain_video_block, token_types
 
-VIDEO_TOKEN_TYPE = 2  # what the processor's mm_token_type_ids holds at a video token
+IMAGE_TOKEN_TYPE, VIDEO_TOKEN_TYPE = 1, 2  # what the processor's mm_token_type_ids holds at an image / video token
 
 
 class QwenVLFamily(Family):
     def placeholder_ids(self, tokenizer) -> PlaceholderIds:
         get = tokenizer.convert_tokens_to_ids
-        return PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"))
+        return PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"),
+                              image=get("<|image_pad|>"))
 
     def media_token_ids(self, config) -> tuple[int, int | None]:
         return config.video_token_id, None
@@ -24,11 +25,10 @@ class QwenVLFamily(Family):
         return plain_video_block(row.grid_thw, layout.ids, layout.merge_size)
 
     def position_ids(self, rope_model, batch, config):
-        import torch
-
         ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
-        token_types = (ids == config.video_token_id).to(torch.int32) * VIDEO_TOKEN_TYPE
-        positions, _ = rope_model.get_rope_index(ids, token_types, video_grid_thw=as_cpu(batch.video_grid_thw),
+        types = token_types(ids, config, VIDEO_TOKEN_TYPE, IMAGE_TOKEN_TYPE)
+        positions, _ = rope_model.get_rope_index(ids, types, image_grid_thw=as_cpu(batch.image_grid_thw),
+                                                 video_grid_thw=as_cpu(batch.video_grid_thw),
                                                  second_per_grid_ts=as_cpu(batch.second_per_grid), attention_mask=mask)
         return positions
 

@@ -66,10 +66,13 @@ class Qwen3OmniFamily(Deepstack, QwenOmniFamily):
     def placeholder_ids(self, tokenizer) -> PlaceholderIds:
         get = tokenizer.convert_tokens_to_ids
         return PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"), get("<|audio_pad|>"),
-                              get("<|audio_start|>"), get("<|audio_end|>"))
+                              get("<|audio_start|>"), get("<|audio_end|>"), get("<|image_pad|>"))
 
     def media_token_ids(self, config) -> tuple[int, int | None]:
         return config.video_token_id, config.audio_token_id
+
+    def image_token_id(self, config) -> int:
+        return config.image_token_id
 
     def video_block(self, layout, row, start=0) -> list[int]:
         ids = layout.ids

@@ -26,8 +26,8 @@ not of one frame (`Family.pixel_bounds_per_clip`).
 from __future__ import annotations
 
 from qprep.models.families import experts
-from qprep.models.families.base import ATTENTION_AND_MLP, as_cpu
-from qprep.models.families.qwen2_5_vl import VIDEO_TOKEN_TYPE, QwenVLFamily
+from qprep.models.families.base import ATTENTION_AND_MLP, as_cpu, token_types
+from qprep.models.families.qwen2_5_vl import IMAGE_TOKEN_TYPE, VIDEO_TOKEN_TYPE, QwenVLFamily
 
 
 def patch_times(frame_times, temporal_patch_size: int) -> list[float]:
@@ -53,8 +53,9 @@ class Deepstack:
     def text_model_inputs(self, batch, config) -> dict:
         if batch.deepstack is None:
             return {}
-        return {"visual_pos_masks": batch.input_ids == config.video_token_id,
-                "deepstack_visual_embeds": list(batch.deepstack)}
+        # images' and videos' levels are cached in placeholder order, the order of their positions
+        visual = (batch.input_ids == config.video_token_id) | (batch.input_ids == self.image_token_id(config))
+        return {"visual_pos_masks": visual, "deepstack_visual_embeds": list(batch.deepstack)}
 
 
 class Qwen3VLFamily(Deepstack, QwenVLFamily):
@@ -73,12 +74,10 @@ class Qwen3VLFamily(Deepstack, QwenVLFamily):
         return block
 
     def position_ids(self, rope_model, batch, config):
-        import torch
-
         ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
-        token_types = (ids == config.video_token_id).to(torch.int32) * VIDEO_TOKEN_TYPE
-        positions, _ = rope_model.get_rope_index(ids, token_types, video_grid_thw=as_cpu(batch.video_grid_thw),
-                                                 attention_mask=mask)
+        types = token_types(ids, config, VIDEO_TOKEN_TYPE, IMAGE_TOKEN_TYPE)
+        positions, _ = rope_model.get_rope_index(ids, types, image_grid_thw=as_cpu(batch.image_grid_thw),
+                                                 video_grid_thw=as_cpu(batch.video_grid_thw), attention_mask=mask)
         return positions
 
 

@@ -1,0 +1,142 @@
+"""Images in samples: an image and a video in one sample, two images, an image alone and a text-only
+sample, in one padded batch and in one packed row, from a store `extract --media` filled.
+
+Reference: transformers' full model on the processor's own batch (images read by `load_image`,
+videos plainly decoded; tests/test_train_media.py's `processor_batch`). Same shapes on both sides,
+so the logits, the loss and every LoRA gradient are compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qprep.models.checkpoint import open_checkpoint
+from qprep.train.data import build_dataset, collate, collate_packed, load_records
+from qprep.train.model import LanguageModel
+from reference import full_model
+from test_train_media import DEEPSTACK, processor_batch
+
+FAMILIES = ["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen3_omni_moe"]
+
+RECORDS = [
+    {"id": "image-and-video", "media": ["photos/cat", "a"], "conversations": [
+        {"from": "human", "value": "Is <image> a frame of <video>?"}, {"from": "gpt", "value": "No, it is a cat."}]},
+    {"id": "two-images", "media": ["photos/cat", "photos/turned"], "conversations": [
+        {"from": "human", "value": "Compare <image> with <image>."}, {"from": "gpt", "value": "The second is turned."}]},
+    {"id": "text", "media": [], "conversations": [
+        {"from": "human", "value": "What is two plus two?"}, {"from": "gpt", "value": "Four."}]},
+    {"id": "image", "media": ["photos/turned"], "conversations": [  # unmarked: at the start of the turn
+        {"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "A turned photo."}]},
+]
+CONTENTS = {
+    "image-and-video": [{"type": "text", "text": "Is"}, {"type": "image"}, {"type": "text", "text": "a frame of"},
+                        {"type": "video"}, {"type": "text", "text": "?"}],
+    "two-images": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "with"},
+                   {"type": "image"}, {"type": "text", "text": "."}],
+    "text": [{"type": "text", "text": "What is two plus two?"}],
+    "image": [{"type": "image"}, {"type": "text", "text": "Describe it."}],
+}
+
+
+def samples_of(media_store, kind, tmp_path):
+    model_dir, cache = media_store(kind)
+    (tmp_path / "data.json").write_text(json.dumps(RECORDS))
+    checkpoint = open_checkpoint(model_dir)
+    tokenizer = checkpoint.tokenizer()
+    layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
+    dataset = build_dataset(load_records(tmp_path / "data.json"), cache, tokenizer, layout)
+    assert [s.id for s in dataset.samples] == [r["id"] for r in RECORDS], dataset.report()
+    return model_dir, cache, checkpoint, layout, {s.id: s for s in dataset.samples}
+
+
+def reference_batch(model_dir, cache, kind, names, answered=True):
+    return processor_batch(model_dir, cache, kind, names, answered, records=RECORDS, contents=CONTENTS)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_a_batch_mixing_images_videos_and_text_gives_the_full_models_logits_and_loss(media_store, kind, tmp_path):
+    model_dir, cache, checkpoint, layout, samples = samples_of(media_store, kind, tmp_path)
+    language_model = LanguageModel(checkpoint, dtype="float32").eval()
+    full = full_model(model_dir)
+    for names in (["image-and-video", "text", "two-images"], ["image"]):
+        batch = collate([samples[name] for name in names], cache, layout)
+        inputs, model_kwargs, labels = reference_batch(model_dir, cache, kind, names)
+        assert torch.equal(batch.input_ids, inputs["input_ids"]), names
+        assert torch.equal(batch.attention_mask, inputs["attention_mask"]) and torch.equal(batch.labels, labels)
+        assert (batch.deepstack is None) == (kind not in DEEPSTACK)
+        with torch.no_grad():
+            expected = full(**inputs, labels=labels, **model_kwargs)
+            loss, logits = language_model(batch)
+        assert torch.equal(logits, expected.logits), names
+        assert torch.equal(loss, expected.loss), names
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen3_vl", "qwen3_omni_moe"])
+def test_lora_gradients_of_a_batch_with_images_equal_the_full_models(media_store, kind, tmp_path):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from qprep.train.lora import LoraSettings, apply_lora
+
+    model_dir, cache, checkpoint, layout, samples = samples_of(media_store, kind, tmp_path)
+    names = ["image-and-video", "two-images", "text"]
+    batch = collate([samples[name] for name in names], cache, layout)
+    inputs, model_kwargs, labels = reference_batch(model_dir, cache, kind, names)
+    language_model = LanguageModel(checkpoint, dtype="float32").eval()
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0)
+    ours = apply_lora(language_model, settings)
+    generator = torch.Generator().manual_seed(0)
+    for name, parameter in ours.named_parameters():
+        if "lora_B" in name:  # non-zero B, so that A gets gradients too
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.02
+    theirs = get_peft_model(full_model(model_dir), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=settings.target_regex(language_model.family.lora_targets),
+        exclude_modules=settings.tower_regex()))
+    set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours))
+    ours(batch)[0].backward()
+    theirs(**inputs, labels=labels, use_cache=False, **model_kwargs).loss.backward()
+    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    reference = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert mine.keys() == reference.keys() and mine
+    for name, gradient in mine.items():
+        assert torch.equal(gradient, reference[name]), name
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl", "qwen3_omni_moe"])
+def test_a_packed_row_with_images_gives_each_sample_its_logits_alone(media_store, kind, tmp_path):
+    """Tolerance as tests/test_train_packing.py states it: other matmul shapes, float32 rounding."""
+    model_dir, cache, checkpoint, layout, samples = samples_of(media_store, kind, tmp_path)
+    chosen = [samples[name] for name in ("two-images", "text", "image-and-video", "image")]
+    model = LanguageModel(checkpoint).eval()
+    per_sample = LanguageModel(checkpoint, packing=True).eval()
+    packed = collate_packed(chosen, cache, layout)
+    assert packed.media_kinds == (("image", "image"), (), ("image", "video"), ("image",))
+    with torch.no_grad():
+        _, logits = per_sample(packed)
+        start = 0
+        for sample in chosen:
+            _, alone = model(collate([sample], cache, layout))
+            n = len(sample.input_ids)
+            gap = float((logits[0, start:start + n] - alone[0]).abs().max())
+            assert gap < 1e-5, (sample.id, gap)
+            start += n
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+def test_infer_answers_about_an_image_and_a_video_as_generate_does(media_store, kind, tmp_path):
+    from test_infer import assert_same_steps, generated, ours_with_logits
+
+    from qprep.train.infer import Generator, choose_requests
+
+    model_dir, cache, checkpoint, layout, _ = samples_of(media_store, kind, tmp_path)
+    asked, skipped = choose_requests(cache, data=tmp_path / "data.json", layout=layout)
+    assert not skipped
+    request = next(r for r in asked if r.id == "image-and-video")
+    generator = Generator(checkpoint, checkpoint.tokenizer(), cache)
+    inputs, model_kwargs, _ = reference_batch(model_dir, cache, kind, ["image-and-video"], answered=False)
+    assert generator.prompt_ids(request) == inputs["input_ids"][0].tolist()
+    assert_same_steps(ours_with_logits(generator, request),
+                      generated(full_model(model_dir), inputs, generator.stop, **model_kwargs), request.id,
+                      whole_prompt_head=True)

@@ -317,6 +317,12 @@ def test_truth_is_read_from_annotation_dicts_and_longvale_records_and_bad_record
     assert problems == [f"{tmp_path / 'longvale.json'}: record 1 ('tokenless'): its answer names time tokens "
                         "(<s0>, <e0>, ...) but meta.token is missing; not scored"]
 
+    listed = [{"id": "v_QOlSCBRmfWY", "duration": 82.73, "timestamps": [[0.83, 19.86], [17.37, 60.81]],
+               "sentences": ["A young woman is seen standing in a room.", "She then begins to dance."]}]
+    (tmp_path / "listed.json").write_text(json.dumps(listed))  # the same records as a list with ids
+    truth = load_truth(tmp_path / "listed.json", [])
+    assert [(s.start, s.end) for s in truth["v_QOlSCBRmfWY"].segments] == [(0.83, 19.86), (17.37, 60.81)]
+
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(SettingsError, match="broken.json: cannot read it as JSON"):
         load_truth(tmp_path / "broken.json", [])
@@ -379,19 +385,16 @@ SODA_EXPECTED = {"precision": 0.12327943752929675, "recall": 0.14305560945979356
 
 @pytest.mark.skipif(not captions.java_available(), reason="METEOR needs a Java runtime")
 def test_soda_c_equals_fujiso_soda_on_a_case_built_by_hand(tmp_path):
-    path, data = write_annotations(tmp_path, SODA_TRUTH, SODA_ANSWERS)
-    report = evaluate(path, data)
-    assert (report.soda.precision, report.soda.recall, report.soda.f1) == pytest.approx(
-        (SODA_EXPECTED["precision"], SODA_EXPECTED["recall"], SODA_EXPECTED["f1"]), abs=1e-12)
-    assert {v.id: v.soda.f1 for v in report.videos} == pytest.approx(SODA_EXPECTED["per_video_f1"], abs=1e-12)
-    result = CliRunner().invoke(main, ["eval", "--answers", str(path), "--data", str(data), "--json"])
-    scores = json.loads(result.output)
-    assert scores["SODA_c"] == pytest.approx(SODA_EXPECTED["f1"], abs=1e-12) and "grounding" not in scores
-    assert scores["SODA_c_precision"] == pytest.approx(SODA_EXPECTED["precision"], abs=1e-12)
-    # a video left unanswered counts 0, as qprep's other metrics count it (SODA leaves it out)
-    path.write_text("\n".join(json.dumps(a) for a in SODA_ANSWERS[:2]))
-    answered = SODA_EXPECTED["per_video_f1"]["v1"] + SODA_EXPECTED["per_video_f1"]["v2"]
-    assert evaluate(path, data).soda.f1 == pytest.approx(answered / 3)
+    """SODA's numbers for v1-v3; a fourth video, left unanswered, counts 0 in qprep's mean (as qprep's
+    other metrics count it) where SODA leaves it out: qprep's mean is SODA's × 3/4."""
+    truth = {**SODA_TRUTH, "v4": {"duration": 5.0, "timestamps": [[0, 5]], "sentences": ["Nobody answers."]}}
+    report = evaluate(*write_annotations(tmp_path, truth, SODA_ANSWERS))
+    assert {v.id: v.soda.f1 for v in report.videos} == pytest.approx({**SODA_EXPECTED["per_video_f1"], "v4": 0.0},
+                                                                     abs=1e-12)
+    scores = report.to_dict()  # what --json prints
+    for name, key in (("f1", "SODA_c"), ("precision", "SODA_c_precision"), ("recall", "SODA_c_recall")):
+        assert scores[key] == pytest.approx(SODA_EXPECTED[name] * 3 / 4, abs=1e-12)
+    assert [v["SODA_c"] for v in scores["per_video"]][3] == 0.0 and "grounding" not in scores
 
 
 def test_without_java_soda_c_is_left_out_and_said_so(tmp_path, monkeypatch):

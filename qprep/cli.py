@@ -453,6 +453,11 @@ def verify(store, sample, check_all, ids, seed, tolerance, videos, model, revisi
 @click.option("--prompt", default=None,
               help="The question to ask about every video (default: the recipe's dense-captioning prompt, "
                    "or the --data records' own turns).")
+@click.option("--grounding", is_flag=True,
+              help="Ask where each true sentence of --data happens (a Charades-STA, ActivityNet or "
+                   "LongVALE annotation dict, or a qprep data file): one answer per sentence, id "
+                   "{video_id}#{i}, which `qprep eval` scores as grounding. --prompt is then the "
+                   "question's template, {sentence} standing for the sentence.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True,
               help="Longest answer, in tokens.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
@@ -461,7 +466,8 @@ def verify(store, sample, check_all, ids, seed, tolerance, videos, model, revisi
               help="Model dtype (default: bfloat16 on cuda, float32 on cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def infer(cache_path, model, adapter, out, ids, data, prompt, max_new_tokens, device, dtype, as_json, quiet):
+def infer(cache_path, model, adapter, out, ids, data, prompt, grounding, max_new_tokens, device, dtype, as_json,
+          quiet):
     """Answer from a cache with the base model and a trained adapter: no tower loaded, no video decoded.
 
     Every video extracted ok is asked the recipe's dense-captioning question ("Could you detail
@@ -473,6 +479,7 @@ def infer(cache_path, model, adapter, out, ids, data, prompt, max_new_tokens, de
       qprep infer --cache clips.zarr --adapter run/adapter --out answers.jsonl
       qprep infer --cache clips.zarr --adapter run/adapter --data test.json --out answers.jsonl
       qprep infer --cache clips.zarr --ids talk/a --prompt "What happens first?" --out a.jsonl
+      qprep infer --cache charades.zarr --adapter run/adapter --data charades_test.json --grounding --out g.jsonl
     """
     import json
 
@@ -482,7 +489,7 @@ def infer(cache_path, model, adapter, out, ids, data, prompt, max_new_tokens, de
         summary = run_infer(cache_path, model, out, adapter=adapter,
                             ids=[i.strip() for i in ids.split(",") if i.strip()] if ids else None, data=data,
                             prompt=prompt, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-                            progress=not quiet, echo=(lambda line: click.echo(line, err=True)))
+                            grounding=grounding, progress=not quiet, echo=(lambda line: click.echo(line, err=True)))
     if as_json:
         click.echo(json.dumps({**summary.__dict__, "out": str(out)}, indent=2))
     else:
@@ -493,31 +500,43 @@ def infer(cache_path, model, adapter, out, ids, data, prompt, max_new_tokens, de
 @click.option("--answers", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help='JSON lines of {"id", "answer"}, as `qprep infer` writes them.')
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="The true answers: a LongVALE-style file (its first assistant turn per record) or "
-                   "ActivityNet-style records with timestamps and sentences.")
-@click.option("--per-video", is_flag=True, help="Also a row per video.")
+              help="The truth: an annotation dict as LongVALE, Charades-STA and ActivityNet publish it "
+                   "({video_id: {duration, timestamps, sentences}}), or a qprep data file (its first "
+                   "assistant turn per record; LongVALE's <s0>/<e0> tokens read from meta.token).")
+@click.option("--units", type=click.Choice(["seconds", "relative"]), default="seconds", show_default=True,
+              help="The answers' times: seconds, or LongVALE's relative units (hundredths of the video's "
+                   "duration, as LongVALE's evaluator reads them).")
+@click.option("--task", type=click.Choice(["auto", "captioning", "grounding"]), default="auto", show_default=True,
+              help="What to score: answers keyed by a video's id are dense captions, those keyed "
+                   "{video_id}#{i} ground the video's i-th sentence; auto scores what the answers hold.")
+@click.option("--per-video", is_flag=True, help="Also a row per video (and per grounding query).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Draw the true and predicted segments of the first --plot-videos videos to this PNG.")
 @click.option("--plot-videos", type=click.IntRange(1), default=6, show_default=True,
               help="How many videos the picture shows.")
-@click.option("--no-captions", is_flag=True, help="Temporal metrics only (no BLEU-4, CIDEr, METEOR).")
+@click.option("--no-captions", is_flag=True, help="Temporal metrics only (no BLEU-4, CIDEr, METEOR, SODA_c).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with every video).")
-def evaluate(answers, data, per_video, plot, plot_videos, no_captions, as_json):
-    """Score timed event captions ("From 0 to 4.5, a man talks. ...") against the true segments.
+def evaluate(answers, data, units, task, per_video, plot, plot_videos, no_captions, as_json):
+    """Score timed event captions ("From 0 to 4.5, a man talks. ...") and grounding answers against
+    the true segments.
 
     Each answer is parsed into (start, end, caption) segments, leniently ("From 0.0s to 4.5s:",
     "0 - 4.5 seconds", "[0, 4.5]", reversed ranges, several on a line) and with every line it
     could not read listed. Then, as the ActivityNet dense-captioning evaluator computes them:
     precision, recall and F1 at tIoU 0.3 / 0.5 / 0.7 / 0.9 and their mean, and BLEU-4, CIDEr and
-    METEOR (pycocoevalcap; METEOR and the PTB tokenizer need Java) of the matched captions; also
-    the mean best tIoU per true segment. A missing, empty or duplicate answer, or a line that is not
-    JSON, is reported with its file and line; the rest is scored.
+    METEOR (pycocoevalcap; METEOR and the PTB tokenizer need Java) of the matched captions; SODA_c
+    (fujiso/SODA's, with METEOR); also the mean best tIoU per true segment. Grounding answers (ids
+    {video_id}#{i}, the first range of each): R1@0.3, R1@0.5, R1@0.7 and mIoU. A missing, empty or
+    duplicate answer, or a line that is not JSON, is reported with its file and line; the rest is
+    scored.
 
     \b
     Examples:
       qprep eval --answers answers.jsonl --data test.json
       qprep eval --answers answers.jsonl --data test.json --per-video --plot eval.png
       qprep eval --answers answers.jsonl --data test.json --json > scores.json
+      qprep eval --answers grounding.jsonl --data charades_test.json
+      qprep eval --answers answers.jsonl --data longvale-annotations-eval.json --units relative
     """
     import json
 
@@ -525,7 +544,7 @@ def evaluate(answers, data, per_video, plot, plot_videos, no_captions, as_json):
     from qprep.eval.score import evaluate as score
 
     with _errors_to_exit_codes():
-        report = score(answers, data, captions=not no_captions)
+        report = score(answers, data, captions=not no_captions, units=units, task=task)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

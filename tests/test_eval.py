@@ -188,3 +188,258 @@ def test_cli_prints_the_table_json_and_draws_the_timelines(tmp_path):
     report = json.loads(CliRunner().invoke(main, base + ["--json"]).output)
     assert report["precision"]["0.3"] == pytest.approx(5 / 9) and report["answered"] == 2
     assert [v["id"] for v in report["per_video"]] == ["v1", "v2", "v3"]
+
+
+# Grounding: a Charades-STA-style annotation dict, one query per sentence, answers keyed {video_id}#{i}.
+# IoU by hand (hull union): A#0 the same range → 1; A#1 [25,30] against [10,20] → 0; B#0 [5,15] against
+# [0,10] → 5/15 = 1/3 (each half covered); B#1..B#4 [0,3], [0,5], [0,7], [0,6.99] against [0,10] → 0.3,
+# 0.5, 0.7 and 0.699, at and just below the thresholds; B#5 unanswered → 0.
+CHARADES = {"A": {"duration": 33.75, "timestamps": [[0.0, 6.9], [10, 20]],
+                  "sentences": ["a person is putting a book on a shelf.", "person opens the door."]},
+            "B": {"duration": 30.0, "timestamps": [[0, 10]] * 6, "sentences": [f"event {i}" for i in range(6)]}}
+GROUNDED = [{"id": "A#0", "answer": "From 0.0 to 6.9."}, {"id": "A#1", "answer": "From 25 to 30."},
+            {"id": "B#0", "answer": "From 5 to 15."}, {"id": "B#1", "answer": "From 0 to 3, or maybe from 0 to 10."},
+            {"id": "B#2", "answer": "<think>from 9 to 10?</think> <answer>0 to 5</answer>"},
+            {"id": "B#3", "answer": "From 0 to 7."}, {"id": "B#4", "answer": "From 0 to 6.99."}]
+GROUNDED_IOUS = [1.0, 0.0, 1 / 3, 0.3, 0.5, 0.7, 0.699, 0.0]
+
+
+def write_annotations(tmp_path, truth: dict, answers: list) -> tuple:
+    (tmp_path / "annotations.json").write_text(json.dumps(truth))
+    (tmp_path / "answers.jsonl").write_text("\n".join(json.dumps(a) for a in answers))
+    return tmp_path / "answers.jsonl", tmp_path / "annotations.json"
+
+
+def test_grounding_iou_is_one_when_perfect_zero_when_disjoint_and_a_third_for_half_overlaps():
+    from qprep.eval.grounding import iou
+
+    assert iou(Segment(0, 6.9, ""), Segment(0, 6.9, "")) == 1.0  # no 1e-8: a perfect range scores 1
+    assert iou(Segment(25, 30, ""), Segment(10, 20, "")) == 0.0
+    assert iou(Segment(20, 30, ""), Segment(10, 20, "")) == 0.0  # touching is not overlapping
+    assert iou(Segment(5, 15, ""), Segment(0, 10, "")) == pytest.approx(1 / 3)
+    assert iou(Segment(3, 3, ""), Segment(3, 3, "")) == 0.0  # a zero union
+
+
+def test_grounding_r1_at_each_threshold_and_miou_on_hand_made_answers(tmp_path):
+    report = evaluate(*write_annotations(tmp_path, CHARADES, GROUNDED))
+    assert report.tasks == ("grounding",) and report.videos == []  # no dense captions were answered
+    queries = report.grounding.queries
+    assert [q.id for q in queries] == ["A#0", "A#1"] + [f"B#{i}" for i in range(6)]
+    assert [q.iou for q in queries] == pytest.approx(GROUNDED_IOUS)
+    assert (queries[3].predicted.start, queries[3].predicted.end) == (0, 3)  # the first range is the prediction
+    assert (queries[4].predicted.start, queries[4].predicted.end) == (0, 5)  # Time-R1's last <answer> block
+    assert report.grounding.metrics() == pytest.approx({  # IoU >= m: 0.3, 0.5 and 0.7 exactly count
+        "R1@0.3": 6 / 8, "R1@0.5": 4 / 8, "R1@0.7": 2 / 8, "mIoU": sum(GROUNDED_IOUS) / 8})
+    assert report.problems == [f"{tmp_path / 'answers.jsonl'}: no answer for 'B#5' (scored 0)"]
+
+
+def test_grounding_json_names_the_metrics_as_charades_sta_reports_them(tmp_path):
+    path, data = write_annotations(tmp_path, CHARADES, GROUNDED[:1] + [{"id": "A#7", "answer": "From 1 to 2."}])
+    result = CliRunner().invoke(main, ["eval", "--answers", str(path), "--data", str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    grounding = json.loads(result.output)["grounding"]
+    assert {key: grounding[key] for key in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU")} == pytest.approx(
+        {"R1@0.3": 1 / 8, "R1@0.5": 1 / 8, "R1@0.7": 1 / 8, "mIoU": 1 / 8})
+    assert grounding["queries"] == 8 and grounding["answered"] == 1
+    assert grounding["per_query"][0] == {"id": "A#0", "video": "A", "query": 0, "answered": True, "iou": 1.0,
+                                         "sentence": CHARADES["A"]["sentences"][0], "truth": [0.0, 6.9],
+                                         "predicted": [0.0, 6.9]}
+    assert any("'A' has 2 sentences" in p and "no query 7" in p for p in json.loads(result.output)["problems"])
+    text = CliRunner().invoke(main, ["eval", "--answers", str(path), "--data", str(data), "--per-video"]).output
+    assert "grounding: 8 queries" in text and "R1@0.5 0.1250" in text and "mIoU 0.1250" in text
+
+
+def test_task_forced_scores_one_kind_and_says_what_it_left(tmp_path):
+    answers = GROUNDED + [{"id": "A", "answer": "From 0 to 6.9, a person puts a book on a shelf."}]
+    path, data = write_annotations(tmp_path, CHARADES, answers)
+    both = evaluate(path, data, captions=False)
+    assert both.tasks == ("captioning", "grounding") and both.videos[0].recall[0.5] == 0.5
+    only = evaluate(path, data, captions=False, task="captioning")
+    assert only.grounding is None and f"{path}: 7 grounding answers not scored (--task captioning)" in only.problems
+    only = evaluate(path, data, task="grounding")
+    assert only.videos == [] and f"{path}: 1 captioning answers not scored (--task grounding)" in only.problems
+
+
+def test_relative_units_are_read_as_longvale_reads_them(tmp_path):
+    """Hundredths of the duration (50 s): a dense caption's "From 10 to 19" is 5 s to (19 + 1)·0.5 = 10 s
+    (`metric.py` adds 1 to the end), a grounding answer's "From 10 to 20" is 5 s to 10 s (`eval.py`
+    does not)."""
+    truth = {"v": {"duration": 50.0, "timestamps": [[5, 10], [10, 20]], "sentences": ["a man talks", "he leaves"]},
+             "no_duration": {"timestamps": [[0, 1]], "sentences": ["x"]}}
+    answers = [{"id": "v", "answer": "From 10 to 19, a man talks.\nFrom 20 to 39, he leaves."},
+               {"id": "v#0", "answer": "From 10 to 20."}, {"id": "v#1", "answer": "From 20 to 40."},
+               {"id": "no_duration", "answer": "From 0 to 50, x."}]
+    path, data = write_annotations(tmp_path, truth, answers)
+    report = evaluate(path, data, captions=False, units="relative")
+    assert [(s.start, s.end) for s in report.videos[0].predicted] == [(5, 10), (10, 20)]
+    assert report.videos[0].precision[0.9] == 1 and report.videos[1].predicted == []
+    assert [q.iou for q in report.grounding.queries[:2]] == [1.0, 1.0]
+    assert (f"{path}:4: 'no_duration' has no duration in the data, so its answer in relative units cannot be "
+            "read (scored 0)") in report.problems
+    seconds = evaluate(path, data, captions=False)  # the same answers read as seconds
+    assert [(s.start, s.end) for s in seconds.videos[0].predicted] == [(10, 19), (20, 39)]
+    del truth["v"]["duration"]
+    path, data = write_annotations(tmp_path, {"v": truth["v"]}, answers[:1])
+    result = CliRunner().invoke(main, ["eval", "--answers", str(path), "--data", str(data), "--units", "relative"])
+    assert result.exit_code == 3 and f"--data {data}: no record gives a duration" in result.output
+
+
+def test_truth_is_read_from_annotation_dicts_and_longvale_records_and_bad_records_are_named(tmp_path):
+    from qprep.errors import SettingsError
+    from qprep.eval.truth import load_truth
+
+    annotations = {"AO8RW": {"duration": 33.75, "timestamps": [[6.9, 0.0], [3, 9.5]], "sentences": ["a", "b"]},
+                   "short": {"duration": 10, "timestamps": [[0, 1]], "sentences": ["a", "b"]},
+                   "bad": {"duration": 10, "timestamps": [[0, "x"]], "sentences": ["a"]}}
+    (tmp_path / "charades.json").write_text(json.dumps(annotations))
+    problems: list[str] = []
+    truth = load_truth(tmp_path / "charades.json", problems)
+    assert list(truth) == ["AO8RW"] and truth["AO8RW"].duration == 33.75
+    assert [(s.start, s.end, s.text) for s in truth["AO8RW"].segments] == [(0, 6.9, "a"), (3, 9.5, "b")]  # file order
+    assert problems == [f"{tmp_path / 'charades.json'}: record 1 ('short'): 1 timestamps for 2 sentences; not scored",
+                        f"{tmp_path / 'charades.json'}: record 2 ('bad'): timestamp 0 is [0, 'x'], not [start, end] "
+                        "in seconds; not scored"]
+
+    longvale = [{"id": "clip", "meta": {"duration": 54.2, "split": [129.8, 184.0],
+                                        "token": {"<s0>": 0, "<e0>": 9.4, "<s1>": 49.4, "<e1>": 53.2}},
+                 "conversations": [{"from": "human", "value": "<video>\nCould you detail events?"},
+                                   {"from": "gpt", "value": "From <s0> to <e0>, woman is counting money. "
+                                                            "From <s1> to <e1>, she leaves."}]},
+                {"id": "tokenless", "conversations": [{"from": "human", "value": "<video>"},
+                                                      {"from": "gpt", "value": "From <s0> to <e0>, a."}]},
+                {"id": "plain", "conversations": [{"from": "gpt", "value": "From 1 to 2, b."}]}]
+    (tmp_path / "longvale.json").write_text(json.dumps(longvale))
+    problems = []
+    truth = load_truth(tmp_path / "longvale.json", problems)
+    assert [(s.start, s.end, s.text) for s in truth["clip"].segments] == [
+        (0, 9.4, "woman is counting money"), (49.4, 53.2, "she leaves")]
+    assert truth["clip"].duration == 54.2 and truth["plain"].duration is None
+    assert problems == [f"{tmp_path / 'longvale.json'}: record 1 ('tokenless'): its answer names time tokens "
+                        "(<s0>, <e0>, ...) but meta.token is missing; not scored"]
+
+    listed = [{"id": "v_QOlSCBRmfWY", "duration": 82.73, "timestamps": [[0.83, 19.86], [17.37, 60.81]],
+               "sentences": ["A young woman is seen standing in a room.", "She then begins to dance."]}]
+    (tmp_path / "listed.json").write_text(json.dumps(listed))  # the same records as a list with ids
+    truth = load_truth(tmp_path / "listed.json", [])
+    assert [(s.start, s.end) for s in truth["v_QOlSCBRmfWY"].segments] == [(0.83, 19.86), (17.37, 60.81)]
+
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(SettingsError, match="broken.json: cannot read it as JSON"):
+        load_truth(tmp_path / "broken.json", [])
+    (tmp_path / "none.json").write_text(json.dumps({"x": {"timestamps": [], "sentences": []}}))
+    with pytest.raises(SettingsError, match=r"none.json: no record with true segments .*'x'\): no timestamps"):
+        load_truth(tmp_path / "none.json", [])
+
+
+def test_soda_matching_is_the_best_order_preserving_one():
+    """SODA's `chased_dp_assignment` (fujiso/SODA soda.py) on matrices worked by hand: rows are true
+    events, columns predicted ones, both in time order; a matching may not cross."""
+    from qprep.eval.soda import best_matching_total
+
+    # (1,0) alone 0.7 beats (0,0)+(1,1) 0.6 and (0,1) 0.6; the crossing (0,1)+(1,0) = 1.3 is not allowed
+    assert best_matching_total([[0.5, 0.6], [0.7, 0.1]]) == pytest.approx(0.7)
+    # (0,1)+(2,2) = 1.4 beats (1,0)+(2,2) = 1.3 and the diagonal 0.8
+    assert best_matching_total([[0.2, 0.9, 0.0], [0.8, 0.1, 0.0], [0.0, 0.0, 0.5]]) == pytest.approx(1.4)
+    assert best_matching_total([[0.3, 0.4, 0.2]]) == pytest.approx(0.4)  # one true event, one match
+    assert best_matching_total([]) == 0.0
+
+
+def test_soda_c_weighs_each_match_by_tiou_times_the_caption_score_and_sorts_by_start():
+    """A caption score given by hand (`meteor(true, predicted)`), so that the numbers are worked here:
+    true [0,10] "a", [10,20] "b"; predicted [0,8] "a" and [10,20] "b", either list written out of
+    order. Sorted by start: score = [[tIoU 0.8 × 1.0, 0 × 0.2], [0 × 0.2, tIoU 1 × 0.5]] → S = 0.8 +
+    0.5; precision = recall = 1.3 / 2, F = 0.65. (Left unsorted, the two matches would cross and only
+    0.8 would count.)"""
+    from qprep.eval.soda import soda_c
+
+    table = {("a", "a"): 1.0, ("b", "b"): 0.5, ("a", "b"): 0.2, ("b", "a"): 0.2}
+    truth, predicted = [Segment(0, 10, "a"), Segment(10, 20, "b")], [Segment(0, 8, "a"), Segment(10, 20, "b")]
+    for true_order, predicted_order in ((truth, predicted[::-1]), (truth[::-1], predicted)):
+        result = soda_c(predicted_order, true_order, lambda g, p: table[g, p])
+        assert (result.precision, result.recall, result.f1) == pytest.approx((0.65, 0.65, 0.65))
+    truth = truth[::-1]
+    result = soda_c([Segment(0, 20, "a")], truth, lambda g, p: table[g, p])  # one prediction, two true events
+    assert result.precision == pytest.approx(0.5 * 1.0) and result.recall == pytest.approx(0.25)
+    assert soda_c([], truth, lambda g, p: 1.0).f1 == 0.0
+
+
+# Built by hand and scored by fujiso/SODA itself (soda.py `SODA.evaluate` with soda_type "c", METEOR,
+# its ANETCaptions loaded as LongVALE's `eval_soda` loads it: one reference file, multi_reference off).
+# Its per-video maxima: v1 0.66287452 (pairs (0,0) (1,1) (2,2)), v2 0.13335381 (the prediction matched
+# to the *second* true event: tIoU 4/9 × METEOR 0.3000 beats 5/9 × 0.2210), v3 0.14153175 (the shorter
+# prediction [20,30]: 1/3 × 0.4246 beats 2/3 × 0.1895). Its result: precision, recall, F below.
+SODA_TRUTH = {
+    "v1": {"duration": 60.0, "timestamps": [[10, 25], [0, 10], [25, 40]],
+           "sentences": ["He sits down on a chair.", "A man walks into the room.", "He reads a book."]},
+    "v2": {"duration": 10.0, "timestamps": [[0, 5], [5, 9]],
+           "sentences": ["A small dog barks at the door.", "The dog runs away."]},
+    "v3": {"duration": 30.0, "timestamps": [[0, 30]], "sentences": ["Rain falls on a street."]}}
+SODA_ANSWERS = [
+    {"id": "v1", "answer": "From 12 to 30, A man sits on a chair and reads. From 0 to 12, A man enters the room. "
+                           "From 30 to 40, He reads a newspaper. From 41 to 50, The man leaves."},
+    {"id": "v2", "answer": "From 0 to 9, A dog barks and runs away."},
+    {"id": "v3", "answer": "From 0 to 20, It rains on the street. From 20 to 30, Rain falls."}]
+SODA_EXPECTED = {"precision": 0.12327943752929675, "recall": 0.14305560945979356, "f1": 0.12421658631633979,
+                 "per_video_f1": {"v1": 0.18939272000650903, "v2": 0.08890253783374942, "v3": 0.09435450110876091}}
+
+
+@pytest.mark.skipif(not captions.java_available(), reason="METEOR needs a Java runtime")
+def test_soda_c_equals_fujiso_soda_on_a_case_built_by_hand(tmp_path):
+    """SODA's numbers for v1-v3; a fourth video, left unanswered, counts 0 in qprep's mean (as qprep's
+    other metrics count it) where SODA leaves it out: qprep's mean is SODA's × 3/4."""
+    truth = {**SODA_TRUTH, "v4": {"duration": 5.0, "timestamps": [[0, 5]], "sentences": ["Nobody answers."]}}
+    report = evaluate(*write_annotations(tmp_path, truth, SODA_ANSWERS))
+    assert {v.id: v.soda.f1 for v in report.videos} == pytest.approx({**SODA_EXPECTED["per_video_f1"], "v4": 0.0},
+                                                                     abs=1e-12)
+    scores = report.to_dict()  # what --json prints
+    for name, key in (("f1", "SODA_c"), ("precision", "SODA_c_precision"), ("recall", "SODA_c_recall")):
+        assert scores[key] == pytest.approx(SODA_EXPECTED[name] * 3 / 4, abs=1e-12)
+    assert [v["SODA_c"] for v in scores["per_video"]][3] == 0.0 and "grounding" not in scores
+
+
+def test_without_java_soda_c_is_left_out_and_said_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(captions.shutil, "which", lambda name: None)
+    report = evaluate(*write_annotations(tmp_path, SODA_TRUTH, SODA_ANSWERS))
+    assert report.soda is None and "SODA_c" not in report.to_dict()
+    assert "SODA_c left out: it weighs matches by METEOR, which did not run" in report.notes
+
+
+class _Cache:
+    """What `grounding_requests` asks of a store: its ids extracted ok and which it holds."""
+
+    def __init__(self, ok, failed=()):
+        self._ok, self._all = list(ok), set(ok) | set(failed)
+
+    def ids(self):
+        return self._ok
+
+    def __contains__(self, video_id):
+        return video_id in self._all
+
+
+def test_infer_asks_one_grounding_question_per_true_sentence_keyed_as_eval_reads_it(tmp_path):
+    from qprep.errors import SettingsError
+    from qprep.train.infer import grounding_requests
+
+    truth = {**CHARADES, "C": {"duration": 5, "timestamps": [[0, 1]], "sentences": ["x"]},
+             "D": {"duration": 5, "timestamps": [[0, 1]], "sentences": ["y"]}, "E": {"timestamps": [], "sentences": []}}
+    (tmp_path / "charades.json").write_text(json.dumps(truth))
+    requests, skipped = grounding_requests(_Cache(["A", "B"], failed=["D"]), tmp_path / "charades.json")
+    assert [r.id for r in requests] == ["A#0", "A#1"] + [f"B#{i}" for i in range(6)]
+    assert requests[0].media == ("A",) and [m["role"] for m in requests[0].conversation] == ["user"]
+    question = requests[0].conversation[0]["content"][-1]["text"]
+    # LongVALE's way with the sentence: lower case, without its final period
+    assert "find a person is putting a book on a shelf taking place" in question and "in seconds" in question
+    assert skipped == {"records without true segments": [f"{tmp_path / 'charades.json'}: record 4 ('E'): no "
+                                                         "timestamps; not scored"],
+                       "video not in the cache": ["C#0"], "video failed extraction": ["D#0"]}
+    answers = tmp_path / "answers.jsonl"  # the ids it writes are the queries eval scores
+    answers.write_text("\n".join(json.dumps({"id": r.id, "answer": "From 0 to 1."}) for r in requests))
+    report = evaluate(answers, tmp_path / "charades.json", captions=False)
+    assert report.tasks == ("grounding",) and sum(q.answered for q in report.grounding.queries) == 8
+    requests, _ = grounding_requests(_Cache(["A"]), tmp_path / "charades.json", prompt="When: {sentence}?")
+    assert requests[1].conversation[0]["content"][-1]["text"] == "When: person opens the door?"
+    with pytest.raises(SettingsError, match="needs {sentence}"):
+        grounding_requests(_Cache(["A"]), tmp_path / "charades.json", prompt="When?")
+    with pytest.raises(SettingsError, match="--grounding asks about the sentences of --data"):
+        grounding_requests(_Cache(["A"]), None)

@@ -88,6 +88,16 @@ class CaptionScorer:
     def metrics(self) -> list[str]:
         return list(self.scorers)
 
+    def meteor_scores(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """METEOR of each (hypothesis, reference) pair of tokenized captions, in one call to its
+        process (each pair's score is its own: the batch changes none)."""
+        if not pairs:
+            return []
+        res = {i: [hypothesis] for i, (hypothesis, _) in enumerate(pairs)}
+        gts = {i: [reference] for i, (_, reference) in enumerate(pairs)}
+        _, scores = self.scorers["METEOR"].compute_score(gts, res)
+        return [float(s) for s in scores]
+
     def score(self, pairs: list[tuple[str, str]]) -> dict[str, float]:
         """pairs: (predicted tokens, true tokens), already tokenized."""
         if not pairs:

@@ -12,24 +12,12 @@ TRUE_COLOUR, PREDICTED_COLOUR = (60, 150, 80), (50, 90, 190)
 
 
 def format_report(report: EvalReport, per_video: bool = False) -> str:
-    answered = sum(v.answered for v in report.videos)
-    lines = [f"{len(report.videos)} videos in {report.data}, {answered} answered in {report.answers}", ""]
-    header = "".join(f"{f'tIoU {t:g}':>10}" for t in report.tious) + f"{'mean':>10}"
-    lines.append(f"{'':12}{header}")
-    rows = [("precision", report.precision), ("recall", report.recall), ("F1", report.f1)]
-    rows += list(report.captions.items())
-    for name, values in rows:
-        lines.append(f"{name:12}" + "".join(f"{values[t]:10.4f}" for t in report.tious) + f"{report.mean(values):10.4f}")
-    lines.append(f"mean best tIoU per true segment: {report.best_tiou:.4f}")
-    if report.tokenizer:
-        lines.append(f"captions tokenized by {report.tokenizer}")
+    lines = []
+    if "captioning" in report.tasks:
+        lines += _captioning_lines(report, per_video)
+    if report.grounding is not None:
+        lines += ([""] if lines else []) + _grounding_lines(report, per_video)
     lines += [f"note: {note}" for note in report.notes]
-    if per_video:
-        lines += ["", f"{'video':24}{'true':>6}{'pred':>6}{'P@0.5':>8}{'R@0.5':>8}{'best tIoU':>11}  unparsed lines"]
-        for v in report.videos:
-            p, r = v.precision.get(0.5, float("nan")), v.recall.get(0.5, float("nan"))
-            lines.append(f"{v.id[:24]:24}{len(v.truth):6}{len(v.predicted):6}{p:8.3f}{r:8.3f}{v.best_tiou:11.3f}  "
-                         f"{len(v.unparsed)}" + ("" if v.answered else "  (no answer)"))
     unparsed = [(v.id, line) for v in report.videos for line in v.unparsed]
     if unparsed:
         lines += ["", f"{len(unparsed)} answer lines hold no time range:"]
@@ -39,6 +27,49 @@ def format_report(report: EvalReport, per_video: bool = False) -> str:
     if report.problems:
         lines += ["", f"{len(report.problems)} problems in the input:"] + [f"  {p}" for p in report.problems]
     return "\n".join(lines)
+
+
+def _captioning_lines(report: EvalReport, per_video: bool) -> list[str]:
+    answered = sum(v.answered for v in report.videos)
+    lines = [f"{len(report.videos)} videos in {report.data}, {answered} answered in {report.answers}"
+             f"{_units(report)}", ""]
+    header = "".join(f"{f'tIoU {t:g}':>10}" for t in report.tious) + f"{'mean':>10}"
+    lines.append(f"{'':12}{header}")
+    rows = [("precision", report.precision), ("recall", report.recall), ("F1", report.f1)]
+    rows += list(report.captions.items())
+    for name, values in rows:
+        lines.append(f"{name:12}" + "".join(f"{values[t]:10.4f}" for t in report.tious) + f"{report.mean(values):10.4f}")
+    lines.append(f"mean best tIoU per true segment: {report.best_tiou:.4f}")
+    if report.soda is not None:
+        lines.append(f"SODA_c: {report.soda.f1:.4f} (precision {report.soda.precision:.4f}, "
+                     f"recall {report.soda.recall:.4f})")
+    if report.tokenizer:
+        lines.append(f"captions tokenized by {report.tokenizer}")
+    if per_video:
+        lines += ["", f"{'video':24}{'true':>6}{'pred':>6}{'P@0.5':>8}{'R@0.5':>8}{'best tIoU':>11}  unparsed lines"]
+        for v in report.videos:
+            p, r = v.precision.get(0.5, float("nan")), v.recall.get(0.5, float("nan"))
+            lines.append(f"{v.id[:24]:24}{len(v.truth):6}{len(v.predicted):6}{p:8.3f}{r:8.3f}{v.best_tiou:11.3f}  "
+                         f"{len(v.unparsed)}" + ("" if v.answered else "  (no answer)"))
+    return lines
+
+
+def _grounding_lines(report: EvalReport, per_query: bool) -> list[str]:
+    grounding = report.grounding
+    answered = sum(q.answered for q in grounding.queries)
+    lines = [f"grounding: {len(grounding.queries)} queries in {report.data}, {answered} answered{_units(report)}"]
+    lines.append("  ".join(f"{name} {value:.4f}" for name, value in grounding.metrics().items()))
+    if per_query:
+        lines += ["", f"{'query':28}{'true':>17}{'predicted':>17}{'IoU':>8}"]
+        for q in grounding.queries:
+            shown = f"{q.predicted.start:.1f}-{q.predicted.end:.1f}" if q.predicted else ("none" if q.answered else
+                                                                                         "(no answer)")
+            lines.append(f"{q.id[:28]:28}{f'{q.truth.start:.1f}-{q.truth.end:.1f}':>17}{shown:>17}{q.iou:8.3f}")
+    return lines
+
+
+def _units(report: EvalReport) -> str:
+    return " (times in LongVALE's relative units)" if report.units == "relative" else ""
 
 
 def plot_timelines(report: EvalReport, out: str | Path, videos: int = 6) -> Path:

@@ -1,8 +1,10 @@
 """`qprep eval` / `qprep.evaluate`: answers (`qprep infer`'s JSON lines) scored against a data file.
 
-The true segments come from the data file: LongVALE-style records (`{"id", "conversations"}`, the
-first assistant turn parsed as the answers are) or ActivityNet-style ones (`timestamps` and
-`sentences`, a list of records with an `id` or a dict keyed by id). Every video of the data is
+The true segments come from the data file (`truth`: annotation dicts as LongVALE, Charades-STA and
+ActivityNet publish them, or qprep's data files). An answer keyed by a video's id is scored as dense
+captioning (the evaluator's temporal and caption metrics, and SODA_c); one keyed
+`{video_id}#{i}` as the grounding answer to that video's i-th sentence (R1@0.3/0.5/0.7, mIoU).
+Answers are in seconds or in LongVALE's relative units. Every video (or query) of the data is
 scored; one without an answer scores 0 and is listed. Bad input never stops the rest: a line that
 is not JSON, one without an id or answer, a duplicate id (the first answer counts), an empty
 answer and an answer for an id the data lacks are each reported with the file and line.
@@ -15,8 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qprep.errors import SettingsError
-from qprep.eval import temporal
-from qprep.eval.segments import ParsedAnswer, Segment, parse_answer
+from qprep.eval import grounding, temporal
+from qprep.eval.grounding import GroundingReport, QueryResult, answer_text, query_id, split_query_id
+from qprep.eval.segments import ParsedAnswer, Segment, from_relative, parse_answer
+from qprep.eval.soda import SodaResult, soda_c
+from qprep.eval.truth import load_truth
 
 
 @dataclass
@@ -31,6 +36,7 @@ class VideoResult:
     recall: dict[float, float] = field(default_factory=dict)
     captions: dict[str, dict[float, float]] = field(default_factory=dict)  # metric → tIoU → value
     best_tiou: float = 0.0
+    soda: SodaResult | None = None
 
 
 @dataclass
@@ -47,20 +53,34 @@ class EvalReport:
     problems: list[str]  # file:line: what was wrong
     notes: list[str]  # what was left out or how it was computed
     tokenizer: str = ""
+    units: str = "seconds"
+    tasks: tuple[str, ...] = ("captioning",)
+    grounding: GroundingReport | None = None
+    soda: SodaResult | None = None  # SODA_c: the mean of the videos' (with METEOR only)
 
     def mean(self, values: dict[float, float]) -> float:
         return sum(values[t] for t in self.tious) / len(self.tious)
 
     def to_dict(self, per_video: bool = True) -> dict:
+        out = {"answers": self.answers, "data": self.data, "units": self.units, "tasks": list(self.tasks),
+               "problems": self.problems, "notes": self.notes}
+        if "captioning" in self.tasks:
+            out.update(self._captioning_dict(per_video))
+        if self.grounding is not None:
+            out["grounding"] = self.grounding.to_dict(per_query=per_video)
+        return out
+
+    def _captioning_dict(self, per_video: bool) -> dict:
         def by_tiou(values):
             return {**{f"{t:g}": v for t, v in values.items()}, "mean": self.mean(values)}
 
-        out = {"answers": self.answers, "data": self.data, "videos": len(self.videos),
-               "answered": sum(v.answered for v in self.videos), "tious": list(self.tious),
+        out = {"videos": len(self.videos), "answered": sum(v.answered for v in self.videos), "tious": list(self.tious),
                "precision": by_tiou(self.precision), "recall": by_tiou(self.recall), "f1": by_tiou(self.f1),
                "captions": {name: by_tiou(values) for name, values in self.captions.items()},
-               "mean_best_tiou": self.best_tiou, "problems": self.problems, "notes": self.notes,
-               "tokenizer": self.tokenizer}
+               "mean_best_tiou": self.best_tiou, "tokenizer": self.tokenizer}
+        if self.soda is not None:  # SODA_c is the F-measure, as LongVALE reports it
+            out.update({"SODA_c": self.soda.f1, "SODA_c_precision": self.soda.precision,
+                        "SODA_c_recall": self.soda.recall})
         if per_video:
             out["per_video"] = [{
                 "id": v.id, "answered": v.answered, "true_segments": len(v.truth), "predicted_segments": len(v.predicted),
@@ -68,47 +88,121 @@ class EvalReport:
                 "precision": {f"{t:g}": x for t, x in v.precision.items()},
                 "recall": {f"{t:g}": x for t, x in v.recall.items()},
                 "captions": {name: {f"{t:g}": x for t, x in values.items()} for name, values in v.captions.items()},
-                "mean_best_tiou": v.best_tiou,
+                "mean_best_tiou": v.best_tiou, **({"SODA_c": v.soda.f1} if v.soda else {}),
                 "truth": [asdict(s) for s in v.truth], "predicted": [asdict(s) for s in v.predicted]}
                 for v in self.videos]
         return out
 
 
+TASKS = ("auto", "captioning", "grounding")
+UNITS = ("seconds", "relative")
+
+
 def evaluate(answers: str | Path, data: str | Path, *, tious: tuple[float, ...] = temporal.TIOUS,
-             captions: bool = True, meteor: bool | None = None) -> EvalReport:
+             captions: bool = True, meteor: bool | None = None, units: str = "seconds",
+             task: str = "auto") -> EvalReport:
     """Score `answers` (JSON lines `{"id", "answer"}`) against the true segments of `data`.
 
-    `captions`: also BLEU-4, CIDEr and METEOR (pycocoevalcap; METEOR when a Java runtime is there,
-    or as `meteor` says)."""
+    An answer keyed by a video's id is a dense-captioning answer; one keyed `{video_id}#{i}` answers
+    the grounding query of that video's i-th true sentence. `task` "auto" scores each kind the
+    answers hold (every video, or every query, of the truth: a missing one scores 0); "captioning"
+    or "grounding" scores that kind alone. `units`: "seconds", or "relative" for LongVALE's
+    hundredths of each video's duration. `captions`: also BLEU-4, CIDEr, METEOR and SODA_c
+    (pycocoevalcap; METEOR and SODA_c when a Java runtime is there, or as `meteor` says)."""
+    if units not in UNITS or task not in TASKS:
+        raise SettingsError(f"units must be one of {UNITS} and task one of {TASKS}, not {units!r} and {task!r}")
     problems: list[str] = []
     truth = load_truth(data, problems)
     given = load_answers(answers, problems)
-    for video_id, (line, _) in given.items():
-        if video_id not in truth:
-            problems.append(f"{answers}:{line}: id {video_id!r} is not in {data}; not scored")
-    videos = []
-    for video_id, segments in truth.items():
-        line, text = given.get(video_id, (None, None))
-        if line is None:
-            problems.append(f"{answers}: no answer for {video_id!r} (scored 0)")
-        elif not text.strip():
-            problems.append(f"{answers}:{line}: the answer for {video_id!r} is empty (scored 0)")
-        parsed = parse_answer(text) if text else ParsedAnswer()
-        if text and text.strip() and parsed.empty:
-            problems.append(f"{answers}:{line}: no time range in the answer for {video_id!r} (scored 0)")
-        videos.append(_score_video(video_id, segments, parsed, answered=line is not None, tious=tious))
-    notes: list[str] = []
+    dense, queries = _split_answers(given, truth, answers, data, problems)
+    tasks = _tasks(task, dense, queries, answers, problems)
+    if units == "relative" and not any(t.duration for t in truth.values()):
+        raise SettingsError(f"--data {data}: no record gives a duration, which answers in relative units "
+                            "need (an annotation's `duration`, or a record's `meta.duration`)")
+    read = _Reader(answers, truth, units, problems)
+    videos = [_score_video(video_id, truth[video_id].segments, read.captioning(video_id, dense.get(video_id)),
+                           tious) for video_id in truth] if "captioning" in tasks else []
     report = EvalReport(answers=str(answers), data=str(data), tious=tuple(tious), videos=videos,
                         precision={t: _mean([v.precision[t] for v in videos]) for t in tious},
                         recall={t: _mean([v.recall[t] for v in videos]) for t in tious}, f1={}, captions={},
-                        best_tiou=_mean([v.best_tiou for v in videos]), problems=problems, notes=notes)
+                        best_tiou=_mean([v.best_tiou for v in videos]), problems=problems, notes=[],
+                        units=units, tasks=tasks)
     report.f1 = {t: temporal.f1(report.precision[t], report.recall[t]) for t in tious}
+    if "grounding" in tasks:
+        report.grounding = GroundingReport([
+            read.grounding(video_id, index, segment, queries.get(query_id(video_id, index)))
+            for video_id, item in truth.items() for index, segment in enumerate(item.segments)])
     if captions and videos:
         _score_captions(report, meteor)
     return report
 
 
-def _score_video(video_id, truth, parsed: ParsedAnswer, answered: bool, tious) -> VideoResult:
+def _split_answers(given, truth, answers, data, problems) -> tuple[dict, dict]:
+    """The answers keyed by a video (dense captioning) and those keyed by a query (grounding)."""
+    dense, queries = {}, {}
+    for answer_id, (line, text) in given.items():
+        if answer_id in truth:
+            dense[answer_id] = (line, text)
+        elif split_query_id(answer_id, truth):
+            queries[answer_id] = (line, text)
+        else:
+            problems.append(f"{answers}:{line}: id {answer_id!r} is not in {data}; not scored")
+    for answer_id, (line, _) in queries.items():
+        video_id, index = split_query_id(answer_id, truth)
+        if index >= len(truth[video_id].segments):
+            problems.append(f"{answers}:{line}: {video_id!r} has {len(truth[video_id].segments)} sentences "
+                            f"in {data}, so no query {index}; not scored")
+    return dense, queries
+
+
+def _tasks(task: str, dense: dict, queries: dict, answers, problems) -> tuple[str, ...]:
+    if task == "auto":
+        return tuple(t for t, held in (("captioning", dense or not queries), ("grounding", queries)) if held)
+    other, left = ("grounding", queries) if task == "captioning" else ("captioning", dense)
+    if left:
+        problems.append(f"{answers}: {len(left)} {other} answers not scored (--task {task})")
+    return (task,)
+
+
+class _Reader:
+    """Answers → segments in seconds, with what is wrong with each reported once."""
+
+    def __init__(self, answers, truth, units: str, problems: list[str]):
+        self.answers, self.truth, self.units, self.problems = answers, truth, units, problems
+
+    def captioning(self, video_id: str, given) -> tuple[ParsedAnswer, bool]:
+        parsed = self._parse(video_id, video_id, given, end_offset=1)
+        return parsed, given is not None
+
+    def grounding(self, video_id: str, index: int, segment: Segment, given) -> QueryResult:
+        name = query_id(video_id, index)
+        parsed = self._parse(name, video_id, None if given is None else (given[0], answer_text(given[1])),
+                             end_offset=0)
+        predicted = parsed.segments[0] if parsed.segments else None
+        return QueryResult(name, video_id, index, segment, predicted, answered=given is not None,
+                           iou=grounding.iou(predicted, segment) if predicted else 0.0)
+
+    def _parse(self, name: str, video_id: str, given, end_offset: int) -> ParsedAnswer:
+        line, text = given if given is not None else (None, "")
+        if line is None:
+            self.problems.append(f"{self.answers}: no answer for {name!r} (scored 0)")
+        elif not text.strip():
+            self.problems.append(f"{self.answers}:{line}: the answer for {name!r} is empty (scored 0)")
+        parsed = parse_answer(text) if text else ParsedAnswer()
+        if text and text.strip() and parsed.empty:
+            self.problems.append(f"{self.answers}:{line}: no time range in the answer for {name!r} (scored 0)")
+        if self.units == "relative" and parsed.segments:
+            duration = self.truth[video_id].duration
+            if duration is None:
+                self.problems.append(f"{self.answers}:{line}: {video_id!r} has no duration in the data, so its "
+                                     "answer in relative units cannot be read (scored 0)")
+                return ParsedAnswer(unparsed=parsed.unparsed)
+            parsed.segments = [from_relative(s, duration, end_offset) for s in parsed.segments]
+        return parsed
+
+
+def _score_video(video_id, truth, read: tuple[ParsedAnswer, bool], tious) -> VideoResult:
+    parsed, answered = read
     result = VideoResult(id=video_id, truth=truth, predicted=parsed.segments, answered=answered,
                          unparsed=parsed.unparsed, reversed=parsed.reversed)
     for t in tious:
@@ -132,6 +226,20 @@ def _score_captions(report: EvalReport, meteor: bool | None) -> None:
                 video.captions[name][t] = value
     report.captions = {name: {t: _mean([v.captions[name][t] for v in report.videos]) for t in report.tious}
                        for name in scorer.metrics}
+    if "METEOR" in scorer.metrics:
+        _score_soda(report, scorer, lambda text: tokens[ascii_only(text)])
+    else:
+        report.notes.append("SODA_c left out: it weighs matches by METEOR, which did not run")
+
+
+def _score_soda(report: EvalReport, scorer, token) -> None:
+    """SODA_c per video and its mean; every (true, predicted) pair's METEOR in one call to METEOR."""
+    pairs = sorted({(token(g.text), token(p.text)) for v in report.videos for g in v.truth for p in v.predicted})
+    meteor = dict(zip(pairs, scorer.meteor_scores(pairs)))
+    for video in report.videos:
+        video.soda = soda_c(video.predicted, video.truth, lambda g, p: meteor[token(g), token(p)])
+    report.soda = SodaResult(*(_mean([getattr(v.soda, name) for v in report.videos])
+                               for name in ("precision", "recall", "f1")))
 
 
 def caption_pairs(video: VideoResult, threshold: float) -> list[tuple[str, str]]:
@@ -176,44 +284,3 @@ def load_answers(path: str | Path, problems: list[str]) -> dict[str, tuple[int, 
         raise SettingsError(f"--answers {path}: no usable answer line ({len(problems)} problems: "
                             f"{problems[0] if problems else 'empty'}); expected JSON lines of {{\"id\", \"answer\"}}")
     return out
-
-
-def load_truth(path: str | Path, problems: list[str]) -> dict[str, list[Segment]]:
-    """id → true segments, from LongVALE- or ActivityNet-style records."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SettingsError(f"--data {path}: cannot read it as JSON ({exc})") from exc
-    if isinstance(data, dict):
-        data = [{"id": key, **value} for key, value in data.items() if isinstance(value, dict)]
-    if not isinstance(data, list):
-        raise SettingsError(f"--data {path}: expected a JSON list of records (or a dict keyed by id)")
-    truth: dict[str, list[Segment]] = {}
-    for index, record in enumerate(data):
-        where = f"{path}: record {index}"
-        if not isinstance(record, dict) or "id" not in record:
-            problems.append(f"{where}: no id; not scored")
-            continue
-        segments = _true_segments(record)
-        if segments is None:
-            problems.append(f"{where} ({record['id']!r}): neither an answer with time ranges nor "
-                            "timestamps + sentences; not scored")
-            continue
-        if str(record["id"]) in truth:
-            problems.append(f"{where}: id {record['id']!r} again (the first record counts)")
-            continue
-        truth[str(record["id"])] = segments
-    if not truth:
-        raise SettingsError(f"--data {path}: no record with true segments to score against")
-    return truth
-
-
-def _true_segments(record: dict) -> list[Segment] | None:
-    if isinstance(record.get("timestamps"), list) and isinstance(record.get("sentences"), list):
-        return [Segment(*sorted((float(a), float(b))), str(text))
-                for (a, b), text in zip(record["timestamps"], record["sentences"])]
-    for turn in record.get("conversations") or []:
-        if isinstance(turn, dict) and turn.get("from") in ("gpt", "assistant"):
-            segments = parse_answer(str(turn.get("value", ""))).segments
-            return segments or None
-    return None

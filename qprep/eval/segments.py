@@ -90,3 +90,12 @@ def _caption(text: str) -> str:
     text = _NEXT_ITEM.sub("", text)  # the next line's list number ("2.") belongs to the next segment
     text = " ".join(text.split())
     return text.strip(_CAPTION_EDGES).strip()
+
+
+def from_relative(segment: Segment, duration: float, end_offset: int) -> Segment:
+    """A range in LongVALE's relative units (hundredths of the video's duration, as its loader writes
+    `min(round(t / duration * 100), 99)`) → seconds: start·d/100 and (end + end_offset)·d/100.
+    LongVALE's evaluator adds 1 to a dense caption's end (`longvalellm/eval/metric.py`,
+    `captioning_metrics`: the unit that ends the event is included) and nothing to a grounding
+    answer's (`longvalellm/eval/eval.py`, `iou`)."""
+    return Segment(segment.start * duration / 100, (segment.end + end_offset) * duration / 100, segment.text)

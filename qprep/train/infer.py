@@ -33,6 +33,9 @@ from qprep.schemas.dtypes import compute_dtype
 # The seed recipe's dense-captioning question (LongVALE).
 DENSE_CAPTION_PROMPT = ("Could you detail events during different time segments? Format strictly: "
                         "From xx to xx, event1. From xx to xx, event2. ...")
+# A grounding question per true sentence (LongVALE's, `longvalellm/eval/eval.py`, asking for seconds).
+GROUNDING_PROMPT = ("At which time interval can we find {sentence} taking place in the video? "
+                    "Give the timestamps in seconds, in the format: From xx to xx.")
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
@@ -58,12 +61,13 @@ class Request:
 def infer(cache_path: str | Path, model: str | None, out: str | Path, *, adapter: str | Path | None = None,
           ids: list[str] | None = None, data: str | Path | None = None, prompt: str | None = None,
           max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, device: str | None = None, dtype: str | None = None,
-          progress: bool = True, echo=print) -> InferSummary:
+          grounding: bool = False, progress: bool = True, echo=print) -> InferSummary:
     """Write one JSON line `{"id", "answer"}` per chosen video to `out`.
 
     `model` None means the one the cache was extracted with. Videos: `ids`, or the records of `data`
     (a LongVALE-style file: each record's turns before its first answer are the prompt), or every
-    video extracted ok. `prompt` replaces the question.
+    video extracted ok. `prompt` replaces the question. `grounding`: one question per true sentence
+    of `data` (any file `qprep eval` reads), answered as `{video_id}#{i}`; see `grounding_requests`.
     """
     from tqdm.auto import tqdm
 
@@ -81,7 +85,12 @@ def infer(cache_path: str | Path, model: str | None, out: str | Path, *, adapter
     check_cache_fits(cache, checkpoint)
     tokenizer = checkpoint.tokenizer()
     layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
-    requests, skipped = choose_requests(cache, ids=ids, data=data, prompt=prompt, layout=layout)
+    if grounding:
+        if ids:
+            raise SettingsError("--grounding asks about every sentence of --data; it takes no --ids")
+        requests, skipped = grounding_requests(cache, data, prompt=prompt, layout=layout)
+    else:
+        requests, skipped = choose_requests(cache, ids=ids, data=data, prompt=prompt, layout=layout)
     for line in left_out_lines(skipped):
         echo(line)
     if not requests:
@@ -134,6 +143,39 @@ def choose_requests(cache, *, ids: list[str] | None = None, data: str | Path | N
             continue
         answers = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
         requests.append(Request(name, conversation[: answers[0]] if answers else conversation, media))
+    return requests, skipped
+
+
+def grounding_requests(cache, data: str | Path | None, *, prompt: str | None = None,
+                       layout=None) -> tuple[list[Request], dict[str, list[str]]]:
+    """A grounding question for each true sentence of `data` (an annotation dict as Charades-STA,
+    ActivityNet or LongVALE publish it, or a qprep data file), id `{video_id}#{i}` as `qprep eval`
+    reads it. `prompt` is the question's template, `{sentence}` standing for the sentence; the
+    sentence is put as LongVALE's evaluator puts it (stripped, lower case, without its final period)."""
+    from qprep.eval.grounding import query_id
+    from qprep.eval.truth import load_truth
+    from qprep.train.data import VIDEO_MARK, messages, unusable_media
+
+    if data is None:
+        raise SettingsError("--grounding asks about the sentences of --data; pass --data")
+    template = prompt or GROUNDING_PROMPT
+    if "{sentence}" not in template:
+        raise SettingsError(f"--prompt {template!r}: a grounding question needs {{sentence}} where the sentence goes")
+    problems: list[str] = []
+    truth = load_truth(data, problems)
+    skipped: dict[str, list[str]] = {"records without true segments": problems} if problems else {}
+    ok, requests = set(cache.ids()), []
+    for video_id, item in truth.items():
+        reason = unusable_media((video_id,), cache, ok, layout is not None and layout.audio)
+        for index, segment in enumerate(item.segments):
+            name = query_id(video_id, index)
+            if reason:
+                skipped.setdefault(reason, []).append(name)
+                continue
+            sentence = segment.text.strip().lower().removesuffix(".")
+            question = template.replace("{sentence}", sentence)
+            requests.append(Request(name, messages([{"from": "human", "value": VIDEO_MARK + question}]),
+                                    media=(video_id,)))
     return requests, skipped
 
 

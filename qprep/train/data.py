@@ -17,7 +17,6 @@ cache, too long) is reported with its reason before training starts, never in th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,22 +66,16 @@ def _some(ids: list[str]) -> str:
     return ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
 
 
-def load_records(path: str | Path) -> list[dict]:
-    try:
-        records = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SettingsError(f"--data {path}: cannot read it as JSON ({exc})") from exc
-    if not isinstance(records, list):
-        raise SettingsError(f"--data {path}: expected a JSON list of {{id, conversations}} records")
-    for index, record in enumerate(records):
-        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-            raise SettingsError(f"--data {path}: record {index} lacks a conversations list")
-        media = record.get("media")
-        if media is None and "id" not in record:
-            raise SettingsError(f"--data {path}: record {index} has neither an id (its video) nor a media list")
-        if media is not None and not (isinstance(media, list) and all(isinstance(m, str) for m in media)):
-            raise SettingsError(f"--data {path}: record {index}: media must be a list of cached ids")
-    return records
+def load_records(path, format: str | None = None, media_dir: str | Path | None = None) -> list[dict]:
+    """The records of a data file in any format `qprep.datasets` reads (LLaMA-Factory, ms-swift,
+    LLaVA, content blocks, LongVALE, grounding sets, qprep's own), in the form above. `path` may be
+    a `qprep.datasets.DataFile` carrying the format and media folder (and reader options) to every
+    rank. Records that cannot be used are on the list's `skipped` (reason → names)."""
+    from qprep.datasets import DataFile, load
+
+    if not isinstance(path, DataFile):
+        path = DataFile(Path(path), format=format, media_dir=media_dir)
+    return load(path)
 
 
 def record_id(record: dict, index: int) -> str:
@@ -151,7 +144,8 @@ def build_dataset(records: list[dict], cache, tokenizer, layout: PromptLayout, *
                   cut: bool = False) -> Dataset:
     """Samples ready to collate. Longer than `max_length`: left out, or with `cut` cut at
     `max_length` provided the cut falls after the last media block and leaves an answer token."""
-    dataset = Dataset(samples=[])
+    dataset = Dataset(samples=[], skipped={reason: list(names) for reason, names in
+                                           getattr(records, "skipped", {}).items()})  # left out when read
     ok = set(cache.ids())
     for index, record in enumerate(records):
         name, media = record_id(record, index), record_media(record)
@@ -163,6 +157,9 @@ def build_dataset(records: list[dict], cache, tokenizer, layout: PromptLayout, *
             text_ids, labels = tokenize(messages(record["conversations"], len(media)), tokenizer, layout.turn_end_id)
         except SettingsError as exc:
             dataset.skipped.setdefault(f"bad conversation: {exc}", []).append(name)
+            continue
+        if all(label == IGNORE for label in labels):  # its loss would be 0/0
+            dataset.skipped.setdefault("no assistant answer to learn", []).append(name)
             continue
         rows = [cache.row(medium) for medium in media]
         input_ids, labels, blocks_end = with_media_blocks(text_ids, labels, rows, layout)

@@ -25,6 +25,10 @@ from qprep.errors import SettingsError
 __all__ = ["DataFile", "FORMATS", "Records", "load", "read_records", "cache_id"]
 
 
+READERS = {"llamafactory": llamafactory.read, "swift": swift.read, "llava": llava.read, "blocks": blocks.read,
+           "longvale": longvale.read, "grounding": grounding.read, "time-r1": grounding.read_list}
+
+
 class Records(list):
     """Plain records (a list of dicts), with the ones left out: `skipped` maps "file: cause" to the
     records' names ("record 3 (cooking/a)")."""
@@ -42,12 +46,11 @@ def load(source: DataFile | str | Path) -> Records:
         return Records(plain.read(content, source.path))
     records, skipped, settings = Records(), {}, {}
     for item in read_records(source, content, reader):
-        if isinstance(item, Record):
-            item = _usable(item, source, settings)
-        if isinstance(item, Failure):
-            skipped.setdefault(f"{source.path}: {item.cause}", []).append(item.name)
-            continue
-        records.append(item)
+        usable = _usable(item, source, settings) if isinstance(item, Record) else item
+        if isinstance(usable, Failure):
+            skipped.setdefault(f"{source.path}: {usable.cause}", []).append(usable.name)
+        else:
+            records.append(usable)
     records.skipped = skipped
     return records
 
@@ -56,13 +59,13 @@ def read_records(source: DataFile, content=None, reader: str | None = None):
     """The file's `Record`s and `Failure`s, in file order (any format but qprep's own)."""
     if content is None:
         content, reader = _open(source)
+    if reader not in READERS:
+        raise SettingsError(f"--data {source.path}: {reader} records are read by `load` as they stand")
     try:
         if reader == "llamafactory":
             found = dataset_info_entry(source.path)
             return list(llamafactory.read(content, source, found[1] if found else None))
-        readers = {"swift": swift.read, "llava": llava.read, "blocks": blocks.read, "longvale": longvale.read,
-                   "grounding": grounding.read, "time-r1": grounding.read_list}
-        return list(readers[reader](content, source))
+        return list(READERS[reader](content, source))
     except RecordError as exc:  # the file as a whole is not what the format expects
         raise SettingsError(f"--data {source.path} ({reader}): {exc}") from exc
 

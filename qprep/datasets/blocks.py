@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from qprep.datasets.media import candidates, find
 from qprep.datasets.record import (KINDS, MARKS, SAMPLING_KEYS, Medium, Record, RecordError, Turn, each_row,
-                                   seconds)
+                                   name_of, seconds)
 from qprep.datasets.source import DataFile
 
 ROLES = ("system", "user", "assistant")
@@ -47,7 +47,7 @@ def read_one(record: dict, index: int, source: DataFile) -> Record:
             else:
                 raise RecordError(f"a content block {block!r:.80} is neither text nor {', '.join(KINDS)}")
         turns.append(Turn(role, "".join(pieces)))
-    return Record(str(record.get("id", f"#{index}")), index, turns, media)
+    return Record(name_of(record, index), index, turns, media)
 
 
 def medium(kind: str, block: dict, source: DataFile) -> Medium:

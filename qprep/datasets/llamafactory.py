@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 
 from qprep.datasets.media import candidates, find
-from qprep.datasets.record import KINDS, MARKS, Medium, Record, RecordError, Turn, each_row, in_mark_order, listed
+from qprep.datasets.record import (KINDS, MARKS, Medium, Record, RecordError, Turn, each_row, in_mark_order, listed,
+                                   name_of)
 from qprep.datasets.source import DataFile
 
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
@@ -99,7 +100,7 @@ def _record(record: dict, index: int, turns: list[Turn], columns: dict, source: 
              for kind in KINDS if columns.get(f"{kind}s")}
     if source.use_audio_in_video or _audio_repeats_video(media):
         turns, media = _paired(turns, media)
-    return Record(str(record.get("id", f"#{index}")), index, turns, in_mark_order(turns, media))
+    return Record(name_of(record, index), index, turns, in_mark_order(turns, media))
 
 
 def _medium(kind: str, path, source: DataFile) -> Medium:

@@ -10,7 +10,7 @@ mismatch; no tag is added).
 from __future__ import annotations
 
 from qprep.datasets.media import candidates, find
-from qprep.datasets.record import MARKS, Medium, Record, Turn, each_row, in_mark_order, listed, turns_of
+from qprep.datasets.record import MARKS, Medium, Record, Turn, each_row, in_mark_order, listed, name_of, turns_of
 from qprep.datasets.source import DataFile
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -26,4 +26,4 @@ def read_one(record: dict, index: int, source: DataFile) -> Record:
              for kind in ("image", "video")}
     if media["video"] and not media["image"] and not any(MARKS["video"] in turn.text for turn in turns):
         turns = [Turn(turn.role, turn.text.replace(MARKS["image"], MARKS["video"])) for turn in turns]
-    return Record(str(record.get("id", f"#{index}")), index, turns, in_mark_order(turns, media))
+    return Record(name_of(record, index), index, turns, in_mark_order(turns, media))

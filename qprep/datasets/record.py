@@ -143,7 +143,13 @@ class Failure:
     cause: str
 
 
+def name_of(record: dict, index: int) -> str:
+    """A data file record's name: its id, else its place (`#3`), as qprep's own records are named."""
+    return str(record["id"]) if "id" in record else f"#{index}"
+
+
 def row_name(record, index: int) -> str:
+    """How a report names a record that could not be read."""
     name = record.get("id") if isinstance(record, dict) else None
     return f"record {index}" + (f" ({name})" if name is not None else "")
 

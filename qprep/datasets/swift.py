@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from qprep.datasets.media import candidates, find
 from qprep.datasets.record import (KINDS, MARKS, Medium, Record, RecordError, Turn, each_row, in_mark_order, listed,
-                                   turns_of)
+                                   name_of, turns_of)
 from qprep.datasets.source import DataFile
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
@@ -29,7 +29,7 @@ def read_one(record: dict, index: int, source: DataFile) -> Record:
     turns = _turns(record)
     media = {kind: [_medium(kind, item, source) for item in listed(_field(record, kind), f"{kind}s")] for kind in KINDS}
     turns = _with_default_tags(turns, media)
-    return Record(str(record.get("id", f"#{index}")), index, turns, in_mark_order(turns, media))
+    return Record(name_of(record, index), index, turns, in_mark_order(turns, media))
 
 
 def _turns(record: dict) -> list[Turn]:

@@ -1,7 +1,8 @@
 """Training samples from LongVALE-style conversations and a cache.
 
 A record is `{"id": ..., "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}` and names the
-cached media its conversation reads:
+cached media its conversation reads (`load_records` reads the published formats `qprep.datasets`
+knows into this form):
 
 * without a `media` key, one video: the cached entry whose id is the record's id (LongVALE's form);
 * with `"media": [id, ...]`, those cached entries in the order the conversation places them (any
@@ -12,7 +13,8 @@ Each `<video>` in a user turn marks where the next medium goes. Media without a 
 the start of the first user turn; more marks than media is an error. Prompts are rendered by the
 tokenizer's own chat template; labels cover the assistant turns only (their text and closing
 `<|im_end|>`), -100 elsewhere. A record that cannot be used (a medium missing or failed in the
-cache, too long) is reported with its reason before training starts, never in the middle of an epoch.
+cache, too long, no answer to learn) is reported with its reason before training starts, never in the
+middle of an epoch.
 """
 
 from __future__ import annotations

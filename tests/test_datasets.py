@@ -116,6 +116,16 @@ def test_llamafactory_dataset_info_entry_its_tags_and_use_audio_in_video(tmp_pat
     # with use_audio_in_video the <video><audio> pair is the video with its own sound
     records, _ = read(data, use_audio_in_video=True)
     assert records == [("#0", [("user", "<video>What is the video describing?"), answer], ["mllm_demo_data/4"])]
+    # each <video> takes the first <audio> after it; `audios` listing the videos again pairs by itself
+    pairs = write(tmp_path, "pairs.json", [
+        {"messages": [{"role": "user", "content": f"<video> then <video>, with their sound <audio>{tail}"},
+                      {"role": "assistant", "content": "A."}],
+         "videos": ["mllm_demo_data/4.mp4"] * 2, "audios": ["mllm_demo_data/4.mp4"] * 2}
+        for tail in ("<audio>", "")])
+    records, skipped = read(pairs, format="llamafactory")  # (detected alone, `messages` reads as ms-swift)
+    assert records == [("#0", [("user", "<video> then <video>, with their sound "), ("assistant", "A.")],
+                        ["mllm_demo_data/4", "mllm_demo_data/4"])]
+    assert skipped == {f"{pairs}: use_audio_in_video: a <video> with no <audio> after it": ["record 1"]}
 
 
 def test_llamafactory_bare_sharegpt_and_alpaca_files_and_what_it_refuses(tmp_path):

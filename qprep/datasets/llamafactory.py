@@ -6,14 +6,13 @@ As its converter and multimodal plugin read them (`src/llamafactory/data/convert
 `mm_plugin.py`): a system turn only first (or the `system` column); the others alternate user,
 assistant and end with an answer; a media path is tried under the media folder, else as written;
 the `<image>`/`<video>`/`<audio>` tags must number exactly the media (no tag is added). With
-`use_audio_in_video` each `<video>` is followed by an `<audio>` whose entry is that video's own
-sound: the pair is one video, whose audio the store takes from the file. Tool turns
+`use_audio_in_video` (or `audios` listing the `videos` again) each `<video>` takes the first
+`<audio>` after it, whose entry is that video's own sound: the pair is one video, whose audio the
+store takes from the file. Tool turns
 (`observation`, `function_call`) are not read.
 """
 
 from __future__ import annotations
-
-import re
 
 from qprep.datasets.media import candidates, find
 from qprep.datasets.record import (KINDS, MARKS, Medium, Record, RecordError, Turn, each_row, in_mark_order, listed,
@@ -22,14 +21,15 @@ from qprep.datasets.source import DataFile
 
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+               "observation_tag": "tool", "function_tag": "function", "system_tag": "system"}
 # Its own defaults; a bare file's other columns are read under the names its demo files give them
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None}
 BARE_COLUMNS = {"system": "system", "history": "history", **{f"{kind}s": f"{kind}s" for kind in KINDS}}
-PAIRED = re.compile(re.escape(MARKS["video"]) + r"\s*" + re.escape(MARKS["audio"]))
 
 
 def read(rows, source: DataFile, entry: dict | None = None):
-    entry = entry or {"formatting": "sharegpt" if _sharegpt(rows) else "alpaca", "columns": BARE_COLUMNS}
+    entry = entry or _bare_entry(rows)
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("sharegpt", "alpaca"):
         raise RecordError(f"formatting {formatting!r}: LLaMA-Factory has sharegpt and alpaca")
@@ -40,8 +40,13 @@ def read(rows, source: DataFile, entry: dict | None = None):
                                                         source))
 
 
-def _sharegpt(rows) -> bool:
-    return isinstance(rows, list) and any(isinstance(r, dict) and "conversations" in r for r in rows)
+def _bare_entry(rows) -> dict:
+    """The entry a file without one is read with: sharegpt, in its default layout or (with `messages`)
+    the OpenAI layout its docs give; else alpaca."""
+    keys = set().union(*(r for r in rows if isinstance(r, dict))) if isinstance(rows, list) else set()
+    if "messages" in keys:
+        return {"formatting": "sharegpt", "columns": {**BARE_COLUMNS, "messages": "messages"}, "tags": OPENAI_TAGS}
+    return {"formatting": "sharegpt" if "conversations" in keys else "alpaca", "columns": BARE_COLUMNS}
 
 
 def _sharegpt_turns(record: dict, columns: dict, tags: dict) -> list[Turn]:
@@ -119,7 +124,19 @@ def _paired(turns: list[Turn], media: dict) -> tuple[list[Turn], dict]:
     videos, audios = media.get("video", []), media.get("audio", [])
     if len(videos) != len(audios):
         raise RecordError(f"use_audio_in_video: {len(videos)} videos and {len(audios)} audios (one each)")
-    paired = [Turn(turn.role, PAIRED.sub(MARKS["video"], turn.text)) for turn in turns]
-    if any(MARKS["audio"] in turn.text for turn in paired):
-        raise RecordError(f"use_audio_in_video: an {MARKS['audio']} tag not right after a {MARKS['video']}")
-    return paired, {**media, "audio": []}
+    return [Turn(turn.role, _audio_taken(turn.text)) for turn in turns], {**media, "audio": []}
+
+
+def _audio_taken(text: str) -> str:
+    """`text` without the `<audio>` tag each `<video>` takes: the first one after it (its plugin's rule)."""
+    video, audio = MARKS["video"], MARKS["audio"]
+    at = text.find(video)
+    while at != -1:
+        taken = text.find(audio, at)
+        if taken == -1:
+            raise RecordError(f"use_audio_in_video: a {video} with no {audio} after it")
+        text = text[:taken] + text[taken + len(audio):]
+        at = text.find(video, at + len(video))
+    if audio in text:
+        raise RecordError(f"use_audio_in_video: an {audio} tag before any {video}")
+    return text

@@ -454,3 +454,26 @@ def test_cli_train_and_infer_take_the_format_and_media_folder(vl_train_store, tm
     result = CliRunner().invoke(main, ["infer", *common[:-4], "--format", "swift", "--out", str(out), "--quiet"])
     # read as ms-swift, its <image> tag names no image: nothing left to answer
     assert result.exit_code == 3 and "no video to answer" in result.output
+
+
+def test_a_parquet_file_its_entry_names_and_a_data_file_every_rank_can_take(tmp_path):
+    import pickle
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    touch(tmp_path, "clips/a.mp4")
+    pq.write_table(pa.Table.from_pylist([{"conversations": [{"from": "human", "value": "<video>What?"},
+                                                             {"from": "gpt", "value": "A."}],
+                                          "videos": ["clips/a.mp4"]}]), tmp_path / "train-00000.parquet")
+    write(tmp_path, "dataset_info.json", {"clips": {"file_name": "train-00000.parquet",
+                                                    "columns": {"messages": "conversations", "videos": "videos"},
+                                                    "formatting": "sharegpt"}})
+    source = DataFile(tmp_path / "dataset_info.json", check_files=True)
+    assert pickle.loads(pickle.dumps(source)) == source and str(source) == str(tmp_path / "dataset_info.json")
+    records, skipped = read(tmp_path / "dataset_info.json", check_files=True)
+    assert records == [("#0", [("user", "<video>What?"), ("assistant", "A.")], ["clips/a"])] and skipped == {}
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": []}\n{not json\n')
+    with pytest.raises(SettingsError, match="broken.jsonl: line 2 is not JSON"):
+        load(DataFile(broken))

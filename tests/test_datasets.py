@@ -477,3 +477,20 @@ def test_a_parquet_file_its_entry_names_and_a_data_file_every_rank_can_take(tmp_
     broken.write_text('{"messages": []}\n{not json\n')
     with pytest.raises(SettingsError, match="broken.jsonl: line 2 is not JSON"):
         load(DataFile(broken))
+
+
+def test_cli_train_on_a_longvale_file_reports_its_left_out_records_and_trains_the_rest(vl_train_store, tmp_path):
+    model_dir, cache = vl_train_store
+    videos = cache.store.root.parent / "videos"
+    record = lambda video_id, token: {"id": video_id, "meta": {"duration": 2.0, "token": token}, "conversations": [
+        {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "From <s0> to <e0>, it moves."}]}
+    data = write(tmp_path, "longvale.json", [record("a", {"<s0>": 0, "<e0>": 1.5}), record("b", {"<s0>": 0}),
+                                             record("gone", {"<s0>": 0, "<e0>": 1})])
+    result = CliRunner().invoke(main, [
+        "train", "--cache", str(cache.store.root), "--data", str(data), "--media-dir", str(videos), "--model", model_dir,
+        "--out", str(tmp_path / "run"), "--epochs", "1", "--grad-accum", "1", "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "1 samples" in result.output
+    assert f"left out 1: {data}: bad time: <e0> has no time in meta.token (record 1 (b))" in result.output
+    assert f"left out 1: {data}: missing file: gone (looked for {videos / 'gone'}{{" in result.output
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

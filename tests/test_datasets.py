@@ -59,6 +59,11 @@ def test_a_medium_is_named_by_its_path_under_the_root_its_window_and_its_kind(tm
     assert cache_id(Medium("video", "AO8RW", by_id=True, start=1, end=2), root) == "AO8RW#t=1,2"
     assert cache_id(Medium("image", "photos/cat.jpg"), root) == "photos/cat.jpg"
     assert cache_id(Medium("audio", "talks/a.mp3", start=1, end=2.25), root) == "talks/a.mp3#t=1,2.25"
+    # a link in the root is named by its own path, as `qprep extract` names it, wherever it leads
+    touch(tmp_path / "elsewhere", "a.mp4")
+    root.mkdir()
+    (root / "linked.mp4").symlink_to(tmp_path / "elsewhere" / "a.mp4")
+    assert cache_id(Medium("video", str(root / "linked.mp4")), root) == "linked"
     for outside in (str(tmp_path / "elsewhere" / "a.mp4"), "../a.mp4", "https://host/a.mp4"):
         with pytest.raises(ValueError):
             cache_id(Medium("video", outside), root)

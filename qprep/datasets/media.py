@@ -22,6 +22,7 @@ extensions `qprep extract` reads (`find_by_id`), as the LongVALE and Charades lo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 
 from qprep.datasets.record import Medium, RecordError
@@ -55,15 +56,23 @@ def relative_path(path: str, root: str | Path) -> PurePosixPath:
     relative to `root`. `RecordError` when it leaves the root or is remote."""
     text = _local(path)
     if Path(text).is_absolute():
-        try:
-            text = Path(text).resolve().relative_to(Path(root).resolve()).as_posix()
-        except ValueError:
+        text = _under(Path(text), Path(root))
+        if text is None:
             raise RecordError(f"{path} is outside the media folder {root} (pass --media-dir: the folder "
-                              f"`qprep extract --videos` read)") from None
+                              f"`qprep extract --videos` read)")
     parts = [part for part in PurePosixPath(text.replace("\\", "/")).parts if part not in ("", ".")]
     if not parts or ".." in parts:
         raise RecordError(f"{path!r} does not name a file under the media folder")
     return PurePosixPath(*parts)
+
+
+def _under(path: Path, root: Path) -> str | None:
+    """`path` relative to `root` as written (a link inside the root names its own path, as `extract`
+    names it), else with both resolved (a root reached through a link); None when outside."""
+    for there, base in ((Path(os.path.abspath(path)), Path(os.path.abspath(root))), (path.resolve(), root.resolve())):
+        if there.is_relative_to(base):
+            return there.relative_to(base).as_posix()
+    return None
 
 
 def _local(path: str) -> str:

@@ -129,9 +129,9 @@ def in_mark_order(turns: list[Turn], media: dict[str, list[Medium]]) -> list[Med
     """Media listed per kind (`images`, `videos`, `audios`), in the order the marks of `turns` take
     them; `RecordError` when the counts differ (LLaMA-Factory's and Qwen's rule)."""
     marked = [kind for turn in turns for kind in marks_in(turn.text)]
-    listed = [kind for kind in KINDS for _ in media.get(kind, [])]
-    if sorted(marked) != sorted(listed):
-        raise RecordError(mismatch(marked, listed))
+    given = [kind for kind in KINDS for _ in media.get(kind, [])]
+    if sorted(marked) != sorted(given):
+        raise RecordError(mismatch(marked, given))
     taken = {kind: iter(media.get(kind, [])) for kind in KINDS}
     return [next(taken[kind]) for kind in marked]
 

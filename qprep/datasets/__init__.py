@@ -41,14 +41,14 @@ class Records(list):
 def load(source: DataFile | str | Path) -> Records:
     """The file's records in qprep's plain form (see the module's docstring)."""
     source = source if isinstance(source, DataFile) else DataFile(Path(source))
-    content, reader = _open(source)
+    content, reader, path = _open(source)
     if reader == "qprep":
-        return Records(plain.read(content, source.path))
+        return Records(plain.read(content, path))
     records, skipped, settings = Records(), {}, {}
     for item in read_records(source, content, reader):
         usable = _usable(item, source, settings) if isinstance(item, Record) else item
         if isinstance(usable, Failure):
-            skipped.setdefault(f"{source.path}: {usable.cause}", []).append(usable.name)
+            skipped.setdefault(f"{path}: {usable.cause}", []).append(usable.name)
         else:
             records.append(usable)
     records.skipped = skipped
@@ -58,7 +58,7 @@ def load(source: DataFile | str | Path) -> Records:
 def read_records(source: DataFile, content=None, reader: str | None = None):
     """The file's `Record`s and `Failure`s, in file order (any format but qprep's own)."""
     if content is None:
-        content, reader = _open(source)
+        content, reader, _ = _open(source)
     if reader not in READERS:
         raise SettingsError(f"--data {source.path}: {reader} records are read by `load` as they stand")
     try:
@@ -71,7 +71,8 @@ def read_records(source: DataFile, content=None, reader: str | None = None):
 
 
 def _open(source: DataFile):
-    """The parsed content of the data file and its format (given, or detected)."""
+    """The parsed content of the data file, its format (given, or detected) and its path (the data
+    file a `dataset_info.json` names, or the file itself)."""
     if source.format is not None and source.format not in FORMATS:
         raise SettingsError(f"--format {source.format}: expected one of {', '.join(FORMATS)}")
     if source.times not in UNITS:
@@ -88,7 +89,7 @@ def _open(source: DataFile):
     if found is None:
         raise SettingsError(f"--data {source.path}: not a format qprep reads ({', '.join(FORMATS)}); "
                             f"pass --format to name it")
-    return content, found
+    return content, found, path
 
 
 def _usable(record: Record, source: DataFile, settings: dict) -> dict | Failure:
@@ -100,12 +101,15 @@ def _usable(record: Record, source: DataFile, settings: dict) -> dict | Failure:
         ids = [cache_id(medium, source.root) for medium in record.media]
     except RecordError as exc:
         return Failure(name, str(exc))
+    missing = next((m for m in record.media if m.file is None), None) if source.check_files else None
+    if missing is not None:
+        return Failure(name, f"missing file: {missing.path} (looked for {' and '.join(missing.looked)})")
+    asked = {}
     for medium, medium_id in zip(record.media, ids):
-        if source.check_files and medium.file is None:
-            return Failure(name, f"missing file: {medium.path} (looked for {' and '.join(medium.looked)})")
-        earlier = settings.setdefault(medium_id, medium.sampling)
+        earlier = asked.setdefault(medium_id, settings.get(medium_id, medium.sampling))
         if earlier != medium.sampling:
             return Failure(name, f"{medium_id} asked with {medium.sampling or 'the store settings'} after "
                                  f"{earlier or 'the store settings'} (one cache entry per medium)")
+    settings.update(asked)  # only once the record is used: one left out asks nothing
     return {"id": record.name, "conversations": [{"from": turn.role, "value": turn.text} for turn in record.turns],
             "media": ids}

@@ -238,6 +238,19 @@ def test_content_blocks_carry_each_mediums_window_and_sampling(tmp_path):
     assert causes[0].startswith("a#t=12.5,30 asked with {'fps': 1.0")  # one store entry per medium: one setting
     assert causes[1].startswith("bad time:") and "not after its start" in causes[1]
     assert "fps and nframes both set" in causes[2]
+    unread = write(tmp_path, "unread.json", [
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": ["f1.jpg", "f2.jpg"]}]},
+                      {"role": "assistant", "content": "A."}]},
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": "https://host/a.mp4"}]},
+                      {"role": "assistant", "content": "A."}]},
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": "a.mp4", "speed": 2}]},
+                      {"role": "assistant", "content": "A."}]},
+    ])
+    records, skipped = read(unread)
+    assert records[0][2] == ["a"] and len(records) == 1  # a block's other keys are not sampling settings
+    assert [cause.split(": ", 1)[1] for cause in skipped] == [
+        "a video given as a list of frame images is not read (give the video file)",
+        "https://host/a.mp4: remote media are not fetched (download them under --media-dir)"]
     record = next(r for r in read_records(DataFile(data)) if r.index == 0)
     assert (record.media[0].start, record.media[0].end, record.media[0].sampling) == \
         (12.5, 30.0, {"fps": 2.0, "max_pixels": 151200})

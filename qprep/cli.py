@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from qprep.datasets.detect import FORMATS
 from qprep.errors import RankFailed, SettingsError, VideoError
 from qprep.schemas.dtypes import DTYPE_NAMES
 from qprep.store.fs import is_url
@@ -90,6 +91,36 @@ def _model(model, preset) -> str:
     if not (model or preset.model):
         raise click.UsageError("--model is required (or a --job that names one)")
     return model or preset.model
+
+
+def data_file_options(command):
+    """--format, --media-dir and the readers' options, shared by the commands that read --data."""
+    options = [
+        click.option("--format", "data_format", type=click.Choice(FORMATS), default=None,
+                     help="The --data file's format (default: detected from its content; README, \"Bring your "
+                          "dataset\")."),
+        click.option("--media-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="Where the file's media paths and ids are resolved (the folder `qprep extract --videos` "
+                          "read; default: the file's folder); given, a record whose file is missing is left out."),
+        click.option("--times", type=click.Choice(["seconds", "relative"]), default="seconds", show_default=True,
+                     help="LongVALE's <sN>/<eN> written as seconds, or as its 2-digit share of the clip."),
+        click.option("--annotations-as", type=click.Choice(["grounding", "captions"]), default="grounding",
+                     show_default=True, help="A {video: {timestamps, sentences}} file: a grounding sample per "
+                                             "sentence, or one dense-captioning sample per video."),
+        click.option("--grounding-prompt", default=None,
+                     help="The question of a grounding sample, {sentence} standing for its sentence."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _data_file(path, data_format, media_dir, times, annotations_as, grounding_prompt):
+    """--data and its reader options as one `DataFile` (every training rank reads it as given)."""
+    from qprep.datasets import DataFile
+
+    return DataFile(path, format=data_format, media_dir=media_dir, check_files=media_dir is not None, times=times,
+                    task=annotations_as, prompt=grounding_prompt)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -265,7 +296,9 @@ def status(store, videos, as_json):
 @click.option("--cache", "cache_path", required=True, type=StoreLocation(exists=True),
               help="A store written by `qprep extract` (a directory or a URL).")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help='JSON list of {"id", "conversations": [{"from": "human"|"gpt", "value"}]}; <video> marks the video.')
+              help='Training records: qprep\'s {"id", "conversations", "media"} list, or a published format '
+                   '(--format).')
+@data_file_options
 @click.option("--model", default=None,
               help="The model the cache was extracted with (directory or hub id; default: the --job's).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -340,8 +373,8 @@ def status(store, videos, as_json):
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out, with the same data order.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(cache_path, data, model, out, job, eval_data, gpus, cpu_ranks, ray_address, ray_restarts, resume, as_json,
-          quiet, **flags):
+def train(cache_path, data, data_format, media_dir, times, annotations_as, grounding_prompt, model, out, job, eval_data,
+          gpus, cpu_ranks, ray_address, ray_restarts, resume, as_json, quiet, **flags):
     """Train LoRA adapters on the language model from a cache: no tower loaded, no video decoded.
 
     Settings come from the defaults (the research recipe), then --job's [train] table, then the
@@ -369,6 +402,8 @@ def train(cache_path, data, model, out, job, eval_data, gpus, cpu_ranks, ray_add
             raise SettingsError("--gpus and --cpu-ranks: choose one")
         if ray_address and not (gpus or cpu_ranks):
             raise SettingsError("--ray-address needs --gpus N (or --cpu-ranks N): how many workers to run")
+        reading = (data_format, media_dir, times, annotations_as, grounding_prompt)
+        data, eval_data = _data_file(data, *reading), eval_data and _data_file(eval_data, *reading)
         summary = run_train(cache_path, data, model, out, settings, resume=resume, eval_data=eval_data,
                             ranks=gpus or cpu_ranks or 1, device="cuda" if gpus else ("cpu" if cpu_ranks else None),
                             ray_address=ray_address, ray_restarts=ray_restarts,
@@ -448,8 +483,9 @@ def verify(store, sample, check_all, ids, seed, tolerance, videos, model, revisi
               help='JSON lines file to write, one {"id", "answer"} per video.')
 @click.option("--ids", default=None, help="Answer for these videos (comma-separated ids).")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Answer for the records of this LongVALE-style file; each record's turns before its "
+              help="Answer for the records of this file (any --format); each record's turns before its "
                    "first answer are its prompt.")
+@data_file_options
 @click.option("--prompt", default=None,
               help="The question to ask about every video (default: the recipe's dense-captioning prompt, "
                    "or the --data records' own turns).")
@@ -466,8 +502,8 @@ def verify(store, sample, check_all, ids, seed, tolerance, videos, model, revisi
               help="Model dtype (default: bfloat16 on cuda, float32 on cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def infer(cache_path, model, adapter, out, ids, data, prompt, grounding, max_new_tokens, device, dtype, as_json,
-          quiet):
+def infer(cache_path, model, adapter, out, ids, data, data_format, media_dir, times, annotations_as, grounding_prompt,
+          prompt, grounding, max_new_tokens, device, dtype, as_json, quiet):
     """Answer from a cache with the base model and a trained adapter: no tower loaded, no video decoded.
 
     Every video extracted ok is asked the recipe's dense-captioning question ("Could you detail
@@ -487,7 +523,9 @@ def infer(cache_path, model, adapter, out, ids, data, prompt, grounding, max_new
 
     with _errors_to_exit_codes():
         summary = run_infer(cache_path, model, out, adapter=adapter,
-                            ids=[i.strip() for i in ids.split(",") if i.strip()] if ids else None, data=data,
+                            ids=[i.strip() for i in ids.split(",") if i.strip()] if ids else None,
+                            data=data and _data_file(data, data_format, media_dir, times, annotations_as,
+                                                     grounding_prompt),
                             prompt=prompt, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                             grounding=grounding, progress=not quiet, echo=(lambda line: click.echo(line, err=True)))
     if as_json:

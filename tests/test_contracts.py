@@ -54,10 +54,11 @@ def test_only_the_errors_module_spells_the_failure_codes():
 
 
 # Dicts of other contracts whose keys share a manifest column's name: the video settings and the
-# processor's kwargs (`size`, `fps`), a data file's records (`id`), the store's attributes
-# (`fingerprint`), the `qprep status` report (`path`, `error`, `fingerprint`).
-OTHER_CONTRACTS = {"settings", "kwargs", "merged", "video", "values", "overrides", "record", "attrs", "report",
-                   "failure"}
+# processor's kwargs (`size`, `fps`), a data file's records (`id`, `duration`), LongVALE's `meta`
+# (`duration`) and ms-swift's images (`path`), the store's attributes (`fingerprint`), the `qprep status`
+# report (`path`, `error`, `fingerprint`).
+OTHER_CONTRACTS = {"settings", "kwargs", "merged", "video", "values", "overrides", "record", "meta", "image", "attrs",
+                   "report", "failure"}
 
 
 def column_reads(path: Path) -> list[str]:

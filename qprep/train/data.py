@@ -1,7 +1,8 @@
 """Training samples from LongVALE-style conversations and a cache.
 
 A record is `{"id": ..., "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}` and names the
-cached media its conversation reads:
+cached media its conversation reads (`load_records` reads the published formats `qprep.datasets`
+knows into this form):
 
 * without a `media` key, one video: the cached entry whose id is the record's id (LongVALE's form);
 * with `"media": [id, ...]`, those cached entries in the order the conversation places them (any
@@ -12,12 +13,12 @@ Each `<video>` in a user turn marks where the next medium goes. Media without a 
 the start of the first user turn; more marks than media is an error. Prompts are rendered by the
 tokenizer's own chat template; labels cover the assistant turns only (their text and closing
 `<|im_end|>`), -100 elsewhere. A record that cannot be used (a medium missing or failed in the
-cache, too long) is reported with its reason before training starts, never in the middle of an epoch.
+cache, too long, no answer to learn) is reported with its reason before training starts, never in the
+middle of an epoch.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -70,22 +71,16 @@ def _some(ids: list[str]) -> str:
     return ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
 
 
-def load_records(path: str | Path) -> list[dict]:
-    try:
-        records = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SettingsError(f"--data {path}: cannot read it as JSON ({exc})") from exc
-    if not isinstance(records, list):
-        raise SettingsError(f"--data {path}: expected a JSON list of {{id, conversations}} records")
-    for index, record in enumerate(records):
-        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-            raise SettingsError(f"--data {path}: record {index} lacks a conversations list")
-        media = record.get("media")
-        if media is None and "id" not in record:
-            raise SettingsError(f"--data {path}: record {index} has neither an id (its video) nor a media list")
-        if media is not None and not (isinstance(media, list) and all(isinstance(m, str) for m in media)):
-            raise SettingsError(f"--data {path}: record {index}: media must be a list of cached ids")
-    return records
+def load_records(path, format: str | None = None, media_dir: str | Path | None = None) -> list[dict]:
+    """The records of a data file in any format `qprep.datasets` reads (LLaMA-Factory, ms-swift,
+    LLaVA, content blocks, LongVALE, grounding sets, qprep's own), in the form above. `path` may be
+    a `qprep.datasets.DataFile` carrying the format and media folder (and reader options) to every
+    rank. Records that cannot be used are on the list's `skipped` (reason → names)."""
+    from qprep.datasets import DataFile, load
+
+    if not isinstance(path, DataFile):
+        path = DataFile(Path(path), format=format, media_dir=media_dir)
+    return load(path)
 
 
 def record_id(record: dict, index: int) -> str:
@@ -158,7 +153,8 @@ def build_dataset(records: list[dict], cache, tokenizer, layout: PromptLayout, *
                   cut: bool = False) -> Dataset:
     """Samples ready to collate. Longer than `max_length`: left out, or with `cut` cut at
     `max_length` provided the cut falls after the last media block and leaves an answer token."""
-    dataset = Dataset(samples=[])
+    dataset = Dataset(samples=[], skipped={reason: list(names) for reason, names in
+                                           getattr(records, "skipped", {}).items()})  # left out when read
     ok = set(cache.ids())
     for index, record in enumerate(records):
         name, media = record_id(record, index), record_media(record)
@@ -172,6 +168,9 @@ def build_dataset(records: list[dict], cache, tokenizer, layout: PromptLayout, *
                                         layout.turn_end_id)
         except SettingsError as exc:
             dataset.skipped.setdefault(f"bad conversation: {exc}", []).append(name)
+            continue
+        if all(label == IGNORE for label in labels):  # its loss would be 0/0
+            dataset.skipped.setdefault("no assistant answer to learn", []).append(name)
             continue
         input_ids, labels, blocks_end = with_media_blocks(text_ids, labels, rows, layout)
         if max_length is not None and len(input_ids) > max_length:

@@ -27,12 +27,10 @@ from pathlib import Path
 
 import torch
 
+from qprep.datasets.grounding import CAPTIONS_PROMPT as DENSE_CAPTION_PROMPT  # the seed recipe's (LongVALE)
 from qprep.errors import SettingsError
 from qprep.schemas.dtypes import compute_dtype
 
-# The seed recipe's dense-captioning question (LongVALE).
-DENSE_CAPTION_PROMPT = ("Could you detail events during different time segments? Format strictly: "
-                        "From xx to xx, event1. From xx to xx, event2. ...")
 # A grounding question per true sentence (LongVALE's, `longvalellm/eval/eval.py`, asking for seconds).
 GROUNDING_PROMPT = ("At which time interval can we find {sentence} taking place in the video? "
                     "Give the timestamps in seconds, in the format: From xx to xx.")
@@ -128,8 +126,9 @@ def choose_requests(cache, *, ids: list[str] | None = None, data: str | Path | N
         return [Request(i, messages(question, [cache.row(i).kind])) for i in dict.fromkeys(ids)], {}
     if data is None:
         return [Request(i, messages(question, [cache.row(i).kind])) for i in cache.ids()], {}
-    requests, skipped = [], {}
-    for index, record in enumerate(load_records(data)):
+    records = load_records(data)  # a path, or a `qprep.datasets.DataFile` naming its format and media
+    requests, skipped = [], {reason: list(names) for reason, names in getattr(records, "skipped", {}).items()}
+    for index, record in enumerate(records):
         name, media = record_id(record, index), record_media(record)
         reason = unusable_media(media, cache, ok, layout is not None and layout.audio)
         if reason:

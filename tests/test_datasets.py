@@ -184,7 +184,7 @@ def test_swift_places_missing_tags_first_and_reads_its_aliases(tmp_path):
     records, skipped = read(data, check_files=True)
     # images, then audio, then video, each prepended to the first non-system message
     assert records[0] == ("#0", [("system", "Be brief."), ("user", "<video><audio><image>What?"), ("assistant", "A.")],
-                          ["a", "talk.wav", "cat.jpg"])
+                          ["a", "talk.wav", "cat"])
     assert records[1] == ("#1", [("user", "<video>Compare <video> and"), ("assistant", "Same.")], ["a", "a"])
     assert len(records) == 2
     assert {cause.split(": ", 1)[1]: names for cause, names in skipped.items()} == {
@@ -211,7 +211,7 @@ def test_llava_reads_image_for_the_video_and_lists_of_media(tmp_path):
     assert records == [
         ("v1", [("user", "<video>\nWhat happens?"), ("assistant", "A.")], ["academic/v1"]),
         ("two", [("user", "<video> then <video>?"), ("assistant", "B.")], ["academic/v1", "academic/v2"]),
-        ("pic", [("user", "<image>\nWhat?"), ("assistant", "C.")], ["img/c.png"]),
+        ("pic", [("user", "<image>\nWhat?"), ("assistant", "C.")], ["img/c"]),
     ]
     assert skipped == {f"{data}: 0 <video> tags for 1 video": ["record 3 (bad)"]}
 
@@ -233,7 +233,7 @@ def test_content_blocks_carry_each_mediums_window_and_sampling(tmp_path):
     ])
     records, skipped = read(data)
     assert records == [("#0", [("user", "<video>What happens?<image>"), ("assistant", "A.")],
-                        ["a#t=12.5,30", "cat.jpg"])]
+                        ["a#t=12.5,30", "cat"])]
     causes = sorted(cause.split(": ", 1)[1] for cause in skipped)
     assert causes[0].startswith("a#t=12.5,30 asked with {'fps': 1.0")  # one store entry per medium: one setting
     assert causes[1].startswith("bad time:") and "not after its start" in causes[1]

@@ -193,8 +193,7 @@ def unusable_media(media: tuple[str, ...], cache, ok: set[str], audio: bool) -> 
             return "video not in the cache"
         if medium not in ok:
             return "video failed extraction"
-    videos = [cache.row(medium) for medium in media if cache.row(medium).kind == "video"]
-    if audio and len({row.has_audio for row in videos}) > 1:
+    if audio and len({row.has_audio for row in map(cache.row, media) if row.kind == "video"}) > 1:
         # the model positions a sample's videos with one use_audio_in_video flag (so does its processor)
         return "videos with and without audio in one sample (the model takes one use_audio_in_video flag)"
     return None

@@ -14,10 +14,16 @@ import pytest
 import torch
 
 from qprep.models.checkpoint import open_checkpoint
-from qprep.train.data import build_dataset, collate, collate_packed, load_records
+from qprep.train.data import build_dataset, collate, load_records
 from qprep.train.model import LanguageModel
 from reference import full_model
-from test_train_media import DEEPSTACK, processor_batch
+from test_train_media import (
+    DEEPSTACK,
+    assert_batch_as_the_full_model,
+    assert_each_sample_of_a_packed_row_as_alone,
+    processor_batch,
+)
+from test_train_parity import lora_gradients_both_ways
 
 FAMILIES = ["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen3_omni_moe"]
 
@@ -63,43 +69,19 @@ def test_a_batch_mixing_images_videos_and_text_gives_the_full_models_logits_and_
     full = full_model(model_dir)
     for names in (["image-and-video", "text", "two-images"], ["image"]):
         batch = collate([samples[name] for name in names], cache, layout)
-        inputs, model_kwargs, labels = reference_batch(model_dir, cache, kind, names)
-        assert torch.equal(batch.input_ids, inputs["input_ids"]), names
-        assert torch.equal(batch.attention_mask, inputs["attention_mask"]) and torch.equal(batch.labels, labels)
         assert (batch.deepstack is None) == (kind not in DEEPSTACK)
-        with torch.no_grad():
-            expected = full(**inputs, labels=labels, **model_kwargs)
-            loss, logits = language_model(batch)
-        assert torch.equal(logits, expected.logits), names
-        assert torch.equal(loss, expected.loss), names
+        assert_batch_as_the_full_model(language_model, full, batch, reference_batch(model_dir, cache, kind, names),
+                                       names)
 
 
 @pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen3_vl", "qwen3_omni_moe"])
 def test_lora_gradients_of_a_batch_with_images_equal_the_full_models(media_store, kind, tmp_path):
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-
-    from qprep.train.lora import LoraSettings, apply_lora
-
     model_dir, cache, checkpoint, layout, samples = samples_of(media_store, kind, tmp_path)
     names = ["image-and-video", "two-images", "text"]
     batch = collate([samples[name] for name in names], cache, layout)
     inputs, model_kwargs, labels = reference_batch(model_dir, cache, kind, names)
-    language_model = LanguageModel(checkpoint, dtype="float32").eval()
-    settings = LoraSettings(r=4, alpha=8, dropout=0.0)
-    ours = apply_lora(language_model, settings)
-    generator = torch.Generator().manual_seed(0)
-    for name, parameter in ours.named_parameters():
-        if "lora_B" in name:  # non-zero B, so that A gets gradients too
-            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.02
-    theirs = get_peft_model(full_model(model_dir), LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=settings.target_regex(language_model.family.lora_targets),
-        exclude_modules=settings.tower_regex()))
-    set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours))
-    ours(batch)[0].backward()
-    theirs(**inputs, labels=labels, use_cache=False, **model_kwargs).loss.backward()
-    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    reference = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    assert mine.keys() == reference.keys() and mine
+    mine, reference = lora_gradients_both_ways(LanguageModel(checkpoint, dtype="float32").eval(), full_model(model_dir),
+                                               batch, dict(inputs, labels=labels, **model_kwargs))
     for name, gradient in mine.items():
         assert torch.equal(gradient, reference[name]), name
 
@@ -109,19 +91,8 @@ def test_a_packed_row_with_images_gives_each_sample_its_logits_alone(media_store
     """Tolerance as tests/test_train_packing.py states it: other matmul shapes, float32 rounding."""
     model_dir, cache, checkpoint, layout, samples = samples_of(media_store, kind, tmp_path)
     chosen = [samples[name] for name in ("two-images", "text", "image-and-video", "image")]
-    model = LanguageModel(checkpoint).eval()
-    per_sample = LanguageModel(checkpoint, packing=True).eval()
-    packed = collate_packed(chosen, cache, layout)
+    packed = assert_each_sample_of_a_packed_row_as_alone(checkpoint, cache, layout, chosen)
     assert packed.media_kinds == (("image", "image"), (), ("image", "video"), ("image",))
-    with torch.no_grad():
-        _, logits = per_sample(packed)
-        start = 0
-        for sample in chosen:
-            _, alone = model(collate([sample], cache, layout))
-            n = len(sample.input_ids)
-            gap = float((logits[0, start:start + n] - alone[0]).abs().max())
-            assert gap < 1e-5, (sample.id, gap)
-            start += n
 
 
 @pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])

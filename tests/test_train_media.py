@@ -23,7 +23,7 @@ from qprep.schemas.settings import load_model_spec
 from qprep.train.data import IGNORE, build_dataset, collate, collate_packed, load_records
 from qprep.train.model import LanguageModel
 from reference import full_model, plain_audio_decode, plain_decode
-from test_train_parity import DEEPSTACK, OMNI, QWEN3, answer_labels, true_metadata
+from test_train_parity import DEEPSTACK, OMNI, QWEN3, answer_labels, lora_gradients_both_ways, true_metadata
 
 STORES = {"qwen2_5_omni": "omni_store", "qwen2_5_vl": "vl_train_store", "qwen2_vl": "qwen2_vl_store",
           "qwen3_omni_moe": "qwen3_omni_store"}
@@ -156,15 +156,21 @@ def test_a_batch_mixing_two_videos_a_repeated_video_and_text_only_gives_the_full
     full = full_model(model_dir)
     for names in (["pair", "text", "b"], ["again"], ["text"]):
         batch = collate([samples[name] for name in names], cache, layout)
-        inputs, model_kwargs, labels = processor_batch(model_dir, cache, kind, names)
-        assert torch.equal(batch.input_ids, inputs["input_ids"]), names
-        assert torch.equal(batch.attention_mask, inputs["attention_mask"]) and torch.equal(batch.labels, labels)
         assert (batch.deepstack is None) == (kind not in DEEPSTACK or names == ["text"])
-        with torch.no_grad():
-            expected = full(**inputs, labels=labels, **model_kwargs)
-            loss, logits = language_model(batch)
-        assert torch.equal(logits, expected.logits), names
-        assert torch.equal(loss, expected.loss), names
+        assert_batch_as_the_full_model(language_model, full, batch, processor_batch(model_dir, cache, kind, names), names)
+
+
+def assert_batch_as_the_full_model(language_model, full, batch, reference, names):
+    """qprep's batch holds the processor's ids, mask and labels, and gives the full model's logits and
+    loss on the processor's inputs, bit for bit (`reference`: `processor_batch`'s)."""
+    inputs, model_kwargs, labels = reference
+    assert torch.equal(batch.input_ids, inputs["input_ids"]), names
+    assert torch.equal(batch.attention_mask, inputs["attention_mask"]) and torch.equal(batch.labels, labels)
+    with torch.no_grad():
+        expected = full(**inputs, labels=labels, **model_kwargs)
+        loss, logits = language_model(batch)
+    assert torch.equal(logits, expected.logits), names
+    assert torch.equal(loss, expected.loss), names
 
 
 @pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen3_vl", "qwen3_omni_moe"])
@@ -173,10 +179,16 @@ def test_a_packed_row_mixing_them_gives_each_sample_its_logits_alone(request, ki
     model_dir, cache = store_of(request, kind)
     checkpoint, _, layout, samples = dataset_of(cache, model_dir, tmp_path, kind)
     chosen = [samples[name] for name in ("pair", "text", "again", "b")]
+    packed = assert_each_sample_of_a_packed_row_as_alone(checkpoint, cache, layout, chosen)
+    assert packed.media_kinds == (("video", "video"), (), ("video", "video"), ("video",))
+
+
+def assert_each_sample_of_a_packed_row_as_alone(checkpoint, cache, layout, chosen):
+    """`chosen` packed in one row (per-sample attention) give each sample its logits alone within
+    1e-5 (other matmul shapes: float32 rounding, tests/test_train_packing.py); returns the row."""
     model = LanguageModel(checkpoint).eval()
     per_sample = LanguageModel(checkpoint, packing=True).eval()
     packed = collate_packed(chosen, cache, layout)
-    assert packed.media_kinds == (("video", "video"), (), ("video", "video"), ("video",))
     with torch.no_grad():
         _, logits = per_sample(packed)
         start = 0
@@ -186,6 +198,7 @@ def test_a_packed_row_mixing_them_gives_each_sample_its_logits_alone(request, ki
             gap = float((logits[0, start:start + n] - alone[0]).abs().max())
             assert gap < 1e-5, (sample.id, gap)
             start += n
+    return packed
 
 
 def test_media_marks_and_records_that_cannot_be_used_are_reported(omni_store, qwen3_omni_store, tmp_path):
@@ -222,31 +235,13 @@ def test_media_marks_and_records_that_cannot_be_used_are_reported(omni_store, qw
 
 @pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_omni_moe"])
 def test_lora_gradients_of_a_mixed_batch_equal_the_full_models_with_the_same_adapter(request, kind, tmp_path):
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-
-    from qprep.train.lora import LoraSettings, apply_lora
-
     model_dir, cache = store_of(request, kind)
     checkpoint, _, layout, samples = dataset_of(cache, model_dir, tmp_path, kind)
     names = ["pair", "text", "b"]
     batch = collate([samples[name] for name in names], cache, layout)
     inputs, model_kwargs, labels = processor_batch(model_dir, cache, kind, names)
-    language_model = LanguageModel(checkpoint, dtype="float32").eval()
-    settings = LoraSettings(r=4, alpha=8, dropout=0.0)
-    ours = apply_lora(language_model, settings)
-    generator = torch.Generator().manual_seed(0)
-    for name, parameter in ours.named_parameters():
-        if "lora_B" in name:  # non-zero B, so that A gets gradients too
-            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.02
-    theirs = get_peft_model(full_model(model_dir), LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=settings.target_regex(language_model.family.lora_targets),
-        exclude_modules=settings.tower_regex()))
-    set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours))
-    ours(batch)[0].backward()
-    theirs(**inputs, labels=labels, use_cache=False, **model_kwargs).loss.backward()
-    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    reference = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    assert mine.keys() == reference.keys() and mine
+    mine, reference = lora_gradients_both_ways(LanguageModel(checkpoint, dtype="float32").eval(), full_model(model_dir),
+                                               batch, dict(inputs, labels=labels, **model_kwargs))
     for name, gradient in mine.items():
         assert torch.equal(gradient, reference[name]), name
 

@@ -168,13 +168,20 @@ def test_cache_path_loss_and_logits_equal_the_full_model_on_raw_video(tiny_model
 
 
 def _gradients_both_ways(tiny_model, videos, kind, layout, targets=None):
-    """LoRA gradients of the same adapter on qprep's language model (cached tokens) and on transformers'
-    full model (raw video through its processor), peft's own config for the latter."""
+    full, inputs, model_kwargs, labels, language_model, batch = _both_paths(tiny_model, videos, kind, layout)
+    mine, reference = lora_gradients_both_ways(language_model, full, batch, dict(inputs, labels=labels, **model_kwargs),
+                                               targets)
+    return language_model, mine, reference
+
+
+def lora_gradients_both_ways(language_model, full, batch, full_inputs: dict, targets=None):
+    """LoRA gradients of the same adapter on qprep's language model (cached tokens, `batch`) and on
+    transformers' full model (raw media through its processor, `full_inputs` with the labels), peft's
+    own config for the latter: (qprep's, the full model's), by parameter name."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     from qprep.train.lora import LoraSettings, apply_lora
 
-    full, inputs, model_kwargs, labels, language_model, batch = _both_paths(tiny_model, videos, kind, layout)
     settings = LoraSettings(r=4, alpha=8, dropout=0.0, targets=targets)
     ours = apply_lora(language_model, settings)
     generator = torch.Generator().manual_seed(0)
@@ -191,11 +198,11 @@ def _gradients_both_ways(tiny_model, videos, kind, layout, targets=None):
     # Without a generation cache, as the training stacks call it (LLaMA-Factory and ms-swift set
     # use_cache=False to train). With one, Qwen3.5's Gated DeltaNet layers also keep their states and
     # the gradient of in_proj_qkv comes out an ulp apart (measured: 2e-10 of 3e-2).
-    theirs(**inputs, labels=labels, use_cache=False, **model_kwargs).loss.backward()
+    theirs(**full_inputs, use_cache=False).loss.backward()
     mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     reference = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    assert mine.keys() == reference.keys()
-    return language_model, mine, reference
+    assert mine.keys() == reference.keys() and mine
+    return mine, reference
 
 
 @pytest.mark.parametrize(("kind", "layout"), CASES)

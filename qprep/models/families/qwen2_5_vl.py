@@ -24,12 +24,17 @@ class QwenVLFamily(Family):
     def video_block(self, layout, row, start=0) -> list[int]:
         return plain_video_block(row.grid_thw, layout.ids, layout.merge_size)
 
+    # whether `get_rope_index` takes the time per temporal patch (`second_per_grid_ts`): Qwen2.5-VL's
+    # does; Qwen2-VL's and Qwen3-VL's count patches (Qwen3-VL puts time in the text)
+    positions_take_time = True
+
     def position_ids(self, rope_model, batch, config):
         ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
         types = token_types(ids, config, VIDEO_TOKEN_TYPE, IMAGE_TOKEN_TYPE)
+        time = {"second_per_grid_ts": as_cpu(batch.second_per_grid)} if self.positions_take_time else {}
         positions, _ = rope_model.get_rope_index(ids, types, image_grid_thw=as_cpu(batch.image_grid_thw),
-                                                 video_grid_thw=as_cpu(batch.video_grid_thw),
-                                                 second_per_grid_ts=as_cpu(batch.second_per_grid), attention_mask=mask)
+                                                 video_grid_thw=as_cpu(batch.video_grid_thw), attention_mask=mask,
+                                                 **time)
         return positions
 
 

@@ -20,19 +20,13 @@ transformers 5's `save_pretrained` writes.
 
 from __future__ import annotations
 
-from qprep.models.families.base import as_cpu, token_types
-from qprep.models.families.qwen2_5_vl import IMAGE_TOKEN_TYPE, VIDEO_TOKEN_TYPE, QwenVLFamily
+from qprep.models.families.qwen2_5_vl import QwenVLFamily
 
 
 class Qwen2VLFamily(QwenVLFamily):
     """Qwen2.5-VL's placeholders and block; positions without `second_per_grid_ts`."""
 
-    def position_ids(self, rope_model, batch, config):
-        ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
-        types = token_types(ids, config, VIDEO_TOKEN_TYPE, IMAGE_TOKEN_TYPE)
-        positions, _ = rope_model.get_rope_index(ids, types, image_grid_thw=as_cpu(batch.image_grid_thw),
-                                                 video_grid_thw=as_cpu(batch.video_grid_thw), attention_mask=mask)
-        return positions
+    positions_take_time = False
 
 
 QWEN2_VL = Qwen2VLFamily(

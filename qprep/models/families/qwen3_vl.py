@@ -26,8 +26,8 @@ not of one frame (`Family.pixel_bounds_per_clip`).
 from __future__ import annotations
 
 from qprep.models.families import experts
-from qprep.models.families.base import ATTENTION_AND_MLP, as_cpu, token_types
-from qprep.models.families.qwen2_5_vl import IMAGE_TOKEN_TYPE, VIDEO_TOKEN_TYPE, QwenVLFamily
+from qprep.models.families.base import ATTENTION_AND_MLP
+from qprep.models.families.qwen2_5_vl import QwenVLFamily
 
 
 def patch_times(frame_times, temporal_patch_size: int) -> list[float]:
@@ -59,7 +59,10 @@ class Deepstack:
 
 
 class Qwen3VLFamily(Deepstack, QwenVLFamily):
-    """Qwen2.5-VL's placeholders and token types; its own block (time as text) and positions."""
+    """Qwen2.5-VL's placeholders and token types; its own block (time as text), and positions that
+    count temporal patches (no `second_per_grid_ts`)."""
+
+    positions_take_time = False
 
     def video_block(self, layout, row, start=0) -> list[int]:
         ids = layout.ids
@@ -72,14 +75,6 @@ class Qwen3VLFamily(Deepstack, QwenVLFamily):
         for seconds in times:
             block += layout.text_ids(time_stamp(seconds)) + [ids.vision_start] + [ids.video] * per_patch + [ids.vision_end]
         return block
-
-    def position_ids(self, rope_model, batch, config):
-        ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
-        types = token_types(ids, config, VIDEO_TOKEN_TYPE, IMAGE_TOKEN_TYPE)
-        positions, _ = rope_model.get_rope_index(ids, types, image_grid_thw=as_cpu(batch.image_grid_thw),
-                                                 video_grid_thw=as_cpu(batch.video_grid_thw), attention_mask=mask)
-        return positions
-
 
 
 QWEN3_CHECKPOINT = dict(

@@ -316,6 +316,12 @@ def status(store, videos, as_json):
                    "0 on CPU, where workers would take cores from the compute). The result does not depend on it.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute activations in the backward: less memory, slower (default on).")
+@click.option("--report-to", multiple=True, callback=lambda ctx, param, value: value or None,
+              metavar="TRACKER[,TRACKER]",
+              help="Experiment trackers to report metrics.jsonl's numbers and the settings to, as the Trainer's "
+                   "report_to: tensorboard (OUT/tensorboard), wandb (offline without credentials), mlflow, all "
+                   "(every installed one) or none; repeat or comma-separate (default: tensorboard when installed). "
+                   "Each is an extra: pip install 'qprep[wandb]'.")
 @click.option("--gpus", type=click.IntRange(1), default=None,
               help="Data-parallel over N GPUs of this machine: N processes through torch's elastic launcher, "
                    "one GPU each; --batch-size is per GPU (torchrun --nproc-per-node N -m qprep train ... works too).")

@@ -111,6 +111,8 @@ def main():
                                       answer from the cache with a trained adapter
       qprep eval --answers answers.jsonl --data test.json
                                       score the answers' timed captions against the truth
+      qprep plot run-a/ run-b/ --out compare.png
+                                      several training runs' curves on one figure
       qprep jobs                      the named presets
     """
     _exit_cleanly_on_sigterm()
@@ -529,6 +531,24 @@ def evaluate(answers, data, per_video, plot, plot_videos, no_captions, as_json):
     if plot:
         click.echo(f"picture of {min(plot_videos, len(report.videos))} videos → {plot_timelines(report, plot, plot_videos)}",
                    err=as_json)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The PNG to write.")
+def plot(runs, out):
+    """Draw several training RUNS' curves on one figure: each run's smoothed loss and validation
+    loss, and their learning rates, against the batches trained.
+
+    \b
+    Examples:
+      qprep plot run-a/ run-b/ --out compare.png
+      qprep plot runs/* --out all.png
+    """
+    from qprep.train.plot import plot_runs
+
+    with _errors_to_exit_codes():
+        click.echo(f"{len(runs)} runs → {plot_runs(list(runs), out)}")
 
 
 @main.command()

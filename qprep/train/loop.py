@@ -183,7 +183,7 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     trackers = Trackers([])  # rank 0's
     try:
         if world.main:
-            trackers = Trackers.open(chosen(settings.report_to), out, identity["settings"],
+            trackers = Trackers.open(chosen(settings.report_to), folder, identity["settings"],
                                      resumed_at=state["step"] if latest else None)
             for where in trackers.where():
                 echo(f"reporting to {where}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from qprep.errors import SettingsError
+from qprep.train.run_folder import RunFolder
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 # the module each tracker needs, and the extra that installs it
@@ -111,7 +112,7 @@ class Trackers:
         self.reporters = reporters
 
     @classmethod
-    def open(cls, names: tuple[str, ...], run: Path, settings: dict, resumed_at: int | None = None) -> "Trackers":
+    def open(cls, names: tuple[str, ...], run: RunFolder, settings: dict, resumed_at: int | None = None) -> "Trackers":
         """Start each named tracker for the run folder `run`; `resumed_at`: the optimizer step a resumed run
         continues from (what TensorBoard hides after it, as the resumed run logs those steps again)."""
         openers = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
@@ -141,11 +142,11 @@ class Trackers:
 class _TensorBoard:
     """Event files in RUN/tensorboard (`tensorboard --logdir RUN`, or the parent of several runs)."""
 
-    def __init__(self, run: Path, settings: dict, resumed_at: int | None):
+    def __init__(self, run: RunFolder, settings: dict, resumed_at: int | None):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        self.where = str(run / "tensorboard")
+        self.where = str(run.tensorboard)
         self.writer = SummaryWriter(self.where, purge_step=resumed_at)
         flat = flat_settings(settings)
         self.writer.add_text("settings", f"```\n{json.dumps(settings, indent=2, default=str)}\n```")
@@ -162,21 +163,29 @@ class _TensorBoard:
 
 
 class _WandB:
-    """A W&B run in RUN/wandb. Offline (`wandb sync RUN/wandb/offline-run-*` uploads it later) when
-    WANDB_MODE says so or W&B has no credentials to go online with; the project is WANDB_PROJECT's
-    (default qprep), the run's name the run folder's."""
+    """A W&B run in RUN/wandb, as the run's name the run folder's, in WANDB_PROJECT (default qprep).
+    Online when W&B has an API key (WANDB_API_KEY, `wandb login`) and reaches its server; otherwise in
+    W&B's own offline mode (`wandb sync RUN/wandb/offline-run-*` uploads it later). WANDB_MODE decides
+    when set."""
 
-    def __init__(self, run: Path, settings: dict, resumed_at: int | None):
+    def __init__(self, run: RunFolder, settings: dict, resumed_at: int | None):
         import wandb
 
-        mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_credentials(wandb) else "offline")
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "qprep"), name=run.resolve().name,
-                              dir=str(run), config=settings, mode=mode, reinit="create_new")
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb.api.api_key else "offline")
+        init = dict(project=os.environ.get("WANDB_PROJECT", "qprep"), name=run.root.resolve().name,
+                    dir=str(run.root), config=settings, reinit="create_new")
+        why = "no API key" if mode == "offline" and not os.environ.get("WANDB_MODE") else "WANDB_MODE"
+        try:
+            self.run = wandb.init(**init, mode=mode)
+        except wandb.errors.CommError as exc:  # no network: W&B's offline mode, not a failed training run
+            if os.environ.get("WANDB_MODE"):
+                raise
+            mode, why, self.run = "offline", f"unreachable: {str(exc).splitlines()[0]}", wandb.init(**init, mode="offline")
         # as the Trainer's integration: every series against the optimizer step, and a step's
         # several batches kept as rows of their own (wandb.log's step= would merge them)
         self.run.define_metric("train/global_step")
         self.run.define_metric("*", step_metric="train/global_step", step_sync=True)
-        self.where = self.run.dir if mode != "offline" else str(Path(self.run.dir).parent)
+        self.where = self.run.url if mode == "online" else f"{Path(self.run.dir).parent} (W&B offline, {why})"
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log({**values, "train/global_step": step})
@@ -185,24 +194,15 @@ class _WandB:
         self.run.finish()
 
 
-def _wandb_credentials(wandb) -> bool:
-    """Whether W&B has an API key (environment or `wandb login`'s netrc) to go online with."""
-    from wandb.sdk.lib.wbauth import wbnetrc
-
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    return wbnetrc.read_netrc_auth(host=wandb.Settings().base_url) is not None
-
-
 class _MLflow:
     """An MLflow run at MLFLOW_TRACKING_URI (a tracking server, or a database), by default the database
     RUN/mlflow.db (`mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db`), which needs the full mlflow
     package; the experiment is MLFLOW_EXPERIMENT_NAME's (default qprep)."""
 
-    def __init__(self, run: Path, settings: dict, resumed_at: int | None):
+    def __init__(self, run: RunFolder, settings: dict, resumed_at: int | None):
         import mlflow
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run.resolve() / 'mlflow.db'}"
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run.mlflow_db.resolve()}"
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "qprep")
         try:
             self.client = mlflow.MlflowClient(uri)
@@ -212,7 +212,7 @@ class _MLflow:
                                 f"MLFLOW_TRACKING_URI to a tracking server (http://host:5000), or pip install "
                                 f"mlflow for a local database") from exc
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
-        self.run_id = self.client.create_run(experiment_id, run_name=run.resolve().name).info.run_id
+        self.run_id = self.client.create_run(experiment_id, run_name=run.root.resolve().name).info.run_id
         params = [mlflow.entities.Param(k, str(v)) for k, v in flat_settings(settings).items()]
         self.client.log_batch(self.run_id, params=params)
         self.where = f"{uri} (MLflow run {self.run_id})"

@@ -171,6 +171,8 @@ def test_the_loss_figure_has_its_axes_and_series(reported_run):
     loss_axes, rate_axes = figure.axes
     assert (loss_axes.get_xlabel(), loss_axes.get_ylabel(), rate_axes.get_ylabel()) == (
         "batches trained", "loss", "learning rate")
+    (epoch_axis,) = loss_axes.child_axes  # the epochs above the batches
+    assert epoch_axis.get_xlabel() == "epoch"
     lines = {line.get_label(): line for axes in figure.axes for line in axes.get_lines()}
     assert set(lines) == {"loss per batch", "running mean of 10 batches", "validation loss", "epoch start",
                           "learning rate"}

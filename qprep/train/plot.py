@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 SMOOTHING = 10  # batches in the running mean drawn over the per-batch loss
+EPOCH_LINES = 12  # at most this many epoch starts are drawn as lines
 BATCHES = "batches trained"
 
 
@@ -45,6 +46,14 @@ class Curves:
         return cls(name or Path(metrics).resolve().parent.name, _xy(loss), _xy(validation), _xy(lr),
                    np.array(starts, dtype=float))
 
+    def batches_to_epochs(self):
+        """(batches → epochs, epochs → batches), piecewise linear through the epochs' bounds (an epoch's
+        first batch trained is at its start), for an epoch axis beside the batches."""
+        bounds = np.concatenate([[0.0], self.epoch_starts + 0.5, [self.loss[0][-1] + 0.5]])
+        epochs = np.arange(len(bounds), dtype=float)
+        return (lambda x: np.interp(x, bounds, epochs, left=0.0, right=epochs[-1]),
+                lambda e: np.interp(e, epochs, bounds, left=0.0, right=bounds[-1]))
+
     def smoothed(self) -> tuple[np.ndarray, np.ndarray]:
         """The running mean of the last SMOOTHING batches' loss (fewer at the start)."""
         x, y = self.loss
@@ -71,8 +80,13 @@ def loss_figure(metrics: str | Path) -> Figure:
     axes.plot(*curves.smoothed(), color="tab:blue", linewidth=2.2, label=f"running mean of {SMOOTHING} batches")
     if len(curves.validation[0]):
         axes.plot(*curves.validation, color="tab:red", marker="o", linewidth=1.6, label="validation loss")
-    for index, start in enumerate(curves.epoch_starts):
-        axes.axvline(start + 0.5, color="grey", linestyle=":", linewidth=1, label="epoch start" if index == 0 else None)
+    if len(curves.epoch_starts) <= EPOCH_LINES:  # more would hide the curves: the epoch axis above still says
+        for index, start in enumerate(curves.epoch_starts):
+            axes.axvline(start + 0.5, color="grey", linestyle=":", linewidth=1,
+                         label="epoch start" if index == 0 else None)
+    if len(curves.loss[0]):
+        epoch_axis = axes.secondary_xaxis("top", functions=curves.batches_to_epochs())
+        epoch_axis.set_xlabel("epoch")
     axes.set_xlabel(BATCHES)
     axes.set_ylabel("loss")
     axes.set_title(f"{curves.name}: {len(curves.loss[0])} batches")

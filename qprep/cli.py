@@ -351,6 +351,7 @@ def train(cache_path, data, model, out, job, eval_data, gpus, cpu_ranks, ray_add
       qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/
       qprep train --cache clips.zarr --data train.json --job seed-omni-100f --out run/ --epochs 3
       qprep train --cache clips.zarr --data train.json --eval-data val.json --save-best --out run/
+      qprep train --cache clips.zarr --data train.json --job seed-omni-100f --out run/ --report-to wandb
       qprep train --cache clips.zarr --data train.json --job seed-omni-100f --out run/ --gpus 3
       qprep train --cache s3://b/clips.zarr --data train.json --out /shared/run --ray-address auto --gpus 8
       qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/ --resume

@@ -99,8 +99,9 @@ def read_wandb_records(run: Path) -> list:
     return records
 
 
-def items(record_part) -> dict:
-    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record_part.item}
+def items(repeated) -> dict:
+    """A record's key/value items (history, config) as a dict."""
+    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in repeated}
 
 
 def test_wandb_offline_history_holds_the_same_numbers(reported_run):
@@ -109,7 +110,7 @@ def test_wandb_offline_history_holds_the_same_numbers(reported_run):
     logged: dict[str, list[tuple[int, float]]] = {}
     for record in records:
         if record.WhichOneof("record_type") == "history":
-            row = items(record.history)
+            row = items(record.history.item)
             for name, value in row.items():
                 if not name.startswith("_") and name != "train/global_step":
                     logged.setdefault(name, []).append((row["train/global_step"], value))
@@ -216,6 +217,6 @@ def test_wandb_without_its_server_logs_offline(tmp_path, monkeypatch):
     (where,) = trackers.where()
     trackers.close()
     assert "W&B offline, unreachable" in where
-    rows = [items(r.history) for r in read_wandb_records(tmp_path) if r.WhichOneof("record_type") == "history"]
+    rows = [items(r.history.item) for r in read_wandb_records(tmp_path) if r.WhichOneof("record_type") == "history"]
     assert [(row["train/global_step"], row["train/batch_loss"], row["train/learning_rate"]) for row in rows] == [
         (1, 2.5, 0.1)]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qprep.cli import main
 from qprep.errors import SettingsError
@@ -71,6 +72,12 @@ def test_training_lowers_the_loss_and_a_resumed_run_equals_an_uninterrupted_one(
     resumed = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [(row["epoch"], row["batch"], row["loss"]) for row in resumed] == [(row["epoch"], row["batch"], row["loss"])
                                                                               for row in lines]
+    # and so does TensorBoard's (the default tracker): the events copied past checkpoint 2 are hidden, the kept
+    # rows reported again with the rest
+    events = EventAccumulator(str(tmp_path / "split" / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert len(list((tmp_path / "split" / "tensorboard").glob("events.*"))) == 2
+    assert [(e.step, e.value) for e in events.Scalars("train/batch_loss")] == [
+        (row["step"], pytest.approx(row["loss"], rel=1e-6)) for row in resumed]
 
 
 def test_validation_reports_the_held_out_loss_keeps_the_best_adapter_and_leaves_the_training_unchanged(

@@ -184,7 +184,7 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     try:
         if world.main:
             trackers = Trackers.open(chosen(settings.report_to), folder, identity["settings"],
-                                     resumed_at=state["step"] if latest else None)
+                                     resumed=bool(latest))
             for where in trackers.where():
                 echo(f"reporting to {where}")
         for position in planned:

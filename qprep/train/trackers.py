@@ -112,18 +112,22 @@ class Trackers:
         self.reporters = reporters
 
     @classmethod
-    def open(cls, names: tuple[str, ...], run: RunFolder, settings: dict, resumed_at: int | None = None) -> "Trackers":
-        """Start each named tracker for the run folder `run`; `resumed_at`: the optimizer step a resumed run
-        continues from (what TensorBoard hides after it, as the resumed run logs those steps again)."""
+    def open(cls, names: tuple[str, ...], run: RunFolder, settings: dict, resumed: bool = False) -> "Trackers":
+        """Start each named tracker for the run folder `run`. A `resumed` run first reports again the rows
+        its metrics.jsonl kept (those up to its checkpoint), so that each tracker's run reads as one
+        uninterrupted run's, as metrics.jsonl does; TensorBoard hides what the earlier attempts logged."""
         openers = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
-        reporters = []
+        trackers = cls([])
         try:
             for name in names:
-                reporters.append(openers[name](run, settings, resumed_at))
+                trackers.reporters.append(openers[name](run, settings, resumed))
+            if resumed and trackers.reporters and run.metrics.is_file():
+                for line in run.metrics.read_text().splitlines():
+                    trackers.log(json.loads(line))
         except BaseException:
-            cls(reporters).close()
+            trackers.close()
             raise
-        return cls(reporters)
+        return trackers
 
     def log(self, row: dict) -> None:
         values = tracker_values(row)
@@ -142,12 +146,13 @@ class Trackers:
 class _TensorBoard:
     """Event files in RUN/tensorboard (`tensorboard --logdir RUN`, or the parent of several runs)."""
 
-    def __init__(self, run: RunFolder, settings: dict, resumed_at: int | None):
+    def __init__(self, run: RunFolder, settings: dict, resumed: bool):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
         self.where = str(run.tensorboard)
-        self.writer = SummaryWriter(self.where, purge_step=resumed_at)
+        # resumed: every event the earlier attempts wrote is hidden (from step 0), as all is reported again
+        self.writer = SummaryWriter(self.where, purge_step=0 if resumed else None)
         flat = flat_settings(settings)
         self.writer.add_text("settings", f"```\n{json.dumps(settings, indent=2, default=str)}\n```")
         # into this run's own event file (SummaryWriter.add_hparams would open a second run for them)
@@ -168,7 +173,7 @@ class _WandB:
     W&B's own offline mode (`wandb sync RUN/wandb/offline-run-*` uploads it later). WANDB_MODE decides
     when set."""
 
-    def __init__(self, run: RunFolder, settings: dict, resumed_at: int | None):
+    def __init__(self, run: RunFolder, settings: dict, resumed: bool):
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb.api.api_key else "offline")
@@ -199,7 +204,7 @@ class _MLflow:
     RUN/mlflow.db (`mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db`), which needs the full mlflow
     package; the experiment is MLFLOW_EXPERIMENT_NAME's (default qprep)."""
 
-    def __init__(self, run: RunFolder, settings: dict, resumed_at: int | None):
+    def __init__(self, run: RunFolder, settings: dict, resumed: bool):
         import mlflow
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run.mlflow_db.resolve()}"

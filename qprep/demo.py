@@ -122,7 +122,8 @@ def _steps(result: DemoResult, job: str, echo) -> None:
     with _timed(result, "eval", echo):
         result.evaluation = evaluate(answers, result.data)
         echo(format_report(result.evaluation))
-        echo(f"picture of {min(6, len(result.evaluation.videos))} videos → {plot_timelines(result.evaluation, picture)}")
+        shown = min(6, len(result.evaluation.videos))
+        echo(f"picture of {shown} videos → {plot_timelines(result.evaluation, picture)}")
         echo("scored on its own training set: the tiny model learnt these five answers by heart, which shows "
              "that the pipeline learns, and says nothing of how well a model answers videos it has not seen")
     echo("\n$ qprep extract ... (again: nothing changed, so nothing is decoded and Ray does not start)")

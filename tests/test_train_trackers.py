@@ -48,10 +48,11 @@ def reported_run(omni_store, tmp_path_factory):
                # mlflow-skinny has no database store: its own file store (read back below with its client)
                MLFLOW_TRACKING_URI=(root / "mlruns").as_uri(), MLFLOW_ALLOW_FILE_STORE="true")
     run = root / "run"
+    data, held_out = write_data(root / "train.json"), write_data(root / "val.json", ["a"])
     done = subprocess.run([sys.executable, "-m", "qprep", "train", "--cache", str(cache.store.root), "--data",
-                           str(write_data(root / "train.json")), "--eval-data", str(write_data(root / "val.json", ["a"])),
-                           "--model", model_dir, "--out", str(run), "--epochs", "2", "--grad-accum", "2", "--lr", "1e-2",
-                           "--lora-r", "4", "--report-to", "tensorboard,wandb", "--report-to", "mlflow", "--quiet"],
+                           str(data), "--eval-data", str(held_out), "--model", model_dir, "--out", str(run),
+                           "--epochs", "2", "--grad-accum", "2", "--lr", "1e-2", "--lora-r", "4",
+                           "--report-to", "tensorboard,wandb", "--report-to", "mlflow", "--quiet"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     return run, done.stdout + done.stderr

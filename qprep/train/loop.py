@@ -7,8 +7,9 @@ the batches an uninterrupted run would. Checkpoints (`checkpoint-<step>/`: the a
 format, the optimizer and the position in the data) are written every `save_every` optimizer steps
 and at the end of each epoch; the final adapter is `adapter/`. With held-out records, the
 validation loss (`qprep.train.validation`) goes beside the training loss. Metrics go to
-`metrics.jsonl` and to the experiment trackers asked for (`qprep.train.trackers`), the loss curves to `loss.png`, the effective settings and the cache's content key to `run.json`: `--resume` refuses a
-run whose settings, data or cache changed since. Data-parallel runs (`--gpus`, `--cpu-ranks`,
+`metrics.jsonl` and to the experiment trackers asked for (`qprep.train.trackers`), the loss curves to
+`loss.png` (`qprep.train.plot`), the effective settings and the cache's content key to `run.json`:
+`--resume` refuses a run whose settings, data or cache changed since. Data-parallel runs (`--gpus`, `--cpu-ranks`,
 torchrun, Ray Train) run this same loop in every rank (`qprep.train.distributed`): rank 0 alone
 writes, and the plan is dealt over the ranks by global batch.
 """

@@ -185,7 +185,8 @@ class _WandB:
         except wandb.errors.CommError as exc:  # no network: W&B's offline mode, not a failed training run
             if os.environ.get("WANDB_MODE"):
                 raise
-            mode, why, self.run = "offline", f"unreachable: {str(exc).splitlines()[0]}", wandb.init(**init, mode="offline")
+            mode, why = "offline", f"unreachable: {str(exc).splitlines()[0]}"
+            self.run = wandb.init(**init, mode=mode)
         # as the Trainer's integration: every series against the optimizer step, and a step's
         # several batches kept as rows of their own (wandb.log's step= would merge them)
         self.run.define_metric("train/global_step")

@@ -205,6 +205,8 @@ def test_qprep_plot_draws_several_runs_on_one_figure(reported_run, tmp_path):
 
 def test_wandb_without_its_server_logs_offline(tmp_path, monkeypatch):
     """An API key but no network (a server that refuses): W&B's own offline mode, not a failed run."""
+    import wandb
+
     from qprep.train.run_folder import RunFolder
     from qprep.train.trackers import Trackers
 
@@ -217,6 +219,7 @@ def test_wandb_without_its_server_logs_offline(tmp_path, monkeypatch):
     trackers.log({"epoch": 0, "batch": 0, "step": 1, "loss": 2.5, "lr": 0.1})
     (where,) = trackers.where()
     trackers.close()
+    wandb.teardown()  # its service writes the run file apart from the run (a process's exit waits for it)
     assert "W&B offline, unreachable" in where
     rows = [items(r.history.item) for r in read_wandb_records(tmp_path) if r.WhichOneof("record_type") == "history"]
     assert [(row["train/global_step"], row["train/batch_loss"], row["train/learning_rate"]) for row in rows] == [

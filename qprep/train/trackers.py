@@ -176,7 +176,8 @@ class _WandB:
     def __init__(self, run: RunFolder, settings: dict, resumed: bool):
         import wandb
 
-        mode = os.environ.get("WANDB_MODE") or ("online" if wandb.api.api_key else "offline")
+        # a configured key, not checked against the server here: init tells an unreachable one
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb.login(prompt=False, verify=False) else "offline")
         init = dict(project=os.environ.get("WANDB_PROJECT", "qprep"), name=run.root.resolve().name,
                     dir=str(run.root), config=settings, reinit="create_new")
         why = "no API key" if mode == "offline" and not os.environ.get("WANDB_MODE") else "WANDB_MODE"

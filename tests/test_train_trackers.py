@@ -224,3 +224,19 @@ def test_wandb_without_its_server_logs_offline(tmp_path, monkeypatch):
     rows = [items(r.history.item) for r in read_wandb_records(tmp_path) if r.WhichOneof("record_type") == "history"]
     assert [(row["train/global_step"], row["train/batch_loss"], row["train/learning_rate"]) for row in rows] == [
         (1, 2.5, 0.1)]
+
+
+def test_report_to_reads_as_the_trainers_and_defaults_to_tensorboard_when_installed(monkeypatch):
+    from qprep.errors import SettingsError
+    from qprep.schemas.training import TrainSettings
+    from qprep.train.trackers import chosen
+
+    assert TrainSettings(report_to=["tensorboard,wandb", "mlflow", "wandb"]).report_to == ("tensorboard", "wandb",
+                                                                                             "mlflow")
+    assert TrainSettings(report_to="wandb").report_to == ("wandb",)  # a job file's string
+    assert chosen(None) == ("tensorboard",) and chosen(("none",)) == ()
+    assert chosen(("all",)) == ("tensorboard", "wandb", "mlflow")  # the test extra installs all three
+    with pytest.raises(SettingsError, match="'none' with wandb: choose one"):
+        TrainSettings(report_to=("none", "wandb"))
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    assert chosen(None) == ()  # without TensorBoard, the default reports nowhere

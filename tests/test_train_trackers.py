@@ -240,3 +240,16 @@ def test_report_to_reads_as_the_trainers_and_defaults_to_tensorboard_when_instal
         TrainSettings(report_to=("none", "wandb"))
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     assert chosen(None) == ()  # without TensorBoard, the default reports nowhere
+
+
+def test_an_mlflow_store_that_cannot_open_is_refused_before_the_first_step(omni_store, tmp_path, monkeypatch):
+    """mlflow-skinny (the extra) has no database store: without MLFLOW_TRACKING_URI the error says what to set."""
+    model_dir, cache = omni_store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # as with mlflow-skinny, even where the full mlflow is
+    result = CliRunner().invoke(main, ["train", "--cache", str(cache.store.root), "--data",
+                                       str(write_data(tmp_path / "train.json")), "--model", model_dir,
+                                       "--out", str(tmp_path / "run"), "--report-to", "mlflow", "--quiet"])
+    assert result.exit_code == 3, result.output
+    assert "MLFLOW_TRACKING_URI" in result.output and "pip install mlflow" in result.output
+    assert not (tmp_path / "run" / "run.json").exists()  # nothing loaded, nothing trained

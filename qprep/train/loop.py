@@ -31,7 +31,7 @@ from qprep.schemas.training import TrainSettings
 from qprep.train.optim import build_optimizer, build_scheduler, clip, step_shares, steps_in_run
 from qprep.train.run_folder import RunFolder, state_file, trainer_file
 from qprep.train.sharding import full_optimizer_state, load_full_optimizer_state, save_adapter, shard
-from qprep.train.trackers import Trackers, chosen
+from qprep.train.trackers import Trackers, check as check_trackers, chosen
 from qprep.train.validation import Validation, best_so_far, keep_best, validation_row
 
 # How often a resumed run saves; every other setting decides what it computes (the number of epochs
@@ -66,7 +66,8 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
     from qprep.train.distributed import launch, launch_on_ray
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    chosen(settings.report_to)  # a tracker asked for and not installed: refused before any rank starts
+    # a tracker asked for and not installed, or MLflow's store unreachable: refused before any rank starts
+    check_trackers(chosen(settings.report_to), RunFolder(Path(out)))
     if ray_address:
         summary = launch_on_ray(ray_address, ranks, device, str(RunFolder(Path(out)).ray_storage), ray_restarts, _rank_main,
                                 cache_path, data_path, model, out, settings, resume, eval_data, progress)

@@ -78,6 +78,12 @@ def chosen(report_to: tuple[str, ...] | None) -> tuple[str, ...]:
     return report_to
 
 
+def check(names: tuple[str, ...], run: RunFolder) -> None:
+    """What can be known of the trackers before a run loads anything: MLflow's store answers."""
+    if "mlflow" in names:
+        _MLflow.check(run)
+
+
 def tracker_name(key: str, row: dict) -> str:
     """The tracker's name for one value of a metrics row (a validation row's under eval/)."""
     if key in TRACKER_NAMES:
@@ -209,21 +215,30 @@ class _MLflow:
     def __init__(self, run: RunFolder, settings: dict, resumed: bool):
         import mlflow
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run.mlflow_db.resolve()}"
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "qprep")
-        try:
-            self.client = mlflow.MlflowClient(uri)
-            experiment = self.client.get_experiment_by_name(name)
-        except Exception as exc:  # mlflow-skinny has no database store: its error names neither cause nor fix
-            raise SettingsError(f"--report-to mlflow: MLflow cannot open the store {uri} ({exc}); set "
-                                f"MLFLOW_TRACKING_URI to a tracking server (http://host:5000), or pip install "
-                                f"mlflow for a local database") from exc
+        self.client, uri, name = self.check(run)
+        experiment = self.client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
         self.run_id = self.client.create_run(experiment_id, run_name=run.root.resolve().name).info.run_id
         params = [mlflow.entities.Param(k, str(v)) for k, v in flat_settings(settings).items()]
         self.client.log_batch(self.run_id, params=params)
         self.where = f"{uri} (MLflow run {self.run_id})"
         self.mlflow = mlflow
+
+    @staticmethod
+    def check(run: RunFolder):
+        """(client, store URI, experiment name), once the store answers; else a SettingsError naming the fix."""
+        import mlflow
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run.mlflow_db.resolve()}"
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "qprep")
+        try:
+            client = mlflow.MlflowClient(uri)
+            client.get_experiment_by_name(name)
+        except Exception as exc:  # mlflow-skinny has no database store: its error names neither cause nor fix
+            raise SettingsError(f"--report-to mlflow: MLflow cannot open the store {uri} ({exc}); set "
+                                f"MLFLOW_TRACKING_URI to a tracking server (http://host:5000), or pip install "
+                                f"mlflow for a local database") from exc
+        return client, uri, name
 
     def log(self, values: dict[str, float], step: int) -> None:
         import time

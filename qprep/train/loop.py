@@ -67,7 +67,9 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # a tracker asked for and not installed, or MLflow's store unreachable: refused before any rank starts
-    check_trackers(chosen(settings.report_to), RunFolder(Path(out)))
+    trackers = chosen(settings.report_to)
+    if os.environ.get("RANK", "0") == "0":  # torchrun starts every rank here: rank 0 alone will report
+        check_trackers(trackers, RunFolder(Path(out)))
     if ray_address:
         summary = launch_on_ray(ray_address, ranks, device, str(RunFolder(Path(out)).ray_storage), ray_restarts, _rank_main,
                                 cache_path, data_path, model, out, settings, resume, eval_data, progress)

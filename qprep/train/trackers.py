@@ -21,7 +21,7 @@ from qprep.errors import SettingsError
 from qprep.train.run_folder import RunFolder
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
-# the module each tracker needs, and the extra that installs it
+# the module each tracker needs (its extra, `qprep[<tracker>]`, installs it)
 MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 # metrics.jsonl's names → the Trainer's (its `log` prefixes them with train/ and eval/)
@@ -84,7 +84,7 @@ def check(names: tuple[str, ...], run: RunFolder) -> None:
         _MLflow.check(run)
 
 
-def tracker_name(key: str, row: dict) -> str:
+def tracker_name(key: str) -> str:
     """The tracker's name for one value of a metrics row (a validation row's under eval/)."""
     if key in TRACKER_NAMES:
         return TRACKER_NAMES[key]
@@ -95,7 +95,7 @@ def tracker_name(key: str, row: dict) -> str:
 
 def tracker_values(row: dict) -> dict[str, float]:
     """A metrics row as the trackers get it: every number but the step, under its tracker name."""
-    return {tracker_name(key, row): float(value) for key, value in row.items()
+    return {tracker_name(key): float(value) for key, value in row.items()
             if key != STEP and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 

@@ -142,6 +142,8 @@ def main():
                                       answer from the cache with a trained adapter
       qprep eval --answers answers.jsonl --data test.json
                                       score the answers' timed captions against the truth
+      qprep plot run-a/ run-b/ --out compare.png
+                                      several training runs' curves on one figure
       qprep jobs                      the named presets
     """
     _exit_cleanly_on_sigterm()
@@ -359,6 +361,12 @@ def status(store, videos, as_json):
                    "0 on CPU, where workers would take cores from the compute). The result does not depend on it.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute activations in the backward: less memory, slower (default on).")
+@click.option("--report-to", multiple=True, callback=lambda ctx, param, value: value or None,
+              metavar="TRACKER[,TRACKER]",
+              help="Experiment trackers to report metrics.jsonl's numbers and the settings to, as the Trainer's "
+                   "report_to: tensorboard (OUT/tensorboard), wandb (offline without credentials), mlflow, all "
+                   "(every installed one) or none; repeat or comma-separate (default: tensorboard when installed). "
+                   "Each is an extra: pip install 'qprep[wandb]'.")
 @click.option("--gpus", type=click.IntRange(1), default=None,
               help="Data-parallel over N GPUs of this machine: N processes through torch's elastic launcher, "
                    "one GPU each; --batch-size is per GPU (torchrun --nproc-per-node N -m qprep train ... works too).")
@@ -386,6 +394,7 @@ def train(cache_path, data, data_format, media_dir, times, annotations_as, groun
       qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/
       qprep train --cache clips.zarr --data train.json --job seed-omni-100f --out run/ --epochs 3
       qprep train --cache clips.zarr --data train.json --eval-data val.json --save-best --out run/
+      qprep train --cache clips.zarr --data train.json --job seed-omni-100f --out run/ --report-to wandb
       qprep train --cache clips.zarr --data train.json --job seed-omni-100f --out run/ --gpus 3
       qprep train --cache s3://b/clips.zarr --data train.json --out /shared/run --ray-address auto --gpus 8
       qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/ --resume
@@ -590,6 +599,24 @@ def evaluate(answers, data, units, task, per_video, plot, plot_videos, no_captio
     if plot:
         click.echo(f"picture of {min(plot_videos, len(report.videos))} videos → {plot_timelines(report, plot, plot_videos)}",
                    err=as_json)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The PNG to write.")
+def plot(runs, out):
+    """Draw several training RUNS' curves on one figure: each run's smoothed loss and validation
+    loss, and their learning rates, against the batches trained.
+
+    \b
+    Examples:
+      qprep plot run-a/ run-b/ --out compare.png
+      qprep plot runs/* --out all.png
+    """
+    from qprep.train.plot import plot_runs
+
+    with _errors_to_exit_codes():
+        click.echo(f"{len(runs)} runs → {plot_runs(list(runs), out)}")
 
 
 @main.command()

@@ -174,6 +174,22 @@ def test_bad_input_is_reported_with_file_and_line_and_the_rest_scored(tmp_path):
     assert result.exit_code == 3 and "no usable answer line" in result.output and "empty.jsonl" in result.output
 
 
+def test_the_timeline_figure_shows_true_and_predicted_segments_with_their_captions(tmp_path):
+    from qprep.eval.report import timeline_figure
+
+    report = evaluate(*write(tmp_path, *HAND), captions=False)
+    figure = timeline_figure(report, videos=2)
+    assert len(figure.axes) == 2
+    for axes, video in zip(figure.axes, report.videos):
+        assert axes.get_title(loc="left").startswith(video.id) and "P@0.5" in axes.get_title(loc="left")
+        assert [t.get_text() for t in axes.get_yticklabels()] == ["predicted", "true"]
+        assert axes.get_xlabel() == "seconds"
+        bars = {bars.get_label(): bars.get_paths() for bars in axes.collections}
+        assert (len(bars["predicted"]), len(bars["true"])) == (len(video.predicted), len(video.truth))
+        assert [t.get_text() for t in axes.texts] == [s.text for s in video.predicted + video.truth]
+    assert figure.axes[0].get_xlim()[1] >= 50  # v1's last prediction ends at 50 s
+
+
 def test_cli_prints_the_table_json_and_draws_the_timelines(tmp_path):
     path, data = write(tmp_path, *HAND)
     base = ["eval", "--answers", str(path), "--data", str(data), "--no-captions"]
@@ -181,10 +197,7 @@ def test_cli_prints_the_table_json_and_draws_the_timelines(tmp_path):
     assert result.exit_code == 0, result.output
     assert "precision" in result.output and "v3" in result.output and "(no answer)" in result.output
     assert f"picture of 3 videos → {tmp_path / 'eval.png'}" in result.output
-    from PIL import Image
-
-    with Image.open(tmp_path / "eval.png") as image:
-        assert image.size[0] == 1100 and len(set(image.getdata())) > 3  # bars, not a blank page
+    assert (tmp_path / "eval.png").stat().st_size > 10_000
     report = json.loads(CliRunner().invoke(main, base + ["--json"]).output)
     assert report["precision"]["0.3"] == pytest.approx(5 / 9) and report["answered"] == 2
     assert [v["id"] for v in report["per_video"]] == ["v1", "v2", "v3"]

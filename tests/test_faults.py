@@ -428,3 +428,9 @@ def test_training_killed_mid_checkpoint_and_after_one_resumes_to_the_same_adapte
     logged = ("epoch", "batch", "step", "loss")
     assert [[row[k] for k in logged] for row in metrics_rows(out)] == [[row[k] for k in logged]
                                                                       for row in metrics_rows(whole)]
+    # TensorBoard's record (the default tracker) too, whatever the killed attempts had written
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/batch_loss")] == [
+        (row["step"], pytest.approx(row["loss"], rel=1e-6)) for row in metrics_rows(whole)]

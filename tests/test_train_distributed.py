@@ -117,6 +117,8 @@ def test_two_ranks_follow_one_rank_with_the_same_global_batch(two_ranks, one_thr
     assert gap < 1e-6
     assert json.loads((two / "run.json").read_text())["global_batch"] == 2
     assert (two / "loss.png").is_file() and len(list(two.glob("checkpoint-*"))) == 2  # rank 0 wrote them once
+    # and reported alone, to the default tracker: one TensorBoard event file (tests/test_train_trackers.py reads one)
+    assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 @pytest.mark.slow

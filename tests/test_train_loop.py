@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qprep.cli import main
 from qprep.errors import SettingsError
@@ -48,7 +49,7 @@ def test_training_lowers_the_loss_and_a_resumed_run_equals_an_uninterrupted_one(
     assert whole.samples == 2 and whole.skipped == {"video failed extraction": ["broken"]}
     assert whole.steps == 4
     lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 8 and {"loss", "tokens_per_s", "step_time_s", "memory_mb"} <= set(lines[0])
+    assert len(lines) == 8 and {"loss", "tokens_per_s", "step_time_s", "host_peak_rss_mb"} <= set(lines[0])
     # each optimizer step's last batch records the step: its loss, the lr it used, the norm before clipping
     assert [line["lr"] for line in lines[1::2]] == [1e-2 * f for f in (0.0, 1 / 3, 2 / 3, 1.0)]
     assert all({"step_loss", "grad_norm"} <= set(line) for line in lines[1::2])
@@ -71,14 +72,18 @@ def test_training_lowers_the_loss_and_a_resumed_run_equals_an_uninterrupted_one(
     resumed = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [(row["epoch"], row["batch"], row["loss"]) for row in resumed] == [(row["epoch"], row["batch"], row["loss"])
                                                                               for row in lines]
+    # and so does TensorBoard's (the default tracker): the events copied past checkpoint 2 are hidden, the kept
+    # rows reported again with the rest
+    events = EventAccumulator(str(tmp_path / "split" / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert len(list((tmp_path / "split" / "tensorboard").glob("events.*"))) == 2
+    assert [(e.step, e.value) for e in events.Scalars("train/batch_loss")] == [
+        (row["step"], pytest.approx(row["loss"], rel=1e-6)) for row in resumed]
 
 
 def test_validation_reports_the_held_out_loss_keeps_the_best_adapter_and_leaves_the_training_unchanged(
         omni_store, tmp_path):
     """Validation runs in eval mode without gradients or random numbers: the adapter ends bit for bit
     as without it. Every --eval-every steps and at epoch ends; --save-best keeps the lowest."""
-    from PIL import Image
-
     model_dir, cache = omni_store
     data = write_data(tmp_path / "train.json")
     held_out = json.loads(Path(data).read_text())[:1]
@@ -102,8 +107,7 @@ def test_validation_reports_the_held_out_loss_keeps_the_best_adapter_and_leaves_
     assert saved == {"step": best["step"], "val_loss": best["val_loss"]}
     at_best = adapter(tmp_path / "validated" / f"checkpoint-{best['step']:07d}")  # each epoch's end is a step's
     assert all(torch.equal(adapter(tmp_path / "validated" / "best-adapter")[k], at_best[k]) for k in at_best)
-    with Image.open(tmp_path / "validated" / "loss.png") as image:  # the validation points are drawn in red
-        assert (200, 40, 40) in set(image.getdata())
+    assert (tmp_path / "validated" / "loss.png").is_file()  # its series: tests/test_train_trackers.py
 
     with pytest.raises(SettingsError, match="need --eval-data"):
         train(store, data, model_dir, tmp_path / "no-data", settings, progress=False, echo=lambda _: None)

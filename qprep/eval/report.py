@@ -1,14 +1,18 @@
 """The eval report as a table, and the timeline picture: true and predicted segments of a few
-videos with their captions, so that a person sees at a glance what the model gets wrong."""
+videos with their captions, so that a person sees at a glance what the model gets wrong. The
+picture is a matplotlib `Figure` (no pyplot, no display), rendered with Agg."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qprep.eval.score import EvalReport
 
-PANEL_HEIGHT, WIDTH, MARGIN = 150, 1100, 70
-TRUE_COLOUR, PREDICTED_COLOUR = (60, 150, 80), (50, 90, 190)
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+TRUE_COLOUR, PREDICTED_COLOUR = "tab:green", "tab:blue"
 
 
 def format_report(report: EvalReport, per_video: bool = False) -> str:
@@ -72,38 +76,40 @@ def _units(report: EvalReport) -> str:
     return " (times in LongVALE's relative units)" if report.units == "relative" else ""
 
 
-def plot_timelines(report: EvalReport, out: str | Path, videos: int = 6) -> Path:
-    """A PNG of the first `videos` videos: true segments (green) above the predicted ones (blue),
-    on each video's time axis, captions written in the bars."""
-    from PIL import Image, ImageDraw, ImageFont
+def timeline_figure(report: EvalReport, videos: int = 6) -> Figure:
+    """The first `videos` videos, one panel each: the true segments (green) above the predicted ones
+    (blue) on the video's time axis in seconds, each bar captioned; the panel's title gives its scores."""
+    from matplotlib.figure import Figure  # here: `qprep eval` without --plot does without it
 
     chosen = report.videos[:videos]
-    image = Image.new("RGB", (WIDTH, max(1, len(chosen)) * PANEL_HEIGHT + 10), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    for row, video in enumerate(chosen):
-        top = row * PANEL_HEIGHT + 10
+    figure = Figure(figsize=(11, 0.5 + 1.9 * max(1, len(chosen))), layout="constrained")
+    for axes, video in zip(figure.subplots(max(1, len(chosen)), 1, squeeze=False)[:, 0], chosen):
         end = max([s.end for s in video.truth + video.predicted] + [1e-9])
-        left, right = MARGIN, WIDTH - 20
-        scale = (right - left) / end
-        p5 = video.precision.get(0.5)
-        draw.text((8, top), f"{video.id}" + (f"   P@0.5 {p5:.2f}  R@0.5 {video.recall[0.5]:.2f}  best tIoU "
-                                             f"{video.best_tiou:.2f}" if p5 is not None else ""), fill="black", font=font)
-        for lane, (name, segments, colour) in enumerate((("true", video.truth, TRUE_COLOUR),
-                                                         ("predicted", video.predicted, PREDICTED_COLOUR))):
-            y = top + 22 + lane * 48
-            draw.text((8, y + 12), name if segments else f"{name}: none", fill="black", font=font)
+        for lane, (name, segments, colour) in enumerate((("predicted", video.predicted, PREDICTED_COLOUR),
+                                                         ("true", video.truth, TRUE_COLOUR))):
+            axes.broken_barh([(s.start, max(s.end - s.start, end / 400)) for s in segments], (lane - 0.35, 0.7),
+                             facecolors=colour, edgecolors="white", label=name)
             for index, segment in enumerate(segments):
-                x0, x1 = left + segment.start * scale, max(left + segment.end * scale, left + segment.start * scale + 2)
-                offset = (index % 2) * 20  # alternate heights, so that neighbours' captions do not overlap
-                draw.rectangle((x0, y + offset, x1, y + offset + 16), fill=colour, outline="white")
-                draw.text((x0 + 2, y + offset + 3), segment.text[: max(0, int((x1 - x0) / 6))], fill="white", font=font)
-        axis = top + 22 + 2 * 48 + 4
-        draw.line((left, axis, right, axis), fill="grey")
-        for tick in range(6):
-            x = left + (right - left) * tick / 5
-            draw.text((x - 10, axis + 3), f"{end * tick / 5:.1f}s", fill="grey", font=font)
+                # alternately above and below the bar's middle, so that neighbours' captions do not overlap
+                axes.text(segment.start + end / 200, lane + (0.12 if index % 2 == 0 else -0.12), segment.text,
+                          fontsize=8, color="white", va="center", clip_on=True)
+            if not segments:
+                axes.text(end / 200, lane, f"no {name} segment", fontsize=8, va="center")
+        axes.set_xlim(0, end * 1.01)
+        axes.set_ylim(-0.6, 1.6)
+        axes.set_yticks([0, 1], ["predicted", "true"])
+        axes.set_xlabel("seconds")
+        p5 = video.precision.get(0.5)
+        scores = (f"   P@0.5 {p5:.2f}  R@0.5 {video.recall[0.5]:.2f}  best tIoU {video.best_tiou:.2f}"
+                  if p5 is not None else "")
+        axes.set_title(f"{video.id}{scores}", loc="left", fontsize=10)
+        axes.grid(axis="x", alpha=0.3)
+    return figure
+
+
+def plot_timelines(report: EvalReport, out: str | Path, videos: int = 6) -> Path:
+    """The timeline picture (`timeline_figure`) as a PNG."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    timeline_figure(report, videos).savefig(out, dpi=100)
     return out

@@ -85,9 +85,15 @@ class TrainSettings:
     # processes reading the cache ahead of the model; None: 2 on GPU, 0 on CPU, where the cores are
     # the compute and workers would take them from it (measured: 1.21x the in-memory floor vs 1.04x)
     workers: int | None = None
+    # experiment trackers (`qprep.train.trackers`), as the Trainer's report_to: names, "all" or "none";
+    # None: TensorBoard when it is installed
+    report_to: tuple[str, ...] | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
+        from qprep.train.trackers import parse_report_to
+
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to))
         scheduler = self.lr_scheduler.replace("-", "_")
         object.__setattr__(self, "lr_scheduler", scheduler)
         if scheduler not in SCHEDULERS:

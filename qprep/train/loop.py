@@ -7,8 +7,9 @@ the batches an uninterrupted run would. Checkpoints (`checkpoint-<step>/`: the a
 format, the optimizer and the position in the data) are written every `save_every` optimizer steps
 and at the end of each epoch; the final adapter is `adapter/`. With held-out records, the
 validation loss (`qprep.train.validation`) goes beside the training loss. Metrics go to
-`metrics.jsonl`, the loss curves to `loss.png`, the effective settings and the cache's content key to `run.json`: `--resume` refuses a
-run whose settings, data or cache changed since. Data-parallel runs (`--gpus`, `--cpu-ranks`,
+`metrics.jsonl` and to the experiment trackers asked for (`qprep.train.trackers`), the loss curves to
+`loss.png` (`qprep.train.plot`), the effective settings and the cache's content key to `run.json`:
+`--resume` refuses a run whose settings, data or cache changed since. Data-parallel runs (`--gpus`, `--cpu-ranks`,
 torchrun, Ray Train) run this same loop in every rank (`qprep.train.distributed`): rank 0 alone
 writes, and the plan is dealt over the ranks by global batch.
 """
@@ -28,15 +29,15 @@ from qprep.errors import SettingsError
 from qprep.schemas.dtypes import compute_dtype
 from qprep.schemas.training import TrainSettings
 from qprep.train.optim import build_optimizer, build_scheduler, clip, step_shares, steps_in_run
-from qprep.train.plot import plot_loss
 from qprep.train.run_folder import RunFolder, state_file, trainer_file
 from qprep.train.sharding import full_optimizer_state, load_full_optimizer_state, save_adapter, shard
+from qprep.train.trackers import Trackers, check as check_trackers, chosen
 from qprep.train.validation import Validation, best_so_far, keep_best, validation_row
 
 # How often a resumed run saves; every other setting decides what it computes (the number of epochs
 # too: the learning-rate schedule spans the whole run).
 # None changes the training; batch_size is per rank: a resumed run keeps the run's global batch
-CHANGEABLE_ON_RESUME = frozenset({"save_every", "eval_every", "save_best", "batch_size"})
+CHANGEABLE_ON_RESUME = frozenset({"save_every", "eval_every", "save_best", "batch_size", "report_to"})
 
 
 @dataclass
@@ -65,6 +66,10 @@ def train(cache_path: str | Path, data_path: str | Path, model: str, out: str | 
     from qprep.train.distributed import launch, launch_on_ray
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # a tracker asked for and not installed, or MLflow's store unreachable: refused before any rank starts
+    trackers = chosen(settings.report_to)
+    if os.environ.get("RANK", "0") == "0":  # torchrun starts every rank here: rank 0 alone will report
+        check_trackers(trackers, RunFolder(Path(out)))
     if ray_address:
         summary = launch_on_ray(ray_address, ranks, device, str(RunFolder(Path(out)).ray_storage), ray_restarts, _rank_main,
                                 cache_path, data_path, model, out, settings, resume, eval_data, progress)
@@ -183,7 +188,13 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
     best_val = best_so_far(folder) if resume else None
     step_loss = 0.0
     peft_model.train()
+    trackers = Trackers([])  # rank 0's
     try:
+        if world.main:
+            trackers = Trackers.open(chosen(settings.report_to), folder, identity["settings"],
+                                     resumed=bool(latest))
+            for where in trackers.where():
+                echo(f"reporting to {where}")
         for position in planned:
             tick = time.perf_counter()
             share = shares[position.epoch, position.index]
@@ -227,16 +238,15 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
             state.update(epoch=position.epoch, batch=position.index + 1)
             elapsed = time.perf_counter() - tick
             if metrics:
-                metrics.write(json.dumps({**row, "tokens_per_s": float(totals[1]) / elapsed, "step_time_s": elapsed,
-                                          "data_wait_s": float(totals[2]) / world.size,
-                                          "memory_mb": _memory_mb(device)}) + "\n")
+                _log(metrics, trackers, {**row, "tokens_per_s": float(totals[1]) / elapsed, "step_time_s": elapsed,
+                                         "data_wait_s": float(totals[2]) / world.size, **peak_memory_mb(device)})
             if validation and (epoch_end or (share.last and settings.eval_every
                                               and state["step"] % settings.eval_every == 0)):
                 tick = time.perf_counter()
                 val_loss = validation.loss(peft_model, device, autocast, world, even=settings.shard)
                 if metrics:
-                    metrics.write(json.dumps(validation_row(position.epoch, state["step"], val_loss,
-                                                            validation.label_tokens, tick)) + "\n")
+                    _log(metrics, trackers, validation_row(position.epoch, state["step"], val_loss,
+                                                           validation.label_tokens, tick))
                 if settings.save_best and (best_val is None or val_loss < best_val):
                     best_val = val_loss
                     keep_best(folder, peft_model, state["step"], val_loss, world, settings.shard)
@@ -254,12 +264,15 @@ def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume
         save_adapter(peft_model, folder.adapter, world, settings.shard)
         if world.main:
             metrics.close()  # complete before the picture reads it
+            from qprep.train.plot import plot_loss
+
             plot_loss(folder.metrics, folder.loss_plot)
         world.barrier()  # the adapter is on disk before any rank returns
     finally:
         bar.close()
         if metrics:
             metrics.close()
+        trackers.close()
         leave_world(world)
     summary = TrainSummary(samples=len(dataset.samples), skipped=dataset.skipped, steps=state["step"],
                            first_loss=first_loss, last_loss=last_loss, seconds=time.perf_counter() - started,
@@ -380,12 +393,26 @@ def check_cache_fits(cache, checkpoint) -> None:
                             f"pass the model the cache was extracted with ({cache.model})")
 
 
-def _memory_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
+def _log(metrics, trackers: Trackers, row: dict) -> None:
+    """One metrics row, to metrics.jsonl and to the trackers."""
+    metrics.write(json.dumps(row) + "\n")
+    trackers.log(row)
+
+
+def memory_metric(device: str | torch.device) -> str:
+    """The name of the peak memory a metrics row records, for what it measures: on a GPU (`cuda`, a
+    rank's `cuda:N`) the tensors torch allocated on that device, elsewhere the process's resident memory."""
+    return "cuda_peak_memory_mb" if torch.device(device).type == "cuda" else "host_peak_rss_mb"
+
+
+def peak_memory_mb(device: str | torch.device) -> dict[str, float]:
+    """{memory_metric(device): the peak so far, in MiB}."""
+    name = memory_metric(device)
+    if name == "cuda_peak_memory_mb":
+        return {name: torch.cuda.max_memory_allocated(torch.device(device)) / 2**20}
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {name: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _save(folder: RunFolder, peft_model, optimizer, scheduler, state: dict, world, sharded: bool, metrics) -> None:

@@ -14,6 +14,7 @@ import importlib
 from dataclasses import dataclass
 
 import torch
+from transformers.loss.loss_utils import LOSS_MAPPING
 
 from qprep.models.checkpoint import Checkpoint, load_weights
 from qprep.schemas.dtypes import resolve_dtype, torch_dtype
@@ -94,6 +95,11 @@ class LanguageModel(torch.nn.Module):
             load_weights(self.lm_head, checkpoint, family.lm_head_prefixes)
         with torch.device("meta"):  # get_rope_index reads only the config: no weights behind it
             reference = getattr(module, family.feature_class)(self.config)
+        if reference.loss_type not in LOSS_MAPPING:
+            # transformers derives loss_type from the class name; for these multimodal classes it
+            # finds none and its loss_function falls back to ForCausalLM, warning on every run that
+            # the config set an unrecognized `loss_type=None`. Name that same fallback: same loss.
+            reference.loss_type = "ForCausalLM"
         object.__setattr__(self, "_positions", reference)  # not a submodule: never moved, saved or trained
         self.to(device)
 

@@ -2,13 +2,16 @@
 
     run.json            the effective settings and what the run was trained on (`--resume` checks it)
     metrics.jsonl       one row per batch (and per validation)
-    loss.png            the loss curves and the learning rate
+    loss.png            the loss curves, the learning rate and the epochs (`qprep.train.plot`)
     checkpoint-<step>/  the adapter (peft's format), trainer.pt (optimizer, schedule, RNG) and
                         state.json (the position in the data and the length metrics.jsonl had;
                         written last: a checkpoint without it was cut short and is never resumed from)
     adapter/            the final adapter
     best-adapter/       with --save-best: the adapter of the lowest validation loss, and best.json
     ray/                under Ray Train: its copies of the checkpoints
+    tensorboard/        with --report-to tensorboard (the default when installed): the event files
+    wandb/              with --report-to wandb: W&B's run (offline-run-*/ when offline)
+    mlflow.db           with --report-to mlflow and no MLFLOW_TRACKING_URI: MLflow's database
 """
 
 from __future__ import annotations
@@ -47,6 +50,14 @@ class RunFolder:
     @property
     def best_file(self) -> Path:
         return self.best_adapter / "best.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
 
     @property
     def ray_storage(self) -> Path:

@@ -79,7 +79,7 @@ def media_folder(tmp_path_factory, videos):
     return root
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen3_vl", "qwen3_omni_moe"])
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_vl", "qwen3_vl", "qwen3_omni_moe"])
 def test_extract_media_caches_images_with_the_full_models_image_features(media_folder, tiny_model, tmp_path, kind):
     from qprep import open_cache
     from qprep.extraction.run import ExtractOptions, extract

@@ -1,0 +1,172 @@
+"""Benchmark: a folder of images through `qprep extract --media`, against a plain loop of the
+checkpoint's own processor and towers, on this machine's CPU.
+
+What is compared, for --images images and twice as many (so that the cost of each further image
+shows apart from the fixed start-up):
+
+* qprep: `qprep extract --media DIR --out STORE --model M --executor local` in a fresh process
+  (imports, the towers' load, CPU-stage worker processes reading, orienting, resizing and
+  patchifying the images, the towers one image a call, the store written), wall time.
+* the loop: a fresh process that imports transformers, loads the full model class with
+  `from_pretrained`, and for each image calls `AutoProcessor(...)(images=[load_image(path)])` and
+  `model.get_image_features(...)`, one image at a time: what a training stack does per image.
+
+The model: Qwen2.5-VL-7B's vision tower at its released width (1280 wide, 16 heads, windowed
+attention, out 3584) with --vision-depth of its 32 blocks (bench/towers.py builds it), a tiny
+language model (never run), and the released processor's image bounds (3136–12845056 pixels), so a
+1280x720 photo is 1288x728 pixels, 4784 patches, 1196 merged tokens. The images are generated:
+half 1280x720, half 1024x768 (4:3) JPEGs of smooth gradients with noise, as photos compress.
+
+Then both sides' tokens are compared for every image, bit for bit: qprep calls the towers one
+image a call, so a store's bytes never depend on which images a run held together.
+
+Reproduce (from the repository root, with the virtualenv active; the checkpoint and the images are
+cached in --workdir):
+
+    python bench/images.py                  # 48 and 96 images, 2 of 32 vision blocks
+    python bench/images.py --images 200     # the few hundred images the goal names
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import environment  # noqa: E402
+from towers import QWEN2_5_VL_7B, ensure_qwen2_5  # noqa: E402
+
+RELEASED_IMAGE_PIXELS = (3136, 12845056)  # Qwen2.5-VL-7B-Instruct's preprocessor_config.json
+SIZES = ((1280, 720), (1024, 768))
+
+
+def ensure_model(workdir: Path, depth: int) -> Path:
+    """The bench checkpoint, its image processor given the released bounds."""
+    built = ensure_qwen2_5(workdir, "qwen2_5_vl", QWEN2_5_VL_7B, depth, 0)
+    path = workdir / f"{built.name}-released-image-bounds"
+    if not (path / "config.json").is_file():
+        shutil.copytree(built, path, dirs_exist_ok=True)
+        config = json.loads((path / "processor_config.json").read_text())  # as save_pretrained writes it
+        low, high = RELEASED_IMAGE_PIXELS
+        config["image_processor"]["size"] = {"shortest_edge": low, "longest_edge": high}
+        (path / "processor_config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def ensure_images(folder: Path, count: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        path = folder / f"photo-{index:04d}.jpg"
+        if not path.is_file():
+            width, height = SIZES[index % len(SIZES)]
+            rng = np.random.default_rng(index)
+            y, x = np.mgrid[0:height, 0:width]
+            base = np.stack([(x * (index + 3)) % 256, (y * 2 + index) % 256, ((x + y) // 3) % 256], axis=-1)
+            pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(path, quality=90)
+    return folder
+
+
+def loop_main(folder: str, model: str, out: str) -> None:
+    """The reference loop, in its own process (--loop): prints its timings, saves its tokens."""
+    began = time.perf_counter()
+    import torch
+    import transformers
+    from transformers import AutoProcessor
+    from transformers.image_utils import load_image
+
+    processor = AutoProcessor.from_pretrained(model)
+    full = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
+    loaded = time.perf_counter()
+    tokens = {}
+    with torch.inference_mode():
+        for path in sorted(Path(folder).glob("*.jpg")):
+            inputs = processor(text=["<|image_pad|>"], images=[load_image(str(path))], return_tensors="pt")
+            output = full.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            tokens[path.stem] = output.pooler_output[0].numpy()
+    done = time.perf_counter()
+    np.savez(out, **tokens)
+    print(json.dumps({"wall_s": done - began, "load_s": loaded - began, "images_s": done - loaded}))
+
+
+def run_loop(folder: Path, model: Path, out: Path) -> dict:
+    began = time.perf_counter()
+    result = subprocess.run([sys.executable, __file__, "--loop", str(folder), str(model), str(out)],
+                            capture_output=True, text=True, check=True)
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "process_s": time.perf_counter() - began}
+
+
+def run_qprep(folder: Path, model: Path, store: Path) -> dict:
+    shutil.rmtree(store, ignore_errors=True)
+    began = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "qprep", "extract", "--media", str(folder), "--out", str(store),
+                             "--model", str(model), "--executor", "local", "--quiet", "--json"],
+                            capture_output=True, text=True, check=True)
+    summary = json.loads(result.stdout)
+    return {"process_s": time.perf_counter() - began, "extracted": summary["extracted"], "failed": summary["failed"]}
+
+
+def same_tokens(store: Path, reference: Path) -> tuple[int, int]:
+    """(images whose stored tokens equal the loop's bit for bit, images compared)."""
+    from qprep import open_cache
+
+    cache = open_cache(store)
+    expected = np.load(reference)
+    equal = sum(np.array_equal(cache[name].video_tokens.float().numpy(), expected[name]) for name in expected.files)
+    return equal, len(expected.files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=48, help="images in the smaller folder (the larger: twice)")
+    parser.add_argument("--vision-depth", type=int, default=2, help="vision blocks built, of the released 32")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/qprep-bench-images"))
+    parser.add_argument("--loop", nargs=3, metavar=("FOLDER", "MODEL", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.loop:
+        loop_main(*args.loop)
+        return 0
+    model = ensure_model(args.workdir, args.vision_depth)
+    rows, checks = [], []
+    for count in (args.images, 2 * args.images):
+        folder = ensure_images(args.workdir / f"images-{count}", count)
+        ours = run_qprep(folder, model, args.workdir / f"store-{count}.zarr")
+        loop = run_loop(folder, model, args.workdir / f"loop-{count}.npz")
+        checks.append(same_tokens(args.workdir / f"store-{count}.zarr", args.workdir / f"loop-{count}.npz"))
+        rows.append((count, ours, loop))
+    print(json.dumps(environment(args.workdir, ("torch", "transformers", "pillow")), indent=2))
+    print(table(rows, args.vision_depth))
+    for equal, compared in checks:
+        print(f"tokens equal to the loop's, bit for bit: {equal} of {compared} images")
+    return 0 if all(equal == compared for equal, compared in checks) else 1
+
+
+def table(rows, depth: int) -> str:
+    (small, ours_1, loop_1), (large, ours_2, loop_2) = rows
+    further = large - small
+    ours_each = (ours_2["process_s"] - ours_1["process_s"]) / further
+    loop_each = (loop_2["process_s"] - loop_1["process_s"]) / further
+    lines = [f"Qwen2.5-VL-7B vision tower, {depth} of 32 blocks, float32 on CPU; photos 1280x720 and 1024x768", "",
+             "| run | images | qprep s | loop s | qprep images/s | loop images/s | qprep vs loop |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for count, ours, loop in rows:
+        lines.append(f"| whole process | {count} | {ours['process_s']:.1f} | {loop['process_s']:.1f} | "
+                     f"{count / ours['process_s']:.2f} | {count / loop['process_s']:.2f} | "
+                     f"{loop['process_s'] / ours['process_s']:.2f}x |")
+    lines.append(f"| each further image | {further} | {ours_each:.2f} | {loop_each:.2f} | {1 / ours_each:.2f} | "
+                 f"{1 / loop_each:.2f} | {loop_each / ours_each:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,9 @@ from qprep.store.layout import SPAN, Store
 
 def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
     """Counts, sizes and config of a store; with a videos directory (default: the last run's),
-    also how many videos a re-run would extract or drop (compared by size and mtime only)."""
+    also how many entries a re-run would extract or drop (compared by size and mtime only): the
+    folder's files not in the store, and the entries (whole files, windows) of files that changed
+    or failed; entries whose file is gone."""
     from qprep.extraction.discover import UNCHANGED, discover, file_state
 
     store = Store.open(path)
@@ -40,13 +42,15 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
     }
     if videos and Path(videos).is_dir():
         kinds = tuple(store.attrs["config"]["settings"].get("kinds", ("video",)))
-        on_disk = discover(videos, store.shard_count, follow_links=last_run.follow_links, kinds=kinds)
-        committed = {row.id: row for row in columns.rows_of(manifest)}
-        report["videos"]["pending"] = sum(
-            1 for video in on_disk
-            if (row := committed.get(video.id)) is None or not row.ok
-            or file_state(row, video.size, video.mtime_ns) != UNCHANGED)
-        report["videos"]["gone"] = len(set(committed) - {video.id for video in on_disk})
+        on_disk = {video.path: video for video in
+                   discover(videos, store.shard_count, follow_links=last_run.follow_links, kinds=kinds)}
+        rows = columns.rows_of(manifest)
+        held = {row.id for row in rows}
+        # every entry of a file (the whole file, its windows) is judged by that file
+        stale = sum(1 for row in rows if (video := on_disk.get(row.path)) is not None
+                    and (not row.ok or file_state(row, video.size, video.mtime_ns) != UNCHANGED))
+        report["videos"]["pending"] = stale + sum(1 for video in on_disk.values() if video.id not in held)
+        report["videos"]["gone"] = sum(1 for row in rows if row.path not in on_disk)
     return report
 
 

@@ -1,0 +1,192 @@
+"""Windows of a video as store entries, and `qprep extract --data`.
+
+A dataset names its media: forty records over one video, two windows of that video (content
+blocks' `video_start`/`video_end`), an image, a file that is not there. `extract --data` extracts
+each named entry once, lists what it cannot find before any work, and a re-run does nothing. A
+window is sampled and time-stamped as the run's settings with its `video_start`/`video_end`
+(and so as qwen-vl-utils: tests/test_sampling.py); a changed file re-extracts every entry cut from
+it; and training on a window's sample gives the full model's logits and loss on the processor's
+inputs for that window's frames.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+import torch
+from click.testing import CliRunner
+
+import qprep
+from conftest import LOCAL_EXTRACT, make_image
+from qprep import open_cache
+from qprep.cli import main
+from qprep.datasets import DataFile
+from qprep.extraction.entries import AUDIO_OUT_OF_SCOPE, dataset_entries
+from qprep.extraction.run import ExtractOptions, extract
+from qprep.schemas.settings import VideoSettings
+from qprep.synth import VideoSpec, make_video
+from test_sampling import reference_plan
+
+WINDOWS = {"cooking/a#t=1,3.5": (1.0, 3.5), "cooking/a#t=2,": (2.0, None)}
+IDS = {"cooking/a", *WINDOWS, "photos/cat"}
+QUESTION = "what happens?"
+ANSWER = "From 0.0 to 1.0, someone cooks."
+
+
+def block(kind: str, path: str, **window) -> dict:
+    return {"type": kind, kind: path, **{f"video_{edge}": at for edge, at in window.items()}}
+
+
+def record(*blocks, question: str = QUESTION) -> dict:
+    return {"messages": [{"role": "user", "content": [*blocks, {"type": "text", "text": question}]},
+                         {"role": "assistant", "content": ANSWER}]}
+
+
+def make_dataset(root: Path) -> Path:
+    """media under root/videos (the folder the store's tests look in), the data file beside them."""
+    media = root / "videos"
+    make_video(media / "cooking" / "a.mp4", VideoSpec(width=112, height=84, fps=25, seconds=6, audio=False))
+    make_image(media / "photos" / "cat.jpg", 200, 150, seed=1, quality=90)
+    records = [record(block("video", "cooking/a.mp4"), question=f"{QUESTION} ({i})") for i in range(40)]
+    records += [record(block("video", "cooking/a.mp4", start=1.0, end=3.5)),  # record 40
+                record(block("video", "cooking/a.mp4", start=2.0)),  # record 41: to the end
+                record(block("image", "photos/cat.jpg")),  # record 42
+                record(block("video", "cooking/gone.mp4")),  # record 43: not there
+                record(block("audio", "cooking/a.mp3"))]  # record 44: audio files are not extracted
+    (media / "data.json").write_text(json.dumps(records))
+    return media / "data.json"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("windows"))
+
+
+def cli_extract(data: Path, store: Path, model_dir: str, *extra: str):
+    return CliRunner().invoke(main, ["extract", "--data", str(data), "--out", str(store), "--model", model_dir,
+                                     "--fps", "2", "--dtype", "float32", "--shards", "4", "--executor", "local",
+                                     "--quiet", "--json", *extra])
+
+
+@pytest.fixture(scope="module")
+def extracted(dataset, tiny_model):
+    """(model dir, store, the first run's CLI result) of a float32 Qwen2.5-VL store."""
+    model_dir = str(tiny_model("qwen2_5_vl"))
+    store = dataset.parent.parent / "store.zarr"
+    return model_dir, store, cli_extract(dataset, store, model_dir)
+
+
+def test_a_dataset_names_each_medium_once_and_every_entry_of_a_file_shares_its_shard(dataset):
+    named = dataset_entries(DataFile(dataset))
+    assert named.records == 45
+    assert sorted(entry.id for entry in named.entries) == sorted(IDS)
+    entries = {entry.id: entry for entry in named.with_shards(256)}
+    for entry_id, (start, end) in WINDOWS.items():
+        assert (entries[entry_id].window_start, entries[entry_id].window_end) == (start, end)
+        assert entries[entry_id].path == "cooking/a.mp4"
+    assert entries["cooking/a"].window_start is None and entries["photos/cat"].kind == "image"
+    assert len({entries[entry_id].shard for entry_id in ("cooking/a", *WINDOWS)}) == 1
+    lines = [missing.line() for missing in named.missing]
+    assert lines[0].startswith("record 43: cooking/gone.mp4: not found (looked for ")
+    assert str(dataset.parent / "cooking" / "gone.mp4") in lines[0]
+    assert lines[1] == f"record 44: cooking/a.mp3: {AUDIO_OUT_OF_SCOPE}"
+
+
+def test_extract_data_extracts_each_entry_once_and_lists_what_is_missing_first(extracted):
+    model_dir, store, result = extracted
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["extracted"], summary["failed"], summary["records"]) == (len(IDS), 0, 45)
+    assert "not found: record 43: cooking/gone.mp4" in result.stderr
+    assert AUDIO_OUT_OF_SCOPE in result.stderr and "going on without them" in result.stderr
+    cache = open_cache(store)
+    assert set(cache.ids()) == IDS
+    assert cache.row("cooking/a").window_start is None
+    assert {(cache.row(i).window_start, cache.row(i).window_end) for i in WINDOWS} == set(WINDOWS.values())
+    assert len({cache.row(i).shard for i in ("cooking/a", *WINDOWS)}) == 1
+    assert cache["photos/cat"].kind == "image"
+
+
+def test_a_windows_frames_and_times_are_those_of_video_start_and_video_end(extracted, dataset):
+    model_dir, store, _ = extracted
+    cache = open_cache(store)
+    path = dataset.parent / "cooking" / "a.mp4"
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        total, fps = sum(1 for _ in container.decode(stream)), float(stream.average_rate)
+    for entry_id, (start, end) in WINDOWS.items():
+        row = cache.row(entry_id)
+        prepared = qprep.preprocess_video(path, model_dir, audio=False, fps=2, video_start=start, video_end=end)
+        meta = prepared.metadata
+        assert row.frame_indices == list(meta.frame_indices) and row.frame_times == list(meta.frame_times)
+        assert (row.sample_fps, row.second_per_grid) == (meta.sample_fps, meta.second_per_grid)
+        assert row.grid_thw == prepared.video_grid_thw[0].tolist()
+        indices, sample_fps = reference_plan(total, fps, {"fps": 2.0, "video_start": start, "video_end": end})
+        assert row.frame_indices == indices and row.sample_fps == pytest.approx(sample_fps, rel=1e-12)
+        # times are the file's: seconds from its first frame, not from the window's start
+        assert row.frame_times == pytest.approx([i / fps for i in indices], abs=1e-9)
+        assert row.frame_times[0] >= start and cache.row("cooking/a").frame_indices != indices
+
+
+def test_an_unchanged_dataset_re_runs_without_torch_or_ray(extracted, dataset):
+    model_dir, store, _ = extracted
+    again = cli_extract(dataset, store, model_dir)
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout)
+    assert (summary["extracted"], summary["up_to_date"], summary["executor"], summary["shards_written"]) == \
+        (0, len(IDS), None, 0)
+    probe = (
+        "import sys, json; from qprep.extraction.run import extract, ExtractOptions;"
+        "from qprep.datasets import DataFile; from qprep.schemas.settings import VideoSettings;"
+        f"s = extract(DataFile({str(dataset)!r}), {str(store)!r}, {model_dir!r}, VideoSettings(fps=2),"
+        " options=ExtractOptions(progress=False));"
+        "print(json.dumps([s.extracted, s.up_to_date, s.ray_started,"
+        " sorted(m for m in ('torch', 'ray', 'transformers', 'av') if m in sys.modules)]))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [0, len(IDS), False, []]
+
+
+def test_strict_stops_before_any_work(extracted, dataset, tmp_path):
+    model_dir, _, _ = extracted
+    result = cli_extract(dataset, tmp_path / "strict.zarr", model_dir, "--strict")
+    assert result.exit_code == 3, result.output
+    assert "record 43: cooking/gone.mp4: not found" in result.output
+    assert not (tmp_path / "strict.zarr" / "manifest").exists()
+
+
+def test_a_changed_file_re_extracts_every_entry_cut_from_it_and_a_window_no_longer_named_goes(
+        extracted, dataset, tmp_path):
+    model_dir, store, _ = extracted
+    shutil.copytree(dataset.parent, tmp_path / "videos")
+    shutil.copytree(store, tmp_path / "store.zarr")
+    data, copy = tmp_path / "videos" / "data.json", tmp_path / "store.zarr"
+    before = open_cache(copy)
+    make_video(tmp_path / "videos" / "cooking" / "a.mp4",
+               VideoSpec(width=112, height=84, fps=25, seconds=5, audio=False, events=((0.5, 1.0),)))
+    result = cli_extract(data, copy, model_dir)
+    summary = json.loads(result.stdout)
+    assert (summary["extracted"], summary["up_to_date"], summary["removed"]) == (3, 1, 0), summary
+    after = open_cache(copy)
+    for entry_id in ("cooking/a", *WINDOWS):
+        assert after.row(entry_id).content_hash != before.row(entry_id).content_hash
+        assert after.row(entry_id).size == (tmp_path / "videos" / "cooking" / "a.mp4").stat().st_size
+    assert torch.equal(after.video_tokens("photos/cat"), before.video_tokens("photos/cat"))
+
+    records = json.loads(data.read_text())
+    data.write_text(json.dumps(records[:41] + records[42:]))  # the open-ended window no longer named
+    summary = json.loads(cli_extract(data, copy, model_dir).stdout)
+    assert (summary["extracted"], summary["removed"]) == (0, 1)
+    assert set(open_cache(copy).ids()) == IDS - {"cooking/a#t=2,"}
+
+    # a --media run of the same folder (one fingerprint) keeps the window a dataset named
+    summary = extract(tmp_path / "videos", copy, model_dir, VideoSettings(fps=2, kinds=("video", "image")),
+                      dtype="float32", options=ExtractOptions(**LOCAL_EXTRACT))
+    assert (summary.extracted, summary.removed, summary.up_to_date) == (0, 0, 3)
+    assert "cooking/a#t=1,3.5" in open_cache(copy)

@@ -190,3 +190,70 @@ def test_a_changed_file_re_extracts_every_entry_cut_from_it_and_a_window_no_long
                       dtype="float32", options=ExtractOptions(**LOCAL_EXTRACT))
     assert (summary.extracted, summary.removed, summary.up_to_date) == (0, 0, 3)
     assert "cooking/a#t=1,3.5" in open_cache(copy)
+
+
+def window_store(kind, extracted, dataset, tiny_model):
+    """(model dir, cache) of `kind` extracted with --data from the dataset (its media in videos/ beside
+    the store, where `processor_batch` finds them)."""
+    if kind == "qwen2_5_vl":
+        return extracted[0], open_cache(extracted[1])
+    model_dir, store = str(tiny_model(kind)), dataset.parent.parent / f"{kind}.zarr"
+    if not store.exists():
+        extract(DataFile(dataset), store, model_dir, VideoSettings(fps=2), dtype="float32", shards=4,
+                options=ExtractOptions(**LOCAL_EXTRACT))
+    return model_dir, open_cache(store)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+def test_training_on_windows_gives_the_full_models_logits_and_loss(kind, extracted, dataset, tiny_model):
+    """Two windows of one file and an image in one padded batch, read as `qprep train --data` reads
+    the dataset, against the full model on the processor's batch of the windows' frames (plainly
+    decoded) with the metadata a reader of the window hands it."""
+    from qprep.models.checkpoint import open_checkpoint
+    from qprep.models.families.qwen3_vl import patch_times, time_stamp
+    from qprep.train.data import build_dataset, collate, load_records
+    from qprep.train.model import LanguageModel
+    from reference import full_model
+    from test_train_media import processor_batch
+
+    model_dir, cache = window_store(kind, extracted, dataset, tiny_model)
+    records = load_records(DataFile(dataset))
+    checkpoint = open_checkpoint(model_dir)
+    layout = checkpoint.family.prompt_layout(checkpoint, checkpoint.tokenizer())
+    samples = {s.id: s for s in build_dataset(records, cache, checkpoint.tokenizer(), layout).samples}
+    names = ["#40", "#41", "#42"]  # the two windows, the image
+    assert [samples[name].media for name in names] == [("cooking/a#t=1,3.5",), ("cooking/a#t=2,",), ("photos/cat",)]
+    batch = collate([samples[name] for name in names], cache, layout)
+    contents = {name: [{"type": kind_of}, {"type": "text", "text": QUESTION}]
+                for name, kind_of in zip(names, ("video", "video", "image"))}
+    inputs, model_kwargs, labels = processor_batch(model_dir, cache, kind, names, records=records, contents=contents)
+    assert torch.equal(batch.input_ids, inputs["input_ids"]) and torch.equal(batch.labels, labels)
+    language_model = LanguageModel(checkpoint, dtype="float32").eval()
+    with torch.no_grad():
+        expected = full_model(model_dir)(**inputs, labels=labels, **model_kwargs)
+        loss, logits = language_model(batch)
+    assert torch.equal(logits, expected.logits) and torch.equal(loss, expected.loss)
+
+    window = cache.row("cooking/a#t=1,3.5")
+    if kind == "qwen3_vl":  # `<t seconds>`: the file's time (1.0 s and later), as the processor writes it
+        first = patch_times(window.frame_times, 2)[0]
+        assert first >= 1.0 and time_stamp(first) in checkpoint.tokenizer().decode(batch.input_ids[0])
+    else:  # M-RoPE's temporal ids: from the window's first frame, as for a whole file
+        positions = language_model.position_ids(batch)[0, 0]
+        ids = batch.input_ids[0]
+        start = int((ids == layout.ids.vision_start).nonzero()[0])
+        temporal = positions[ids == layout.ids.video].unique()
+        assert int(temporal[0]) == int(positions[start]) + 1 and len(temporal) == window.grid_thw[0]
+
+
+def test_qprep_train_data_reads_the_windows_from_the_store_extract_data_filled(extracted, dataset, tmp_path):
+    model_dir, store, _ = extracted
+    records = json.loads(dataset.read_text())
+    data = dataset.parent / "windows-and-image.json"
+    data.write_text(json.dumps(records[40:44]))  # the two windows, the image, the missing video
+    result = CliRunner().invoke(main, [
+        "train", "--cache", str(store), "--data", str(data), "--media-dir", str(dataset.parent), "--model", model_dir,
+        "--out", str(tmp_path / "run"), "--epochs", "1", "--grad-accum", "1", "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "3 samples" in result.output and "missing file: cooking/gone.mp4" in result.output
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -11,6 +11,7 @@ inputs for that window's frames.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -103,7 +104,7 @@ def test_extract_data_extracts_each_entry_once_and_lists_what_is_missing_first(e
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert (summary["extracted"], summary["failed"], summary["records"]) == (len(IDS), 0, 45)
-    assert "not found: record 43: cooking/gone.mp4" in result.stderr
+    assert "not extracted: record 43: cooking/gone.mp4: not found (looked for" in result.stderr
     assert AUDIO_OUT_OF_SCOPE in result.stderr and "going on without them" in result.stderr
     cache = open_cache(store)
     assert set(cache.ids()) == IDS
@@ -257,3 +258,53 @@ def test_qprep_train_data_reads_the_windows_from_the_store_extract_data_filled(e
     assert result.exit_code == 0, result.output
     assert "3 samples" in result.output and "missing file: cooking/gone.mp4" in result.output
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_medium_asking_other_sampling_than_the_run_is_listed_and_qprep_records_name_entries_by_id(
+        dataset, tmp_path):
+    folder = dataset.parent
+    asks = folder / "asks.json"
+    asks.write_text(json.dumps([record({**block("video", "cooking/a.mp4"), "fps": 2}),
+                                record({**block("video", "cooking/a.mp4", start=1.0), "nframes": 8})]))
+    named = dataset_entries(DataFile(asks), VideoSettings(fps=2))
+    assert [entry.id for entry in named.entries] == ["cooking/a"]  # fps 2 is the run's own
+    assert [missing.line() for missing in named.missing] == [
+        "record 1: cooking/a.mp4: asks nframes=8, which this run does not extract with (the store holds one set "
+        "of settings: pass them as flags, e.g. --fps, --num-frames, --max-pixels, or drop them from the record)"]
+
+    plain = folder / "plain.json"  # qprep's own records: cache ids, found under the media folder
+    plain.write_text(json.dumps([
+        {"id": "x", "media": ["cooking/a#t=1,3.5", "photos/cat"], "conversations": [
+            {"from": "human", "value": "<video><image> what?"}, {"from": "gpt", "value": "this"}]},
+        {"id": "cooking/a", "conversations": [{"from": "human", "value": "<video>"}, {"from": "gpt", "value": "a"}]},
+        {"id": "y", "media": ["nowhere"], "conversations": [{"from": "human", "value": "<video>"},
+                                                             {"from": "gpt", "value": "?"}]}]))
+    named = dataset_entries(DataFile(plain))
+    entries = {entry.id: entry for entry in named.entries}
+    assert set(entries) == {"cooking/a#t=1,3.5", "photos/cat", "cooking/a"}
+    assert (entries["cooking/a#t=1,3.5"].path, entries["cooking/a#t=1,3.5"].window_start) == ("cooking/a.mp4", 1.0)
+    assert entries["photos/cat"].kind == "image"
+    assert [m.line() for m in named.missing] == [
+        f"record 2 (y): nowhere: not found (looked for {folder / 'nowhere'}.{{video or image extension}})"]
+
+
+def test_a_manifest_written_before_windows_reads_as_whole_files_with_the_same_shard_keys():
+    import hashlib
+
+    import pyarrow as pa
+
+    from qprep.extraction.plan import shard_key
+    from qprep.schemas.manifest import conformed, rows_of
+
+    old = pa.table({"id": ["a", "b"], "path": ["a.mp4", "b.mkv"], "size": [3, 4], "mtime_ns": [1, 2],
+                    "shard": [0, 0], "shard_key": ["k", "k"], "fingerprint": ["f", "f"], "status": ["ok", "ok"],
+                    "content_hash": ["h1", "h2"]})
+    rows = rows_of(conformed(old))
+    assert [(row.window, row.window_start, row.window_end) for row in rows] == [(False, None, None)] * 2
+    digest = hashlib.sha256(b"f")  # the key such a store committed: its shards are not rewritten
+    for path, content in (("a.mp4", "h1"), ("b.mkv", "h2")):
+        digest.update(f"\0{path}\0{content}\0ok".encode())
+    assert shard_key("f", rows) == digest.hexdigest()
+    windowed = rows + [dataclasses.replace(rows[0], id="a#t=1,2", window_start=1.0, window_end=2.0)]
+    assert shard_key("f", windowed) != shard_key("f", rows)
+    assert shard_key("f", windowed) != shard_key("f", rows + [dataclasses.replace(windowed[2], id="a#t=1,3")])

@@ -12,8 +12,10 @@ file's path, so a changed file re-extracts all its entries at once (`qprep.extra
   windows), each once however many records name it, ids as training reads them. A whole file the
   store holds and no record names is kept while its file is in the media folder (it is what a
   `--videos` run of that folder holds); a window no record names is removed. Media that cannot be
-  found are listed (record, path, where it looked) and left out. Audio files are not extracted:
-  the store holds videos and images (an Omni model hears a video's own track).
+  found are listed (record, path, where it looked) and left out, as are media that cannot be
+  extracted as named: audio files (the store holds videos and images; an Omni model hears a
+  video's own track), and a medium asking its own sampling settings (content blocks' `fps`,
+  `max_pixels`, ...) other than the run's (the store's fingerprint holds one set of settings).
 """
 
 from __future__ import annotations
@@ -86,8 +88,11 @@ def folder_entries(folder: str | Path, shard_count: int, follow_links: bool, kin
 
 # ---- a dataset --------------------------------------------------------------------------------------
 
-def dataset_entries(source) -> Named:
-    """The media `source` (a `qprep.datasets.DataFile`) names, as entries (see the module's docstring)."""
+def dataset_entries(source, settings=None) -> Named:
+    """The media `source` (a `qprep.datasets.DataFile`) names, as entries (see the module's docstring);
+    `settings`: the run's `VideoSettings` (None: its defaults), which every entry is extracted with."""
+    from qprep.schemas.settings import VideoSettings
+
     from qprep.datasets import _open, read_records
     from qprep.datasets.record import Failure
 
@@ -104,18 +109,23 @@ def dataset_entries(source) -> Named:
             named.left_out.setdefault(f"{path}: {item.cause}", []).append(item.name)
             continue
         for medium in item.media:
-            _add(named, entries, item.label, medium, root)
+            _add(named, entries, item.label, medium, root, settings or VideoSettings())
     named.entries = [entries[key][0] for key in sorted(entries)]
     return named
 
 
-def _add(named: Named, entries: dict, record: str, medium, root: Path) -> None:
+def _add(named: Named, entries: dict, record: str, medium, root: Path, settings) -> None:
     """One medium of a record: an entry (once per id), or a line of `missing`."""
     from qprep.datasets.media import cache_id
     from qprep.datasets.record import RecordError
 
     if medium.kind == "audio":
         named.missing.append(Missing(record, medium.path, (), AUDIO_OUT_OF_SCOPE))
+        return
+    if asked := own_sampling(medium.sampling, settings):
+        named.missing.append(Missing(record, medium.path, (), (
+            f"asks {', '.join(asked)}, which this run does not extract with (the store holds one set of "
+            "settings: pass them as flags, e.g. --fps, --num-frames, --max-pixels, or drop them from the record)")))
         return
     if medium.file is None:
         named.missing.append(Missing(record, medium.path, medium.looked))
@@ -130,6 +140,15 @@ def _add(named: Named, entries: dict, record: str, medium, root: Path) -> None:
     if earlier[0].location(root).resolve() != entry.location(root).resolve():
         raise SettingsError(f"{earlier[1]} and {record} name two files under one id {entry_id!r}: "
                             f"{earlier[0].location(root)} and {entry.location(root)}; rename one of them")
+
+
+def own_sampling(sampling: dict, settings) -> list[str]:
+    """The qwen-vl-utils keys a medium sets to other values than the run's settings (`key=value`)."""
+    size = settings.size or (None, None)
+    runs = {"fps": settings.fps, "nframes": settings.num_frames, "min_frames": settings.min_frames,
+            "max_frames": settings.max_frames, "min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels,
+            "resized_height": size[0], "resized_width": size[1]}  # total_pixels: no run setting
+    return [f"{key}={value}" for key, value in sampling.items() if runs.get(key) is None or runs[key] != value]
 
 
 def _entry(entry_id: str, medium, root: Path) -> VideoFile:

@@ -50,7 +50,7 @@ class Summary:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, cause)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why): links not followed, pipes, ...
     records: int = 0  # --data: records read
-    missing: list[str] = field(default_factory=list)  # --data: media not found (record, path, where it looked)
+    missing: list[str] = field(default_factory=list)  # --data: media not found (record, path, where it looked) or not extractable
     left_out: dict[str, list[str]] = field(default_factory=dict)  # --data: records not read: cause → names
 
     def to_dict(self) -> dict:
@@ -109,7 +109,7 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
     existing = Store.open(out) if Store.exists(out) and not rebuild else None
     named = None
     if data is not None:
-        named = dataset_entries(data)
+        named = dataset_entries(data, settings)
         _tell_unusable(named, options)
         settings = dataclasses.replace(settings, kinds=_kinds_for(named, existing))
     if existing is None:
@@ -170,7 +170,7 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
 
 def _tell_unusable(named: Named, options: ExtractOptions) -> None:
     """Before any work: what of the dataset cannot be extracted; `strict` stops there."""
-    lines = [f"not found: {missing.line()}" for missing in named.missing]
+    lines = [f"not extracted: {missing.line()}" for missing in named.missing]
     lines += [f"left out {len(names)} record(s): {cause} ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
               for cause, names in named.left_out.items()]
     if not lines:
@@ -299,8 +299,8 @@ def _skipped_lines(summary: Summary) -> list[str]:
     lines = [f"  not read: {path}: {why}" for path, why in summary.skipped[:10]]
     if len(summary.skipped) > 10:
         lines.append(f"  ... and {len(summary.skipped) - 10} more not read (--json lists all)")
-    lines += [f"  not found: {line}" for line in summary.missing[:10]]
+    lines += [f"  not extracted: {line}" for line in summary.missing[:10]]
     if len(summary.missing) > 10:
-        lines.append(f"  ... and {len(summary.missing) - 10} more media not found (--json lists all)")
+        lines.append(f"  ... and {len(summary.missing) - 10} more media not extracted (--json lists all)")
     lines += [f"  left out {len(names)} record(s): {cause}" for cause, names in list(summary.left_out.items())[:10]]
     return lines

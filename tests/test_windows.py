@@ -308,3 +308,18 @@ def test_a_manifest_written_before_windows_reads_as_whole_files_with_the_same_sh
     windowed = rows + [dataclasses.replace(rows[0], id="a#t=1,2", window_start=1.0, window_end=2.0)]
     assert shard_key("f", windowed) != shard_key("f", rows)
     assert shard_key("f", windowed) != shard_key("f", rows + [dataclasses.replace(windowed[2], id="a#t=1,3")])
+
+
+def test_status_and_verify_judge_a_window_by_its_file(extracted, dataset):
+    from qprep.audit.verify import verify
+    from qprep.store.status import store_status
+
+    model_dir, store, _ = extracted
+    report = store_status(store)
+    assert report["videos_dir"] == str(dataset.parent.resolve())
+    assert (report["videos"]["ok"], report["videos"]["pending"], report["videos"]["gone"]) == (len(IDS), 0, 0)
+    checked = verify(store, ids=sorted(WINDOWS), progress=False)
+    assert [result.id for result in checked.results] == sorted(WINDOWS)
+    for result in checked.results:
+        assert result.ok, [(c.name, c.detail) for c in result.failed()]
+        assert {"frame_indices", "frame_times", "video_tokens"} <= {c.name for c in result.checks}

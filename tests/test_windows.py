@@ -187,10 +187,18 @@ def test_a_changed_file_re_extracts_every_entry_cut_from_it_and_a_window_no_long
     assert set(open_cache(copy).ids()) == IDS - {"cooking/a#t=2,"}
 
     # a --media run of the same folder (one fingerprint) keeps the window a dataset named
+    other = make_video(tmp_path / "videos" / "other.mp4", VideoSpec(width=64, height=64, fps=25, seconds=2,
+                                                                     audio=False))
     summary = extract(tmp_path / "videos", copy, model_dir, VideoSettings(fps=2, kinds=("video", "image")),
                       dtype="float32", options=ExtractOptions(**LOCAL_EXTRACT))
-    assert (summary.extracted, summary.removed, summary.up_to_date) == (0, 0, 3)
+    assert (summary.extracted, summary.removed, summary.up_to_date) == (1, 0, 3)
     assert "cooking/a#t=1,3.5" in open_cache(copy)
+    # a --data run keeps a file no record names while it is unchanged, and never extracts it
+    kept = json.loads(cli_extract(data, copy, model_dir).stdout)
+    assert (kept["up_to_date"], kept["removed"], kept["extracted"]) == (4, 0, 0), kept
+    make_video(other, VideoSpec(width=64, height=64, fps=25, seconds=3, audio=False))
+    summary = json.loads(cli_extract(data, copy, model_dir).stdout)
+    assert (summary["extracted"], summary["removed"]) == (0, 1) and "other" not in open_cache(copy)
 
 
 def window_store(kind, extracted, dataset, tiny_model):

@@ -10,8 +10,9 @@ file's path, so a changed file re-extracts all its entries at once (`qprep.extra
   whose file is gone are removed.
 * `--data FILE` (`dataset_entries`): exactly the media the dataset names (whole videos, images,
   windows), each once however many records name it, ids as training reads them. A whole file the
-  store holds and no record names is kept while its file is in the media folder (it is what a
-  `--videos` run of that folder holds); a window no record names is removed. Media that cannot be
+  store holds and no record names is kept while its file is unchanged in the media folder (it is
+  what a `--videos` run of that folder holds); anything else no record names is removed, never
+  extracted: a window, a failed entry, an entry whose file changed or is gone. Media that cannot be
   found are listed (record, path, where it looked) and left out, as are media that cannot be
   extracted as named: audio files (the store holds videos and images; an Omni model hears a
   video's own track), and a medium asking its own sampling settings (content blocks' `fps`,
@@ -27,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from qprep.errors import SettingsError
-from qprep.extraction.discover import VideoFile, find_videos, media_kind, shard_of
+from qprep.extraction.discover import UNCHANGED, VideoFile, file_state, find_videos, media_kind, shard_of
 from qprep.schemas.manifest import ManifestRow
 
 AUDIO_OUT_OF_SCOPE = ("audio files are not extracted (the store holds videos and images; an Omni model hears "
@@ -180,14 +181,18 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _whole_files_in(root: Path) -> Callable[[ManifestRow], VideoFile | None]:
     def unnamed(row: ManifestRow) -> VideoFile | None:
-        """A whole file still in the media folder is kept; a window no record names is removed."""
-        if row.window:
+        """A whole file extracted ok and unchanged in the media folder (same size and mtime) is kept;
+        anything else no record names is removed, never extracted: a window, a failed entry, an
+        entry whose file changed or is gone (a `--videos`/`--media` run extracts such a file again)."""
+        if row.window or not row.ok:
             return None
         try:
             stat = (root / row.path).stat()
         except (OSError, ValueError):
             return None
-        return VideoFile(id=row.id, path=row.path, size=stat.st_size, mtime_ns=stat.st_mtime_ns, shard=0,
+        if file_state(row, stat.st_size, stat.st_mtime_ns) != UNCHANGED:
+            return None
+        return VideoFile(id=row.id, path=row.path, size=stat.st_size, mtime_ns=stat.st_mtime_ns, shard=row.shard,
                          kind=row.kind)
 
     return unnamed

@@ -154,12 +154,19 @@ def test_an_unchanged_dataset_re_runs_without_torch_or_ray(extracted, dataset):
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [0, len(IDS), False, []]
 
 
-def test_strict_stops_before_any_work(extracted, dataset, tmp_path):
+def test_strict_stops_before_any_work_and_images_need_a_store_that_takes_them(extracted, dataset, tmp_path):
     model_dir, _, _ = extracted
     result = cli_extract(dataset, tmp_path / "strict.zarr", model_dir, "--strict")
     assert result.exit_code == 3, result.output
     assert "record 43: cooking/gone.mp4: not found" in result.output
     assert not (tmp_path / "strict.zarr" / "manifest").exists()
+
+    videos_only = tmp_path / "videos-only.zarr"
+    (tmp_path / "empty").mkdir()  # a --videos store: videos alone
+    extract(tmp_path / "empty", videos_only, model_dir, VideoSettings(fps=2), dtype="float32",
+            options=ExtractOptions(**LOCAL_EXTRACT))
+    result = cli_extract(dataset, videos_only, model_dir)
+    assert result.exit_code == 3 and "the dataset names images" in result.output, result.output
 
 
 def test_a_changed_file_re_extracts_every_entry_cut_from_it_and_a_window_no_longer_named_goes(

@@ -94,10 +94,10 @@ def dataset_entries(source, settings=None) -> Named:
     `settings`: the run's `VideoSettings` (None: its defaults), which every entry is extracted with."""
     from qprep.schemas.settings import VideoSettings
 
-    from qprep.datasets import _open, read_records
+    from qprep.datasets import parse, read_records
     from qprep.datasets.record import Failure
 
-    content, reader, path = _open(source)
+    content, reader, path = parse(source)
     root = source.root
     if not root.is_dir():
         raise SettingsError(f"--media-dir {root}: not a directory")
@@ -136,7 +136,11 @@ def _add(named: Named, entries: dict, record: str, medium, root: Path, settings)
     except RecordError as exc:
         named.missing.append(Missing(record, medium.path, (), str(exc)))
         return
-    entry = _entry(entry_id, medium, root)
+    try:
+        entry = _entry(entry_id, medium, root)
+    except OSError as exc:  # gone since it was found
+        named.missing.append(Missing(record, medium.path, (), f"cannot read it: {exc.strerror or exc}"))
+        return
     earlier = entries.setdefault(entry_id, (entry, record))
     if earlier[0].location(root).resolve() != entry.location(root).resolve():
         raise SettingsError(f"{earlier[1]} and {record} name two files under one id {entry_id!r}: "

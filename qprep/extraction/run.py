@@ -185,11 +185,14 @@ def _kinds_for(named: Named, existing: Store | None) -> tuple[str, ...]:
     """The kinds of a --data run: the store's own where they cover the dataset's media (one fingerprint
     with the --videos or --media runs that made it), else videos, and images where the dataset has some."""
     needed = {"video"} | named.kinds
-    if existing is not None:
-        kinds = tuple(existing.attrs["config"]["settings"].get("kinds", ("video",)))
-        if needed <= set(kinds):
-            return kinds
-    return tuple(sorted(needed, key=("video", "image").index))
+    if existing is None:
+        return tuple(sorted(needed, key=("video", "image").index))
+    kinds = tuple(existing.attrs["config"]["settings"].get("kinds", ("video",)))
+    if not needed <= set(kinds):
+        raise StoreError(f"the dataset names images; {existing.root} holds videos alone (extracted with --videos), "
+                         "so its settings have no image bounds. Use another --out, --rebuild, or a store made with "
+                         "--media")
+    return kinds
 
 
 def _start_workers_early(videos: str | Path | Named, shards: int | None, options: ExtractOptions,

@@ -206,6 +206,11 @@ def test_a_changed_file_re_extracts_every_entry_cut_from_it_and_a_window_no_long
     make_video(other, VideoSpec(width=64, height=64, fps=25, seconds=3, audio=False))
     summary = json.loads(cli_extract(data, copy, model_dir).stdout)
     assert (summary["extracted"], summary["removed"]) == (0, 1) and "other" not in open_cache(copy)
+    # a file gone from the folder takes every entry cut from it along
+    (tmp_path / "videos" / "cooking" / "a.mp4").unlink()
+    summary = extract(tmp_path / "videos", copy, model_dir, VideoSettings(fps=2, kinds=("video", "image")),
+                      dtype="float32", options=ExtractOptions(**LOCAL_EXTRACT))
+    assert (summary.extracted, summary.removed) == (1, 2) and set(open_cache(copy).ids()) == {"other", "photos/cat"}
 
 
 def window_store(kind, extracted, dataset, tiny_model):

@@ -28,6 +28,7 @@ from conftest import LOCAL_EXTRACT, make_image
 from qprep import open_cache
 from qprep.cli import main
 from qprep.datasets import DataFile
+from qprep.errors import SettingsError
 from qprep.extraction.entries import AUDIO_OUT_OF_SCOPE, dataset_entries
 from qprep.extraction.run import ExtractOptions, extract
 from qprep.schemas.settings import VideoSettings
@@ -291,6 +292,13 @@ def test_a_medium_asking_other_sampling_than_the_run_is_listed_and_qprep_records
     assert [missing.line() for missing in named.missing] == [
         "record 1: cooking/a.mp4: asks nframes=8, which this run does not extract with (the store holds one set "
         "of settings: pass them as flags, e.g. --fps, --num-frames, --max-pixels, or drop them from the record)"]
+
+    shutil.copytree(folder, tmp_path / "clash")
+    shutil.copy(folder / "cooking" / "a.mp4", tmp_path / "clash" / "cooking" / "a.mkv")
+    clash = tmp_path / "clash" / "clash.json"
+    clash.write_text(json.dumps([record(block("video", "cooking/a.mp4")), record(block("video", "cooking/a.mkv"))]))
+    with pytest.raises(SettingsError, match=r"record 0 and record 1 name two files under one id 'cooking/a'"):
+        dataset_entries(DataFile(clash))
 
     plain = folder / "plain.json"  # qprep's own records: cache ids, found under the media folder
     plain.write_text(json.dumps([

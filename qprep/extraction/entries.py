@@ -103,7 +103,7 @@ def dataset_entries(source, settings=None) -> Named:
         raise SettingsError(f"--media-dir {root}: not a directory")
     named = Named(root, [], _whole_files_in(root))
     items = _plain_records(content, root) if reader == "qprep" else read_records(source, content, reader)
-    entries: dict[str, tuple[VideoFile, str]] = {}
+    entries: dict[str, tuple[VideoFile, str, Path]] = {}  # id → (entry, the first record naming it, its file)
     for item in items:
         named.records += 1
         if isinstance(item, Failure):
@@ -136,15 +136,16 @@ def _add(named: Named, entries: dict, record: str, medium, root: Path, settings)
     except RecordError as exc:
         named.missing.append(Missing(record, medium.path, (), str(exc)))
         return
+    earlier = entries.get(entry_id)
+    if earlier is not None:  # named again (forty questions about one clip): one entry
+        if Path(earlier[2]) != Path(medium.file) and not _same_file(earlier[2], medium.file):
+            raise SettingsError(f"{earlier[1]} and {record} name two files under one id {entry_id!r}: "
+                                f"{earlier[2]} and {medium.file}; rename one of them")
+        return
     try:
-        entry = _entry(entry_id, medium, root)
+        entries[entry_id] = (_entry(entry_id, medium, root), record, medium.file)
     except OSError as exc:  # gone since it was found
         named.missing.append(Missing(record, medium.path, (), f"cannot read it: {exc.strerror or exc}"))
-        return
-    earlier = entries.setdefault(entry_id, (entry, record))
-    if earlier[0].location(root).resolve() != entry.location(root).resolve():
-        raise SettingsError(f"{earlier[1]} and {record} name two files under one id {entry_id!r}: "
-                            f"{earlier[0].location(root)} and {entry.location(root)}; rename one of them")
 
 
 def own_sampling(sampling: dict, settings) -> list[str]:
@@ -168,7 +169,7 @@ def _entry(entry_id: str, medium, root: Path) -> VideoFile:
         written = relative_path(medium.path, root)
         path = str(written) if written.suffix else f"{written}{file.suffix}"
     stat = file.stat()
-    elsewhere = not _same_file(root / path, file)
+    elsewhere = file != root / path and not _same_file(root / path, file)
     window = medium.window
     return VideoFile(id=entry_id, path=path, size=stat.st_size, mtime_ns=stat.st_mtime_ns, shard=0,
                      kind=medium.kind, window_start=float(medium.start or 0.0) if window else None,

@@ -2,9 +2,9 @@
 
 resolve model + settings → (a dataset: read it, list what is missing) → fingerprint → open (or
 create) the store, refusing a different config → the entries the run names
-(`qprep.extraction.entries`) + plan (no decoding, no Ray) → commit shards that need no towers → if any video needs the
-towers: the CPU stage → the towers (on Ray or in this process: `qprep.extraction.executors`) →
-writer committing shard by shard.
+(`qprep.extraction.entries`) + plan (no decoding, no Ray) → commit shards that need no towers → if
+any entry needs the towers: the CPU stage → the towers (on Ray or in this process:
+`qprep.extraction.executors`) → writer committing shard by shard.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class Summary:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, cause)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why): links not followed, pipes, ...
     records: int = 0  # --data: records read
-    missing: list[str] = field(default_factory=list)  # --data: media not found (record, path, where it looked) or not extractable
+    # --data: media not found (record, path, where it looked) or not extractable (audio files, own sampling)
+    missing: list[str] = field(default_factory=list)
     left_out: dict[str, list[str]] = field(default_factory=dict)  # --data: records not read: cause → names
 
     def to_dict(self) -> dict:

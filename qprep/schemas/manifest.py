@@ -1,4 +1,5 @@
-"""The manifest: one Parquet row per entry (a video, a window of one, an image), the contract between the extractor and any reader.
+"""The manifest: one Parquet row per entry (a video, a window of one, an image), the contract
+between the extractor and any reader.
 
 Everything a trainer needs besides the tokens lives here: where the video's tokens are (shard, key,
 row offsets and lengths), its time facts (sampled frame times, `second_per_grid`, fps) and its

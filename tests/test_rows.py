@@ -65,7 +65,7 @@ def test_a_prepared_row_survives_rays_form_bit_for_bit():
     prepared = Prepared(VIDEO, a_row(), rng.integers(0, 256, (24, 1176), dtype=np.uint8), (3, 4, 2),
                         rng.standard_normal((128, 300)).astype(np.float32), (300,))
     back = Prepared.from_ray(prepared.to_ray())
-    assert back.video == VIDEO and back.row == prepared.row and back.grid == (3, 4, 2) and back.windows == (300,)
+    assert back.video == VIDEO and back.row == prepared.row and back.grid == (3, 4, 2) and back.mel_chunks == (300,)
     assert [x.hex() for x in back.row.frame_times] == [x.hex() for x in AWKWARD]
     assert np.array_equal(back.patches, prepared.patches) and back.mel.tobytes() == prepared.mel.tobytes()
     assert video_of(video_item(VIDEO)) == VIDEO

@@ -89,7 +89,7 @@ def prepare_video(video: VideoFile, *, videos_dir: str, settings: VideoSettings,
         out.patches, out.grid = prepared.patches.numpy(), tuple(grid)
         if prepared.input_features is not None:
             out.mel = prepared.mel_frames().numpy()
-            out.windows = tuple(prepared.feature_attention_mask.sum(-1).tolist())
+            out.mel_chunks = tuple(prepared.feature_attention_mask.sum(-1).tolist())
     return out
 
 
@@ -181,8 +181,8 @@ class TowerStage:
                 out[i].tokens["video"] = to_storage(features.tokens)  # an image's tokens share the video arrays
                 if features.deepstack is not None:  # [levels, n, d] → the store's row order [n, levels, d]
                     out[i].tokens["deepstack"] = to_storage(features.deepstack.transpose(0, 1))
-        with_audio = [i for i in rows if prepared[i].windows]
+        with_audio = [i for i in rows if prepared[i].mel_chunks]
         if with_audio and self.towers.audio_tower is not None:
-            inputs = [AudioInput(torch.from_numpy(prepared[i].mel), prepared[i].windows) for i in with_audio]
+            inputs = [AudioInput(torch.from_numpy(prepared[i].mel), prepared[i].mel_chunks) for i in with_audio]
             for i, tokens in zip(with_audio, self.towers.encode_audio(inputs)):
                 out[i].tokens["audio"] = to_storage(tokens)

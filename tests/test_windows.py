@@ -389,3 +389,32 @@ def test_training_on_a_window_with_its_sound_gives_the_full_models_logits_and_lo
         expected = full_model(model_dir)(**inputs, labels=labels, **model_kwargs)
         loss, logits = LanguageModel(checkpoint, dtype="float32").eval()(batch)
     assert torch.equal(logits, expected.logits) and torch.equal(loss, expected.loss)
+
+
+def test_the_entries_of_published_formats_are_the_ids_training_reads(dataset, tmp_path):
+    """LongVALE's `meta.split` windows and a Charades-style dict (several sentences per video) name
+    their videos by id: one entry per video or window, under the ids `qprep train --data` looks up."""
+    from qprep.datasets import load
+
+    media = tmp_path / "media"
+    media.mkdir()
+    for name in ("lv1.mp4", "AO8RW.mkv"):
+        shutil.copy(dataset.parent / "cooking" / "a.mp4", media / name)
+    turns = [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "From <s0> to <e0>, x."}]
+    files = {
+        "longvale.json": [{"id": "lv1", "conversations": turns,
+                           "meta": {"duration": 4.0, "split": [1.5, 5.5], "token": {"<s0>": 0, "<e0>": 2}}},
+                          {"id": "lv1", "conversations": turns, "meta": {"duration": 6.0, "token": {"<s0>": 0,
+                                                                                                   "<e0>": 2}}}],
+        "charades.json": {"AO8RW": {"duration": 6.0, "timestamps": [[0.0, 1.0], [2.0, 4.0]],
+                                    "sentences": ["a person sits.", "a person stands."]},
+                          "gone": {"duration": 3.0, "timestamps": [[0.0, 1.0]], "sentences": ["nothing."]}},
+    }
+    expected = {"longvale.json": {"lv1#t=1.5,5.5": "lv1.mp4", "lv1": "lv1.mp4"}, "charades.json": {"AO8RW": "AO8RW.mkv"}}
+    for name, content in files.items():
+        (media / name).write_text(json.dumps(content))
+        source = DataFile(media / name, media_dir=media, check_files=True)
+        named = dataset_entries(source)
+        assert {entry.id: entry.path for entry in named.entries} == expected[name]
+        assert {medium for r in load(source) for medium in r["media"]} == set(expected[name])
+    assert [m.line().split(": not found")[0] for m in named.missing] == ["record 1 (gone#0): gone"]

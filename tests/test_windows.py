@@ -98,6 +98,8 @@ def test_a_dataset_names_each_medium_once_and_every_entry_of_a_file_shares_its_s
     assert lines[0].startswith("record 43: cooking/gone.mp4: not found (looked for ")
     assert str(dataset.parent / "cooking" / "gone.mp4") in lines[0]
     assert lines[1] == f"record 44: cooking/a.mp3: {AUDIO_OUT_OF_SCOPE}"
+    from qprep.datasets import load  # the ids training looks up are the entries'
+    assert {medium for r in load(DataFile(dataset, check_files=True)) for medium in r["media"]} == IDS
 
 
 def test_extract_data_extracts_each_entry_once_and_lists_what_is_missing_first(extracted):

@@ -342,12 +342,14 @@ def test_a_manifest_written_before_windows_reads_as_whole_files_with_the_same_sh
 
 def test_status_and_verify_judge_a_window_by_its_file(extracted, dataset):
     from qprep.audit.verify import verify
-    from qprep.store.status import store_status
+    from qprep.store.status import format_status, store_status
 
     model_dir, store, _ = extracted
     report = store_status(store)
     assert report["videos_dir"] == str(dataset.parent.resolve())
     assert (report["videos"]["ok"], report["videos"]["pending"], report["videos"]["gone"]) == (len(IDS), 0, 0)
+    assert (report["kinds"], report["windows"]) == ({"image": 1, "video": 3}, 2)
+    assert "1 images, 3 videos (2 of the videos are windows of a file)" in format_status(report)
     checked = verify(store, ids=sorted(WINDOWS), progress=False)
     assert [result.id for result in checked.results] == sorted(WINDOWS)
     for result in checked.results:

@@ -175,6 +175,12 @@ def count_by_kind(table: pa.Table, status: str = OK) -> dict[str, int]:
     return {kind: kinds.count(kind) for kind in sorted(set(kinds))}
 
 
+def count_windows(table: pa.Table, status: str = OK) -> int:
+    """Rows with `status` that hold a window of their file rather than the whole file."""
+    return int(pc.sum(pc.and_(pc.equal(table.column("status"), status),
+                              pc.is_valid(table.column("window_start")))).as_py() or 0)
+
+
 def rows_of(table: pa.Table) -> list[ManifestRow]:
     return [ManifestRow(**values) for values in table.to_pylist()]
 

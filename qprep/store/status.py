@@ -31,6 +31,7 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
         "videos": {"ok": columns.count(manifest, OK), "failed": columns.count(manifest, FAILED), "pending": None,
                    "gone": None},
         "kinds": columns.count_by_kind(manifest),  # entries extracted ok, by kind
+        "windows": columns.count_windows(manifest),  # of the videos: windows of a file, not whole files
         "tokens": {span: columns.token_rows(manifest, span) for span in columns.SPANS},
         "deepstack_levels": store.deepstack_levels,
         "token_bytes": _token_bytes(store, manifest),
@@ -66,8 +67,9 @@ def format_status(report: dict) -> str:
         f"settings     {settings}",
         f"shards       {report['shards']['committed']} committed of {report['shards']['count']}",
         f"videos       {videos['ok']} ok, {videos['failed']} failed; pending: {pending}",
-        *([f"kinds        " + ", ".join(f"{count} {kind}s" for kind, count in report["kinds"].items())]
-          if set(report["kinds"]) - {"video"} else []),
+        *([f"kinds        " + ", ".join(f"{count} {kind}s" for kind, count in report["kinds"].items())
+           + (f" ({report['windows']} of the videos are windows of a file)" if report["windows"] else "")]
+          if set(report["kinds"]) - {"video"} or report["windows"] else []),
         f"tokens       {tokens['video']} video, {tokens['audio']} audio",
         f"size         {report['bytes'] / 1e6:.1f} MB",
     ]

@@ -37,7 +37,7 @@ AUDIO_OUT_OF_SCOPE = ("audio files are not extracted (the store holds videos and
 
 @dataclass
 class Missing:
-    """A medium a record names that was not found."""
+    """A medium a record names that is not extracted: not found, or not extractable as named (`why`)."""
 
     record: str  # "record 3 (cooking/a)"
     path: str  # as the dataset writes it

@@ -202,6 +202,13 @@ def prepare(video, job, model, as_json, **flags):
 @click.option("--media", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of videos and images (jpg, png, webp, bmp, tiff, gif), searched recursively; ids as "
                    "for --videos. Images go through the checkpoint's own image processor and get_image_features.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A dataset (any format --format names): extract exactly the videos, images and video windows "
+                   "its records name, each once, with the ids training reads; paths resolved under --media-dir "
+                   "(default: the file's folder). Media not found are listed first and left out.")
+@data_file_options
+@click.option("--strict", is_flag=True,
+              help="With --data: stop before any work when a medium is not found or a record cannot be read.")
 @click.option("--out", required=True, type=StoreLocation(exists=False),
               help="The store to create or update, e.g. store.zarr or s3://bucket/prefix/store.zarr.")
 @video_options
@@ -228,10 +235,11 @@ def prepare(video, job, model, as_json, **flags):
                    "not followed are listed in the summary).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(videos, media, out, job, model, dtype, shards, rebuild, ray_address, executor, device, batch_size,
-            revision, follow_links, as_json, quiet, **flags):
+def extract(videos, media, data, data_format, media_dir, times, annotations_as, grounding_prompt, strict, out, job,
+            model, dtype, shards, rebuild, ray_address, executor, device, batch_size, revision, follow_links, as_json,
+            quiet, **flags):
     """Cache the frozen towers' output for every video under --videos (every video and image under
-    --media) in the store --out.
+    --media, or the media a --data set names) in the store --out.
 
     The CPU stage (decode, sample, resize, patchify, log-mel) runs as Ray tasks, or in a pool of
     local processes for small runs (--executor); the vision and audio towers run in one actor per
@@ -246,21 +254,28 @@ def extract(videos, media, out, job, model, dtype, shards, rebuild, ray_address,
       qprep extract --videos clips/ --out clips.zarr --job seed-omni-100f
       qprep extract --videos clips/ --out clips.zarr --model Qwen/Qwen2.5-VL-7B-Instruct --ray-address auto
       qprep extract --media photos_and_clips/ --out mixed.zarr --model ./Qwen2.5-VL-7B-Instruct
+      qprep extract --data train.json --media-dir /data/charades --out charades.zarr --model ./Qwen3-VL-8B
     """
     import dataclasses
     import json
 
     from qprep.extraction.run import ExtractOptions, extract as run_extract, format_summary
 
-    if (videos is None) == (media is None):
-        raise click.UsageError("give one folder: --videos (videos alone) or --media (videos and images)")
+    if sum(given is not None for given in (videos, media, data)) != 1:
+        raise click.UsageError("give one source: --videos DIR (videos alone), --media DIR (videos and images) or "
+                               "--data FILE (the media a dataset names)")
+    if data is None and (media_dir is not None or data_format is not None or strict):
+        raise click.UsageError("--media-dir, --format and --strict go with --data")
     with _errors_to_exit_codes():
         preset = _preset(job)
         settings, model = preset.video_settings(**flags), _model(model, preset)
         if media is not None:
             videos, settings = media, dataclasses.replace(settings, kinds=("video", "image"))
+        if data is not None:
+            videos = _data_file(data, data_format, media_dir, times, annotations_as, grounding_prompt)
         options = ExtractOptions(ray_address=ray_address, executor=executor, device=device, batch_size=batch_size,
-                                 progress=not quiet, follow_links=follow_links)
+                                 progress=not quiet, follow_links=follow_links, strict=strict,
+                                 notify=lambda text: click.echo(text, err=True))
         try:
             summary = run_extract(videos, out, model, settings, dtype=dtype, shards=shards, rebuild=rebuild,
                                   revision=revision, options=options)

@@ -65,7 +65,7 @@ def test_a_prepared_row_survives_rays_form_bit_for_bit():
     prepared = Prepared(VIDEO, a_row(), rng.integers(0, 256, (24, 1176), dtype=np.uint8), (3, 4, 2),
                         rng.standard_normal((128, 300)).astype(np.float32), (300,))
     back = Prepared.from_ray(prepared.to_ray())
-    assert back.video == VIDEO and back.row == prepared.row and back.grid == (3, 4, 2) and back.windows == (300,)
+    assert back.video == VIDEO and back.row == prepared.row and back.grid == (3, 4, 2) and back.mel_chunks == (300,)
     assert [x.hex() for x in back.row.frame_times] == [x.hex() for x in AWKWARD]
     assert np.array_equal(back.patches, prepared.patches) and back.mel.tobytes() == prepared.mel.tobytes()
     assert video_of(video_item(VIDEO)) == VIDEO
@@ -88,3 +88,14 @@ def test_a_failed_row_keeps_what_was_learned_before_it_failed(cause):
     row = a_row().fail(cause, "tower_error")
     assert (row.status, row.error, row.error_code) == (FAILED, cause, "tower_error")
     assert row.grid_thw == [3, 16, 22] and row.content_hash == "c" * 64
+
+
+def test_a_window_entry_survives_parquet_and_rays_form():
+    window = dataclasses.replace(VIDEO, id="talk/a#t=0.1,", window_start=0.1, file="/data/talk/a.mp4")
+    rows = [new_row(window), new_row(dataclasses.replace(window, id="talk/a#t=0,2", window_start=0.0, window_end=2.0))]
+    assert [(row.window, row.window_start, row.window_end) for row in rows] == [(True, 0.1, None), (True, 0.0, 2.0)]
+    assert not new_row(VIDEO).window
+    sink = io.BytesIO()
+    pq.write_table(manifest_table(rows), sink)
+    assert rows_of(pq.read_table(io.BytesIO(sink.getvalue()))) == rows
+    assert video_of(video_item(window)) == window

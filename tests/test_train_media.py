@@ -112,8 +112,9 @@ def processor_batch(model_dir, cache, kind, names, answered: bool = True, record
     if omni:
         kwargs.update(audio=[plain_audio_decode(folder / row.path) for row in videos], load_audio_from_video=True,
                       audio_from_video_indices=list(range(len(videos))))
-    if type(processor).__name__ == "Qwen3OmniMoeProcessor" and videos:
-        assert len({row.sample_fps for row in videos}) == 1  # it takes one fps for all videos of a call
+    if type(processor).__name__ in ("Qwen2_5OmniProcessor", "Qwen3OmniMoeProcessor") and videos:
+        # it takes one fps for all videos of a call (2.0 when none is given), not their metadata's
+        assert len({row.sample_fps for row in videos}) == 1
         kwargs["fps"] = videos[0].sample_fps
     inputs = processor(**kwargs)
     if videos:

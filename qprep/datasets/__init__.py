@@ -22,7 +22,7 @@ from qprep.datasets.source import DataFile, dataset_info_entry, read_rows
 from qprep.datasets.times import UNITS
 from qprep.errors import SettingsError
 
-__all__ = ["DataFile", "FORMATS", "Records", "load", "read_records", "cache_id"]
+__all__ = ["DataFile", "FORMATS", "Records", "load", "parse", "read_records", "cache_id"]
 
 
 READERS = {"llamafactory": llamafactory.read, "swift": swift.read, "llava": llava.read, "blocks": blocks.read,
@@ -41,7 +41,7 @@ class Records(list):
 def load(source: DataFile | str | Path) -> Records:
     """The file's records in qprep's plain form (see the module's docstring)."""
     source = source if isinstance(source, DataFile) else DataFile(Path(source))
-    content, reader, path = _open(source)
+    content, reader, path = parse(source)
     if reader == "qprep":
         return Records(plain.read(content, path))
     records, skipped, settings = Records(), {}, {}
@@ -58,7 +58,7 @@ def load(source: DataFile | str | Path) -> Records:
 def read_records(source: DataFile, content=None, reader: str | None = None):
     """The file's `Record`s and `Failure`s, in file order (any format but qprep's own)."""
     if content is None:
-        content, reader, _ = _open(source)
+        content, reader, _ = parse(source)
     if reader not in READERS:
         raise SettingsError(f"--data {source.path}: {reader} records are read by `load` as they stand")
     try:
@@ -70,7 +70,7 @@ def read_records(source: DataFile, content=None, reader: str | None = None):
         raise SettingsError(f"--data {source.path} ({reader}): {exc}") from exc
 
 
-def _open(source: DataFile):
+def parse(source: DataFile):
     """The parsed content of the data file, its format (given, or detected) and its path (the data
     file a `dataset_info.json` names, or the file itself)."""
     if source.format is not None and source.format not in FORMATS:

@@ -33,7 +33,9 @@ HASH_BLOCK = 1 << 22
 
 @dataclass(frozen=True)
 class VideoFile:
-    """A media file found in the folder (a video unless `kind` says otherwise)."""
+    """A store entry to extract: a media file found in the folder (a video unless `kind` says
+    otherwise), or a window of a video file (`window_start` set). Every entry of one file has the
+    file's path, size, mtime and shard."""
 
     id: str
     path: str  # relative, '/'-separated
@@ -42,6 +44,13 @@ class VideoFile:
     shard: int
     bad_name: str = ""  # why the name cannot be recorded as it is: the file is recorded failed, never opened
     kind: str = "video"  # settings.MEDIA_KINDS
+    window_start: float | None = None  # seconds; None: the whole file
+    window_end: float | None = None  # seconds; None: to the end
+    file: str = ""  # where the file is, when not the media folder / `path` (a dataset's file found elsewhere)
+
+    def location(self, media_dir: str | Path) -> Path:
+        """The file to read."""
+        return Path(self.file) if self.file else Path(media_dir) / self.path
 
 
 @dataclass

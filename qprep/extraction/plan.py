@@ -1,9 +1,11 @@
-"""What a run has to do: compare the videos on disk with the store's manifest, shard by shard.
+"""What a run has to do: compare the entries it names with the store's manifest, shard by shard.
 
-Per video: same size and mtime as its committed row → kept as is; same size, new mtime → re-hashed,
-and kept (only its mtime updated) when the bytes are unchanged; anything else, new videos and
-failed ones → extracted. Committed rows whose file is gone are dropped. A shard with none of that
-is skipped outright; nothing is decoded to find out.
+An entry is a media file or a window of a video file; all entries of a file live in the file's
+shard. Per entry, by its file: same size and mtime as its committed row → kept as is; same size,
+new mtime → the file re-hashed (once, however many entries it has), and kept (only its mtime
+updated) when the bytes are unchanged; anything else, new entries and failed ones → extracted.
+Committed rows the run does not name and does not keep (`make_plan`'s `unnamed`) are dropped. A
+shard with none of that is skipped outright; nothing is decoded to find out.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 
-from qprep.extraction.discover import CHANGED, TOUCHED, VideoFile, file_state, same_content
+from qprep.extraction.discover import CHANGED, TOUCHED, VideoFile, content_hash, file_state
 from qprep.schemas.manifest import ManifestRow, rows_of
 
 
@@ -54,9 +57,17 @@ class Plan:
         return sum(plan.touched for plan in self.shards.values())
 
 
-def make_plan(videos: list[VideoFile], manifest: pa.Table, videos_dir: str | Path, hash_threads: int = 8) -> Plan:
+def make_plan(videos: list[VideoFile], manifest: pa.Table, videos_dir: str | Path, hash_threads: int = 8,
+              unnamed: Callable[[ManifestRow], VideoFile | None] | None = None) -> Plan:
+    """The plan for bringing the store to `videos`, the entries the run names (a file may give
+    several: the whole file, windows of it). A committed entry the run does not name is kept when
+    `unnamed` returns what it stands for now (its file as found), else removed. Every entry of a
+    file is judged by that file, so a changed file re-extracts all of them and an unchanged one none."""
     committed = {row.id: row for row in rows_of(manifest)}
     keys = {row.shard: row.shard_key for row in committed.values()}
+    named = {video.id for video in videos}
+    adopted = [unnamed(row) for row_id, row in committed.items() if row_id not in named] if unnamed else []
+    videos = videos + [video for video in adopted if video is not None]
     plans: dict[int, ShardPlan] = {}
 
     def plan_for(shard: int) -> ShardPlan:
@@ -76,16 +87,14 @@ def make_plan(videos: list[VideoFile], manifest: pa.Table, videos_dir: str | Pat
         else:
             plan_for(video.shard).keep.append(row)
             up_to_date += 1
-    on_disk = {video.id for video in videos}
+    wanted = {video.id for video in videos}
     for video_id, row in committed.items():
-        if video_id not in on_disk:
+        if video_id not in wanted:
             plan_for(row.shard).removed.append(video_id)
 
-    root = Path(videos_dir)
-    with ThreadPoolExecutor(max_workers=hash_threads) as pool:  # hashlib releases the GIL
-        same = list(pool.map(lambda item: _same_or_false(root / item[0].path, item[1]), rehash))
-    for (video, row), unchanged in zip(rehash, same):
-        if unchanged:
+    same = _unchanged_files(rehash, Path(videos_dir), hash_threads)
+    for video, row in rehash:
+        if same[video.location(videos_dir)] == row.content_hash:
             plan_for(video.shard).keep.append(dataclasses.replace(row, mtime_ns=video.mtime_ns))
             plans[video.shard].touched += 1
             up_to_date += 1
@@ -97,15 +106,25 @@ def make_plan(videos: list[VideoFile], manifest: pa.Table, videos_dir: str | Pat
 
 
 def shard_key(fingerprint: str, members: list[ManifestRow]) -> str:
-    """hash(fingerprint, each member's path, content hash and status): equal keys, equal arrays."""
+    """hash(fingerprint, each member's path, content hash and status, and a window's id): equal keys,
+    equal arrays. (A whole file's id follows from its path; windows of one file differ by id.)"""
     digest = hashlib.sha256(fingerprint.encode())
-    for row in sorted(members, key=lambda r: r.path):
+    for row in sorted(members, key=lambda r: (r.path, r.id)):
         digest.update(f"\0{row.path}\0{row.content_hash or ''}\0{row.status}".encode())
+        if row.window:
+            digest.update(f"\0{row.id}".encode())
     return digest.hexdigest()
 
 
-def _same_or_false(path: Path, row: ManifestRow) -> bool:
+def _unchanged_files(rehash: list[tuple[VideoFile, ManifestRow]], root: Path, threads: int) -> dict[Path, str | None]:
+    """The sha256 of each touched file, read once however many entries it has (None: unreadable)."""
+    files = sorted({video.location(root) for video, _ in rehash})
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # hashlib releases the GIL
+        return dict(zip(files, pool.map(_hash_or_none, files)))
+
+
+def _hash_or_none(path: Path) -> str | None:
     try:
-        return same_content(path, row)
+        return content_hash(path)
     except OSError:  # gone or unreadable since it was found: extracted again, and recorded if it fails
-        return False
+        return None

@@ -30,7 +30,7 @@ class Prepared:
     patches: np.ndarray  # [patches, patch_dim] uint8
     grid: tuple[int, int, int]  # (t, h, w) in patches
     mel: np.ndarray  # [mel bins, frames] float32; no frames without audio
-    windows: tuple[int, ...] = ()  # valid mel frames of each processor window; () without audio
+    mel_chunks: tuple[int, ...] = ()  # valid mel frames of each 300 s feature-extractor chunk; () without audio
 
     @classmethod
     def empty(cls, video: VideoFile, patch_dim: int = 0, mel_bins: int = 0) -> Prepared:
@@ -44,13 +44,13 @@ class Prepared:
 
     def to_ray(self) -> dict:
         return {"video": _video_json(self.video), "row": json.dumps(self.row.to_dict()), "patches": self.patches,
-                "grid": np.asarray(self.grid, np.int64), "mel": self.mel, "windows": np.asarray(self.windows, np.int64)}
+                "grid": np.asarray(self.grid, np.int64), "mel": self.mel, "mel_chunks": np.asarray(self.mel_chunks, np.int64)}
 
     @classmethod
     def from_ray(cls, values: dict) -> Prepared:
         return cls(VideoFile(**json.loads(values["video"])), ManifestRow.from_dict(json.loads(values["row"])),
                    np.asarray(values["patches"]), tuple(int(v) for v in values["grid"]), np.asarray(values["mel"]),
-                   tuple(int(v) for v in values["windows"]))
+                   tuple(int(v) for v in values["mel_chunks"]))
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""`qprep extract`: videos directory in, store out, touching only what changed.
+"""`qprep extract`: a media folder (or the media a dataset names) in, store out, touching only what changed.
 
-resolve model + settings → fingerprint → open (or create) the store, refusing a different config →
-discover + plan (no decoding, no Ray) → commit shards that need no towers → if any video needs the
-towers: the CPU stage → the towers (on Ray or in this process: `qprep.extraction.executors`) →
-writer committing shard by shard.
+resolve model + settings → (a dataset: read it, list what is missing) → fingerprint → open (or
+create) the store, refusing a different config → the entries the run names
+(`qprep.extraction.entries`) + plan (no decoding, no Ray) → commit shards that need no towers → if
+any entry needs the towers: the CPU stage → the towers (on Ray or in this process:
+`qprep.extraction.executors`) → writer committing shard by shard.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import importlib.metadata
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from qprep.errors import SettingsError, StoreError
-from qprep.extraction.discover import find_videos
+from qprep.extraction.entries import Named, dataset_entries, folder_entries
 from qprep.extraction.plan import Plan, make_plan
 from qprep.extraction.writer import ShardWriter
 from qprep.models.checkpoint import open_checkpoint
@@ -47,6 +49,10 @@ class Summary:
     executor: str | None = None  # what ran the stages ("local" or "ray"); None: nothing needed them
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, cause)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why): links not followed, pipes, ...
+    records: int = 0  # --data: records read
+    # --data: media not found (record, path, where it looked) or not extractable (audio files, own sampling)
+    missing: list[str] = field(default_factory=list)
+    left_out: dict[str, list[str]] = field(default_factory=dict)  # --data: records not read: cause → names
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -77,14 +83,23 @@ class ExtractOptions:
     tower_threads: int | None = None  # torch threads of a CPU tower actor
     progress: bool = True
     follow_links: bool = False  # follow links leading out of the videos folder (links inside it always are)
+    strict: bool = False  # --data: stop before any work when a record or a medium cannot be used
+    notify: Callable[[str], None] | None = None  # --data: told what cannot be used, before any work
 
 
-def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSettings | None = None, *,
+def extract(videos, out: str | Path, model: str, settings: VideoSettings | None = None, *,
             dtype: str = "auto", shards: int | None = None, rebuild: bool = False, revision: str | None = None,
             attn_implementation: str = "sdpa", options: ExtractOptions = ExtractOptions()) -> Summary:
-    """Extract (or bring up to date) the token cache of every video under `videos` into `out`."""
+    """Extract (or bring up to date) the token cache of every medium under the folder `videos`, or
+    of the media a dataset names (`videos` a `qprep.datasets.DataFile`), into `out`."""
+    from qprep.datasets.source import DataFile
+
     started = time.perf_counter()
     settings = settings or VideoSettings()
+    data = videos if isinstance(videos, DataFile) else None
+    if data is not None and (settings.video_start is not None or settings.video_end is not None):
+        raise SettingsError("--video-start/--video-end window every video of a folder; with --data each "
+                            "medium's window is the dataset's own (leave them out)")
     if Path(model).is_dir():
         model = str(Path(model).resolve())  # Ray workers may run elsewhere (shared storage)
     checkpoint = open_checkpoint(model, revision)
@@ -93,8 +108,13 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
     if not checkpoint.has_audio and settings.audio:
         settings = dataclasses.replace(settings, audio=False)  # a VL model has no audio tower
     existing = Store.open(out) if Store.exists(out) and not rebuild else None
+    named = None
+    if data is not None:
+        named = dataset_entries(data, settings)
+        _tell_unusable(named, options)
+        settings = dataclasses.replace(settings, kinds=_kinds_for(named, existing))
     if existing is None:
-        _start_workers_early(videos, shards, options, settings.kinds)
+        _start_workers_early(videos if named is None else named, shards, options, settings.kinds)
     if dtype == "auto" and existing is not None:
         dtype = existing.attrs["dtype"]  # keep the store's dtype unless told otherwise
     dtype = resolve_dtype(dtype, checkpoint.dtype)
@@ -127,26 +147,56 @@ def extract(videos: str | Path, out: str | Path, model: str, settings: VideoSett
     store.write_json(MODEL_SPEC, spec_cache)
 
     with store.lock():
-        store.record_run(LastRun(str(Path(videos).resolve()), options.follow_links))
+        root = str(Path(videos if named is None else named.root).resolve())
+        store.record_run(LastRun(root, options.follow_links))
         manifest = store.manifest()
         store.collect_garbage(manifest)
-        found = find_videos(videos, store.shard_count, options.follow_links, settings.kinds)
-        plan = make_plan(found.videos, manifest, videos)
+        if named is None:
+            named = folder_entries(videos, store.shard_count, options.follow_links, settings.kinds)
+        plan = make_plan(named.with_shards(store.shard_count), manifest, named.root, unnamed=named.unnamed)
         summary = Summary(videos=plan.videos, up_to_date=plan.up_to_date, removed=plan.removed, touched=plan.touched,
-                          skipped=found.skipped)
+                          skipped=named.skipped, records=named.records,
+                          missing=[missing.line() for missing in named.missing], left_out=named.left_out)
         writer = ShardWriter(store, plan.shards)
         writer.commit_ready()
         if plan.tasks:
-            job = TowerJob(str(Path(videos).resolve()), model, revision, settings, spec, dtype, attn_implementation)
+            job = TowerJob(root, model, revision, settings, spec, dtype, attn_implementation)
             _run_towers(plan, writer, summary, job, options)
         summary.shards_written = writer.shards_written
         summary.bytes_written = writer.bytes_written
         summary.seconds = time.perf_counter() - started
-        store.record_run(LastRun(str(Path(videos).resolve()), options.follow_links, summary.to_dict()))
+        store.record_run(LastRun(root, options.follow_links, summary.to_dict()))
     return summary
 
 
-def _start_workers_early(videos: str | Path, shards: int | None, options: ExtractOptions,
+def _tell_unusable(named: Named, options: ExtractOptions) -> None:
+    """Before any work: what of the dataset cannot be extracted; `strict` stops there."""
+    lines = [f"not extracted: {missing.line()}" for missing in named.missing]
+    lines += [f"left out {len(names)} record(s): {cause} ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
+              for cause, names in named.left_out.items()]
+    if not lines:
+        return
+    if options.strict:
+        raise SettingsError("--strict: the dataset names what cannot be extracted:\n  " + "\n  ".join(lines))
+    if options.notify is not None:
+        options.notify("\n".join(lines + [f"going on without them ({len(named.entries)} entries found)"]))
+
+
+def _kinds_for(named: Named, existing: Store | None) -> tuple[str, ...]:
+    """The kinds of a --data run: the store's own where they cover the dataset's media (one fingerprint
+    with the --videos or --media runs that made it), else videos, and images where the dataset has some."""
+    needed = {"video"} | named.kinds
+    if existing is None:
+        return tuple(sorted(needed, key=("video", "image").index))
+    kinds = tuple(existing.attrs["config"]["settings"].get("kinds", ("video",)))
+    if not needed <= set(kinds):
+        raise StoreError(f"the dataset names images; {existing.root} holds videos alone (extracted with --videos), "
+                         "so its settings have no image bounds. Use another --out, --rebuild, or a store made with "
+                         "--media")
+    return kinds
+
+
+def _start_workers_early(videos: str | Path | Named, shards: int | None, options: ExtractOptions,
                          kinds: tuple[str, ...]) -> None:
     """A new store extracts every video found. When they will be prepared in this machine's worker
     processes, start the workers' server now: its imports then overlap reading the model's processor
@@ -154,7 +204,10 @@ def _start_workers_early(videos: str | Path, shards: int | None, options: Extrac
     only counted here; the plan lists it again under the store's lock, where what it holds is settled."""
     from qprep.extraction.executors import choose, start_worker_server
 
-    count = len(find_videos(videos, shards or DEFAULT_SHARDS, options.follow_links, kinds).videos)
+    if isinstance(videos, Named):
+        count = len(videos.entries)
+    else:
+        count = len(folder_entries(videos, shards or DEFAULT_SHARDS, options.follow_links, kinds).entries)
     if count and choose(options.executor, options.ray_address, count) == "local":
         start_worker_server()
 
@@ -225,7 +278,7 @@ def _count(summary: Summary, row: ManifestRow, tokens: dict) -> None:
         summary.audio_tokens += int(tokens["audio"].shape[0]) if "audio" in tokens else 0
     else:
         summary.failed += 1
-        summary.failures.append((row.path, row.error))
+        summary.failures.append((row.id if row.window else row.path, row.error))
 
 
 def format_summary(summary: Summary, store: str | Path) -> str:
@@ -250,4 +303,8 @@ def _skipped_lines(summary: Summary) -> list[str]:
     lines = [f"  not read: {path}: {why}" for path, why in summary.skipped[:10]]
     if len(summary.skipped) > 10:
         lines.append(f"  ... and {len(summary.skipped) - 10} more not read (--json lists all)")
+    lines += [f"  not extracted: {line}" for line in summary.missing[:10]]
+    if len(summary.missing) > 10:
+        lines.append(f"  ... and {len(summary.missing) - 10} more media not extracted (--json lists all)")
+    lines += [f"  left out {len(names)} record(s): {cause}" for cause, names in list(summary.left_out.items())[:10]]
     return lines

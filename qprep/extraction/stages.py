@@ -8,6 +8,7 @@ moves between the stages is `qprep.extraction.rows`: `Prepared`, then `Encoded`.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import traceback
 from pathlib import Path
@@ -67,7 +68,7 @@ def prepare_video(video: VideoFile, *, videos_dir: str, settings: VideoSettings,
     torch.set_num_threads(1)  # one CPU per task: parallelism comes from many tasks
     keep_freed_memory()
     out = Prepared.empty(video, spec.patch_dim, spec.audio.feature_size)
-    path = Path(videos_dir) / video.path
+    path = video.location(videos_dir)
     try:
         if video.bad_name:  # recorded, never opened: its id could not name it faithfully
             raise FileNameError(video.path, video.bad_name)
@@ -75,7 +76,7 @@ def prepare_video(video: VideoFile, *, videos_dir: str, settings: VideoSettings,
         if video.kind == "image":
             _prepare_image(out, path, spec)
             return out
-        prepared = prepare(path, settings, spec, threads=1)
+        prepared = prepare(path, entry_settings(video, settings), spec, threads=1)
     except VideoError as exc:
         out.row.fail(exc.cause, exc.code)
     except OSError as exc:
@@ -88,8 +89,16 @@ def prepare_video(video: VideoFile, *, videos_dir: str, settings: VideoSettings,
         out.patches, out.grid = prepared.patches.numpy(), tuple(grid)
         if prepared.input_features is not None:
             out.mel = prepared.mel_frames().numpy()
-            out.windows = tuple(prepared.feature_attention_mask.sum(-1).tolist())
+            out.mel_chunks = tuple(prepared.feature_attention_mask.sum(-1).tolist())
     return out
+
+
+def entry_settings(video: VideoFile, settings: VideoSettings) -> VideoSettings:
+    """The settings of one entry: a window's are the run's with its `video_start`/`video_end`,
+    sampled and time-stamped exactly as those global settings are."""
+    if video.window_start is None:
+        return settings
+    return dataclasses.replace(settings, video_start=video.window_start, video_end=video.window_end)
 
 
 def _prepare_image(out: Prepared, path: Path, spec: ModelSpec) -> None:
@@ -172,8 +181,8 @@ class TowerStage:
                 out[i].tokens["video"] = to_storage(features.tokens)  # an image's tokens share the video arrays
                 if features.deepstack is not None:  # [levels, n, d] → the store's row order [n, levels, d]
                     out[i].tokens["deepstack"] = to_storage(features.deepstack.transpose(0, 1))
-        with_audio = [i for i in rows if prepared[i].windows]
+        with_audio = [i for i in rows if prepared[i].mel_chunks]
         if with_audio and self.towers.audio_tower is not None:
-            inputs = [AudioInput(torch.from_numpy(prepared[i].mel), prepared[i].windows) for i in with_audio]
+            inputs = [AudioInput(torch.from_numpy(prepared[i].mel), prepared[i].mel_chunks) for i in with_audio]
             for i, tokens in zip(with_audio, self.towers.encode_audio(inputs)):
                 out[i].tokens["audio"] = to_storage(tokens)

@@ -1,4 +1,5 @@
-"""The manifest: one Parquet row per video, the contract between the extractor and any reader.
+"""The manifest: one Parquet row per entry (a video, a window of one, an image), the contract
+between the extractor and any reader.
 
 Everything a trainer needs besides the tokens lives here: where the video's tokens are (shard, key,
 row offsets and lengths), its time facts (sampled frame times, `second_per_grid`, fps) and its
@@ -33,9 +34,13 @@ def _column(arrow_type: pa.DataType, *, nullable: bool = True, default=None):
 @dataclass(kw_only=True)
 class ManifestRow:
     # identity and change detection
-    id: str = _column(pa.string(), nullable=False)  # relative path without its extension
-    path: str = _column(pa.string(), nullable=False)  # relative to the videos directory, '/'-separated
+    id: str = _column(pa.string(), nullable=False)  # relative path without its extension (+ "#t=s,e": a window)
+    path: str = _column(pa.string(), nullable=False)  # the file's, relative to the media folder, '/'-separated
     kind: str = _column(pa.string(), nullable=False, default="video")  # "video" or "image" (settings.MEDIA_KINDS)
+    # the window of the file the entry holds, seconds (qwen-vl-utils' video_start / video_end); a null
+    # start: the whole file (every row written before windows existed); a null end: to the file's end
+    window_start: float | None = _column(pa.float64())
+    window_end: float | None = _column(pa.float64())
     size: int = _column(pa.int64(), nullable=False, default=0)
     mtime_ns: int = _column(pa.int64(), nullable=False, default=0)
     content_hash: str | None = _column(pa.string())  # sha256 of the file's bytes
@@ -75,6 +80,11 @@ class ManifestRow:
     @property
     def ok(self) -> bool:
         return self.status == OK
+
+    @property
+    def window(self) -> bool:
+        """Whether the entry is a window of its file rather than the whole file."""
+        return self.window_start is not None
 
     @property
     def has_audio(self) -> bool:
@@ -126,12 +136,15 @@ class VideoFileLike(Protocol):
     size: int
     mtime_ns: int
     shard: int
+    window_start: float | None
+    window_end: float | None
 
 
 def new_row(video: VideoFileLike, fingerprint: str = "") -> ManifestRow:
-    """The row of a media file before anything was learned about it."""
-    return ManifestRow(id=video.id, path=video.path, kind=video.kind, size=video.size, mtime_ns=video.mtime_ns,
-                       shard=video.shard, fingerprint=fingerprint)
+    """The row of a media entry (a file, or a window of one) before anything was learned about it."""
+    return ManifestRow(id=video.id, path=video.path, kind=video.kind, window_start=video.window_start,
+                       window_end=video.window_end, size=video.size, mtime_ns=video.mtime_ns, shard=video.shard,
+                       fingerprint=fingerprint)
 
 
 MANIFEST_SCHEMA = pa.schema([pa.field(f.name, f.metadata["arrow"], nullable=f.metadata["nullable"])
@@ -148,7 +161,8 @@ def manifest_table(rows: list[ManifestRow]) -> pa.Table:
 
 def conformed(table: pa.Table) -> pa.Table:
     """A table as a shard's file holds it, in the current schema: a column added since that file was
-    written takes the value that means what the file meant (`kind`: every such row is a video)."""
+    written takes the value that means what the file meant (`kind`: every such row is a video;
+    `window_start`/`window_end`: null, every such row is a whole file)."""
     defaults = {f.name: f.default for f in dataclasses.fields(ManifestRow)}
     columns = [table.column(field.name) if field.name in table.column_names
                else pa.array([defaults[field.name]] * table.num_rows, field.type) for field in MANIFEST_SCHEMA]
@@ -159,6 +173,12 @@ def count_by_kind(table: pa.Table, status: str = OK) -> dict[str, int]:
     """Rows with `status`, by kind."""
     kinds = table.filter(pc.equal(table.column("status"), status)).column("kind").to_pylist()
     return {kind: kinds.count(kind) for kind in sorted(set(kinds))}
+
+
+def count_windows(table: pa.Table, status: str = OK) -> int:
+    """Rows with `status` that hold a window of their file rather than the whole file."""
+    return int(pc.sum(pc.and_(pc.equal(table.column("status"), status),
+                              pc.is_valid(table.column("window_start")))).as_py() or 0)
 
 
 def rows_of(table: pa.Table) -> list[ManifestRow]:

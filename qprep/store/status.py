@@ -12,7 +12,9 @@ from qprep.store.layout import SPAN, Store
 
 def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
     """Counts, sizes and config of a store; with a videos directory (default: the last run's),
-    also how many videos a re-run would extract or drop (compared by size and mtime only)."""
+    also how many entries a re-run would extract or drop (compared by size and mtime only): the
+    folder's files not in the store, and the entries (whole files, windows) of files that changed
+    or failed; entries whose file is gone."""
     from qprep.extraction.discover import UNCHANGED, discover, file_state
 
     store = Store.open(path)
@@ -29,6 +31,7 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
         "videos": {"ok": columns.count(manifest, OK), "failed": columns.count(manifest, FAILED), "pending": None,
                    "gone": None},
         "kinds": columns.count_by_kind(manifest),  # entries extracted ok, by kind
+        "windows": columns.count_windows(manifest),  # of the videos: windows of a file, not whole files
         "tokens": {span: columns.token_rows(manifest, span) for span in columns.SPANS},
         "deepstack_levels": store.deepstack_levels,
         "token_bytes": _token_bytes(store, manifest),
@@ -40,13 +43,15 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
     }
     if videos and Path(videos).is_dir():
         kinds = tuple(store.attrs["config"]["settings"].get("kinds", ("video",)))
-        on_disk = discover(videos, store.shard_count, follow_links=last_run.follow_links, kinds=kinds)
-        committed = {row.id: row for row in columns.rows_of(manifest)}
-        report["videos"]["pending"] = sum(
-            1 for video in on_disk
-            if (row := committed.get(video.id)) is None or not row.ok
-            or file_state(row, video.size, video.mtime_ns) != UNCHANGED)
-        report["videos"]["gone"] = len(set(committed) - {video.id for video in on_disk})
+        on_disk = {video.path: video for video in
+                   discover(videos, store.shard_count, follow_links=last_run.follow_links, kinds=kinds)}
+        rows = columns.rows_of(manifest)
+        held = {row.id for row in rows}
+        # every entry of a file (the whole file, its windows) is judged by that file
+        stale = sum(1 for row in rows if (video := on_disk.get(row.path)) is not None
+                    and (not row.ok or file_state(row, video.size, video.mtime_ns) != UNCHANGED))
+        report["videos"]["pending"] = stale + sum(1 for video in on_disk.values() if video.id not in held)
+        report["videos"]["gone"] = sum(1 for row in rows if row.path not in on_disk)
     return report
 
 
@@ -62,8 +67,9 @@ def format_status(report: dict) -> str:
         f"settings     {settings}",
         f"shards       {report['shards']['committed']} committed of {report['shards']['count']}",
         f"videos       {videos['ok']} ok, {videos['failed']} failed; pending: {pending}",
-        *([f"kinds        " + ", ".join(f"{count} {kind}s" for kind, count in report["kinds"].items())]
-          if set(report["kinds"]) - {"video"} else []),
+        *([f"kinds        " + ", ".join(f"{count} {kind}s" for kind, count in report["kinds"].items())
+           + (f" ({report['windows']} of the videos are windows of a file)" if report["windows"] else "")]
+          if set(report["kinds"]) - {"video"} or report["windows"] else []),
         f"tokens       {tokens['video']} video, {tokens['audio']} audio",
         f"size         {report['bytes'] / 1e6:.1f} MB",
     ]

@@ -57,6 +57,7 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
 
 def format_status(report: dict) -> str:
     videos, tokens = report["videos"], report["tokens"]
+    mixed = bool(set(report.get("kinds", {})) - {"video"})  # images beside the videos: say media, not videos
     pending = "unknown (no videos directory)" if videos["pending"] is None else \
         f"{videos['pending']} to extract, {videos['gone']} gone from {report['videos_dir']}"
     settings = ", ".join(f"{k}={v}" for k, v in report["settings"].items() if v is not None)
@@ -66,11 +67,11 @@ def format_status(report: dict) -> str:
         f"fingerprint  {report['fingerprint'][:16]}",
         f"settings     {settings}",
         f"shards       {report['shards']['committed']} committed of {report['shards']['count']}",
-        f"videos       {videos['ok']} ok, {videos['failed']} failed; pending: {pending}",
-        *([f"kinds        " + ", ".join(f"{count} {kind}s" for kind, count in report["kinds"].items())
+        f"{'media' if mixed else 'videos':13}{videos['ok']} ok, {videos['failed']} failed; pending: {pending}",
+        *([f"kinds        " + ", ".join(f"{count} {kind}{'s' if count != 1 else ''}" for kind, count in report["kinds"].items())
            + (f" ({report['windows']} of the videos are windows of a file)" if report["windows"] else "")]
           if set(report["kinds"]) - {"video"} or report["windows"] else []),
-        f"tokens       {tokens['video']} video, {tokens['audio']} audio",
+        f"tokens       {tokens['video']} {'visual' if mixed else 'video'}, {tokens['audio']} audio",
         f"size         {report['bytes'] / 1e6:.1f} MB",
     ]
     arrays = report["token_bytes"]

@@ -107,7 +107,8 @@ def test_extract_media_caches_images_with_the_full_models_image_features(media_f
         levels = getattr(output, "deepstack_features", None)
         assert (cached.deepstack is None) == (not levels)
         for level, features in enumerate(levels or ()):
-            assert torch.equal(cached.deepstack[level], features[0] if isinstance(features, (list, tuple)) else features)
+            features = features[0] if isinstance(features, (list, tuple)) else features
+            assert torch.equal(cached.deepstack[level], features)
     again = extract(media_folder, tmp_path / "store.zarr", model_dir, settings, dtype="float32",
                     options=ExtractOptions(**LOCAL_EXTRACT))
     assert (again.up_to_date, again.extracted, again.failed) == (4, 0, 1)  # the broken image is tried again alone

@@ -31,7 +31,8 @@ RECORDS = [
     {"id": "image-and-video", "media": ["photos/cat", "a"], "conversations": [
         {"from": "human", "value": "Is <image> a frame of <video>?"}, {"from": "gpt", "value": "No, it is a cat."}]},
     {"id": "two-images", "media": ["photos/cat", "photos/turned"], "conversations": [
-        {"from": "human", "value": "Compare <image> with <image>."}, {"from": "gpt", "value": "The second is turned."}]},
+        {"from": "human", "value": "Compare <image> with <image>."},
+        {"from": "gpt", "value": "The second is turned."}]},
     {"id": "text", "media": [], "conversations": [
         {"from": "human", "value": "What is two plus two?"}, {"from": "gpt", "value": "Four."}]},
     {"id": "image", "media": ["photos/turned"], "conversations": [  # unmarked: at the start of the turn

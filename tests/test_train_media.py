@@ -158,7 +158,8 @@ def test_a_batch_mixing_two_videos_a_repeated_video_and_text_only_gives_the_full
     for names in (["pair", "text", "b"], ["again"], ["text"]):
         batch = collate([samples[name] for name in names], cache, layout)
         assert (batch.deepstack is None) == (kind not in DEEPSTACK or names == ["text"])
-        assert_batch_as_the_full_model(language_model, full, batch, processor_batch(model_dir, cache, kind, names), names)
+        reference = processor_batch(model_dir, cache, kind, names)
+        assert_batch_as_the_full_model(language_model, full, batch, reference, names)
 
 
 def assert_batch_as_the_full_model(language_model, full, batch, reference, names):

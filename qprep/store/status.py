@@ -68,7 +68,8 @@ def format_status(report: dict) -> str:
         f"settings     {settings}",
         f"shards       {report['shards']['committed']} committed of {report['shards']['count']}",
         f"{'media' if mixed else 'videos':13}{videos['ok']} ok, {videos['failed']} failed; pending: {pending}",
-        *([f"kinds        " + ", ".join(f"{count} {kind}{'s' if count != 1 else ''}" for kind, count in report["kinds"].items())
+        *([f"kinds        " + ", ".join(f"{count} {kind}{'s' if count != 1 else ''}"
+                                        for kind, count in report["kinds"].items())
            + (f" ({report['windows']} of the videos are windows of a file)" if report["windows"] else "")]
           if set(report["kinds"]) - {"video"} or report["windows"] else []),
         f"tokens       {tokens['video']} {'visual' if mixed else 'video'}, {tokens['audio']} audio",

@@ -169,11 +169,13 @@ def unpacked(batch: Batch) -> list[Batch]:
         counts = {kind: sample_kinds.count(kind) for kind in first}
         videos = slice(first["video"], first["video"] + counts["video"])
         images = slice(first["image"], first["image"] + counts["image"])
-        out.append(Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=batch.labels[:, start:start + length],
+        labels = batch.labels[:, start:start + length]
+        out.append(Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
                          video_tokens=None, video_grid_thw=_part(batch.video_grid_thw, videos),
                          second_per_grid=_part(batch.second_per_grid, videos),
                          audio_tokens=batch.audio_tokens[:0] if batch.audio_in_video and counts["video"] else None,
-                         mel_lengths=_part(batch.mel_lengths, videos), image_grid_thw=_part(batch.image_grid_thw, images),
+                         mel_lengths=_part(batch.mel_lengths, videos),
+                         image_grid_thw=_part(batch.image_grid_thw, images),
                          media_kinds=(sample_kinds,)))
         start += length
         first = {kind: first[kind] + counts[kind] for kind in first}

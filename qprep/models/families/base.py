@@ -232,7 +232,8 @@ class PromptLayout:
         inputs = RopeInputs(
             input_ids=ids, attention_mask=torch.ones_like(ids),
             video_grid_thw=torch.tensor([row.grid_thw for row in videos], dtype=torch.int64) if videos else None,
-            second_per_grid=torch.tensor([row.second_per_grid for row in videos], dtype=torch.float64) if videos else None,
+            second_per_grid=(torch.tensor([row.second_per_grid for row in videos], dtype=torch.float64)
+                             if videos else None),
             mel_lengths=torch.tensor([row.mel_length for row in videos]) if audio else None, audio_in_video=audio,
             image_grid_thw=torch.tensor([row.grid_thw for row in images], dtype=torch.int64) if images else None)
         return self.family.position_ids(self.rope_model, inputs, self.config)[..., -1].max() + 1

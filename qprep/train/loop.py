@@ -127,6 +127,7 @@ class Recipe:
         self.device, self.progress, self.echo, self.reporter = device, progress, echo, reporter
 
     def run(self, cache_path, data_path, model, out, *, resume: bool = False, eval_data=None) -> TrainSummary | None:
+        """The whole run; rank 0's summary (None on the other ranks)."""
         self.setup(cache_path, data_path, model, out, resume=resume, eval_data=eval_data)
         try:
             self.train()

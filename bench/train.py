@@ -25,11 +25,12 @@ What is compared (same model, same data, same sample order, same number of steps
   the vision patch embedding and the audio conv1 included, so autograd records the frozen towers and
   the backward runs through them; the other row removes those hooks (`disable_input_require_grads()`)
   so the towers stay out of autograd, the fairer (and faster) reference, used for the goal.
-* floor: the cache path's language-model step alone: the same `LanguageModel` + `apply_lora` and the
-  same optimizer step (`qprep.train.optim`: the Trainer's AdamW groups, linear schedule, clipping at
-  1.0, token-weighted loss) set up as `train` sets them up, on batches `collate`d from the cache before the timed loop (each
-  sample's batch built once, held in memory, reused): forward (positions, embedding scatter, text
-  model, loss), backward, step. No data loading at all.
+* floor: the cache path's language-model step alone: `train`'s own recipe set up (`Recipe.setup`: the
+  same `LanguageModel` + `apply_lora`, optimizer step (`qprep.train.optim`: the Trainer's AdamW groups,
+  linear schedule, clipping at 1.0) and batch plan) and its objective's token-weighted loss, on batches
+  `collate`d from the cache before the timed loop (each sample's batch built once, held in memory,
+  reused): forward (positions, embedding scatter, text model, loss), backward, step. No data loading
+  at all.
 
 An instrumented copy of the cache loop ("cache, phases") times each part of a step: collate (the
 Zarr read), get_rope_index, the embedding scatter, the rest of the forward, backward, optimizer.
@@ -374,13 +375,21 @@ def _digest(ids) -> str:
     return hashlib.sha1(json.dumps([int(i) for i in ids]).encode()).hexdigest()[:12]
 
 
+def cache_settings(job: dict):
+    """The settings of both cache paths: batch size 1, no accumulation (one optimizer step per sample),
+    float32, the default LoRA."""
+    from qprep.schemas.training import LoraSettings, TrainSettings
+
+    return TrainSettings(epochs=1, lr=LR, batch_size=1, grad_accum=1, seed=SEED,
+                         gradient_checkpointing=job["gradient_checkpointing"], dtype="float32", lora=LoraSettings())
+
+
 def cache_worker(job: dict) -> dict:
     """`qprep.train.loop.train` itself; step times and losses from its metrics.jsonl."""
     began = time.perf_counter()
     import torch
 
-    from qprep.train.loop import TrainSettings, train
-    from qprep.train.lora import LoraSettings
+    from qprep.train.loop import train
     from qprep.train.model import LanguageModel
 
     _quiet_transformers()
@@ -394,10 +403,7 @@ def cache_worker(job: dict) -> dict:
 
     LanguageModel.forward = forward_first_resets
     out = fresh(Path(job["out"]))
-    settings = TrainSettings(epochs=1, lr=LR, batch_size=1, grad_accum=1, seed=SEED,
-                             gradient_checkpointing=job["gradient_checkpointing"], dtype="float32",
-                             lora=LoraSettings())
-    summary = train(job["cache"], job["data"], job["model"], out, settings, device="cpu", progress=False,
+    summary = train(job["cache"], job["data"], job["model"], out, cache_settings(job), device="cpu", progress=False,
                     echo=lambda line: None)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [{"s": m["step_time_s"], "loss": m["loss"], "tokens": round(m["tokens_per_s"] * m["step_time_s"])}
@@ -431,82 +437,74 @@ class Phases:
 
 def loop_worker(job: dict) -> dict:
     """The floor (batches collated before the loop) or the instrumented cache loop ("cache-loop":
-    collate inside the step), set up exactly as `train` sets itself up."""
+    collate inside the step), set up by `train`'s own recipe (`Recipe.setup`: the same checks, model,
+    LoRA, optimizer, schedule and batch plan), its steps timed here part by part."""
     began = time.perf_counter()
+    import tempfile
+
     import torch
 
-    from qprep.models.checkpoint import open_checkpoint
-    from qprep.store.reader import open_cache
-    from qprep.train.data import build_dataset, collate, load_records
-    from qprep.train.lora import LoraSettings, apply_lora
-    from qprep.train.model import LanguageModel
-    from qprep.schemas.training import TrainSettings
-    from qprep.train.optim import build_optimizer, build_scheduler, clip, label_tokens
+    from qprep.train.data import collate
+    from qprep.train.loop import Recipe
+    from qprep.train.objectives.sft import SupervisedObjective
+    from qprep.train.optim import clip
 
     _quiet_transformers()
-    checkpoint = open_checkpoint(job["model"])
-    cache = open_cache(job["cache"])
-    tokenizer = checkpoint.tokenizer()  # as `train` gets it (the processor's chat template where it has none)
-    layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
-    dataset = build_dataset(load_records(job["data"]), cache, tokenizer, layout)
-    torch.manual_seed(SEED)
-    language_model = LanguageModel(checkpoint, dtype="float32", device="cpu")
-    if job["gradient_checkpointing"]:
-        language_model.language_model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_lora(language_model, LoraSettings())
-    order = _train_order(len(dataset.samples))
-    # the optimizer step `train` takes (its settings: batch 1, no accumulation, so one step per sample)
-    step_settings = TrainSettings(epochs=1, lr=LR, batch_size=1, grad_accum=1, seed=SEED)
-    optimizer = build_optimizer(model, step_settings)
-    scheduler = build_scheduler(optimizer, step_settings, len(order))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    settings = cache_settings(job)
+    objective = SupervisedObjective(settings)
+    recipe = Recipe(objective, settings, device="cpu", progress=False, echo=lambda line: None)
+    recipe.setup(job["cache"], job["data"], job["model"], fresh(Path(job["out"] or tempfile.mkdtemp())))
+    model, cache, layout, samples = recipe.peft_model, recipe.cache, recipe.layout, objective.samples
+    language_model = model.get_base_model()
+    steps = [batches[0] for batches in recipe.steps]  # one batch of one sample per optimizer step
     floor = job["kind"] == "floor"
     batches = {}
     if floor:  # each sample's batch collated once, before the loop
-        for index in sorted(set(order)):
-            batches[index] = collate([dataset.samples[index]], cache, layout)
+        for index in sorted({position.samples[0] for position in steps}):
+            batches[index] = collate([samples[index]], cache, layout)
     phases = Phases()
     language_model.position_ids = phases.timed("get_rope_index", language_model.position_ids)
     language_model.embed = phases.timed("embed + scatter", language_model.embed)
     memory = StepMemory()
     setup_s = time.perf_counter() - began
     profiler = None
-    steps = []
-    model.train()
-    for number, index in enumerate(order):
+    timed = []
+    for number, position in enumerate(steps):
         if number == job["warmup"] and job.get("profile"):
             import cProfile
 
             profiler = cProfile.Profile()
             profiler.enable()
         memory.start()
-        sample = dataset.samples[index]
+        index = position.samples[0]
+        sample = samples[index]
+        share = objective.start_step([position], model, recipe.world)[0]
         tick = time.perf_counter()
         if floor:
             batch = batches[index]
         else:
             batch = collate([sample], cache, layout)
         collated = time.perf_counter()
-        loss, _ = model(batch, num_items_in_batch=label_tokens(sample.labels))
+        loss = objective.loss(model, batch, position, share, whole=True)
         forwarded = time.perf_counter()
         loss.backward()
         backward = time.perf_counter()
-        clip(trainable, step_settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        clip(recipe.trainable, settings.max_grad_norm)
+        recipe.optimizer.step()
+        recipe.scheduler.step()
+        recipe.optimizer.zero_grad(set_to_none=True)
         done = time.perf_counter()
         parts = phases.take()
         inner = sum(parts.values())
         parts = {"collate (cache read)": collated - tick, **parts, "rest of forward": forwarded - collated - inner,
                  "backward": backward - forwarded, "optimizer": done - backward}
-        steps.append({"s": done - tick, "loss": float(loss), "tokens": len(sample.input_ids),
+        timed.append({"s": done - tick, "loss": float(loss), "tokens": len(sample.input_ids),
                       "video_tokens": int(batch.video_tokens.shape[0]),
                       "audio_tokens": 0 if batch.audio_tokens is None else int(batch.audio_tokens.shape[0]),
                       "deepstack_levels": 0 if batch.deepstack is None else int(batch.deepstack.shape[0]),
                       "ids": _digest(sample.input_ids), "phases": parts})
-    result = {"steps": steps, "setup_s": setup_s, "samples": len(dataset.samples),
+    recipe.cleanup()
+    result = {"steps": timed, "setup_s": setup_s, "samples": len(samples),
               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
               "torch_threads": torch.get_num_threads(), **memory.result()}
     if profiler is not None:

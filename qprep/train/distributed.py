@@ -1,6 +1,6 @@
-"""Data-parallel training: one process per GPU (or per CPU rank), the same loop in each.
+"""Data-parallel training: one process per GPU (or per CPU rank), the same recipe in each.
 
-Three ways in, one loop (`qprep.train.loop.train`):
+Three ways in, one recipe (`qprep.train.loop.train`):
 
 * `qprep train --gpus N` (or `--cpu-ranks N`, gloo on CPU) starts N processes on this machine
   through torch's own elastic launcher (`torch.distributed.launcher.elastic_launch`, what
@@ -163,8 +163,8 @@ class RayReporter:
 
 
 def launch_on_ray(address: str, processes: int, device: str, storage: str, restarts: int, entrypoint, *args) -> dict:
-    """Run `entrypoint(device, *args, resume_from_ray=..., reporter=...)` on `processes` Ray Train
-    workers; rank 0's summary (as a dict)."""
+    """Run `entrypoint(device, *args, restarted=..., reporter=...)` on `processes` Ray Train workers
+    (`restarted`: an earlier attempt of the run saved a checkpoint); rank 0's summary (as a dict)."""
     import logging
 
     import ray

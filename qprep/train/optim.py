@@ -62,25 +62,26 @@ def trainer_arguments(settings: TrainSettings):
 
 @dataclass(frozen=True)
 class StepShare:
-    """What one batch knows of the optimizer step it belongs to."""
+    """What one batch knows of the optimizer step it belongs to (its objective computes it when the
+    step starts: `qprep.train.objectives`)."""
 
     batches: int  # batches in the step
     label_tokens: int  # label tokens of the whole step (after the causal shift)
     last: bool  # the step's last batch: the optimizer steps after it
 
 
-def step_shares(planned, samples, grad_accum: int, per_epoch: int) -> dict[tuple[int, int], StepShare]:
-    """(epoch, batch index) → its step's share, for every planned batch. Steps never cross an epoch's end."""
-    shares: dict[tuple[int, int], StepShare] = {}
+def optimizer_steps(planned: list, grad_accum: int, per_epoch: int) -> list[list]:
+    """The planned batches grouped into optimizer steps, in plan order: `grad_accum` consecutive batches,
+    fewer at an epoch's end (a step never crosses one). `planned` begins at a step's first batch (a
+    resumed run starts where a step ended)."""
+    steps: list[list] = []
     group: list = []
     for batch in planned:
         group.append(batch)
         if (batch.index + 1) % grad_accum == 0 or batch.index + 1 == per_epoch:
-            tokens = sum(label_tokens(samples[i].labels) for member in group for i in member.samples)
-            for member in group:
-                shares[member.epoch, member.index] = StepShare(len(group), tokens, member is batch)
+            steps.append(group)
             group = []
-    return shares
+    return steps
 
 
 def label_tokens(labels: list[int]) -> int:

@@ -1,4 +1,5 @@
-"""The run folder `qprep train --out` writes: the one place that names its files.
+"""The run folder `qprep train --out` writes: the one place that names its files, and what run.json
+records of the run (what `--resume` checks).
 
     run.json            the effective settings and what the run was trained on (`--resume` checks it)
     metrics.jsonl       one row per batch (and per validation)
@@ -16,11 +17,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from qprep.errors import SettingsError
+
 CHECKPOINT_PREFIX = "checkpoint-"
+# Settings a resumed run may change: they decide when it saves, validates and reports, and how the
+# global batch is cut per rank (it keeps the run's global batch), never what it computes. Every other
+# setting does, the number of epochs too: the learning-rate schedule spans the whole run.
+CHANGEABLE_ON_RESUME = frozenset({"save_every", "eval_every", "save_best", "batch_size", "report_to"})
 
 
 @dataclass(frozen=True)
@@ -83,3 +91,49 @@ def state_file(checkpoint: Path) -> Path:
 
 def trainer_file(checkpoint: Path) -> Path:
     return checkpoint / "trainer.pt"
+
+
+def run_identity(settings, cache, samples: list, checkpoint, data_path) -> dict:
+    """What decides a run's result, as run.json records it: its settings, the cache's content, the
+    samples and the model."""
+    import hashlib
+
+    values = settings.to_dict()
+    values.pop("workers")  # the order and the batches do not depend on it
+    # a sample's media are named only where they are not its one video `id` (runs of one video per
+    # sample keep the identity they had, so they resume)
+    digest = hashlib.sha256(json.dumps([[s.id, s.input_ids, s.labels] + ([list(s.media)] if s.media != (s.id,) else [])
+                                        for s in samples]).encode())
+    return {"settings": values, "cache": str(cache.store.root), "cache_content": cache.content_key,
+            "data": str(data_path), "samples": digest.hexdigest()[:16], "model": checkpoint.source}
+
+
+def saved_global_batch(folder: RunFolder) -> int | None:
+    """The global batch run.json recorded (samples, or packed rows with packing), or None before the first run."""
+    path = folder.run_file
+    return json.loads(path.read_text()).get("global_batch") if path.is_file() else None
+
+
+def check_resumable(folder: RunFolder, identity: dict) -> None:
+    """Refuse `--resume` where the cache, the samples, the model or a setting that decides the result
+    changed since run.json was written."""
+    out, saved_path = folder.root, folder.run_file
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    identity = json.loads(json.dumps(identity, default=str))  # tuples as the file holds them
+    same = ("cache_content", "samples", "model")
+    changed = [k for k in same if saved.get(k) != identity[k]]
+    changed += [f"settings.{k}" for k, value in identity["settings"].items()
+                if k not in CHANGEABLE_ON_RESUME and saved["settings"].get(k) != value]
+    if changed:
+        what = ", ".join(changed)
+        hint = " (the cache was re-extracted since)" if "cache_content" in changed else ""
+        raise SettingsError(f"--resume: {out} was trained with a different {what}{hint}; use a new --out")
+
+
+def write_json(path: Path, value) -> None:
+    """`path` replaced in one step: a reader finds the old file or the new one, never half of one."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(value, indent=2, default=str))
+    os.replace(temporary, path)

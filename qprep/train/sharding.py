@@ -6,7 +6,7 @@ norm, `lm_head`) is the root unit. Each rank keeps 1/N of every weight, gradient
 
 What stays as unsharded training does it:
 * the gradients are summed over the ranks, not averaged (divide factor 1): each part's loss is
-  already its share of the step's token-level mean, as in `qprep.train.loop`;
+  already its share of the step's token-level mean (`qprep.train.objectives.sft`);
 * every rank runs as many forwards as every other (a gather is a collective): a rank with no part
   of a global batch runs a stand-in (`qprep.train.distributed.Part`) whose loss is weighted 0;
 * the adapter is saved whole, in peft's format, by rank 0 (the LoRA weights are gathered, never

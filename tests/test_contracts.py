@@ -122,3 +122,13 @@ def test_only_the_dtype_table_lists_dtypes_or_their_storage():
         found += [f"{path.relative_to(PACKAGE.parent)}:{line}: {value!r}" for line, value in string_constants(path)
                   if value in storage]
     assert found == []
+
+
+def test_every_package_of_qprep_ships_in_the_wheel():
+    """pyproject.toml lists the packages by name (the presets' folder is mapped in): a new subpackage
+    left out would install without its modules."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(path.parent.relative_to(PACKAGE.parent).parts) for path in PACKAGE.rglob("__init__.py")}
+    assert found - listed == set()

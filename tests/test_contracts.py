@@ -127,7 +127,10 @@ def test_only_the_dtype_table_lists_dtypes_or_their_storage():
 def test_every_package_of_qprep_ships_in_the_wheel():
     """pyproject.toml lists the packages by name (the presets' folder is mapped in): a new subpackage
     left out would install without its modules."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser, as the dependency pyproject names
+        import tomli as tomllib
 
     listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(path.parent.relative_to(PACKAGE.parent).parts) for path in PACKAGE.rglob("__init__.py")}

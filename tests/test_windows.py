@@ -349,7 +349,7 @@ def test_status_and_verify_judge_a_window_by_its_file(extracted, dataset):
     assert report["videos_dir"] == str(dataset.parent.resolve())
     assert (report["videos"]["ok"], report["videos"]["pending"], report["videos"]["gone"]) == (len(IDS), 0, 0)
     assert (report["kinds"], report["windows"]) == ({"image": 1, "video": 3}, 2)
-    assert "1 images, 3 videos (2 of the videos are windows of a file)" in format_status(report)
+    assert "1 image, 3 videos (2 of the videos are windows of a file)" in format_status(report)
     checked = verify(store, ids=sorted(WINDOWS), progress=False)
     assert [result.id for result in checked.results] == sorted(WINDOWS)
     for result in checked.results:

@@ -157,8 +157,14 @@ class _TensorBoard:
         from torch.utils.tensorboard.summary import hparams
 
         self.where = str(run.tensorboard)
-        # resumed: every event the earlier attempts wrote is hidden (from step 0), as all is reported again
-        self.writer = SummaryWriter(self.where, purge_step=0 if resumed else None)
+        if resumed:
+            # Every row metrics.jsonl kept is reported again, so the earlier attempts' event files hold
+            # nothing more: they go. (TensorBoard's `purge_step` would hide them only while it reads the
+            # files in the order they were written, which it takes from names stamped to the second:
+            # an attempt started in the same second as the one it resumes could be read first.)
+            for earlier in Path(self.where).glob("events.out.tfevents.*"):
+                earlier.unlink()
+        self.writer = SummaryWriter(self.where)
         flat = flat_settings(settings)
         self.writer.add_text("settings", f"```\n{json.dumps(settings, indent=2, default=str)}\n```")
         # into this run's own event file (SummaryWriter.add_hparams would open a second run for them)

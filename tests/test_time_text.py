@@ -43,12 +43,12 @@ def stream_facts(path) -> tuple[int, float]:
 
 def ours(layout, processor, prepared) -> list[int]:
     """The chat template's ids with qprep's block for the prepared video in place."""
-    from qprep.train.data import IGNORE, with_video_block
+    from qprep.train.data import IGNORE, with_media_blocks
 
     text_ids = processor.tokenizer(processor.apply_chat_template(CONVERSATION, tokenize=False))["input_ids"]
     row = ManifestRow(id="v", path="v.mp4", grid_thw=prepared.video_grid_thw[0].tolist(),
                       frame_times=list(prepared.metadata.frame_times))
-    return with_video_block(text_ids, [IGNORE] * len(text_ids), row, layout)[0]
+    return with_media_blocks(text_ids, [IGNORE] * len(text_ids), [row], layout)[0]
 
 
 def theirs(processor, prepared, metadata: VideoMetadata) -> list[int]:

@@ -201,11 +201,11 @@ def test_token_weighted_accumulation_gives_the_gradient_of_one_batch_holding_bot
             parameter.data.normal_(0, 0.02)
 
     def sample(video_id: str, answer_tokens: int) -> Sample:
-        from qprep.train.data import messages, tokenize, with_video_block
+        from qprep.train.data import messages, tokenize, with_media_blocks
 
         conversation = messages([{"from": "human", "value": "<video> hi"}, {"from": "gpt", "value": "x"}])
         text, labels = tokenize(conversation, tokenizer, layout.turn_end_id)
-        ids, labels, _ = with_video_block(text, labels, cache.row(video_id), layout)
+        ids, labels, _ = with_media_blocks(text, labels, [cache.row(video_id)], layout)
         # the template ends "x" <|im_end|> "\n": repeat the "x" to make the answer (and <|im_end|>) that long
         x = ids[-3]
         body = ids[:-3] + [x] * (answer_tokens - 1) + ids[-2:]

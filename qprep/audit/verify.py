@@ -181,7 +181,7 @@ def compare_image(cached, recomputed, tolerance: float) -> list[Check]:
 
 
 def compare(cached, recomputed, tolerance: float) -> list[Check]:
-    """Every check of one video (a `CachedVideo` against a `ReferenceVideo`)."""
+    """Every check of one video (a `CachedMedium` against a `ReferenceVideo`)."""
     row = cached.row
     checks = [_equal("frame_count", row.frame_count, recomputed.frame_count)]
     plan = recomputed.plan

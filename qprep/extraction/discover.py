@@ -126,10 +126,6 @@ def same_content(path: str | Path, row: ManifestRow) -> bool:
     return content_hash(path) == row.content_hash
 
 
-def is_video_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
-
-
 def media_kind(name: str) -> str | None:
     """The kind of media a file name says it holds (its extension), or None."""
     extension = os.path.splitext(name)[1].lower()

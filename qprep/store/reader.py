@@ -40,8 +40,6 @@ class CachedMedium:
         return self.row.kind
 
 
-CachedVideo = CachedMedium  # the name of the days when a store held videos alone
-
 
 class Cache:
     """A read-only view of a store: the manifest as a pyarrow Table and tokens by video id."""

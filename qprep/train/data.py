@@ -219,12 +219,6 @@ def with_media_blocks(text_ids: list[int], labels: list[int], rows: list[Manifes
     return ids, out_labels, blocks_end
 
 
-def with_video_block(text_ids: list[int], labels: list[int], row: ManifestRow,
-                     layout: PromptLayout) -> tuple[list[int], list[int], int]:
-    """`with_media_blocks` for a prompt of one video."""
-    return with_media_blocks(text_ids, labels, [row], layout)
-
-
 def _over_length(block_end: int, labels: list[int], max_length: int, cut: bool) -> str | None:
     """Why a sample over `max_length` must be left out, or None when cutting its text is fine."""
     if not cut:

@@ -101,6 +101,13 @@ same batches in memory. LoRA on the thinker's attention (q/k/v/o_proj, the famil
 MoE language model). The tokenizer is `Checkpoint.tokenizer()`, as `train` gets it (Qwen3-Omni's
 release keeps its chat template beside the processor, `chat_template.json`).
 
+Mixed media (`--mixed IMAGES`, any family): the clips and IMAGES JPEG photos (1280x720, 640x480,
+480x640, 800x800) in one folder, extracted with `extract --media` (videos and images in one store);
+the records cycle through a video, an image, an image and a video, two videos, and a text-only
+turn (qprep's `{"id", "media", "conversations"}` records), so consecutive steps read different
+numbers and kinds of media, or none. The cache, cache-phases and floor paths (the raw paths read
+one video per sample); goal cache / floor within 5 %.
+
 Goals stated by the project: raw / cache step time >= 5x; cache / floor within 10 % (<= 1.10); for
 Qwen3-VL, cache / floor within 5 % (<= 1.05); Qwen3-Omni is held to the 10 %. If cache / floor is
 over its goal (or with --profile), the cache loop runs once more under cProfile and the top
@@ -116,6 +123,8 @@ included):
     python bench/train.py --family qwen3_vl --repeats 2   # Qwen3-VL: 12 clips, 24 steps per path
     python bench/train.py --family qwen3_omni_moe --videos 4 --steps 12 --quiet-wait 30   # Qwen3-Omni smoke run
     python bench/train.py --family qwen3_omni_moe --repeats 2   # Qwen3-Omni: 12 clips, 24 steps per path
+    python bench/train.py --mixed 6 --videos 4 --steps 15 --quiet-wait 30   # mixed-media smoke run
+    python bench/train.py --mixed 12 --repeats 2   # mixed media: 12 clips, 12 photos, 24 steps per path
 """
 
 from __future__ import annotations
@@ -163,6 +172,7 @@ FAMILIES = ("qwen2_5_omni", "qwen3_vl", "qwen3_omni_moe")
 QWEN3_VL_PIXELS = {"min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 1024}
 QWEN3_VL_PATHS = ("cache", "cache-loop", "floor")  # no raw-video path for Qwen3-VL here
 QWEN3_VL_CACHE_OVER_FLOOR_GOAL = 1.05
+MIXED_CACHE_OVER_FLOOR_GOAL = 1.05  # the mixed-media row (--mixed)
 # Qwen3-Omni (--family qwen3_omni_moe): Qwen2VLVideoProcessor's bounds are per frame: 4..64 merged
 # tokens of 32² pixels per frame (the bench checkpoint's own video processor config; the Omni run's
 # 4..64 × 28² at the 16-pixel patch). The same paths as Qwen3-VL, the general cache / floor goal.
@@ -296,6 +306,62 @@ def write_data(path: Path, videos: int, steps: int) -> Path:
         records.append({"id": clip_name(index), "conversations": [
             {"from": "human", "value": f"<video>\n{QUESTIONS[index % len(QUESTIONS)]}"},
             {"from": "gpt", "value": answer(index)}]})
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+IMAGE_SIZES = ((1280, 720), (640, 480), (480, 640), (800, 800))  # landscape, 4:3, portrait, square
+# the mixed-media records cycle through these: (kind of each medium in placeholder order)
+MIXED_PATTERNS = (("video",), ("image",), ("image", "video"), ("video", "video"), ())
+
+
+def image_name(index: int) -> str:
+    width, height = IMAGE_SIZES[index % len(IMAGE_SIZES)]
+    return f"i{index:03d}-{width}x{height}"
+
+
+def ensure_media(workdir: Path, videos: int, images: int) -> Path:
+    """A folder holding the `videos` clips of `ensure_videos` and `images` JPEG photos (a disc on a
+    gradient, each of its own size and colour), for `extract --media`."""
+    from PIL import Image, ImageDraw
+
+    clips = ensure_videos(workdir, videos)
+    folder = workdir / f"media-{videos}v{images}i"
+    folder.mkdir(parents=True, exist_ok=True)
+    for clip in clips.iterdir():
+        if not (folder / clip.name).exists():
+            os.link(clip, folder / clip.name)
+    for index in range(images):
+        path = folder / (image_name(index) + ".jpg")
+        if path.exists():
+            continue
+        width, height = IMAGE_SIZES[index % len(IMAGE_SIZES)]
+        image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+        radius = min(width, height) // 6
+        x, y = (index * 97) % (width - 2 * radius), (index * 61) % (height - 2 * radius)
+        ImageDraw.Draw(image).ellipse((x, y, x + 2 * radius, y + 2 * radius), fill=(200, 30 + index * 13 % 200, 40))
+        image.save(folder / ("partial-" + path.name), format="JPEG", quality=90)
+        (folder / ("partial-" + path.name)).rename(path)
+    return folder
+
+
+def write_mixed_data(path: Path, videos: int, images: int, steps: int) -> Path:
+    """qprep records over several media or none, cycling through MIXED_PATTERNS: a video, an image, an
+    image and a video, two videos, text only; the media taken in turn from the folder's clips and photos."""
+    records, taken = [], {"video": 0, "image": 0}
+    names = {"video": lambda i: clip_name(i % videos), "image": lambda i: image_name(i % images)}
+    for step in range(steps):
+        pattern = MIXED_PATTERNS[step % len(MIXED_PATTERNS)]
+        media = []
+        for kind in pattern:
+            media.append(names[kind](taken[kind]))
+            taken[kind] += 1
+        marks = "".join(f"<{kind}>" for kind in pattern)
+        question = (QUESTIONS[step % len(QUESTIONS)] if pattern
+                    else "in one sentence, what does a red disc on a grey background suggest")
+        records.append({"id": f"mixed-{step:04d}", "media": media, "conversations": [
+            {"from": "human", "value": f"{marks}\n{question}" if marks else question},
+            {"from": "gpt", "value": answer(step) if pattern else "A signal, or a warning light."}]})
     path.write_text(json.dumps(records, indent=1))
     return path
 
@@ -499,7 +565,7 @@ def loop_worker(job: dict) -> dict:
         parts = {"collate (cache read)": collated - tick, **parts, "rest of forward": forwarded - collated - inner,
                  "backward": backward - forwarded, "optimizer": done - backward}
         timed.append({"s": done - tick, "loss": float(loss), "tokens": len(sample.input_ids),
-                      "video_tokens": int(batch.video_tokens.shape[0]),
+                      "video_tokens": 0 if batch.video_tokens is None else int(batch.video_tokens.shape[0]),
                       "audio_tokens": 0 if batch.audio_tokens is None else int(batch.audio_tokens.shape[0]),
                       "deepstack_levels": 0 if batch.deepstack is None else int(batch.deepstack.shape[0]),
                       "ids": _digest(sample.input_ids), "phases": parts})
@@ -633,7 +699,8 @@ def extract_worker(job: dict) -> dict:
 
     _quiet_transformers()
     began = time.perf_counter()
-    settings = VideoSettings(**job["policy"], **job.get("pixels", PIXELS), audio=job.get("audio", True))
+    settings = VideoSettings(**job["policy"], **job.get("pixels", PIXELS), audio=job.get("audio", True),
+                             kinds=tuple(job.get("kinds", ("video",))))
     summary = extract(job["videos"], job["store"], job["model"], settings, dtype="float32",
                       options=ExtractOptions(progress=False))
     return {"wall_s": time.perf_counter() - began, **summary.to_dict()}
@@ -841,6 +908,11 @@ def main(argv: list[str] | None = None) -> int:
                              "Qwen3-Omni, width 1152, one block per deepstack level)")
     parser.add_argument("--audio-layers", type=int, default=2,
                         help="audio encoder layers (width 1280, as released; Qwen2.5-Omni and Qwen3-Omni)")
+    parser.add_argument("--mixed", type=int, default=0, metavar="IMAGES",
+                        help="the mixed-media row: the clips and this many JPEG photos extracted with --media, "
+                             "records cycling through a video, an image, an image + a video, two videos and "
+                             f"text only; paths {','.join(QWEN3_VL_PATHS)}, goal cache / floor <= "
+                             f"{MIXED_CACHE_OVER_FLOOR_GOAL}")
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="off on every path")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qprep-bench-train"),
                         help="cache of clips, model and store")
@@ -863,26 +935,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must exceed --warmup")
     qwen3_vl, qwen3_omni = args.family == "qwen3_vl", args.family == "qwen3_omni_moe"
     qwen3 = QWEN3_PATHS.get(args.family)  # the Qwen3 families' paths (None: Qwen2.5-Omni, every path)
+    if args.mixed:  # the raw paths read one video per sample
+        qwen3 = qwen3 or QWEN3_VL_PATHS
     if args.vision_depth is None:
         args.vision_depth = 3 if qwen3 else 2
     if args.paths is None:
         args.paths = ",".join(qwen3) if qwen3 else "cache,cache-loop,floor,raw,raw-stock"
     if qwen3 and set(args.paths.split(",")) - set(qwen3):
         parser.error(f"--family {args.family} runs the paths {','.join(qwen3)} only")
-    floor_goal = QWEN3_VL_CACHE_OVER_FLOOR_GOAL if qwen3_vl else CACHE_OVER_FLOOR_GOAL
+    floor_goal = (MIXED_CACHE_OVER_FLOOR_GOAL if args.mixed else
+                  QWEN3_VL_CACHE_OVER_FLOOR_GOAL if qwen3_vl else CACHE_OVER_FLOOR_GOAL)
     workdir, repeats = args.workdir.resolve(), max(1, args.repeats)
     QUIET["max_wait_s"] = args.quiet_wait
     workdir.mkdir(parents=True, exist_ok=True)
     model = ensure_model(workdir, args)
-    videos = ensure_videos(workdir, args.videos)
+    videos = ensure_media(workdir, args.videos, args.mixed) if args.mixed else ensure_videos(workdir, args.videos)
     frames = f"{args.num_frames} frames" if args.num_frames else f"fps {FPS:g}"
     store = workdir / "stores" / f"{model.name}-{videos.name}-{frames.replace(' ', '')}.zarr"
-    data = write_data(workdir / f"data-{args.videos}x{steps}.json", args.videos, steps)
+    data = (write_mixed_data(workdir / f"data-mixed-{args.videos}v{args.mixed}ix{steps}.json", args.videos,
+                             args.mixed, steps) if args.mixed
+            else write_data(workdir / f"data-{args.videos}x{steps}.json", args.videos, steps))
     facts = environment(workdir)
     print("environment: " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
 
     print("extract (brings the cache up to date) …", file=sys.stderr, flush=True)
-    media = QWEN3_MEDIA.get(args.family, {})
+    media = {**QWEN3_MEDIA.get(args.family, {}), **({"kinds": ["video", "image"]} if args.mixed else {})}
     extracted = run_worker({"kind": "extract", "videos": str(videos), "store": str(store), "model": str(model),
                             "policy": policy(args), **media}, measured=False).result
     if extracted["failed"]:
@@ -958,6 +1035,9 @@ def main(argv: list[str] | None = None) -> int:
         what = (f"vision {args.vision_depth} blocks and audio {args.audio_layers} layers at the released width 1280, "
                 f"language model {args.text_layers} layers × {args.text_hidden}. Data: {args.videos} clips "
                 f"({seconds} s, {WIDTH}x{HEIGHT} h264 + aac at {'/'.join(map(str, RATES))} fps), {frames} + audio")
+    if args.mixed:
+        what += (f"; mixed media: {args.mixed} JPEG photos ({', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)}) beside "
+                 f"the clips, records cycling through a video, an image, an image + a video, two videos, text only")
     print(f"\nModel {model.name}: {what}, "
           f"{steps} steps per path (each clip {steps / args.videos:g}×, train()'s seeded order), first {args.warmup} "
           f"left out. Batch size 1, grad accum 1, float32, CPU, gradient checkpointing "

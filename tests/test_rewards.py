@@ -1,0 +1,172 @@
+"""GRPO's rewards on hand-made answers: each expected value worked out by hand from the formula in
+`qprep.train.rewards` (Time-R1's IoU and iou_v2, the ActivityNet evaluator's tIoU rules), on records
+read from a Charades-style file by `qprep.datasets.load` as training reads them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qprep.datasets import DataFile, load
+from qprep.errors import SettingsError
+from qprep.train.rewards import BUILT_INS, resolve_rewards, truth_of
+
+DURATION = 40.0
+
+
+@pytest.fixture
+def charades(tmp_path):
+    """The file as Charades-STA circulates it: video v1, two sentences."""
+    path = tmp_path / "charades.json"
+    path.write_text(json.dumps({"v1": {"duration": DURATION, "timestamps": [[10, 20], [0, 10]],
+                                       "sentences": ["a person opens a door.", "a person sits down."]}}))
+    return path
+
+
+@pytest.fixture
+def grounding_record(charades):
+    """The grounding sample of sentence 0 (true range 10 to 20 s), with the video's duration."""
+    record = next(r for r in load(DataFile(charades)) if r["id"] == "v1#0")
+    return {**record, "duration": DURATION}
+
+
+@pytest.fixture
+def captions_record(charades):
+    (record,) = load(DataFile(charades, task="captions"))
+    return {**record, "duration": DURATION}
+
+
+def score(name: str, answers: list[str], record: dict) -> list[float]:
+    (reward,) = resolve_rewards([name])
+    return reward(["prompt"] * len(answers), answers, [record] * len(answers))
+
+
+def test_the_truth_is_the_records_answer_and_its_duration(grounding_record, captions_record):
+    truth = truth_of(grounding_record)
+    assert [(s.start, s.end) for s in truth.segments] == [(10.0, 20.0)] and truth.duration == DURATION
+    assert [(s.start, s.end, s.text) for s in truth_of(captions_record).segments] == [
+        (10.0, 20.0, "a person opens a door"), (0.0, 10.0, "a person sits down")]
+    without = {key: value for key, value in grounding_record.items() if key != "duration"}
+    assert truth_of(without).duration is None
+    assert truth_of({**without, "meta": {"duration": 12.5}}).duration == 12.5
+
+
+def test_tiou_on_hand_made_answers(grounding_record):
+    answers = {
+        "From 10 to 20.": 1.0,  # perfect
+        "From 25.5 to 30.": 0.0,  # disjoint
+        "From 0 to 20.": 0.5,  # half of the union: 10 / 20
+        "From 15 to 25.": 5 / 15,  # overlap 15-20, hull 10-25
+        "From 20 to 10.": 0.0,  # written end first: overlaps nothing
+        "From 12 to 12.": 0.0,  # zero length
+        "From 10 to 90.": 10 / 30,  # clipped to the 40 s video: 10-40 against 10-20
+        "From 50 to 60.": 0.0,  # past the end
+        "I could not find it.": 0.0,  # no range
+        "": 0.0,
+        "<think>at 0 to 5 s maybe</think><answer>From 10 to 15.</answer>": 0.5,  # the <answer> block is read
+        "From " + "9" * 400 + " to 10.": 0.0,  # a time too large for a float
+    }
+    assert score("tiou", list(answers), grounding_record) == pytest.approx(list(answers.values()), abs=1e-12)
+
+
+def test_tiou_of_an_empty_union_is_zero(grounding_record):
+    point = {**grounding_record, "conversations": [*grounding_record["conversations"][:-1],
+                                                   {"from": "gpt", "value": "From 5 to 5."}]}
+    assert score("tiou", ["From 5 to 5.", "From 5 to 6."], point) == [0.0, 0.0]
+
+
+def test_iou_v2_weighs_the_iou_by_the_distance_of_each_end(grounding_record):
+    # truth 10-20 in 40 s: IoU · (1 - |10 - ŝ| / 40) · (1 - |20 - ê| / 40)
+    answers = {"From 10 to 20.": 1.0,
+               "From 12 to 20.": 0.8 * (1 - 2 / 40) * 1.0,
+               "From 0 to 20.": 0.5 * (1 - 10 / 40) * 1.0,
+               "From 15 to 25.": (5 / 15) * (1 - 5 / 40) * (1 - 5 / 40),
+               "From 10 to 90.": (10 / 30) * 1.0 * (1 - 20 / 40),  # clipped to 10-40
+               "From 25 to 30.": 0.0, "From 20 to 10.": 0.0, "no range": 0.0}
+    assert score("iou_v2", list(answers), grounding_record) == pytest.approx(list(answers.values()), abs=1e-12)
+
+
+def test_iou_v2_needs_the_duration(grounding_record):
+    without = {key: value for key, value in grounding_record.items() if key != "duration"}
+    (reward,) = resolve_rewards(["iou_v2"])
+    assert "needs the video's duration" in reward.problem(without) and reward.problem(grounding_record) is None
+    with pytest.raises(SettingsError, match="'v1#0'.*iou_v2 needs the video's duration"):
+        reward(["p"], ["From 10 to 20."], [without])
+
+
+def test_dense_rewards_on_hand_made_answers(captions_record):
+    # truth: 10-20 (door), 0-10 (sits down)
+    perfect = "From 10 to 20, a person opens a door. From 0 to 10, a person sits down."
+    one_of_two = "From 10 to 20, a person opens a door. From 30 to 40, a person leaves."
+    half = "From 15 to 20, a door opens."  # tIoU 5/10 with 10-20: hits at 0.3 only (> 0.3, not > 0.5)
+    reversed_range = "From 20 to 10, a person opens a door."
+    answers = [perfect, one_of_two, half, reversed_range, "nothing happens"]
+    # F1 per threshold (0.3, 0.5, 0.7, 0.9), averaged: perfect 1; one_of_two P = R = 1/2 at each;
+    # half: P = 1, R = 1/2 (F1 2/3) at 0.3, 0 above
+    assert score("dense_f1", answers, captions_record) == pytest.approx([1.0, 0.5, (2 / 3) / 4, 0.0, 0.0])
+    # best tIoU per true segment, averaged: perfect (1, 1); one_of_two (1, 0); half (0.5, 0)
+    assert score("dense_tiou", answers, captions_record) == pytest.approx([1.0, 0.5, 0.25, 0.0, 0.0], abs=1e-7)
+
+
+def test_format_asks_for_the_records_form(grounding_record, captions_record):
+    grounding = {"From 10 to 20.": 1.0, "<answer>From 1.5 to 3.</answer>": 1.0,
+                 "From 1 to 2. From 3 to 4.": 0.0,  # two ranges for one query
+                 "From 20 to 10.": 0.0, "From 12 to 12.": 0.0, "From 10 to 41.": 0.0,  # beyond the 40 s
+                 "The door opens.\nFrom 10 to 20.": 0.0,  # a line without a range
+                 "no range at all": 0.0}
+    assert score("format", list(grounding), grounding_record) == list(grounding.values())
+    dense = {"From 0 to 10, a person sits. From 10 to 20, a door opens.": 1.0,
+             "From 0 to 10, a person sits.": 1.0,
+             "From 0 to 10. From 10 to 20.": 0.0}  # ranges without captions
+    assert score("format", list(dense), captions_record) == list(dense.values())
+
+
+def test_a_user_reward_by_import_path_is_checked_and_logged_under_its_name(grounding_record):
+    rewards = resolve_rewards(["tiou", "reward_helpers:short", "format"])
+    assert [r.name for r in rewards] == ["tiou", "short", "format"]
+    answers = ["From 10 to 20.", "The answer is from 10 to 20 seconds."]
+    assert rewards[1](["p", "p"], answers, [grounding_record] * 2) == [1.0, 0.0]
+    assert rewards[1].problem(grounding_record) is None
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("reward_helpers:too_few", "reward too_few returned of 1, not a list of 2 floats"),
+    ("reward_helpers:not_a_list", "reward not_a_list returned float, not a list of 2 floats"),
+    ("reward_helpers:not_finite", "reward not_finite returned nan among its rewards"),
+    ("reward_helpers:not_numbers", "reward not_numbers returned '1' among its rewards"),
+    ("reward_helpers:fails", "reward fails raised KeyError: 'score'"),
+])
+def test_a_user_reward_that_returns_other_than_one_finite_float_per_completion_is_named(spec, message,
+                                                                                        grounding_record):
+    (reward,) = resolve_rewards([spec])
+    with pytest.raises(SettingsError, match=message):
+        reward(["p", "p"], ["a", "b"], [grounding_record] * 2)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("iou", "--reward iou: not a built-in reward \\(tiou, iou_v2, dense_f1, dense_tiou, format\\) nor an import path"),
+    ("no_such_package_for_qprep:f", "--reward no_such_package_for_qprep:f: cannot import no_such_package_for_qprep "
+                                    "\\(ModuleNotFoundError"),
+    ("reward_helpers:absent", "--reward reward_helpers:absent: reward_helpers has no absent"),
+    ("reward_helpers:NOT_CALLABLE", "--reward reward_helpers:NOT_CALLABLE: NOT_CALLABLE is a int, not a function"),
+    (":short", "not a built-in reward"),
+])
+def test_a_reward_that_cannot_be_found_is_named_with_the_cause(spec, message):
+    with pytest.raises(SettingsError, match=message):
+        resolve_rewards([spec])
+
+
+def test_two_rewards_under_one_name_are_refused():
+    with pytest.raises(SettingsError, match="tiou named twice"):
+        resolve_rewards(["tiou", "format", "tiou"])
+    assert len(resolve_rewards(list(BUILT_INS))) == len(BUILT_INS)
+
+
+def test_a_record_without_a_range_in_its_answer_is_reported_not_scored(grounding_record):
+    no_truth = {**grounding_record, "conversations": [*grounding_record["conversations"][:-1],
+                                                      {"from": "gpt", "value": "A door."}]}
+    (reward,) = resolve_rewards(["tiou"])
+    assert "'v1#0': no truth to score answers against" in reward.problem(no_truth)
+    with pytest.raises(SettingsError, match="no truth"):
+        reward(["p"], ["From 10 to 20."], [no_truth])

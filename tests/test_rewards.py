@@ -5,6 +5,8 @@ read from a Charades-style file by `qprep.datasets.load` as training reads them.
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +172,15 @@ def test_a_record_without_a_range_in_its_answer_is_reported_not_scored(grounding
     assert "'v1#0': no truth to score answers against" in reward.problem(no_truth)
     with pytest.raises(SettingsError, match="no truth"):
         reward(["p"], ["From 10 to 20."], [no_truth])
+
+
+def test_the_readmes_reward_example_is_a_reward(grounding_record, tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    match = re.search(r"```python\n# mypkg/rewards\.py: --reward (\S+)\n(.*?)```", readme, re.S)
+    assert match, "the README lost its reward example"
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "rewards.py").write_text(match.group(2))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (reward,) = resolve_rewards([match.group(1)])
+    assert reward.name == "short"
+    assert reward(["p", "p"], ["From 10 to 20.", "x" * 41], [grounding_record] * 2) == [1.0, 0.0]

@@ -46,7 +46,9 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
 
     `logps`, `old_logps`, `ref_logps` and `mask` are [B, T]: per completion token (padding masked
     out by `mask`, 1 on a completion's tokens); `advantages` is [B]. `epsilon_high` defaults to
-    `epsilon_low`; `ref_logps` is needed when `beta > 0`; `max_completion_length` for `dr_grpo`.
+    `epsilon_low`; `ref_logps` is needed when `beta > 0`; `max_completion_length` for `dr_grpo`. With
+    one iteration per batch the sampling policy is the current one: `old_logps` is `logps.detach()`
+    (TRL's shortcut), every ratio 1, and the gradient the plain policy gradient.
 
     Splitting a batch (gradient accumulation, ranks): call this on each part with the whole batch's
     counts, `num_sequences` (the whole batch's completions; `grpo`, `dr_grpo`) and `num_items` (the
@@ -95,7 +97,7 @@ def _reduced(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_co
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / num_sequences
     if loss_type == "dr_grpo":
         return masked.sum() / (num_sequences * max_completion_length)
-    tokens = mask.sum() if num_items is None else torch.as_tensor(num_items, dtype=mask.dtype)
+    tokens = mask.sum() if num_items is None else torch.as_tensor(num_items, dtype=mask.dtype, device=mask.device)
     return masked.sum() / tokens.clamp(min=1.0)
 
 

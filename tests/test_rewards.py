@@ -184,3 +184,55 @@ def test_the_readmes_reward_example_is_a_reward(grounding_record, tmp_path, monk
     (reward,) = resolve_rewards([match.group(1)])
     assert reward.name == "short"
     assert reward(["p", "p"], ["From 10 to 20.", "x" * 41], [grounding_record] * 2) == [1.0, 0.0]
+
+
+# Time-R1's rewards as its trainer computes them: `main.py` of github.com/xiaomi-research/time-r1
+# (commit 7f2b594, Apache-2.0), `parse_timestamp_output`, `iou_timestamp_reward` and
+# `iou_timestamp_reward_v2`, their arithmetic as written, the logging left out.
+def time_r1_parse(output_string):
+    answer_matches = re.findall(r"<answer>(.*?)</answer>", output_string, re.DOTALL)
+    if not answer_matches:
+        return None
+    matches = re.findall(r"(\d+\.?\d*) (to|and) (\d+\.?\d*)", answer_matches[-1], re.IGNORECASE)
+    if not matches:
+        return None
+    return float(matches[-1][0]), float(matches[-1][2])
+
+
+def time_r1_rewards(content, sol, duration):
+    """(iou, iou_v2) of one completion."""
+    from_number, to_number = time_r1_parse(content)
+    s, e = sol
+    intersection = max(0, min(to_number, e) - max(from_number, s))
+    union = max(to_number, e) - min(from_number, s)
+    iou = intersection / union
+    v2 = iou * (1 - abs(1.0 * s / duration - 1.0 * from_number / duration)) * (
+        1 - abs(1.0 * e / duration - 1.0 * to_number / duration))
+    return iou, v2
+
+
+def test_tiou_and_iou_v2_equal_time_r1s_own_rewards_on_well_formed_answers(tmp_path):
+    """Answers in Time-R1's form, one range each, start first, within the video: where its rules and
+    ours meet, the same floats."""
+    durations = {"v1": 31.7, "v2": 12.0, "v3": 146.25}
+    truths = {"v1": [[3.4, 9.9], [0.0, 31.7]], "v2": [[0.5, 1.0], [6.0, 12.0]], "v3": [[20.0, 85.5], [140.1, 146.0]]}
+    path = tmp_path / "charades.json"
+    path.write_text(json.dumps({video: {"duration": durations[video], "timestamps": stamps,
+                                        "sentences": [f"event {k}" for k in range(len(stamps))]}
+                                for video, stamps in truths.items()}))
+    records = [{**record, "duration": durations[record["id"].split("#")[0]]} for record in load(DataFile(path))]
+    predictions = [(0.0, 4.2), (3.4, 9.9), (5.5, 30.0), (0.1, 12.0), (7.25, 8.0), (60.0, 146.25), (11.9, 12.0)]
+    completions, answered, theirs = [], [], []
+    for record in records:
+        video, k = record["id"].split("#")
+        for start, end in predictions:
+            if end > durations[video]:
+                continue
+            completions.append(f"<think>the event {k}.</think> <answer>{start} to {end}</answer>")
+            answered.append(record)
+            theirs.append(time_r1_rewards(completions[-1], truths[video][int(k)], durations[video]))
+    assert len(completions) > 30 and any(0 < iou < 1 for iou, _ in theirs) and any(iou == 1 for iou, _ in theirs)
+    tiou, iou_v2 = resolve_rewards(["tiou", "iou_v2"])
+    prompts = ["p"] * len(completions)
+    assert tiou(prompts, completions, answered) == [iou for iou, _ in theirs]
+    assert iou_v2(prompts, completions, answered) == [v2 for _, v2 in theirs]

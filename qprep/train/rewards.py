@@ -91,8 +91,9 @@ def iou_v2(ranges: list[Segment], truth: Truth, parsed: ParsedAnswer) -> float:
     if not ranges:
         return 0.0
     predicted, true, duration = ranges[0], truth.segments[0], truth.duration
-    start_factor = max(0.0, 1 - abs(true.start - predicted.start) / duration)
-    end_factor = max(0.0, 1 - abs(true.end - predicted.end) / duration)
+    # each time normalised by the duration, then subtracted: Time-R1's arithmetic, to the last bit
+    start_factor = max(0.0, 1 - abs(true.start / duration - predicted.start / duration))
+    end_factor = max(0.0, 1 - abs(true.end / duration - predicted.end / duration))
     return grounding.iou(predicted, true) * start_factor * end_factor
 
 

@@ -236,3 +236,21 @@ def test_tiou_and_iou_v2_equal_time_r1s_own_rewards_on_well_formed_answers(tmp_p
     prompts = ["p"] * len(completions)
     assert tiou(prompts, completions, answered) == [iou for iou, _ in theirs]
     assert iou_v2(prompts, completions, answered) == [v2 for _, v2 in theirs]
+
+
+def test_dense_rewards_equal_qprep_evals_scores_of_the_same_answer(charades, captions_record, tmp_path):
+    """The reward a dense-captioning answer gets is the score `qprep eval` gives it alone."""
+    from qprep.eval.score import evaluate
+
+    answers = ["From 10 to 20, a person opens a door. From 0 to 10, a person sits down.",
+               "From 9.5 to 19, a door. From 2 to 8.5, sitting. From 30 to 35, leaving.",
+               "From 14 to 20, a door opens."]
+    dense_f1, dense_tiou = resolve_rewards(["dense_f1", "dense_tiou"])
+    rewards = [reward(["p"] * 3, answers, [captions_record] * 3) for reward in (dense_f1, dense_tiou)]
+    for index, answer in enumerate(answers):
+        path = tmp_path / f"answers{index}.jsonl"
+        path.write_text(json.dumps({"id": "v1", "answer": answer}) + "\n")
+        report = evaluate(path, charades, captions=False, task="captioning")
+        assert rewards[0][index] == pytest.approx(report.mean(report.f1), abs=1e-12)
+        assert rewards[1][index] == pytest.approx(report.best_tiou, abs=1e-12)
+    assert len(set(rewards[0])) == 3  # three different scores, none trivially 0 or 1

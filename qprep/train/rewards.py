@@ -13,7 +13,7 @@ replaced by `meta.token`); the video's duration is the record's `duration`, else
 
 The answer: the last `<answer>...</answer>` block of the completion if it has one (Time-R1's form),
 else the whole completion, its ranges read by `qprep.eval.segments.parse_answer`. Ranges are scored
-as Time-R1's reward computes them (DESIGN.md §13), bad ones scored, never raised:
+as Time-R1's reward computes them (its `main.py`), bad ones scored, never raised:
 
 * a range written end first overlaps nothing (Time-R1's intersection of it is 0), nor does a range of
   zero length or one with a time too large for a float; a range is clipped to [0, duration] where the
@@ -24,7 +24,8 @@ as Time-R1's reward computes them (DESIGN.md §13), bad ones scored, never raise
 Built-ins:
 
 * `tiou`: IoU of the answer's first range with the true range, as `qprep eval`'s grounding (the union
-  is the hull; an empty union scores 0); 1 for the true range exactly;
+  is the hull; an empty union scores 0); 1 for the true range exactly (Time-R1 reads the last range of
+  its block: the two agree on an answer of one range);
 * `iou_v2`: Time-R1's distance-weighted IoU, IoU·(1 − |s − ŝ|/d)·(1 − |e − ê|/d) with d the duration
   (each factor at least 0); a record without a duration cannot be scored by it;
 * `dense_f1`: a dense-captioning answer's F1 of its precision and recall at `qprep eval`'s tIoU

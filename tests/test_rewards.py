@@ -12,7 +12,7 @@ import pytest
 
 from qprep.datasets import DataFile, load
 from qprep.errors import SettingsError
-from qprep.train.rewards import BUILT_INS, resolve_rewards, truth_of
+from qprep.train.rewards import BUILT_INS, resolve_rewards, scored_ranges, truth_of
 
 DURATION = 40.0
 
@@ -254,3 +254,31 @@ def test_dense_rewards_equal_qprep_evals_scores_of_the_same_answer(charades, cap
         assert rewards[0][index] == pytest.approx(report.mean(report.f1), abs=1e-12)
         assert rewards[1][index] == pytest.approx(report.best_tiou, abs=1e-12)
     assert len(set(rewards[0])) == 3  # three different scores, none trivially 0 or 1
+
+
+def test_no_answer_makes_a_built_in_raise_and_every_score_lies_within_0_and_1(grounding_record, captions_record):
+    """Answers put together at random from the pieces answers are made of (times reversed, equal, past
+    the end, in m:ss, too large for a float; stray tags and text): each built-in scores every one
+    within [0, 1]."""
+    import random
+
+    chooser = random.Random(0)
+    times = ["0", "7", "10", "12.5", "20", "39.9", "40", "41", "75", "1:05", "0:12", "9" * 400]
+    joins = [" to ", " - ", "-", " and ", ", "]
+    noise = ["", "From ", "between ", "[", "(", "a door opens", ".", "\n", "<answer>", "</answer>", "<think>",
+             " seconds", "2.", ": ", "nothing"]
+
+    def answer() -> str:
+        parts = []
+        for _ in range(chooser.randint(0, 4)):
+            parts += [chooser.choice(noise), chooser.choice(times), chooser.choice(joins), chooser.choice(times),
+                      chooser.choice(noise), chooser.choice(noise)]
+        return "".join(parts)
+
+    answers = [answer() for _ in range(300)]
+    for record in (grounding_record, captions_record):
+        for reward in resolve_rewards(list(BUILT_INS)):
+            scores = reward(["p"] * len(answers), answers, [record] * len(answers))
+            assert all(0.0 <= value <= 1.0 for value in scores), reward.name
+            assert len(set(scores)) > 2 or reward.name == "format", reward.name  # scored, not all 0
+    assert sum(bool(scored_ranges(answer, DURATION)[0]) for answer in answers) > 150

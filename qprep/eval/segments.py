@@ -42,11 +42,16 @@ class Segment:
 class ParsedAnswer:
     segments: list[Segment] = field(default_factory=list)
     unparsed: list[str] = field(default_factory=list)  # non-empty lines holding no range
-    reversed: int = 0  # ranges written end first, put in order
+    reversed_at: list[int] = field(default_factory=list)  # the segments written end first, put in order
 
     @property
     def empty(self) -> bool:
         return not self.segments
+
+    @property
+    def reversed(self) -> int:
+        """How many ranges were written end first."""
+        return len(self.reversed_at)
 
 
 def seconds(text: str) -> float:
@@ -65,7 +70,7 @@ def parse_answer(answer: str) -> ParsedAnswer:
         start, end = seconds(match["a"]), seconds(match["b"])
         if end < start:
             start, end = end, start
-            parsed.reversed += 1
+            parsed.reversed_at.append(index)
         parsed.segments.append(Segment(start, end, _caption(answer[match.end():stop])))
     covered = [(m.start(), m.end()) for m in ranges]
     position = 0

@@ -22,7 +22,9 @@ _UNIT = r"(?:\s*(?:s|sec|secs|second|seconds)\b)?"
 _JOIN = r"\s*(?:-|–|—|~|to|and|until|till)\s*"
 _RANGE = re.compile(
     rf"(?P<lead>\bfrom\s+|\bbetween\s+|[\[(<]\s*)?"
-    rf"(?P<a>{_TIME}){_UNIT}(?P<join>{_JOIN}|\s*,\s*)(?P<b>{_TIME})(?P<unit>{_UNIT})"
+    # a range starts where a number starts (not inside a run of digits: a search that tried every
+    # digit of a long garbage answer as a start would take time quadratic in its length)
+    rf"(?<!\d)(?P<a>{_TIME}){_UNIT}(?P<join>{_JOIN}|\s*,\s*)(?P<b>{_TIME})(?P<unit>{_UNIT})"
     rf"(?P<close>\s*[\])>])?",
     re.IGNORECASE,
 )

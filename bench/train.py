@@ -420,6 +420,24 @@ class StepMemory:
 # Workers (each in a fresh process)
 
 
+def synchronized(device: str) -> float:
+    """`time.perf_counter()` once the device's queued work is done (GPU kernels run asynchronously)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def gpu_peak(device: str) -> dict:
+    """The GPU's peak allocated memory over the whole process (model, optimizer state and steps)."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    return {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+
+
 def _quiet_transformers() -> None:
     import warnings
 
@@ -447,7 +465,8 @@ def cache_settings(job: dict):
     from qprep.schemas.training import LoraSettings, TrainSettings
 
     return TrainSettings(epochs=1, lr=LR, batch_size=1, grad_accum=1, seed=SEED,
-                         gradient_checkpointing=job["gradient_checkpointing"], dtype="float32", lora=LoraSettings())
+                         gradient_checkpointing=job["gradient_checkpointing"], dtype=job.get("dtype", "float32"),
+                         lora=LoraSettings())
 
 
 def cache_worker(job: dict) -> dict:
@@ -469,13 +488,14 @@ def cache_worker(job: dict) -> dict:
 
     LanguageModel.forward = forward_first_resets
     out = fresh(Path(job["out"]))
-    summary = train(job["cache"], job["data"], job["model"], out, cache_settings(job), device="cpu", progress=False,
+    summary = train(job["cache"], job["data"], job["model"], out, cache_settings(job), device=job["device"],
+                    progress=False,
                     echo=lambda line: None)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [{"s": m["step_time_s"], "loss": m["loss"], "tokens": round(m["tokens_per_s"] * m["step_time_s"])}
              for m in lines]
     return {"steps": steps, "setup_s": first.get("setup_s"), "samples": summary.samples,
-            "torch_threads": torch.get_num_threads(), **memory.result()}
+            "torch_threads": torch.get_num_threads(), **memory.result(), **gpu_peak(job["device"])}
 
 
 class Phases:
@@ -518,7 +538,8 @@ def loop_worker(job: dict) -> dict:
     _quiet_transformers()
     settings = cache_settings(job)
     objective = SupervisedObjective(settings)
-    recipe = Recipe(objective, settings, device="cpu", progress=False, echo=lambda line: None)
+    device = job["device"]
+    recipe = Recipe(objective, settings, device=device, progress=False, echo=lambda line: None)
     recipe.setup(job["cache"], job["data"], job["model"], fresh(Path(job["out"] or tempfile.mkdtemp())))
     model, cache, layout, samples = recipe.peft_model, recipe.cache, recipe.layout, objective.samples
     language_model = model.get_base_model()
@@ -527,7 +548,7 @@ def loop_worker(job: dict) -> dict:
     batches = {}
     if floor:  # each sample's batch collated once, before the loop
         for index in sorted({position.samples[0] for position in steps}):
-            batches[index] = collate([samples[index]], cache, layout)
+            batches[index] = collate([samples[index]], cache, layout).to(device)
     phases = Phases()
     language_model.position_ids = phases.timed("get_rope_index", language_model.position_ids)
     language_model.embed = phases.timed("embed + scatter", language_model.embed)
@@ -545,21 +566,22 @@ def loop_worker(job: dict) -> dict:
         index = position.samples[0]
         sample = samples[index]
         share = objective.start_step([position], model, recipe.world)[0]
-        tick = time.perf_counter()
+        tick = synchronized(device)
         if floor:
             batch = batches[index]
         else:
-            batch = collate([sample], cache, layout)
-        collated = time.perf_counter()
-        loss = objective.loss(model, batch, position, share, whole=True)
-        forwarded = time.perf_counter()
+            batch = collate([sample], cache, layout).to(device)
+        collated = synchronized(device)
+        with recipe.autocast:
+            loss = objective.loss(model, batch, position, share, whole=True)
+        forwarded = synchronized(device)
         loss.backward()
-        backward = time.perf_counter()
+        backward = synchronized(device)
         clip(recipe.trainable, settings.max_grad_norm)
         recipe.optimizer.step()
         recipe.scheduler.step()
         recipe.optimizer.zero_grad(set_to_none=True)
-        done = time.perf_counter()
+        done = synchronized(device)
         parts = phases.take()
         inner = sum(parts.values())
         parts = {"collate (cache read)": collated - tick, **parts, "rest of forward": forwarded - collated - inner,
@@ -572,7 +594,7 @@ def loop_worker(job: dict) -> dict:
     recipe.cleanup()
     result = {"steps": timed, "setup_s": setup_s, "samples": len(samples),
               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "torch_threads": torch.get_num_threads(), **memory.result()}
+              "torch_threads": torch.get_num_threads(), **memory.result(), **gpu_peak(device)}
     if profiler is not None:
         import io
         import pstats
@@ -852,8 +874,13 @@ def main_table(rows: list[Row], base: Row, base_name: str) -> str:
                     fmt(result["setup_peak_mb"], ".0f"), fmt(result["steps_peak_mb"], ".0f"),
                     fmt(result["baseline_mb"], ".0f"), fmt(result["steps_peak_mb"] - result["baseline_mb"], ".0f"),
                     f"{losses[0]:.4f} → {losses[-1]:.4f}",
-                    fmt(r.run.others_cores, ".2f"), r.note))
+                    fmt(r.run.others_cores, ".2f"),
+                    "; ".join(filter(None, (r.note, gpu_note(result))))))
     return markdown(header, out)
+
+
+def gpu_note(result: dict) -> str:
+    return f"GPU peak allocated {result['gpu_peak_mb']:.0f} MB" if "gpu_peak_mb" in result else ""
 
 
 def phase_table(rows: list[Row]) -> str:
@@ -913,6 +940,12 @@ def main(argv: list[str] | None = None) -> int:
                              "records cycling through a video, an image, an image + a video, two videos and "
                              f"text only; paths {','.join(QWEN3_VL_PATHS)}, goal cache / floor <= "
                              f"{MIXED_CACHE_OVER_FLOOR_GOAL}")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help=f"where the cache paths train (the raw paths run on CPU only; on cuda the paths "
+                             f"{','.join(QWEN3_VL_PATHS)} by default)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the cache paths' training dtype (bfloat16: autocast over float32 LoRA weights, as "
+                             "`qprep train --dtype bfloat16`)")
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="off on every path")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qprep-bench-train"),
                         help="cache of clips, model and store")
@@ -935,7 +968,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must exceed --warmup")
     qwen3_vl, qwen3_omni = args.family == "qwen3_vl", args.family == "qwen3_omni_moe"
     qwen3 = QWEN3_PATHS.get(args.family)  # the Qwen3 families' paths (None: Qwen2.5-Omni, every path)
-    if args.mixed:  # the raw paths read one video per sample
+    if args.mixed or args.device == "cuda":  # the raw paths read one video per sample, on CPU
         qwen3 = qwen3 or QWEN3_VL_PATHS
     if args.vision_depth is None:
         args.vision_depth = 3 if qwen3 else 2
@@ -969,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
 
     common = {"model": str(model), "cache": str(store), "data": str(data), "videos": str(videos),
               "gradient_checkpointing": not args.no_gradient_checkpointing, "warmup": args.warmup,
-              "num_frames": args.num_frames}
+              "num_frames": args.num_frames, "device": args.device, "dtype": args.dtype}
     names = {"cache": "cache: qprep train()", "cache-loop": "cache, phases (train()'s loop, instrumented)",
              "floor": "floor: LM step on batches in memory",
              "raw": "raw video: decode + processor + thinker (towers out of autograd)",
@@ -1040,7 +1073,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"the clips, records cycling through a video, an image, an image + a video, two videos, text only")
     print(f"\nModel {model.name}: {what}, "
           f"{steps} steps per path (each clip {steps / args.videos:g}×, train()'s seeded order), first {args.warmup} "
-          f"left out. Batch size 1, grad accum 1, float32, CPU, gradient checkpointing "
+          f"left out. Batch size 1, grad accum 1, {args.dtype}, {args.device.upper()}, gradient checkpointing "
           f"{'off' if args.no_gradient_checkpointing else 'on'}, "
           f"torch threads {ordered[0].run.result['torch_threads']}; "
           f"fastest of {repeats}.")

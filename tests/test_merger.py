@@ -103,3 +103,92 @@ def test_status_gives_the_bytes_per_merged_token_at_each_level(stores, kind):
         report = store_status(cache.store.root)
         assert report["bytes_per_token"] == expected and report["level"] == cache.level
         assert f"level        {cache.level}" in format_status(report)
+
+
+TRAINED = [("qwen2_5_vl", "released"), ("qwen3_vl", "released")]  # window order; deepstack levels
+
+
+def _merger_input_paths(tiny_model, videos, kind, layout):
+    """test_train_parity's two paths (the full model on the processor's output, qprep's language model
+    on cached tokens), with the cache side holding the merger's input and the model its mergers."""
+    import dataclasses
+
+    import qprep
+    from qprep.pipeline.towers import Towers, VideoInput
+    from qprep.schemas.settings import load_model_spec
+    from qprep.train.model import LanguageModel
+    from test_train_parity import CLIP as TRAIN_CLIP, OMNI, _both_paths
+
+    full, inputs, model_kwargs, labels, _, batch = _both_paths(tiny_model, videos, kind, layout)
+    model_dir = tiny_model(kind, layout)
+    checkpoint = open_checkpoint(model_dir)
+    prepared = qprep.preprocess_video(videos("train-clip.mp4", **TRAIN_CLIP), model_dir, fps=2, audio=kind in OMNI)
+    towers = Towers(checkpoint, load_model_spec(model_dir), dtype="float32", device="cpu", level="merger-input")
+    grid = tuple(prepared.video_grid_thw[0].tolist())
+    features = towers.video_features([VideoInput(prepared.patches, grid)])[0]
+    assert features.tokens.dim() == 3
+    # (clones: the towers' inference-mode tensors cannot enter autograd; the store's tensors are plain)
+    batch = dataclasses.replace(batch, video_tokens=features.tokens.clone(),
+                                deepstack=None if features.deepstack is None else features.deepstack.clone(),
+                                merger_order=checkpoint.family.merger_order(grid, checkpoint.model_config().vision_config))
+    language_model = LanguageModel(checkpoint, dtype="float32", merger=True)
+    return full, dict(inputs, labels=labels, **model_kwargs), language_model, batch
+
+
+def merger_gradients(ours, theirs) -> tuple[dict, dict]:
+    """The mergers' gradients on both sides, by the tower's own parameter names."""
+    from qprep.train.merger import Merger
+
+    mergers = next(module for module in ours.modules() if isinstance(module, Merger))
+    visual = vision_tower(theirs)
+    mine = {f"{part}.{name}": p.grad for part, module in mergers.parts.items() for name, p in module.named_parameters()}
+    reference = {f"{part}.{name}": p.grad for part in mergers.parts
+                 for name, p in getattr(visual, part).named_parameters()}
+    return mine, reference
+
+
+@pytest.mark.parametrize(("kind", "layout"), TRAINED)
+def test_trained_merger_gets_the_full_models_loss_logits_and_gradients(tiny_model, videos, kind, layout):
+    """The merger trained beside the LoRA: from the cached merger input and on transformers' full model
+    (raw video through its processor, the vision blocks frozen, the merger and the same adapter
+    trainable), the loss, the logits, every LoRA gradient and every merger gradient are the same, exactly."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from qprep.train.lora import LoraSettings, apply_lora
+    from qprep.train.merger import train_merger
+
+    full, full_inputs, language_model, batch = _merger_input_paths(tiny_model, videos, kind, layout)
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0)
+    ours = apply_lora(language_model, settings)
+    generator = torch.Generator().manual_seed(0)
+    for name, parameter in ours.named_parameters():
+        if "lora_B" in name:  # non-zero B, so that A gets gradients too
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.02
+    assert train_merger(ours, "full")
+    theirs = get_peft_model(full, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                             target_modules=settings.target_regex(language_model.family.lora_targets),
+                                             exclude_modules=settings.tower_regex()))
+    set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours))
+    visual = vision_tower(theirs)
+    visual.merger.requires_grad_(True)
+    for deepstack in getattr(visual, "deepstack_merger_list", None) or []:
+        deepstack.requires_grad_(True)
+    loss, logits = ours(batch)
+    expected = theirs(**full_inputs, use_cache=False)
+    assert torch.equal(logits, expected.logits) and torch.equal(loss, expected.loss)
+    loss.backward()
+    expected.loss.backward()
+    lora_mine = {n: p.grad for n, p in ours.named_parameters() if "lora_" in n}
+    lora_reference = {n: p.grad for n, p in theirs.named_parameters() if "lora_" in n}
+    assert lora_mine.keys() == lora_reference.keys() and lora_mine
+    for name, gradient in lora_mine.items():
+        assert torch.equal(gradient, lora_reference[name]), name
+    mine, reference = merger_gradients(ours, theirs)
+    assert mine.keys() == reference.keys()
+    assert len(mine) == sum(1 for n, p in theirs.named_parameters() if p.requires_grad and "lora_" not in n)
+    for name, gradient in mine.items():
+        assert gradient is not None and torch.equal(gradient, reference[name]), name
+    # the main merger and the first deepstack merger move the loss (the tiny model's last deepstack
+    # level gets a zero gradient from transformers' full model too)
+    assert all(gradient.abs().sum() > 0 for name, gradient in mine.items()
+               if name.startswith(("merger.", "deepstack_merger_list.0.")))

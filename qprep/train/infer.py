@@ -224,6 +224,7 @@ def greedy(model, batch, max_new_tokens: int, stop: set[int], scores: list | Non
         raise ValueError("greedy decodes one unpadded prompt at a time")
     text_model = model.language_model
     cache = DynamicCache(config=model.config.get_text_config())
+    batch = model.merged(batch)  # from the merger's input: the mergers run once, for the prompt
     positions = prompt_positions(model, batch)
     embeds = model.embed(batch)
     extra = model.text_inputs(batch)  # the prompt step only: later steps hold no visual position

@@ -96,6 +96,24 @@ class Merger(torch.nn.Module):
             module.load_state_dict({k[len(start):]: v for k, v in state.items() if k.startswith(start)})
 
 
+TRAIN_MERGER = ("none", "full")  # `--train-merger`: frozen, or every parameter of the mergers trained
+
+
+def train_merger(model: torch.nn.Module, mode: str) -> list[torch.nn.Parameter]:
+    """Make the mergers of a (LoRA-wrapped) `LanguageModel` trainable (`mode` "full") or leave them
+    frozen ("none"); the parameters that now train. Call after `apply_lora`, which freezes all else."""
+    if mode not in TRAIN_MERGER:
+        raise SettingsError(f"train_merger must be one of {', '.join(TRAIN_MERGER)}, got {mode!r}")
+    mergers = next((module for module in model.modules() if isinstance(module, Merger)), None)
+    if mode == "none":
+        return []
+    if mergers is None:
+        raise SettingsError("--train-merger needs a store of the merger's input: re-extract it with "
+                            "`qprep extract --level merger-input` (a store of merged tokens has no merger to train)")
+    mergers.requires_grad_(True)
+    return list(mergers.parameters())
+
+
 def read_merger(directory: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -328,6 +328,12 @@ def status(store, videos, as_json):
 @click.option("--job", default=None, help="Preset (see `qprep jobs`) or TOML file whose [train] table to start from.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Passes over the data (default 2).")
 @click.option("--lr", type=float, default=None, help="AdamW peak learning rate (default 1e-4).")
+@click.option("--train-merger", type=click.Choice(["none", "full"]), default=None,
+              help="The vision tower's merger (projector): none (frozen, default) or full (trained beside the "
+                   "LoRA). Needs a store extracted with --level merger-input; saved beside the adapter as "
+                   "merger.safetensors under the checkpoint's own key names.")
+@click.option("--merger-lr", type=float, default=None,
+              help="Peak learning rate of a trained merger (Qwen's mm_projector_lr; default: --lr).")
 @click.option("--lr-scheduler", type=click.Choice(["linear", "cosine", "constant", "constant-with-warmup"]),
               default=None, help="How the learning rate moves over the run's optimizer steps, transformers' "
                                  "schedules (default linear: the Trainer's, down to 0).")

@@ -7,6 +7,8 @@ its vision tower called on the checkpoint's own processor's pixels, and its `get
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoProcessor
@@ -192,3 +194,109 @@ def test_trained_merger_gets_the_full_models_loss_logits_and_gradients(tiny_mode
     # level gets a zero gradient from transformers' full model too)
     assert all(gradient.abs().sum() > 0 for name, gradient in mine.items()
                if name.startswith(("merger.", "deepstack_merger_list.0.")))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model, tmp_path_factory):
+    """A Qwen2.5-VL store of the merger's input (videos a and b), and a run that trained the merger
+    beside the LoRA on it: (model dir, cache, run folder)."""
+    from qprep.schemas.training import LoraSettings, TrainSettings
+    from qprep.train.loop import train
+    from test_train_loop import write_data
+
+    root = tmp_path_factory.mktemp("merger-run")
+    for name, seconds in (("a", 2), ("b", 3)):
+        make_video(root / "videos" / f"{name}.mp4", VideoSpec(width=112, height=84, fps=25, seconds=seconds,
+                                                              audio=False))
+    model_dir = str(tiny_model("qwen2_5_vl"))  # the layout with the chat template the processor reads
+    extract(root / "videos", root / "store.zarr", model_dir, VideoSettings(fps=2), dtype="float32", shards=1,
+            level="merger-input", options=LOCAL)
+    settings = TrainSettings(epochs=2, lr=5e-2, grad_accum=1, workers=0, gradient_checkpointing=False,
+                             train_merger="full", merger_lr=2e-2, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    cache = open_cache(root / "store.zarr")
+    train(cache.store.root, write_data(root / "train.json"), model_dir, root / "run", settings, progress=False,
+          echo=lambda _: None)
+    return model_dir, cache, root / "run"
+
+
+def test_the_trained_merger_is_saved_under_the_checkpoints_key_names_and_resumes(trained_run):
+    """merger.safetensors beside the adapter and in each checkpoint: the checkpoint's own key names,
+    other values than the checkpoint's (it trained); a resumed run's model takes it back."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from qprep.train.checkpoints import restore_adapter
+    from qprep.train.lora import LoraSettings, apply_lora
+    from qprep.train.merger import MERGER_FILE, train_merger
+    from qprep.train.model import LanguageModel
+
+    model_dir, _, run = trained_run
+    saved = load_file(str(run / "adapter" / MERGER_FILE))
+    original = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            original.update({key: handle.get_tensor(key) for key in handle.keys() if "visual.merger." in key})
+    assert saved.keys() == original.keys() and saved
+    assert any(not torch.equal(saved[key], original[key]) for key in saved)
+    checkpoint_dir = sorted(run.glob("checkpoint-*"))[-1]
+    assert (checkpoint_dir / MERGER_FILE).is_file()
+    model = apply_lora(LanguageModel(open_checkpoint(model_dir), merger=True), LoraSettings(r=4, alpha=8, dropout=0.0))
+    train_merger(model, "full")
+    restore_adapter(checkpoint_dir, model)
+    restored = model.base_model.model.mergers.checkpoint_state()
+    written = load_file(str(checkpoint_dir / MERGER_FILE))
+    assert all(torch.equal(restored[key], written[key]) for key in written)
+
+
+def test_infer_with_the_trained_merger_equals_generate_on_the_full_model_with_it(trained_run):
+    """`infer --adapter` from the cache (the trained merger run on the merger input) and transformers'
+    `generate(do_sample=False)` on the raw video, the adapter applied by peft and the merger by
+    `load_merger`: the same tokens, every step's logits bit for bit, and another answer than without them."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from qprep.train.infer import Generator
+    from qprep.train.merger import load_merger
+    from test_infer import assert_answers_equal_generate
+
+    model_dir, cache, run = trained_run
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ours = Generator(open_checkpoint(model_dir), tokenizer, cache, adapter=run / "adapter")
+    base = Generator(open_checkpoint(model_dir), tokenizer, cache)
+    full = full_model(model_dir)
+    before = vision_tower(full).merger.mlp[0].weight.clone()
+    load_merger(full, run / "adapter")
+    assert not torch.equal(before, vision_tower(full).merger.mlp[0].weight)
+    model = PeftModel.from_pretrained(full, str(run / "adapter")).eval()
+    assert_answers_equal_generate(ours, base, model, cache, model_dir, ["a", "b"], omni=lambda row: False)
+
+
+def test_train_merger_on_a_store_of_merged_tokens_says_to_re_extract(stores, tmp_path):
+    from qprep.errors import SettingsError
+    from qprep.schemas.training import TrainSettings
+    from qprep.train.loop import train
+    from test_train_loop import write_data
+
+    model_dir, _, merged, _ = stores("qwen3_vl")
+    with pytest.raises(SettingsError, match="--level merger-input"):
+        train(merged.store.root, write_data(tmp_path / "train.json"), model_dir, tmp_path / "run",
+              TrainSettings(epochs=1, workers=0, train_merger="full"), progress=False, echo=lambda _: None)
+
+
+def test_merger_lr_gives_the_mergers_their_own_learning_rate(tiny_model):
+    """`merger_lr`: the trained merger's parameter groups at it, the LoRA's at `lr`; without it, all at `lr`."""
+    from qprep.schemas.training import LoraSettings, TrainSettings
+    from qprep.train.lora import apply_lora
+    from qprep.train.merger import train_merger
+    from qprep.train.model import LanguageModel
+    from qprep.train.optim import build_optimizer
+
+    model = apply_lora(LanguageModel(open_checkpoint(tiny_model("qwen2_5_vl")), merger=True),
+                       LoraSettings(r=4, alpha=8, dropout=0.0))
+    merger = {id(p) for p in train_merger(model, "full")}
+    for merger_lr, expected in ((3e-3, 3e-3), (None, 1e-4)):
+        optimizer = build_optimizer(model, TrainSettings(lr=1e-4, train_merger="full", merger_lr=merger_lr))
+        lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        assert lrs.keys() == {id(p) for p in model.parameters() if p.requires_grad}
+        assert {lrs[i] for i in merger} == {expected}
+        assert {lr for i, lr in lrs.items() if i not in merger} == {1e-4}

@@ -99,6 +99,14 @@ class Merger(torch.nn.Module):
 TRAIN_MERGER = ("none", "full")  # `--train-merger`: frozen, or every parameter of the mergers trained
 
 
+def check_merger_trainable(mode: str, cache) -> None:
+    """A merger trains only from a store of its input."""
+    if mode != "none" and cache.level != "merger-input":
+        raise SettingsError(f"--train-merger {mode}: {cache.store.location} holds merged tokens (the merger's "
+                            f"output), so there is no merger input to train it on; re-extract the store with "
+                            f"`qprep extract --level merger-input`")
+
+
 def train_merger(model: torch.nn.Module, mode: str) -> list[torch.nn.Parameter]:
     """Make the mergers of a (LoRA-wrapped) `LanguageModel` trainable (`mode` "full") or leave them
     frozen ("none"); the parameters that now train. Call after `apply_lora`, which freezes all else."""
@@ -112,6 +120,12 @@ def train_merger(model: torch.nn.Module, mode: str) -> list[torch.nn.Parameter]:
                             "`qprep extract --level merger-input` (a store of merged tokens has no merger to train)")
     mergers.requires_grad_(True)
     return list(mergers.parameters())
+
+
+def trained_merger(model: torch.nn.Module) -> "Merger | None":
+    """The mergers of a model where they train (`train_merger` "full"), else None."""
+    merger = next((module for module in model.modules() if isinstance(module, Merger)), None)
+    return merger if merger is not None and any(p.requires_grad for p in merger.parameters()) else None
 
 
 def read_merger(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -92,7 +92,7 @@ def test_stored_merger_input_is_the_full_models_and_merges_to_the_merged_store(s
         assert torch.equal(levels, torch.stack([level[0] for level in features.deepstack_features]))
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen3_vl"])  # Qwen2-VL names its vision width embed_dim
 def test_status_gives_the_bytes_per_merged_token_at_each_level(stores, kind):
     """Both levels' cost per merged token (deepstack levels included), as each store's arrays hold it."""
     from qprep.store.status import format_status, store_status
@@ -300,3 +300,26 @@ def test_merger_lr_gives_the_mergers_their_own_learning_rate(tiny_model):
         assert lrs.keys() == {id(p) for p in model.parameters() if p.requires_grad}
         assert {lrs[i] for i in merger} == {expected}
         assert {lr for i, lr in lrs.items() if i not in merger} == {1e-4}
+
+
+@pytest.mark.parametrize("kind", ["qwen3_vl"])
+def test_verify_checks_a_store_of_the_merger_input_against_transformers(stores, kind, tmp_path):
+    """`qprep verify` on a store of the merger's input: through the checkpoint's merger, the tokens (and
+    deepstack levels) equal transformers' `get_video_features` bit for bit; a corrupted row is named."""
+    import json
+
+    from test_verify import copy_store, run_verify, token_array
+
+    _, _, _, merger_input = stores(kind)
+    store = copy_store(merger_input, tmp_path)
+    result = run_verify(store, "--json")
+    assert result.exit_code == 0, result.output
+    checks = {c["name"]: c for c in json.loads(result.stdout)["results"][0]["checks"]}
+    assert checks["video_tokens"]["detail"] == "bit-exact"
+    assert ("deepstack" in checks) == (kind == "qwen3_vl")
+    array, rows = token_array(store, "a")
+    values = array[rows]
+    values[2] += 0.5
+    array[rows] = values
+    result = run_verify(store)
+    assert result.exit_code != 0 and "FAIL  a: video_tokens" in result.output, result.output

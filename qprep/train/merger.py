@@ -49,6 +49,7 @@ class Merger(torch.nn.Module):
                       if child is self.merger or (len(self.deepstack_mergers) and child is self.deepstack_mergers)}
         self.to_empty(device="cpu")
         self.prefix = _vision_prefix(checkpoint)
+        self.family, self.vision_config = family, vision_config
         for name, part in self.parts.items():
             load_weights(part, checkpoint, (f"{self.prefix}{name}.",))
         self.to(device)
@@ -62,6 +63,21 @@ class Merger(torch.nn.Module):
         """[levels, tokens, merge², width] → [levels, tokens, hidden], each level by its own merger."""
         return torch.stack([_in_order(merger(self._flat(level)), order)
                             for merger, level in zip(self.deepstack_mergers, inputs)])
+
+    @torch.no_grad()
+    def medium(self, cached):
+        """A `CachedMedium` of the merger's input as a store of merged tokens would hold it."""
+        import dataclasses
+
+        order = self.family.merger_order(cached.grid_thw, self.vision_config)
+        device = self.merger_device
+        deepstack = None if cached.deepstack is None else self.deepstack(cached.deepstack.to(device), order).cpu()
+        return dataclasses.replace(cached, video_tokens=self.merged(cached.video_tokens.to(device), order).cpu(),
+                                   deepstack=deepstack)
+
+    @property
+    def merger_device(self) -> torch.device:
+        return next(self.merger.parameters()).device
 
     def _flat(self, inputs: torch.Tensor) -> torch.Tensor:
         """The tower's layout: one row per patch (the mergers group merge² rows themselves)."""

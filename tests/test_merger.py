@@ -22,7 +22,8 @@ from qprep.train.merger import Merger
 from reference import full_model, reference_pixels
 
 # every family whose vision tower has a merger, in the hub's released layout
-MERGER_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_omni_moe")
+MERGER_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe",
+                "qwen3_omni_moe")
 CLIP = dict(width=160, height=120, fps=25, seconds=2)
 LOCAL = ExtractOptions(progress=False, executor="local")
 

@@ -19,6 +19,7 @@ from qprep.errors import INTERNAL_ERROR, TOWER_ERROR, FileNameError, UnreadableF
 from qprep.extraction.discover import VideoFile
 from qprep.extraction.rows import Encoded, Prepared, batch_columns, batch_rows, video_of
 from qprep.schemas.settings import ModelSpec, VideoSettings
+from qprep.schemas.towers import MERGED
 
 CPU_STAGE_TRIES = 3  # a video whose worker process dies this many times is recorded as failed
 # A tower batch whose actor dies this many times (the actor is restarted each time) is given up and
@@ -113,7 +114,7 @@ class TowerStage:
     """The towers, loaded once; each call encodes a batch of prepared videos."""
 
     def __init__(self, model: str, revision: str | None, spec: ModelSpec, dtype: str, device: str,
-                 attn_implementation: str, budget, threads: int, arrivals=None, level: str = "merged"):
+                 attn_implementation: str, budget, threads: int, arrivals=None, level: str = MERGED):
         import torch
 
         from qprep.models.checkpoint import open_checkpoint

@@ -324,3 +324,27 @@ def test_verify_checks_a_store_of_the_merger_input_against_transformers(stores, 
     array[rows] = values
     result = run_verify(store)
     assert result.exit_code != 0 and "FAIL  a: video_tokens" in result.output, result.output
+
+
+def test_cli_extracts_the_merger_input_and_refuses_to_train_a_merger_from_merged_tokens(stores, tmp_path):
+    """`extract --level merger-input` writes that level (status says so); `train --train-merger full` on a
+    store of merged tokens exits before any work, saying to re-extract."""
+    from click.testing import CliRunner
+
+    from qprep.cli import main
+    from test_train_loop import write_data
+
+    model_dir, video, merged, _ = stores("qwen3_vl")
+    out = tmp_path / "cli.zarr"
+    result = CliRunner().invoke(main, ["extract", "--videos", str(video.parent), "--out", str(out), "--model",
+                                       model_dir, "--dtype", "float32", "--shards", "1", "--level", "merger-input",
+                                       "--executor", "local", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert open_cache(out).level == "merger-input"
+    status = CliRunner().invoke(main, ["status", str(out)])
+    assert "level        merger-input" in status.output, status.output
+    result = CliRunner().invoke(main, ["train", "--cache", str(merged.store.root), "--data",
+                                       write_data(tmp_path / "train.json"), "--model", model_dir, "--out",
+                                       str(tmp_path / "run"), "--train-merger", "full", "--quiet"])
+    assert result.exit_code != 0 and "--level merger-input" in result.output, result.output
+    assert not (tmp_path / "run" / "run.json").exists()

@@ -7,6 +7,7 @@ its vision tower called on the checkpoint's own processor's pixels, and its `get
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -307,8 +308,6 @@ def test_merger_lr_gives_the_mergers_their_own_learning_rate(tiny_model):
 def test_verify_checks_a_store_of_the_merger_input_against_transformers(stores, kind, tmp_path):
     """`qprep verify` on a store of the merger's input: through the checkpoint's merger, the tokens (and
     deepstack levels) equal transformers' `get_video_features` bit for bit; a corrupted row is named."""
-    import json
-
     from test_verify import copy_store, run_verify, token_array
 
     _, _, _, merger_input = stores(kind)
@@ -326,22 +325,27 @@ def test_verify_checks_a_store_of_the_merger_input_against_transformers(stores, 
     assert result.exit_code != 0 and "FAIL  a: video_tokens" in result.output, result.output
 
 
-def test_cli_extracts_the_merger_input_and_refuses_to_train_a_merger_from_merged_tokens(stores, tmp_path):
-    """`extract --level merger-input` writes that level (status says so); `train --train-merger full` on a
-    store of merged tokens exits before any work, saying to re-extract."""
+def test_cli_level_is_the_stores_and_train_merger_needs_the_merger_input(stores, tmp_path):
+    """`extract --level merger-input` over its own store is an up-to-date re-run, `--level merged` over it
+    is refused (the level is in the fingerprint); `status` names the level; `train --train-merger full`
+    on a store of merged tokens exits before any work, saying to re-extract."""
     from click.testing import CliRunner
 
     from qprep.cli import main
     from test_train_loop import write_data
 
-    model_dir, video, merged, _ = stores("qwen3_vl")
-    out = tmp_path / "cli.zarr"
-    result = CliRunner().invoke(main, ["extract", "--videos", str(video.parent), "--out", str(out), "--model",
-                                       model_dir, "--dtype", "float32", "--shards", "1", "--level", "merger-input",
-                                       "--executor", "local", "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert open_cache(out).level == "merger-input"
-    status = CliRunner().invoke(main, ["status", str(out)])
+    model_dir, video, merged, merger_input = stores("qwen3_vl")
+    store = merger_input.store.root
+
+    def extract_at(level: str):
+        return CliRunner().invoke(main, ["extract", "--videos", str(video.parent), "--out", str(store), "--model",
+                                         model_dir, "--dtype", "float32", "--level", level, "--quiet", "--json"])
+
+    again = extract_at("merger-input")
+    assert again.exit_code == 0 and json.loads(again.stdout)["up_to_date"] == 1, again.output
+    refused = extract_at("merged")
+    assert refused.exit_code != 0 and "level" in refused.output, refused.output
+    status = CliRunner().invoke(main, ["status", str(store)])
     assert "level        merger-input" in status.output, status.output
     result = CliRunner().invoke(main, ["train", "--cache", str(merged.store.root), "--data",
                                        write_data(tmp_path / "train.json"), "--model", model_dir, "--out",

@@ -59,7 +59,8 @@ def mergers(spec: dict, config):
     with torch.device("meta"):
         visual = getattr(importlib.import_module(family.module), family.vision_class)._from_config(config.vision_config)
     parts = torch.nn.ModuleList([visual.merger, *(getattr(visual, "deepstack_merger_list", None) or [])])
-    return parts.to_empty(device="cpu").apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    parts.to_empty(device="cpu")
+    return parts.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
 
 
 def decoder_layer(spec: dict, config):

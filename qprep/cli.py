@@ -241,8 +241,8 @@ def prepare(video, job, model, as_json, **flags):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(videos, media, data, data_format, media_dir, times, annotations_as, grounding_prompt, strict, out, job,
-            model, dtype, shards, level, rebuild, ray_address, executor, device, batch_size, revision, follow_links, as_json,
-            quiet, **flags):
+            model, dtype, shards, level, rebuild, ray_address, executor, device, batch_size, revision, follow_links,
+            as_json, quiet, **flags):
     """Cache the frozen towers' output for every video under --videos (every video and image under
     --media, or the media a --data set names) in the store --out.
 

@@ -134,7 +134,8 @@ def _merger_input_paths(tiny_model, videos, kind, layout):
     # (clones: the towers' inference-mode tensors cannot enter autograd; the store's tensors are plain)
     batch = dataclasses.replace(batch, video_tokens=features.tokens.clone(),
                                 deepstack=None if features.deepstack is None else features.deepstack.clone(),
-                                merger_order=checkpoint.family.merger_order(grid, checkpoint.model_config().vision_config))
+                                merger_order=checkpoint.family.merger_order(grid,
+                                                                            checkpoint.model_config().vision_config))
     language_model = LanguageModel(checkpoint, dtype="float32", merger=True)
     return full, dict(inputs, labels=labels, **model_kwargs), language_model, batch
 

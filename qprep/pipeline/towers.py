@@ -136,8 +136,8 @@ class Towers(torch.nn.Module):
         per_video = [part.reshape(-1, unit, width) for part in torch.split(last[0], [n * unit for n in counts])]
         levels = [[part.reshape(-1, unit, width) for part in torch.split(level[0], [n * unit for n in counts])]
                   for level in deepstack]
-        return [VideoFeatures(tokens.to("cpu"), torch.stack([level[i] for level in levels]).to("cpu") if levels else None)
-                for i, tokens in enumerate(per_video)]
+        return [VideoFeatures(tokens.to("cpu"), torch.stack([level[i] for level in levels]).to("cpu")
+                              if levels else None) for i, tokens in enumerate(per_video)]
 
     @torch.inference_mode()
     def encode_audio(self, audios: list[AudioInput]) -> list[torch.Tensor]:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -69,14 +71,16 @@ def run(check: Check, out: Path) -> dict:
     log = out / (check.name.replace(", ", "-").replace(" ", "-") + ".log")
     began = time.perf_counter()
     print(f"{check.name} …", file=sys.stderr, flush=True)
+    # a session of its own, so that a check past its limit is stopped with every process it started
+    process = subprocess.Popen([sys.executable, *check.command], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        done = subprocess.run([sys.executable, *check.command], cwd=ROOT, capture_output=True, text=True,
-                              timeout=check.limit_s)
-        code, text = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as expired:
-        code = "timeout"
-        text = ((expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes)
-                else expired.stdout or "") + f"\n(stopped after {check.limit_s} s)"
+        text, _ = process.communicate(timeout=check.limit_s)
+        code = process.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        text, _ = process.communicate()
+        code, text = "timeout", text + f"\n(stopped after {check.limit_s} s)"
     log.write_text(text)
     seconds = time.perf_counter() - began
     return {"check": check, "code": code, "seconds": seconds, "log": log, "text": text}

@@ -17,6 +17,7 @@ import click
 from qprep.datasets.detect import FORMATS
 from qprep.errors import RankFailed, SettingsError, VideoError
 from qprep.schemas.dtypes import DTYPE_NAMES
+from qprep.schemas.metrics import metrics_json
 from qprep.store.fs import is_url
 
 EXIT_SETTINGS, EXIT_VIDEO = 3, 4
@@ -414,8 +415,6 @@ def train(cache_path, data, data_format, media_dir, times, annotations_as, groun
       qprep train --cache s3://b/clips.zarr --data train.json --out /shared/run --ray-address auto --gpus 8
       qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/ --resume
     """
-    import json
-
     from qprep.train.loop import train as run_train
     from qprep.train.run_folder import RunFolder
 
@@ -435,7 +434,8 @@ def train(cache_path, data, data_format, media_dir, times, annotations_as, groun
     if summary is None:  # a rank other than 0 (under torchrun): rank 0 reports
         return
     if as_json:
-        click.echo(json.dumps({**summary.__dict__, "adapter": str(RunFolder(out).adapter)}, indent=2))
+        click.echo(metrics_json({**summary.__dict__, "adapter": str(RunFolder(out).adapter)}, indent=2,
+                                warn=lambda line: click.echo(f"warning: {line}", err=True)))
     else:
         validation = "" if summary.last_val_loss is None else f", validation loss {summary.last_val_loss:.4f}"
         best = "" if summary.best_val_loss is None else f"; lowest validation loss {summary.best_val_loss:.4f} in " \
@@ -600,15 +600,13 @@ def evaluate(answers, data, units, task, per_video, plot, plot_videos, no_captio
       qprep eval --answers grounding.jsonl --data charades_test.json
       qprep eval --answers answers.jsonl --data longvale-annotations-eval.json --units relative
     """
-    import json
-
     from qprep.eval.report import format_report, plot_timelines
     from qprep.eval.score import evaluate as score
 
     with _errors_to_exit_codes():
         report = score(answers, data, captions=not no_captions, units=units, task=task)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(metrics_json(report.to_dict(), indent=2, warn=lambda line: click.echo(f"warning: {line}", err=True)))
     else:
         click.echo(format_report(report, per_video=per_video))
     if plot:

@@ -563,8 +563,10 @@ def infer(cache_path, model, adapter, out, ids, data, data_format, media_dir, ti
               help='JSON lines of {"id", "answer"}, as `qprep infer` writes them.')
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The truth: an annotation dict as LongVALE, Charades-STA and ActivityNet publish it "
-                   "({video_id: {duration, timestamps, sentences}}), or a qprep data file (its first "
-                   "assistant turn per record; LongVALE's <s0>/<e0> tokens read from meta.token).")
+                   "({video_id: {duration, timestamps, sentences}}), or a data file in any format --format "
+                   "names (each record's first assistant turn; LongVALE's <s0>/<e0> as seconds).")
+@click.option("--format", "data_format", type=click.Choice(FORMATS), default=None,
+              help="The --data file's format (default: detected from its content).")
 @click.option("--units", type=click.Choice(["seconds", "relative"]), default="seconds", show_default=True,
               help="The answers' times: seconds, or LongVALE's relative units (hundredths of the video's "
                    "duration, as LongVALE's evaluator reads them).")
@@ -578,7 +580,7 @@ def infer(cache_path, model, adapter, out, ids, data, data_format, media_dir, ti
               help="How many videos the picture shows.")
 @click.option("--no-captions", is_flag=True, help="Temporal metrics only (no BLEU-4, CIDEr, METEOR, SODA_c).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with every video).")
-def evaluate(answers, data, units, task, per_video, plot, plot_videos, no_captions, as_json):
+def evaluate(answers, data, data_format, units, task, per_video, plot, plot_videos, no_captions, as_json):
     """Score timed event captions ("From 0 to 4.5, a man talks. ...") and grounding answers against
     the true segments.
 
@@ -604,7 +606,7 @@ def evaluate(answers, data, units, task, per_video, plot, plot_videos, no_captio
     from qprep.eval.score import evaluate as score
 
     with _errors_to_exit_codes():
-        report = score(answers, data, captions=not no_captions, units=units, task=task)
+        report = score(answers, data, captions=not no_captions, units=units, task=task, format=data_format)
     if as_json:
         click.echo(metrics_json(report.to_dict(), indent=2, warn=lambda line: click.echo(f"warning: {line}", err=True)))
     else:

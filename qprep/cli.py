@@ -286,6 +286,38 @@ def extract(videos, media, data, data_format, media_dir, times, annotations_as, 
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary, out))
 
 
+@main.command("data")
+@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@data_file_options
+@video_options
+@click.option("--max-length", type=click.IntRange(1), default=None,
+              help="With --model: count the samples longer than this many tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def data_command(data, data_format, media_dir, times, annotations_as, grounding_prompt, job, model, max_length,
+                 as_json, **flags):
+    """Look at a dataset before extracting or training on it: its records by kind, the media found
+    and missing (record, path, where it looked), the records left out and why, the windows; with
+    --model (or a --job naming one), each sample's token length at these settings, from the media's
+    probes (nothing is decoded).
+
+    \b
+    Examples:
+      qprep data train.json
+      qprep data dataset_info.json --model ./Qwen2.5-VL-7B-Instruct --max-length 4096
+      qprep data charades_train.json --media-dir /data/charades --job seed-omni-100f --json
+    """
+    import json
+
+    from qprep.datasets.inspect import inspect_data
+
+    with _errors_to_exit_codes():
+        preset = _preset(job)
+        report = inspect_data(_data_file(data, data_format, media_dir, times, annotations_as, grounding_prompt),
+                              model=model or preset.model, settings=preset.video_settings(**flags),
+                              max_length=max_length)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else "\n".join(report.lines()))
+
+
 @main.command()
 @click.argument("store", type=StoreLocation(exists=True))
 @click.option("--videos", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

@@ -479,7 +479,8 @@ def _grounding_files(tmp_path) -> dict:
                                   {"role": "assistant", "content": f"From {stamp[0]} to {stamp[1]}."}],
          "videos": [f"{video}.mp4"]} for name, video, stamp, sentence in samples]))
     (tmp_path / "lf" / "dataset_info.json").write_text(json.dumps({"charades": {
-        "file_name": "grounding.json", "formatting": "sharegpt", "columns": {"messages": "messages", "videos": "videos"},
+        "file_name": "grounding.json", "formatting": "sharegpt",
+        "columns": {"messages": "messages", "videos": "videos"},
         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
     return {"grounding": tmp_path / "charades.json", "time-r1": tmp_path / "time_r1.json",
             "llamafactory": tmp_path / "lf" / "dataset_info.json"}

@@ -5,9 +5,9 @@ VideoChat-R1 ship them so), and Time-R1's lists of `{"video", "duration", "times
 
 A dict (or a list of its annotations, each with an `id`) gives one grounding sample per sentence,
 named `{video_id}#{k}` (sentence k), whose question is a template the user may set (`{sentence}`
-stands for the sentence) and whose answer is "From s to e." in seconds; or (`task="captions"`) one dense-captioning sample per video, the
-recipe's question answered "From s to e, sentence. ...". Its videos are named by id
-(`DIR/{id}` with a video extension). A Time-R1 record is one grounding sample over its window.
+stands for the sentence) and whose answer is "From s to e." in seconds; or (`task="captions"`)
+one dense-captioning sample per video, the recipe's question answered "From s to e, sentence.
+...". Its videos are named by id (`DIR/{id}` with a video extension). A Time-R1 record is one grounding sample over its window.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qprep.errors import SettingsError
-from qprep.eval.segments import Segment, parse_answer
+from qprep.eval.segments import Segment, is_grounding_answer, parse_answer
 
 
 @dataclass
@@ -85,8 +85,7 @@ def _answered(content, source, reader, path, problems):
         if not segments:
             problems.append(f"{path}: {label}: its first assistant turn holds no time range; not scored")
             continue
-        query = len(segments) == 1 and not segments[0].text.strip()
-        yield name, Truth(segments, _positive(duration), query=query, media=media)
+        yield name, Truth(segments, _positive(duration), query=is_grounding_answer(answer), media=media)
 
 
 def _records(content, source, reader, path, problems):

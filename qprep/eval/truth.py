@@ -56,6 +56,29 @@ def load_truth(data, problems: list[str], format: str | None = None) -> dict[str
     return truth
 
 
+def read_record(record: dict) -> Truth:
+    """One plain record's truth (a record of `qprep.train.data`, or an annotation holding `timestamps`
+    and `sentences`), as `load_truth` reads its file's: `RecordError` (a ValueError) says why there
+    is none. LongVALE's `<sN>`/`<eN>` are read as their seconds where the record still holds them."""
+    from qprep.datasets import grounding, longvale
+    from qprep.datasets.record import RecordError
+
+    if "timestamps" in record or "sentences" in record:
+        pairs, duration = grounding.pairs_of(record)
+        events = [grounding.event(pair, duration, k, reversed_ok=True) for k, pair in enumerate(pairs)]
+        return Truth([Segment(start, end, sentence) for (start, end), sentence in events], _positive(duration))
+    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+    answers = [turn.get("value") for turn in record.get("conversations") or []
+               if isinstance(turn, dict) and turn.get("from") in ("gpt", "assistant")]
+    if not answers:
+        raise RecordError("neither timestamps + sentences nor a conversation with an assistant turn")
+    answer = longvale.substituted(str(answers[0]), meta, "seconds")
+    segments = parse_answer(answer).segments
+    if not segments:
+        raise RecordError("its first assistant turn holds no time range")
+    return Truth(segments, _positive(meta.get("duration")), query=is_grounding_answer(answer))
+
+
 def _annotated(content, source, reader, path, problems):
     """(video id, truth) per video of an annotation dict, through the grounding reader's own checks."""
     from qprep.datasets import grounding

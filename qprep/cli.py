@@ -17,6 +17,7 @@ import click
 from qprep.datasets.detect import FORMATS
 from qprep.errors import RankFailed, SettingsError, VideoError
 from qprep.schemas.dtypes import DTYPE_NAMES
+from qprep.schemas.metrics import metrics_json
 from qprep.schemas.towers import LEVELS, MERGED
 from qprep.store.fs import is_url
 
@@ -290,6 +291,38 @@ def extract(videos, media, data, data_format, media_dir, times, annotations_as, 
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary, out))
 
 
+@main.command("data")
+@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@data_file_options
+@video_options
+@click.option("--max-length", type=click.IntRange(1), default=None,
+              help="With --model: count the samples longer than this many tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def data_command(data, data_format, media_dir, times, annotations_as, grounding_prompt, job, model, max_length,
+                 as_json, **flags):
+    """Look at a dataset before extracting or training on it: its records by kind, the media found
+    and missing (record, path, where it looked), the records left out and why, the windows; with
+    --model (or a --job naming one), each sample's token length at these settings, from the media's
+    probes (nothing is decoded).
+
+    \b
+    Examples:
+      qprep data train.json
+      qprep data dataset_info.json --model ./Qwen2.5-VL-7B-Instruct --max-length 4096
+      qprep data charades_train.json --media-dir /data/charades --job seed-omni-100f --json
+    """
+    import json
+
+    from qprep.datasets.inspect import inspect_data
+
+    with _errors_to_exit_codes():
+        preset = _preset(job)
+        report = inspect_data(_data_file(data, data_format, media_dir, times, annotations_as, grounding_prompt),
+                              model=model or preset.model, settings=preset.video_settings(**flags),
+                              max_length=max_length)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else "\n".join(report.lines()))
+
+
 @main.command()
 @click.argument("store", type=StoreLocation(exists=True))
 @click.option("--videos", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -425,8 +458,6 @@ def train(cache_path, data, data_format, media_dir, times, annotations_as, groun
       qprep train --cache s3://b/clips.zarr --data train.json --out /shared/run --ray-address auto --gpus 8
       qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/ --resume
     """
-    import json
-
     from qprep.train.loop import train as run_train
     from qprep.train.run_folder import RunFolder
 
@@ -446,7 +477,8 @@ def train(cache_path, data, data_format, media_dir, times, annotations_as, groun
     if summary is None:  # a rank other than 0 (under torchrun): rank 0 reports
         return
     if as_json:
-        click.echo(json.dumps({**summary.__dict__, "adapter": str(RunFolder(out).adapter)}, indent=2))
+        click.echo(metrics_json({**summary.__dict__, "adapter": str(RunFolder(out).adapter)}, indent=2,
+                                warn=lambda line: click.echo(f"warning: {line}", err=True)))
     else:
         validation = "" if summary.last_val_loss is None else f", validation loss {summary.last_val_loss:.4f}"
         best = "" if summary.best_val_loss is None else f"; lowest validation loss {summary.best_val_loss:.4f} in " \
@@ -574,8 +606,10 @@ def infer(cache_path, model, adapter, out, ids, data, data_format, media_dir, ti
               help='JSON lines of {"id", "answer"}, as `qprep infer` writes them.')
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The truth: an annotation dict as LongVALE, Charades-STA and ActivityNet publish it "
-                   "({video_id: {duration, timestamps, sentences}}), or a qprep data file (its first "
-                   "assistant turn per record; LongVALE's <s0>/<e0> tokens read from meta.token).")
+                   "({video_id: {duration, timestamps, sentences}}), or a data file in any format --format "
+                   "names (each record's first assistant turn; LongVALE's <s0>/<e0> as seconds).")
+@click.option("--format", "data_format", type=click.Choice(FORMATS), default=None,
+              help="The --data file's format (default: detected from its content).")
 @click.option("--units", type=click.Choice(["seconds", "relative"]), default="seconds", show_default=True,
               help="The answers' times: seconds, or LongVALE's relative units (hundredths of the video's "
                    "duration, as LongVALE's evaluator reads them).")
@@ -589,7 +623,7 @@ def infer(cache_path, model, adapter, out, ids, data, data_format, media_dir, ti
               help="How many videos the picture shows.")
 @click.option("--no-captions", is_flag=True, help="Temporal metrics only (no BLEU-4, CIDEr, METEOR, SODA_c).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with every video).")
-def evaluate(answers, data, units, task, per_video, plot, plot_videos, no_captions, as_json):
+def evaluate(answers, data, data_format, units, task, per_video, plot, plot_videos, no_captions, as_json):
     """Score timed event captions ("From 0 to 4.5, a man talks. ...") and grounding answers against
     the true segments.
 
@@ -611,15 +645,13 @@ def evaluate(answers, data, units, task, per_video, plot, plot_videos, no_captio
       qprep eval --answers grounding.jsonl --data charades_test.json
       qprep eval --answers answers.jsonl --data longvale-annotations-eval.json --units relative
     """
-    import json
-
     from qprep.eval.report import format_report, plot_timelines
     from qprep.eval.score import evaluate as score
 
     with _errors_to_exit_codes():
-        report = score(answers, data, captions=not no_captions, units=units, task=task)
+        report = score(answers, data, captions=not no_captions, units=units, task=task, format=data_format)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(metrics_json(report.to_dict(), indent=2, warn=lambda line: click.echo(f"warning: {line}", err=True)))
     else:
         click.echo(format_report(report, per_video=per_video))
     if plot:

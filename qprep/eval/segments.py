@@ -64,6 +64,13 @@ def seconds(text: str) -> float:
     return value
 
 
+def is_grounding_answer(answer: str) -> bool:
+    """Whether `answer` grounds one query: one time range and no caption ("From 2 to 7.5."), where a
+    dense-captioning answer captions each range."""
+    segments = parse_answer(answer).segments
+    return len(segments) == 1 and not segments[0].text.strip()
+
+
 def parse_answer(answer: str) -> ParsedAnswer:
     parsed = ParsedAnswer()
     ranges = [m for m in _RANGE.finditer(answer) if _is_range(m, answer)]

@@ -148,9 +148,10 @@ def choose_requests(cache, *, ids: list[str] | None = None, data: str | Path | N
 def grounding_requests(cache, data: str | Path | None, *, prompt: str | None = None,
                        layout=None) -> tuple[list[Request], dict[str, list[str]]]:
     """A grounding question for each true sentence of `data` (an annotation dict as Charades-STA,
-    ActivityNet or LongVALE publish it, or a qprep data file), id `{video_id}#{i}` as `qprep eval`
-    reads it. `prompt` is the question's template, `{sentence}` standing for the sentence; the
-    sentence is put as LongVALE's evaluator puts it (stripped, lower case, without its final period)."""
+    ActivityNet or LongVALE publish it, or any data file `qprep eval` reads), id `{video_id}#{i}` as
+    `qprep eval` reads it. `prompt` is the question's template, `{sentence}` standing for the sentence;
+    the sentence is put as LongVALE's evaluator puts it (stripped, lower case, without its final
+    period). A record that is a grounding sample already carries its question: `--data` alone asks it."""
     from qprep.eval.grounding import query_id
     from qprep.eval.truth import load_truth
     from qprep.train.data import VIDEO_MARK, messages, unusable_media
@@ -165,7 +166,12 @@ def grounding_requests(cache, data: str | Path | None, *, prompt: str | None = N
     skipped: dict[str, list[str]] = {"records without true segments": problems} if problems else {}
     ok, requests = set(cache.ids()), []
     for video_id, item in truth.items():
-        reason = unusable_media((video_id,), cache, ok, layout is not None and layout.audio)
+        if item.query or len(item.media) != 1:
+            reason = ("grounding samples already (answer their own questions: --data without --grounding)"
+                      if item.query else "not one video to ask about")
+            skipped.setdefault(reason, []).append(video_id)
+            continue
+        reason = unusable_media(item.media, cache, ok, layout is not None and layout.audio)
         for index, segment in enumerate(item.segments):
             name = query_id(video_id, index)
             if reason:
@@ -174,7 +180,7 @@ def grounding_requests(cache, data: str | Path | None, *, prompt: str | None = N
             sentence = segment.text.strip().lower().removesuffix(".")
             question = template.replace("{sentence}", sentence)
             requests.append(Request(name, messages([{"from": "human", "value": VIDEO_MARK + question}]),
-                                    media=(video_id,)))
+                                    media=item.media))
     return requests, skipped
 
 

@@ -25,7 +25,7 @@ runs (`--gpus`, `--cpu-ranks`, torchrun, Ray Train) run this same recipe in ever
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from qprep.errors import SettingsError
+from qprep.errors import LossNotFinite, SettingsError
 from qprep.schemas.dtypes import compute_dtype
+from qprep.schemas.metrics import metrics_json
 from qprep.schemas.training import TrainSettings
 from qprep.train.checkpoints import latest_checkpoint, restore_adapter, restore_trainer, save_checkpoint
 from qprep.train.checkpoints import load_trainer_state  # noqa: F401 (its callers import it from here)
@@ -301,6 +302,7 @@ class Recipe:
         settings, state = self.settings, self.state
         tick = time.perf_counter()
         totals, reducing = self._forward_backward(position, share)
+        self._check_finite(float(totals[0]), position)
         self.step_loss += float(totals[0])
         self.last_loss = self.objective.batch_loss(float(totals[0]), position, share)
         self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
@@ -343,6 +345,20 @@ class Recipe:
         self.world.sum(totals)
         return totals, reducing
 
+    def _check_finite(self, loss: float, position) -> None:
+        """Stop at a loss that is not a number, before the optimizer step. Writing it as null and going
+        on would not help: its gradients are NaN too, and one optimizer step with them makes every
+        LoRA weight NaN, so each later step would be wasted. Every rank holds the same summed loss
+        and stops at the same batch. The checkpoints written so far are untouched."""
+        if math.isfinite(loss):
+            return
+        names = [self.objective.samples[i].id for i in position.samples]
+        raise LossNotFinite(
+            f"the loss is {loss} at optimizer step {self.state['step'] + 1} (epoch {position.epoch}, batch "
+            f"{position.index}; samples {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}): training "
+            f"stopped before applying it; lower --lr, or look at these samples, then --resume from the last "
+            f"checkpoint in {self.folder.root}")
+
     def _next_batch(self):
         """This rank's next batch from the stream; a store re-extracted under the run is named as such."""
         try:
@@ -382,7 +398,8 @@ class Recipe:
                                                 even=settings.shard)
         if self.metrics:
             self._log(self.objective.validation_row(epoch, step, self.val_loss, started))
-        if settings.save_best and (self.best_val is None or self.val_loss < self.best_val):
+        better = self.best_val is None or self.val_loss < self.best_val
+        if settings.save_best and math.isfinite(self.val_loss) and better:  # a NaN is never the best
             self.best_val = self.val_loss
             keep_best(self.folder, self.peft_model, step, self.val_loss, self.world, settings.shard)
 
@@ -393,7 +410,7 @@ class Recipe:
 
     def _log(self, row: dict) -> None:
         """One metrics row, to metrics.jsonl and to the trackers (rank 0)."""
-        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.write(metrics_json(row, warn=lambda text: self.echo(f"step {row['step']}: {text}")) + "\n")
         self.trackers.log(row)
 
     def save_checkpoint(self) -> None:

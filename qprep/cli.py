@@ -533,7 +533,8 @@ def verify(store, sample, check_all, ids, seed, tolerance, videos, model, revisi
                             ids=[i.strip() for i in ids.split(",") if i.strip()] if ids else None,
                             sample=None if check_all else sample, seed=seed, tolerance=tolerance, device=device,
                             progress=not quiet)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
+    click.echo(metrics_json(report.to_dict(), indent=2, warn=lambda line: click.echo(f"warning: {line}", err=True))
+               if as_json else format_report(report))
     if not report.ok:
         sys.exit(EXIT_MISMATCH)
 

@@ -112,12 +112,12 @@ def inspect_data(source, *, model: str | None = None, settings=None, max_length:
 
 def record_kinds(source) -> dict[str, int]:
     """How many of the file's usable records are of each kind (KINDS)."""
-    from qprep.datasets import parse, read_records
+    from qprep.datasets import parse
     from qprep.datasets.record import Record
-    from qprep.extraction.entries import _plain_records
+    from qprep.extraction.entries import dataset_records
 
     content, reader, _ = parse(source)
-    items = _plain_records(content, source.root) if reader == "qprep" else read_records(source, content, reader)
+    items = dataset_records(source, content, reader)
     counts = dict.fromkeys(KINDS, 0)
     for item in items:
         if isinstance(item, Record):

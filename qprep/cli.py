@@ -19,6 +19,7 @@ from qprep.errors import RankFailed, SettingsError, VideoError
 from qprep.schemas.dtypes import DTYPE_NAMES
 from qprep.schemas.metrics import metrics_json
 from qprep.schemas.towers import LEVELS, MERGED
+from qprep.schemas.training import GRPO_LOSS_TYPES, METHODS
 from qprep.store.fs import is_url
 
 EXIT_SETTINGS, EXIT_VIDEO = 3, 4
@@ -437,6 +438,26 @@ def status(store, videos, as_json):
                    "running one), across its nodes; OUT must then be on storage every node reaches.")
 @click.option("--ray-restarts", type=click.IntRange(0), default=2, show_default=True,
               help="Under Ray: restart the workers from the last checkpoint this many times when one dies.")
+@click.option("--method", type=click.Choice(METHODS), default=None,
+              help="sft: next-token loss on the records' answers (default); grpo: G answers sampled per prompt "
+                   "from the cache, scored by --reward, the policy moved towards the better ones of each group.")
+@click.option("--reward", "rewards", multiple=True, callback=lambda ctx, param, value: value or None,
+              metavar="NAME|MODULE:FUNCTION",
+              help="GRPO: a reward, logged under its name; repeat for several (summed). Built in: tiou (default), "
+                   "iou_v2, dense_f1, dense_tiou, format; or a function by import path, given (prompts, "
+                   "completions, records), returning one float per completion.")
+@click.option("--num-generations", type=int, default=None, help="GRPO: completions per prompt, G (default 8).")
+@click.option("--temperature", type=float, default=None, help="GRPO: sampling temperature (default 1.0).")
+@click.option("--top-p", type=float, default=None, help="GRPO: nucleus sampling's probability mass (default 1.0).")
+@click.option("--max-new-tokens", type=int, default=None, help="GRPO: a completion's most tokens (default 512).")
+@click.option("--beta", type=float, default=None,
+              help="GRPO: weight of the KL term against the model with the adapter disabled (default 0: none).")
+@click.option("--epsilon", type=float, default=None, help="GRPO: the ratio's clip range (default 0.2).")
+@click.option("--epsilon-high", type=float, default=None, help="GRPO: its upper side (default: --epsilon).")
+@click.option("--loss-type", type=click.Choice(GRPO_LOSS_TYPES), default=None,
+              help="GRPO: how the per-token loss is reduced, as TRL names it (default dapo, TRL's default).")
+@click.option("--scale-rewards/--no-scale-rewards", default=None,
+              help="GRPO: divide each group's centred rewards by their std (default on, TRL's 'group').")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out, with the same data order.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -457,6 +478,8 @@ def train(cache_path, data, data_format, media_dir, times, annotations_as, groun
       qprep train --cache clips.zarr --data train.json --job seed-omni-100f --out run/ --gpus 3
       qprep train --cache s3://b/clips.zarr --data train.json --out /shared/run --ray-address auto --gpus 8
       qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/ --resume
+      qprep train --method grpo --cache clips.zarr --data grounding.json --model ./Qwen2.5-VL-7B --out rl/ \\
+          --reward tiou --reward format --num-generations 8
     """
     from qprep.train.loop import train as run_train
     from qprep.train.run_folder import RunFolder
@@ -480,9 +503,10 @@ def train(cache_path, data, data_format, media_dir, times, annotations_as, groun
         click.echo(metrics_json({**summary.__dict__, "adapter": str(RunFolder(out).adapter)}, indent=2,
                                 warn=lambda line: click.echo(f"warning: {line}", err=True)))
     else:
-        validation = "" if summary.last_val_loss is None else f", validation loss {summary.last_val_loss:.4f}"
-        best = "" if summary.best_val_loss is None else f"; lowest validation loss {summary.best_val_loss:.4f} in " \
-                                                       f"{RunFolder(out).best_adapter}"
+        measured, best_of = ("reward", "highest") if settings.method == "grpo" else ("loss", "lowest")
+        validation = "" if summary.last_val_loss is None else f", validation {measured} {summary.last_val_loss:.4f}"
+        best = "" if summary.best_val_loss is None else f"; {best_of} validation {measured} " \
+                                                       f"{summary.best_val_loss:.4f} in {RunFolder(out).best_adapter}"
         click.echo(f"{summary.steps} steps, loss {summary.first_loss:.4f} → {summary.last_loss:.4f}{validation} in "
                    f"{summary.seconds:.1f} s; adapter in {RunFolder(out).adapter}{best}")
 

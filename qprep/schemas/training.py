@@ -7,6 +7,11 @@ defaults, the Trainer's: a linear decay to 0 with no warmup, AdamW (β 0.9/0.999
 weight decay, the global gradient norm clipped to 1.0, token-weighted accumulation. In a preset and
 on the command line the LoRA fields are spelled flat: `lora_r`, `lora_alpha`, `lora_dropout`,
 `lora_targets`.
+
+`method` "grpo" trains by reinforcement instead (`qprep.train.objectives.grpo`), with `GrpoSettings`,
+spelled flat as well (`num_generations`, `temperature`, ...); their defaults are TRL's `GRPOConfig`'s
+(TRL 1.13): G 8, temperature 1, top-p 1, 512 new tokens, β 0, ε 0.2, the `dapo` loss, rewards scaled
+by their group's spread.
 """
 
 from __future__ import annotations
@@ -47,6 +52,46 @@ class LoraSettings:
         for name in self.targets or family_targets:
             chosen += list(EXPERT_PARAMETERS) if name == "experts" else [name]
         return tuple(n for n in chosen if "." not in n), tuple(n for n in chosen if "." in n)
+
+
+METHODS = ("sft", "grpo")
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")  # TRL's names (`qprep.train.objectives.grpo_loss`)
+
+
+@dataclass(frozen=True)
+class GrpoSettings:
+    # `qprep.train.rewards` names: built-ins or `package.module:function`. Plain temporal IoU by default:
+    # grounding is what the field trains with GRPO, IoU is what R1@m measures, and it reads the answer
+    # form qprep's grounding records and prompts already use ("From xx to xx"); a format term pays only
+    # where the prompt asks for a form (Time-R1's <answer> tags), so it is asked for by name.
+    rewards: tuple[str, ...] = ("tiou",)
+    num_generations: int = 8  # G: completions per prompt, their rewards normalised within the group
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512  # a completion's most tokens (TRL's max_completion_length)
+    beta: float = 0.0  # the KL term's weight, against the model with the adapter disabled (0: none)
+    epsilon: float = 0.2  # the ratio's clip: [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None = None  # None: epsilon
+    loss_type: str = "dapo"  # TRL's default since 0.2x; "grpo" (per-sequence means), "dr_grpo"
+    scale_rewards: bool = True  # divide each group's centred rewards by its std + 1e-4 (TRL's "group")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rewards", tuple(self.rewards))
+        if not self.rewards:
+            raise SettingsError("--reward: GRPO needs at least one reward")
+        if self.num_generations < 2:
+            raise SettingsError(f"--num-generations {self.num_generations}: GRPO compares completions within a "
+                                f"group, it needs 2 or more")
+        if not self.temperature > 0:
+            raise SettingsError(f"--temperature {self.temperature}: must be above 0 (sampling divides by it)")
+        if not 0 < self.top_p <= 1:
+            raise SettingsError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise SettingsError(f"--max-new-tokens {self.max_new_tokens}: must be 1 or more")
+        if self.beta < 0 or not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            raise SettingsError("need --beta >= 0, --epsilon in (0, 1) and --epsilon-high > 0")
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise SettingsError(f"loss_type must be one of {', '.join(GRPO_LOSS_TYPES)}, got {self.loss_type!r}")
 
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers' get_scheduler names
@@ -93,6 +138,8 @@ class TrainSettings:
     # beside the LoRA, at merger_lr; None: lr, as Qwen's finetune scripts' mm_projector_lr)
     train_merger: str = "none"
     merger_lr: float | None = None
+    method: str = "sft"  # "sft": next-token loss on the answers; "grpo": reinforcement from sampled answers
+    grpo: GrpoSettings = field(default_factory=GrpoSettings)
 
     def __post_init__(self) -> None:
         from qprep.train.trackers import parse_report_to
@@ -112,6 +159,8 @@ class TrainSettings:
                                 "train_merger full")
         if self.loss_weighting not in LOSS_WEIGHTING:
             raise SettingsError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTING)}, got {self.loss_weighting!r}")
+        if self.method not in METHODS:
+            raise SettingsError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not 0 <= self.warmup_ratio < 1 or min(self.warmup_steps, self.max_grad_norm, self.weight_decay,
                                                  self.eval_every) < 0:
             raise SettingsError("need warmup_ratio in [0, 1), and warmup_steps, max_grad_norm, weight_decay, "
@@ -124,14 +173,23 @@ class TrainSettings:
         if unknown:
             raise SettingsError(f"{source}: unknown training settings {unknown}; known: {sorted(flat_names())}")
         lora = {k[len("lora_"):]: v for k, v in values.items() if k.startswith("lora_")}
-        plain = {k: v for k, v in values.items() if not k.startswith("lora_")}
+        grpo = {k: v for k, v in values.items() if k in _grpo_names()}
+        plain = {k: v for k, v in values.items() if not k.startswith("lora_") and k not in grpo}
         if "targets" in lora:
             lora["targets"] = tuple(lora["targets"])
-        return replace(self, **plain, lora=replace(self.lora, **lora))
+        return replace(self, **plain, lora=replace(self.lora, **lora), grpo=replace(self.grpo, **grpo))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        if self.method == "sft":  # a supervised run records what it did before GRPO existed (and resumes)
+            del values["method"], values["grpo"]
+        return values
 
 
 def flat_names() -> set[str]:
-    return ({f.name for f in fields(TrainSettings)} - {"lora"}) | {f"lora_{f.name}" for f in fields(LoraSettings)}
+    return (({f.name for f in fields(TrainSettings)} - {"lora", "grpo"}) | {f"lora_{f.name}" for f in fields(LoraSettings)}
+            | _grpo_names())
+
+
+def _grpo_names() -> set[str]:
+    return {f.name for f in fields(GrpoSettings)}

@@ -219,6 +219,14 @@ def with_media_blocks(text_ids: list[int], labels: list[int], rows: list[Manifes
     return ids, out_labels, blocks_end
 
 
+def prompt_ids(conversation: list[dict], rows: list[ManifestRow], tokenizer, layout: PromptLayout) -> list[int]:
+    """The chat template's rendering of `conversation` with the assistant's turn opened, and its media's
+    blocks in place as training lays them out: what generation continues from."""
+    text_ids = _render(tokenizer, conversation, generation_prompt=True)
+    input_ids, _, _ = with_media_blocks(text_ids, [IGNORE] * len(text_ids), rows, layout)
+    return input_ids
+
+
 def _over_length(block_end: int, labels: list[int], max_length: int, cut: bool) -> str | None:
     """Why a sample over `max_length` must be left out, or None when cutting its text is fine."""
     if not cut:

@@ -49,6 +49,12 @@ class World:
             torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
         return values
 
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        """`values`' largest over the ranks (in place; a no-op alone)."""
+        if self.size > 1:
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        return values
+
     def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
         """Every rank's gradients summed into each rank's, through one flat buffer."""
         if self.size == 1:

@@ -5,7 +5,8 @@ No tower is loaded and no video decoded. Each prompt is rendered by the tokenize
 laid out exactly as in training (the family's `video_block`), the cached tokens are
 scattered into the placeholders and the prompt's positions come from the model's own
 `get_rope_index` (`qprep.train.model.LanguageModel`). Decoding is greedy with a KV cache, one video
-at a time, and stops at the checkpoint's end-of-sequence tokens.
+at a time, and stops at the checkpoint's end-of-sequence tokens; its loop (`decode`) is also what GRPO
+samples its completions with (`qprep.train.rollout`).
 
 Positions of generated tokens follow transformers' `generate` (5.23), which passes explicit
 `[text; temporal; height; width]` positions and advances them as `last + 1` on every row
@@ -207,13 +208,10 @@ class Generator:
 
     def prompt_ids(self, request: Request) -> list[int]:
         """The rendered prompt with its media's blocks in place (as training lays them out)."""
-        from qprep.train.data import IGNORE, with_media_blocks
+        from qprep.train.data import prompt_ids
 
-        text = self.tokenizer.apply_chat_template(request.conversation, tokenize=False, add_generation_prompt=True)
-        text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        rows = [self.cache.row(medium) for medium in request.media]
-        input_ids, _, _ = with_media_blocks(text_ids, [IGNORE] * len(text_ids), rows, self.layout)
-        return input_ids
+        return prompt_ids(request.conversation, [self.cache.row(medium) for medium in request.media], self.tokenizer,
+                          self.layout)
 
     def batch(self, request: Request):
         from qprep.train.data import IGNORE, Sample, collate
@@ -233,10 +231,20 @@ class Generator:
 def greedy(model, batch, max_new_tokens: int, stop: set[int], scores: list | None = None) -> list[int]:
     """Greedy decoding with a KV cache from a `Batch` of one prompt, as `generate(do_sample=False)`.
     With `scores`, each step's logits [1, vocab] are appended to it."""
+    return decode(model, batch, max_new_tokens, stop, lambda logits: logits.argmax(-1), scores=scores)[0]
+
+
+def decode(model, batch, max_new_tokens: int, stop: set[int], choose, *, copies: int = 1,
+           scores: list | None = None) -> list[list[int]]:
+    """Decoding with a KV cache from a `Batch` of one unpadded prompt: `copies` continuations side by
+    side, each to its first end-of-sequence token (included) or `max_new_tokens`. The prompt runs
+    once; its cache is then copied for each continuation. `choose(logits [copies, vocab])` picks each
+    step's next tokens [copies] (greedy: the argmax; `qprep.train.rollout`: a seeded draw). With
+    `scores`, each step's logits are appended to it."""
     from transformers import DynamicCache
 
     if batch.input_ids.shape[0] != 1 or not bool(batch.attention_mask.all()):
-        raise ValueError("greedy decodes one unpadded prompt at a time")
+        raise ValueError("decode takes one unpadded prompt at a time")
     text_model = model.language_model
     cache = DynamicCache(config=model.config.get_text_config())
     batch = model.merged(batch)  # from the merger's input: the mergers run once, for the prompt
@@ -245,8 +253,10 @@ def greedy(model, batch, max_new_tokens: int, stop: set[int], scores: list | Non
     extra = model.text_inputs(batch)  # the prompt step only: later steps hold no visual position
     # transformers renamed the text models' `past_key_values` to `cache` (the old name warns, then goes)
     cache_kwarg = "cache" if "cache" in inspect.signature(text_model.forward).parameters else "past_key_values"
-    tokens: list[int] = []
-    for _ in range(max_new_tokens):
+    tokens: list[torch.Tensor] = []
+    finished = torch.zeros(copies, dtype=torch.bool, device=positions.device)
+    stops = torch.tensor(sorted(stop), device=positions.device)
+    for step in range(max_new_tokens):
         # one unpadded prompt: no attention mask, as generate drops an all-ones one
         hidden = text_model(inputs_embeds=embeds, position_ids=positions, use_cache=True,
                             **{cache_kwarg: cache}, **extra).last_hidden_state
@@ -254,15 +264,26 @@ def greedy(model, batch, max_new_tokens: int, stop: set[int], scores: list | Non
         # The last position only (VL's generate does the same; the Omni thinker multiplies the whole
         # prompt, gigabytes of logits for a long video, and keeps the last row: another matmul shape).
         logits = model.lm_head(hidden[:, -1:])[:, -1]
+        if step == 0 and copies > 1:  # the prompt's cache (attention keys and linear-attention states) per copy
+            cache.reorder_cache(torch.zeros(copies, dtype=torch.long, device=positions.device))
+            logits, positions = logits.expand(copies, -1), positions.expand(-1, copies, -1)
         if scores is not None:
             scores.append(logits)
-        token = int(logits.argmax(-1))
-        tokens.append(token)
-        if token in stop:
+        chosen = choose(logits)
+        tokens.append(chosen)
+        finished |= torch.isin(chosen, stops)
+        if bool(finished.all()):
             break
-        embeds = text_model.get_input_embeddings()(torch.tensor([[token]], device=positions.device))
+        embeds = text_model.get_input_embeddings()(chosen[:, None])
         positions = positions[..., -1:] + 1  # generate's rule: the last position + 1, on every row
-    return tokens
+    return [_until_stop(row, stop) for row in torch.stack(tokens, dim=1).tolist()] if tokens else [[]] * copies
+
+
+def _until_stop(tokens: list[int], stop: set[int]) -> list[int]:
+    """A continuation up to its first end-of-sequence token, included (a finished row's later tokens
+    are the side-by-side decoding's, not its own)."""
+    end = next((i for i, token in enumerate(tokens) if token in stop), None)
+    return tokens if end is None else tokens[: end + 1]
 
 
 def prompt_positions(model, batch) -> torch.Tensor:

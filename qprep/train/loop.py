@@ -5,8 +5,9 @@ the cache, the objective's data, the model with LoRA, the optimizer and schedule
 batches, all restored from the last checkpoint with `--resume`), `train` (for each optimizer step:
 each batch's forward, loss and backward, the optimizer step, a metrics row per batch; validation and
 checkpoints when due; the final adapter), `cleanup`. What differs between objectives (the data, each
-step's loss normaliser, the loss, validation) is the objective's (`qprep.train.objectives`);
-`qprep train` runs supervised fine-tuning (`qprep.train.objectives.sft`).
+step's loss normaliser, the loss, validation) is the objective's (`qprep.train.objectives`):
+supervised fine-tuning (`qprep.train.objectives.sft`), or with `--method grpo` reinforcement from
+sampled answers (`qprep.train.objectives.grpo`).
 
 The optimizer step is the Trainer's (`qprep.train.optim`: its optimizer, parameter groups, schedule,
 clipping and token-weighted accumulation); on GPU the forward runs under bf16 autocast with the
@@ -111,8 +112,8 @@ def _rank_main(device, cache_path, data_path, model, out, settings, resume, eval
 
 def _train(cache_path, data_path, model, out, settings: TrainSettings, *, resume: bool, device: str, eval_data,
            progress: bool, echo, reporter=None) -> TrainSummary | None:
-    """This rank's run of the recipe with the supervised objective."""
-    recipe = Recipe(SupervisedObjective(settings), settings, device=device, progress=progress, echo=echo,
+    """This rank's run of the recipe with the objective `settings.method` names."""
+    recipe = Recipe(objective_for(settings), settings, device=device, progress=progress, echo=echo,
                     reporter=reporter)
     return recipe.run(cache_path, data_path, model, out, resume=resume, eval_data=eval_data)
 
@@ -146,7 +147,7 @@ class Recipe:
         self.started = time.perf_counter()
         self._join_world()
         self._open_inputs(cache_path, model, out)
-        self.objective.build(data_path, eval_data, self.cache, self.tokenizer, self.layout, self.echo)
+        self.objective.build(data_path, eval_data, self.checkpoint, self.cache, self.tokenizer, self.layout, self.echo)
         self._record_run(data_path, resume)
         self._build_model(resume)
         self.optimizer = build_optimizer(self.peft_model, self.settings)
@@ -274,6 +275,8 @@ class Recipe:
         self.first_loss = self.last_loss = self.val_loss = None
         self.best_val = best_so_far(self.folder) if resume else None
         self.step_loss = 0.0
+        self.objective.open_logs(self.folder, self.world,
+                                 (state["epoch"], state["batch"]) if self.resumed_from else None)
         self.peft_model.train()
         self.trackers = Trackers([])  # rank 0's, opened as training starts
 
@@ -309,6 +312,7 @@ class Recipe:
         row = {"epoch": position.epoch, "batch": position.index, "step": state["step"], "loss": self.last_loss}
         if share.last:
             row.update(self._optimizer_step(reducing))
+        row.update(self.objective.batch_metrics(position, row["step"], self.world))  # every rank: they sum
         state.update(epoch=position.epoch, batch=position.index + 1)
         elapsed = time.perf_counter() - tick
         if self.metrics:
@@ -398,10 +402,14 @@ class Recipe:
                                                 even=settings.shard)
         if self.metrics:
             self._log(self.objective.validation_row(epoch, step, self.val_loss, started))
-        better = self.best_val is None or self.val_loss < self.best_val
+        better = self.best_val is None or self._better(self.val_loss, self.best_val)
         if settings.save_best and math.isfinite(self.val_loss) and better:  # a NaN is never the best
             self.best_val = self.val_loss
-            keep_best(self.folder, self.peft_model, step, self.val_loss, self.world, settings.shard)
+            keep_best(self.folder, self.peft_model, step, self.val_loss, self.world, settings.shard,
+                      self.objective.validation_metric)
+
+    def _better(self, value: float, best: float) -> bool:
+        return value > best if self.objective.validation_higher_is_better else value < best
 
     def _show_progress(self, position) -> None:
         self.bar.update(1)
@@ -440,6 +448,7 @@ class Recipe:
         from qprep.train.distributed import leave_world
 
         self.bar.close()
+        self.objective.close_logs()
         if self.metrics:
             self.metrics.close()
         self.trackers.close()
@@ -453,6 +462,15 @@ class Recipe:
                             steps=self.state["step"], first_loss=self.first_loss, last_loss=self.last_loss,
                             seconds=time.perf_counter() - self.started, last_val_loss=self.val_loss,
                             best_val_loss=self.best_val)
+
+
+def objective_for(settings: TrainSettings) -> Objective:
+    """The objective `settings.method` names."""
+    if settings.method == "grpo":
+        from qprep.train.objectives.grpo import GRPOObjective
+
+        return GRPOObjective(settings)
+    return SupervisedObjective(settings)
 
 
 def check_packing(settings: TrainSettings, checkpoint) -> None:

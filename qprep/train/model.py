@@ -171,18 +171,27 @@ class LanguageModel(torch.nn.Module):
         """(loss, logits), the same as the full model's on the raw video. `num_items_in_batch`: divide
         the summed cross-entropy by this many label tokens (those of a whole accumulated step, as the
         Trainer passes it) instead of taking this batch's mean."""
-        # a packed row takes no attention mask: the model then keeps attention within each sample
-        # from the restarting text positions (transformers' packed-sequence mask)
-        mask = None if batch.sample_lengths is not None else batch.attention_mask
-        batch = self.merged(batch)
-        hidden = self.language_model(inputs_embeds=self.embed(batch), attention_mask=mask,
-                                     position_ids=self.position_ids(batch), use_cache=False,
-                                     **self.text_inputs(batch)).last_hidden_state
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(self.hidden_states(batch))
         loss = self._positions.loss_function(logits=logits, labels=batch.labels,
                                              vocab_size=self.config.get_text_config().vocab_size,
                                              num_items_in_batch=num_items_in_batch)
         return loss, logits
+
+    def last_logits(self, batch: Batch, keep: int) -> torch.Tensor:
+        """The logits of the last `keep` positions only, as the full model's `logits_to_keep` computes
+        them (the same `lm_head` matmul shape): what scoring a completion needs, without a long
+        prompt's full logits."""
+        return self.lm_head(self.hidden_states(batch)[:, -keep:])
+
+    def hidden_states(self, batch: Batch) -> torch.Tensor:
+        """The language model's last hidden states [batch, length, hidden]."""
+        # a packed row takes no attention mask: the model then keeps attention within each sample
+        # from the restarting text positions (transformers' packed-sequence mask)
+        mask = None if batch.sample_lengths is not None else batch.attention_mask
+        batch = self.merged(batch)
+        return self.language_model(inputs_embeds=self.embed(batch), attention_mask=mask,
+                                   position_ids=self.position_ids(batch), use_cache=False,
+                                   **self.text_inputs(batch)).last_hidden_state
 
 
 def _scatter(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:

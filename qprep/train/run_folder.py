@@ -3,6 +3,7 @@ records of the run (what `--resume` checks).
 
     run.json            the effective settings and what the run was trained on (`--resume` checks it)
     metrics.jsonl       one row per batch (and per validation)
+    completions.jsonl   with --method grpo: a few sampled completions of each batch, with their rewards
     loss.png            the loss curves, the learning rate and the epochs (`qprep.train.plot`)
     checkpoint-<step>/  the adapter (peft's format), trainer.pt (optimizer, schedule, RNG) and
                         state.json (the position in the data and the length metrics.jsonl had;
@@ -42,6 +43,10 @@ class RunFolder:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def completions(self) -> Path:
+        return self.root / "completions.jsonl"
 
     @property
     def loss_plot(self) -> Path:

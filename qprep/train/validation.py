@@ -66,18 +66,21 @@ class Validation:
 
 
 def best_so_far(folder) -> float | None:
-    """The lowest validation loss a resumed run's `best-adapter/` holds (`folder`: its `RunFolder`)."""
-    path = folder.best_file
-    return json.loads(path.read_text())["val_loss"] if path.is_file() else None
+    """The best validation value a resumed run's `best-adapter/` holds (`folder`: its `RunFolder`): the
+    lowest loss, or with GRPO the highest reward."""
+    if not folder.best_file.is_file():
+        return None
+    best = json.loads(folder.best_file.read_text())
+    return best["val_loss"] if "val_loss" in best else best["val_reward"]
 
 
-def keep_best(folder, peft_model, step: int, val_loss: float, world, sharded: bool) -> None:
-    """`best-adapter/` and `best.json` (every rank calls it; rank 0 writes)."""
+def keep_best(folder, peft_model, step: int, value: float, world, sharded: bool, metric: str = "val_loss") -> None:
+    """`best-adapter/` and `best.json` (`metric`: what `value` is; every rank calls it, rank 0 writes)."""
     from qprep.train.sharding import save_adapter
 
     save_adapter(peft_model, folder.best_adapter, world, sharded)
     if world.main:
-        folder.best_file.write_text(metrics_json({"step": step, "val_loss": val_loss}))
+        folder.best_file.write_text(metrics_json({"step": step, metric: value}))
 
 
 def validation_row(epoch: int, step: int, val_loss: float, tokens: int, started: float) -> dict:

@@ -3,7 +3,8 @@
 The recipe (`qprep.train.loop.Recipe`) sets the run up, deals the batches, steps the optimizer, logs,
 validates, checkpoints and resumes, the same for every objective; an `Objective` decides what data
 there is, how each optimizer step's loss is normalised, the loss of a batch, and what validation
-measures. Supervised fine-tuning (`sft.SupervisedObjective`) is the one `qprep train` runs.
+measures. Supervised fine-tuning (`sft.SupervisedObjective`) is what `qprep train` runs by default; GRPO
+(`grpo.GRPOObjective`, its loss in `grpo_loss`) with `--method grpo`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ class Objective(Protocol):
     # the training samples the recipe plans batches over (their indices), and those left out, by reason
     samples: list
     skipped: dict[str, list[str]]
+    # the metrics row name of a validation's value, and which way is better (what --save-best keeps)
+    validation_metric: str
+    validation_higher_is_better: bool
 
-    def build(self, data_path, eval_data, cache, tokenizer, layout, echo) -> None:
+    def build(self, data_path, eval_data, checkpoint, cache, tokenizer, layout, echo) -> None:
         """Read the training records (and the held-out ones, with `eval_data`) into samples; report them
         through `echo`; refuse data that leaves nothing to train on."""
 
@@ -35,12 +39,23 @@ class Objective(Protocol):
     def batch_loss(self, summed: float, position, share: StepShare) -> float:
         """The batch's own loss for the curve, from its parts' losses summed over the ranks."""
 
+    def batch_metrics(self, position, step: int, world) -> dict:
+        """What the batch's metrics row reports besides its loss (every rank calls it, after the batch's
+        last part: values summed over the ranks)."""
+
+    def open_logs(self, folder, world, resumed_at: tuple[int, int] | None) -> None:
+        """Open the objective's own files in the run folder (`resumed_at`: the (epoch, batch) a resumed
+        run continues from, None for a new run)."""
+
+    def close_logs(self) -> None:
+        """Close them."""
+
     @property
     def validates(self) -> bool:
         """Whether held-out records were given."""
 
     def validate(self, model, device: str, autocast, world, even: bool) -> float:
-        """The held-out loss with the model as it is now (lower is better: `--save-best` keeps the lowest)."""
+        """The held-out value with the model as it is now (`validation_metric`)."""
 
     def validation_row(self, epoch: int, step: int, value: float, started: float) -> dict:
         """The metrics row of one validation that began at `started` (`time.perf_counter()`)."""

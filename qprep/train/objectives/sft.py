@@ -15,13 +15,16 @@ from qprep.train.validation import Validation, validation_row
 class SupervisedObjective:
     """The `Objective` of `qprep train`: samples with labels on the answer tokens."""
 
+    validation_metric = "val_loss"
+    validation_higher_is_better = False
+
     def __init__(self, settings: TrainSettings):
         self.settings = settings
         self.samples: list = []
         self.skipped: dict[str, list[str]] = {}
         self.validation: Validation | None = None
 
-    def build(self, data_path, eval_data, cache, tokenizer, layout, echo) -> None:
+    def build(self, data_path, eval_data, checkpoint, cache, tokenizer, layout, echo) -> None:
         from qprep.train.data import build_dataset, load_records
 
         dataset = build_dataset(load_records(data_path), cache, tokenizer, layout, max_length=self.settings.max_length,
@@ -67,6 +70,15 @@ class SupervisedObjective:
         if self.settings.loss_weighting == "batches":
             return summed * share.batches
         return summed * share.label_tokens / max(self._label_tokens(position), 1)
+
+    def batch_metrics(self, position, step: int, world) -> dict:
+        return {}  # the loss is all a supervised batch reports
+
+    def open_logs(self, folder, world, resumed_at: tuple[int, int] | None) -> None:
+        pass  # metrics.jsonl, the recipe's, is all it writes
+
+    def close_logs(self) -> None:
+        pass
 
     @property
     def validates(self) -> bool:

@@ -8,7 +8,7 @@ store.zarr/
   shards/<shard>/<key>/audio         zarr array [rows, hidden] (families with an audio tower)
   shards/<shard>/<key>/deepstack     zarr array [rows, levels, hidden]: the vision tower's deepstack
                                      features, row for row beside `video` (its offsets and lengths)
-  manifest/<shard>.parquet           one row per video (qprep.schemas.manifest), the commit point
+  manifest/<shard>.parquet           one row per entry (qprep.schemas.manifest), the commit point
   .qprep/                            lock and hash caches (not part of the data)
 ```
 
@@ -44,8 +44,10 @@ from qprep.store.fs import LocalFiles, RemoteFiles, files_at
 # that a qprep reading version 1 alone refuses such a store rather than read it without its levels.
 # 3: rows of other kinds than video (images; `ManifestRow.kind`), whose tokens share the video
 # arrays; written only by stores that take them, so a qprep that knows only videos refuses such a store.
-SCHEMA_VERSION = 3
-READS = (1, 2, 3)
+# 4: rows of audio files (kind "audio"), with an audio span and no visual tokens; written only by stores
+# that take them, so a qprep that knows no audio entries refuses such a store rather than read one as a video.
+SCHEMA_VERSION = 4
+READS = (1, 2, 3, 4)
 KINDS = ("video", "audio", "deepstack")
 # The manifest row's span (`ManifestRow.span`) that places a kind's rows; deepstack rows are the
 # video rows' twins. (A store without deepstack levels holds no such array: the layout of
@@ -90,7 +92,7 @@ class Store:
     @classmethod
     def create(cls, root: str | Path, *, config: dict, fingerprint: str, model: str, hidden_size: int,
                dtype: str, shard_count: int, has_audio: bool, deepstack_levels: int = 0,
-               images: bool = False) -> "Store":
+               images: bool = False, audio_files: bool = False) -> "Store":
         import zarr
 
         files = files_at(root)
@@ -98,7 +100,7 @@ class Store:
             # zarr's mode "w" would empty the directory: never point it at someone's files
             raise StoreError(f"{files.root} exists and is neither empty nor a qprep store; refusing to write there")
         attrs = {
-            "schema_version": 3 if images else 2 if deepstack_levels else 1,
+            "schema_version": 4 if audio_files else 3 if images else 2 if deepstack_levels else 1,
             "fingerprint": fingerprint,
             "config": config,
             "model": model,

@@ -1,31 +1,58 @@
-"""Audio files (wav, flac, mp3, ...) as store entries, for the families with an audio tower
-(Qwen2.5-Omni, Qwen3-Omni).
+"""Audio files (wav, flac, mp3, ...) as store entries and in samples, for the families with an audio
+tower (Qwen2.5-Omni, Qwen3-Omni).
 
 Reference: plain PyAV decoding of the whole file (tests/reference.py), then the checkpoint's own
 processor (`AutoProcessor`) and full model (its thinker, `get_audio_features`), called directly. The
-cache path: `qprep extract --media`. Features and tokens are compared bit for bit (fp32).
+cache path: `qprep extract --media` and `qprep train`'s own dataset and collate. Same shapes on both
+sides, so features, tokens, logits, loss and LoRA gradients are compared bit for bit (fp32).
 """
 
 from __future__ import annotations
 
+import json
 import wave
+from collections import Counter
 
 import av
 import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor
+from transformers.video_utils import VideoMetadata
 
 from conftest import LOCAL_EXTRACT
 from qprep import open_cache
 from qprep.extraction.run import ExtractOptions, extract
+from qprep.models.checkpoint import open_checkpoint
 from qprep.pipeline.audio import read_audio_file
 from qprep.schemas.settings import MEDIA_KINDS, VideoSettings, load_model_spec
 from qprep.synth import VideoSpec, make_video
-from reference import full_model, plain_audio_decode
+from qprep.train.data import build_dataset, collate, load_records
+from qprep.train.model import LanguageModel
+from reference import full_model, plain_audio_decode, plain_decode
+from test_train_media import _row_labels, assert_batch_as_the_full_model
+from test_train_parity import lora_gradients_both_ways
 
 FAMILIES = ["qwen2_5_omni", "qwen3_omni_moe"]
 AUDIO = ["talks/x.wav", "talks/y.flac", "talks/z.mp3"]  # the ids `--media` gives them (with the extension)
+
+RECORDS = [
+    # the issue's case: a video with its own sound and a separate audio file, as LLaMA-Factory marks them
+    {"id": "both", "media": ["b", "talks/x.wav"], "conversations": [
+        {"from": "human", "value": "<video><audio>Is the sound of the clip the same as the recording?"},
+        {"from": "gpt", "value": "Both hold a tone."}]},
+    {"id": "alone", "media": ["talks/x.wav"], "conversations": [  # unmarked: placed first, as the readers do
+        {"from": "human", "value": "What do you hear?"}, {"from": "gpt", "value": "A tone and some noise."}]},
+    {"id": "text", "media": [], "conversations": [
+        {"from": "human", "value": "What is two plus two?"}, {"from": "gpt", "value": "Four."}]},
+]
+CONTENTS = {  # the same user turns as the chat template's messages, for the processor
+    "both": [{"type": "video"}, {"type": "audio"},
+             {"type": "text", "text": "Is the sound of the clip the same as the recording?"}],
+    "alone": [{"type": "audio"}, {"type": "text", "text": "What do you hear?"}],
+    "text": [{"type": "text", "text": "What is two plus two?"}],
+}
+
 
 def write_audio(path, waveform: np.ndarray, rate: int, codec: str) -> None:
     """`waveform` ([channels, samples] float32) encoded by PyAV."""
@@ -163,6 +190,116 @@ def test_a_model_without_an_audio_tower_lists_audio_files_naming_the_file_and_th
     summary = extract_media(tmp_path / "media", tmp_path / "store.zarr", model_dir)
     assert summary.extracted == 1
     assert summary.skipped == [("x.wav", f"an audio file, and model {model_dir} has no audio tower to encode it")]
+
+
+# ---- samples ----------------------------------------------------------------------------------------
+
+def samples_of(cache, model_dir, tmp_path):
+    (tmp_path / "data.json").write_text(json.dumps(RECORDS))
+    checkpoint = open_checkpoint(model_dir)
+    tokenizer = checkpoint.tokenizer()
+    layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
+    dataset = build_dataset(load_records(tmp_path / "data.json"), cache, tokenizer, layout)
+    assert [s.id for s in dataset.samples] == [r["id"] for r in RECORDS], dataset.report()
+    return checkpoint, layout, {s.id: s for s in dataset.samples}
+
+
+def processor_batch(model_dir, folder, cache, names):
+    """The checkpoint's processor on the conversations `names`, padded right as one batch: each video
+    plainly decoded at the frames the store sampled, and every audio slot (a video's own track, an
+    audio file) plainly decoded whole, in placeholder order."""
+    processor = AutoProcessor.from_pretrained(model_dir)
+    spec = load_model_spec(model_dir)
+    records = {r["id"]: r for r in RECORDS}
+    rows = [cache.row(medium) for name in names for medium in records[name]["media"]]
+    videos = [row for row in rows if row.kind == "video"]
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": CONTENTS[name]},
+         {"role": "assistant", "content": [{"type": "text", "text": records[name]["conversations"][1]["value"]}]}],
+        tokenize=False) for name in names]
+    kwargs = dict(text=texts, padding=True, padding_side="right", return_tensors="pt")
+    heard = [row for row in rows if row.kind == "audio" or (row.kind == "video" and row.audio_length)]
+    if heard:
+        kwargs["audio"] = [plain_audio_decode(folder / row.path) for row in heard]
+    if videos:
+        frames = [np.stack([plain_decode(folder / row.path)[0][i] for i in row.frame_indices]) for row in videos]
+        metadata = [VideoMetadata(total_num_frames=len(f), fps=row.sample_fps, frames_indices=list(range(len(f))))
+                    for f, row in zip(frames, videos)]
+        seen = Counter()
+        slots = [None if row.kind == "audio" else seen.update(["video"]) or seen["video"] - 1 for row in heard]
+        kwargs.update(videos=frames, video_metadata=metadata, do_sample_frames=False, fps=videos[0].sample_fps,
+                      load_audio_from_video=True, audio_from_video_indices=slots,
+                      videos_kwargs={"size": {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}})
+    inputs = processor(**kwargs)
+    labels = torch.cat([_row_labels(inputs["input_ids"][i:i + 1], inputs["attention_mask"][i:i + 1], processor)
+                        for i in range(len(names))])
+    return inputs, {"use_audio_in_video": True} if videos else {}, labels
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_a_video_with_its_sound_and_an_audio_file_and_an_audio_file_alone_give_the_full_models_logits_and_loss(
+        audio_store, kind, tmp_path):
+    model_dir, folder, cache, _ = audio_store(kind)
+    checkpoint, layout, samples = samples_of(cache, model_dir, tmp_path)
+    assert samples["both"].has_audio and not samples["alone"].has_audio
+    language_model = LanguageModel(checkpoint, dtype="float32").eval()
+    full = full_model(model_dir)
+    for names in (["both"], ["alone", "text"], ["both", "alone", "text"]):
+        batch = collate([samples[name] for name in names], cache, layout)
+        assert batch.audio_in_video == ("both" in names)
+        assert_batch_as_the_full_model(language_model, full, batch, processor_batch(model_dir, folder, cache, names),
+                                       names)
+
+
+def test_lora_gradients_of_audio_samples_equal_the_full_models_with_the_same_adapter(audio_store, tmp_path):
+    model_dir, folder, cache, _ = audio_store("qwen2_5_omni")
+    checkpoint, layout, samples = samples_of(cache, model_dir, tmp_path)
+    names = ["both", "alone"]
+    batch = collate([samples[name] for name in names], cache, layout)
+    inputs, model_kwargs, labels = processor_batch(model_dir, folder, cache, names)
+    mine, reference = lora_gradients_both_ways(LanguageModel(checkpoint, dtype="float32").eval(),
+                                               full_model(model_dir), batch,
+                                               dict(inputs, labels=labels, **model_kwargs))
+    assert mine
+    for name, gradient in mine.items():
+        assert torch.equal(gradient, reference[name]), name
+
+
+def test_qprep_train_runs_on_a_llamafactory_file_with_audios(audio_store, tmp_path):
+    """LLaMA-Factory's form (`audios`, `<audio>` tags, paths under the media folder): every record is
+    trained and the loss is finite."""
+    from qprep.datasets import DataFile
+    from qprep.schemas.training import LoraSettings, TrainSettings
+    from qprep.train.loop import train
+
+    model_dir, folder, cache, _ = audio_store("qwen2_5_omni")
+    records = [{"messages": [{"role": "user", "content": "<audio>What do you hear?"},
+                             {"role": "assistant", "content": "A tone."}], "audios": [entry]} for entry in AUDIO]
+    records.append({"messages": [{"role": "user", "content": "<video><audio>And here?"},
+                                 {"role": "assistant", "content": "A tone, twice."}],
+                    "videos": ["b.mp4"], "audios": ["talks/x.wav"]})
+    data = folder / "audio_train.json"
+    data.write_text(json.dumps(records))
+    said: list[str] = []
+    settings = TrainSettings(epochs=1, batch_size=2, grad_accum=1, workers=0,
+                             lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    train(cache.store.root, DataFile(data), model_dir, tmp_path / "run", settings, progress=False, echo=said.append)
+    assert any(line.startswith("4 samples") for line in said), said
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert losses and all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_a_packed_row_of_audio_samples_gives_each_sample_its_logits_alone(audio_store, kind, tmp_path):
+    """Tolerance as tests/test_train_packing.py states it: other matmul shapes, float32 rounding."""
+    from test_train_media import assert_each_sample_of_a_packed_row_as_alone
+
+    model_dir, _, cache, _ = audio_store(kind)
+    checkpoint, layout, samples = samples_of(cache, model_dir, tmp_path)
+    chosen = [samples[name] for name in ("alone", "both", "text", "alone")]
+    packed = assert_each_sample_of_a_packed_row_as_alone(checkpoint, cache, layout, chosen)
+    assert packed.media_kinds == (("audio",), ("video", "audio"), (), ("audio",)) and packed.audio_in_video
 
 
 def test_verify_recomputes_audio_files_with_the_processor_and_the_full_model(audio_store):

@@ -149,7 +149,7 @@ def _both_paths(tiny_model, videos, kind, layout):
                   second_per_grid=torch.tensor([prepared.second_per_grid], dtype=torch.float64),
                   audio_tokens=audio_tokens,
                   mel_lengths=torch.tensor([prepared.mel_length]) if audio_tokens is not None else None,
-                  deepstack=features.deepstack)
+                  audio_in_video=audio_tokens is not None, deepstack=features.deepstack)
     return full, inputs, model_kwargs, labels, language_model, batch
 
 

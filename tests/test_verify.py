@@ -201,5 +201,6 @@ def test_schema_versions_name_what_a_store_holds_and_an_unknown_one_is_refused(o
     meta = json.loads((store / "zarr.json").read_text())
     meta["attributes"]["qprep"]["schema_version"] = 5
     (store / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match="schema version 5, this qprep reads versions 1, 2, 3, 4; re-extract with --rebuild"):
+    with pytest.raises(StoreError,
+                       match="schema version 5, this qprep reads versions 1, 2, 3, 4; re-extract with --rebuild"):
         Store.open(store)

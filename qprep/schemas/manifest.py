@@ -36,7 +36,7 @@ class ManifestRow:
     # identity and change detection
     id: str = _column(pa.string(), nullable=False)  # relative path without its extension (+ "#t=s,e": a window)
     path: str = _column(pa.string(), nullable=False)  # the file's, relative to the media folder, '/'-separated
-    kind: str = _column(pa.string(), nullable=False, default="video")  # "video", "image", "audio" (settings.MEDIA_KINDS)
+    kind: str = _column(pa.string(), nullable=False, default="video")  # "video", "image", "audio" (MEDIA_KINDS)
     # the window of the file the entry holds, seconds (qwen-vl-utils' video_start / video_end); a null
     # start: the whole file (every row written before windows existed); a null end: to the file's end
     window_start: float | None = _column(pa.float64())

@@ -192,6 +192,20 @@ def test_a_model_without_an_audio_tower_lists_audio_files_naming_the_file_and_th
     assert summary.skipped == [("x.wav", f"an audio file, and model {model_dir} has no audio tower to encode it")]
 
 
+def test_a_media_store_made_before_audio_files_lists_them_and_keeps_its_fingerprint(audio_store, tmp_path):
+    model_dir, folder, _, _ = audio_store("qwen2_5_omni")
+    (tmp_path / "media").mkdir()
+    (tmp_path / "media" / "x.wav").write_bytes((folder / "talks" / "x.wav").read_bytes())
+    store = tmp_path / "store.zarr"
+    extract(tmp_path / "media", store, model_dir, VideoSettings(fps=2, kinds=("video", "image")), dtype="float32",
+            shards=2, options=ExtractOptions(**LOCAL_EXTRACT))
+    summary = extract_media(tmp_path / "media", store, model_dir)
+    assert (summary.extracted, summary.failed) == (0, 0)
+    assert summary.skipped == [("x.wav", f"an audio file, and {store} was extracted without audio files "
+                                         "(--rebuild takes them)")]
+    assert open_cache(store).store.attrs["schema_version"] == 3
+
+
 # ---- samples ----------------------------------------------------------------------------------------
 
 def samples_of(cache, model_dir, tmp_path):

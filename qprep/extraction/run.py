@@ -105,13 +105,10 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
     checkpoint = open_checkpoint(model, revision)
     # Before any video: the processor needs the tokenizer, and so does training from the store.
     checkpoint.require_tokenizer()
-    refused = {}  # kinds found but not extracted, and why
     if not checkpoint.has_audio and settings.audio:
         settings = dataclasses.replace(settings, audio=False)  # a VL model has no audio tower
-    if not checkpoint.has_audio:  # nor does it hear audio files: they are listed as passed over
-        settings = dataclasses.replace(settings, kinds=tuple(kind for kind in settings.kinds if kind != "audio"))
-        refused = {"audio": no_audio_tower(model)}
     existing = Store.open(out) if Store.exists(out) and not rebuild else None
+    settings, refused = _audio_files_taken(settings, checkpoint, model, existing, out)
     named = None
     if data is not None:
         named = dataset_entries(data, settings, refused)
@@ -174,6 +171,21 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
     return summary
 
 
+def _audio_files_taken(settings: VideoSettings, checkpoint, model: str, existing: Store | None,
+                       out) -> tuple[VideoSettings, dict[str, str]]:
+    """The run's settings, without audio files where they are not extracted, and why not (kind →
+    reason, each such file listed as passed over): a model without an audio tower; a `--media` store
+    made before audio files were taken (its fingerprint holds the kinds it takes)."""
+    without = dataclasses.replace(settings, kinds=tuple(kind for kind in settings.kinds if kind != "audio"))
+    if not checkpoint.has_audio:  # for a folder and a dataset alike
+        return without, {"audio": no_audio_tower(model)}
+    if not settings.audio_files:  # a --videos run; a --data run takes the kinds its records name
+        return settings, {}
+    if existing is not None and "audio" not in existing.attrs["config"]["settings"].get("kinds", ("video",)):
+        return without, {"audio": f"an audio file, and {out} was extracted without audio files (--rebuild takes them)"}
+    return settings, {}
+
+
 def _tell_unusable(named: Named, options: ExtractOptions) -> None:
     """Before any work: what of the dataset cannot be extracted; `strict` stops there."""
     lines = [f"not extracted: {missing.line()}" for missing in named.missing]
@@ -195,7 +207,8 @@ def _kinds_for(named: Named, existing: Store | None) -> tuple[str, ...]:
         return tuple(sorted(needed, key=MEDIA_KINDS.index))
     kinds = tuple(existing.attrs["config"]["settings"].get("kinds", ("video",)))
     if not needed <= set(kinds):
-        lacking = " and ".join(f"{kind}s" if kind == "image" else f"{kind} files" for kind in sorted(needed - set(kinds)))
+        lacking = " and ".join(f"{kind}s" if kind == "image" else f"{kind} files"
+                               for kind in sorted(needed - set(kinds)))
         raise StoreError(f"the dataset names {lacking}; {existing.root} was extracted without them (its settings "
                          f"take {', '.join(kinds)}). Use another --out, --rebuild, or a store made with --media")
     return kinds

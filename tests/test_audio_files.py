@@ -163,14 +163,26 @@ def test_extract_media_takes_audio_files_once_and_lists_a_broken_one(audio_store
     assert cache.store.attrs["schema_version"] == 4
     assert cache.row("b").kind == "video" and cache.row("b").audio_length > 0
 
-    clean = tmp_path / "clean"  # a folder of audio alone: the second run finds nothing to do
+    clean = tmp_path / "clean"  # a folder of audio alone, through the CLI: the second run finds nothing to do
     for entry in AUDIO[:2]:
         (clean / entry).parent.mkdir(parents=True, exist_ok=True)
         (clean / entry).write_bytes((folder / entry).read_bytes())
-    first = extract_media(clean, tmp_path / "clean.zarr", model_dir)
-    again = extract_media(clean, tmp_path / "clean.zarr", model_dir)
-    assert (first.extracted, first.failed) == (2, 0)
-    assert (again.extracted, again.up_to_date, again.shards_written) == (0, 2, 0)
+    first, again = (cli_extract_media(clean, tmp_path / "clean.zarr", model_dir) for _ in range(2))
+    assert (first["extracted"], first["failed"]) == (2, 0)
+    assert (again["extracted"], again["up_to_date"], again["shards_written"]) == (0, 2, 0)
+    assert open_cache(tmp_path / "clean.zarr").ids() == AUDIO[:2]
+
+
+def cli_extract_media(folder, store, model_dir) -> dict:
+    from click.testing import CliRunner
+
+    from qprep.cli import main
+
+    result = CliRunner().invoke(main, ["extract", "--media", str(folder), "--out", str(store), "--model", model_dir,
+                                       "--fps", "2", "--dtype", "float32", "--shards", "2", "--executor", "local",
+                                       "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
 
 
 def test_status_counts_audio_files(audio_store):

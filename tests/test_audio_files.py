@@ -202,6 +202,9 @@ def test_a_model_without_an_audio_tower_lists_audio_files_naming_the_file_and_th
     summary = extract_media(tmp_path / "media", tmp_path / "store.zarr", model_dir)
     assert summary.extracted == 1
     assert summary.skipped == [("x.wav", f"an audio file, and model {model_dir} has no audio tower to encode it")]
+    videos_alone = extract(tmp_path / "media", tmp_path / "videos.zarr", model_dir, VideoSettings(fps=2),
+                           dtype="float32", shards=2, options=ExtractOptions(**LOCAL_EXTRACT))
+    assert (videos_alone.extracted, videos_alone.skipped) == (1, [])  # --videos looks for no audio
 
 
 def test_a_media_store_made_before_audio_files_lists_them_and_keeps_its_fingerprint(audio_store, tmp_path):

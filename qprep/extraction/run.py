@@ -108,7 +108,7 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
     if not checkpoint.has_audio and settings.audio:
         settings = dataclasses.replace(settings, audio=False)  # a VL model has no audio tower
     existing = Store.open(out) if Store.exists(out) and not rebuild else None
-    settings, refused = _audio_files_taken(settings, checkpoint, model, existing, out)
+    settings, refused = _audio_files_taken(settings, checkpoint, model, existing, out, dataset=data is not None)
     named = None
     if data is not None:
         named = dataset_entries(data, settings, refused)
@@ -171,15 +171,16 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
     return summary
 
 
-def _audio_files_taken(settings: VideoSettings, checkpoint, model: str, existing: Store | None,
-                       out) -> tuple[VideoSettings, dict[str, str]]:
+def _audio_files_taken(settings: VideoSettings, checkpoint, model: str, existing: Store | None, out,
+                       dataset: bool) -> tuple[VideoSettings, dict[str, str]]:
     """The run's settings, without audio files where they are not extracted, and why not (kind →
     reason, each such file listed as passed over): a model without an audio tower; a `--media` store
-    made before audio files were taken (its fingerprint holds the kinds it takes)."""
+    made before audio files were taken (its fingerprint holds the kinds it takes). A `--videos` run
+    looks for none; a `--data` run takes those its records name."""
     without = dataclasses.replace(settings, kinds=tuple(kind for kind in settings.kinds if kind != "audio"))
-    if not checkpoint.has_audio:  # for a folder and a dataset alike
-        return without, {"audio": no_audio_tower(model)}
-    if not settings.audio_files:  # a --videos run; a --data run takes the kinds its records name
+    if not checkpoint.has_audio:
+        return without, {"audio": no_audio_tower(model)} if settings.audio_files or dataset else {}
+    if not settings.audio_files:
         return settings, {}
     if existing is not None and "audio" not in existing.attrs["config"]["settings"].get("kinds", ("video",)):
         return without, {"audio": f"an audio file, and {out} was extracted without audio files (--rebuild takes them)"}

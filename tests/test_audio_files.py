@@ -233,19 +233,20 @@ def samples_of(cache, model_dir, tmp_path):
     return checkpoint, layout, {s.id: s for s in dataset.samples}
 
 
-def processor_batch(model_dir, folder, cache, names):
+def processor_batch(model_dir, folder, cache, names, answered: bool = True):
     """The checkpoint's processor on the conversations `names`, padded right as one batch: each video
     plainly decoded at the frames the store sampled, and every audio slot (a video's own track, an
-    audio file) plainly decoded whole, in placeholder order."""
+    audio file) plainly decoded whole, in placeholder order. Not `answered`: the prompts up to the
+    assistant's turn, opened (as one calls `generate`)."""
     processor = AutoProcessor.from_pretrained(model_dir)
     spec = load_model_spec(model_dir)
     records = {r["id"]: r for r in RECORDS}
     rows = [cache.row(medium) for name in names for medium in records[name]["media"]]
     videos = [row for row in rows if row.kind == "video"]
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": CONTENTS[name]},
-         {"role": "assistant", "content": [{"type": "text", "text": records[name]["conversations"][1]["value"]}]}],
-        tokenize=False) for name in names]
+    answers = {name: [{"role": "assistant", "content": [
+        {"type": "text", "text": records[name]["conversations"][1]["value"]}]}] * answered for name in names}
+    texts = [processor.apply_chat_template([{"role": "user", "content": CONTENTS[name]}] + answers[name],
+                                           tokenize=False, add_generation_prompt=not answered) for name in names]
     kwargs = dict(text=texts, padding=True, padding_side="right", return_tensors="pt")
     heard = [row for row in rows if row.kind == "audio" or (row.kind == "video" and row.audio_length)]
     if heard:
@@ -260,6 +261,8 @@ def processor_batch(model_dir, folder, cache, names):
                       load_audio_from_video=True, audio_from_video_indices=slots,
                       videos_kwargs={"size": {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}})
     inputs = processor(**kwargs)
+    if not answered:
+        return inputs, {"use_audio_in_video": True} if videos else {}, None
     labels = torch.cat([_row_labels(inputs["input_ids"][i:i + 1], inputs["attention_mask"][i:i + 1], processor)
                         for i in range(len(names))])
     return inputs, {"use_audio_in_video": True} if videos else {}, labels
@@ -340,3 +343,25 @@ def test_verify_recomputes_audio_files_with_the_processor_and_the_full_model(aud
     for result in checked.results:
         assert result.ok, [(c.name, c.detail) for c in result.failed()]
         assert {"mel_length", "audio_tokens"} <= {c.name for c in result.checks}
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_infer_answers_an_audio_prompt_as_generate_does_on_the_raw_media(audio_store, kind, tmp_path):
+    """`qprep infer`'s prompts over an audio file (with a video, and alone): the processor's ids, and
+    `generate`'s greedy tokens and logits (the first step within the rounding bound of the last-row
+    `lm_head`: the full model multiplies the whole prompt, tests/test_infer.py)."""
+    from test_infer import assert_same_steps, generated, ours_with_logits
+
+    from qprep.train.infer import Generator, choose_requests
+
+    model_dir, folder, cache, _ = audio_store(kind)
+    checkpoint, layout, _ = samples_of(cache, model_dir, tmp_path)
+    asked, skipped = choose_requests(cache, data=tmp_path / "data.json", layout=layout)
+    assert not skipped
+    generator = Generator(checkpoint, checkpoint.tokenizer(), cache)
+    full = full_model(model_dir)
+    for request in (r for r in asked if r.id in ("both", "alone")):
+        inputs, model_kwargs, _ = processor_batch(model_dir, folder, cache, [request.id], answered=False)
+        assert generator.prompt_ids(request) == inputs["input_ids"][0].tolist()
+        theirs = generated(full, inputs, generator.stop, **model_kwargs)
+        assert_same_steps(ours_with_logits(generator, request), theirs, request.id, whole_prompt_head=True)

@@ -17,6 +17,8 @@ import click
 from qprep.datasets.detect import FORMATS
 from qprep.errors import RankFailed, SettingsError, VideoError
 from qprep.schemas.dtypes import DTYPE_NAMES
+from qprep.schemas.metrics import metrics_json
+from qprep.schemas.towers import LEVELS, MERGED
 from qprep.store.fs import is_url
 
 EXIT_SETTINGS, EXIT_VIDEO = 3, 4
@@ -218,6 +220,10 @@ def prepare(video, job, model, as_json, **flags):
               help="Tower dtype and token dtype; auto = the checkpoint's (bf16 for Qwen's releases), or the store's.")
 @click.option("--shards", type=click.IntRange(1, 1 << 20), default=None,
               help="Shard count of a new store (default 256). A changed video re-writes one shard.")
+@click.option("--level", type=click.Choice(LEVELS), default=MERGED, show_default=True,
+              help="What of the vision tower is stored. merged: the merger's output (serves runs whose merger "
+                   "is frozen); merger-input: the merger's input (and each deepstack merger's), 4 patches of the "
+                   "vision width per token, for runs that train the merger (train --train-merger) or not.")
 @click.option("--rebuild", is_flag=True, help="Delete the store and extract everything again (needed to change settings).")
 @click.option("--ray-address", envvar="RAY_ADDRESS", default=None,
               help="Run on this Ray cluster (env RAY_ADDRESS); default: a Ray of this run's own when Ray runs the "
@@ -238,8 +244,8 @@ def prepare(video, job, model, as_json, **flags):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(videos, media, data, data_format, media_dir, times, annotations_as, grounding_prompt, strict, out, job,
-            model, dtype, shards, rebuild, ray_address, executor, device, batch_size, revision, follow_links, as_json,
-            quiet, **flags):
+            model, dtype, shards, level, rebuild, ray_address, executor, device, batch_size, revision, follow_links,
+            as_json, quiet, **flags):
     """Cache the frozen towers' output for every video under --videos (every video and image under
     --media, or the media a --data set names) in the store --out.
 
@@ -281,11 +287,43 @@ def extract(videos, media, data, data_format, media_dir, times, annotations_as, 
                                  notify=lambda text: click.echo(text, err=True))
         try:
             summary = run_extract(videos, out, model, settings, dtype=dtype, shards=shards, rebuild=rebuild,
-                                  revision=revision, options=options)
+                                  revision=revision, level=level, options=options)
         except KeyboardInterrupt:
             click.echo("interrupted: the shards committed so far are kept; run the same command to finish.", err=True)
             sys.exit(130)
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary, out))
+
+
+@main.command("data")
+@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@data_file_options
+@video_options
+@click.option("--max-length", type=click.IntRange(1), default=None,
+              help="With --model: count the samples longer than this many tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def data_command(data, data_format, media_dir, times, annotations_as, grounding_prompt, job, model, max_length,
+                 as_json, **flags):
+    """Look at a dataset before extracting or training on it: its records by kind, the media found
+    and missing (record, path, where it looked), the records left out and why, the windows; with
+    --model (or a --job naming one), each sample's token length at these settings, from the media's
+    probes (nothing is decoded).
+
+    \b
+    Examples:
+      qprep data train.json
+      qprep data dataset_info.json --model ./Qwen2.5-VL-7B-Instruct --max-length 4096
+      qprep data charades_train.json --media-dir /data/charades --job seed-omni-100f --json
+    """
+    import json
+
+    from qprep.datasets.inspect import inspect_data
+
+    with _errors_to_exit_codes():
+        preset = _preset(job)
+        report = inspect_data(_data_file(data, data_format, media_dir, times, annotations_as, grounding_prompt),
+                              model=model or preset.model, settings=preset.video_settings(**flags),
+                              max_length=max_length)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else "\n".join(report.lines()))
 
 
 @main.command()
@@ -326,6 +364,12 @@ def status(store, videos, as_json):
 @click.option("--job", default=None, help="Preset (see `qprep jobs`) or TOML file whose [train] table to start from.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Passes over the data (default 2).")
 @click.option("--lr", type=float, default=None, help="AdamW peak learning rate (default 1e-4).")
+@click.option("--train-merger", type=click.Choice(["none", "full"]), default=None,
+              help="The vision tower's merger (projector): none (frozen, default) or full (trained beside the "
+                   "LoRA). Needs a store extracted with --level merger-input; saved beside the adapter as "
+                   "merger.safetensors under the checkpoint's own key names.")
+@click.option("--merger-lr", type=float, default=None,
+              help="Peak learning rate of a trained merger (Qwen's mm_projector_lr; default: --lr).")
 @click.option("--lr-scheduler", type=click.Choice(["linear", "cosine", "constant", "constant-with-warmup"]),
               default=None, help="How the learning rate moves over the run's optimizer steps, transformers' "
                                  "schedules (default linear: the Trainer's, down to 0).")
@@ -417,8 +461,6 @@ def train(cache_path, data, data_format, media_dir, times, annotations_as, groun
       qprep train --cache s3://b/clips.zarr --data train.json --out /shared/run --ray-address auto --gpus 8
       qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/ --resume
     """
-    import json
-
     from qprep.train.loop import train as run_train
     from qprep.train.run_folder import RunFolder
 
@@ -438,7 +480,8 @@ def train(cache_path, data, data_format, media_dir, times, annotations_as, groun
     if summary is None:  # a rank other than 0 (under torchrun): rank 0 reports
         return
     if as_json:
-        click.echo(json.dumps({**summary.__dict__, "adapter": str(RunFolder(out).adapter)}, indent=2))
+        click.echo(metrics_json({**summary.__dict__, "adapter": str(RunFolder(out).adapter)}, indent=2,
+                                warn=lambda line: click.echo(f"warning: {line}", err=True)))
     else:
         validation = "" if summary.last_val_loss is None else f", validation loss {summary.last_val_loss:.4f}"
         best = "" if summary.best_val_loss is None else f"; lowest validation loss {summary.best_val_loss:.4f} in " \
@@ -493,7 +536,8 @@ def verify(store, sample, check_all, ids, seed, tolerance, videos, model, revisi
                             ids=[i.strip() for i in ids.split(",") if i.strip()] if ids else None,
                             sample=None if check_all else sample, seed=seed, tolerance=tolerance, device=device,
                             progress=not quiet)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
+    click.echo(metrics_json(report.to_dict(), indent=2, warn=lambda line: click.echo(f"warning: {line}", err=True))
+               if as_json else format_report(report))
     if not report.ok:
         sys.exit(EXIT_MISMATCH)
 
@@ -566,8 +610,10 @@ def infer(cache_path, model, adapter, out, ids, data, data_format, media_dir, ti
               help='JSON lines of {"id", "answer"}, as `qprep infer` writes them.')
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The truth: an annotation dict as LongVALE, Charades-STA and ActivityNet publish it "
-                   "({video_id: {duration, timestamps, sentences}}), or a qprep data file (its first "
-                   "assistant turn per record; LongVALE's <s0>/<e0> tokens read from meta.token).")
+                   "({video_id: {duration, timestamps, sentences}}), or a data file in any format --format "
+                   "names (each record's first assistant turn; LongVALE's <s0>/<e0> as seconds).")
+@click.option("--format", "data_format", type=click.Choice(FORMATS), default=None,
+              help="The --data file's format (default: detected from its content).")
 @click.option("--units", type=click.Choice(["seconds", "relative"]), default="seconds", show_default=True,
               help="The answers' times: seconds, or LongVALE's relative units (hundredths of the video's "
                    "duration, as LongVALE's evaluator reads them).")
@@ -581,7 +627,7 @@ def infer(cache_path, model, adapter, out, ids, data, data_format, media_dir, ti
               help="How many videos the picture shows.")
 @click.option("--no-captions", is_flag=True, help="Temporal metrics only (no BLEU-4, CIDEr, METEOR, SODA_c).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with every video).")
-def evaluate(answers, data, units, task, per_video, plot, plot_videos, no_captions, as_json):
+def evaluate(answers, data, data_format, units, task, per_video, plot, plot_videos, no_captions, as_json):
     """Score timed event captions ("From 0 to 4.5, a man talks. ...") and grounding answers against
     the true segments.
 
@@ -603,15 +649,13 @@ def evaluate(answers, data, units, task, per_video, plot, plot_videos, no_captio
       qprep eval --answers grounding.jsonl --data charades_test.json
       qprep eval --answers answers.jsonl --data longvale-annotations-eval.json --units relative
     """
-    import json
-
     from qprep.eval.report import format_report, plot_timelines
     from qprep.eval.score import evaluate as score
 
     with _errors_to_exit_codes():
-        report = score(answers, data, captions=not no_captions, units=units, task=task)
+        report = score(answers, data, captions=not no_captions, units=units, task=task, format=data_format)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(metrics_json(report.to_dict(), indent=2, warn=lambda line: click.echo(f"warning: {line}", err=True)))
     else:
         click.echo(format_report(report, per_video=per_video))
     if plot:

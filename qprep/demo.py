@@ -2,12 +2,15 @@
 
 Makes a handful of short videos with speech-like audio and visible events at known times (a red
 disc and a tone burst), a tiny Qwen2.5-Omni checkpoint (random weights, real structure and key
-layout), and a LongVALE-style training file whose answers say when the events happen; then runs
-`extract` through Ray, `status`, `train` from the store until the tiny model has learnt its five
-answers by heart, `infer` with the adapter, `eval` of its answers against that same training file
-(overfitting a handful of samples is the usual check that a pipeline can learn at all) and an
-`extract` re-run that finds nothing to do, and prints where everything went and what each step took.
-`--videos` and `--model` run the same steps on one's own inputs.
+layout), and a training set as LLaMA-Factory publishes its own (a sharegpt file named by a
+`dataset_info.json`, media paths under a media folder): per video a dense-captioning question
+answered "From s to e, ..." and a grounding question answered "From s to e."; then runs `extract
+--data` (exactly the videos the set names), `status`, `train` from the store until the tiny model
+has learnt its answers by heart, `infer` with the adapter, `eval` of its answers against that same
+file (dense-captioning metrics and R1@m / mIoU; overfitting a handful of samples is the usual check
+that a pipeline can learn at all) and an `extract` re-run that finds nothing to do, and prints
+where everything went and what each step took. `--videos` and `--model` run the same steps on
+one's own inputs.
 """
 
 from __future__ import annotations
@@ -30,9 +33,16 @@ DEMO_VIDEOS = {  # short clips in the shapes real datasets have
     "short-b-frames.mp4": VideoSpec(width=320, height=180, fps=30, seconds=4, bframes=2, events=((1.0, 3.0),)),
 }
 DEMO_FRAMES = 16  # the clips are seconds long: the preset's 100 frames would mostly repeat
-# Long enough, on the preset's LoRA, for the random tiny model to reproduce its five training answers
-# (about half a minute on 2 cores): one sample per step, a learning rate a real model would not take.
-DEMO_TRAIN = dict(epochs=50, lr=1e-2, grad_accum=1)
+# Long enough, on the preset's LoRA, for the random tiny model to reproduce its ten training answers
+# (about 45 s on 2 cores): two samples a step, each seen 50 times, a learning rate a real model would
+# not take.
+DEMO_TRAIN = dict(epochs=50, lr=1e-2, batch_size=2, grad_accum=1)
+DEMO_EVENT = "a red disc appears"
+# LLaMA-Factory's description of the set (its dataset_info.json), in the OpenAI message style
+DATASET_INFO = {"qprep_demo": {"file_name": "demo.json", "formatting": "sharegpt",
+                               "columns": {"messages": "messages", "videos": "videos"},
+                               "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                        "assistant_tag": "assistant"}}}
 DEMO_ANSWER_TOKENS = 80  # the longest answer (two events) is 67 of the tiny tokenizer's tokens
 
 
@@ -60,7 +70,7 @@ def run_demo(workdir: Path | None = None, videos: Path | None = None, model: str
         # applying the saved token ids, and warns about its own defaults; real checkpoints do not
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # (Ray's local workers inherit it)
     result = DemoResult(workdir=workdir, videos=Path(videos) if videos else workdir / "videos", model=model or "",
-                        store=workdir / "store.zarr", data=workdir / "train.json", run=workdir / "run")
+                        store=workdir / "store.zarr", data=workdir / "data" / "dataset_info.json", run=workdir / "run")
     try:
         _steps(result, job, echo)
         echo(_report(result))
@@ -73,6 +83,8 @@ def run_demo(workdir: Path | None = None, videos: Path | None = None, model: str
 
 
 def _steps(result: DemoResult, job: str, echo) -> None:
+    from qprep.datasets import DataFile
+    from qprep.datasets.inspect import inspect_data
     from qprep.eval.report import format_report, plot_timelines
     from qprep.eval.score import evaluate
     from qprep.extraction.run import extract, format_summary
@@ -92,64 +104,94 @@ def _steps(result: DemoResult, job: str, echo) -> None:
     with _timed(result, "make a tiny model", echo):
         if not result.model:
             result.model = str(make_tiny_model(DEMO_KIND, result.workdir / f"tiny-{DEMO_KIND}"))
-    echo(f"\n$ qprep extract --videos {result.videos} --out {result.store} --model {result.model} "
-         f"--job {preset.name} --num-frames {DEMO_FRAMES}")
+    data = DataFile(write_demo_data(result.data.parent, result.videos), media_dir=result.videos)
+    echo(f"\n$ qprep data {result.data} --media-dir {result.videos}")
+    with _timed(result, "data", echo):
+        echo("\n".join(inspect_data(data).lines()))
+    echo(f"\n$ qprep extract --data {result.data} --media-dir {result.videos} --out {result.store} "
+         f"--model {result.model} --job {preset.name} --num-frames {DEMO_FRAMES}")
     with _timed(result, "extract", echo):
-        result.first_extract = extract(result.videos, result.store, result.model, settings, shards=8)
+        result.first_extract = extract(data, result.store, result.model, settings, shards=8)
     echo(format_summary(result.first_extract, result.store))
     echo(f"\n$ qprep status {result.store}")
     with _timed(result, "status", echo):
         echo(format_status(store_status(result.store)))
-    write_demo_data(result.data, result.store)
     flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in DEMO_TRAIN.items())
-    echo(f"\n$ qprep train --cache {result.store} --data {result.data} --model {result.model} --out {result.run} "
-         f"--job {preset.name} {flags} --report-to none")
+    echo(f"\n$ qprep train --cache {result.store} --data {result.data} --media-dir {result.videos} --model "
+         f"{result.model} --out {result.run} --job {preset.name} {flags} --report-to none")
     with _timed(result, "train", echo):
-        result.training = train(result.store, result.data, result.model, result.run,
+        result.training = train(result.store, data, result.model, result.run,
                                 preset.train_settings(**DEMO_TRAIN, report_to="none"), echo=echo)
     training = result.training
     echo(f"{training.steps} optimizer steps from the cache (no tower loaded, no video decoded): loss "
          f"{training.first_loss:.3f} → {training.last_loss:.3f}; the curves: {RunFolder(result.run).loss_plot}")
     answers = result.workdir / "answers.jsonl"
     echo(f"\n$ qprep infer --cache {result.store} --adapter {RunFolder(result.run).adapter} --data {result.data} "
-         f"--max-new-tokens {DEMO_ANSWER_TOKENS} --out {answers}")
+         f"--media-dir {result.videos} --max-new-tokens {DEMO_ANSWER_TOKENS} --out {answers}")
     with _timed(result, "infer", echo):
-        infer(result.store, result.model, answers, adapter=RunFolder(result.run).adapter, data=result.data,
+        infer(result.store, result.model, answers, adapter=RunFolder(result.run).adapter, data=data,
               max_new_tokens=DEMO_ANSWER_TOKENS, progress=False, echo=echo)
     echo(f"{answers.read_text().splitlines()[0]}   (the tiny model repeats the answer it was trained on)")
     picture = result.workdir / "eval.png"
     echo(f"\n$ qprep eval --answers {answers} --data {result.data} --plot {picture}")
     with _timed(result, "eval", echo):
-        result.evaluation = evaluate(answers, result.data)
+        result.evaluation = evaluate(answers, data)
         echo(format_report(result.evaluation))
         shown = min(6, len(result.evaluation.videos))
         echo(f"picture of {shown} videos → {plot_timelines(result.evaluation, picture)}")
-        echo("scored on its own training set: the tiny model learnt these five answers by heart, which shows "
+        echo("scored on its own training set: the tiny model learnt these answers by heart, which shows "
              "that the pipeline learns, and says nothing of how well a model answers videos it has not seen")
     echo("\n$ qprep extract ... (again: nothing changed, so nothing is decoded and Ray does not start)")
     with _timed(result, "extract again", echo):
-        result.re_run = extract(result.videos, result.store, result.model, settings)
+        result.re_run = extract(data, result.store, result.model, settings)
     echo(format_summary(result.re_run, result.store))
 
 
-def write_demo_data(path: Path, store: Path) -> Path:
-    """One dense-captioning conversation per cached video, in the LongVALE form the trainer reads.
-    Generated clips are described by their known events; other videos by their duration."""
-    from qprep.store.reader import open_cache
-    from qprep.train.infer import DENSE_CAPTION_PROMPT
+def write_demo_data(folder: Path, videos: Path) -> Path:
+    """The demo's training set in LLaMA-Factory's layout: `folder/demo.json` (sharegpt records, video
+    paths under `videos`) and the `folder/dataset_info.json` that names it; returns the latter.
 
-    cache = open_cache(store)
+    Per video two records: the recipe's dense-captioning question, answered with every event ("From
+    s to e, a red disc appears. ..."), named by the video's id; and a grounding question about its
+    first event, answered "From s to e.", named `{id}#0` (as a grounding dict's first sentence is).
+    Generated clips are described by their known events; other videos by their probed duration."""
+    from qprep.datasets.grounding import CAPTIONS_PROMPT, GROUNDING_PROMPT
+    from qprep.extraction.discover import VIDEO_EXTENSIONS
+
     records = []
-    for video_id in cache.ids():
-        row = cache.row(video_id)
-        spec = DEMO_VIDEOS.get(row.path)
-        events = spec.events if spec else ((0.0, round(row.duration or 0.0, 1)),)
-        answer = " ".join(f"From {start:.1f} to {end:.1f}, {'a red disc appears' if spec else 'the video plays'}."
-                          for start, end in events)
-        records.append({"id": video_id, "conversations": [
-            {"from": "human", "value": f"<video>\n{DENSE_CAPTION_PROMPT}"}, {"from": "gpt", "value": answer}]})
-    path.write_text(json.dumps(records, indent=1))
-    return path
+    for video in sorted(p for p in videos.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS):
+        name = video.relative_to(videos).as_posix()
+        described = _events(video, name)
+        if described is None:
+            continue  # not a video FFmpeg can read: nothing to ask about it
+        video_id, events, event = described
+        answer = " ".join(f"From {start:.1f} to {end:.1f}, {event}." for start, end in events)
+        start, end = events[0]
+        sentence = f"{event} for the first time" if len(events) > 1 else event
+        for record_id, question, reply in ((video_id, CAPTIONS_PROMPT, answer),
+                                           (f"{video_id}#0", GROUNDING_PROMPT.format(sentence=sentence),
+                                            f"From {start:.1f} to {end:.1f}.")):
+            records.append({"id": record_id, "messages": [{"role": "user", "content": f"<video>{question}"},
+                                                         {"role": "assistant", "content": reply}],
+                            "videos": [name]})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DATASET_INFO["qprep_demo"]["file_name"]).write_text(json.dumps(records, indent=1))
+    (folder / "dataset_info.json").write_text(json.dumps(DATASET_INFO, indent=1))
+    return folder / "dataset_info.json"
+
+
+def _events(video: Path, name: str) -> tuple[str, tuple, str] | None:
+    """(its cache id, its events in seconds, what happens in them); None for a file that cannot be probed."""
+    from qprep.errors import VideoError
+    from qprep.pipeline.probe import probe
+
+    video_id, spec = str(Path(name).with_suffix("")), DEMO_VIDEOS.get(name)
+    if spec:
+        return video_id, spec.events, DEMO_EVENT
+    try:
+        return video_id, ((0.0, round(probe(video).duration, 1)),), "the video plays"
+    except VideoError:
+        return None
 
 
 class _timed:

@@ -23,6 +23,11 @@ class SettingsError(QprepError, ValueError):
     """Settings that contradict each other or the model (raised before any video is touched)."""
 
 
+class LossNotFinite(SettingsError):
+    """Training reached a loss that is not a number (NaN or infinite): the step and its samples are
+    named, and the run stops before the optimizer applies it (the checkpoints so far stay sound)."""
+
+
 class RankFailed(QprepError):
     """A data-parallel training process died or raised; the message names the rank and the cause."""
 

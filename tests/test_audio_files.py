@@ -160,7 +160,7 @@ def test_extract_media_takes_audio_files_once_and_lists_a_broken_one(audio_store
                          ("cut.flac", "the audio track cannot be decoded")):
         row = cache.row(entry)
         assert (row.kind, row.status) == ("audio", "failed") and row.error.startswith(cause), row.error
-    assert cache.store.attrs["schema_version"] == 4
+    assert cache.store.attrs["schema_version"] == 5
     assert cache.row("b").kind == "video" and cache.row("b").audio_length > 0
 
     clean = tmp_path / "clean"  # a folder of audio alone, through the CLI: the second run finds nothing to do

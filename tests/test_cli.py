@@ -65,23 +65,36 @@ def test_demo_runs_end_to_end(tmp_path):
     cache = open_cache(tmp_path / "store.zarr")  # every video is in the store
     assert sorted(cache.ids()) == sorted(Path(name).stem for name in DEMO_VIDEOS)
     assert cache["silent-24fps"].audio_tokens is None and cache["landscape-30fps"].audio_tokens is not None
-    records = json.loads((tmp_path / "train.json").read_text())
-    assert records[0]["conversations"][1]["value"].startswith("From ")
+    # the training set as LLaMA-Factory publishes one: a sharegpt file its dataset_info.json names, per video a
+    # dense-captioning record and a grounding one
+    info = json.loads((tmp_path / "data" / "dataset_info.json").read_text())
+    records = json.loads((tmp_path / "data" / info["qprep_demo"]["file_name"]).read_text())
+    assert [r["id"] for r in records[:2]] == ["landscape-30fps", "landscape-30fps#0"]
+    assert [r["messages"][1]["content"] for r in records[:2]] == ["From 2.0 to 3.5, a red disc appears.",
+                                                                  "From 2.0 to 3.5."]
+    assert "--data" in result.output and "llamafactory, 10 records, 10 read (5 video, 5 grounding)" in result.output
+    from qprep.demo import DEMO_TRAIN
+
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert sum(losses[-len(DEMO_VIDEOS):]) < sum(losses[:len(DEMO_VIDEOS)])  # the last epoch's below the first's
+    per_epoch = len(losses) // DEMO_TRAIN["epochs"]
+    assert sum(losses[-per_epoch:]) < sum(losses[:per_epoch])  # the last epoch's below the first's
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert "nothing to do, 5 videos up to date" in result.output  # the re-run extracted nothing
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert sorted(a["id"] for a in answers) == sorted(r["id"] for r in records)
     # the loop ends with the answers scored against the training file, and the picture named
     assert "precision" in result.output and "mean best tIoU per true segment" in result.output
+    assert "grounding: 5 queries" in result.output and "R1@0.5" in result.output
     # the tiny model learnt its training answers: the scores are clearly above an untrained model's zero, and
-    # said to be its own. (How many of the five answers it reproduces varies from run to run, 0.5 to 0.9:
-    # the demo's synthetic videos are not byte-stable between encodes, so neither are its cached tokens.)
+    # said to be its own. (How many of the answers it reproduces varies from run to run, 0.5 to 0.9: the
+    # demo's synthetic videos are not byte-stable between encodes, so neither are its cached tokens.)
+    from qprep.datasets import DataFile
     from qprep.eval.score import evaluate
 
-    report = evaluate(tmp_path / "answers.jsonl", tmp_path / "train.json", captions=False)
+    report = evaluate(tmp_path / "answers.jsonl", DataFile(tmp_path / "data" / "dataset_info.json",
+                                                           media_dir=tmp_path / "videos"), captions=False)
     assert report.recall[0.5] >= 0.3 and report.precision[0.5] >= 0.3 and report.best_tiou >= 0.3, report.videos
+    assert report.grounding.miou >= 0.3, report.grounding.queries
     assert "scored on its own training set" in result.output
     assert f"videos → {tmp_path / 'eval.png'}" in result.output and (tmp_path / "eval.png").stat().st_size > 1000
     assert "what each step took" in result.output and "where everything went" in result.output

@@ -309,9 +309,11 @@ def test_truth_is_read_from_annotation_dicts_and_longvale_records_and_bad_record
     truth = load_truth(tmp_path / "charades.json", problems)
     assert list(truth) == ["AO8RW"] and truth["AO8RW"].duration == 33.75
     assert [(s.start, s.end, s.text) for s in truth["AO8RW"].segments] == [(0, 6.9, "a"), (3, 9.5, "b")]  # file order
-    assert problems == [f"{tmp_path / 'charades.json'}: record 1 ('short'): 1 timestamps for 2 sentences; not scored",
-                        f"{tmp_path / 'charades.json'}: record 2 ('bad'): timestamp 0 is [0, 'x'], not [start, end] "
-                        "in seconds; not scored"]
+    # the grounding reader's own checks and words (qprep.datasets.grounding)
+    assert problems == [f"{tmp_path / 'charades.json'}: record 1 (short): timestamps and sentences must be lists of "
+                        "one length; not scored",
+                        f"{tmp_path / 'charades.json'}: record 2 (bad): bad time: timestamps[0]'s end is 'x' (seconds, "
+                        "0 or more); not scored"]
 
     longvale = [{"id": "clip", "meta": {"duration": 54.2, "split": [129.8, 184.0],
                                         "token": {"<s0>": 0, "<e0>": 9.4, "<s1>": 49.4, "<e1>": 53.2}},
@@ -320,15 +322,19 @@ def test_truth_is_read_from_annotation_dicts_and_longvale_records_and_bad_record
                                                             "From <s1> to <e1>, she leaves."}]},
                 {"id": "tokenless", "conversations": [{"from": "human", "value": "<video>"},
                                                       {"from": "gpt", "value": "From <s0> to <e0>, a."}]},
-                {"id": "plain", "conversations": [{"from": "gpt", "value": "From 1 to 2, b."}]}]
+                {"id": "plain", "conversations": [{"from": "human", "value": "<video>"},
+                                                  {"from": "gpt", "value": "From 1 to 2, b."}]},
+                {"id": "unasked", "conversations": [{"from": "gpt", "value": "From 1 to 2, b."}]}]
     (tmp_path / "longvale.json").write_text(json.dumps(longvale))
     problems = []
     truth = load_truth(tmp_path / "longvale.json", problems)
     assert [(s.start, s.end, s.text) for s in truth["clip"].segments] == [
         (0, 9.4, "woman is counting money"), (49.4, 53.2, "she leaves")]
     assert truth["clip"].duration == 54.2 and truth["plain"].duration is None
-    assert problems == [f"{tmp_path / 'longvale.json'}: record 1 ('tokenless'): its answer names time tokens "
-                        "(<s0>, <e0>, ...) but meta.token is missing; not scored"]
+    assert truth["clip"].media == ("clip#t=129.8,184",)  # the window training reads
+    assert problems == [f"{tmp_path / 'longvale.json'}: record 1 (tokenless): bad time: <s0> has no time in "
+                        "meta.token; not scored", f"{tmp_path / 'longvale.json'}: record 3 (unasked): no user turn; "
+                                                  "not scored"]
 
     listed = [{"id": "v_QOlSCBRmfWY", "duration": 82.73, "timestamps": [[0.83, 19.86], [17.37, 60.81]],
                "sentences": ["A young woman is seen standing in a room.", "She then begins to dance."]}]
@@ -337,10 +343,10 @@ def test_truth_is_read_from_annotation_dicts_and_longvale_records_and_bad_record
     assert [(s.start, s.end) for s in truth["v_QOlSCBRmfWY"].segments] == [(0.83, 19.86), (17.37, 60.81)]
 
     (tmp_path / "broken.json").write_text("{")
-    with pytest.raises(SettingsError, match="broken.json: cannot read it as JSON"):
+    with pytest.raises(SettingsError, match="broken.json: line 1 is not JSON"):
         load_truth(tmp_path / "broken.json", [])
     (tmp_path / "none.json").write_text(json.dumps({"x": {"timestamps": [], "sentences": []}}))
-    with pytest.raises(SettingsError, match=r"none.json: no record with true segments .*'x'\): no timestamps"):
+    with pytest.raises(SettingsError, match=r"none.json: no record with true segments .*\(x\): no timestamps"):
         load_truth(tmp_path / "none.json", [])
 
 
@@ -443,7 +449,7 @@ def test_infer_asks_one_grounding_question_per_true_sentence_keyed_as_eval_reads
     question = requests[0].conversation[0]["content"][-1]["text"]
     # LongVALE's way with the sentence: lower case, without its final period
     assert "find a person is putting a book on a shelf taking place" in question and "in seconds" in question
-    assert skipped == {"records without true segments": [f"{tmp_path / 'charades.json'}: record 4 ('E'): no "
+    assert skipped == {"records without true segments": [f"{tmp_path / 'charades.json'}: record 4 (E): no "
                                                          "timestamps; not scored"],
                        "video not in the cache": ["C#0"], "video failed extraction": ["D#0"]}
     answers = tmp_path / "answers.jsonl"  # the ids it writes are the queries eval scores
@@ -456,3 +462,110 @@ def test_infer_asks_one_grounding_question_per_true_sentence_keyed_as_eval_reads
         grounding_requests(_Cache(["A"]), tmp_path / "charades.json", prompt="When?")
     with pytest.raises(SettingsError, match="--grounding asks about the sentences of --data"):
         grounding_requests(_Cache(["A"]), None)
+
+
+def _grounding_files(tmp_path) -> dict:
+    """CHARADES written as a Charades-STA dict, a Time-R1 list and a LLaMA-Factory sharegpt set with
+    its dataset_info.json: one grounding sample per sentence, named as the dict's reader names it."""
+    samples = [(f"{video}#{k}", video, stamp, sentence) for video, item in CHARADES.items()
+               for k, (stamp, sentence) in enumerate(zip(item["timestamps"], item["sentences"]))]
+    (tmp_path / "charades.json").write_text(json.dumps(CHARADES))
+    (tmp_path / "time_r1.json").write_text(json.dumps([
+        {"id": name, "video": f"{video}.mp4", "duration": CHARADES[video]["duration"], "timestamp": stamp,
+         "sentence": sentence} for name, video, stamp, sentence in samples]))
+    (tmp_path / "lf").mkdir()
+    (tmp_path / "lf" / "grounding.json").write_text(json.dumps([
+        {"id": name, "messages": [{"role": "user", "content": f"<video>When does {sentence} happen?"},
+                                  {"role": "assistant", "content": f"From {stamp[0]} to {stamp[1]}."}],
+         "videos": [f"{video}.mp4"]} for name, video, stamp, sentence in samples]))
+    (tmp_path / "lf" / "dataset_info.json").write_text(json.dumps({"charades": {
+        "file_name": "grounding.json", "formatting": "sharegpt",
+        "columns": {"messages": "messages", "videos": "videos"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
+    return {"grounding": tmp_path / "charades.json", "time-r1": tmp_path / "time_r1.json",
+            "llamafactory": tmp_path / "lf" / "dataset_info.json"}
+
+
+def _captioning_files(tmp_path) -> dict:
+    """HAND's truth as LongVALE records (times in meta.token), an ms-swift JSONL, content blocks and LLaVA."""
+    question = "Could you detail events during different time segments?"
+    longvale = []
+    for video, text in HAND[0].items():
+        token, k = {}, 0
+        for start, end in [(s.start, s.end) for s in parse_answer(text).segments]:
+            token.update({f"<s{k}>": start, f"<e{k}>": end})
+            text = text.replace(f"From {start:g} to {end:g}", f"From <s{k}> to <e{k}>", 1)
+            k += 1
+        longvale.append({"id": video, "meta": {"duration": 60.0, "token": token},
+                         "conversations": [{"from": "human", "value": f"<video>\n{question}"},
+                                           {"from": "gpt", "value": text}]})
+    (tmp_path / "longvale.json").write_text(json.dumps(longvale))
+    (tmp_path / "swift.jsonl").write_text("\n".join(json.dumps(
+        {"id": video, "messages": [{"role": "user", "content": f"<video>{question}"},
+                                   {"role": "assistant", "content": text}], "videos": [f"{video}.mp4"]})
+        for video, text in HAND[0].items()))
+    (tmp_path / "blocks.json").write_text(json.dumps([
+        {"id": video, "messages": [{"role": "user", "content": [{"type": "video", "video": f"{video}.mp4"},
+                                                                {"type": "text", "text": question}]},
+                                   {"role": "assistant", "content": [{"type": "text", "text": text}]}]}
+        for video, text in HAND[0].items()]))
+    (tmp_path / "llava.json").write_text(json.dumps([
+        {"id": video, "video": f"{video}.mp4", "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                                                 {"from": "gpt", "value": text}]}
+        for video, text in HAND[0].items()]))
+    return {fmt: tmp_path / name for fmt, name in (("longvale", "longvale.json"), ("swift", "swift.jsonl"),
+                                                   ("blocks", "blocks.json"), ("llava", "llava.json"))}
+
+
+def test_eval_reads_the_truth_from_every_format_through_the_dataset_readers_and_scores_it_alike(tmp_path):
+    """The same truth written in each format gives the same scores; each record's truth is named as
+    `qprep.datasets.load` (what `infer --data` answers under) names it."""
+    from qprep.datasets import load
+    from qprep.datasets.detect import detect
+    from qprep.datasets.source import read_rows
+
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("\n".join(json.dumps(a) for a in GROUNDED))
+    for fmt, data in _grounding_files(tmp_path).items():
+        if fmt != "llamafactory":
+            assert detect(read_rows(data)) == fmt
+        assert {r["id"] for r in load(data)} == {f"A#{k}" for k in range(2)} | {f"B#{k}" for k in range(6)}
+        report = evaluate(answers, data, captions=False)
+        assert report.tasks == ("grounding",), fmt
+        assert [q.iou for q in report.grounding.queries] == pytest.approx(GROUNDED_IOUS), fmt
+        assert report.grounding.metrics() == pytest.approx({"R1@0.3": 6 / 8, "R1@0.5": 4 / 8, "R1@0.7": 2 / 8,
+                                                            "mIoU": sum(GROUNDED_IOUS) / 8}), fmt
+
+    answers.write_text("\n".join(json.dumps(a) for a in HAND[1]))
+    expected = {0.3: (5 / 9, 2 / 3), 0.5: (4 / 9, 1 / 2), 0.7: (4 / 9, 1 / 2), 0.9: (0.0, 0.0)}
+    for fmt, data in _captioning_files(tmp_path).items():
+        assert detect(read_rows(data)) == fmt and [r["id"] for r in load(data)] == list(HAND[0])
+        report = evaluate(answers, data, captions=False)
+        assert report.tasks == ("captioning",) and [v.id for v in report.videos] == list(HAND[0]), fmt
+        assert [report.precision[t] for t in expected] == pytest.approx([p for p, _ in expected.values()]), fmt
+        assert [report.recall[t] for t in expected] == pytest.approx([r for _, r in expected.values()]), fmt
+        assert report.best_tiou == pytest.approx(1.4 / 3), fmt
+    # LongVALE's relative units: the duration comes from meta.duration (60 s): "From 0 to 13" is 0-8.4 s
+    answers.write_text(json.dumps({"id": "v2", "answer": "From 0 to 7, a dog barks."}))
+    report = evaluate(answers, tmp_path / "longvale.json", captions=False, units="relative")
+    assert (report.videos[1].predicted[0].start, report.videos[1].predicted[0].end) == pytest.approx((0, 4.8))
+
+
+def test_eval_takes_a_forced_format_and_a_dataset_mixing_dense_captions_and_grounding_samples(tmp_path):
+    """One LLaMA-Factory file holding a dense-captioning record per video and a grounding record
+    beside it: each answer is scored as its record's kind, the grounding records are the queries."""
+    records = [{"id": "v1", "messages": [{"role": "user", "content": "<video>What happens?"},
+                                         {"role": "assistant", "content": HAND[0]["v1"]}], "videos": ["v1.mp4"]},
+               {"id": "v1#0", "messages": [{"role": "user", "content": "<video>When does a man walk in?"},
+                                           {"role": "assistant", "content": "From 0 to 10."}], "videos": ["v1.mp4"]}]
+    (tmp_path / "mixed.txt").write_text(json.dumps(records))
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("\n".join(json.dumps(a) for a in (HAND[1][0], {"id": "v1#0", "answer": "From 5 to 10."})))
+    report = evaluate(answers, tmp_path / "mixed.txt", captions=False, format="llamafactory")
+    assert report.tasks == ("captioning", "grounding")
+    assert [v.id for v in report.videos] == ["v1"] and report.precision[0.3] == pytest.approx(2 / 3)
+    assert [(q.id, q.iou) for q in report.grounding.queries] == [("v1#0", 0.5)]
+    result = CliRunner().invoke(main, ["eval", "--answers", str(answers), "--data", str(tmp_path / "mixed.txt"),
+                                       "--format", "llamafactory", "--no-captions", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["grounding"]["mIoU"] == 0.5

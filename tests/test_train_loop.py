@@ -113,6 +113,60 @@ def test_validation_reports_the_held_out_loss_keeps_the_best_adapter_and_leaves_
         train(store, data, model_dir, tmp_path / "no-data", settings, progress=False, echo=lambda _: None)
 
 
+def strict_json(line: str):
+    """`line` read as strict JSON: NaN and Infinity, which Python writes and JSON lacks, fail the test."""
+    return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))
+
+
+def test_a_loss_that_is_not_a_number_stops_the_run_at_its_step_and_no_metric_is_ever_nan(
+        omni_store, tmp_path, monkeypatch):
+    """The third batch's loss is made NaN: the run stops there naming the step and its sample, every
+    metrics line written is strict JSON, and the checkpoint before it resumes into a finished run.
+    A validation loss that is NaN is written as null with a warning, and never kept as the best."""
+    from qprep.errors import LossNotFinite
+    from qprep.train.objectives.sft import SupervisedObjective
+
+    model_dir, cache = omni_store
+    data, store, real = write_data(tmp_path / "train.json"), cache.store.root, SupervisedObjective.loss
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(SupervisedObjective, "loss", poisoned)
+    with pytest.raises(LossNotFinite, match=r"the loss is nan at optimizer step 2 \(epoch 1, batch 0; samples [ab]\)"):
+        train(store, data, model_dir, tmp_path / "run", SETTINGS, progress=False, echo=lambda _: None)
+    rows = [strict_json(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["epoch"], row["batch"]) for row in rows] == [(0, 0), (0, 1)]
+    monkeypatch.setattr(SupervisedObjective, "loss", real)
+    resumed = train(store, data, model_dir, tmp_path / "run", SETTINGS, resume=True, progress=False,
+                    echo=lambda _: None)
+    assert resumed.steps == 4 and (tmp_path / "run" / "adapter").is_dir()
+
+    monkeypatch.setattr(SupervisedObjective, "validate", lambda *args, **kwargs: float("nan"))
+    (tmp_path / "val.json").write_text(json.dumps(json.loads(Path(data).read_text())[:1]))
+    said: list[str] = []
+    settings = dataclasses.replace(SETTINGS, epochs=1, save_best=True)
+    run = train(store, data, model_dir, tmp_path / "nan-val", settings, eval_data=tmp_path / "val.json",
+                progress=False, echo=said.append)
+    rows = [strict_json(line) for line in (tmp_path / "nan-val" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["val_loss"] for row in rows if "val_loss" in row] == [None]
+    assert "step 1: not a finite number, written as null: val_loss" in said
+    assert run.best_val_loss is None and not (tmp_path / "nan-val" / "best-adapter").exists()
+
+
+def test_metrics_json_writes_null_for_every_number_that_is_not_finite_and_names_it():
+    from qprep.schemas.metrics import metrics_json
+
+    warned: list[str] = []
+    row = {"loss": float("nan"), "ok": 1.5, "grounding": {"mIoU": float("inf"), "per_query": [0.5, float("-inf")]}}
+    text = metrics_json(row, warn=warned.append)
+    assert strict_json(text) == {"loss": None, "ok": 1.5, "grounding": {"mIoU": None, "per_query": [0.5, None]}}
+    assert warned == ["not a finite number, written as null: loss, grounding.mIoU, grounding.per_query[1]"]
+    assert metrics_json({"step": 3}, warn=warned.append) == '{"step": 3}' and len(warned) == 1
+
+
 def test_cli_train_takes_a_job_file_and_flags_and_records_the_effective_settings(omni_store, tmp_path):
     model_dir, cache = omni_store
     job = tmp_path / "job.toml"

@@ -2,7 +2,8 @@
 `dataset_info.json` naming it). Rules, first match wins:
 
 * named by a `dataset_info.json` (or being one): `llamafactory`;
-* an object whose values hold `timestamps` and `sentences`: `grounding` (Charades-STA, ActivityNet);
+* an object whose values hold `timestamps` and `sentences`, or a list of such records: `grounding`
+  (Charades-STA, ActivityNet);
 * a list of records with `timestamp` and `sentence`: `time-r1`;
 * records with `instruction` and `output`: `llamafactory` (alpaca);
 * `messages` whose content is a list of typed blocks: `blocks`; other `messages`: `swift`;
@@ -32,6 +33,8 @@ def detect(content) -> str | None:
     if not rows:
         return "qprep"  # an empty list: nothing to train on, which training then says
     keys = set().union(*rows)
+    if {"timestamps", "sentences"} <= keys:
+        return "grounding"
     if {"timestamp", "sentence"} <= keys:
         return "time-r1"
     if {"instruction", "output"} <= keys:

@@ -3,11 +3,11 @@
 VideoChat-R1 ship them so), and Time-R1's lists of `{"video", "duration", "timestamp": [s, e],
 "sentence", "video_start", "video_end"}` (the timestamp relative to the clip).
 
-A dict gives one grounding sample per sentence, named `{video_id}#{k}` (sentence k), whose
-question is a template the user may set (`{sentence}` stands for the sentence) and whose answer
-is "From s to e." in seconds; or (`task="captions"`) one dense-captioning sample per video, the
-recipe's question answered "From s to e, sentence. ...". Its videos are named by id
-(`DIR/{id}` with a video extension). A Time-R1 record is one grounding sample over its window.
+A dict (or a list of its annotations, each with an `id`) gives one grounding sample per sentence,
+named `{video_id}#{k}` (sentence k), whose question is a template the user may set (`{sentence}`
+stands for the sentence) and whose answer is "From s to e." in seconds; or (`task="captions"`)
+one dense-captioning sample per video, the recipe's question answered "From s to e, sentence.
+...". Its videos are named by id (`DIR/{id}` with a video extension). A Time-R1 record is one grounding sample over its window.
 """
 
 from __future__ import annotations
@@ -26,47 +26,74 @@ TASKS = ("grounding", "captions")
 
 def read(data, source: DataFile):
     """The records of a `{video_id: {...}}` dict: per sentence, a bad one leaves out its sample alone."""
-    if not isinstance(data, dict):
-        raise RecordError("expected a {video_id: {duration, timestamps, sentences}} object")
     if source.task not in TASKS:
         raise RecordError(f"task {source.task!r}: expected one of {', '.join(TASKS)}")
-    for index, (video_id, record) in enumerate(data.items()):
+    for index, video_id, record in videos(data):
         try:
-            pairs, duration = _pairs(record)
+            pairs, duration = pairs_of(record)
             if source.task == "captions":
-                yield _captions(video_id, index, [_event(pair, duration, k) for k, pair in enumerate(pairs)], source)
+                yield _captions(video_id, index, [event(pair, duration, k) for k, pair in enumerate(pairs)], source,
+                                duration)
                 continue
         except RecordError as exc:
             yield Failure(video_id, str(exc))
             continue
         for k, pair in enumerate(pairs):
             try:
-                (start, end), sentence = _event(pair, duration, k)
+                (start, end), sentence = event(pair, duration, k)
                 yield check(Record(f"{video_id}#{k}", index, _grounding(source.prompt, sentence, start, end),
-                                   [_video(video_id, source)]))
+                                   [_video(video_id, source)], duration=_duration(duration)))
             except RecordError as exc:
                 yield Failure(f"{video_id}#{k}", str(exc))
 
 
-def _pairs(record) -> tuple[list, object]:
+def videos(data):
+    """(index, video id, annotation) of each video of a `{video_id: {...}}` dict, or of a list of
+    such annotations each with an `id` (as some sets list them)."""
+    if isinstance(data, list):
+        for index, record in enumerate(data):
+            if not (isinstance(record, dict) and "id" in record):
+                yield index, f"#{index}", None
+            else:
+                yield index, str(record["id"]), record
+        return
+    if not isinstance(data, dict):
+        raise RecordError("expected a {video_id: {duration, timestamps, sentences}} object")
+    for index, (video_id, record) in enumerate(data.items()):
+        yield index, video_id, record
+
+
+def pairs_of(record) -> tuple[list, object]:
     """A video's (timestamp, sentence) pairs, as written, and its duration."""
+    if record is None:
+        raise RecordError("not an annotation object with an id")
     if not isinstance(record, dict):
         raise RecordError(f"{record!r:.60} is not an object")
     stamps, sentences = record.get("timestamps"), record.get("sentences")
     if not isinstance(stamps, list) or not isinstance(sentences, list) or len(stamps) != len(sentences):
         raise RecordError("timestamps and sentences must be lists of one length")
+    if not stamps:
+        raise RecordError("no timestamps")
     return list(zip(stamps, sentences)), record.get("duration")
 
 
-def _event(pair, duration, k: int) -> tuple[tuple[float, float], str]:
-    """Sentence k's checked ((start, end), text)."""
+def event(pair, duration, k: int, *, reversed_ok: bool = False) -> tuple[tuple[float, float], str]:
+    """Sentence k's checked ((start, end), text). `reversed_ok`: a range written end first (ActivityNet
+    holds a few) is read start first, as its evaluators read it."""
     stamp, sentence = pair
+    if reversed_ok and isinstance(stamp, list) and len(stamp) == 2 and all(isinstance(t, (int, float)) for t in stamp):
+        stamp = sorted(stamp)
     return _span(stamp, duration, f"timestamps[{k}]"), _text(sentence)
 
 
-def _captions(video_id: str, index: int, events: list, source: DataFile) -> Record:
+def _duration(duration) -> float | None:
+    return None if duration is None else seconds(duration, "duration")
+
+
+def _captions(video_id: str, index: int, events: list, source: DataFile, duration) -> Record:
     answer = " ".join(f"From {seconds_text(s)} to {seconds_text(e)}, {_sentence(text)}." for (s, e), text in events)
-    return check(Record(video_id, index, _turns(source.prompt or CAPTIONS_PROMPT, answer), [_video(video_id, source)]))
+    return check(Record(video_id, index, _turns(source.prompt or CAPTIONS_PROMPT, answer), [_video(video_id, source)],
+                        duration=_duration(duration)))
 
 
 def _video(video_id: str, source: DataFile) -> Medium:
@@ -117,4 +144,5 @@ def _time_r1(record: dict, index: int, source: DataFile) -> Record:
     video = find(Medium("video", path, **window), candidates(path, None, source.root))
     start, end = _span(record.get("timestamp"), record.get("duration"), "timestamp")
     name = str(record.get("id", record.get("qid", f"#{index}")))
-    return Record(name, index, _grounding(source.prompt, _text(record.get("sentence")), start, end), [video])
+    return Record(name, index, _grounding(source.prompt, _text(record.get("sentence")), start, end), [video],
+                  duration=_duration(record.get("duration")))

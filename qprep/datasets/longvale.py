@@ -36,7 +36,9 @@ def read_one(record: dict, index: int, source: DataFile) -> Record:
     turns = [Turn(t.role, substituted(t.text, meta, source.times))
              for t in turns_of(record.get("conversations"), "from", "value", ROLES)]
     video = find_by_id(Medium("video", str(record["id"]), by_id=True, **clip(meta)), source.root)
-    return Record(str(record["id"]), index, first_marked(turns), [video])
+    duration = meta.get("duration")
+    return Record(str(record["id"]), index, first_marked(turns), [video],
+                  duration=None if duration is None else seconds(duration, "meta.duration"))
 
 
 def clip(meta: dict) -> dict:

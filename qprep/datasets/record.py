@@ -60,6 +60,7 @@ class Record:
     index: int  # its place in the file (0-based)
     turns: list[Turn]
     media: list[Medium] = field(default_factory=list)  # in the order of the marks in `turns`
+    duration: float | None = None  # the video's (or clip's) seconds where the dataset gives them (eval's units)
 
     @property
     def label(self) -> str:

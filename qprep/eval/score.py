@@ -1,9 +1,11 @@
 """`qprep eval` / `qprep.evaluate`: answers (`qprep infer`'s JSON lines) scored against a data file.
 
-The true segments come from the data file (`truth`: annotation dicts as LongVALE, Charades-STA and
-ActivityNet publish them, or qprep's data files). An answer keyed by a video's id is scored as dense
-captioning (the evaluator's temporal and caption metrics, and SODA_c); one keyed
-`{video_id}#{i}` as the grounding answer to that video's i-th sentence (R1@0.3/0.5/0.7, mIoU).
+The true segments come from the data file, in any format `qprep.datasets` reads (`truth`:
+annotation dicts as LongVALE, Charades-STA and ActivityNet publish them, and every training format).
+An answer keyed by a video's id is scored as dense captioning (the evaluator's temporal and
+caption metrics, and SODA_c); one keyed `{video_id}#{i}` as the grounding answer to that video's
+i-th sentence, and one keyed by a grounding sample's name (a record answered "From s to e.") as
+that sample's (R1@0.3/0.5/0.7, mIoU).
 Answers are in seconds or in LongVALE's relative units. Every video (or query) of the data is
 scored; one without an answer scores 0 and is listed. Bad input never stops the rest: a line that
 is not JSON, one without an id or answer, a duplicate id (the first answer counts), an empty
@@ -98,9 +100,9 @@ TASKS = ("auto", "captioning", "grounding")
 UNITS = ("seconds", "relative")
 
 
-def evaluate(answers: str | Path, data: str | Path, *, tious: tuple[float, ...] = temporal.TIOUS,
+def evaluate(answers: str | Path, data, *, tious: tuple[float, ...] = temporal.TIOUS,
              captions: bool = True, meteor: bool | None = None, units: str = "seconds",
-             task: str = "auto") -> EvalReport:
+             task: str = "auto", format: str | None = None) -> EvalReport:
     """Score `answers` (JSON lines `{"id", "answer"}`) against the true segments of `data`.
 
     An answer keyed by a video's id is a dense-captioning answer; one keyed `{video_id}#{i}` answers
@@ -112,7 +114,7 @@ def evaluate(answers: str | Path, data: str | Path, *, tious: tuple[float, ...] 
     if units not in UNITS or task not in TASKS:
         raise SettingsError(f"units must be one of {UNITS} and task one of {TASKS}, not {units!r} and {task!r}")
     problems: list[str] = []
-    truth = load_truth(data, problems)
+    truth = load_truth(data, problems, format=format)
     given = load_answers(answers, problems)
     dense, queries = _split_answers(given, truth, answers, data, problems)
     tasks = _tasks(task, dense, queries, answers, problems)
@@ -120,8 +122,8 @@ def evaluate(answers: str | Path, data: str | Path, *, tious: tuple[float, ...] 
         raise SettingsError(f"--data {data}: no record gives a duration, which answers in relative units "
                             "need (an annotation's `duration`, or a record's `meta.duration`)")
     read = _Reader(answers, truth, units, problems)
-    videos = [_score_video(video_id, truth[video_id].segments, read.captioning(video_id, dense.get(video_id)),
-                           tious) for video_id in truth] if "captioning" in tasks else []
+    videos = [_score_video(video_id, item.segments, read.captioning(video_id, dense.get(video_id)), tious)
+              for video_id, item in truth.items() if not item.query] if "captioning" in tasks else []
     report = EvalReport(answers=str(answers), data=str(data), tious=tuple(tious), videos=videos,
                         precision={t: _mean([v.precision[t] for v in videos]) for t in tious},
                         recall={t: _mean([v.recall[t] for v in videos]) for t in tious}, f1={}, captions={},
@@ -129,26 +131,37 @@ def evaluate(answers: str | Path, data: str | Path, *, tious: tuple[float, ...] 
                         units=units, tasks=tasks)
     report.f1 = {t: temporal.f1(report.precision[t], report.recall[t]) for t in tious}
     if "grounding" in tasks:
-        report.grounding = GroundingReport([
-            read.grounding(video_id, index, segment, queries.get(query_id(video_id, index)))
-            for video_id, item in truth.items() for index, segment in enumerate(item.segments)])
+        report.grounding = GroundingReport([read.grounding(name, video_id, index, segment, queries.get(name))
+                                            for name, video_id, index, segment in _queries(truth)])
     if captions and videos:
         _score_captions(report, meteor)
     return report
 
 
+def _queries(truth) -> list[tuple[str, str, int, Segment]]:
+    """(query name, truth name, sentence index, true segment) of each grounding query: the grounding
+    samples of the truth where it has any, else each sentence of each video."""
+    samples = [(name, name, 0, item.segments[0]) for name, item in truth.items() if item.query]
+    return samples or [(query_id(video_id, index), video_id, index, segment) for video_id, item in truth.items()
+                       for index, segment in enumerate(item.segments)]
+
+
 def _split_answers(given, truth, answers, data, problems) -> tuple[dict, dict]:
     """The answers keyed by a video (dense captioning) and those keyed by a query (grounding)."""
     dense, queries = {}, {}
+    videos = {name: item for name, item in truth.items() if not item.query}
+    sentences = len(videos) == len(truth)  # no grounding sample: the videos' sentences are the queries
     for answer_id, (line, text) in given.items():
-        if answer_id in truth:
+        if answer_id in videos:
             dense[answer_id] = (line, text)
-        elif split_query_id(answer_id, truth):
+        elif answer_id in truth or (sentences and split_query_id(answer_id, videos)):
             queries[answer_id] = (line, text)
         else:
             problems.append(f"{answers}:{line}: id {answer_id!r} is not in {data}; not scored")
     for answer_id, (line, _) in queries.items():
-        video_id, index = split_query_id(answer_id, truth)
+        if answer_id in truth:
+            continue
+        video_id, index = split_query_id(answer_id, videos)
         if index >= len(truth[video_id].segments):
             problems.append(f"{answers}:{line}: {video_id!r} has {len(truth[video_id].segments)} sentences "
                             f"in {data}, so no query {index}; not scored")
@@ -174,8 +187,7 @@ class _Reader:
         parsed = self._parse(video_id, video_id, given, end_offset=1)
         return parsed, given is not None
 
-    def grounding(self, video_id: str, index: int, segment: Segment, given) -> QueryResult:
-        name = query_id(video_id, index)
+    def grounding(self, name: str, video_id: str, index: int, segment: Segment, given) -> QueryResult:
         parsed = self._parse(name, video_id, None if given is None else (given[0], answer_text(given[1])),
                              end_offset=0)
         predicted = parsed.segments[0] if parsed.segments else None

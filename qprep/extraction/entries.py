@@ -100,7 +100,7 @@ def dataset_entries(source, settings=None, refused: dict[str, str] | None = None
     `refused`: kinds not extracted (audio files, for a model without an audio tower), with the reason."""
     from qprep.schemas.settings import VideoSettings
 
-    from qprep.datasets import parse, read_records
+    from qprep.datasets import parse
     from qprep.datasets.record import Failure
 
     content, reader, path = parse(source)
@@ -108,7 +108,7 @@ def dataset_entries(source, settings=None, refused: dict[str, str] | None = None
     if not root.is_dir():
         raise SettingsError(f"--media-dir {root}: not a directory")
     named = Named(root, [], _whole_files_in(root))
-    items = _plain_records(content, root) if reader == "qprep" else read_records(source, content, reader)
+    items = dataset_records(source, content, reader)
     entries: dict[str, tuple[VideoFile, str, Path]] = {}  # id → (entry, the first record naming it, its file)
     for item in items:
         named.records += 1
@@ -207,6 +207,14 @@ def _whole_files_in(root: Path) -> Callable[[ManifestRow], VideoFile | None]:
                          kind=row.kind)
 
     return unnamed
+
+
+def dataset_records(source, content, reader: str):
+    """The records (or the readers' `Failure`s) of a parsed data file, each with its media: qprep's
+    own records resolved by cache id, a published format through its reader."""
+    from qprep.datasets import read_records
+
+    return _plain_records(content, source.root) if reader == "qprep" else read_records(source, content, reader)
 
 
 def _plain_records(records: list[dict], root: Path):

@@ -148,9 +148,10 @@ def choose_requests(cache, *, ids: list[str] | None = None, data: str | Path | N
 def grounding_requests(cache, data: str | Path | None, *, prompt: str | None = None,
                        layout=None) -> tuple[list[Request], dict[str, list[str]]]:
     """A grounding question for each true sentence of `data` (an annotation dict as Charades-STA,
-    ActivityNet or LongVALE publish it, or a qprep data file), id `{video_id}#{i}` as `qprep eval`
-    reads it. `prompt` is the question's template, `{sentence}` standing for the sentence; the
-    sentence is put as LongVALE's evaluator puts it (stripped, lower case, without its final period)."""
+    ActivityNet or LongVALE publish it, or any data file `qprep eval` reads), id `{video_id}#{i}` as
+    `qprep eval` reads it. `prompt` is the question's template, `{sentence}` standing for the sentence;
+    the sentence is put as LongVALE's evaluator puts it (stripped, lower case, without its final
+    period). A record that is a grounding sample already carries its question: `--data` alone asks it."""
     from qprep.eval.grounding import query_id
     from qprep.eval.truth import load_truth
     from qprep.train.data import VIDEO_MARK, messages, unusable_media
@@ -165,7 +166,12 @@ def grounding_requests(cache, data: str | Path | None, *, prompt: str | None = N
     skipped: dict[str, list[str]] = {"records without true segments": problems} if problems else {}
     ok, requests = set(cache.ids()), []
     for video_id, item in truth.items():
-        reason = unusable_media((video_id,), cache, ok, None if layout is None else layout.audio)
+        if item.query or len(item.media) != 1:
+            reason = ("grounding samples already (answer their own questions: --data without --grounding)"
+                      if item.query else "not one video to ask about")
+            skipped.setdefault(reason, []).append(video_id)
+            continue
+        reason = unusable_media(item.media, cache, ok, None if layout is None else layout.audio)
         for index, segment in enumerate(item.segments):
             name = query_id(video_id, index)
             if reason:
@@ -174,7 +180,7 @@ def grounding_requests(cache, data: str | Path | None, *, prompt: str | None = N
             sentence = segment.text.strip().lower().removesuffix(".")
             question = template.replace("{sentence}", sentence)
             requests.append(Request(name, messages([{"from": "human", "value": VIDEO_MARK + question}]),
-                                    media=(video_id,)))
+                                    media=item.media))
     return requests, skipped
 
 
@@ -182,12 +188,21 @@ class Generator:
     """The language model (with the adapter, if any) answering from cached tokens."""
 
     def __init__(self, checkpoint, tokenizer, cache, *, adapter=None, dtype: str = "float32", device: str = "cpu"):
+        from qprep.schemas.towers import MERGER_INPUT
+        from qprep.train.merger import MERGER_FILE
         from qprep.train.model import LanguageModel
 
         self.tokenizer, self.cache, self.device = tokenizer, cache, device
         self.layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
         self.stop = stop_ids(checkpoint, tokenizer)
-        self.model = LanguageModel(checkpoint, dtype=dtype, device=device).eval()
+        self.model = LanguageModel(checkpoint, dtype=dtype, device=device,
+                                   merger=cache.level == MERGER_INPUT).eval()
+        if adapter is not None and (Path(adapter) / MERGER_FILE).is_file():  # trained beside the adapter
+            if self.model.mergers is None:
+                raise SettingsError(f"--adapter {adapter} holds a trained merger; {cache.store.location} holds "
+                                    f"merged tokens, made by the checkpoint's own merger. Answer from a store "
+                                    f"extracted with --level merger-input")
+            self.model.mergers.load(adapter)
         self.adapter = load_adapter(self.model, adapter) if adapter is not None else None  # LoRA layers go in place
 
     def prompt_ids(self, request: Request) -> list[int]:
@@ -224,6 +239,7 @@ def greedy(model, batch, max_new_tokens: int, stop: set[int], scores: list | Non
         raise ValueError("greedy decodes one unpadded prompt at a time")
     text_model = model.language_model
     cache = DynamicCache(config=model.config.get_text_config())
+    batch = model.merged(batch)  # from the merger's input: the mergers run once, for the prompt
     positions = prompt_positions(model, batch)
     embeds = model.embed(batch)
     extra = model.text_inputs(batch)  # the prompt step only: later steps hold no visual position

@@ -25,7 +25,7 @@ runs (`--gpus`, `--cpu-ranks`, torchrun, Ray Train) run this same recipe in ever
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from qprep.errors import SettingsError
+from qprep.errors import LossNotFinite, SettingsError
 from qprep.schemas.dtypes import compute_dtype
+from qprep.schemas.metrics import metrics_json
 from qprep.schemas.training import TrainSettings
 from qprep.train.checkpoints import latest_checkpoint, restore_adapter, restore_trainer, save_checkpoint
 from qprep.train.checkpoints import load_trainer_state  # noqa: F401 (its callers import it from here)
@@ -168,6 +169,7 @@ class Recipe:
         """The checkpoint (its tokenizer and prompt layout), the run folder and the cache."""
         from qprep.models.checkpoint import open_checkpoint
         from qprep.store.reader import open_cache
+        from qprep.train.merger import check_merger_trainable
 
         self.checkpoint = open_checkpoint(model)
         self.checkpoint.require_tokenizer()  # before the run folder is made
@@ -176,6 +178,7 @@ class Recipe:
         self.dtype = self.settings.dtype or compute_dtype(self.device)
         self.cache = open_cache(cache_path)
         check_cache_fits(self.cache, self.checkpoint)
+        check_merger_trainable(self.settings.train_merger, self.cache)  # before the run folder holds anything
         self.tokenizer = self.checkpoint.tokenizer()
         self.layout = self.checkpoint.family.prompt_layout(self.checkpoint, self.tokenizer)
 
@@ -199,17 +202,21 @@ class Recipe:
 
     def _build_model(self, resume: bool) -> None:
         """The language model with LoRA (the last checkpoint's adapter with `resume`), sharded with --shard."""
+        from qprep.schemas.towers import MERGER_INPUT
         from qprep.train.lora import apply_lora
+        from qprep.train.merger import train_merger
         from qprep.train.model import LanguageModel
 
         settings = self.settings
         torch.manual_seed(settings.seed)  # the LoRA weights' initial values, then the dropout's draws
         language_model = LanguageModel(self.checkpoint, dtype=self.dtype, device=self.device,
-                                       attn_implementation=settings.attn_implementation, packing=settings.packing)
+                                       attn_implementation=settings.attn_implementation, packing=settings.packing,
+                                       merger=self.cache.level == MERGER_INPUT)
         if settings.gradient_checkpointing:
             language_model.language_model.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False})  # reentrant breaks with injected embeddings
         self.peft_model = apply_lora(language_model, settings.lora)
+        train_merger(self.peft_model, settings.train_merger)
         self.resumed_from = latest_checkpoint(self.folder) if resume else None
         if self.resumed_from:
             restore_adapter(self.resumed_from, self.peft_model)  # before sharding cuts the weights up
@@ -295,6 +302,7 @@ class Recipe:
         settings, state = self.settings, self.state
         tick = time.perf_counter()
         totals, reducing = self._forward_backward(position, share)
+        self._check_finite(float(totals[0]), position)
         self.step_loss += float(totals[0])
         self.last_loss = self.objective.batch_loss(float(totals[0]), position, share)
         self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
@@ -337,6 +345,20 @@ class Recipe:
         self.world.sum(totals)
         return totals, reducing
 
+    def _check_finite(self, loss: float, position) -> None:
+        """Stop at a loss that is not a number, before the optimizer step. Writing it as null and going
+        on would not help: its gradients are NaN too, and one optimizer step with them makes every
+        LoRA weight NaN, so each later step would be wasted. Every rank holds the same summed loss
+        and stops at the same batch. The checkpoints written so far are untouched."""
+        if math.isfinite(loss):
+            return
+        names = [self.objective.samples[i].id for i in position.samples]
+        raise LossNotFinite(
+            f"the loss is {loss} at optimizer step {self.state['step'] + 1} (epoch {position.epoch}, batch "
+            f"{position.index}; samples {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}): training "
+            f"stopped before applying it; lower --lr, or look at these samples, then --resume from the last "
+            f"checkpoint in {self.folder.root}")
+
     def _next_batch(self):
         """This rank's next batch from the stream; a store re-extracted under the run is named as such."""
         try:
@@ -376,7 +398,8 @@ class Recipe:
                                                 even=settings.shard)
         if self.metrics:
             self._log(self.objective.validation_row(epoch, step, self.val_loss, started))
-        if settings.save_best and (self.best_val is None or self.val_loss < self.best_val):
+        better = self.best_val is None or self.val_loss < self.best_val
+        if settings.save_best and math.isfinite(self.val_loss) and better:  # a NaN is never the best
             self.best_val = self.val_loss
             keep_best(self.folder, self.peft_model, step, self.val_loss, self.world, settings.shard)
 
@@ -387,7 +410,7 @@ class Recipe:
 
     def _log(self, row: dict) -> None:
         """One metrics row, to metrics.jsonl and to the trackers (rank 0)."""
-        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.write(metrics_json(row, warn=lambda text: self.echo(f"step {row['step']}: {text}")) + "\n")
         self.trackers.log(row)
 
     def save_checkpoint(self) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qprep.schemas.metrics import metrics_json
+
 
 @dataclass
 class Validation:
@@ -75,7 +77,7 @@ def keep_best(folder, peft_model, step: int, val_loss: float, world, sharded: bo
 
     save_adapter(peft_model, folder.best_adapter, world, sharded)
     if world.main:
-        folder.best_file.write_text(json.dumps({"step": step, "val_loss": val_loss}))
+        folder.best_file.write_text(metrics_json({"step": step, "val_loss": val_loss}))
 
 
 def validation_row(epoch: int, step: int, val_loss: float, tokens: int, started: float) -> dict:

@@ -203,8 +203,10 @@ def prepare(video, job, model, as_json, **flags):
 @click.option("--videos", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of videos (searched recursively). A video's id is its path in it, minus the extension.")
 @click.option("--media", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Folder of videos and images (jpg, png, webp, bmp, tiff, gif), searched recursively; ids as "
-                   "for --videos. Images go through the checkpoint's own image processor and get_image_features.")
+              help="Folder of videos, images (jpg, png, webp, bmp, tiff, gif) and, for a model with an audio tower, "
+                   "audio files (wav, flac, mp3, ogg, m4a), searched recursively; ids as for --videos (an audio "
+                   "file's keeps its extension). Images go through the checkpoint's own image processor and "
+                   "get_image_features, audio files through its feature extractor and get_audio_features.")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A dataset (any format --format names): extract exactly the videos, images and video windows "
                    "its records name, each once, with the ids training reads; paths resolved under --media-dir "
@@ -267,9 +269,10 @@ def extract(videos, media, data, data_format, media_dir, times, annotations_as, 
     import json
 
     from qprep.extraction.run import ExtractOptions, extract as run_extract, format_summary
+    from qprep.schemas.settings import MEDIA_KINDS
 
     if sum(given is not None for given in (videos, media, data)) != 1:
-        raise click.UsageError("give one source: --videos DIR (videos alone), --media DIR (videos and images) or "
+        raise click.UsageError("give one source: --videos DIR (videos alone), --media DIR (videos, images, audio) or "
                                "--data FILE (the media a dataset names)")
     if data is None and (media_dir is not None or data_format is not None or strict):
         raise click.UsageError("--media-dir, --format and --strict go with --data")
@@ -277,7 +280,7 @@ def extract(videos, media, data, data_format, media_dir, times, annotations_as, 
         preset = _preset(job)
         settings, model = preset.video_settings(**flags), _model(model, preset)
         if media is not None:
-            videos, settings = media, dataclasses.replace(settings, kinds=("video", "image"))
+            videos, settings = media, dataclasses.replace(settings, kinds=MEDIA_KINDS)
         if data is not None:
             videos = _data_file(data, data_format, media_dir, times, annotations_as, grounding_prompt)
         options = ExtractOptions(ray_address=ray_address, executor=executor, device=device, batch_size=batch_size,

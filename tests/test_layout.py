@@ -120,7 +120,7 @@ def test_the_language_model_refuses_a_block_that_gives_audio_tokens_video_positi
         return Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids,
                      video_tokens=torch.zeros(0), video_grid_thw=torch.tensor([grid]),
                      second_per_grid=torch.tensor([second_per_grid], dtype=torch.float64),
-                     audio_tokens=torch.zeros(audio, 1), mel_lengths=torch.tensor([mel]))
+                     audio_tokens=torch.zeros(audio, 1), mel_lengths=torch.tensor([mel]), audio_in_video=True)
 
     model.position_ids(batch(omni_block(thinker, grid, ids, second_per_grid, audio)))
     with pytest.raises(AssertionError, match="non-audio positions"):

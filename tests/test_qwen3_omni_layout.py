@@ -143,7 +143,8 @@ def test_the_layout_and_the_positions_read_position_id_per_seconds_from_the_same
         ids = torch.tensor([[0] * TEXT_BEFORE + block + [0] * 5])
         return Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, video_tokens=torch.zeros(0),
                      video_grid_thw=torch.tensor([row.grid_thw]), second_per_grid=torch.tensor([row.second_per_grid]),
-                     audio_tokens=torch.zeros(row.audio_length, 1), mel_lengths=torch.tensor([mel]))
+                     audio_tokens=torch.zeros(row.audio_length, 1), mel_lengths=torch.tensor([mel]),
+                     audio_in_video=True)
 
     for name in ("13", "25"):
         models[name].position_ids(batch(blocks[name]))  # each block fits its own model's positions

@@ -230,7 +230,7 @@ def test_media_marks_and_records_that_cannot_be_used_are_reported(omni_store, qw
                             checkpoint.family.prompt_layout(checkpoint, tokenizer))
     assert [s.id for s in dataset.samples] == ["#3"]
     reasons = {ids[0]: reason for reason, ids in dataset.skipped.items()}
-    assert "2 <video>/<image> marks for 1 media" in reasons["too-many-marks"]
+    assert "2 <video>/<image>/<audio> marks for 1 media" in reasons["too-many-marks"]
     assert reasons["missing"] == "video not in the cache"
     assert "use_audio_in_video" in reasons["sound-and-silence"]
 

@@ -150,7 +150,7 @@ def _both_paths(tiny_model, videos, kind, layout, dtype: str = "float32", device
                   second_per_grid=torch.tensor([prepared.second_per_grid], dtype=torch.float64),
                   audio_tokens=audio_tokens,
                   mel_lengths=torch.tensor([prepared.mel_length]) if audio_tokens is not None else None,
-                  deepstack=features.deepstack).to(device)
+                  audio_in_video=audio_tokens is not None, deepstack=features.deepstack).to(device)
     return full, inputs.to(device), model_kwargs, labels.to(device), language_model, batch
 
 

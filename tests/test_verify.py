@@ -199,7 +199,8 @@ def test_schema_versions_name_what_a_store_holds_and_an_unknown_one_is_refused(o
     assert qwen3_vl_store[1].store.attrs["schema_version"] == 2
     store = copy_store(qwen3_vl_store[1], tmp_path)
     meta = json.loads((store / "zarr.json").read_text())
-    meta["attributes"]["qprep"]["schema_version"] = 4
+    meta["attributes"]["qprep"]["schema_version"] = 6
     (store / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match="schema version 4, this qprep reads versions 1, 2, 3; re-extract with --rebuild"):
+    with pytest.raises(StoreError,
+                       match="schema version 6, this qprep reads versions 1, 2, 3, 4, 5; re-extract with --rebuild"):
         Store.open(store)

@@ -29,7 +29,7 @@ from qprep import open_cache
 from qprep.cli import main
 from qprep.datasets import DataFile
 from qprep.errors import SettingsError
-from qprep.extraction.entries import AUDIO_OUT_OF_SCOPE, dataset_entries
+from qprep.extraction.entries import dataset_entries, no_audio_tower
 from qprep.extraction.run import ExtractOptions, extract
 from qprep.schemas.settings import VideoSettings
 from qprep.synth import VideoSpec, make_video
@@ -60,7 +60,7 @@ def make_dataset(root: Path) -> Path:
                 record(block("video", "cooking/a.mp4", start=2.0)),  # record 41: to the end
                 record(block("image", "photos/cat.jpg")),  # record 42
                 record(block("video", "cooking/gone.mp4")),  # record 43: not there
-                record(block("audio", "cooking/a.mp3"))]  # record 44: audio files are not extracted
+                record(block("audio", "cooking/a.mp3"))]  # record 44: not there (and no audio tower to hear it)
     (media / "data.json").write_text(json.dumps(records))
     return media / "data.json"
 
@@ -97,7 +97,10 @@ def test_a_dataset_names_each_medium_once_and_every_entry_of_a_file_shares_its_s
     lines = [missing.line() for missing in named.missing]
     assert lines[0].startswith("record 43: cooking/gone.mp4: not found (looked for ")
     assert str(dataset.parent / "cooking" / "gone.mp4") in lines[0]
-    assert lines[1] == f"record 44: cooking/a.mp3: {AUDIO_OUT_OF_SCOPE}"
+    assert lines[1].startswith("record 44: cooking/a.mp3: not found (looked for ")
+    refused = dataset_entries(DataFile(dataset), refused={"audio": no_audio_tower("./Qwen2.5-VL")})
+    assert [missing.line() for missing in refused.missing][1] == (
+        "record 44: cooking/a.mp3: an audio file, and model ./Qwen2.5-VL has no audio tower to encode it")
     from qprep.datasets import load  # the ids training looks up are the entries'
     assert {medium for r in load(DataFile(dataset, check_files=True)) for medium in r["media"]} == IDS
 
@@ -108,7 +111,7 @@ def test_extract_data_extracts_each_entry_once_and_lists_what_is_missing_first(e
     summary = json.loads(result.stdout)
     assert (summary["extracted"], summary["failed"], summary["records"]) == (len(IDS), 0, 45)
     assert "not extracted: record 43: cooking/gone.mp4: not found (looked for" in result.stderr
-    assert AUDIO_OUT_OF_SCOPE in result.stderr and "going on without them" in result.stderr
+    assert no_audio_tower(model_dir) in result.stderr and "going on without them" in result.stderr
     cache = open_cache(store)
     assert set(cache.ids()) == IDS
     assert cache.row("cooking/a").window_start is None

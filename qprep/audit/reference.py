@@ -85,6 +85,13 @@ class ReferenceImage:
     deepstack: torch.Tensor | None  # float32 [levels, tokens, hidden], towers with deepstack levels
 
 
+@dataclass
+class ReferenceAudio:
+    audio_tokens: torch.Tensor | None  # float32, on the CPU; None: the file holds no audio
+    mel_length: int
+    audio_note: str  # why there is no audio, when there is none
+
+
 def frame_plan(total_frames: int, video_fps: float, settings: dict, factor: int) -> FramePlan:
     """qwen-vl-utils' frame choice for a stream of `total_frames` at `video_fps` (raises ValueError
     where it refuses the video)."""
@@ -181,6 +188,11 @@ class Reference:
         levels = getattr(output, "deepstack_features", None)
         deepstack = torch.stack([level[0] for level in levels]).float().cpu() if levels else None
         return ReferenceImage(tuple(grid[0].tolist()), output.pooler_output[0].float().cpu(), deepstack)
+
+    def compute_audio(self, path: str | Path, settings: dict) -> ReferenceAudio:
+        """What the cache holds for one audio file, recomputed as for a video's track (plain decode of
+        the whole stream, the checkpoint's processor, `get_audio_features`)."""
+        return ReferenceAudio(*self._audio(path, {**settings, "audio": True}))
 
     def _pixels(self, frames: Iterator[np.ndarray], count: int, settings: dict) -> tuple[torch.Tensor, tuple]:
         processor = self.video_processor

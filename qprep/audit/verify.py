@@ -174,6 +174,9 @@ def check_video(cache, video_id: str, videos_dir: Path, reference, settings: dic
             return VideoResult(video_id, checks + compare_image(cached, reference.compute_image(path), tolerance))
         if cached.row.window:  # a window of its file: sampled as the run's settings with its video_start/end
             settings = {**settings, "video_start": cached.row.window_start, "video_end": cached.row.window_end}
+        if cached.kind == "audio":
+            return VideoResult(video_id, checks + _audio_checks(cached, reference.compute_audio(path, settings),
+                                                                tolerance))
         recomputed = reference.compute(path, list(cached.row.frame_indices), settings)
     except (av.error.FFmpegError, ValueError, OSError) as exc:
         checks.append(Check("reference", False, f"cannot recompute {path}: {exc}"))

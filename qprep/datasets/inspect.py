@@ -180,6 +180,8 @@ def predicted_row(entry, root: Path, settings, spec):
     from qprep.schemas.manifest import ManifestRow
 
     path = entry.location(root)
+    if entry.kind == "audio":  # its token count follows from its decoded length, not from a probe
+        raise SettingsError(f"{path}: an audio file, whose token count is known once `qprep extract` decodes it")
     if entry.kind == "image":
         return ManifestRow(id=entry.id, path=entry.path, kind="image", grid_thw=image_grid(path, spec)), False
     info = probe(path)

@@ -1,9 +1,12 @@
 """Finding the media files, naming them, and assigning each to its shard.
 
 A file's kind follows from its extension: videos (`--videos` takes only these), and with `--media`
-also images (`IMAGE_EXTENSIONS`). Its id is its path relative to the folder
-without the extension (`clips/a.mp4` → `clips/a`), the form training data refers to media by. Its shard is a stable hash of the relative
-path modulo the store's shard count, so adding a video touches one shard and nothing else.
+also images (`IMAGE_EXTENSIONS`) and, for a model with an audio tower, audio files (`AUDIO_EXTENSIONS`).
+Its id is the form training data refers to media by (`qprep.datasets.media.cache_id`): its path
+relative to the folder without the extension (`clips/a.mp4` → `clips/a`), an audio file's with it
+(`talks/a.mp3`: datasets keep a video's track beside it under the video's stem). Its shard is a stable
+hash of the relative path modulo the store's shard count, so adding a video touches one shard and
+nothing else.
 
 Links are followed where they lead inside the videos directory; links leading out of it only when
 asked (`follow_links`), since the store is a cache of that directory. A link back up into a folder
@@ -28,6 +31,7 @@ VIDEO_EXTENSIONS = frozenset({
     ".3gp", ".ogv",
 })
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".m4a"})
 HASH_BLOCK = 1 << 22
 
 
@@ -66,12 +70,13 @@ def discover(videos_dir: str | Path, shard_count: int, follow_links: bool = Fals
 
 
 def find_videos(videos_dir: str | Path, shard_count: int, follow_links: bool = False,
-                kinds: tuple[str, ...] = ("video",)) -> Discovery:
-    """The media files of `kinds` under `videos_dir`, and what was passed over and why."""
+                kinds: tuple[str, ...] = ("video",), refused: dict[str, str] | None = None) -> Discovery:
+    """The media files of `kinds` under `videos_dir`, and what was passed over and why (`refused`:
+    kinds found but not taken, with the reason each such file is listed under)."""
     root = Path(videos_dir)
     if not root.is_dir():
         raise SettingsError(f"--{'videos' if kinds == ('video',) else 'media'} {root}: not a directory")
-    walk = _Walk(root, follow_links, kinds)
+    walk = _Walk(root, follow_links, kinds, refused or {})
     found: dict[str, VideoFile] = {}
     for entry in walk.files():
         relative = Path(entry.path).relative_to(root).as_posix()
@@ -80,10 +85,13 @@ def find_videos(videos_dir: str | Path, shard_count: int, follow_links: bool = F
         except OSError as exc:  # gone since the folder was listed
             walk.skip(entry, f"cannot stat: {exc.strerror or exc}")
             continue
+        kind = media_kind(entry.name)
+        if kind in walk.refused:
+            walk.skip(entry, walk.refused[kind])
+            continue
         shown, bad_name = _text_name(relative)
-        video = VideoFile(id=str(PurePosixPath(shown).with_suffix("")), path=shown, size=stat.st_size,
-                          mtime_ns=stat.st_mtime_ns, shard=shard_of(shown, shard_count), bad_name=bad_name,
-                          kind=media_kind(entry.name))
+        video = VideoFile(id=media_id(shown, kind), path=shown, size=stat.st_size, mtime_ns=stat.st_mtime_ns,
+                          shard=shard_of(shown, shard_count), bad_name=bad_name, kind=kind)
         other = found.get(video.id)
         if other is not None:
             raise SettingsError(f"{root}: {other.path} and {video.path} would share the id {video.id!r}; "
@@ -129,7 +137,15 @@ def same_content(path: str | Path, row: ManifestRow) -> bool:
 def media_kind(name: str) -> str | None:
     """The kind of media a file name says it holds (its extension), or None."""
     extension = os.path.splitext(name)[1].lower()
-    return "video" if extension in VIDEO_EXTENSIONS else "image" if extension in IMAGE_EXTENSIONS else None
+    for kind, extensions in (("video", VIDEO_EXTENSIONS), ("image", IMAGE_EXTENSIONS), ("audio", AUDIO_EXTENSIONS)):
+        if extension in extensions:
+            return kind
+    return None
+
+
+def media_id(relative: str, kind: str) -> str:
+    """The id of a file found at `relative` (see the module's docstring)."""
+    return relative if kind == "audio" else str(PurePosixPath(relative).with_suffix(""))
 
 
 def _text_name(relative: str) -> tuple[str, str]:
@@ -147,15 +163,18 @@ def _text_name(relative: str) -> tuple[str, str]:
 class _Walk:
     """A depth-first walk that follows links by the module's rules and records what it passes over."""
 
-    def __init__(self, root: Path, follow_links: bool, kinds: tuple[str, ...] = ("video",)):
+    def __init__(self, root: Path, follow_links: bool, kinds: tuple[str, ...] = ("video",),
+                 refused: dict[str, str] | None = None):
         self.root = root
         self.real_root = os.path.realpath(root)
         self.follow_links = follow_links
         self.kinds = kinds
+        self.refused = refused or {}  # kind → why its files are listed as passed over
         self.skipped: list[tuple[str, str]] = []
 
     def wanted(self, name: str) -> bool:
-        return media_kind(name) in self.kinds
+        kind = media_kind(name)
+        return kind in self.kinds or kind in self.refused
 
     def files(self):
         # Each folder travels with the identities of the folders above it: a link to one of them

@@ -14,9 +14,9 @@ file's path, so a changed file re-extracts all its entries at once (`qprep.extra
   what a `--videos` run of that folder holds); anything else no record names is removed, never
   extracted: a window, a failed entry, an entry whose file changed or is gone. Media that cannot be
   found are listed (record, path, where it looked) and left out, as are media that cannot be
-  extracted as named: audio files (the store holds videos and images; an Omni model hears a
-  video's own track), and a medium asking its own sampling settings (content blocks' `fps`,
-  `max_pixels`, ...) other than the run's (the store's fingerprint holds one set of settings).
+  extracted as named: audio files for a model without an audio tower, and a medium asking its own
+  sampling settings (content blocks' `fps`, `max_pixels`, ...) other than the run's (the store's
+  fingerprint holds one set of settings).
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ from qprep.errors import SettingsError
 from qprep.extraction.discover import UNCHANGED, VideoFile, file_state, find_videos, media_kind, shard_of
 from qprep.schemas.manifest import ManifestRow
 
-AUDIO_OUT_OF_SCOPE = ("audio files are not extracted (the store holds videos and images; an Omni model hears "
-                      "a video's own track)")
+
+
+def no_audio_tower(model: str) -> str:
+    """Why an audio file is not extracted for `model`."""
+    return f"an audio file, and model {model} has no audio tower to encode it"
 
 
 @dataclass
@@ -73,8 +76,10 @@ class Named:
 
 # ---- a folder ---------------------------------------------------------------------------------------
 
-def folder_entries(folder: str | Path, shard_count: int, follow_links: bool, kinds: tuple[str, ...]) -> Named:
-    found = find_videos(folder, shard_count, follow_links, kinds)
+def folder_entries(folder: str | Path, shard_count: int, follow_links: bool, kinds: tuple[str, ...],
+                   refused: dict[str, str] | None = None) -> Named:
+    """`refused`: kinds whose files are listed as passed over, with the reason (`find_videos`)."""
+    found = find_videos(folder, shard_count, follow_links, kinds, refused)
     by_path = {video.path: video for video in found.videos}
 
     def unnamed(row: ManifestRow) -> VideoFile | None:
@@ -89,9 +94,10 @@ def folder_entries(folder: str | Path, shard_count: int, follow_links: bool, kin
 
 # ---- a dataset --------------------------------------------------------------------------------------
 
-def dataset_entries(source, settings=None) -> Named:
+def dataset_entries(source, settings=None, refused: dict[str, str] | None = None) -> Named:
     """The media `source` (a `qprep.datasets.DataFile`) names, as entries (see the module's docstring);
-    `settings`: the run's `VideoSettings` (None: its defaults), which every entry is extracted with."""
+    `settings`: the run's `VideoSettings` (None: its defaults), which every entry is extracted with;
+    `refused`: kinds not extracted (audio files, for a model without an audio tower), with the reason."""
     from qprep.schemas.settings import VideoSettings
 
     from qprep.datasets import parse
@@ -110,18 +116,18 @@ def dataset_entries(source, settings=None) -> Named:
             named.left_out.setdefault(f"{path}: {item.cause}", []).append(item.name)
             continue
         for medium in item.media:
-            _add(named, entries, item.label, medium, root, settings or VideoSettings())
+            _add(named, entries, item.label, medium, root, settings or VideoSettings(), refused or {})
     named.entries = [entries[key][0] for key in sorted(entries)]
     return named
 
 
-def _add(named: Named, entries: dict, record: str, medium, root: Path, settings) -> None:
+def _add(named: Named, entries: dict, record: str, medium, root: Path, settings, refused: dict[str, str]) -> None:
     """One medium of a record: an entry (once per id), or a line of `missing`."""
     from qprep.datasets.media import cache_id
     from qprep.datasets.record import RecordError
 
-    if medium.kind == "audio":
-        named.missing.append(Missing(record, medium.path, (), AUDIO_OUT_OF_SCOPE))
+    if medium.kind in refused:
+        named.missing.append(Missing(record, medium.path, (), refused[medium.kind]))
         return
     if asked := own_sampling(medium.sampling, settings):
         named.missing.append(Missing(record, medium.path, (), (
@@ -213,7 +219,8 @@ def dataset_records(source, content, reader: str):
 
 def _plain_records(records: list[dict], root: Path):
     """qprep's own records name their media by cache id: each is found under the media folder as
-    the id's path with a video or image extension (a window's id, its file's)."""
+    the id's path with a video or image extension, or as the id itself for an audio file (a window's
+    id, its file's)."""
     from qprep.datasets.media import FRAGMENT
     from qprep.datasets.record import Medium, Record
 
@@ -244,6 +251,8 @@ def _file_of(root: Path, base: str) -> Path | None:
 
     if ".." in PurePosixPath(base).parts:
         return None
+    if media_kind(base) == "audio" and (root / base).is_file():  # an audio file's id keeps its extension
+        return root / base
     for extension in sorted(VIDEO_EXTENSIONS | IMAGE_EXTENSIONS):
         for spelled in (extension, extension.upper()):
             place = root / f"{base}{spelled}"

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Callable
 
 from qprep.errors import SettingsError, StoreError
-from qprep.extraction.entries import Named, dataset_entries, folder_entries
+from qprep.extraction.entries import Named, dataset_entries, folder_entries, no_audio_tower
 from qprep.extraction.plan import Plan, make_plan
 from qprep.extraction.writer import ShardWriter
 from qprep.models.checkpoint import open_checkpoint
 from qprep.schemas.fingerprint import differences, extraction_config, fingerprint
 from qprep.schemas.manifest import ManifestRow
-from qprep.schemas.settings import ModelSpec, VideoSettings, load_model_spec
+from qprep.schemas.settings import MEDIA_KINDS, ModelSpec, VideoSettings, load_model_spec
 from qprep.schemas.dtypes import resolve_dtype
 from qprep.schemas.towers import MERGED, MERGER_INPUT, Budget, check_level
 from qprep.store.layout import MODEL_SPEC, WEIGHT_DIGESTS, LastRun, Store
@@ -110,9 +110,10 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
     if not checkpoint.has_audio and settings.audio:
         settings = dataclasses.replace(settings, audio=False)  # a VL model has no audio tower
     existing = Store.open(out) if Store.exists(out) and not rebuild else None
+    settings, refused = _audio_files_taken(settings, checkpoint, model, existing, out, dataset=data is not None)
     named = None
     if data is not None:
-        named = dataset_entries(data, settings)
+        named = dataset_entries(data, settings, refused)
         _tell_unusable(named, options)
         settings = dataclasses.replace(settings, kinds=_kinds_for(named, existing))
     if existing is None:
@@ -139,6 +140,7 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
                                  hidden_size=checkpoint.hidden_size, dtype=dtype,
                                  shard_count=shards or DEFAULT_SHARDS, has_audio=checkpoint.has_audio,
                                  deepstack_levels=checkpoint.deepstack_levels, images=settings.images,
+                                 audio_files=settings.audio_files,
                                  merger_input=checkpoint.merger_input_shape if level == MERGER_INPUT else None)
         except StoreError:
             if not Store.exists(out):
@@ -156,7 +158,7 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
         manifest = store.manifest()
         store.collect_garbage(manifest)
         if named is None:
-            named = folder_entries(videos, store.shard_count, options.follow_links, settings.kinds)
+            named = folder_entries(videos, store.shard_count, options.follow_links, settings.kinds, refused)
         plan = make_plan(named.with_shards(store.shard_count), manifest, named.root, unnamed=named.unnamed)
         summary = Summary(videos=plan.videos, up_to_date=plan.up_to_date, removed=plan.removed, touched=plan.touched,
                           skipped=named.skipped, records=named.records,
@@ -171,6 +173,22 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
         summary.seconds = time.perf_counter() - started
         store.record_run(LastRun(root, options.follow_links, summary.to_dict()))
     return summary
+
+
+def _audio_files_taken(settings: VideoSettings, checkpoint, model: str, existing: Store | None, out,
+                       dataset: bool) -> tuple[VideoSettings, dict[str, str]]:
+    """The run's settings, without audio files where they are not extracted, and why not (kind →
+    reason, each such file listed as passed over): a model without an audio tower; a `--media` store
+    made before audio files were taken (its fingerprint holds the kinds it takes). A `--videos` run
+    looks for none; a `--data` run takes those its records name."""
+    without = dataclasses.replace(settings, kinds=tuple(kind for kind in settings.kinds if kind != "audio"))
+    if not checkpoint.has_audio:
+        return without, {"audio": no_audio_tower(model)} if settings.audio_files or dataset else {}
+    if not settings.audio_files:
+        return settings, {}
+    if existing is not None and "audio" not in existing.attrs["config"]["settings"].get("kinds", ("video",)):
+        return without, {"audio": f"an audio file, and {out} was extracted without audio files (--rebuild takes them)"}
+    return settings, {}
 
 
 def _tell_unusable(named: Named, options: ExtractOptions) -> None:
@@ -188,15 +206,16 @@ def _tell_unusable(named: Named, options: ExtractOptions) -> None:
 
 def _kinds_for(named: Named, existing: Store | None) -> tuple[str, ...]:
     """The kinds of a --data run: the store's own where they cover the dataset's media (one fingerprint
-    with the --videos or --media runs that made it), else videos, and images where the dataset has some."""
+    with the --videos or --media runs that made it), else videos, and the other kinds the dataset has."""
     needed = {"video"} | named.kinds
     if existing is None:
-        return tuple(sorted(needed, key=("video", "image").index))
+        return tuple(sorted(needed, key=MEDIA_KINDS.index))
     kinds = tuple(existing.attrs["config"]["settings"].get("kinds", ("video",)))
     if not needed <= set(kinds):
-        raise StoreError(f"the dataset names images; {existing.root} holds videos alone (extracted with --videos), "
-                         "so its settings have no image bounds. Use another --out, --rebuild, or a store made with "
-                         "--media")
+        lacking = " and ".join(f"{kind}s" if kind == "image" else f"{kind} files"
+                               for kind in sorted(needed - set(kinds)))
+        raise StoreError(f"the dataset names {lacking}; {existing.root} was extracted without them (its settings "
+                         f"take {', '.join(kinds)}). Use another --out, --rebuild, or a store made with --media")
     return kinds
 
 

@@ -60,7 +60,8 @@ def keep_freed_memory() -> None:
 
 def prepare_video(video: VideoFile, *, videos_dir: str, settings: VideoSettings, spec: ModelSpec) -> Prepared:
     """Hash, probe, sample, decode, resize and patchify one video; featurize its audio. An image:
-    hash, read, resize and patchify it (`qprep.pipeline.image`)."""
+    hash, read, resize and patchify it (`qprep.pipeline.image`). An audio file: hash, decode and
+    featurize it (`qprep.pipeline.audio.read_audio_file`)."""
     import torch
 
     from qprep.extraction.discover import content_hash
@@ -76,6 +77,9 @@ def prepare_video(video: VideoFile, *, videos_dir: str, settings: VideoSettings,
         out.row.content_hash = content_hash(path)
         if video.kind == "image":
             _prepare_image(out, path, spec)
+            return out
+        if video.kind == "audio":
+            _prepare_audio_file(out, path, entry_settings(video, settings), spec)
             return out
         prepared = prepare(path, entry_settings(video, settings), spec, threads=1)
     except VideoError as exc:
@@ -108,6 +112,16 @@ def _prepare_image(out: Prepared, path: Path, spec: ModelSpec) -> None:
     image = prepare_image(path, spec)
     out.row.describe_image(image)
     out.patches, out.grid = image.patches.numpy(), image.grid_thw
+
+
+def _prepare_audio_file(out: Prepared, path: Path, settings: VideoSettings, spec: ModelSpec) -> None:
+    """An audio file's mel frames, as a video's track's: the tower stage encodes both alike."""
+    from qprep.pipeline.audio import read_audio_file
+
+    audio = read_audio_file(str(path), spec.audio, settings)
+    out.row.describe_audio(len(audio.waveform) / spec.audio.sampling_rate, audio.windows, audio.mel_length)
+    out.mel = audio.mel_frames().numpy()
+    out.mel_chunks = tuple(audio.feature_attention_mask.sum(-1).tolist())
 
 
 class TowerStage:

@@ -1,4 +1,5 @@
-"""Stage 5 (Omni): the audio track as the model hears it.
+"""Stage 5 (Omni): the audio track as the model hears it, a video's or an audio file's (wav, flac,
+mp3, ogg, m4a: `read_audio_file`, the same decode and features).
 
 The track is decoded and resampled to 16 kHz by FFmpeg's resampler (PyAV), its channels averaged to
 mono as the reference (librosa) does, whatever their count (mono to 7.1 and beyond), in one streaming
@@ -41,6 +42,16 @@ class AudioFeatures:
     def windows(self) -> int:
         return int(self.input_features.shape[0])
 
+    def mel_frames(self) -> torch.Tensor:
+        """The valid mel frames only, [mel bins, mel_length]: the compact form the towers need."""
+        return valid_mel_frames(self.input_features, self.feature_attention_mask)
+
+
+def valid_mel_frames(input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each window's valid frames (its mask's), back to back: [mel bins, valid frames]."""
+    valid = feature_attention_mask.bool()
+    return torch.cat([window[:, keep] for window, keep in zip(input_features, valid)], dim=1)
+
 
 def sample_window(settings: VideoSettings, rate: int) -> tuple[int, int | None]:
     """First and end sample of the window (the processor's `int(rate * seconds)`)."""
@@ -59,6 +70,22 @@ def decode_audio(path: str, spec: AudioSpec, start: int = 0, end: int | None = N
 
     with open_container(path) as container:
         return _decode_track(container, path, spec, start, end)
+
+
+def read_audio_file(path: str, spec: AudioSpec, settings: VideoSettings) -> AudioFeatures:
+    """An audio file as the model hears it: its first audio stream decoded, resampled and mixed down as
+    a video's track is (its `video_start`/`video_end` window, if any), featurized as `log_mel` says."""
+    from qprep.pipeline.probe import open_container
+
+    path = str(path)
+    start, end = sample_window(settings, spec.sampling_rate)
+    with open_container(path, what="an audio file") as container:
+        if not container.streams.audio:
+            raise AudioError(path, "holds no audio stream (not an audio file)")
+        waveform = _decode_track(container, path, spec, start, end)
+    if len(waveform) == 0:
+        raise AudioError(path, "the audio stream holds no samples" + (" in the window" if start or end else ""))
+    return log_mel(waveform, spec, settings.long_audio, path)
 
 
 def _decode_track(container, path: str, spec: AudioSpec, start: int, end: int | None) -> np.ndarray:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from qprep.pipeline.audio import decode_audio, log_mel, sample_window
+from qprep.pipeline.audio import decode_audio, log_mel, sample_window, valid_mel_frames
 from qprep.pipeline.decode import decode_frames
 from qprep.pipeline.patchify import frame_to_tensor, normalize, patchify, resize, target_size
 from qprep.pipeline.probe import VideoInfo, open_container, probe_container
@@ -47,8 +47,7 @@ class PreparedVideo:
         """The valid mel frames only, [mel bins, mel_length]: the compact form the towers need."""
         if self.input_features is None:
             return None
-        valid = self.feature_attention_mask.bool()
-        return torch.cat([window[:, keep] for window, keep in zip(self.input_features, valid)], dim=1)
+        return valid_mel_frames(self.input_features, self.feature_attention_mask)
 
 
 def preprocess_video(path: str | Path, model=None, *, threads: int = 0, **settings) -> PreparedVideo:

@@ -76,8 +76,9 @@ class VideoInfo:
                         dtype=np.float64)
 
 
-def open_container(path: str | Path) -> av.container.InputContainer:
-    """Open a file with FFmpeg, turning every way that can fail into a typed error."""
+def open_container(path: str | Path, what: str = "a video") -> av.container.InputContainer:
+    """Open a file with FFmpeg, turning every way that can fail into a typed error (`what` the file
+    should be, as the errors say it)."""
     path = Path(path)
     try:
         size = os.stat(path).st_size
@@ -86,7 +87,7 @@ def open_container(path: str | Path) -> av.container.InputContainer:
     except OSError as exc:
         raise UnreadableFileError(path, f"cannot stat: {exc.strerror or exc}") from None
     if path.is_dir():
-        raise UnreadableFileError(path, "is a directory, not a video file")
+        raise UnreadableFileError(path, f"is a directory, not {what} file")
     if size == 0:
         raise EmptyFileError(path, "file is empty (0 bytes)")
     try:
@@ -98,7 +99,7 @@ def open_container(path: str | Path) -> av.container.InputContainer:
         if cut:
             raise UnreadableFileError(path, f"file is truncated: {cut}; FFmpeg cannot open it "
                                             f"({_ffmpeg_message(exc)})") from None
-        raise UnreadableFileError(path, f"not a video FFmpeg can read ({_ffmpeg_message(exc)})") from None
+        raise UnreadableFileError(path, f"not {what} FFmpeg can read ({_ffmpeg_message(exc)})") from None
 
 
 def probe(path: str | Path) -> VideoInfo:

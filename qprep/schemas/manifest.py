@@ -1,5 +1,5 @@
-"""The manifest: one Parquet row per entry (a video, a window of one, an image), the contract
-between the extractor and any reader.
+"""The manifest: one Parquet row per entry (a video, a window of one, an image, an audio file), the
+contract between the extractor and any reader.
 
 Everything a trainer needs besides the tokens lives here: where the video's tokens are (shard, key,
 row offsets and lengths), its time facts (sampled frame times, `second_per_grid`, fps) and its
@@ -36,7 +36,7 @@ class ManifestRow:
     # identity and change detection
     id: str = _column(pa.string(), nullable=False)  # relative path without its extension (+ "#t=s,e": a window)
     path: str = _column(pa.string(), nullable=False)  # the file's, relative to the media folder, '/'-separated
-    kind: str = _column(pa.string(), nullable=False, default="video")  # "video" or "image" (settings.MEDIA_KINDS)
+    kind: str = _column(pa.string(), nullable=False, default="video")  # "video", "image", "audio" (MEDIA_KINDS)
     # the window of the file the entry holds, seconds (qwen-vl-utils' video_start / video_end); a null
     # start: the whole file (every row written before windows existed); a null end: to the file's end
     window_start: float | None = _column(pa.float64())
@@ -108,6 +108,13 @@ class ManifestRow:
         self.width, self.height = image.width, image.height
         self.resized_width, self.resized_height = image.resized_width, image.resized_height
         self.grid_thw, self.frame_count = [int(v) for v in image.grid_thw], 1
+        return self
+
+    def describe_audio(self, seconds: float, windows: int, mel_length: int) -> ManifestRow:
+        """Record what the CPU stage learned about an audio file: its length, the feature extractor's
+        windows it took and their valid mel frames."""
+        self.audio_seconds = self.duration = seconds
+        self.audio_windows, self.mel_length = windows, mel_length
         return self
 
     def describe(self, metadata: VideoMetadata, grid_thw: list[int], mel_length: int) -> ManifestRow:

@@ -21,7 +21,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 LONG_AUDIO_POLICIES = ("window", "error")
-MEDIA_KINDS = ("video", "image")  # what a store can hold (`VideoSettings.kinds`)
+MEDIA_KINDS = ("video", "image", "audio")  # what a store can hold (`VideoSettings.kinds`)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ class VideoSettings:
     size: tuple[int, int] | None = None
     audio: bool = True
     long_audio: str = "window"
-    # the kinds of media a run takes from its folder: videos alone (`--videos`), or also images (`--media`)
+    # the kinds of media a run takes from its folder: videos alone (`--videos`), or also images and
+    # (models with an audio tower) audio files (`--media`)
     kinds: tuple[str, ...] = ("video",)
 
     def __post_init__(self) -> None:
@@ -86,6 +87,10 @@ class VideoSettings:
     @property
     def images(self) -> bool:
         return "image" in self.kinds
+
+    @property
+    def audio_files(self) -> bool:
+        return "audio" in self.kinds
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values; `kinds` only where it is not the videos alone every store held before it

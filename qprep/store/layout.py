@@ -11,7 +11,7 @@ store.zarr/
                                      (a store at the merger-input level: `video` [rows, merge², vision
                                      width], `deepstack` [rows, levels, merge², vision width], one row
                                      per merged token still, so the manifest's spans are unchanged)
-  manifest/<shard>.parquet           one row per video (qprep.schemas.manifest), the commit point
+  manifest/<shard>.parquet           one row per entry (qprep.schemas.manifest), the commit point
   .qprep/                            lock and hash caches (not part of the data)
 ```
 
@@ -48,8 +48,10 @@ from qprep.store.fs import LocalFiles, RemoteFiles, files_at
 # 3: rows of other kinds than video (images; `ManifestRow.kind`), whose tokens share the video
 # arrays; written only by stores that take them, so a qprep that knows only videos refuses such a store.
 # 4: the visual arrays hold the merger's input (`level` "merger-input"); written only by such stores.
-SCHEMA_VERSION = 4
-READS = (1, 2, 3, 4)
+# 5: rows of audio files (kind "audio"), with an audio span and no visual tokens; written only by stores
+# that take them, so a qprep that knows no audio entries refuses such a store rather than read one as a video.
+SCHEMA_VERSION = 5
+READS = (1, 2, 3, 4, 5)
 KINDS = ("video", "audio", "deepstack")
 # The manifest row's span (`ManifestRow.span`) that places a kind's rows; deepstack rows are the
 # video rows' twins. (A store without deepstack levels holds no such array: the layout of
@@ -94,9 +96,10 @@ class Store:
     @classmethod
     def create(cls, root: str | Path, *, config: dict, fingerprint: str, model: str, hidden_size: int,
                dtype: str, shard_count: int, has_audio: bool, deepstack_levels: int = 0,
-               images: bool = False, merger_input: tuple[int, int] | None = None) -> "Store":
+               images: bool = False, merger_input: tuple[int, int] | None = None,
+               audio_files: bool = False) -> "Store":
         """`merger_input`: (merge², vision width) for a store of the merger's input (level
-        "merger-input"); None for merged tokens."""
+        "merger-input"); None for merged tokens. `audio_files`: the store takes audio files."""
         import zarr
 
         files = files_at(root)
@@ -104,7 +107,8 @@ class Store:
             # zarr's mode "w" would empty the directory: never point it at someone's files
             raise StoreError(f"{files.root} exists and is neither empty nor a qprep store; refusing to write there")
         attrs = {
-            "schema_version": 4 if merger_input else 3 if images else 2 if deepstack_levels else 1,
+            "schema_version": (5 if audio_files else 4 if merger_input else 3 if images
+                               else 2 if deepstack_levels else 1),
             "fingerprint": fingerprint,
             "config": config,
             "model": model,

@@ -23,14 +23,16 @@ from qprep.store.layout import SPAN, Store
 @dataclass(frozen=True)
 class CachedMedium:
     """One medium's cached tower outputs and the facts that place them in time: a video (with its
-    audio), or an image (grid (1, h, w), no time)."""
+    audio), an image (grid (1, h, w), no time), or an audio file (its audio tokens alone: no visual
+    tokens, an empty grid)."""
 
     id: str
-    # the merged visual tokens [t·h·w/merge², hidden], an image's too; in a store at the merger-input
-    # level, the merger's input [t·h·w/merge², merge², vision width], in the order the merger takes it
+    # the merged visual tokens [t·h·w/merge², hidden], an image's too (none for an audio file); in a store
+    # at the merger-input level, the merger's input [t·h·w/merge², merge², vision width], in the order the
+    # merger takes it
     video_tokens: torch.Tensor
     audio_tokens: torch.Tensor | None  # [audio tokens, hidden], None without audio
-    grid_thw: tuple[int, int, int]
+    grid_thw: tuple[int, ...]  # (t, h, w); () for an audio file
     second_per_grid: float
     frame_times: tuple[float, ...]
     mel_length: int
@@ -109,7 +111,7 @@ class Cache:
             id=video_id,
             video_tokens=self._tokens(row, "video"),
             audio_tokens=self._tokens(row, "audio") if row.has_audio else None,
-            grid_thw=tuple(row.grid_thw),
+            grid_thw=tuple(row.grid_thw or ()),
             second_per_grid=row.second_per_grid,
             frame_times=tuple(row.frame_times or ()),
             mel_length=row.mel_length,

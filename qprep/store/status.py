@@ -57,9 +57,12 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
     return report
 
 
+KIND_NAMES = {"audio": "audio file"}  # how the kinds line names an entry of a kind (default: the kind)
+
+
 def format_status(report: dict) -> str:
     videos, tokens = report["videos"], report["tokens"]
-    mixed = bool(set(report.get("kinds", {})) - {"video"})  # images beside the videos: say media, not videos
+    mixed = bool(set(report.get("kinds", {})) - {"video"})  # images or audio files beside the videos: say media
     pending = "unknown (no videos directory)" if videos["pending"] is None else \
         f"{videos['pending']} to extract, {videos['gone']} gone from {report['videos_dir']}"
     settings = ", ".join(f"{k}={v}" for k, v in report["settings"].items() if v is not None)
@@ -70,7 +73,7 @@ def format_status(report: dict) -> str:
         f"settings     {settings}",
         f"shards       {report['shards']['committed']} committed of {report['shards']['count']}",
         f"{'media' if mixed else 'videos':13}{videos['ok']} ok, {videos['failed']} failed; pending: {pending}",
-        *([f"kinds        " + ", ".join(f"{count} {kind}{'s' if count != 1 else ''}"
+        *([f"kinds        " + ", ".join(f"{count} {KIND_NAMES.get(kind, kind)}{'s' if count != 1 else ''}"
                                         for kind, count in report["kinds"].items())
            + (f" ({report['windows']} of the videos are windows of a file)" if report["windows"] else "")]
           if set(report["kinds"]) - {"video"} or report["windows"] else []),

@@ -9,9 +9,12 @@ knows into this form):
   number; the same entry may come twice); `"media": []` is a text-only sample. The record's `id` is
   then only its name (optional: `#<index>` when absent).
 
-Each `<video>` in a user turn marks where the next medium goes. Media without a mark go, in order, at
-the start of the first user turn; more marks than media is an error. Prompts are rendered by the
-tokenizer's own chat template; labels cover the assistant turns only (their text and closing
+Each `<video>`, `<image>` or `<audio>` in a user turn marks where the next medium goes (as LLaMA-Factory
+and ms-swift write them; the cached entry's kind decides its placeholder). Media without a mark go, in
+order, at the start of the first user turn; more marks than media is an error. An audio file (Omni
+families) takes the block the family's processor gives an audio item: its start token, one
+placeholder per cached audio token, its end token. Prompts are rendered by the tokenizer's own chat
+template; labels cover the assistant turns only (their text and closing
 `<|im_end|>`), -100 elsewhere. A record that cannot be used (a medium missing or failed in the
 cache, too long, no answer to learn) is reported with its reason before training starts, never in the
 middle of an epoch.
@@ -30,8 +33,8 @@ from qprep.errors import SettingsError
 from qprep.models.families import PromptLayout
 from qprep.schemas.manifest import ManifestRow
 
-VIDEO_MARK, IMAGE_MARK = "<video>", "<image>"
-MARKS = re.compile(f"{re.escape(VIDEO_MARK)}|{re.escape(IMAGE_MARK)}")
+VIDEO_MARK, IMAGE_MARK, AUDIO_MARK = "<video>", "<image>", "<audio>"
+MARKS = re.compile("|".join(re.escape(mark) for mark in (VIDEO_MARK, IMAGE_MARK, AUDIO_MARK)))
 ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
 IGNORE = -100
 
@@ -42,6 +45,7 @@ class Sample:
     input_ids: list[int]
     labels: list[int]
     has_audio: bool = False  # its videos' audio tokens go into their blocks (batched apart: `loader`)
+    # (an audio file's tokens have a block of their own: they need no such flag)
     media: tuple[str, ...] | None = None  # cached entry ids in placeholder order; None: the one video `id`
 
     def __post_init__(self):
@@ -96,9 +100,9 @@ def record_media(record: dict) -> tuple[str, ...]:
 
 def messages(conversations: list[dict], media: int | Sequence[str] = 1) -> list[dict]:
     """LongVALE turns → chat-template messages, with the media (their kinds in order, or a count of
-    videos) where `<video>` / `<image>` marks them, the unmarked ones, in order, at the start of the
-    first user turn. A mark stands for the next medium whatever its kind (LLaVA-Video writes
-    `<image>` for a video): the cached entry's kind decides its placeholder."""
+    videos) where `<video>` / `<image>` / `<audio>` marks them, the unmarked ones, in order, at the
+    start of the first user turn. A mark stands for the next medium whatever its kind (LLaVA-Video
+    writes `<image>` for a video): the cached entry's kind decides its placeholder."""
     kinds = ["video"] * media if isinstance(media, int) else list(media)
     out: list[dict] = []
     for turn in conversations:
@@ -111,7 +115,7 @@ def messages(conversations: list[dict], media: int | Sequence[str] = 1) -> list[
         raise SettingsError("a conversation needs a human turn")
     marks = sum(len(MARKS.findall(m["content"][0]["text"])) for m in users)
     if marks > len(kinds):
-        raise SettingsError(f"{marks} {VIDEO_MARK}/{IMAGE_MARK} marks for {len(kinds)} media")
+        raise SettingsError(f"{marks} {VIDEO_MARK}/{IMAGE_MARK}/{AUDIO_MARK} marks for {len(kinds)} media")
     unmarked, marked = kinds[: len(kinds) - marks], iter(kinds[len(kinds) - marks:])
     for m in users:
         m["content"] = _placed(m["content"][0]["text"], unmarked if m is users[0] else [], marked)
@@ -181,18 +185,26 @@ def build_dataset(records: list[dict], cache, tokenizer, layout: PromptLayout, *
             input_ids, labels = input_ids[:max_length], labels[:max_length]
             dataset.cut.append(name)
         dataset.samples.append(Sample(id=name, input_ids=input_ids, labels=labels, media=media,
-                                      has_audio=layout.audio and any(row.has_audio for row in rows)))
+                                      has_audio=videos_heard(rows, layout)))
     return dataset
 
 
-def unusable_media(media: tuple[str, ...], cache, ok: set[str], audio: bool) -> str | None:
+def videos_heard(rows: list[ManifestRow], layout: PromptLayout) -> bool:
+    """Whether the model hears these media's videos' own audio (their blocks hold it)."""
+    return layout.audio and any(row.has_audio for row in rows if row.kind == "video")
+
+
+def unusable_media(media: tuple[str, ...], cache, ok: set[str], audio: bool | None) -> str | None:
     """Why a sample reading these cached entries (`ok`: the cache's ids extracted ok) cannot be built,
-    or None. `audio`: the model takes the videos' own audio (`PromptLayout.audio`)."""
+    or None. `audio`: the model hears audio, videos' own and audio files (`PromptLayout.audio`; None:
+    not known here)."""
     for medium in media:
         if medium not in cache:
             return "video not in the cache"
         if medium not in ok:
             return "video failed extraction"
+    if audio is False and any(cache.row(medium).kind == "audio" for medium in media):
+        return "an audio file, and the model has no audio tower to hear it"
     if audio and len({row.has_audio for row in map(cache.row, media) if row.kind == "video"}) > 1:
         # the model positions a sample's videos with one use_audio_in_video flag (so does its processor)
         return "videos with and without audio in one sample (the model takes one use_audio_in_video flag)"
@@ -201,11 +213,11 @@ def unusable_media(media: tuple[str, ...], cache, ok: set[str], audio: bool) -> 
 
 def with_media_blocks(text_ids: list[int], labels: list[int], rows: list[ManifestRow],
                       layout: PromptLayout) -> tuple[list[int], list[int], int]:
-    """Each of the chat template's video placeholders (start, pad, end), in order, replaced by its
-    cached medium's block (the family's `video_block`), which the labels ignore: (input ids, labels,
-    where the last block ends)."""
+    """Each of the chat template's media placeholders (start, pad, end), in order, replaced by its
+    cached medium's block (`PromptLayout.block`), which the labels ignore: (input ids, labels, where
+    the last block ends)."""
     ids, out_labels, blocks_end = list(text_ids), list(labels), 0
-    placeholders = {layout.ids.video, layout.ids.image}
+    placeholders = {layout.ids.video, layout.ids.image, layout.ids.audio} - {None}
     for index, row in enumerate(rows):
         at = next((i for i in range(blocks_end, len(ids)) if ids[i] in placeholders), None)
         if at is None or ids[at] != layout.placeholder(row.kind):
@@ -270,25 +282,33 @@ def collate_packed(samples: list[Sample], cache, layout: PromptLayout):
 
 def _media(samples: list[Sample], cache, layout: PromptLayout) -> dict:
     """The batch's cached tokens, concatenated in placeholder order, and what places them in time
-    (None where the batch has none of a kind: text-only samples, images without videos)."""
+    (None where the batch has none of a kind: text-only samples, images without videos).
+
+    The audio the model hears, in placeholder order: audio files, and with `audio_in_video` each
+    video's own track (the one order in which the model scatters audio tokens and `get_rope_index`
+    reads their mel lengths)."""
     media = [cache[medium] for s in samples for medium in s.media]
+    visual = [m for m in media if m.kind != "audio"]
     videos = [m for m in media if m.kind == "video"]
     images = [m for m in media if m.kind == "image"]
     has_audio = {v.audio_tokens is not None for v in videos} if layout.audio else {False}
     if len(has_audio) > 1:  # get_rope_index takes one use_audio_in_video flag per batch
         raise ValueError("a batch mixes videos with and without audio; batch them apart")
-    with_audio = has_audio == {True}
+    in_video = has_audio == {True}
+    heard = [m for m in media if m.kind == "audio" or (in_video and m.kind == "video")]
     kinds = tuple(tuple(cache.row(medium).kind for medium in s.media) for s in samples)
     return dict(
-        video_tokens=torch.cat([m.video_tokens for m in media]) if media else None,
+        video_tokens=torch.cat([m.video_tokens for m in visual]) if visual else None,
         video_grid_thw=_grids(videos),
         second_per_grid=torch.tensor([v.second_per_grid for v in videos], dtype=torch.float64) if videos else None,
-        audio_tokens=torch.cat([v.audio_tokens for v in videos]) if with_audio else None,
-        mel_lengths=torch.tensor([v.mel_length for v in videos]) if with_audio else None,
-        deepstack=torch.cat([m.deepstack for m in media], dim=1) if media and media[0].deepstack is not None else None,
+        audio_tokens=torch.cat([m.audio_tokens for m in heard]) if heard else None,
+        mel_lengths=torch.tensor([m.mel_length for m in heard]) if heard else None,
+        audio_in_video=in_video,
+        deepstack=(torch.cat([m.deepstack for m in visual], dim=1)
+                   if visual and visual[0].deepstack is not None else None),
         image_grid_thw=_grids(images),
         media_kinds=kinds,
-        merger_order=_merger_order(media, layout) if media and media[0].video_tokens.dim() == 3 else None,
+        merger_order=_merger_order(visual, layout) if visual and visual[0].video_tokens.dim() == 3 else None,
     )
 
 

@@ -131,7 +131,7 @@ def choose_requests(cache, *, ids: list[str] | None = None, data: str | Path | N
     requests, skipped = [], {reason: list(names) for reason, names in getattr(records, "skipped", {}).items()}
     for index, record in enumerate(records):
         name, media = record_id(record, index), record_media(record)
-        reason = unusable_media(media, cache, ok, layout is not None and layout.audio)
+        reason = unusable_media(media, cache, ok, None if layout is None else layout.audio)
         if reason:
             skipped.setdefault(reason, []).append(name)
             continue
@@ -172,7 +172,7 @@ def grounding_requests(cache, data: str | Path | None, *, prompt: str | None = N
                       if item.query else "not one video to ask about")
             skipped.setdefault(reason, []).append(video_id)
             continue
-        reason = unusable_media(item.media, cache, ok, layout is not None and layout.audio)
+        reason = unusable_media(item.media, cache, ok, None if layout is None else layout.audio)
         for index, segment in enumerate(item.segments):
             name = query_id(video_id, index)
             if reason:
@@ -214,10 +214,10 @@ class Generator:
                           self.layout)
 
     def batch(self, request: Request):
-        from qprep.train.data import IGNORE, Sample, collate
+        from qprep.train.data import IGNORE, Sample, collate, videos_heard
 
         input_ids = self.prompt_ids(request)
-        audio = self.layout.audio and any(self.cache.row(medium).has_audio for medium in request.media)
+        audio = videos_heard([self.cache.row(medium) for medium in request.media], self.layout)
         sample = Sample(id=request.id, input_ids=input_ids, labels=[IGNORE] * len(input_ids), media=request.media,
                         has_audio=audio)
         return collate([sample], self.cache, self.layout).to(self.device)

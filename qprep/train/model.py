@@ -38,8 +38,10 @@ class Batch:
     video_tokens: torch.Tensor | None  # [all visual tokens, hidden]
     video_grid_thw: torch.Tensor | None  # [videos, 3]; None: no video
     second_per_grid: torch.Tensor | None  # [videos] float64
-    audio_tokens: torch.Tensor | None = None  # [all audio tokens, hidden] (audio in video)
-    mel_lengths: torch.Tensor | None = None  # [videos] valid mel frames
+    # The audio tokens of the batch's audio files and (with `audio_in_video`) of its videos' own tracks,
+    # in placeholder order, and each one's valid mel frames. None: no audio heard.
+    audio_tokens: torch.Tensor | None = None  # [all audio tokens, hidden]
+    mel_lengths: torch.Tensor | None = None  # [audio files and heard videos]
     deepstack: torch.Tensor | None = None  # [levels, all visual tokens, hidden] (towers with deepstack)
     # packed: one row of several samples side by side (no padding), their lengths in order
     sample_lengths: tuple[int, ...] | None = None
@@ -49,11 +51,8 @@ class Batch:
     # merger input only, towers that attend in windows: where each row of the mergers' output goes
     # (`Family.merger_order` of each medium, offset by the tokens before it); None: as they come
     merger_order: torch.Tensor | None = None
-
-    @property
-    def audio_in_video(self) -> bool:
-        """Whether the videos' blocks hold their audio (one flag for the batch, as the model takes it)."""
-        return self.audio_tokens is not None
+    # whether the videos' blocks hold their audio (one flag for the batch, as the model takes it)
+    audio_in_video: bool = False
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> "Batch":
         return self._map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
@@ -204,18 +203,19 @@ def _scatter(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor | N
 def unpacked(batch: Batch) -> list[Batch]:
     """The samples of a packed row, each a batch of one (what its positions are computed from)."""
     kinds = batch.media_kinds or (("video",),) * len(batch.sample_lengths)
-    out, start, first = [], 0, {"video": 0, "image": 0}
+    out, start, first = [], 0, {"video": 0, "image": 0, "heard": 0}
     for length, sample_kinds in zip(batch.sample_lengths, kinds):
         ids = batch.input_ids[:, start:start + length]
-        counts = {kind: sample_kinds.count(kind) for kind in first}
-        videos = slice(first["video"], first["video"] + counts["video"])
-        images = slice(first["image"], first["image"] + counts["image"])
+        counts = {kind: sample_kinds.count(kind) for kind in ("video", "image")}
+        # the audio it hears, in `Batch.mel_lengths`: its audio files, and its videos' with audio_in_video
+        counts["heard"] = sum(kind == "audio" or (batch.audio_in_video and kind == "video") for kind in sample_kinds)
+        videos, images, heard = (slice(first[kind], first[kind] + counts[kind]) for kind in ("video", "image", "heard"))
         labels = batch.labels[:, start:start + length]
         out.append(Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
                          video_tokens=None, video_grid_thw=_part(batch.video_grid_thw, videos),
                          second_per_grid=_part(batch.second_per_grid, videos),
-                         audio_tokens=batch.audio_tokens[:0] if batch.audio_in_video and counts["video"] else None,
-                         mel_lengths=_part(batch.mel_lengths, videos),
+                         mel_lengths=_part(batch.mel_lengths, heard),
+                         audio_in_video=batch.audio_in_video and counts["video"] > 0,
                          image_grid_thw=_part(batch.image_grid_thw, images),
                          media_kinds=(sample_kinds,)))
         start += length

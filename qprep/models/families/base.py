@@ -9,8 +9,9 @@ the one place that knows, for that family:
   full-model class that `verify` and the parity tests compare against;
 * the video processor's frame-size rule (`video_pixel_bounds`, `pixel_bounds_per_clip`);
 * the prompt: the placeholder tokens, the token layout of a video block (`video_block`: time stamps
-  as text, audio interleave) and how the model positions it (`position_ids`: the family's own
-  `get_rope_index`, called as its model does);
+  as text, audio interleave) and of an audio file's (`audio_block`, families with an audio tower),
+  and how the model positions them (`position_ids`: the family's own `get_rope_index`, called as its
+  model does);
 * the store and training: what the tower returns beside the merged tokens (`deepstack_levels`),
   what the language model takes besides embeddings and positions (`text_model_inputs`), and the
   default LoRA targets.
@@ -54,7 +55,9 @@ class RopeInputs:
     attention_mask: "torch.Tensor"
     video_grid_thw: "torch.Tensor | None"  # [videos, 3] in placeholder order; None: no video
     second_per_grid: "torch.Tensor | None"  # [videos] float64
-    mel_lengths: "torch.Tensor | None" = None  # [videos] valid mel frames, with audio in the videos
+    # valid mel frames of each audio heard, in placeholder order: audio files, and each video's own track
+    # with `audio_in_video`; None: none heard
+    mel_lengths: "torch.Tensor | None" = None
     audio_in_video: bool = False  # the videos' blocks hold their audio (one flag for all)
     image_grid_thw: "torch.Tensor | None" = None  # [images, 3] in placeholder order; None: no image
 
@@ -163,6 +166,14 @@ class Family:
         """The ids that stand for one cached image: start, a placeholder per merged token, end."""
         return plain_video_block(row.grid_thw, layout.ids, layout.merge_size, placeholder=layout.ids.image)
 
+    def audio_block(self, layout: "PromptLayout", row: ManifestRow) -> list[int]:
+        """The ids that stand for one cached audio file, as the family's processor lays out an audio
+        item: its start token, one placeholder per audio token, its end token."""
+        if not self.has_audio:
+            raise ValueError(f"{row.id} is an audio file, and a {self.name} model has no audio tower to hear it")
+        ids = layout.ids
+        return [ids.audio_start] + [ids.audio] * int(row.audio_length or 0) + [ids.audio_end]
+
     def video_block(self, layout: "PromptLayout", row: ManifestRow, start: int = 0) -> list[int]:
         """The ids that stand for one cached video (its manifest row) in a prompt, with its audio
         where the layout puts audio in the block. `start`: the position of the block's first token
@@ -235,11 +246,15 @@ class PromptLayout:
 
     def block(self, row: ManifestRow, start: int = 0) -> list[int]:
         """The block of one cached medium, whatever its kind."""
-        return self.family.image_block(self, row) if row.kind == "image" else self.video_block(row, start)
+        if row.kind == "image":
+            return self.family.image_block(self, row)
+        if row.kind == "audio":
+            return self.family.audio_block(self, row)
+        return self.video_block(row, start)
 
-    def placeholder(self, kind: str) -> int:
+    def placeholder(self, kind: str) -> int | None:
         """The token of the chat template's placeholder for a medium of `kind`."""
-        return self.ids.image if kind == "image" else self.ids.video
+        return {"image": self.ids.image, "audio": self.ids.audio}.get(kind, self.ids.video)
 
     def block_start(self, prefix: list[int], earlier: list[ManifestRow]):
         """The position of a block's first token when `prefix` (ids, holding the blocks of the
@@ -249,16 +264,17 @@ class PromptLayout:
             return len(prefix)  # text alone before it: one position per token
         import torch
 
-        videos = [row for row in earlier if row.kind != "image"]
+        videos = [row for row in earlier if row.kind == "video"]
         images = [row for row in earlier if row.kind == "image"]
         audio = self.audio and bool(videos) and all(row.has_audio for row in videos)
+        heard = [row for row in earlier if row.kind == "audio" or (audio and row.kind == "video")]
         ids = torch.tensor([prefix], dtype=torch.int64)
         inputs = RopeInputs(
             input_ids=ids, attention_mask=torch.ones_like(ids),
             video_grid_thw=torch.tensor([row.grid_thw for row in videos], dtype=torch.int64) if videos else None,
             second_per_grid=(torch.tensor([row.second_per_grid for row in videos], dtype=torch.float64)
                              if videos else None),
-            mel_lengths=torch.tensor([row.mel_length for row in videos]) if audio else None, audio_in_video=audio,
+            mel_lengths=torch.tensor([row.mel_length for row in heard]) if heard else None, audio_in_video=audio,
             image_grid_thw=torch.tensor([row.grid_thw for row in images], dtype=torch.int64) if images else None)
         return self.family.position_ids(self.rope_model, inputs, self.config)[..., -1].max() + 1
 

@@ -1,5 +1,6 @@
 """Qwen2.5-Omni (`qwen2_5_omni`, and a bare thinker `qwen2_5_omni_thinker`): vision and audio towers.
 
+An audio file's block: `<|audio_bos|>`, `<|AUDIO|>` per audio token, `<|audio_eos|>` (`Family.audio_block`).
 Block with the video's audio: `<|vision_bos|><|audio_bos|> V0 A0 V1 A1 … <|audio_eos|><|vision_eos|>`,
 where Vk / Ak are the video and audio tokens whose time positions fall in the k-th chunk of
 `position_id_per_seconds × seconds_per_chunk` (25 × 2 = 50) position ids; without audio, the plain
@@ -57,16 +58,15 @@ class QwenOmniFamily(Family):
         return audio_tower._get_feat_extract_output_lengths(mel_lengths)[1]
 
     def position_ids(self, rope_model, batch, config):
-        """The thinker's `get_rope_index` with the audio in the video (Qwen3-Omni's gives float
-        positions: its audio-in-video times are not whole numbers), checked as `check_audio_positions` says."""
+        """The thinker's `get_rope_index` with the audio in the video and the audio files (Qwen3-Omni's
+        gives float positions: its audio-in-video times are not whole numbers), every audio token's
+        position checked as `check_audio_positions` says."""
         ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
-        use_audio = batch.audio_in_video
         positions, _ = rope_model.get_rope_index(
             ids, image_grid_thw=as_cpu(batch.image_grid_thw), video_grid_thw=as_cpu(batch.video_grid_thw),
-            attention_mask=mask, use_audio_in_video=use_audio,
-            audio_seqlens=as_cpu(batch.mel_lengths) if use_audio else None,
+            attention_mask=mask, use_audio_in_video=batch.audio_in_video, audio_seqlens=as_cpu(batch.mel_lengths),
             second_per_grids=as_cpu(batch.second_per_grid))
-        if use_audio:
+        if batch.mel_lengths is not None:
             check_audio_positions(positions, ids == self.media_token_ids(config)[1], ids == config.audio_start_token_id)
         return positions
 

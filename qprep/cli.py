@@ -215,7 +215,8 @@ def prepare(video, job, model, as_json, **flags):
 @click.option("--dtype", type=click.Choice(["auto", *DTYPE_NAMES]), default="auto", show_default=True,
               help="Tower dtype and token dtype; auto = the checkpoint's (bf16 for Qwen's releases), or the store's.")
 @click.option("--shards", type=click.IntRange(1, 1 << 20), default=None,
-              help="Shard count of a new store (default 256). A changed video re-writes one shard.")
+              help="Shard count of a new store (default: about 256 entries a shard, at least 256 shards). "
+                   "A changed medium re-writes one shard.")
 @click.option("--rebuild", is_flag=True, help="Delete the store and extract everything again (needed to change settings).")
 @click.option("--ray-address", envvar="RAY_ADDRESS", default=None,
               help="Run on this Ray cluster (env RAY_ADDRESS); default: a Ray of this run's own when Ray runs the "

@@ -270,10 +270,9 @@ class Store:
         self.files.remove_tree(f"{SHARDS}/{_shard_name(shard)}")
 
     def collect_garbage(self, manifest: pa.Table) -> None:
-        """Remove what a killed writer left: unreferenced arrays, unfinished manifest files and
-        scratch files. `manifest` is the committed manifest (`self.manifest()`)."""
+        """Remove what a killed writer left: unreferenced arrays and unfinished manifest files.
+        `manifest` is the committed manifest (`self.manifest()`); its scratch goes with `scratch`."""
         self.files.remove_unfinished(MANIFEST)
-        self.files.remove_tree(f"{PRIVATE}/{SCRATCH}")
         committed = shard_keys(manifest)
         for shard_name in self.files.dirs(SHARDS):
             if not shard_name.isdigit():
@@ -294,8 +293,9 @@ class Store:
     @contextlib.contextmanager
     def scratch(self) -> Iterator[Path]:
         """A local directory for the writer's tokens waiting for their shard's commit (the lock's
-        holder's alone), removed afterwards: in the store's .qprep/ for a local store (the disk
-        the tokens go to anyway), a temporary directory for a store behind a URL."""
+        holder's alone), emptied first (a killed run's) and removed afterwards: in the store's
+        .qprep/ for a local store (the disk the tokens go to anyway), a temporary directory for a
+        store behind a URL."""
         if isinstance(self.files, LocalFiles):
             path = self.files.root / PRIVATE / SCRATCH
             shutil.rmtree(path, ignore_errors=True)

@@ -99,5 +99,16 @@ def test_a_new_stores_shard_count_follows_its_planned_entries_and_a_changed_imag
     assert third.bytes_written <= sum((store / name).stat().st_size for name in shard_files(after, shard))
 
 
+def test_a_killed_runs_scratch_is_emptied_by_the_next_and_removed_after_it(tmp_path):
+    store = Store.create(tmp_path / "store.zarr", config={}, fingerprint="f", model="m", hidden_size=4,
+                         dtype="float32", shard_count=1, has_audio=False)
+    left = tmp_path / "store.zarr" / ".qprep" / layout.SCRATCH / "00000.video"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"\0" * 64)  # what a run killed before its shard committed leaves
+    with store.scratch() as scratch:
+        assert scratch == left.parent and not any(scratch.iterdir())
+    assert not left.parent.exists()
+
+
 def _rows(store) -> list[dict]:
     return Store.open(store).manifest().to_pylist()

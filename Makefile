@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench gpu-check
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -25,3 +25,9 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python bench/extract.py
 	$(VENV)/bin/python bench/train.py
 	$(VENV)/bin/python bench/memory.py
+
+# every bench's GPU rows, the bf16 check and the demo on cuda, one report (gpu-check/report.md);
+# CPU sizes on a machine without a GPU
+gpu-check: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet -e '.[bench]'
+	$(VENV)/bin/python bench/gpu_check.py

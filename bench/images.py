@@ -1,5 +1,6 @@
 """Benchmark: a folder of images through `qprep extract --media`, against a plain loop of the
-checkpoint's own processor and towers, on this machine's CPU.
+checkpoint's own processor and towers, on this machine's CPU or its GPU (--device cuda: both sides'
+tower in bfloat16 there).
 
 What is compared, for --images images and twice as many (so that the cost of each further image
 shows apart from the fixed start-up):
@@ -81,8 +82,9 @@ def ensure_images(folder: Path, count: int) -> Path:
     return folder
 
 
-def loop_main(folder: str, model: str, out: str) -> None:
-    """The reference loop, in its own process (--loop): prints its timings, saves its tokens."""
+def loop_main(folder: str, model: str, out: str, device: str) -> None:
+    """The reference loop, in its own process (--loop): prints its timings, saves its tokens (bfloat16
+    on a GPU, float32 on CPU, as `qprep extract` chooses)."""
     began = time.perf_counter()
     import torch
     import transformers
@@ -90,31 +92,34 @@ def loop_main(folder: str, model: str, out: str) -> None:
     from transformers.image_utils import load_image
 
     processor = AutoProcessor.from_pretrained(model)
-    full = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    full = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=dtype).eval().to(device)
     loaded = time.perf_counter()
     tokens = {}
     with torch.inference_mode():
         for path in sorted(Path(folder).glob("*.jpg")):
             inputs = processor(text=["<|image_pad|>"], images=[load_image(str(path))], return_tensors="pt")
-            output = full.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-            tokens[path.stem] = output.pooler_output[0].numpy()
+            output = full.get_image_features(inputs["pixel_values"].to(device), inputs["image_grid_thw"].to(device))
+            tokens[path.stem] = output.pooler_output[0].float().cpu().numpy()
+    if device == "cuda":
+        torch.cuda.synchronize()
     done = time.perf_counter()
     np.savez(out, **tokens)
     print(json.dumps({"wall_s": done - began, "load_s": loaded - began, "images_s": done - loaded}))
 
 
-def run_loop(folder: Path, model: Path, out: Path) -> dict:
+def run_loop(folder: Path, model: Path, out: Path, device: str) -> dict:
     began = time.perf_counter()
-    result = subprocess.run([sys.executable, __file__, "--loop", str(folder), str(model), str(out)],
+    result = subprocess.run([sys.executable, __file__, "--loop", str(folder), str(model), str(out), device],
                             capture_output=True, text=True, check=True)
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "process_s": time.perf_counter() - began}
 
 
-def run_qprep(folder: Path, model: Path, store: Path) -> dict:
+def run_qprep(folder: Path, model: Path, store: Path, device: str) -> dict:
     shutil.rmtree(store, ignore_errors=True)
     began = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "qprep", "extract", "--media", str(folder), "--out", str(store),
-                             "--model", str(model), "--executor", "local", "--quiet", "--json"],
+                             "--model", str(model), "--executor", "local", "--device", device, "--quiet", "--json"],
                             capture_output=True, text=True, check=True)
     summary = json.loads(result.stdout)
     return {"process_s": time.perf_counter() - began, "extracted": summary["extracted"], "failed": summary["failed"]}
@@ -135,32 +140,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=48, help="images in the smaller folder (the larger: twice)")
     parser.add_argument("--vision-depth", type=int, default=2, help="vision blocks built, of the released 32")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qprep-bench-images"))
-    parser.add_argument("--loop", nargs=3, metavar=("FOLDER", "MODEL", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="where both sides run the tower (default: cuda "
+                                                                 "when available; bfloat16 there, float32 on CPU)")
+    parser.add_argument("--loop", nargs=4, metavar=("FOLDER", "MODEL", "OUT", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loop:
         loop_main(*args.loop)
         return 0
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = ensure_model(args.workdir, args.vision_depth)
     rows, checks = [], []
     for count in (args.images, 2 * args.images):
         folder = ensure_images(args.workdir / f"images-{count}", count)
-        ours = run_qprep(folder, model, args.workdir / f"store-{count}.zarr")
-        loop = run_loop(folder, model, args.workdir / f"loop-{count}.npz")
+        ours = run_qprep(folder, model, args.workdir / f"store-{count}.zarr", device)
+        loop = run_loop(folder, model, args.workdir / f"loop-{count}.npz", device)
         checks.append(same_tokens(args.workdir / f"store-{count}.zarr", args.workdir / f"loop-{count}.npz"))
         rows.append((count, ours, loop))
     print(json.dumps(environment(args.workdir, ("torch", "transformers", "pillow")), indent=2))
-    print(table(rows, args.vision_depth))
+    print(table(rows, args.vision_depth, device))
     for equal, compared in checks:
         print(f"tokens equal to the loop's, bit for bit: {equal} of {compared} images")
     return 0 if all(equal == compared for equal, compared in checks) else 1
 
 
-def table(rows, depth: int) -> str:
+def table(rows, depth: int, device: str) -> str:
     (small, ours_1, loop_1), (large, ours_2, loop_2) = rows
     further = large - small
     ours_each = (ours_2["process_s"] - ours_1["process_s"]) / further
     loop_each = (loop_2["process_s"] - loop_1["process_s"]) / further
-    lines = [f"Qwen2.5-VL-7B vision tower, {depth} of 32 blocks, float32 on CPU; photos 1280x720 and 1024x768", "",
+    where = "bfloat16 on cuda" if device == "cuda" else "float32 on CPU"
+    lines = [f"Qwen2.5-VL-7B vision tower, {depth} of 32 blocks, {where}; photos 1280x720 and 1024x768", "",
              "| run | images | qprep s | loop s | qprep images/s | loop images/s | qprep vs loop |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for count, ours, loop in rows:

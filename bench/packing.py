@@ -50,6 +50,9 @@ PATHS = {
     "2 ranks, --shard": ["--cpu-ranks", "2", "--batch-size", "1", "--grad-accum", "2", "--shard"],
 }
 
+SHORT = {"batch1": "batch 1", "padded": "padded (batch 4)", "packed": "packed", "ranks": "2 CPU ranks",
+         "shard": "2 ranks, --shard"}
+
 
 def prepare(workdir: Path, hidden: int) -> tuple[Path, Path, Path]:
     """The model, store and data file (cached in the workdir)."""
@@ -135,7 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=256, help="language model width (tiny: 64)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each path; the fastest is kept")
+    parser.add_argument("--paths", default=",".join(SHORT),
+                        help=f"which paths to run, of {','.join(SHORT)} (on a GPU machine the single-process "
+                             f"paths train on the GPU, the ranks on CPU)")
     args = parser.parse_args(argv)
+    chosen = args.paths.split(",")
+    unknown = set(chosen) - set(SHORT)
+    if unknown or "padded" not in chosen:
+        parser.error(f"--paths: {', '.join(sorted(unknown)) or 'padded is the baseline, keep it'}; "
+                     f"choose from {','.join(SHORT)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     model, store, data = prepare(args.workdir, args.hidden)
     lengths = sample_lengths(model, store, data)
@@ -144,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
           f"packed rows of at most {max_length}", flush=True)
     results = []
     for name, flags in PATHS.items():
+        if not any(SHORT[short] == name for short in chosen):
+            continue
         runs = []
         for _ in range(args.repeats):
             result = run_path(name, flags, model, store, data, args.workdir / f"run-{len(results)}",

@@ -101,6 +101,13 @@ same batches in memory. LoRA on the thinker's attention (q/k/v/o_proj, the famil
 MoE language model). The tokenizer is `Checkpoint.tokenizer()`, as `train` gets it (Qwen3-Omni's
 release keeps its chat template beside the processor, `chat_template.json`).
 
+Mixed media (`--mixed IMAGES`, any family): the clips and IMAGES JPEG photos (1280x720, 640x480,
+480x640, 800x800) in one folder, extracted with `extract --media` (videos and images in one store);
+the records cycle through a video, an image, an image and a video, two videos, and a text-only
+turn (qprep's `{"id", "media", "conversations"}` records), so consecutive steps read different
+numbers and kinds of media, or none. The cache, cache-phases and floor paths (the raw paths read
+one video per sample); goal cache / floor within 5 %.
+
 Goals stated by the project: raw / cache step time >= 5x; cache / floor within 10 % (<= 1.10); for
 Qwen3-VL, cache / floor within 5 % (<= 1.05); Qwen3-Omni is held to the 10 %. If cache / floor is
 over its goal (or with --profile), the cache loop runs once more under cProfile and the top
@@ -116,6 +123,8 @@ included):
     python bench/train.py --family qwen3_vl --repeats 2   # Qwen3-VL: 12 clips, 24 steps per path
     python bench/train.py --family qwen3_omni_moe --videos 4 --steps 12 --quiet-wait 30   # Qwen3-Omni smoke run
     python bench/train.py --family qwen3_omni_moe --repeats 2   # Qwen3-Omni: 12 clips, 24 steps per path
+    python bench/train.py --mixed 6 --videos 4 --steps 15 --quiet-wait 30   # mixed-media smoke run
+    python bench/train.py --mixed 12 --repeats 2   # mixed media: 12 clips, 12 photos, 24 steps per path
 """
 
 from __future__ import annotations
@@ -163,6 +172,7 @@ FAMILIES = ("qwen2_5_omni", "qwen3_vl", "qwen3_omni_moe")
 QWEN3_VL_PIXELS = {"min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 1024}
 QWEN3_VL_PATHS = ("cache", "cache-loop", "floor")  # no raw-video path for Qwen3-VL here
 QWEN3_VL_CACHE_OVER_FLOOR_GOAL = 1.05
+MIXED_CACHE_OVER_FLOOR_GOAL = 1.05  # the mixed-media row (--mixed)
 # Qwen3-Omni (--family qwen3_omni_moe): Qwen2VLVideoProcessor's bounds are per frame: 4..64 merged
 # tokens of 32² pixels per frame (the bench checkpoint's own video processor config; the Omni run's
 # 4..64 × 28² at the 16-pixel patch). The same paths as Qwen3-VL, the general cache / floor goal.
@@ -300,6 +310,62 @@ def write_data(path: Path, videos: int, steps: int) -> Path:
     return path
 
 
+IMAGE_SIZES = ((1280, 720), (640, 480), (480, 640), (800, 800))  # landscape, 4:3, portrait, square
+# the mixed-media records cycle through these: (kind of each medium in placeholder order)
+MIXED_PATTERNS = (("video",), ("image",), ("image", "video"), ("video", "video"), ())
+
+
+def image_name(index: int) -> str:
+    width, height = IMAGE_SIZES[index % len(IMAGE_SIZES)]
+    return f"i{index:03d}-{width}x{height}"
+
+
+def ensure_media(workdir: Path, videos: int, images: int) -> Path:
+    """A folder holding the `videos` clips of `ensure_videos` and `images` JPEG photos (a disc on a
+    gradient, each of its own size and colour), for `extract --media`."""
+    from PIL import Image, ImageDraw
+
+    clips = ensure_videos(workdir, videos)
+    folder = workdir / f"media-{videos}v{images}i"
+    folder.mkdir(parents=True, exist_ok=True)
+    for clip in clips.iterdir():
+        if not (folder / clip.name).exists():
+            os.link(clip, folder / clip.name)
+    for index in range(images):
+        path = folder / (image_name(index) + ".jpg")
+        if path.exists():
+            continue
+        width, height = IMAGE_SIZES[index % len(IMAGE_SIZES)]
+        image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+        radius = min(width, height) // 6
+        x, y = (index * 97) % (width - 2 * radius), (index * 61) % (height - 2 * radius)
+        ImageDraw.Draw(image).ellipse((x, y, x + 2 * radius, y + 2 * radius), fill=(200, 30 + index * 13 % 200, 40))
+        image.save(folder / ("partial-" + path.name), format="JPEG", quality=90)
+        (folder / ("partial-" + path.name)).rename(path)
+    return folder
+
+
+def write_mixed_data(path: Path, videos: int, images: int, steps: int) -> Path:
+    """qprep records over several media or none, cycling through MIXED_PATTERNS: a video, an image, an
+    image and a video, two videos, text only; the media taken in turn from the folder's clips and photos."""
+    records, taken = [], {"video": 0, "image": 0}
+    names = {"video": lambda i: clip_name(i % videos), "image": lambda i: image_name(i % images)}
+    for step in range(steps):
+        pattern = MIXED_PATTERNS[step % len(MIXED_PATTERNS)]
+        media = []
+        for kind in pattern:
+            media.append(names[kind](taken[kind]))
+            taken[kind] += 1
+        marks = "".join(f"<{kind}>" for kind in pattern)
+        question = (QUESTIONS[step % len(QUESTIONS)] if pattern
+                    else "in one sentence, what does a red disc on a grey background suggest")
+        records.append({"id": f"mixed-{step:04d}", "media": media, "conversations": [
+            {"from": "human", "value": f"{marks}\n{question}" if marks else question},
+            {"from": "gpt", "value": answer(step) if pattern else "A signal, or a warning light."}]})
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
 def policy(args) -> dict:
     return {"num_frames": args.num_frames} if args.num_frames else {"fps": FPS}
 
@@ -354,6 +420,24 @@ class StepMemory:
 # Workers (each in a fresh process)
 
 
+def synchronized(device: str) -> float:
+    """`time.perf_counter()` once the device's queued work is done (GPU kernels run asynchronously)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def gpu_peak(device: str) -> dict:
+    """The GPU's peak allocated memory over the whole process (model, optimizer state and steps)."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    return {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+
+
 def _quiet_transformers() -> None:
     import warnings
 
@@ -381,7 +465,8 @@ def cache_settings(job: dict):
     from qprep.schemas.training import LoraSettings, TrainSettings
 
     return TrainSettings(epochs=1, lr=LR, batch_size=1, grad_accum=1, seed=SEED,
-                         gradient_checkpointing=job["gradient_checkpointing"], dtype="float32", lora=LoraSettings())
+                         gradient_checkpointing=job["gradient_checkpointing"], dtype=job.get("dtype", "float32"),
+                         lora=LoraSettings())
 
 
 def cache_worker(job: dict) -> dict:
@@ -403,13 +488,14 @@ def cache_worker(job: dict) -> dict:
 
     LanguageModel.forward = forward_first_resets
     out = fresh(Path(job["out"]))
-    summary = train(job["cache"], job["data"], job["model"], out, cache_settings(job), device="cpu", progress=False,
+    summary = train(job["cache"], job["data"], job["model"], out, cache_settings(job), device=job["device"],
+                    progress=False,
                     echo=lambda line: None)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [{"s": m["step_time_s"], "loss": m["loss"], "tokens": round(m["tokens_per_s"] * m["step_time_s"])}
              for m in lines]
     return {"steps": steps, "setup_s": first.get("setup_s"), "samples": summary.samples,
-            "torch_threads": torch.get_num_threads(), **memory.result()}
+            "torch_threads": torch.get_num_threads(), **memory.result(), **gpu_peak(job["device"])}
 
 
 class Phases:
@@ -452,7 +538,8 @@ def loop_worker(job: dict) -> dict:
     _quiet_transformers()
     settings = cache_settings(job)
     objective = SupervisedObjective(settings)
-    recipe = Recipe(objective, settings, device="cpu", progress=False, echo=lambda line: None)
+    device = job["device"]
+    recipe = Recipe(objective, settings, device=device, progress=False, echo=lambda line: None)
     recipe.setup(job["cache"], job["data"], job["model"], fresh(Path(job["out"] or tempfile.mkdtemp())))
     model, cache, layout, samples = recipe.peft_model, recipe.cache, recipe.layout, objective.samples
     language_model = model.get_base_model()
@@ -461,7 +548,7 @@ def loop_worker(job: dict) -> dict:
     batches = {}
     if floor:  # each sample's batch collated once, before the loop
         for index in sorted({position.samples[0] for position in steps}):
-            batches[index] = collate([samples[index]], cache, layout)
+            batches[index] = collate([samples[index]], cache, layout).to(device)
     phases = Phases()
     language_model.position_ids = phases.timed("get_rope_index", language_model.position_ids)
     language_model.embed = phases.timed("embed + scatter", language_model.embed)
@@ -479,34 +566,35 @@ def loop_worker(job: dict) -> dict:
         index = position.samples[0]
         sample = samples[index]
         share = objective.start_step([position], model, recipe.world)[0]
-        tick = time.perf_counter()
+        tick = synchronized(device)
         if floor:
             batch = batches[index]
         else:
-            batch = collate([sample], cache, layout)
-        collated = time.perf_counter()
-        loss = objective.loss(model, batch, position, share, whole=True)
-        forwarded = time.perf_counter()
+            batch = collate([sample], cache, layout).to(device)
+        collated = synchronized(device)
+        with recipe.autocast:
+            loss = objective.loss(model, batch, position, share, whole=True)
+        forwarded = synchronized(device)
         loss.backward()
-        backward = time.perf_counter()
+        backward = synchronized(device)
         clip(recipe.trainable, settings.max_grad_norm)
         recipe.optimizer.step()
         recipe.scheduler.step()
         recipe.optimizer.zero_grad(set_to_none=True)
-        done = time.perf_counter()
+        done = synchronized(device)
         parts = phases.take()
         inner = sum(parts.values())
         parts = {"collate (cache read)": collated - tick, **parts, "rest of forward": forwarded - collated - inner,
                  "backward": backward - forwarded, "optimizer": done - backward}
         timed.append({"s": done - tick, "loss": float(loss), "tokens": len(sample.input_ids),
-                      "video_tokens": int(batch.video_tokens.shape[0]),
+                      "video_tokens": 0 if batch.video_tokens is None else int(batch.video_tokens.shape[0]),
                       "audio_tokens": 0 if batch.audio_tokens is None else int(batch.audio_tokens.shape[0]),
                       "deepstack_levels": 0 if batch.deepstack is None else int(batch.deepstack.shape[0]),
                       "ids": _digest(sample.input_ids), "phases": parts})
     recipe.cleanup()
     result = {"steps": timed, "setup_s": setup_s, "samples": len(samples),
               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "torch_threads": torch.get_num_threads(), **memory.result()}
+              "torch_threads": torch.get_num_threads(), **memory.result(), **gpu_peak(device)}
     if profiler is not None:
         import io
         import pstats
@@ -633,7 +721,8 @@ def extract_worker(job: dict) -> dict:
 
     _quiet_transformers()
     began = time.perf_counter()
-    settings = VideoSettings(**job["policy"], **job.get("pixels", PIXELS), audio=job.get("audio", True))
+    settings = VideoSettings(**job["policy"], **job.get("pixels", PIXELS), audio=job.get("audio", True),
+                             kinds=tuple(job.get("kinds", ("video",))))
     summary = extract(job["videos"], job["store"], job["model"], settings, dtype="float32",
                       options=ExtractOptions(progress=False))
     return {"wall_s": time.perf_counter() - began, **summary.to_dict()}
@@ -785,8 +874,13 @@ def main_table(rows: list[Row], base: Row, base_name: str) -> str:
                     fmt(result["setup_peak_mb"], ".0f"), fmt(result["steps_peak_mb"], ".0f"),
                     fmt(result["baseline_mb"], ".0f"), fmt(result["steps_peak_mb"] - result["baseline_mb"], ".0f"),
                     f"{losses[0]:.4f} → {losses[-1]:.4f}",
-                    fmt(r.run.others_cores, ".2f"), r.note))
+                    fmt(r.run.others_cores, ".2f"),
+                    "; ".join(filter(None, (r.note, gpu_note(result))))))
     return markdown(header, out)
+
+
+def gpu_note(result: dict) -> str:
+    return f"GPU peak allocated {result['gpu_peak_mb']:.0f} MB" if "gpu_peak_mb" in result else ""
 
 
 def phase_table(rows: list[Row]) -> str:
@@ -841,6 +935,17 @@ def main(argv: list[str] | None = None) -> int:
                              "Qwen3-Omni, width 1152, one block per deepstack level)")
     parser.add_argument("--audio-layers", type=int, default=2,
                         help="audio encoder layers (width 1280, as released; Qwen2.5-Omni and Qwen3-Omni)")
+    parser.add_argument("--mixed", type=int, default=0, metavar="IMAGES",
+                        help="the mixed-media row: the clips and this many JPEG photos extracted with --media, "
+                             "records cycling through a video, an image, an image + a video, two videos and "
+                             f"text only; paths {','.join(QWEN3_VL_PATHS)}, goal cache / floor <= "
+                             f"{MIXED_CACHE_OVER_FLOOR_GOAL}")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help=f"where the cache paths train (the raw paths run on CPU only; on cuda the paths "
+                             f"{','.join(QWEN3_VL_PATHS)} by default)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the cache paths' training dtype (bfloat16: autocast over float32 LoRA weights, as "
+                             "`qprep train --dtype bfloat16`)")
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="off on every path")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qprep-bench-train"),
                         help="cache of clips, model and store")
@@ -863,26 +968,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must exceed --warmup")
     qwen3_vl, qwen3_omni = args.family == "qwen3_vl", args.family == "qwen3_omni_moe"
     qwen3 = QWEN3_PATHS.get(args.family)  # the Qwen3 families' paths (None: Qwen2.5-Omni, every path)
+    if args.mixed or args.device == "cuda":  # the raw paths read one video per sample, on CPU
+        qwen3 = qwen3 or QWEN3_VL_PATHS
     if args.vision_depth is None:
         args.vision_depth = 3 if qwen3 else 2
     if args.paths is None:
         args.paths = ",".join(qwen3) if qwen3 else "cache,cache-loop,floor,raw,raw-stock"
     if qwen3 and set(args.paths.split(",")) - set(qwen3):
         parser.error(f"--family {args.family} runs the paths {','.join(qwen3)} only")
-    floor_goal = QWEN3_VL_CACHE_OVER_FLOOR_GOAL if qwen3_vl else CACHE_OVER_FLOOR_GOAL
+    floor_goal = (MIXED_CACHE_OVER_FLOOR_GOAL if args.mixed else
+                  QWEN3_VL_CACHE_OVER_FLOOR_GOAL if qwen3_vl else CACHE_OVER_FLOOR_GOAL)
     workdir, repeats = args.workdir.resolve(), max(1, args.repeats)
     QUIET["max_wait_s"] = args.quiet_wait
     workdir.mkdir(parents=True, exist_ok=True)
     model = ensure_model(workdir, args)
-    videos = ensure_videos(workdir, args.videos)
+    videos = ensure_media(workdir, args.videos, args.mixed) if args.mixed else ensure_videos(workdir, args.videos)
     frames = f"{args.num_frames} frames" if args.num_frames else f"fps {FPS:g}"
     store = workdir / "stores" / f"{model.name}-{videos.name}-{frames.replace(' ', '')}.zarr"
-    data = write_data(workdir / f"data-{args.videos}x{steps}.json", args.videos, steps)
+    data = (write_mixed_data(workdir / f"data-mixed-{args.videos}v{args.mixed}ix{steps}.json", args.videos,
+                             args.mixed, steps) if args.mixed
+            else write_data(workdir / f"data-{args.videos}x{steps}.json", args.videos, steps))
     facts = environment(workdir)
     print("environment: " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
 
     print("extract (brings the cache up to date) …", file=sys.stderr, flush=True)
-    media = QWEN3_MEDIA.get(args.family, {})
+    media = {**QWEN3_MEDIA.get(args.family, {}), **({"kinds": ["video", "image"]} if args.mixed else {})}
     extracted = run_worker({"kind": "extract", "videos": str(videos), "store": str(store), "model": str(model),
                             "policy": policy(args), **media}, measured=False).result
     if extracted["failed"]:
@@ -892,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
 
     common = {"model": str(model), "cache": str(store), "data": str(data), "videos": str(videos),
               "gradient_checkpointing": not args.no_gradient_checkpointing, "warmup": args.warmup,
-              "num_frames": args.num_frames}
+              "num_frames": args.num_frames, "device": args.device, "dtype": args.dtype}
     names = {"cache": "cache: qprep train()", "cache-loop": "cache, phases (train()'s loop, instrumented)",
              "floor": "floor: LM step on batches in memory",
              "raw": "raw video: decode + processor + thinker (towers out of autograd)",
@@ -958,9 +1068,12 @@ def main(argv: list[str] | None = None) -> int:
         what = (f"vision {args.vision_depth} blocks and audio {args.audio_layers} layers at the released width 1280, "
                 f"language model {args.text_layers} layers × {args.text_hidden}. Data: {args.videos} clips "
                 f"({seconds} s, {WIDTH}x{HEIGHT} h264 + aac at {'/'.join(map(str, RATES))} fps), {frames} + audio")
+    if args.mixed:
+        what += (f"; mixed media: {args.mixed} JPEG photos ({', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)}) beside "
+                 f"the clips, records cycling through a video, an image, an image + a video, two videos, text only")
     print(f"\nModel {model.name}: {what}, "
           f"{steps} steps per path (each clip {steps / args.videos:g}×, train()'s seeded order), first {args.warmup} "
-          f"left out. Batch size 1, grad accum 1, float32, CPU, gradient checkpointing "
+          f"left out. Batch size 1, grad accum 1, {args.dtype}, {args.device.upper()}, gradient checkpointing "
           f"{'off' if args.no_gradient_checkpointing else 'on'}, "
           f"torch threads {ordered[0].run.result['torch_threads']}; "
           f"fastest of {repeats}.")

@@ -17,6 +17,7 @@ import click
 from qprep.datasets.detect import FORMATS
 from qprep.errors import RankFailed, SettingsError, VideoError
 from qprep.schemas.dtypes import DTYPE_NAMES
+from qprep.schemas.towers import LEVELS, MERGED
 from qprep.store.fs import is_url
 
 EXIT_SETTINGS, EXIT_VIDEO = 3, 4
@@ -217,6 +218,10 @@ def prepare(video, job, model, as_json, **flags):
 @click.option("--shards", type=click.IntRange(1, 1 << 20), default=None,
               help="Shard count of a new store (default: about 256 entries a shard, at least 256 shards). "
                    "A changed medium re-writes one shard.")
+@click.option("--level", type=click.Choice(LEVELS), default=MERGED, show_default=True,
+              help="What of the vision tower is stored. merged: the merger's output (serves runs whose merger "
+                   "is frozen); merger-input: the merger's input (and each deepstack merger's), 4 patches of the "
+                   "vision width per token, for runs that train the merger (train --train-merger) or not.")
 @click.option("--rebuild", is_flag=True, help="Delete the store and extract everything again (needed to change settings).")
 @click.option("--ray-address", envvar="RAY_ADDRESS", default=None,
               help="Run on this Ray cluster (env RAY_ADDRESS); default: a Ray of this run's own when Ray runs the "
@@ -237,8 +242,8 @@ def prepare(video, job, model, as_json, **flags):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(videos, media, data, data_format, media_dir, times, annotations_as, grounding_prompt, strict, out, job,
-            model, dtype, shards, rebuild, ray_address, executor, device, batch_size, revision, follow_links, as_json,
-            quiet, **flags):
+            model, dtype, shards, level, rebuild, ray_address, executor, device, batch_size, revision, follow_links,
+            as_json, quiet, **flags):
     """Cache the frozen towers' output for every video under --videos (every video and image under
     --media, or the media a --data set names) in the store --out.
 
@@ -279,7 +284,7 @@ def extract(videos, media, data, data_format, media_dir, times, annotations_as, 
                                  notify=lambda text: click.echo(text, err=True))
         try:
             summary = run_extract(videos, out, model, settings, dtype=dtype, shards=shards, rebuild=rebuild,
-                                  revision=revision, options=options)
+                                  revision=revision, level=level, options=options)
         except KeyboardInterrupt:
             click.echo("interrupted: the shards committed so far are kept; run the same command to finish.", err=True)
             sys.exit(130)
@@ -324,6 +329,12 @@ def status(store, videos, as_json):
 @click.option("--job", default=None, help="Preset (see `qprep jobs`) or TOML file whose [train] table to start from.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Passes over the data (default 2).")
 @click.option("--lr", type=float, default=None, help="AdamW peak learning rate (default 1e-4).")
+@click.option("--train-merger", type=click.Choice(["none", "full"]), default=None,
+              help="The vision tower's merger (projector): none (frozen, default) or full (trained beside the "
+                   "LoRA). Needs a store extracted with --level merger-input; saved beside the adapter as "
+                   "merger.safetensors under the checkpoint's own key names.")
+@click.option("--merger-lr", type=float, default=None,
+              help="Peak learning rate of a trained merger (Qwen's mm_projector_lr; default: --lr).")
 @click.option("--lr-scheduler", type=click.Choice(["linear", "cosine", "constant", "constant-with-warmup"]),
               default=None, help="How the learning rate moves over the run's optimizer steps, transformers' "
                                  "schedules (default linear: the Trainer's, down to 0).")

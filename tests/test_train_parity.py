@@ -98,14 +98,15 @@ def placeholder_ids(tokenizer, kind) -> PlaceholderIds:
     return PlaceholderIds(get("<|vision_start|>"), get("<|vision_end|>"), get("<|video_pad|>"))
 
 
-def _both_paths(tiny_model, videos, kind, layout):
-    """The full model with its processor's inputs, and qprep's language model with its cached batch."""
+def _both_paths(tiny_model, videos, kind, layout, dtype: str = "float32", device: str = "cpu"):
+    """The full model with its processor's inputs, and qprep's language model with its cached batch
+    (`dtype`, `device`: both sides' weights and towers; bench/bf16.py runs them in bfloat16 on a GPU)."""
     model_dir = tiny_model(kind, layout)
     omni, qwen3 = kind in OMNI, kind in QWEN3
     path = videos("train-clip.mp4", **CLIP)
     spec = load_model_spec(model_dir)
     prepared = qprep.preprocess_video(path, model_dir, fps=2, audio=omni)
-    towers = Towers(open_checkpoint(model_dir), spec, dtype="float32", device="cpu")
+    towers = Towers(open_checkpoint(model_dir), spec, dtype=dtype, device=device)
     features = towers.video_features([VideoInput(prepared.patches, tuple(prepared.video_grid_thw[0].tolist()))])[0]
 
     # the reference: the processor on the raw frames (and audio), then the full model
@@ -114,7 +115,7 @@ def _both_paths(tiny_model, videos, kind, layout):
                                          prepared.metadata.sample_fps, omni, metadata)
     assert inputs["video_grid_thw"].tolist() == prepared.video_grid_thw.tolist()
     labels = assistant_labels(inputs["input_ids"], processor.tokenizer)
-    full = full_model(model_dir)
+    full = full_model(model_dir, getattr(torch, dtype)).to(device)
     if omni:
         assert float(inputs["video_second_per_grid"][0]) == prepared.second_per_grid
     elif kind in NO_TIME:
@@ -143,14 +144,14 @@ def _both_paths(tiny_model, videos, kind, layout):
     input_ids = torch.tensor([expand(text_ids, block, ids)])
     assert torch.equal(input_ids, inputs["input_ids"])
     assert (features.deepstack is not None) == (kind in DEEPSTACK)
-    language_model = LanguageModel(open_checkpoint(model_dir), dtype="float32").eval()
+    language_model = LanguageModel(open_checkpoint(model_dir), dtype=dtype, device=device).eval()
     batch = Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels,
                   video_tokens=features.tokens, video_grid_thw=prepared.video_grid_thw,
                   second_per_grid=torch.tensor([prepared.second_per_grid], dtype=torch.float64),
                   audio_tokens=audio_tokens,
                   mel_lengths=torch.tensor([prepared.mel_length]) if audio_tokens is not None else None,
-                  deepstack=features.deepstack)
-    return full, inputs, model_kwargs, labels, language_model, batch
+                  deepstack=features.deepstack).to(device)
+    return full, inputs.to(device), model_kwargs, labels.to(device), language_model, batch
 
 
 CASES = kinds_and_layouts(["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", *QWEN3]) + kinds_and_layouts(["qwen3_omni_moe"]) + [

@@ -12,6 +12,7 @@ without qprep's CPU or tower stage (`qprep.audit.reference`) and compared:
 | `second_per_grid` | temporal patch size / the rate actually sampled (seconds) | within 1 µs |
 | `grid_thw` | the processor's grid | equal |
 | `video_tokens`, `deepstack`, `audio_tokens` | max abs difference (float32) / the reference's largest magnitude | ≤ the tolerance |
+| (a store of the merger's input) | the checkpoint's merger run on it (`qprep.train.merger`), as training runs it | as above |
 | `audio`, `mel_length` | audio present or not; valid mel frames | equal |
 
 The tokens are compared on the frames the cache sampled, so a sampling difference shows as
@@ -127,8 +128,13 @@ def verify(store: str | Path, *, model: str | None = None, videos: str | Path | 
                           reference=checkpoint.family.full_model[0], dtype=dtype, device=device,
                           extracted_on=extracted_on, tolerance=tolerance, videos_ok_in_store=len(cache.ids()))
     settings = cache.config["settings"]
+    merged = None
+    if cache.level == "merger-input":  # checked through the merger the trainer runs, against the merged tokens
+        from qprep.train.merger import Merger
+
+        merged = Merger(checkpoint, dtype=dtype, device=device).medium
     for video_id in tqdm(chosen, desc="verify", unit="video", disable=not progress):
-        report.results.append(check_video(cache, video_id, videos_dir, reference, settings, tolerance))
+        report.results.append(check_video(cache, video_id, videos_dir, reference, settings, tolerance, merged))
     return report
 
 
@@ -151,10 +157,14 @@ def choose(cache, ids: list[str] | None, sample: int | None, seed: int) -> list[
     return sorted(random.Random(seed).sample(ok, sample))
 
 
-def check_video(cache, video_id: str, videos_dir: Path, reference, settings: dict, tolerance: float) -> VideoResult:
+def check_video(cache, video_id: str, videos_dir: Path, reference, settings: dict, tolerance: float,
+                merged=None) -> VideoResult:
+    """`merged`: what turns a cached medium of the merger's input into merged tokens (`Merger.medium`)."""
     import av
 
     cached = cache[video_id]
+    if merged is not None:
+        cached = merged(cached)
     path = videos_dir / cached.row.path
     checks = [file_check(path, cached.row)]
     if not checks[0].ok:

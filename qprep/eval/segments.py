@@ -22,7 +22,9 @@ _UNIT = r"(?:\s*(?:s|sec|secs|second|seconds)\b)?"
 _JOIN = r"\s*(?:-|–|—|~|to|and|until|till)\s*"
 _RANGE = re.compile(
     rf"(?P<lead>\bfrom\s+|\bbetween\s+|[\[(<]\s*)?"
-    rf"(?P<a>{_TIME}){_UNIT}(?P<join>{_JOIN}|\s*,\s*)(?P<b>{_TIME})(?P<unit>{_UNIT})"
+    # a range starts where a number starts (not inside a run of digits: a search that tried every
+    # digit of a long garbage answer as a start would take time quadratic in its length)
+    rf"(?<!\d)(?P<a>{_TIME}){_UNIT}(?P<join>{_JOIN}|\s*,\s*)(?P<b>{_TIME})(?P<unit>{_UNIT})"
     rf"(?P<close>\s*[\])>])?",
     re.IGNORECASE,
 )
@@ -42,11 +44,16 @@ class Segment:
 class ParsedAnswer:
     segments: list[Segment] = field(default_factory=list)
     unparsed: list[str] = field(default_factory=list)  # non-empty lines holding no range
-    reversed: int = 0  # ranges written end first, put in order
+    reversed_at: list[int] = field(default_factory=list)  # the segments written end first, put in order
 
     @property
     def empty(self) -> bool:
         return not self.segments
+
+    @property
+    def reversed(self) -> int:
+        """How many ranges were written end first."""
+        return len(self.reversed_at)
 
 
 def seconds(text: str) -> float:
@@ -65,7 +72,7 @@ def parse_answer(answer: str) -> ParsedAnswer:
         start, end = seconds(match["a"]), seconds(match["b"])
         if end < start:
             start, end = end, start
-            parsed.reversed += 1
+            parsed.reversed_at.append(index)
         parsed.segments.append(Segment(start, end, _caption(answer[match.end():stop])))
     covered = [(m.start(), m.end()) for m in ranges]
     position = 0

@@ -50,7 +50,7 @@ def load_truth(path: str | Path, problems: list[str]) -> dict[str, Truth]:
             continue
         video_id = str(record["id"])
         try:
-            read = _read_record(record)
+            read = read_record(record)
         except ValueError as exc:
             problems.append(f"{where} ({video_id!r}): {exc}; not scored")
             continue
@@ -64,7 +64,8 @@ def load_truth(path: str | Path, problems: list[str]) -> dict[str, Truth]:
     return truth
 
 
-def _read_record(record: dict) -> Truth:
+def read_record(record: dict) -> Truth:
+    """One record's true segments and duration (either form above); ValueError says why there are none."""
     if "timestamps" in record or "sentences" in record:
         return Truth(_annotated_segments(record), _duration(record.get("duration")))
     meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}

@@ -88,7 +88,7 @@ def tower_dataset(tasks: list[VideoFile], job, device: str, options, resources: 
         threads = options.tower_threads or 1
     constructor = dict(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
                        attn_implementation=job.attn_implementation, budget=options.budget, threads=threads,
-                       arrivals=arrivals)
+                       arrivals=arrivals, level=job.level)
     # The actor is restarted as often as it dies; each batch is tried TOWER_BATCH_TRIES times. One
     # batch at a time on an actor: a batch queued behind one that kills it would die with it on each
     # try and be recorded failed for a video that is not its own.

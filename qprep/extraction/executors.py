@@ -112,7 +112,8 @@ def _load_towers(job, options) -> TowerStage:
     # the thread count of Ray's CPU tower actor: the same kernels, so the same bits
     threads = options.tower_threads or (max(1, usable_cores() // 2) if device == "cpu" else 1)
     return TowerStage(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
-                      attn_implementation=job.attn_implementation, budget=options.budget, threads=threads)
+                      attn_implementation=job.attn_implementation, budget=options.budget, threads=threads,
+                      level=job.level)
 
 
 class _CpuPool:

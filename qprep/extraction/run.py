@@ -25,7 +25,7 @@ from qprep.schemas.fingerprint import differences, extraction_config, fingerprin
 from qprep.schemas.manifest import ManifestRow
 from qprep.schemas.settings import ModelSpec, VideoSettings, load_model_spec
 from qprep.schemas.dtypes import resolve_dtype
-from qprep.schemas.towers import Budget
+from qprep.schemas.towers import MERGED, MERGER_INPUT, Budget, check_level
 from qprep.extraction.writer import HOLD_BYTES
 from qprep.store.layout import MODEL_SPEC, WEIGHT_DIGESTS, LastRun, Store, shard_count_for
 
@@ -68,6 +68,7 @@ class TowerJob:
     spec: ModelSpec
     dtype: str
     attn_implementation: str
+    level: str = MERGED  # where the visual tokens are taken from the vision tower (qprep.schemas.towers)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ class ExtractOptions:
 
 def extract(videos, out: str | Path, model: str, settings: VideoSettings | None = None, *,
             dtype: str = "auto", shards: int | None = None, rebuild: bool = False, revision: str | None = None,
-            attn_implementation: str = "sdpa", options: ExtractOptions = ExtractOptions()) -> Summary:
+            attn_implementation: str = "sdpa", level: str = MERGED,
+            options: ExtractOptions = ExtractOptions()) -> Summary:
     """Extract (or bring up to date) the token cache of every medium under the folder `videos`, or
     of the media a dataset names (`videos` a `qprep.datasets.DataFile`), into `out`."""
     from qprep.datasets.source import DataFile
@@ -124,7 +126,8 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
     spec = _model_spec(model, checkpoint, spec_cache)
     if settings.images and spec.image_pixels is None:
         raise SettingsError(f"model {model}: no image processor bounds could be read, so images cannot be extracted")
-    config = extraction_config(settings, spec, checkpoint.identity(digests), dtype, attn_implementation)
+    config = extraction_config(settings, spec, checkpoint.identity(digests), dtype, attn_implementation,
+                               check_level(level))
     new_fingerprint = fingerprint(config)
     if existing is not None:
         _check_compatible(existing, new_fingerprint, config, shards)
@@ -136,7 +139,8 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
             store = Store.create(out, config=config, fingerprint=new_fingerprint, model=str(model),
                                  hidden_size=checkpoint.hidden_size, dtype=dtype,
                                  shard_count=shards or shard_count_for(planned), has_audio=checkpoint.has_audio,
-                                 deepstack_levels=checkpoint.deepstack_levels, images=settings.images)
+                                 deepstack_levels=checkpoint.deepstack_levels, images=settings.images,
+                                 merger_input=checkpoint.merger_input_shape if level == MERGER_INPUT else None)
         except StoreError:
             if not Store.exists(out):
                 raise
@@ -162,7 +166,7 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
             writer = ShardWriter(store, plan.shards, scratch, options.hold_bytes)
             writer.commit_ready()
             if plan.tasks:
-                job = TowerJob(root, model, revision, settings, spec, dtype, attn_implementation)
+                job = TowerJob(root, model, revision, settings, spec, dtype, attn_implementation, level)
                 _run_towers(plan, writer, summary, job, options)
         summary.shards_written = writer.shards_written
         summary.bytes_written = writer.bytes_written

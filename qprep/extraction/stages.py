@@ -19,6 +19,7 @@ from qprep.errors import INTERNAL_ERROR, TOWER_ERROR, FileNameError, UnreadableF
 from qprep.extraction.discover import VideoFile
 from qprep.extraction.rows import Encoded, Prepared, batch_columns, batch_rows, video_of
 from qprep.schemas.settings import ModelSpec, VideoSettings
+from qprep.schemas.towers import MERGED
 
 CPU_STAGE_TRIES = 3  # a video whose worker process dies this many times is recorded as failed
 # A tower batch whose actor dies this many times (the actor is restarted each time) is given up and
@@ -113,7 +114,7 @@ class TowerStage:
     """The towers, loaded once; each call encodes a batch of prepared videos."""
 
     def __init__(self, model: str, revision: str | None, spec: ModelSpec, dtype: str, device: str,
-                 attn_implementation: str, budget, threads: int, arrivals=None):
+                 attn_implementation: str, budget, threads: int, arrivals=None, level: str = MERGED):
         import torch
 
         from qprep.models.checkpoint import open_checkpoint
@@ -123,7 +124,7 @@ class TowerStage:
             torch.set_num_threads(threads)
         self.device = device
         self.towers = Towers(open_checkpoint(model, revision), spec, dtype=dtype, device=device,
-                             attn_implementation=attn_implementation, budget=budget)
+                             attn_implementation=attn_implementation, budget=budget, level=level)
         self.calls = 0
         self.arrivals = arrivals  # Ray: the `cluster.TowerArrivals` actor of the run
 
@@ -157,12 +158,14 @@ class TowerStage:
 
     def _empty_tokens(self) -> dict[str, np.ndarray]:
         from qprep.schemas.dtypes import storage_dtype
+        from qprep.schemas.towers import MERGER_INPUT
 
         hidden, levels = self.towers.hidden_size, self.towers.deepstack_levels
+        visual = self.towers.merger_input_shape if self.towers.level == MERGER_INPUT else (hidden,)
         dtype = storage_dtype(self.towers.dtype_name)
-        tokens = {"video": np.zeros((0, hidden), dtype), "audio": np.zeros((0, hidden), dtype)}
+        tokens = {"video": np.zeros((0, *visual), dtype), "audio": np.zeros((0, hidden), dtype)}
         if levels:
-            tokens["deepstack"] = np.zeros((0, levels, hidden), dtype)
+            tokens["deepstack"] = np.zeros((0, levels, *visual), dtype)
         return tokens
 
     def _encode(self, prepared: list[Prepared], rows: list[int], out: list[Encoded]) -> None:
@@ -179,7 +182,7 @@ class TowerStage:
             inputs = [VideoInput(torch.from_numpy(prepared[i].patches), prepared[i].grid) for i in of_kind]
             for i, features in zip(of_kind, encode(inputs)):
                 out[i].tokens["video"] = to_storage(features.tokens)  # an image's tokens share the video arrays
-                if features.deepstack is not None:  # [levels, n, d] → the store's row order [n, levels, d]
+                if features.deepstack is not None:  # [levels, n, ...] → the store's row order [n, levels, ...]
                     out[i].tokens["deepstack"] = to_storage(features.deepstack.transpose(0, 1))
         with_audio = [i for i in rows if prepared[i].mel_chunks]
         if with_audio and self.towers.audio_tower is not None:

@@ -47,6 +47,11 @@ class Checkpoint:
         """Patches merged per side into one visual token."""
         return int(self.tower_config["vision_config"].get("spatial_merge_size", 2))
 
+    @property
+    def merger_input_shape(self) -> tuple[int, int]:
+        """(merge², vision width): the merger's input rows for one merged token."""
+        return self.family.merger_input_shape(self.tower_config["vision_config"])
+
     def require_tokenizer(self) -> None:
         """Refuse a checkpoint whose tokenizer files are missing, naming them.
 
@@ -121,7 +126,7 @@ class Checkpoint:
         towers = self.family.vision_prefixes + self.family.audio_prefixes
         for prefix in prefixes:
             keys = sorted(key for key in weight_map if key.startswith(prefix)
-                          and (prefix in towers or not key.startswith(towers)))
+                          and (prefix.startswith(towers) or not key.startswith(towers)))
             if keys:
                 files: dict[Path, list[str]] = {}
                 for key in keys:

@@ -6,10 +6,16 @@ model's own transformers classes and called through the model class's own `get_v
 computes them. By default each video is its own tower call: packing several into one call moves
 their tokens by an ulp with their batch-mates (the kernels pick algorithms by shape), and a video's
 bytes must not depend on which other videos a run extracts. An explicit `Budget` packs for throughput.
+
+At the level `merger-input` (`qprep.schemas.towers`) the same call runs, and what the model's own
+`visual.merger` (and each `visual.deepstack_merger_list[i]`) is called with is recorded by forward
+pre-hooks on those modules: the vision transformer's state exactly as the full model hands it to its
+merger (in window order where the tower attends in windows), not a copy of its forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import types
 from dataclasses import dataclass
@@ -21,7 +27,7 @@ from qprep.models.checkpoint import Checkpoint, load_weights
 from qprep.pipeline.patchify import normalize
 from qprep.schemas.settings import ModelSpec
 from qprep.schemas.dtypes import resolve_dtype, torch_dtype
-from qprep.schemas.towers import Budget
+from qprep.schemas.towers import MERGED, MERGER_INPUT, Budget, check_level
 
 
 @dataclass
@@ -32,8 +38,11 @@ class VideoInput:
 
 @dataclass
 class VideoFeatures:
-    tokens: torch.Tensor  # merged visual tokens [t·h·w/merge², d]
-    deepstack: torch.Tensor | None  # [levels, t·h·w/merge², d], families whose tower has deepstack levels
+    # merged visual tokens [t·h·w/merge², d]; at the merger-input level, the merger's input
+    # [t·h·w/merge², merge², vision width] (one row per merged token)
+    tokens: torch.Tensor
+    # [levels, t·h·w/merge², d] (or [levels, t·h·w/merge², merge², vision width]), towers with deepstack levels
+    deepstack: torch.Tensor | None
 
 
 @dataclass
@@ -50,13 +59,13 @@ class Towers(torch.nn.Module):
     """`visual` and (where the family has one) `audio_tower`, loaded alone from a checkpoint."""
 
     def __init__(self, checkpoint: Checkpoint, spec: ModelSpec, dtype: str = "auto", device: str | None = None,
-                 attn_implementation: str = "sdpa", budget: Budget = Budget()):
+                 attn_implementation: str = "sdpa", budget: Budget = Budget(), level: str = MERGED):
         super().__init__()
         from transformers.initialization import no_init_weights
 
         family = checkpoint.family
         module = importlib.import_module(family.module)
-        self.spec, self.budget, self.family = spec, budget, family
+        self.spec, self.budget, self.family, self.level = spec, budget, family, check_level(level)
         self.dtype_name = resolve_dtype(dtype, checkpoint.dtype)
         self.device_name = device or default_device()
         tower_config = checkpoint.model_config()
@@ -83,6 +92,11 @@ class Towers(torch.nn.Module):
     def hidden_size(self) -> int:
         return int(getattr(self.visual.config, self.family.merged_width_key))
 
+    @property
+    def merger_input_shape(self) -> tuple[int, int]:
+        """(merge², vision width): one merged token's rows of the merger's input."""
+        unit = self.visual.config.spatial_merge_size ** 2
+        return unit, self.visual.merger.hidden_size // unit
 
     def encode_videos(self, videos: list[VideoInput]) -> list[torch.Tensor]:
         """Merged visual tokens [t·h·w/merge², d] of each video, on the CPU."""
@@ -102,12 +116,28 @@ class Towers(torch.nn.Module):
         for group in _groups([v.patches.shape[0] for v in videos], self.budget.video_patches):
             pixels = torch.cat([normalize(videos[i].patches, self.spec) for i in group]).to(self.device_name)
             grid = torch.tensor([videos[i].grid_thw for i in group], dtype=torch.int64, device=self.device_name)
+            if self.level == MERGER_INPUT:
+                out += self._merger_inputs(method, pixels, grid)
+                continue
             output = method(self, pixels, grid)
             levels = getattr(output, "deepstack_features", None) or []  # [level][video] → [n, d]
             for index, tokens in enumerate(output.pooler_output):
                 deepstack = torch.stack([level[index] for level in levels]).to("cpu") if levels else None
                 out.append(VideoFeatures(tokens.to("cpu"), deepstack))
         return out
+
+    def _merger_inputs(self, method, pixels: torch.Tensor, grid: torch.Tensor) -> list[VideoFeatures]:
+        """What the mergers were called with in one tower call, cut into its videos: a video's rows
+        are consecutive (the window index of a packed call orders windows video by video)."""
+        with recorded_merger_inputs(self.visual) as (last, deepstack):
+            method(self, pixels, grid)
+        unit, width = self.merger_input_shape
+        counts = (grid.prod(-1) // unit).tolist()
+        per_video = [part.reshape(-1, unit, width) for part in torch.split(last[0], [n * unit for n in counts])]
+        levels = [[part.reshape(-1, unit, width) for part in torch.split(level[0], [n * unit for n in counts])]
+                  for level in deepstack]
+        return [VideoFeatures(tokens.to("cpu"), torch.stack([level[i] for level in levels]).to("cpu")
+                              if levels else None) for i, tokens in enumerate(per_video)]
 
     @torch.inference_mode()
     def encode_audio(self, audios: list[AudioInput]) -> list[torch.Tensor]:
@@ -141,6 +171,23 @@ class Towers(torch.nn.Module):
                 row += 1
         features = features.to(self.device_name, torch_dtype(self.dtype_name))
         return features, mask.to(self.device_name), [len(a.window_lengths) for a in audios]
+
+
+@contextlib.contextmanager
+def recorded_merger_inputs(visual):
+    """Record the input of `visual.merger` and of each deepstack merger while the block runs:
+    ([merger input], [[level 0 input], ...]), filled as the tower's forward calls them."""
+    last: list[torch.Tensor] = []
+    mergers = list(getattr(visual, "deepstack_merger_list", None) or [])
+    deepstack: list[list[torch.Tensor]] = [[] for _ in mergers]
+    hooks = [visual.merger.register_forward_pre_hook(lambda module, args: last.append(args[0]))]
+    for merger, level in zip(mergers, deepstack):
+        hooks.append(merger.register_forward_pre_hook(lambda module, args, level=level: level.append(args[0])))
+    try:
+        yield last, deepstack
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _groups(sizes: list[int], budget: int) -> list[list[int]]:

@@ -13,15 +13,18 @@ import json
 from typing import Any
 
 from qprep.schemas.settings import ModelSpec, VideoSettings
+from qprep.schemas.towers import MERGED
 
 # Bump when the CPU stage or the tower stage changes the bytes they produce for the same input.
 OUTPUT_VERSION = 1
 
 
 def extraction_config(settings: VideoSettings, spec: ModelSpec, model: dict[str, Any], dtype: str,
-                      attn_implementation: str) -> dict[str, Any]:
-    """Everything that decides a store's bytes, as plain JSON values (recorded in the store)."""
-    return {
+                      attn_implementation: str, level: str = MERGED) -> dict[str, Any]:
+    """Everything that decides a store's bytes, as plain JSON values (recorded in the store). The
+    level only where it is not the merged tokens every store held before it existed (their
+    fingerprints stay what they were)."""
+    config = {
         "output_version": OUTPUT_VERSION,
         "settings": settings.to_dict(),
         "preprocessor": spec.to_dict(images=settings.images),
@@ -29,6 +32,9 @@ def extraction_config(settings: VideoSettings, spec: ModelSpec, model: dict[str,
         "dtype": dtype,
         "attn_implementation": attn_implementation,
     }
+    if level != MERGED:
+        config["level"] = level
+    return config
 
 
 def fingerprint(config: dict[str, Any]) -> str:

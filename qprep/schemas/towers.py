@@ -1,8 +1,27 @@
-"""What the tower stage is told about how much one call may take (its dtype: `qprep.schemas.dtypes`)."""
+"""What the tower stage is told: how much one call may take, and at which level of the vision tower
+its output is stored (its dtype: `qprep.schemas.dtypes`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from qprep.errors import SettingsError
+
+# Where the visual tokens are taken from the vision tower:
+# - "merged": the merger's output (`.pooler_output`), one row of the language model's width per
+#   merged token; it serves runs whose merger is frozen.
+# - "merger-input": what the merger is called with, the vision transformer's last hidden state (and,
+#   where the tower has deepstack levels, what each deepstack merger is called with): merge² patch
+#   rows of the vision width per merged token, in the order the merger consumes them. The trainer runs
+#   the merger from the checkpoint's weights, frozen or trained.
+MERGED, MERGER_INPUT = "merged", "merger-input"
+LEVELS = (MERGED, MERGER_INPUT)
+
+
+def check_level(level: str) -> str:
+    if level not in LEVELS:
+        raise SettingsError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    return level
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,10 @@ class TrainSettings:
     # None: TensorBoard when it is installed
     report_to: tuple[str, ...] | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # the vision tower's mergers, from a store of their input: "none" (frozen) or "full" (trained
+    # beside the LoRA, at merger_lr; None: lr, as Qwen's finetune scripts' mm_projector_lr)
+    train_merger: str = "none"
+    merger_lr: float | None = None
 
     def __post_init__(self) -> None:
         from qprep.train.trackers import parse_report_to
@@ -98,6 +102,14 @@ class TrainSettings:
         object.__setattr__(self, "lr_scheduler", scheduler)
         if scheduler not in SCHEDULERS:
             raise SettingsError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.train_merger not in ("none", "full"):
+            raise SettingsError(f"train_merger must be none or full, got {self.train_merger!r}")
+        if self.shard and self.train_merger != "none":
+            raise SettingsError("--shard shards the language model alone; a trained merger (--train-merger) is "
+                                "not sharded with it: train it without --shard")
+        if self.merger_lr is not None and (self.train_merger == "none" or not self.merger_lr > 0):
+            raise SettingsError("merger_lr is the learning rate of a trained merger: a positive number, with "
+                                "train_merger full")
         if self.loss_weighting not in LOSS_WEIGHTING:
             raise SettingsError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTING)}, got {self.loss_weighting!r}")
         if not 0 <= self.warmup_ratio < 1 or min(self.warmup_steps, self.max_grad_norm, self.weight_decay,

@@ -8,6 +8,9 @@ store.zarr/
   shards/<shard>/<key>/audio         zarr array [rows, hidden] (families with an audio tower)
   shards/<shard>/<key>/deepstack     zarr array [rows, levels, hidden]: the vision tower's deepstack
                                      features, row for row beside `video` (its offsets and lengths)
+                                     (a store at the merger-input level: `video` [rows, merge², vision
+                                     width], `deepstack` [rows, levels, merge², vision width], one row
+                                     per merged token still, so the manifest's spans are unchanged)
   manifest/<shard>.parquet           one row per video (qprep.schemas.manifest), the commit point
   .qprep/                            lock and hash caches (not part of the data)
 ```
@@ -54,8 +57,9 @@ from qprep.store.fs import LocalFiles, RemoteFiles, files_at
 # that a qprep reading version 1 alone refuses such a store rather than read it without its levels.
 # 3: rows of other kinds than video (images; `ManifestRow.kind`), whose tokens share the video
 # arrays; written only by stores that take them, so a qprep that knows only videos refuses such a store.
-SCHEMA_VERSION = 3
-READS = (1, 2, 3)
+# 4: the visual arrays hold the merger's input (`level` "merger-input"); written only by such stores.
+SCHEMA_VERSION = 4
+READS = (1, 2, 3, 4)
 KINDS = ("video", "audio", "deepstack")
 # The manifest row's span (`ManifestRow.span`) that places a kind's rows; deepstack rows are the
 # video rows' twins. (A store without deepstack levels holds no such array: the layout of
@@ -123,7 +127,9 @@ class Store:
     @classmethod
     def create(cls, root: str | Path, *, config: dict, fingerprint: str, model: str, hidden_size: int,
                dtype: str, shard_count: int, has_audio: bool, deepstack_levels: int = 0,
-               images: bool = False) -> "Store":
+               images: bool = False, merger_input: tuple[int, int] | None = None) -> "Store":
+        """`merger_input`: (merge², vision width) for a store of the merger's input (level
+        "merger-input"); None for merged tokens."""
         import zarr
 
         files = files_at(root)
@@ -131,7 +137,7 @@ class Store:
             # zarr's mode "w" would empty the directory: never point it at someone's files
             raise StoreError(f"{files.root} exists and is neither empty nor a qprep store; refusing to write there")
         attrs = {
-            "schema_version": 3 if images else 2 if deepstack_levels else 1,
+            "schema_version": 4 if merger_input else 3 if images else 2 if deepstack_levels else 1,
             "fingerprint": fingerprint,
             "config": config,
             "model": model,
@@ -142,6 +148,8 @@ class Store:
             "has_audio": has_audio,
             "deepstack_levels": deepstack_levels,
         }
+        if merger_input:
+            attrs.update(level="merger-input", merger_input=list(merger_input))
         files.makedirs()
         try:  # "w-", not "w" (which empties the directory): a store another process just created stays
             zarr.open_group(files.zarr_store("", read_only=False), mode="w-", zarr_format=3,
@@ -195,6 +203,17 @@ class Store:
     def deepstack_levels(self) -> int:
         return int(self.attrs.get("deepstack_levels", 0))
 
+    @property
+    def level(self) -> str:
+        """Where the visual tokens were taken from the vision tower (`qprep.schemas.towers.LEVELS`)."""
+        return self.attrs.get("level", "merged")
+
+    @property
+    def merger_input(self) -> tuple[int, int] | None:
+        """(merge², vision width) of a merged token's merger input; None: the store holds merged tokens."""
+        shape = self.attrs.get("merger_input")
+        return tuple(shape) if shape else None
+
     def kinds(self) -> tuple[str, ...]:
         """The token arrays each shard of this store holds."""
         return tuple(kind for kind in KINDS if kind == "video" or (kind == "audio" and self.attrs.get("has_audio"))
@@ -202,7 +221,10 @@ class Store:
 
     def row_shape(self, kind: str) -> tuple[int, ...]:
         """The shape of one row of a kind's array."""
-        return (self.deepstack_levels, self.hidden_size) if kind == "deepstack" else (self.hidden_size,)
+        if kind == "audio":
+            return (self.hidden_size,)
+        visual = self.merger_input or (self.hidden_size,)
+        return (self.deepstack_levels, *visual) if kind == "deepstack" else visual
 
     def size_bytes(self) -> int:
         """Bytes of every file of the store."""

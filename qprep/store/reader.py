@@ -26,14 +26,18 @@ class CachedMedium:
     audio), or an image (grid (1, h, w), no time)."""
 
     id: str
-    video_tokens: torch.Tensor  # the merged visual tokens [t·h·w/merge², hidden], an image's too
+    # the merged visual tokens [t·h·w/merge², hidden], an image's too; in a store at the merger-input
+    # level, the merger's input [t·h·w/merge², merge², vision width], in the order the merger takes it
+    video_tokens: torch.Tensor
     audio_tokens: torch.Tensor | None  # [audio tokens, hidden], None without audio
     grid_thw: tuple[int, int, int]
     second_per_grid: float
     frame_times: tuple[float, ...]
     mel_length: int
     row: ManifestRow
-    deepstack: torch.Tensor | None = None  # [levels, t·h·w/merge², hidden], towers with deepstack levels
+    # [levels, t·h·w/merge², hidden] (merger-input level: [levels, t·h·w/merge², merge², vision width]),
+    # towers with deepstack levels
+    deepstack: torch.Tensor | None = None
 
     @property
     def kind(self) -> str:
@@ -63,6 +67,11 @@ class Cache:
     @property
     def hidden_size(self) -> int:
         return self.store.hidden_size
+
+    @property
+    def level(self) -> str:
+        """"merged" (the merger's output) or "merger-input" (`qprep.schemas.towers`)."""
+        return self.store.level
 
     @property
     def dtype(self) -> torch.dtype:

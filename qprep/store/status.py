@@ -34,6 +34,8 @@ def store_status(path: str | Path, videos: str | Path | None = None) -> dict:
         "windows": columns.count_windows(manifest),  # of the videos: windows of a file, not whole files
         "tokens": {span: columns.token_rows(manifest, span) for span in columns.SPANS},
         "deepstack_levels": store.deepstack_levels,
+        "level": store.level,
+        "bytes_per_token": _bytes_per_token(store),
         "token_bytes": _token_bytes(store, manifest),
         "bytes": store.size_bytes(),
         "videos_dir": str(videos) if videos else None,
@@ -74,6 +76,8 @@ def format_status(report: dict) -> str:
           if set(report["kinds"]) - {"video"} or report["windows"] else []),
         f"tokens       {tokens['video']} {'visual' if mixed else 'video'}, {tokens['audio']} audio",
         f"size         {report['bytes'] / 1e6:.1f} MB",
+        f"level        {report['level']}; bytes per merged visual token: "
+        + ", ".join(f"{size:,} {level}" for level, size in report["bytes_per_token"].items()),
     ]
     arrays = report["token_bytes"]
     if report["deepstack_levels"]:
@@ -87,6 +91,18 @@ def format_status(report: dict) -> str:
     if len(report["failures"]) > 10:
         lines.append(f"             ... and {len(report['failures']) - 10} more (--json lists all)")
     return "\n".join(lines)
+
+
+def _bytes_per_token(store: Store) -> dict[str, int]:
+    """What one merged visual token costs at each level (deepstack levels included): the merged
+    tokens' width, or merge² rows of the vision width (the merger's input)."""
+    from qprep.models.families import FAMILIES
+    from qprep.schemas.towers import MERGED, MERGER_INPUT
+
+    model = store.attrs["config"]["model"]
+    unit, width = FAMILIES[model["family"]].merger_input_shape(model["towers"]["vision_config"])
+    per_value = storage_dtype(store.attrs["dtype"]).itemsize * (1 + store.deepstack_levels)
+    return {MERGED: store.hidden_size * per_value, MERGER_INPUT: unit * width * per_value}
 
 
 def _token_bytes(store: Store, manifest) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """Checkpoints of a training run, and resuming from them.
 
-`checkpoint-<step>/` holds the adapter in peft's format, `trainer.pt` (the optimizer, the schedule and
+`checkpoint-<step>/` holds the adapter in peft's format (and, with a trained merger, its
+`merger.safetensors`: `qprep.train.merger`), `trainer.pt` (the optimizer, the schedule and
 the RNG state: tensors and plain values only) and `state.json` (the position in the data and the
 length `metrics.jsonl` had), written last: `--resume` takes only checkpoints with a state.json, so one
 killed while being written is skipped, never half-read (`qprep.train.run_folder`).
@@ -48,7 +49,11 @@ def restore_adapter(checkpoint: Path, peft_model) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from qprep.train.merger import trained_merger
+
     set_peft_model_state_dict(peft_model, load_file(str(checkpoint / "adapter_model.safetensors")))
+    if (merger := trained_merger(peft_model)) is not None:
+        merger.load(checkpoint)
 
 
 def restore_trainer(checkpoint: Path, peft_model, optimizer, scheduler, sharded: bool) -> dict:

@@ -280,7 +280,19 @@ def _media(samples: list[Sample], cache, layout: PromptLayout) -> dict:
         deepstack=torch.cat([m.deepstack for m in media], dim=1) if media and media[0].deepstack is not None else None,
         image_grid_thw=_grids(images),
         media_kinds=kinds,
+        merger_order=_merger_order(media, layout) if media and media[0].video_tokens.dim() == 3 else None,
     )
+
+
+def _merger_order(media: list, layout: PromptLayout) -> torch.Tensor | None:
+    """Where each row of the mergers' output over the batch's media goes (`Batch.merger_order`)."""
+    if not layout.family.window_attention:
+        return None
+    orders, offset = [], 0
+    for medium in media:
+        orders.append(layout.family.merger_order(medium.grid_thw, layout.config.vision_config) + offset)
+        offset += medium.video_tokens.shape[0]
+    return torch.cat(orders)
 
 
 def _grids(media: list) -> torch.Tensor | None:

@@ -182,12 +182,21 @@ class Generator:
     """The language model (with the adapter, if any) answering from cached tokens."""
 
     def __init__(self, checkpoint, tokenizer, cache, *, adapter=None, dtype: str = "float32", device: str = "cpu"):
+        from qprep.schemas.towers import MERGER_INPUT
+        from qprep.train.merger import MERGER_FILE
         from qprep.train.model import LanguageModel
 
         self.tokenizer, self.cache, self.device = tokenizer, cache, device
         self.layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
         self.stop = stop_ids(checkpoint, tokenizer)
-        self.model = LanguageModel(checkpoint, dtype=dtype, device=device).eval()
+        self.model = LanguageModel(checkpoint, dtype=dtype, device=device,
+                                   merger=cache.level == MERGER_INPUT).eval()
+        if adapter is not None and (Path(adapter) / MERGER_FILE).is_file():  # trained beside the adapter
+            if self.model.mergers is None:
+                raise SettingsError(f"--adapter {adapter} holds a trained merger; {cache.store.location} holds "
+                                    f"merged tokens, made by the checkpoint's own merger. Answer from a store "
+                                    f"extracted with --level merger-input")
+            self.model.mergers.load(adapter)
         self.adapter = load_adapter(self.model, adapter) if adapter is not None else None  # LoRA layers go in place
 
     def prompt_ids(self, request: Request) -> list[int]:
@@ -224,6 +233,7 @@ def greedy(model, batch, max_new_tokens: int, stop: set[int], scores: list | Non
         raise ValueError("greedy decodes one unpadded prompt at a time")
     text_model = model.language_model
     cache = DynamicCache(config=model.config.get_text_config())
+    batch = model.merged(batch)  # from the merger's input: the mergers run once, for the prompt
     positions = prompt_positions(model, batch)
     embeds = model.embed(batch)
     extra = model.text_inputs(batch)  # the prompt step only: later steps hold no visual position

@@ -168,6 +168,7 @@ class Recipe:
         """The checkpoint (its tokenizer and prompt layout), the run folder and the cache."""
         from qprep.models.checkpoint import open_checkpoint
         from qprep.store.reader import open_cache
+        from qprep.train.merger import check_merger_trainable
 
         self.checkpoint = open_checkpoint(model)
         self.checkpoint.require_tokenizer()  # before the run folder is made
@@ -176,6 +177,7 @@ class Recipe:
         self.dtype = self.settings.dtype or compute_dtype(self.device)
         self.cache = open_cache(cache_path)
         check_cache_fits(self.cache, self.checkpoint)
+        check_merger_trainable(self.settings.train_merger, self.cache)  # before the run folder holds anything
         self.tokenizer = self.checkpoint.tokenizer()
         self.layout = self.checkpoint.family.prompt_layout(self.checkpoint, self.tokenizer)
 
@@ -199,17 +201,21 @@ class Recipe:
 
     def _build_model(self, resume: bool) -> None:
         """The language model with LoRA (the last checkpoint's adapter with `resume`), sharded with --shard."""
+        from qprep.schemas.towers import MERGER_INPUT
         from qprep.train.lora import apply_lora
+        from qprep.train.merger import train_merger
         from qprep.train.model import LanguageModel
 
         settings = self.settings
         torch.manual_seed(settings.seed)  # the LoRA weights' initial values, then the dropout's draws
         language_model = LanguageModel(self.checkpoint, dtype=self.dtype, device=self.device,
-                                       attn_implementation=settings.attn_implementation, packing=settings.packing)
+                                       attn_implementation=settings.attn_implementation, packing=settings.packing,
+                                       merger=self.cache.level == MERGER_INPUT)
         if settings.gradient_checkpointing:
             language_model.language_model.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False})  # reentrant breaks with injected embeddings
         self.peft_model = apply_lora(language_model, settings.lora)
+        train_merger(self.peft_model, settings.train_merger)
         self.resumed_from = latest_checkpoint(self.folder) if resume else None
         if self.resumed_from:
             restore_adapter(self.resumed_from, self.peft_model)  # before sharding cuts the weights up

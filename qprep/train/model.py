@@ -6,10 +6,15 @@ model's own code: the cached tokens are scattered into the placeholder positions
 embeddings (as the model's `masked_scatter`), positions come from the model class's own
 `get_rope_index` (on a weightless meta-device instance: it needs only the config) and are always
 passed explicitly, and the loss is the model's own `loss_function`.
+
+From a store of the merger's input (level "merger-input"), the vision tower's mergers are built too
+(`qprep.train.merger`, their weights alone) and turn the cached input into the merged tokens (and
+deepstack levels) first, as the tower's forward does: frozen, or trained beside the LoRA.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 
@@ -28,7 +33,8 @@ class Batch:
     attention_mask: torch.Tensor  # [batch, length]
     labels: torch.Tensor  # [batch, length], -100 where no loss
     # The merged visual tokens of the batch's images and videos, in placeholder order (sample by
-    # sample): the order of their positions. None: no image or video (text-only samples).
+    # sample): the order of their positions. None: no image or video (text-only samples). From a
+    # store of the merger's input: that input, [all visual tokens, merge², vision width].
     video_tokens: torch.Tensor | None  # [all visual tokens, hidden]
     video_grid_thw: torch.Tensor | None  # [videos, 3]; None: no video
     second_per_grid: torch.Tensor | None  # [videos] float64
@@ -40,6 +46,9 @@ class Batch:
     image_grid_thw: torch.Tensor | None = None  # [images, 3]; None: no image
     # each sample's media kinds in placeholder order (None: one video per sample)
     media_kinds: tuple[tuple[str, ...], ...] | None = None
+    # merger input only, towers that attend in windows: where each row of the mergers' output goes
+    # (`Family.merger_order` of each medium, offset by the tokens before it); None: as they come
+    merger_order: torch.Tensor | None = None
 
     @property
     def audio_in_video(self) -> bool:
@@ -63,9 +72,10 @@ class LanguageModel(torch.nn.Module):
     base_model_prefix = "model"
 
     def __init__(self, checkpoint: Checkpoint, dtype: str = "float32", device: str = "cpu",
-                 attn_implementation: str = "sdpa", packing: bool = False):
+                 attn_implementation: str = "sdpa", packing: bool = False, merger: bool = False):
         """`packing`: batches are packed rows (`Batch.sample_lengths`); with `sdpa`, each sample's
-        attention then runs apart (`packed_attention.PACKED_SDPA`)."""
+        attention then runs apart (`packed_attention.PACKED_SDPA`). `merger`: batches hold the
+        merger's input (a store at the merger-input level); the vision tower's mergers are built."""
         super().__init__()
         from transformers.initialization import no_init_weights
 
@@ -101,6 +111,11 @@ class LanguageModel(torch.nn.Module):
             # the config set an unrecognized `loss_type=None`. Name that same fallback: same loss.
             reference.loss_type = "ForCausalLM"
         object.__setattr__(self, "_positions", reference)  # not a submodule: never moved, saved or trained
+        self.mergers = None
+        if merger:
+            from qprep.train.merger import Merger
+
+            self.mergers = Merger(checkpoint, dtype=dtype, device=device)
         self.to(device)
 
     @property
@@ -120,8 +135,24 @@ class LanguageModel(torch.nn.Module):
             pieces.append(torch.cat([text, positions]))
         return torch.cat(pieces, dim=-1).to(batch.input_ids.device)
 
+    def merged(self, batch: Batch) -> Batch:
+        """The batch with merged visual tokens (and deepstack levels): from the merger's input, the
+        mergers' output; merged tokens as they are."""
+        if batch.video_tokens is None or batch.video_tokens.dim() == 2:
+            return batch
+        if self.mergers is None:
+            raise ValueError("the batch holds the merger's input; build the model with merger=True")
+        deepstack = batch.deepstack
+        if deepstack is not None:
+            deepstack = self.mergers.deepstack(deepstack, batch.merger_order)
+        return dataclasses.replace(batch, video_tokens=self.mergers.merged(batch.video_tokens, batch.merger_order),
+                                   deepstack=deepstack, merger_order=None)
+
     def embed(self, batch: Batch) -> torch.Tensor:
-        """Text embeddings with the cached tokens scattered into their placeholders."""
+        """Text embeddings with the cached tokens scattered into their placeholders (run through the
+        mergers first where the batch holds their input: call `merged` once and pass its batch here
+        and to `text_inputs`, or the mergers run twice)."""
+        batch = self.merged(batch)
         embeds = self.language_model.get_input_embeddings()(batch.input_ids)
         video_id, audio_id = self.family.media_token_ids(self.config)
         visual = (batch.input_ids == video_id) | (batch.input_ids == self.family.image_token_id(self.config))
@@ -134,7 +165,7 @@ class LanguageModel(torch.nn.Module):
     def text_inputs(self, batch: Batch) -> dict:
         """What the language model takes besides embeddings and positions (the family decides:
         deepstack features at the visual positions, for one)."""
-        return self.family.text_model_inputs(batch, self.config)
+        return self.family.text_model_inputs(self.merged(batch), self.config)
 
     def forward(self, batch: Batch, num_items_in_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits), the same as the full model's on the raw video. `num_items_in_batch`: divide
@@ -143,6 +174,7 @@ class LanguageModel(torch.nn.Module):
         # a packed row takes no attention mask: the model then keeps attention within each sample
         # from the restarting text positions (transformers' packed-sequence mask)
         mask = None if batch.sample_lengths is not None else batch.attention_mask
+        batch = self.merged(batch)
         hidden = self.language_model(inputs_embeds=self.embed(batch), attention_mask=mask,
                                      position_ids=self.position_ids(batch), use_cache=False,
                                      **self.text_inputs(batch)).last_hidden_state

@@ -33,9 +33,25 @@ def build_optimizer(model, settings: TrainSettings) -> torch.optim.Optimizer:
     # a method of the Trainer that reads nothing of it: the same names, from the same rule
     decay = set(Trainer.get_decay_parameter_names(None, model))
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in trainable if n in decay], "weight_decay": settings.weight_decay},
-              {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0}]
+    # a trained merger's parameters: their own groups at merger_lr where it is given (the Trainer
+    # subclass of Qwen's finetune scripts does the same for mm_projector_lr)
+    merger = {id(p) for p in trained_merger_parameters(model)} if settings.merger_lr is not None else set()
+    rest = [(n, p) for n, p in trainable if id(p) not in merger]
+    groups = [{"params": [p for n, p in rest if n in decay], "weight_decay": settings.weight_decay},
+              {"params": [p for n, p in rest if n not in decay], "weight_decay": 0.0}]
+    if merger:
+        own = [(n, p) for n, p in trainable if id(p) in merger]
+        groups += [{"params": [p for n, p in own if n in decay], "weight_decay": settings.weight_decay,
+                    "lr": settings.merger_lr},
+                   {"params": [p for n, p in own if n not in decay], "weight_decay": 0.0, "lr": settings.merger_lr}]
     return optimizer_class(groups, **kwargs)
+
+
+def trained_merger_parameters(model) -> list:
+    from qprep.train.merger import trained_merger
+
+    merger = trained_merger(model)
+    return [] if merger is None else list(merger.parameters())
 
 
 def build_scheduler(optimizer, settings: TrainSettings, total_steps: int):

@@ -100,6 +100,9 @@ def run_identity(settings, cache, samples: list, checkpoint, data_path) -> dict:
 
     values = settings.to_dict()
     values.pop("workers")  # the order and the batches do not depend on it
+    for name, frozen in (("train_merger", "none"), ("merger_lr", None)):  # runs before they existed resume
+        if values[name] == frozen:
+            values.pop(name)
     # a sample's media are named only where they are not its one video `id` (runs of one video per
     # sample keep the identity they had, so they resume)
     digest = hashlib.sha256(json.dumps([[s.id, s.input_ids, s.labels] + ([list(s.media)] if s.media != (s.id,) else [])

@@ -46,9 +46,13 @@ def full_adapter(peft_model) -> dict[str, torch.Tensor]:
 
 def save_adapter(peft_model, directory, world, sharded: bool) -> None:
     """The adapter in peft's format, written by rank 0 (every rank calls it: sharded, it gathers)."""
+    from qprep.train.merger import trained_merger
+
     weights = full_adapter(peft_model) if sharded else None
     if world.main:
         peft_model.save_pretrained(directory, state_dict=weights)
+        if (merger := trained_merger(peft_model)) is not None:  # beside the adapter, the checkpoint's key names
+            merger.save(directory)
 
 
 def full_optimizer_state(peft_model, optimizer) -> dict:

@@ -102,6 +102,7 @@ class Family:
     # the vision config's key for the merged tokens' width (the language model's): Qwen2-VL's tower
     # calls it hidden_size, the later ones out_hidden_size (their hidden_size is the tower's own)
     merged_width_key: str = "out_hidden_size"
+    vision_width_key: str = "hidden_size"  # the vision config's key for the vision transformer's own width
     lora_targets: tuple[str, ...] = ATTENTION_AND_MLP
     pixel_bounds_per_clip: bool = False  # the video processor's size bounds all frames together, not each
     # the processor featurizes an audio track whole (padded to its own length, never cut), not in
@@ -113,6 +114,9 @@ class Family:
     # (state dict, module) -> state dict: what transformers converts at load time for this family's
     # checkpoints (released weight names or shapes that differ from the module's), applied in order
     weight_conversions: tuple[Callable[[dict, Any], dict], ...] = ()
+    # the vision transformer attends within windows and runs its blocks and merger on the patches in
+    # window order, putting the merger's output back in the processor's order (Qwen2.5's)
+    window_attention: bool = False
 
     @property
     def has_audio(self) -> bool:
@@ -138,6 +142,11 @@ class Family:
                                          tokenizer_init_kwargs=processor.tokenizer.init_kwargs)
         size = merged["images_kwargs"].get("size") or processor.image_processor.size
         return int(size["shortest_edge"]), int(size["longest_edge"])
+
+    def merger_input_shape(self, vision_config: dict) -> tuple[int, int]:
+        """(merge², vision width): the merger's input rows for one merged token (`vision_config` as
+        config.json holds it)."""
+        return int(vision_config.get("spatial_merge_size", 2)) ** 2, int(vision_config[self.vision_width_key])
 
     def placeholder_ids(self, tokenizer) -> PlaceholderIds:
         raise NotImplementedError
@@ -168,6 +177,21 @@ class Family:
         """How many deepstack feature levels the vision tower returns beside its merged tokens
         (`config`: `Checkpoint.model_config()`)."""
         return 0
+
+    def merger_order(self, grid_thw, vision_config) -> "torch.Tensor | None":
+        """Where each merged token of one medium's merger output goes in the processor's order (the
+        merger's input sits in the order the vision transformer's blocks leave it); None: the same
+        order. Window attention: the inverse of the window index, from transformers' own
+        `get_vision_window_index`, as the vision tower's forward computes it."""
+        if not self.window_attention:
+            return None
+        import torch
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(
+            torch.tensor([list(grid_thw)], dtype=torch.int64), spatial_merge_size=vision_config.spatial_merge_size,
+            window_size=vision_config.window_size, patch_size=vision_config.patch_size)
+        return torch.argsort(window_index)
 
     def text_model_inputs(self, batch, config) -> dict:
         """What the language model takes besides embeddings and positions (e.g. deepstack features)."""

@@ -114,6 +114,7 @@ _OMNI_CLASSES = dict(
     audio_class="Qwen2_5OmniAudioEncoder",
     feature_class="Qwen2_5OmniThinkerModel",
     text_class="Qwen2_5OmniThinkerTextModel",
+    window_attention=True,
 )
 
 QWEN2_5_OMNI = QwenOmniFamily(

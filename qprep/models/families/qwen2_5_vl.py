@@ -52,4 +52,5 @@ QWEN2_5_VL = QwenVLFamily(
     audio_prefixes=(),
     text_prefixes=("model.language_model.", "model."),
     lm_head_prefixes=("lm_head.",),
+    window_attention=True,
 )

@@ -43,4 +43,5 @@ QWEN2_VL = Qwen2VLFamily(
     text_prefixes=("model.language_model.", "model."),
     lm_head_prefixes=("lm_head.",),
     merged_width_key="hidden_size",
+    vision_width_key="embed_dim",
 )

@@ -51,8 +51,12 @@ SIZES = ((1280, 720), (1024, 768))
 
 def ensure_model(workdir: Path, depth: int) -> Path:
     """The bench checkpoint, its image processor given the released bounds."""
-    built = ensure_qwen2_5(workdir, "qwen2_5_vl", QWEN2_5_VL_7B, depth, 0)
-    path = workdir / f"{built.name}-released-image-bounds"
+    return with_released_image_bounds(ensure_qwen2_5(workdir, "qwen2_5_vl", QWEN2_5_VL_7B, depth, 0))
+
+
+def with_released_image_bounds(built: Path) -> Path:
+    """A copy of the checkpoint `built` whose image processor has Qwen2.5-VL-7B's image bounds."""
+    path = built.parent / f"{built.name}-released-image-bounds"
     if not (path / "config.json").is_file():
         shutil.copytree(built, path, dirs_exist_ok=True)
         config = json.loads((path / "processor_config.json").read_text())  # as save_pretrained writes it

@@ -220,7 +220,8 @@ def prepare(video, job, model, as_json, **flags):
 @click.option("--dtype", type=click.Choice(["auto", *DTYPE_NAMES]), default="auto", show_default=True,
               help="Tower dtype and token dtype; auto = the checkpoint's (bf16 for Qwen's releases), or the store's.")
 @click.option("--shards", type=click.IntRange(1, 1 << 20), default=None,
-              help="Shard count of a new store (default 256). A changed video re-writes one shard.")
+              help="Shard count of a new store (default: about 256 entries a shard, at least 256 shards). "
+                   "A changed medium re-writes one shard.")
 @click.option("--level", type=click.Choice(LEVELS), default=MERGED, show_default=True,
               help="What of the vision tower is stored. merged: the merger's output (serves runs whose merger "
                    "is frozen); merger-input: the merger's input (and each deepstack merger's), 4 patches of the "

@@ -26,9 +26,8 @@ from qprep.schemas.manifest import ManifestRow
 from qprep.schemas.settings import MEDIA_KINDS, ModelSpec, VideoSettings, load_model_spec
 from qprep.schemas.dtypes import resolve_dtype
 from qprep.schemas.towers import MERGED, MERGER_INPUT, Budget, check_level
-from qprep.store.layout import MODEL_SPEC, WEIGHT_DIGESTS, LastRun, Store
-
-DEFAULT_SHARDS = 256
+from qprep.extraction.writer import HOLD_BYTES
+from qprep.store.layout import MODEL_SPEC, WEIGHT_DIGESTS, LastRun, Store, shard_count_for
 
 
 @dataclass
@@ -86,6 +85,7 @@ class ExtractOptions:
     follow_links: bool = False  # follow links leading out of the videos folder (links inside it always are)
     strict: bool = False  # --data: stop before any work when a record or a medium cannot be used
     notify: Callable[[str], None] | None = None  # --data: told what cannot be used, before any work
+    hold_bytes: int = HOLD_BYTES  # fresh tokens the writer keeps in memory; past that they wait in scratch
 
 
 def extract(videos, out: str | Path, model: str, settings: VideoSettings | None = None, *,
@@ -116,8 +116,9 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
         named = dataset_entries(data, settings, refused)
         _tell_unusable(named, options)
         settings = dataclasses.replace(settings, kinds=_kinds_for(named, existing))
+    planned = 0  # a new store's entries, which size its shards
     if existing is None:
-        _start_workers_early(videos if named is None else named, shards, options, settings.kinds)
+        planned = _start_workers_early(videos if named is None else named, options, settings.kinds)
     if dtype == "auto" and existing is not None:
         dtype = existing.attrs["dtype"]  # keep the store's dtype unless told otherwise
     dtype = resolve_dtype(dtype, checkpoint.dtype)
@@ -138,7 +139,7 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
         try:
             store = Store.create(out, config=config, fingerprint=new_fingerprint, model=str(model),
                                  hidden_size=checkpoint.hidden_size, dtype=dtype,
-                                 shard_count=shards or DEFAULT_SHARDS, has_audio=checkpoint.has_audio,
+                                 shard_count=shards or shard_count_for(planned), has_audio=checkpoint.has_audio,
                                  deepstack_levels=checkpoint.deepstack_levels, images=settings.images,
                                  audio_files=settings.audio_files,
                                  merger_input=checkpoint.merger_input_shape if level == MERGER_INPUT else None)
@@ -163,11 +164,12 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
         summary = Summary(videos=plan.videos, up_to_date=plan.up_to_date, removed=plan.removed, touched=plan.touched,
                           skipped=named.skipped, records=named.records,
                           missing=[missing.line() for missing in named.missing], left_out=named.left_out)
-        writer = ShardWriter(store, plan.shards)
-        writer.commit_ready()
-        if plan.tasks:
-            job = TowerJob(root, model, revision, settings, spec, dtype, attn_implementation, level)
-            _run_towers(plan, writer, summary, job, options)
+        with store.scratch() as scratch:
+            writer = ShardWriter(store, plan.shards, scratch, options.hold_bytes)
+            writer.commit_ready()
+            if plan.tasks:
+                job = TowerJob(root, model, revision, settings, spec, dtype, attn_implementation, level)
+                _run_towers(plan, writer, summary, job, options)
         summary.shards_written = writer.shards_written
         summary.bytes_written = writer.bytes_written
         summary.seconds = time.perf_counter() - started
@@ -219,20 +221,21 @@ def _kinds_for(named: Named, existing: Store | None) -> tuple[str, ...]:
     return kinds
 
 
-def _start_workers_early(videos: str | Path | Named, shards: int | None, options: ExtractOptions,
-                         kinds: tuple[str, ...]) -> None:
-    """A new store extracts every video found. When they will be prepared in this machine's worker
-    processes, start the workers' server now: its imports then overlap reading the model's processor
-    files (measured on the 32 clips of bench/extract.py: about 5 s of a 25 s cold run). The folder is
-    only counted here; the plan lists it again under the store's lock, where what it holds is settled."""
+def _start_workers_early(videos: str | Path | Named, options: ExtractOptions, kinds: tuple[str, ...]) -> int:
+    """A new store extracts every entry found: returns how many (its shard count follows from it).
+    When they will be prepared in this machine's worker processes, start the workers' server now:
+    its imports then overlap reading the model's processor files (measured on the 32 clips of
+    bench/extract.py: about 5 s of a 25 s cold run). The folder is only counted here; the plan
+    lists it again under the store's lock, where what it holds is settled."""
     from qprep.extraction.executors import choose, start_worker_server
 
     if isinstance(videos, Named):
         count = len(videos.entries)
     else:
-        count = len(folder_entries(videos, shards or DEFAULT_SHARDS, options.follow_links, kinds).entries)
+        count = len(folder_entries(videos, 1, options.follow_links, kinds).entries)
     if count and choose(options.executor, options.ray_address, count) == "local":
         start_worker_server()
+    return count
 
 
 # How a checkpoint's files become a ModelSpec; a new rule invalidates the specs stores have cached.

@@ -21,6 +21,14 @@ visible when its manifest file is replaced in one step (on a local disk: fsync'd
 leaves at most unreferenced arrays, which the next writer removes. This module is the only one
 that knows these paths; qprep.store.fs knows how to read and write them on a local disk or
 behind a URL (`s3://bucket/prefix/store.zarr`).
+
+Size. A commit rewrites its whole shard (the kept entries' tokens are copied into the new key's
+arrays), so a shard's size bounds what a changed entry costs. A new store's shard count follows
+from the entries its first run plans (`shard_count_for`: about `ENTRIES_PER_SHARD` entries a
+shard, never fewer than `MIN_SHARDS` shards) and is recorded in its attributes, where readers and
+every later run read it; a store keeps its count (stores written before the rule keep their 256).
+A shard's arrays are written a chunk at a time from parts that may be read lazily
+(`LazyTokens`), so a commit holds one chunk and one entry, not the shard.
 """
 
 from __future__ import annotations
@@ -30,9 +38,11 @@ import dataclasses
 import errno
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -58,12 +68,35 @@ KINDS = ("video", "audio", "deepstack")
 # the stores written before it existed is unchanged.)
 SPAN = {"video": "video", "audio": "audio", "deepstack": "video"}
 CHUNK_BYTES = 4 << 20  # rows per chunk are chosen so a chunk holds about this much
+# A new store's shard count: about this many entries a shard (a changed entry rewrites its shard's
+# tokens: 256 small images at a 7B model's width, 4 tokens each, are 7 MB; 256 640x480 photos,
+# about 390 tokens each, 0.7 GB), and never fewer shards than qprep's stores have always had.
+ENTRIES_PER_SHARD = 256
+MIN_SHARDS = 256
+SCRATCH = "scratch"  # in .qprep/ of a local store: tokens waiting for their shard's commit (never read by readers)
 # qprep's own files, in .qprep/
 LAST_RUN = "last-run.json"  # the videos directory and summary of the latest run
 WEIGHT_DIGESTS = "weight-digests.json"  # tower weight hashes by file, size and mtime (not re-hashed when equal)
 MODEL_SPEC = "model-spec.json"  # the preprocessor spec, by the config files it was read from
 GROUP, MANIFEST, SHARDS, PRIVATE = "zarr.json", "manifest", "shards", ".qprep"
 LOCK = f"{PRIVATE}/lock"
+
+
+def shard_count_for(entries: int) -> int:
+    """The shard count of a new store whose first run plans `entries` entries."""
+    return max(MIN_SHARDS, math.ceil(entries / ENTRIES_PER_SHARD))
+
+
+class LazyTokens(Protocol):
+    """An entry's tokens that a commit reads only when it writes them (a kept entry's rows in the
+    committed arrays, fresh tokens waiting in a scratch file)."""
+
+    shape: tuple[int, ...]
+
+    def read(self) -> np.ndarray: ...
+
+
+Tokens = np.ndarray | LazyTokens  # what a commit takes for one entry's rows of one kind
 
 
 @dataclass(frozen=True)
@@ -221,15 +254,17 @@ class Store:
 
     # ---- writing a shard ------------------------------------------------------------------------
 
-    def commit_shard(self, shard: int, key: str, rows: list[ManifestRow], tokens: dict[str, list[np.ndarray]]) -> int:
+    def commit_shard(self, shard: int, key: str, rows: list[ManifestRow], tokens: dict[str, Sequence[Tokens]]) -> int:
         """Write a shard's arrays, then make it visible in one atomic step. Returns bytes written.
 
         `rows` are the manifest rows in their final order; `tokens[kind][i]` is row i's tokens in
-        the storage dtype (empty for failed rows). Offsets and lengths are filled in here.
+        the storage dtype (empty for failed rows), an array or `LazyTokens` read when written.
+        Offsets and lengths are filled in here.
         """
         data_dir = self._data_dir(shard, key)
         self.files.remove_tree(data_dir)  # left by a run that died before committing this very key
-        size = sum(part.nbytes for kind in self.kinds() for part in tokens[kind])
+        itemsize = np.dtype(self.attrs["storage_dtype"]).itemsize
+        size = sum(math.prod(part.shape) * itemsize for kind in self.kinds() for part in tokens[kind])
         with self._full_disk_named(f"shard {shard} ({size / 1e6:.2f} MB of tokens)", unfinished=data_dir):
             written = 0
             for kind in self.kinds():
@@ -262,7 +297,7 @@ class Store:
 
     def collect_garbage(self, manifest: pa.Table) -> None:
         """Remove what a killed writer left: unreferenced arrays and unfinished manifest files.
-        `manifest` is the committed manifest (`self.manifest()`)."""
+        `manifest` is the committed manifest (`self.manifest()`); its scratch goes with `scratch`."""
         self.files.remove_unfinished(MANIFEST)
         committed = shard_keys(manifest)
         for shard_name in self.files.dirs(SHARDS):
@@ -280,6 +315,24 @@ class Store:
         """One writer at a time: a second `qprep extract` on the same store is refused, not mixed in."""
         with self.files.lock(LOCK, busy=f"{self.root}: another qprep extract is writing this store"):
             yield
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A local directory for the writer's tokens waiting for their shard's commit (the lock's
+        holder's alone), emptied first (a killed run's) and removed afterwards: in the store's
+        .qprep/ for a local store (the disk the tokens go to anyway), a temporary directory for a
+        store behind a URL."""
+        if isinstance(self.files, LocalFiles):
+            path = self.files.root / PRIVATE / SCRATCH
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            try:
+                yield path
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="qprep-scratch-") as path:
+                yield Path(path)
 
     def read_json(self, name: str) -> dict:
         try:
@@ -334,7 +387,9 @@ class Store:
     def _manifest_path(self, shard: int) -> str:
         return f"{MANIFEST}/{_shard_name(shard)}.parquet"
 
-    def _write_array(self, data_dir: str, kind: str, parts: list[np.ndarray], rows: int) -> int:
+    def _write_array(self, data_dir: str, kind: str, parts: Sequence[Tokens], rows: int) -> int:
+        """Write one kind's array from its parts, a chunk at a time: at most a chunk and one part
+        are in memory, and every chunk is written whole (no chunk is read back)."""
         import zarr
 
         storage = self.attrs["storage_dtype"]
@@ -346,8 +401,10 @@ class Store:
             dtype=storage, chunks=(chunk_rows, *row_shape), compressors=None, fill_value=0, zarr_format=3,
             attributes={"logical_dtype": self.attrs["dtype"]},
         )
-        if rows:
-            array[:] = np.concatenate([p for p in parts if p.shape[0]]).astype(storage, copy=False)
+        start = 0
+        for chunk in _chunks((part for part in parts if part.shape[0]), chunk_rows):
+            array[start:start + chunk.shape[0]] = chunk.astype(storage, copy=False)
+            start += chunk.shape[0]
         return self.files.persist(f"{data_dir}/{kind}")
 
     def _replace_manifest(self, shard: int, table: pa.Table) -> int:
@@ -358,6 +415,25 @@ class Store:
         for key_name in self.files.dirs(shard_dir):
             if key_name != _key_name(keep):
                 self.files.remove_tree(f"{shard_dir}/{key_name}")
+
+
+def _chunks(parts: Iterator[Tokens], chunk_rows: int) -> Iterator[np.ndarray]:
+    """The rows of `parts`, in order, cut into blocks of `chunk_rows` rows (the last may be shorter);
+    each part is read when its rows are reached."""
+    pending: list[np.ndarray] = []
+    held = 0
+    for part in parts:
+        values = part if isinstance(part, np.ndarray) else part.read()
+        while values.shape[0]:
+            take = min(chunk_rows - held, values.shape[0])
+            pending.append(values[:take])
+            held += take
+            values = values[take:]
+            if held == chunk_rows:
+                yield np.concatenate(pending)
+                pending, held = [], 0
+    if pending:
+        yield np.concatenate(pending)
 
 
 def _shard_name(shard: int) -> str:

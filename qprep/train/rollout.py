@@ -18,6 +18,7 @@ reference model is the same model with its adapter disabled (`reference_logps`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from contextlib import nullcontext
 
@@ -34,11 +35,23 @@ def rollout_generator(seed: int, *keys: int, device: str | torch.device = "cpu")
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
 
 
-def sampler(temperature: float, top_p: float, generator: torch.Generator):
-    """`choose(logits)` for `decode`: one draw per row, as `generate(do_sample=True)` makes it."""
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+def media_tokens(layout) -> list[int]:
+    """The ids of the media placeholders and block delimiters (`layout`: a `PromptLayout`). A completion
+    holding one could not be scored: a training forward over it (qprep's, or the full model's) would
+    count one more placeholder than there are cached tokens, or open a block. They are never drawn,
+    as `generate(suppress_tokens=...)` never draws them."""
+    return sorted({value for value in dataclasses.astuple(layout.ids) if value is not None})
+
+
+def sampler(temperature: float, top_p: float, generator: torch.Generator, suppress: list[int] = ()):
+    """`choose(logits)` for `decode`: one draw per row, as `generate(do_sample=True, suppress_tokens=...)`
+    makes it (the suppressed ids' logits to -inf first, then the warpers)."""
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor, TemperatureLogitsWarper, \
+        TopPLogitsWarper
 
     warpers = LogitsProcessorList()
+    if suppress:
+        warpers.append(SuppressTokensLogitsProcessor(list(suppress), device=generator.device))
     if temperature != 1.0:  # generate adds a warper only where it changes the logits
         warpers.append(TemperatureLogitsWarper(temperature))
     if top_p < 1.0:
@@ -53,11 +66,12 @@ def sampler(temperature: float, top_p: float, generator: torch.Generator):
 
 @torch.no_grad()
 def sample(model, batch, *, copies: int, max_new_tokens: int, stop: set[int], temperature: float = 1.0,
-           top_p: float = 1.0, generator: torch.Generator) -> list[list[int]]:
+           top_p: float = 1.0, generator: torch.Generator, suppress: list[int] = ()) -> list[list[int]]:
     """`copies` completions of one prompt (`batch`: one unpadded prompt), each ending at its first
     end-of-sequence token where it reached one. `model`: a `LanguageModel` (with LoRA layers in place,
-    or a peft model around one); the caller puts it in eval mode."""
-    return decode(base_model(model), batch, max_new_tokens, stop, sampler(temperature, top_p, generator),
+    or a peft model around one); the caller puts it in eval mode. `suppress`: ids never drawn
+    (`media_tokens`)."""
+    return decode(base_model(model), batch, max_new_tokens, stop, sampler(temperature, top_p, generator, suppress),
                   copies=copies)
 
 

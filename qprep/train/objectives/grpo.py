@@ -180,7 +180,7 @@ class GRPOObjective:
         """Prompt `index`'s G completions, sampled without gradients in eval mode, and their rewards."""
         from qprep.train.data import collate
         from qprep.train.objectives.grpo_loss import group_advantages
-        from qprep.train.rollout import rollout_generator, sample
+        from qprep.train.rollout import media_tokens, rollout_generator, sample
 
         grpo, device = self.grpo, _device(model)
         batch = collate([self.samples[index]], self.cache, self.layout).to(device)
@@ -189,7 +189,8 @@ class GRPOObjective:
         model.eval()
         try:
             completions = sample(model, batch, copies=grpo.num_generations, max_new_tokens=grpo.max_new_tokens,
-                                 stop=self.stop, temperature=grpo.temperature, top_p=grpo.top_p, generator=generator)
+                                 stop=self.stop, temperature=grpo.temperature, top_p=grpo.top_p, generator=generator,
+                                 suppress=media_tokens(self.layout))
         finally:
             model.train(was_training)
         texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in completions]

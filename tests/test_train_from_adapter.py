@@ -214,3 +214,31 @@ def test_grpo_from_an_adapter_starts_at_kl_zero_and_resumes_bit_for_bit(sft_run,
                  dataclasses.replace(settings, adapter=None)):
         with pytest.raises(SettingsError, match="trained with a different adapter"):
             run("other", resume=True, used=used)
+
+
+@pytest.mark.slow
+def test_two_ranks_from_an_adapter_follow_one_rank(sft_run, tmp_path):
+    """β > 0 from the SFT adapter on two CPU ranks, one prompt each, against one rank of both: each rank
+    swaps the starting adapter in for its own reference, so the rows are the same (KL 0 at the first
+    step), the losses within float rounding, the adapter within 1e-6 (as GRPO's two-rank test allows)."""
+    model_dir, cache, data, sft = sft_run
+    settings = dataclasses.replace(GRPO, epochs=3, adapter=str(sft / "adapter"),
+                                   grpo=dataclasses.replace(GRPO.grpo, num_generations=8, max_new_tokens=6))
+    train(cache.store.root, data, model_dir, tmp_path / "two", settings, ranks=2, device="cpu", progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs
+    try:
+        train(cache.store.root, data, model_dir, tmp_path / "one", dataclasses.replace(settings, batch_size=2),
+              **quiet())
+    finally:
+        torch.set_num_threads(threads)
+    ours, theirs = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    assert len(ours) == len(theirs) == 3 and ours[0]["kl"] == theirs[0]["kl"] == 0.0
+    assert any(row["kl"] > 0 for row in theirs)  # the policy moved off the reference
+    same = ("epoch", "batch", "step", "reward", "completions/mean_length")
+    assert [{k: row[k] for k in same} for row in ours] == [{k: row[k] for k in same} for row in theirs]
+    for mine, reference in zip(ours, theirs):
+        assert mine["loss"] == pytest.approx(reference["loss"], rel=1e-5, abs=1e-7)
+        assert mine["kl"] == pytest.approx(reference["kl"], rel=1e-5, abs=1e-7)
+    two, one = weights(tmp_path / "two" / "adapter"), weights(tmp_path / "one" / "adapter")
+    assert max(float((two[k] - one[k]).abs().max()) for k in two) < 1e-6

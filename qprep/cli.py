@@ -486,8 +486,8 @@ def train(cache_path, data, data_format, media_dir, times, annotations_as, groun
       qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/ --resume
       qprep train --method grpo --cache clips.zarr --data grounding.json --model ./Qwen2.5-VL-7B --out rl/ \\
           --reward tiou --reward format --num-generations 8
-      qprep train --method grpo --adapter sft/adapter --cache clips.zarr --data grounding.json --model ./Qwen2.5-VL-7B \\
-          --out rl/ --beta 0.04
+      qprep train --method grpo --adapter sft/adapter --cache clips.zarr --data grounding.json \\
+          --model ./Qwen2.5-VL-7B --out rl/ --beta 0.04
     """
     from qprep.train.loop import train as run_train
     from qprep.train.run_folder import RunFolder

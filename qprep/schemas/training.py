@@ -9,8 +9,8 @@ on the command line the LoRA fields are spelled flat: `lora_r`, `lora_alpha`, `l
 `lora_targets`.
 
 `adapter` starts the LoRA from a trained adapter's weights instead of a fresh init (its rank, alpha
-and targets must be the run's). `method` "grpo" trains by reinforcement instead (`qprep.train.objectives.grpo`), with `GrpoSettings`,
-spelled flat as well (`num_generations`, `temperature`, ...); their defaults are TRL's `GRPOConfig`'s
+and targets must be the run's). `method` "grpo" trains by reinforcement instead
+(`qprep.train.objectives.grpo`), with `GrpoSettings`, spelled flat as well (`num_generations`, `temperature`, ...); their defaults are TRL's `GRPOConfig`'s
 (TRL 1.13): G 8, temperature 1, top-p 1, 512 new tokens, β 0, ε 0.2, the `dapo` loss, rewards scaled
 by their group's spread.
 """

@@ -5,8 +5,9 @@ the cache, the objective's data, the model with LoRA, the optimizer and schedule
 batches, all restored from the last checkpoint with `--resume`), `train` (for each optimizer step:
 each batch's forward, loss and backward, the optimizer step, a metrics row per batch; validation and
 checkpoints when due; the final adapter), `cleanup`. The LoRA starts fresh, or from a trained
-adapter's weights with `--adapter` (`qprep.train.checkpoints.StartingAdapter`). What differs between objectives (the data, each
-step's loss normaliser, the loss, validation) is the objective's (`qprep.train.objectives`):
+adapter's weights with `--adapter` (`qprep.train.checkpoints.StartingAdapter`). What differs between
+objectives (the data, each step's loss normaliser, the loss, validation) is the objective's
+(`qprep.train.objectives`):
 supervised fine-tuning (`qprep.train.objectives.sft`), or with `--method grpo` reinforcement from
 sampled answers (`qprep.train.objectives.grpo`).
 

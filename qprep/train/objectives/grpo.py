@@ -18,15 +18,14 @@ gradients, the old policy's their detached values (one iteration per batch: TRL'
 reference's (with β > 0, first, without gradients) the same forward with the adapter disabled, or, in a
 run started from an adapter (`--adapter`), with that adapter's weights in place of the LoRA's (TRL's
 reference for a model that starts as a trained PEFT adapter: that adapter, frozen), and
-`grpo_loss.policy_loss` with
-the whole step's counts, so that the parts on all ranks and batches sum to the step's loss. Metrics per
-batch: each reward's mean and std under its name, `reward` (their sum) and `reward_std` (the mean
-spread within a group), the completions' lengths, `kl` (β > 0) and the clipped fractions. Rank 0
-writes a few completions of each batch to `completions.jsonl`. Validation: the mean summed reward of
-greedy answers to the held-out prompts (higher is better).
+`grpo_loss.policy_loss` with the whole step's counts, so that the parts on all ranks and batches sum to
+the step's loss. Metrics per batch: each reward's mean and std under its name, `reward` (their sum)
+and `reward_std` (the mean spread within a group), the completions' lengths, `kl` (β > 0) and the
+clipped fractions. Rank 0 writes a few completions of each batch to `completions.jsonl`. Validation:
+the mean summed reward of greedy answers to the held-out prompts (higher is better).
 
-Not here: more than one optimisation pass per batch of rollouts (TRL's `num_iterations`); packing, `--shard` and a
-trained merger.
+Not here: more than one optimisation pass per batch of rollouts (TRL's `num_iterations`); packing,
+`--shard` and a trained merger.
 """
 
 from __future__ import annotations
@@ -222,14 +221,16 @@ class GRPOObjective:
         sequences, tokens = self.step_counts
         total, logged = None, self.loss_metrics.setdefault((position.epoch, position.index), {})
         groups = self.parts[position.epoch, position.index].pop(0)
-        batches = [completion_batch(self.samples[group.prompt], group.completions, self.cache, self.layout).to(device)
+        # each group's rows, kept on the host between the two forwards
+        batches = [completion_batch(self.samples[group.prompt], group.completions, self.cache, self.layout)
                    for group in groups]
         widths = [max(map(len, group.completions)) for group in groups]
         # every reference before any policy forward: with --adapter, the reference's weights are put in the
         # LoRA's place, which no graph may hold then
-        references = [reference_logps(model, rows, width, grpo.temperature, weights=self.reference)
+        references = [reference_logps(model, rows.to(device), width, grpo.temperature, weights=self.reference)
                       if grpo.beta > 0 else None for rows, width in zip(batches, widths)]
         for group, rows, width, reference in zip(groups, batches, widths, references):
+            rows = rows.to(device)
             logps = completion_logps(model, rows, width, grpo.temperature)
             part, metrics = policy_loss(logps, logps.detach(), group.advantages.to(device),
                                         completion_mask(group.completions, device), loss_type=grpo.loss_type,

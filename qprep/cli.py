@@ -407,6 +407,11 @@ def status(store, videos, as_json):
 @click.option("--cut-to-max-length", "cut_to_max_length", is_flag=True, default=None,
               help="Cut longer samples' text at --max-length instead of leaving them out; a sample whose "
                    "video block itself reaches past it is still left out.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Start the LoRA from this adapter (a folder written by `qprep train`: run/adapter, "
+                   "run/checkpoint-*, run/best-adapter) instead of a fresh init: SFT then GRPO. Its rank, alpha "
+                   "and targets must be the run's (pass its --lora-r and --lora-alpha); with --method grpo and "
+                   "--beta > 0 it is the frozen reference. run.json records it and its weights' digest.")
 @click.option("--lora-r", type=click.IntRange(1), default=None, help="LoRA rank (default 16).")
 @click.option("--lora-alpha", type=click.IntRange(1), default=None, help="LoRA alpha (default 16).")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1), default=None, help="LoRA dropout (default 0.05).")
@@ -455,7 +460,8 @@ def status(store, videos, as_json):
 @click.option("--top-p", type=float, default=None, help="GRPO: nucleus sampling's probability mass (default 1.0).")
 @click.option("--max-new-tokens", type=int, default=None, help="GRPO: a completion's most tokens (default 512).")
 @click.option("--beta", type=float, default=None,
-              help="GRPO: weight of the KL term against the model with the adapter disabled (default 0: none).")
+              help="GRPO: weight of the KL term against the model with the adapter disabled, or with --adapter's "
+                   "weights frozen when the run starts from one (default 0: none).")
 @click.option("--epsilon", type=float, default=None, help="GRPO: the ratio's clip range (default 0.2).")
 @click.option("--epsilon-high", type=float, default=None, help="GRPO: its upper side (default: --epsilon).")
 @click.option("--loss-type", type=click.Choice(GRPO_LOSS_TYPES), default=None,
@@ -484,6 +490,8 @@ def train(cache_path, data, data_format, media_dir, times, annotations_as, groun
       qprep train --cache clips.zarr --data train.json --model ./Qwen2.5-Omni-3B --out run/ --resume
       qprep train --method grpo --cache clips.zarr --data grounding.json --model ./Qwen2.5-VL-7B --out rl/ \\
           --reward tiou --reward format --num-generations 8
+      qprep train --method grpo --adapter sft/adapter --cache clips.zarr --data grounding.json \\
+          --model ./Qwen2.5-VL-7B --out rl/ --beta 0.04
     """
     from qprep.train.loop import train as run_train
     from qprep.train.run_folder import RunFolder

@@ -251,6 +251,37 @@ def test_the_trained_merger_is_saved_under_the_checkpoints_key_names_and_resumes
     assert all(torch.equal(restored[key], written[key]) for key in written)
 
 
+def test_a_run_from_an_adapter_with_a_trained_merger_starts_from_both(trained_run, tmp_path):
+    """`--adapter` of a run that trained the merger: a run that trains it too starts from the saved merger
+    as well as the LoRA; one that leaves the merger frozen is refused (its adapter would lose it)."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from qprep.errors import SettingsError
+    from qprep.schemas.training import LoraSettings, TrainSettings
+    from qprep.train.checkpoints import StartingAdapter
+    from qprep.train.lora import apply_lora
+    from qprep.train.loop import train
+    from qprep.train.merger import MERGER_FILE, train_merger, trained_merger
+    from qprep.train.model import LanguageModel
+    from test_train_loop import write_data
+
+    model_dir, cache, run = trained_run
+    settings = TrainSettings(epochs=1, grad_accum=1, workers=0, gradient_checkpointing=False, train_merger="full",
+                             lora=LoraSettings(r=4, alpha=8, dropout=0.0), adapter=str(run / "adapter"))
+    checkpoint = open_checkpoint(model_dir)
+    model = apply_lora(LanguageModel(checkpoint, merger=True), settings.lora)
+    train_merger(model, "full")
+    StartingAdapter.check(run / "adapter", settings, checkpoint.family.lora_targets).load(model)
+    saved, loaded = load_file(str(run / "adapter" / MERGER_FILE)), trained_merger(model).checkpoint_state()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+    with pytest.raises(SettingsError, match="holds a trained merger"):
+        train(cache.store.root, write_data(tmp_path / "train.json"), model_dir, tmp_path / "frozen",
+              dataclasses.replace(settings, train_merger="none"), progress=False, echo=lambda _: None)
+
+
 def test_infer_with_the_trained_merger_equals_generate_on_the_full_model_with_it(trained_run):
     """`infer --adapter` from the cache (the trained merger run on the merger input) and transformers'
     `generate(do_sample=False)` on the raw video, the adapter applied by peft and the merger by

@@ -8,8 +8,9 @@ weight decay, the global gradient norm clipped to 1.0, token-weighted accumulati
 on the command line the LoRA fields are spelled flat: `lora_r`, `lora_alpha`, `lora_dropout`,
 `lora_targets`.
 
-`method` "grpo" trains by reinforcement instead (`qprep.train.objectives.grpo`), with `GrpoSettings`,
-spelled flat as well (`num_generations`, `temperature`, ...); their defaults are TRL's `GRPOConfig`'s
+`adapter` starts the LoRA from a trained adapter's weights instead of a fresh init (its rank, alpha
+and targets must be the run's). `method` "grpo" trains by reinforcement instead
+(`qprep.train.objectives.grpo`), with `GrpoSettings`, spelled flat as well (`num_generations`, `temperature`, ...); their defaults are TRL's `GRPOConfig`'s
 (TRL 1.13): G 8, temperature 1, top-p 1, 512 new tokens, β 0, ε 0.2, the `dapo` loss, rewards scaled
 by their group's spread.
 """
@@ -69,7 +70,9 @@ class GrpoSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 512  # a completion's most tokens (TRL's max_completion_length)
-    beta: float = 0.0  # the KL term's weight, against the model with the adapter disabled (0: none)
+    # the KL term's weight (0: none), against the model with the adapter disabled, or with the adapter
+    # the run started from (`adapter`) frozen
+    beta: float = 0.0
     epsilon: float = 0.2  # the ratio's clip: [1 - epsilon, 1 + epsilon_high]
     epsilon_high: float | None = None  # None: epsilon
     loss_type: str = "dapo"  # TRL's default since 0.2x; "grpo" (per-sequence means), "dr_grpo"
@@ -139,6 +142,9 @@ class TrainSettings:
     train_merger: str = "none"
     merger_lr: float | None = None
     method: str = "sft"  # "sft": next-token loss on the answers; "grpo": reinforcement from sampled answers
+    # an adapter folder written by `qprep train` the run's LoRA starts from (None: a fresh init); run.json
+    # records it apart from the settings, with a digest of its weights (`qprep.train.run_folder`)
+    adapter: str | None = None
     grpo: GrpoSettings = field(default_factory=GrpoSettings)
 
     def __post_init__(self) -> None:
@@ -181,6 +187,7 @@ class TrainSettings:
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
+        del values["adapter"]  # the run's identity records it, with its weights' digest
         if self.method == "sft":  # a supervised run records what it did before GRPO existed (and resumes)
             del values["method"], values["grpo"]
         return values

@@ -5,13 +5,19 @@
 the RNG state: tensors and plain values only) and `state.json` (the position in the data and the
 length `metrics.jsonl` had), written last: `--resume` takes only checkpoints with a state.json, so one
 killed while being written is skipped, never half-read (`qprep.train.run_folder`).
+
+A run can also start from an adapter such a folder holds (`--adapter`: `StartingAdapter`): its LoRA
+weights replace the fresh init, checked to be the run's LoRA (rank, alpha, targets) and to fit the
+model. A resumed run loads it too (GRPO's reference is that adapter), then its last checkpoint over it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle  # for its error type only: nothing here unpickles
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -76,3 +82,62 @@ def load_trainer_state(path: Path) -> dict:
         raise SettingsError(f"--resume: {path} holds objects other than tensors, so it was not written by "
                             f"qprep train and is not loaded; remove its checkpoint folder to resume from an "
                             f"earlier one") from exc
+
+
+@dataclass(frozen=True)
+class StartingAdapter:
+    """The adapter folder a run's LoRA starts from, checked before anything is written to the run folder."""
+
+    path: Path
+    weights_sha256: str  # of adapter_model.safetensors: the run's identity, so a changed adapter is not resumed
+
+    @classmethod
+    def check(cls, adapter: str | Path, settings, family_targets: tuple[str, ...]) -> "StartingAdapter":
+        """Refuse a folder without an adapter written by `qprep train`, one whose LoRA is not the run's
+        (`settings.lora` on a family with these default targets), and one with a trained merger the run
+        would not carry on (`merger.safetensors`: the run's own adapter would lose it)."""
+        from qprep.train.infer import check_adapter_folder
+        from qprep.train.lora import check_same_lora
+        from qprep.train.merger import MERGER_FILE
+
+        path = check_adapter_folder(adapter)
+        check_same_lora(path, settings.lora, family_targets)
+        if (path / MERGER_FILE).is_file() and settings.train_merger == "none":
+            raise SettingsError(f"--adapter {path} holds a trained merger ({MERGER_FILE}); this run leaves the "
+                                f"merger frozen, so it would start from, and save, a model without it: train with "
+                                f"--train-merger full on a store of the merger's input, or start from an adapter "
+                                f"trained without --train-merger")
+        digest = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
+        return cls(path, digest)
+
+    def identity(self) -> dict:
+        """What run.json records of it."""
+        return {"path": str(self.path), "weights_sha256": self.weights_sha256}
+
+    def load(self, peft_model) -> None:
+        """Its LoRA weights into the model (before it is sharded), every LoRA weight of the model from it; its
+        merger where the run trains the merger and the folder holds one (else the checkpoint's own)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from qprep.train.merger import MERGER_FILE, trained_merger
+
+        try:
+            loaded = set_peft_model_state_dict(peft_model, load_file(str(self.path / "adapter_model.safetensors")))
+        except RuntimeError as exc:  # a shape that differs
+            raise SettingsError(f"--adapter {self.path} does not fit the model: {str(exc).splitlines()[-1].strip()}") \
+                from exc
+        missing = [key for key in loaded.missing_keys if "lora_" in key]
+        if loaded.unexpected_keys or missing:
+            keys = (loaded.unexpected_keys or missing)[:2]
+            raise SettingsError(f"--adapter {self.path} does not fit the model: its weights and the model's LoRA "
+                                f"layers differ ({'not in the model' if loaded.unexpected_keys else 'missing'}: "
+                                f"{', '.join(keys)})")
+        if (merger := trained_merger(peft_model)) is not None and (self.path / MERGER_FILE).is_file():
+            merger.load(self.path)
+
+
+def lora_weights(peft_model) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's trained weights (its LoRA), by parameter name."""
+    return {name: parameter.detach().clone() for name, parameter in peft_model.named_parameters()
+            if parameter.requires_grad}

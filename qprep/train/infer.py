@@ -309,13 +309,7 @@ def load_adapter(model, adapter: str | Path):
     """Put a LoRA adapter saved by `qprep train` (peft's format) into the language model, in place."""
     from peft import PeftModel
 
-    adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise SettingsError(f"--adapter {adapter}: no adapter_config.json there (expected a folder written by "
-                            f"`qprep train`, e.g. run/adapter or run/checkpoint-*)")
-    if not (adapter / "adapter_model.safetensors").is_file():  # peft would fall back to unpickling a .bin
-        raise SettingsError(f"--adapter {adapter}: no adapter_model.safetensors there; qprep loads weights "
-                            f"from safetensors only")
+    adapter = check_adapter_folder(adapter)
     from qprep.train.lora import no_tower_warning
 
     try:
@@ -323,3 +317,16 @@ def load_adapter(model, adapter: str | Path):
             return PeftModel.from_pretrained(model, str(adapter)).eval()
     except (RuntimeError, ValueError, KeyError) as exc:
         raise SettingsError(f"--adapter {adapter} does not fit the model: {str(exc).splitlines()[0]}") from exc
+
+
+def check_adapter_folder(adapter: str | Path) -> Path:
+    """`adapter` as a path, refused unless it holds an adapter as `qprep train` writes it (peft's
+    config and safetensors weights)."""
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise SettingsError(f"--adapter {adapter}: no adapter_config.json there (expected a folder written by "
+                            f"`qprep train`, e.g. run/adapter or run/checkpoint-*)")
+    if not (adapter / "adapter_model.safetensors").is_file():  # peft would fall back to unpickling a .bin
+        raise SettingsError(f"--adapter {adapter}: no adapter_model.safetensors there; qprep loads weights "
+                            f"from safetensors only")
+    return adapter

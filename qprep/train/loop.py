@@ -4,8 +4,10 @@ Training is one recipe (`Recipe`) that reads as the procedure: `setup` (the rank
 the cache, the objective's data, the model with LoRA, the optimizer and schedule, the plan of
 batches, all restored from the last checkpoint with `--resume`), `train` (for each optimizer step:
 each batch's forward, loss and backward, the optimizer step, a metrics row per batch; validation and
-checkpoints when due; the final adapter), `cleanup`. What differs between objectives (the data, each
-step's loss normaliser, the loss, validation) is the objective's (`qprep.train.objectives`):
+checkpoints when due; the final adapter), `cleanup`. The LoRA starts fresh, or from a trained
+adapter's weights with `--adapter` (`qprep.train.checkpoints.StartingAdapter`). What differs between
+objectives (the data, each step's loss normaliser, the loss, validation) is the objective's
+(`qprep.train.objectives`):
 supervised fine-tuning (`qprep.train.objectives.sft`), or with `--method grpo` reinforcement from
 sampled answers (`qprep.train.objectives.grpo`).
 
@@ -38,7 +40,8 @@ from qprep.errors import LossNotFinite, SettingsError
 from qprep.schemas.dtypes import compute_dtype
 from qprep.schemas.metrics import metrics_json
 from qprep.schemas.training import TrainSettings
-from qprep.train.checkpoints import latest_checkpoint, restore_adapter, restore_trainer, save_checkpoint
+from qprep.train.checkpoints import (StartingAdapter, latest_checkpoint, lora_weights, restore_adapter,
+                                     restore_trainer, save_checkpoint)
 from qprep.train.checkpoints import load_trainer_state  # noqa: F401 (its callers import it from here)
 from qprep.train.objectives import Objective
 from qprep.train.objectives.sft import SupervisedObjective
@@ -174,6 +177,8 @@ class Recipe:
 
         self.checkpoint = open_checkpoint(model)
         self.checkpoint.require_tokenizer()  # before the run folder is made
+        self.start = (StartingAdapter.check(self.settings.adapter, self.settings, self.checkpoint.family.lora_targets)
+                      if self.settings.adapter else None)
         Path(out).mkdir(parents=True, exist_ok=True)
         self.folder = RunFolder(Path(out))
         self.dtype = self.settings.dtype or compute_dtype(self.device)
@@ -187,6 +192,8 @@ class Recipe:
         """run.json: what decides the run's result (a resumed run is checked against it) and its global batch."""
         settings, world = self.settings, self.world
         identity = run_identity(settings, self.cache, self.objective.samples, self.checkpoint, data_path)
+        if self.start:
+            identity["adapter"] = self.start.identity()
         check_packing(settings, self.checkpoint)
         if settings.shard and world.size == 1:
             raise SettingsError("--shard shards the model over the ranks: start two or more (--gpus N, --cpu-ranks N, "
@@ -202,7 +209,9 @@ class Recipe:
         self.identity, self.global_batch = identity, identity["global_batch"]
 
     def _build_model(self, resume: bool) -> None:
-        """The language model with LoRA (the last checkpoint's adapter with `resume`), sharded with --shard."""
+        """The language model with LoRA (from --adapter's weights where given, the last checkpoint's with
+        `resume`), sharded with --shard. The objective sees the starting adapter before any checkpoint's
+        weights replace it (GRPO's reference)."""
         from qprep.schemas.towers import MERGER_INPUT
         from qprep.train.lora import apply_lora
         from qprep.train.merger import train_merger
@@ -218,6 +227,9 @@ class Recipe:
                 activation_checkpointing_kwargs={"use_reentrant": False})  # reentrant breaks with injected embeddings
         self.peft_model = apply_lora(language_model, settings.lora)
         train_merger(self.peft_model, settings.train_merger)
+        if self.start:
+            self.start.load(self.peft_model)
+            self.objective.start_from(lora_weights(self.peft_model))
         self.resumed_from = latest_checkpoint(self.folder) if resume else None
         if self.resumed_from:
             restore_adapter(self.resumed_from, self.peft_model)  # before sharding cuts the weights up

@@ -13,14 +13,16 @@ Log-probabilities come from a training forward over the prompt and its completio
 they carry gradients; `lm_head` multiplies only the last C + 1 positions (C: the longest completion),
 as the full model's `logits_to_keep` and TRL's GRPO trainer do. Like TRL, the logits are divided by the
 sampling temperature first: the log-probabilities are those of the distribution sampled from. The
-reference model is the same model with its adapter disabled (`reference_logps`).
+reference model is the same model with its adapter disabled (`reference_logps`), or, for a run started
+from an adapter, the same model with that adapter's weights put in place of the LoRA's for the forward
+(`with_weights`): a copy of the LoRA weights, not of the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -98,12 +100,44 @@ def completion_logps(model, batch, width: int, temperature: float = 1.0) -> torc
 
 
 @torch.no_grad()
-def reference_logps(model, batch, width: int, temperature: float = 1.0) -> torch.Tensor:
+def reference_logps(model, batch, width: int, temperature: float = 1.0,
+                    weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """`completion_logps` under the reference model: the same model with its LoRA adapter disabled
-    (peft's `disable_adapter`), as TRL's GRPO trainer takes it with peft."""
+    (peft's `disable_adapter`), as TRL's GRPO trainer takes it with peft; with `weights` (the adapter a
+    run started from, by parameter name), the model with those weights in eval mode (`with_weights`), as
+    TRL keeps a starting PEFT adapter as its frozen reference. Call it before any forward whose graph
+    holds the LoRA weights."""
+    if weights is not None:
+        with with_weights(model, weights):
+            return completion_logps(model, batch, width, temperature)
     disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     with disabled:
         return completion_logps(model, batch, width, temperature)
+
+
+@contextmanager
+def with_weights(model, weights: dict[str, torch.Tensor]):
+    """`model` with `weights` copied into its parameters of those names, in eval mode (a frozen model has
+    no dropout), and autocast's cast-weight cache off (a cast of the swapped-in weights must not serve
+    a later forward); its own parameters back after, bit for bit, the mode and the cache as they were.
+    The copies are in place, without gradients: the parameters stay the optimizer's and keep their
+    gradients. Only before a forward whose graph holds them: copying in place changes their version."""
+    parameters = dict(model.named_parameters())
+    own = {name: parameters[name].detach().clone() for name in weights}
+    training, caching = model.training, torch.is_autocast_cache_enabled()
+    with torch.no_grad():
+        for name, value in weights.items():
+            parameters[name].copy_(value)
+    model.eval()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield model
+    finally:
+        torch.set_autocast_cache_enabled(caching)
+        model.train(training)
+        with torch.no_grad():
+            for name, value in own.items():
+                parameters[name].copy_(value)
 
 
 def base_model(model):

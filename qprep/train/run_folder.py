@@ -1,7 +1,9 @@
 """The run folder `qprep train --out` writes: the one place that names its files, and what run.json
 records of the run (what `--resume` checks).
 
-    run.json            the effective settings and what the run was trained on (`--resume` checks it)
+    run.json            the effective settings and what the run was trained on: the cache's content, the
+                        samples, the model, the adapter it started from and its weights' digest
+                        (`--resume` checks it)
     metrics.jsonl       one row per batch (and per validation)
     completions.jsonl   with --method grpo: a few sampled completions of each batch, with their rewards
     loss.png            the loss curves, the learning rate and the epochs (`qprep.train.plot`)
@@ -123,8 +125,8 @@ def saved_global_batch(folder: RunFolder) -> int | None:
 
 
 def check_resumable(folder: RunFolder, identity: dict) -> None:
-    """Refuse `--resume` where the cache, the samples, the model or a setting that decides the result
-    changed since run.json was written."""
+    """Refuse `--resume` where the cache, the samples, the model, the adapter the run started from (or its
+    weights) or a setting that decides the result changed since run.json was written."""
     out, saved_path = folder.root, folder.run_file
     if not saved_path.is_file():
         return
@@ -132,6 +134,7 @@ def check_resumable(folder: RunFolder, identity: dict) -> None:
     identity = json.loads(json.dumps(identity, default=str))  # tuples as the file holds them
     same = ("cache_content", "samples", "model")
     changed = [k for k in same if saved.get(k) != identity[k]]
+    changed += ["adapter"] if saved.get("adapter") != identity.get("adapter") else []  # absent: a fresh init
     changed += [f"settings.{k}" for k, value in identity["settings"].items()
                 if k not in CHANGEABLE_ON_RESUME and saved["settings"].get(k) != value]
     if changed:

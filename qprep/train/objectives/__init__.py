@@ -28,6 +28,10 @@ class Objective(Protocol):
         """Read the training records (and the held-out ones, with `eval_data`) into samples; report them
         through `echo`; refuse data that leaves nothing to train on."""
 
+    def start_from(self, weights: dict[str, torch.Tensor]) -> None:
+        """The run's LoRA starts from an adapter (`--adapter`): these are its weights (a detached copy, by
+        parameter name), for an objective that keeps them."""
+
     def start_step(self, batches: list, model, world) -> list[StepShare]:
         """Each of one optimizer step's global batches (`PlannedBatch`es)' share of the step, before its
         first forward: the step's loss normaliser, summed over the ranks where it depends on them."""

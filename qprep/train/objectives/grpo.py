@@ -15,16 +15,17 @@ step's accumulated batches at once:
 
 Then each batch's loss (`loss`): the completions' log-probabilities from a training forward with
 gradients, the old policy's their detached values (one iteration per batch: TRL's default), the
-reference's (with β > 0) the same forward with the adapter disabled, and `grpo_loss.policy_loss` with
-the whole step's counts, so that the parts on all ranks and batches sum to the step's loss. Metrics per
-batch: each reward's mean and std under its name, `reward` (their sum) and `reward_std` (the mean
-spread within a group), the completions' lengths, `kl` (β > 0) and the clipped fractions. Rank 0
-writes a few completions of each batch to `completions.jsonl`. Validation: the mean summed reward of
-greedy answers to the held-out prompts (higher is better).
+reference's (with β > 0, first, without gradients) the same forward with the adapter disabled, or, in a
+run started from an adapter (`--adapter`), with that adapter's weights in place of the LoRA's (TRL's
+reference for a model that starts as a trained PEFT adapter: that adapter, frozen), and
+`grpo_loss.policy_loss` with the whole step's counts, so that the parts on all ranks and batches sum to
+the step's loss. Metrics per batch: each reward's mean and std under its name, `reward` (their sum)
+and `reward_std` (the mean spread within a group), the completions' lengths, `kl` (β > 0) and the
+clipped fractions. Rank 0 writes a few completions of each batch to `completions.jsonl`. Validation:
+the mean summed reward of greedy answers to the held-out prompts (higher is better).
 
-Not here: a run started from an existing adapter (TRL keeps it as the frozen reference); more than
-one optimisation pass per batch of rollouts (TRL's `num_iterations`); packing, `--shard` and a
-trained merger.
+Not here: more than one optimisation pass per batch of rollouts (TRL's `num_iterations`); packing,
+`--shard` and a trained merger.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class GRPOObjective:
         if settings.packing:
             raise SettingsError("--packing packs answers given in the data; GRPO samples its own: train it unpacked")
         if settings.train_merger != "none":
-            raise SettingsError("--train-merger: GRPO trains the LoRA alone (its reference is the adapter disabled); "
+            raise SettingsError("--train-merger: GRPO trains the LoRA alone (its reference is the LoRA disabled, or "
+                                "frozen at --adapter's weights); "
                                 "train it from merged tokens, or from the merger's input with the merger frozen")
         if settings.shard:
             raise SettingsError("--shard: GRPO runs its rollouts on whole weights; train it with data parallelism "
@@ -96,6 +98,7 @@ class GRPOObjective:
         self.loss_metrics: dict[tuple[int, int], dict[str, float]] = {}
         self.counts: dict[tuple[int, int], tuple[float, float]] = {}
         self.step_counts = (0.0, 0.0)  # the current step's completions and completion tokens, all ranks
+        self.reference: dict[str, torch.Tensor] | None = None  # the starting adapter's LoRA weights, with β > 0
         self.completions_log = None
 
     # -- data ----------------------------------------------------------------------------------
@@ -155,6 +158,11 @@ class GRPOObjective:
             prompts.append(Prompt(text, record))
         return samples, prompts, skipped
 
+    def start_from(self, weights: dict[str, torch.Tensor]) -> None:
+        """With β > 0, the starting adapter's weights are the reference's (a run resumed keeps them too)."""
+        if self.grpo.beta > 0:
+            self.reference = weights
+
     # -- each step -----------------------------------------------------------------------------
 
     def start_step(self, batches: list, model, world) -> list[StepShare]:
@@ -213,11 +221,18 @@ class GRPOObjective:
         grpo, device = self.grpo, _device(model)
         sequences, tokens = self.step_counts
         total, logged = None, self.loss_metrics.setdefault((position.epoch, position.index), {})
-        for group in self.parts[position.epoch, position.index].pop(0):
-            rows = completion_batch(self.samples[group.prompt], group.completions, self.cache, self.layout).to(device)
-            width = max(map(len, group.completions))
+        groups = self.parts[position.epoch, position.index].pop(0)
+        # each group's rows, kept on the host between the two forwards
+        batches = [completion_batch(self.samples[group.prompt], group.completions, self.cache, self.layout)
+                   for group in groups]
+        widths = [max(map(len, group.completions)) for group in groups]
+        # every reference before any policy forward: with --adapter, the reference's weights are put in the
+        # LoRA's place, which no graph may hold then
+        references = [reference_logps(model, rows.to(device), width, grpo.temperature, weights=self.reference)
+                      if grpo.beta > 0 else None for rows, width in zip(batches, widths)]
+        for group, rows, width, reference in zip(groups, batches, widths, references):
+            rows = rows.to(device)
             logps = completion_logps(model, rows, width, grpo.temperature)
-            reference = reference_logps(model, rows, width, grpo.temperature) if grpo.beta > 0 else None
             part, metrics = policy_loss(logps, logps.detach(), group.advantages.to(device),
                                         completion_mask(group.completions, device), loss_type=grpo.loss_type,
                                         epsilon_low=grpo.epsilon, epsilon_high=grpo.epsilon_high, beta=grpo.beta,

@@ -53,6 +53,9 @@ class SupervisedObjective:
                                 f"above)")
         return Validation.build(held_out.samples, cache, layout, settings.batch_size)
 
+    def start_from(self, weights: dict[str, torch.Tensor]) -> None:
+        pass  # the loss reads the model alone
+
     def start_step(self, batches: list, model, world) -> list[StepShare]:
         """The step's label tokens, counted from the samples: every rank knows the whole plan, so no sum."""
         tokens = sum(self._label_tokens(batch) for batch in batches)

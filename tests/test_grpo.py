@@ -372,6 +372,50 @@ def test_two_ranks_follow_one_rank_with_the_same_global_batch(sharp_store, tmp_p
     assert any(bool(v.any()) for k, v in one.items() if "lora_B" in k) and gap < 1e-6
 
 
+@pytest.mark.slow
+def test_sharded_ranks_draw_score_and_train_as_unsharded_ranks(sharp_store, tmp_path):
+    """--shard (FSDP2, 2 CPU ranks): each forward gathers weights from both ranks, so they roll out,
+    score and validate in step. 3 prompts over 2 ranks of 1 leave rank 1 a stand-in part on each
+    epoch's last batch; 3 held-out prompts leave it a stand-in answer; decoding lengths differ by
+    rank (sampled, up to 4 tokens); β > 0 from `--adapter` puts the reference's weights onto the
+    shards. The same completions, rewards, losses, KL, validation and adapter as the same run
+    unsharded, bit for bit (clipping off: a sharded run computes the gradient norm from its shards'
+    norms, which may differ in the last bits)."""
+    model_dir, cache = sharp_store
+    model_dir = shutil.copytree(model_dir, tmp_path / "model")
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config["eos_token_id"] = list(range(0, 8192, 2))  # completions end early, each at its own length
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+    model_dir = str(model_dir)
+    data = write_prompts(tmp_path / "train.json", count=3)
+    (tmp_path / "val.json").write_text((tmp_path / "train.json").read_text())
+    random_adapter(model_dir, tmp_path / "start")
+    settings = dataclasses.replace(GRPO, epochs=2, batch_size=1, eval_every=1, max_grad_norm=0.0,
+                                   adapter=str(tmp_path / "start"),
+                                   grpo=dataclasses.replace(GRPO.grpo, num_generations=4, max_new_tokens=4, beta=0.04))
+    runs = {}
+    for name, shard in (("sharded", True), ("unsharded", False)):
+        runs[name] = train(cache.store.root, data, model_dir, tmp_path / name, dataclasses.replace(settings, shard=shard),
+                           ranks=2, device="cpu", eval_data=tmp_path / "val.json", progress=False)
+    assert runs["sharded"].steps == runs["unsharded"].steps == 4
+    timing = ("tokens_per_s", "step_time_s", "data_wait_s", "allreduce_s", "host_peak_rss_mb", "val_time_s",
+              "grad_norm")
+    strip = lambda table: [{k: v for k, v in row.items() if k not in timing} for row in table]
+    ours, theirs = rows(tmp_path / "sharded"), rows(tmp_path / "unsharded")
+    assert strip(ours) == strip(theirs)
+    assert {"kl", "val_reward"} <= {key for row in ours for key in row}
+    trained = [row for row in ours if "reward" in row]
+    lengths = {row["completions/min_length"] for row in trained} | {row["completions/max_length"] for row in trained}
+    print("completion lengths (min, max) per batch:",
+          [(row["completions/min_length"], row["completions/max_length"]) for row in trained])
+    assert len(lengths) > 1  # the decoding loops ended at different steps
+    completions = [(tmp_path / name / "completions.jsonl").read_text() for name in ("sharded", "unsharded")]
+    assert completions[0] == completions[1]
+    sharded, unsharded = (load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+                          for name in ("sharded", "unsharded"))
+    assert sharded.keys() == unsharded.keys() and all(torch.equal(sharded[k], unsharded[k]) for k in sharded)
+
+
 def test_media_placeholders_are_never_drawn(released_store):
     """A completion holding a placeholder could not be scored (one more placeholder than cached
     tokens): the sampler never draws the media tokens, even where they hold nearly all the mass."""

@@ -45,15 +45,27 @@ class World:
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """`values` summed over the ranks (in place; a no-op alone)."""
-        if self.size > 1:
-            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
-        return values
+        return self._all_reduce(values, torch.distributed.ReduceOp.SUM)
 
     def max(self, values: torch.Tensor) -> torch.Tensor:
         """`values`' largest over the ranks (in place; a no-op alone)."""
-        if self.size > 1:
-            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        return self._all_reduce(values, torch.distributed.ReduceOp.MAX)
+
+    def _all_reduce(self, values: torch.Tensor, op) -> torch.Tensor:
+        if self.size == 1:
+            return values
+        if values.device.type == "cpu" and "gloo" not in str(torch.distributed.get_backend()):
+            # NCCL reduces CUDA tensors only, and a group set up elsewhere (Ray Train's) may have no
+            # CPU backend beside it: the sum goes through this rank's GPU
+            moved = values.to(torch.device("cuda", torch.cuda.current_device()))
+            torch.distributed.all_reduce(moved, op=op)
+            return values.copy_(moved)
+        torch.distributed.all_reduce(values, op=op)
         return values
+
+    def all(self, true: bool) -> bool:
+        """Whether `true` holds on every rank (a collective: every rank asks)."""
+        return not bool(self.max(torch.tensor([0.0 if true else 1.0], dtype=torch.float64))[0])
 
     def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
         """Every rank's gradients summed into each rank's, through one flat buffer."""
@@ -82,10 +94,12 @@ def join_world(device: str) -> World:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     owns = not torch.distributed.is_initialized()
     if owns:
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if backend == "nccl":
+        cuda = device.startswith("cuda")
+        if cuda:
             torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group(backend=backend)
+        # on GPUs, NCCL for CUDA tensors (gradients, FSDP2's gathers) and gloo beside it for the CPU
+        # tensors of the step's sums (losses, counts): NCCL alone refuses a CPU tensor
+        torch.distributed.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
     return World(rank=rank, size=size, local_rank=local_rank, owns_group=owns)
 
 

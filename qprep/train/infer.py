@@ -228,19 +228,24 @@ class Generator:
         return greedy(self.model, self.batch(request), max_new_tokens, self.stop, scores)
 
 
-def greedy(model, batch, max_new_tokens: int, stop: set[int], scores: list | None = None) -> list[int]:
+def greedy(model, batch, max_new_tokens: int, stop: set[int], scores: list | None = None,
+           all_done=None) -> list[int]:
     """Greedy decoding with a KV cache from a `Batch` of one prompt, as `generate(do_sample=False)`.
-    With `scores`, each step's logits [1, vocab] are appended to it."""
-    return decode(model, batch, max_new_tokens, stop, lambda logits: logits.argmax(-1), scores=scores)[0]
+    With `scores`, each step's logits [1, vocab] are appended to it (`all_done`: see `decode`)."""
+    return decode(model, batch, max_new_tokens, stop, lambda logits: logits.argmax(-1), scores=scores,
+                  all_done=all_done)[0]
 
 
 def decode(model, batch, max_new_tokens: int, stop: set[int], choose, *, copies: int = 1,
-           scores: list | None = None) -> list[list[int]]:
+           scores: list | None = None, all_done=None) -> list[list[int]]:
     """Decoding with a KV cache from a `Batch` of one unpadded prompt: `copies` continuations side by
     side, each to its first end-of-sequence token (included) or `max_new_tokens`. The prompt runs
     once; its cache is then copied for each continuation. `choose(logits [copies, vocab])` picks each
     step's next tokens [copies] (greedy: the argmax; `qprep.train.rollout`: a seeded draw). With
-    `scores`, each step's logits are appended to it."""
+    `scores`, each step's logits are appended to it. `all_done(done)`, for processes that decode in
+    step (a sharded model, each of whose forwards is a collective): whether every process's
+    continuations are done, given this one's; each decodes until all are (tokens past a
+    continuation's end are dropped, and its draws came after every kept one)."""
     from transformers import DynamicCache
 
     if batch.input_ids.shape[0] != 1 or not bool(batch.attention_mask.all()):
@@ -272,7 +277,8 @@ def decode(model, batch, max_new_tokens: int, stop: set[int], choose, *, copies:
         chosen = choose(logits)
         tokens.append(chosen)
         finished |= torch.isin(chosen, stops)
-        if bool(finished.all()):
+        done = bool(finished.all())
+        if all_done(done) if all_done is not None else done:
             break
         embeds = text_model.get_input_embeddings()(chosen[:, None])
         positions = positions[..., -1:] + 1  # generate's rule: the last position + 1, on every row

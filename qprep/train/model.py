@@ -166,10 +166,14 @@ class LanguageModel(torch.nn.Module):
         deepstack features at the visual positions, for one)."""
         return self.family.text_model_inputs(self.merged(batch), self.config)
 
-    def forward(self, batch: Batch, num_items_in_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch | None, num_items_in_batch: int | None = None, *, run=None):
         """(loss, logits), the same as the full model's on the raw video. `num_items_in_batch`: divide
         the summed cross-entropy by this many label tokens (those of a whole accumulated step, as the
-        Trainer passes it) instead of taking this batch's mean."""
+        Trainer passes it) instead of taking this batch's mean.
+
+        `run`: instead, `run(self)`'s result, computed as this module's forward (see `run_as_forward`)."""
+        if run is not None:
+            return run(self)
         logits = self.lm_head(self.hidden_states(batch))
         loss = self._positions.loss_function(logits=logits, labels=batch.labels,
                                              vocab_size=self.config.get_text_config().vocab_size,
@@ -191,6 +195,16 @@ class LanguageModel(torch.nn.Module):
         return self.language_model(inputs_embeds=self.embed(batch), attention_mask=mask,
                                    position_ids=self.position_ids(batch), use_cache=False,
                                    **self.text_inputs(batch)).last_hidden_state
+
+
+def run_as_forward(model, computation):
+    """`computation(language_model)` (any use of a `LanguageModel`: decoding, scoring completions) run
+    inside the model's own forward call, through peft's wrapper where there is one. A model sharded
+    with `--shard` (FSDP2) gathers its root weights (embeddings, final norm, `lm_head`) in the forward
+    hooks of its outermost module only, and each decoder layer's in its own: a computation that
+    reaches the embeddings or `lm_head` without passing through that forward would find their shards.
+    Unsharded, this is `computation(language_model)` itself."""
+    return model(None, run=computation)
 
 
 def _scatter(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 
 from qprep.train.data import IGNORE, Sample, collate
 from qprep.train.infer import decode
+from qprep.train.model import run_as_forward
 
 
 def rollout_generator(seed: int, *keys: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -68,13 +69,15 @@ def sampler(temperature: float, top_p: float, generator: torch.Generator, suppre
 
 @torch.no_grad()
 def sample(model, batch, *, copies: int, max_new_tokens: int, stop: set[int], temperature: float = 1.0,
-           top_p: float = 1.0, generator: torch.Generator, suppress: list[int] = ()) -> list[list[int]]:
+           top_p: float = 1.0, generator: torch.Generator, suppress: list[int] = (),
+           all_done=None) -> list[list[int]]:
     """`copies` completions of one prompt (`batch`: one unpadded prompt), each ending at its first
     end-of-sequence token where it reached one. `model`: a `LanguageModel` (with LoRA layers in place,
     or a peft model around one); the caller puts it in eval mode. `suppress`: ids never drawn
-    (`media_tokens`)."""
-    return decode(base_model(model), batch, max_new_tokens, stop, sampler(temperature, top_p, generator, suppress),
-                  copies=copies)
+    (`media_tokens`). `all_done`: for ranks decoding in step (`qprep.train.infer.decode`)."""
+    choose = sampler(temperature, top_p, generator, suppress)
+    return run_as_forward(model, lambda language_model: decode(language_model, batch, max_new_tokens, stop, choose,
+                                                               copies=copies, all_done=all_done))
 
 
 def completion_batch(prompt: Sample, completions: list[list[int]], cache, layout):
@@ -94,7 +97,8 @@ def completion_mask(completions: list[list[int]], device: str | torch.device = "
 def completion_logps(model, batch, width: int, temperature: float = 1.0) -> torch.Tensor:
     """[G, width] log-probabilities of each row's last `width` tokens (its completion, padded) given what
     precedes them, from the model's forward (with gradients where the caller allows them)."""
-    logits = base_model(model).last_logits(batch, width + 1)[:, :-1].float() / temperature
+    logits = run_as_forward(model, lambda language_model: language_model.last_logits(batch, width + 1))
+    logits = logits[:, :-1].float() / temperature
     targets = batch.input_ids[:, -width:].unsqueeze(-1)
     return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
@@ -127,7 +131,7 @@ def with_weights(model, weights: dict[str, torch.Tensor]):
     training, caching = model.training, torch.is_autocast_cache_enabled()
     with torch.no_grad():
         for name, value in weights.items():
-            parameters[name].copy_(value)
+            parameters[name].copy_(_laid_out_as(value, parameters[name]))
     model.eval()
     torch.set_autocast_cache_enabled(False)
     try:
@@ -140,6 +144,12 @@ def with_weights(model, weights: dict[str, torch.Tensor]):
                 parameters[name].copy_(value)
 
 
-def base_model(model):
-    """The `LanguageModel` inside a peft model (its LoRA layers are in place), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def _laid_out_as(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """`value` (a whole weight) as `parameter` holds it: this rank's shard of it where the parameter is
+    sharded (`--shard`: a DTensor), cut from the whole weight every rank holds, without communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(parameter, DTensor):
+        return value
+    return distribute_tensor(value.to(parameter.device), parameter.device_mesh, parameter.placements,
+                             src_data_rank=None)

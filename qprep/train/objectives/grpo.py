@@ -24,8 +24,13 @@ and `reward_std` (the mean spread within a group), the completions' lengths, `kl
 clipped fractions. Rank 0 writes a few completions of each batch to `completions.jsonl`. Validation:
 the mean summed reward of greedy answers to the held-out prompts (higher is better).
 
-Not here: more than one optimisation pass per batch of rollouts (TRL's `num_iterations`); packing,
-`--shard` and a trained merger.
+Sharded (`--shard`, FSDP2), each forward gathers weights from every rank, so the ranks roll out,
+score and validate in step (`_rollouts`): as many prompts each, every decoding loop until all ranks'
+are done; what fills a rank up is a stand-in, weighted 0 and in no sum. A sharded run draws, scores
+and trains on the same completions as an unsharded one.
+
+Not here: more than one optimisation pass per batch of rollouts (TRL's `num_iterations`); packing and a
+trained merger.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ class Group:
     texts: list[str]
     rewards: dict[str, list[float]]  # by reward name
     advantages: torch.Tensor  # [G]
+    # False: a stand-in, rolled out so that sharded ranks run in step (`GRPOObjective._rollouts`); its
+    # loss is weighted 0 and it is in no sum
+    counted: bool = True
 
     @property
     def total(self) -> list[float]:
@@ -81,9 +89,6 @@ class GRPOObjective:
             raise SettingsError("--train-merger: GRPO trains the LoRA alone (its reference is the LoRA disabled, or "
                                 "frozen at --adapter's weights); "
                                 "train it from merged tokens, or from the merger's input with the merger frozen")
-        if settings.shard:
-            raise SettingsError("--shard: GRPO runs its rollouts on whole weights; train it with data parallelism "
-                                "alone (--gpus N)")
         self.settings, self.grpo = settings, settings.grpo
         self.rewards = resolve_rewards(list(settings.grpo.rewards))
         self.samples: list[Sample] = []
@@ -168,13 +173,10 @@ class GRPOObjective:
     def start_step(self, batches: list, model, world) -> list[StepShare]:
         """This rank's rollouts of the whole step, their rewards and advantages; the step's completions and
         completion tokens over all ranks (the loss's normaliser)."""
-        from qprep.train.distributed import deal
-
         counts = torch.zeros(len(batches), 2, dtype=torch.float64)
         for row, position in enumerate(batches):
-            parts = [[self._rollout(model, position, index) for index in part.samples]
-                     for part in deal(position, self.settings.batch_size, world)]
-            groups = [group for part in parts for group in part]
+            parts = self._rollouts(model, position, world)
+            groups = [group for part in parts for group in part if group.counted]
             self.parts[position.epoch, position.index], self.rolled[position.epoch, position.index] = parts, groups
             counts[row, 0] = sum(len(group.completions) for group in groups)
             counts[row, 1] = sum(len(c) for group in groups for c in group.completions)
@@ -184,8 +186,28 @@ class GRPOObjective:
         self.step_counts = tuple(counts.sum(0).tolist())
         return [StepShare(len(batches), int(self.step_counts[1]), position is batches[-1]) for position in batches]
 
-    def _rollout(self, model, position, index: int) -> Group:
-        """Prompt `index`'s G completions, sampled without gradients in eval mode, and their rewards."""
+    def _rollouts(self, model, position, world) -> list[list[Group]]:
+        """This rank's parts of batch `position`, each as its prompts' groups. Sharded (`--shard`), each
+        forward is a collective, so the ranks roll out in step: as many parts on every rank (`deal`'s
+        stand-in parts), each part as many prompts as that part's largest on any rank (a short one is
+        topped up with its first prompt again), every sampling loop until all ranks' are done. What
+        tops a rank up is a stand-in (`Group.counted` False); the counted rollouts are those an
+        unsharded run draws, from the same seeded generators."""
+        from qprep.train.distributed import deal
+
+        lockstep = self.settings.shard
+        parts = deal(position, self.settings.batch_size, world, even=lockstep)
+        if not lockstep:
+            return [[self._rollout(model, position, index) for index in part.samples] for part in parts]
+        sizes = world.max(torch.tensor([len(part.samples) for part in parts], dtype=torch.float64)).tolist()
+        return [[self._rollout(model, position, part.samples[j] if j < len(part.samples) else part.samples[0],
+                               counted=part.counted and j < len(part.samples), all_done=world.all)
+                 for j in range(int(size))]
+                for part, size in zip(parts, sizes)]
+
+    def _rollout(self, model, position, index: int, counted: bool = True, all_done=None) -> Group:
+        """Prompt `index`'s G completions, sampled without gradients in eval mode, and their rewards
+        (`all_done`: for ranks sampling in step)."""
         from qprep.train.data import collate
         from qprep.train.objectives.grpo_loss import group_advantages
         from qprep.train.rollout import media_tokens, rollout_generator, sample
@@ -198,13 +220,14 @@ class GRPOObjective:
         try:
             completions = sample(model, batch, copies=grpo.num_generations, max_new_tokens=grpo.max_new_tokens,
                                  stop=self.stop, temperature=grpo.temperature, top_p=grpo.top_p, generator=generator,
-                                 suppress=media_tokens(self.layout))
+                                 suppress=media_tokens(self.layout), all_done=all_done)
         finally:
             model.train(was_training)
         texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in completions]
         rewards = self._scores(self.prompts[index], texts)
         total = torch.tensor([sum(values) for values in zip(*rewards.values())], dtype=torch.float32)
-        return Group(index, completions, texts, rewards, group_advantages(total, len(texts), grpo.scale_rewards))
+        return Group(index, completions, texts, rewards, group_advantages(total, len(texts), grpo.scale_rewards),
+                     counted)
 
     def _scores(self, prompt: Prompt, texts: list[str]) -> dict[str, list[float]]:
         """Each reward's scores of the completions of one prompt, by name."""
@@ -238,8 +261,10 @@ class GRPOObjective:
                                         epsilon_low=grpo.epsilon, epsilon_high=grpo.epsilon_high, beta=grpo.beta,
                                         ref_logps=reference, max_completion_length=grpo.max_new_tokens,
                                         num_items=tokens, num_sequences=int(sequences))
+            if not group.counted:  # a stand-in: its forward and backward run, its gradients are zero
+                part = part * 0.0
             total = part if total is None else total + part
-            weight = metrics.pop("completion_tokens")
+            weight = metrics.pop("completion_tokens") if group.counted else 0.0
             for name, value in metrics.items():
                 logged[name] = logged.get(name, 0.0) + value * weight
         return total
@@ -306,20 +331,29 @@ class GRPOObjective:
 
     def validate(self, model, device: str, autocast, world, even: bool) -> float:
         """The mean summed reward of greedy answers to the held-out prompts (each rank answers every
-        size-th prompt; no random number is drawn, so training goes on as without it)."""
+        size-th prompt; no random number is drawn, so training goes on as without it). `even` (sharded):
+        the ranks decode in step, as many prompts each, a rank past the end answering its first one
+        again uncounted."""
         from qprep.train.data import collate
         from qprep.train.infer import greedy
-        from qprep.train.rollout import base_model
+        from qprep.train.model import run_as_forward
 
         samples, prompts = self.held_out
         totals = torch.zeros(2, dtype=torch.float64)
+        mine = list(range(world.rank, len(samples), world.size))
+        rounds = -(-len(samples) // world.size) if even else len(mine)
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad(), autocast:
-                for index in range(world.rank, len(samples), world.size):
+                for turn in range(rounds):
+                    index = mine[turn] if turn < len(mine) else world.rank % len(samples)
                     batch = collate([samples[index]], self.cache, self.layout).to(device)
-                    tokens = greedy(base_model(model), batch, self.grpo.max_new_tokens, self.stop)
+                    tokens = run_as_forward(model, lambda language_model: greedy(
+                        language_model, batch, self.grpo.max_new_tokens, self.stop,
+                        all_done=world.all if even else None))
+                    if turn >= len(mine):
+                        continue
                     text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                     totals[0] += sum(values[0] for values in self._scores(prompts[index], [text]).values())
                     totals[1] += 1

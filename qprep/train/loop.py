@@ -273,7 +273,8 @@ class Recipe:
                 for p in planned for part in self.parts[p.epoch, p.index]]
         cuda = self.device.startswith("cuda")
         workers = settings.workers if settings.workers is not None else (2 if cuda else 0)
-        self.stream = batch_stream(mine, samples, self.cache, self.layout, workers=workers, pin_memory=cuda)
+        self.stream = (batch_stream(mine, samples, self.cache, self.layout, workers=workers, pin_memory=cuda)
+                       if self.objective.reads_batches else None)
 
     def _open_outputs(self, resume: bool) -> None:
         """metrics.jsonl (rank 0's), the progress bar, and the numbers the summary reports."""
@@ -347,7 +348,7 @@ class Recipe:
         totals = torch.zeros(3, dtype=torch.float64)
         for part in parts:
             waiting = time.perf_counter()
-            batch = self._next_batch().to(self.device, non_blocking=True)
+            batch = self._next_batch().to(self.device, non_blocking=True) if self.stream is not None else None
             totals[2] += time.perf_counter() - waiting
             with self.autocast:
                 loss = self.objective.loss(self.peft_model, batch, position, share, whole)
@@ -356,7 +357,7 @@ class Recipe:
             loss.backward()
             if part.counted:
                 totals[0] += float(loss.detach())
-                totals[1] += int(batch.attention_mask.sum())
+                totals[1] += self.objective.attended_tokens(batch)
         reducing = time.perf_counter()
         self.world.sum(totals)
         return totals, reducing

@@ -23,6 +23,9 @@ class Objective(Protocol):
     # the metrics row name of a validation's value, and which way is better (what --save-best keeps)
     validation_metric: str
     validation_higher_is_better: bool
+    # whether `loss` reads the recipe's batches (each part's samples with their cached tokens, read
+    # ahead by the loader); an objective that builds its own rows (GRPO: prompts and completions) gets None
+    reads_batches: bool
 
     def build(self, data_path, eval_data, checkpoint, cache, tokenizer, layout, echo) -> None:
         """Read the training records (and the held-out ones, with `eval_data`) into samples; report them
@@ -39,6 +42,9 @@ class Objective(Protocol):
     def loss(self, model, batch, position, share: StepShare, whole: bool) -> torch.Tensor:
         """This rank's part of global batch `position`: its share of the step's loss (the parts of all
         ranks and batches sum to the step's loss). `whole`: the part is its whole batch, on one process."""
+
+    def attended_tokens(self, batch) -> int:
+        """The tokens the last `loss` call's training forwards attended to (the throughput's count)."""
 
     def batch_loss(self, summed: float, position, share: StepShare) -> float:
         """The batch's own loss for the curve, from its parts' losses summed over the ranks."""

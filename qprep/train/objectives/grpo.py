@@ -79,6 +79,7 @@ class GRPOObjective:
 
     validation_metric = "val_reward"
     validation_higher_is_better = True
+    reads_batches = False  # each part's rows are its prompts' rollouts, collated here
 
     def __init__(self, settings: TrainSettings):
         from qprep.train.rewards import resolve_rewards
@@ -105,6 +106,7 @@ class GRPOObjective:
         self.step_counts = (0.0, 0.0)  # the current step's completions and completion tokens, all ranks
         self.reference: dict[str, torch.Tensor] | None = None  # the starting adapter's LoRA weights, with β > 0
         self.completions_log = None
+        self.attended = 0  # the tokens of the last part's policy forwards
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -234,10 +236,12 @@ class GRPOObjective:
         count = len(texts)
         return {reward.name: reward([prompt.text] * count, texts, [prompt.record] * count) for reward in self.rewards}
 
+    def attended_tokens(self, batch) -> int:
+        return self.attended
+
     def loss(self, model, batch, position, share: StepShare, whole: bool) -> torch.Tensor:
-        """This rank's next part of batch `position`: its groups' share of the step's policy loss (`batch`,
-        the part's prompts, is what the rollouts were sampled from; each group is collated with its
-        completions)."""
+        """This rank's next part of batch `position`: its groups' share of the step's policy loss (each
+        group's prompt collated with its completions; `batch` is None: the recipe reads nothing for it)."""
         from qprep.train.objectives.grpo_loss import policy_loss
         from qprep.train.rollout import completion_batch, completion_logps, completion_mask, reference_logps
 
@@ -249,6 +253,7 @@ class GRPOObjective:
         batches = [completion_batch(self.samples[group.prompt], group.completions, self.cache, self.layout)
                    for group in groups]
         widths = [max(map(len, group.completions)) for group in groups]
+        self.attended = sum(int(rows.attention_mask.sum()) for group, rows in zip(groups, batches) if group.counted)
         # every reference before any policy forward: with --adapter, the reference's weights are put in the
         # LoRA's place, which no graph may hold then
         references = [reference_logps(model, rows.to(device), width, grpo.temperature, weights=self.reference)

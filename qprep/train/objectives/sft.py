@@ -17,6 +17,7 @@ class SupervisedObjective:
 
     validation_metric = "val_loss"
     validation_higher_is_better = False
+    reads_batches = True
 
     def __init__(self, settings: TrainSettings):
         self.settings = settings
@@ -60,6 +61,9 @@ class SupervisedObjective:
         """The step's label tokens, counted from the samples: every rank knows the whole plan, so no sum."""
         tokens = sum(self._label_tokens(batch) for batch in batches)
         return [StepShare(len(batches), tokens, batch is batches[-1]) for batch in batches]
+
+    def attended_tokens(self, batch) -> int:
+        return int(batch.attention_mask.sum())
 
     def loss(self, model, batch, position, share: StepShare, whole: bool) -> torch.Tensor:
         if self.settings.loss_weighting == "tokens":

@@ -54,6 +54,12 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
+def sampling(args) -> dict:
+    """How both sides read the video: fps 2, its frames at their own size (the tiny checkpoint's
+    processor bounds would shrink them)."""
+    return {"fps": 2, "max_pixels": args.width * args.height}
+
+
 def prepare(args) -> tuple[str, Path, Path]:
     """The bench checkpoint (its tower merging into the small language model's width), a video, its store."""
     from qprep.extraction.run import ExtractOptions, extract
@@ -68,7 +74,7 @@ def prepare(args) -> tuple[str, Path, Path]:
         make_video(video, VideoSpec(width=args.width, height=args.height, fps=25, seconds=seconds, audio=False))
     store = args.workdir / f"store-{Path(model).name}-{args.frames}x{args.width}x{args.height}.zarr"
     if not (store / "manifest").exists():
-        extract(video.parent, store, model, VideoSettings(fps=2, max_pixels=args.width * args.height), dtype="float32",
+        extract(video.parent, store, model, VideoSettings(**sampling(args)), dtype="float32",
                 shards=1, options=ExtractOptions(progress=False, executor="local"))
     return model, video, store
 
@@ -111,9 +117,9 @@ def tower_passes(args, model: str, video: Path) -> tuple[float, float, float]:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    prepared = qprep.preprocess_video(video, model, fps=2)
+    prepared = qprep.preprocess_video(video, model, **sampling(args))
     full = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
-    pixels, grid = prepared.patches, prepared.video_grid_thw
+    pixels, grid = prepared.pixel_values_videos, prepared.video_grid_thw  # normalised, as the processor returns them
     g = args.generations
 
     def run(copies: int) -> float:

@@ -96,7 +96,8 @@ def prepare(args) -> tuple[str, Path, Path]:
     released = {"vision": dict(QWEN2_5_VISION, out_hidden_size=args.text_hidden)}
     model = str(ensure_qwen2_5(args.workdir, "qwen2_5_vl", released, args.vision_depth, 0, args.text_hidden,
                                args.text_layers))
-    video = args.workdir / "videos" / "clip.mp4"
+    # a folder per clip size: the folder is what is extracted, and a run at other sizes must not reuse it
+    video = args.workdir / f"videos-{args.frames}x{args.width}x{args.height}" / "clip.mp4"
     seconds = args.frames / 2
     if not video.is_file():
         make_video(video, VideoSpec(width=args.width, height=args.height, fps=25, seconds=seconds, audio=False))

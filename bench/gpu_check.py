@@ -9,6 +9,8 @@ tables they print are gathered into --out/report.md, under a summary of what pas
   (bench/images.py);
 * train: a LoRA step from the cache against the in-memory floor, bfloat16 (bench/train.py --device);
 * train, mixed media: the same over images, videos and text-only turns (bench/train.py --mixed);
+* grpo: a GRPO step from the cache against the TRL-derived step's 1 + 2G tower passes, the tower at
+  its released 32 blocks, bfloat16 (bench/grpo.py --device);
 * packing: batch 1, padded and packed rows on the device (bench/packing.py);
 * demo: `qprep demo` end to end (it trains and infers on cuda when one is there).
 
@@ -53,6 +55,10 @@ def checks(device: str, quick: bool, workdir: Path) -> list[Check]:
         else ["--videos", "6", "--steps", "16", "--warmup", "4"]
     common_train = ["--device", device, "--dtype", "bfloat16", "--paths", "cache,floor", "--quiet-wait", "0",
                     "--workdir", str(workdir / "train")]
+    # on a GPU the bench's own 2 prompts × G 8 on an 8-frame 448x336 clip, the tower's released 32 blocks
+    # and an 8 × 1024 language model
+    grpo = ["--prompts", "1", "--generations", "2", "--vision-depth", "1", "--frames", "4", "--new-tokens", "8"] \
+        if quick else ["--vision-depth", "32", "--text-hidden", "1024", "--text-layers", "8"]
     return [
         Check("bf16", [bench("bf16.py"), "--device", device, *(["--families", "qwen2_5_vl", "qwen3_vl"] if quick
                                                                 else [])], 240),
@@ -61,6 +67,7 @@ def checks(device: str, quick: bool, workdir: Path) -> list[Check]:
                          "--vision-depth", "1" if quick else "8", "--workdir", str(workdir / "images")], 240),
         Check("train", [bench("train.py"), *common_train, *train], 300),
         Check("train, mixed media", [bench("train.py"), *common_train, *train, "--mixed", "3" if quick else "6"], 300),
+        Check("grpo", [bench("grpo.py"), "--device", device, "--workdir", str(workdir / "grpo"), *grpo], 180),
         Check("packing", [bench("packing.py"), "--repeats", "1", "--paths", "batch1,padded,packed",
                           "--workdir", str(workdir / "packing"), *(["--hidden", "64"] if quick else [])], 300),
         Check("demo", ["-m", "qprep", "demo"], 240),

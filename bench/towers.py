@@ -132,13 +132,17 @@ def full_attention_blocks(depth: int) -> list[int]:
     return sorted({index * depth // QWEN2_5_VISION["depth"] for index in RELEASED_FULL_ATTENTION})
 
 
-def qwen2_5_config(kind: str, released: dict, vision_depth: int, audio_layers: int):
-    """tiny_config(kind) with the released tower widths at the given depths."""
+def qwen2_5_config(kind: str, released: dict, vision_depth: int, audio_layers: int, text_hidden: int = TEXT_HIDDEN,
+                   text_layers: int = TEXT_LAYERS):
+    """tiny_config(kind) with the released tower widths at the given depths, and a language model of
+    `text_layers` × `text_hidden` in the tiny config's proportions."""
     from qprep.models.tiny import tiny_config
 
-    tiny = tiny_config(kind, hidden=TEXT_HIDDEN)
+    tiny = tiny_config(kind, hidden=text_hidden)
     config = tiny.to_dict()
     towers = config.get("thinker_config", config)
+    towers["text_config"].update(num_hidden_layers=text_layers)
+    towers["text_config"].pop("layer_types", None)  # one per layer: rebuilt for the new depth
     towers["vision_config"].update(released["vision"], depth=vision_depth,
                                    fullatt_block_indexes=full_attention_blocks(vision_depth))
     if "audio" in released:
@@ -146,7 +150,8 @@ def qwen2_5_config(kind: str, released: dict, vision_depth: int, audio_layers: i
     return type(tiny)(**config)
 
 
-def ensure_qwen2_5(workdir: Path, kind: str, released: dict, vision_depth: int, audio_layers: int) -> Path:
+def ensure_qwen2_5(workdir: Path, kind: str, released: dict, vision_depth: int, audio_layers: int,
+                   text_hidden: int = TEXT_HIDDEN, text_layers: int = TEXT_LAYERS) -> Path:
     """Build and save a Qwen2.5-Omni / Qwen2.5-VL bench checkpoint once (cached in `workdir`)."""
     import transformers
     from checkpoints import finish_from_template
@@ -157,7 +162,7 @@ def ensure_qwen2_5(workdir: Path, kind: str, released: dict, vision_depth: int, 
     vision, audio = released["vision"], released.get("audio")
     name = f"{kind}-v{vision_depth}x{vision['hidden_size']}o{vision['out_hidden_size']}"
     name += f"-a{audio_layers}x{audio['d_model']}" if audio else ""
-    path = workdir / f"{name}-t{TEXT_LAYERS}x{TEXT_HIDDEN}"
+    path = workdir / f"{name}-t{text_layers}x{text_hidden}"
     if (path / "config.json").is_file():
         return path
     print(f"building {path.name} …", file=sys.stderr, flush=True)
@@ -173,7 +178,7 @@ def ensure_qwen2_5(workdir: Path, kind: str, released: dict, vision_depth: int, 
         with warnings.catch_warnings():  # the talker's unused zero-width layers, as in tiny.py
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
             model = getattr(transformers, MODEL_CLASSES[kind])(qwen2_5_config(kind, released, vision_depth,
-                                                                              audio_layers))
+                                                                              audio_layers, text_hidden, text_layers))
         model.save_pretrained(partial)
         del model
     finally:

@@ -133,7 +133,7 @@ def cache_step(args, model: str, store: Path) -> float:
         times = []
         for batches in recipe.steps:  # one step per epoch: the first warms up
             started = synchronized(args.device)
-            shares = recipe.objective.start_step(batches, recipe.peft_model, recipe.world)
+            shares = recipe.objective.start_step(batches, recipe.peft_model, recipe.world, 0)
             for position, share in zip(batches, shares):
                 recipe._train_batch(position, share)
             times.append(synchronized(args.device) - started)

@@ -565,7 +565,7 @@ def loop_worker(job: dict) -> dict:
         memory.start()
         index = position.samples[0]
         sample = samples[index]
-        share = objective.start_step([position], model, recipe.world)[0]
+        share = objective.start_step([position], model, recipe.world, 0)[0]
         tick = synchronized(device)
         if floor:
             batch = batches[index]

@@ -468,6 +468,9 @@ def status(store, videos, as_json):
               help="GRPO: how the per-token loss is reduced, as TRL names it (default dapo, TRL's default).")
 @click.option("--scale-rewards/--no-scale-rewards", default=None,
               help="GRPO: divide each group's centred rewards by their std (default on, TRL's 'group').")
+@click.option("--num-iterations", type=int, default=None,
+              help="GRPO: optimizer steps on each step's rollouts, the ratio clipped against the policy that "
+                   "sampled them (TRL's num_iterations; default 1). Checkpoints fall after a step's last one.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out, with the same data order.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -27,6 +27,7 @@ from qprep.train.infer import DENSE_CAPTION_PROMPT, Generator, choose_requests, 
 from qprep.train.lora import apply_lora
 from qprep.train.loop import train
 from qprep.train.model import LanguageModel
+from qprep.train.objectives.grpo import COMPLETIONS_LOGGED
 from qprep.train.objectives.grpo_loss import policy_loss
 from qprep.train.rollout import (completion_batch, completion_logps, completion_mask, media_tokens, reference_logps,
                                  rollout_generator, sample)
@@ -356,16 +357,16 @@ def test_cli_train_grpo_records_its_settings_and_refuses_nonsense(sharp_store, t
     result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "run"), "--method", "grpo", "--epochs", "1",
                                               "--reward", "test_grpo:speaks", "--reward", "format",
                                               "--num-generations", "2", "--max-new-tokens", "2", "--beta", "0.1",
-                                              "--loss-type", "dr_grpo", "--no-scale-rewards"])
+                                              "--loss-type", "dr_grpo", "--no-scale-rewards", "--num-iterations", "2"])
     assert result.exit_code == 0, result.output
     settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
     assert settings["method"] == "grpo"
     assert settings["grpo"] == {"rewards": ["test_grpo:speaks", "format"], "num_generations": 2, "temperature": 1.0,
                                 "top_p": 1.0, "max_new_tokens": 2, "beta": 0.1, "epsilon": 0.2, "epsilon_high": None,
-                                "loss_type": "dr_grpo", "scale_rewards": False}
+                                "loss_type": "dr_grpo", "scale_rewards": False, "num_iterations": 2}
     assert {"rewards/speaks/mean", "rewards/format/mean", "kl"} <= set(rows(tmp_path / "run")[0])
     for flags, message in ((["--num-generations", "1"], "needs 2 or more"), (["--temperature", "0"], "above 0"),
-                           (["--top-p", "1.5"], "(0, 1]"), (["--packing", "--max-length", "900"], "GRPO samples"),
+                           (["--top-p", "1.5"], "(0, 1]"), (["--num-iterations", "0"], "1 or more"), (["--packing", "--max-length", "900"], "GRPO samples"),
                            (["--reward", "nowhere:fn"], "cannot import nowhere")):
         result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "bad"), "--method", "grpo"] + flags)
         assert result.exit_code == 3 and message in result.output, (flags, result.output)
@@ -407,6 +408,45 @@ def test_two_ranks_follow_one_rank_with_the_same_global_batch(sharp_store, tmp_p
     gap = max(float((two[k] - one[k]).abs().max()) for k in two)
     print(f"2 ranks against 1 rank with the same global batch: adapter weights within {gap:.3g}")
     assert any(bool(v.any()) for k, v in one.items() if "lora_B" in k) and gap < 1e-6
+
+
+def test_more_passes_over_the_rollouts_clip_against_the_policy_that_sampled_them(sharp_store, tmp_path):
+    """`num_iterations` 2 (TRL's μ): each step's rollouts train two optimizer steps. The first pass's
+    old log-probabilities are the policy's own (ratio 1: nothing clipped, and its step is the μ = 1
+    run's, bit for bit); the second's are still those of the policy that sampled them, so with a
+    tiny clip range its ratios are clipped. The rollouts are drawn and logged once; a run killed
+    after its second rollout step resumes to the uninterrupted run's rows and adapter."""
+    model_dir, cache = sharp_store
+    data = write_prompts(tmp_path / "train.json")
+    settings = dataclasses.replace(GRPO, epochs=1, save_every=1,
+                                   grpo=dataclasses.replace(GRPO.grpo, num_generations=16, max_new_tokens=3,
+                                                            epsilon=1e-4, num_iterations=2))
+    run = lambda out, chosen=settings, resume=False: train(cache.store.root, data, model_dir, tmp_path / out, chosen,
+                                                           resume=resume, progress=False, echo=lambda _: None)
+    assert run("twice").steps == 4  # 2 rollout steps × 2 passes
+    logged = rows(tmp_path / "twice")
+    assert [(row["batch"], row["iteration"], row["step"]) for row in logged] == [(0, 0, 1), (0, 1, 2), (1, 0, 3),
+                                                                                (1, 1, 4)]
+    assert all(row["reward_std"] > 0 for row in logged)  # advantages that move the policy
+    assert [row["clip_ratio/region_mean"] for row in logged[::2]] == [0.0, 0.0]
+    assert all(row["clip_ratio/region_mean"] > 0 for row in logged[1::2])
+    assert [row["reward"] for row in logged[::2]] == [row["reward"] for row in logged[1::2]]  # the same rollouts
+    assert len((tmp_path / "twice" / "completions.jsonl").read_text().splitlines()) == 2 * COMPLETIONS_LOGGED
+    assert sorted(path.name for path in (tmp_path / "twice").glob("checkpoint-*")) == ["checkpoint-0000002",
+                                                                                      "checkpoint-0000004"]
+
+    run("once", dataclasses.replace(settings, epochs=1, grpo=dataclasses.replace(settings.grpo, num_iterations=1)))
+    assert rows(tmp_path / "once")[0]["loss"] == logged[0]["loss"]
+
+    shutil.copytree(tmp_path / "twice", tmp_path / "split")
+    shutil.rmtree(tmp_path / "split" / "adapter")
+    shutil.rmtree(tmp_path / "split" / "checkpoint-0000004")
+    run("split", resume=True)
+    timing = ("tokens_per_s", "step_time_s", "data_wait_s", "allreduce_s", "host_peak_rss_mb")
+    strip = lambda table: [{k: v for k, v in row.items() if k not in timing} for row in table]
+    assert strip(rows(tmp_path / "split")) == strip(logged)
+    ours, theirs = (load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors")) for name in ("split", "twice"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 @pytest.mark.slow

@@ -77,6 +77,9 @@ class GrpoSettings:
     epsilon_high: float | None = None  # None: epsilon
     loss_type: str = "dapo"  # TRL's default since 0.2x; "grpo" (per-sequence means), "dr_grpo"
     scale_rewards: bool = True  # divide each group's centred rewards by its std + 1e-4 (TRL's "group")
+    # optimizer steps on each step's rollouts (TRL's num_iterations, μ): after the first, the clipped
+    # ratio against the policy that sampled them bounds how far each step moves
+    num_iterations: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rewards", tuple(self.rewards))
@@ -93,6 +96,8 @@ class GrpoSettings:
             raise SettingsError(f"--max-new-tokens {self.max_new_tokens}: must be 1 or more")
         if self.beta < 0 or not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             raise SettingsError("need --beta >= 0, --epsilon in (0, 1) and --epsilon-high > 0")
+        if self.num_iterations < 1:
+            raise SettingsError(f"--num-iterations {self.num_iterations}: must be 1 or more")
         if self.loss_type not in GRPO_LOSS_TYPES:
             raise SettingsError(f"loss_type must be one of {', '.join(GRPO_LOSS_TYPES)}, got {self.loss_type!r}")
 

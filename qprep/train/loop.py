@@ -156,7 +156,8 @@ class Recipe:
         self.optimizer = build_optimizer(self.peft_model, self.settings)
         self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.packs, self.per_epoch = self._epoch_shape()
-        self.scheduler = build_scheduler(self.optimizer, self.settings, steps_in_run(self.settings, self.per_epoch))
+        self.scheduler = build_scheduler(self.optimizer, self.settings,
+                                         steps_in_run(self.settings, self.per_epoch) * self.objective.iterations)
         self.state = self._restore_trainer() if self.resumed_from else {"epoch": 0, "batch": 0, "step": 0}
         self._plan()
         self._open_outputs(resume)
@@ -282,8 +283,9 @@ class Recipe:
 
         main, state = self.world.main, self.state
         self.metrics = open(self.folder.metrics, "a") if main else None
-        self.bar = tqdm(total=self.settings.epochs * self.per_epoch,
-                        initial=state["epoch"] * self.per_epoch + state["batch"], desc="train", unit="batch",
+        passes = self.objective.iterations
+        self.bar = tqdm(total=self.settings.epochs * self.per_epoch * passes,
+                        initial=(state["epoch"] * self.per_epoch + state["batch"]) * passes, desc="train", unit="batch",
                         disable=not self.progress or not main)
         self.first_loss = self.last_loss = self.val_loss = None
         self.best_val = best_so_far(self.folder) if resume else None
@@ -299,9 +301,10 @@ class Recipe:
         """Every optimizer step of the plan, then the final adapter."""
         self._start_reporting()
         for batches in self.steps:
-            shares = self.objective.start_step(batches, self.peft_model, self.world)
-            for position, share in zip(batches, shares):
-                self._train_batch(position, share)
+            for iteration in range(self.objective.iterations):  # an optimizer step each
+                shares = self.objective.start_step(batches, self.peft_model, self.world, iteration)
+                for position, share in zip(batches, shares):
+                    self._train_batch(position, share, iteration)
         self._save_final()
 
     def _start_reporting(self) -> None:
@@ -312,10 +315,13 @@ class Recipe:
         for where in self.trackers.where():
             self.echo(f"reporting to {where}")
 
-    def _train_batch(self, position, share) -> None:
-        """One global batch (`position`: a `PlannedBatch`): forward and backward, the optimizer step after
-        its step's last batch, its metrics row; then validation and a checkpoint when they are due."""
+    def _train_batch(self, position, share, iteration: int = 0) -> None:
+        """One global batch (`position`: a `PlannedBatch`) in pass `iteration` over its step: forward and
+        backward, the optimizer step after its step's last batch, its metrics row; then validation and a
+        checkpoint when they are due. The plan moves past a batch, and a checkpoint is written, only in its
+        last pass: a resumed run starts at a step's first pass."""
         settings, state = self.settings, self.state
+        passed = iteration + 1 == self.objective.iterations
         tick = time.perf_counter()
         totals, reducing = self._forward_backward(position, share)
         self._check_finite(float(totals[0]), position)
@@ -323,21 +329,24 @@ class Recipe:
         self.last_loss = self.objective.batch_loss(float(totals[0]), position, share)
         self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
         row = {"epoch": position.epoch, "batch": position.index, "step": state["step"], "loss": self.last_loss}
+        if self.objective.iterations > 1:
+            row["iteration"] = iteration
         if share.last:
             row.update(self._optimizer_step(reducing))
         row.update(self.objective.batch_metrics(position, row["step"], self.world))  # every rank: they sum
-        state.update(epoch=position.epoch, batch=position.index + 1)
+        if passed:
+            state.update(epoch=position.epoch, batch=position.index + 1)
         elapsed = time.perf_counter() - tick
         if self.metrics:
             self._log({**row, "tokens_per_s": float(totals[1]) / elapsed, "step_time_s": elapsed,
                        "data_wait_s": float(totals[2]) / self.world.size, **peak_memory_mb(self.device)})
-        epoch_end = position.index + 1 == self.per_epoch  # always a step's last batch
+        epoch_end = passed and position.index + 1 == self.per_epoch  # always a step's last batch
         if self.objective.validates and (epoch_end or (share.last and self._every(settings.eval_every))):
             self.validate(position.epoch)
         self._show_progress(position)
         if epoch_end:
             state.update(epoch=position.epoch + 1, batch=0)
-        if epoch_end or (share.last and self._every(settings.save_every)):
+        if epoch_end or (passed and share.last and self._every(settings.save_every)):
             self.save_checkpoint()
 
     def _forward_backward(self, position, share) -> tuple[torch.Tensor, float]:

@@ -26,6 +26,8 @@ class Objective(Protocol):
     # whether `loss` reads the recipe's batches (each part's samples with their cached tokens, read
     # ahead by the loader); an objective that builds its own rows (GRPO: prompts and completions) gets None
     reads_batches: bool
+    # optimizer steps taken on each step's batches (GRPO's `num_iterations`; 1: each batch trains once)
+    iterations: int
 
     def build(self, data_path, eval_data, checkpoint, cache, tokenizer, layout, echo) -> None:
         """Read the training records (and the held-out ones, with `eval_data`) into samples; report them
@@ -35,9 +37,10 @@ class Objective(Protocol):
         """The run's LoRA starts from an adapter (`--adapter`): these are its weights (a detached copy, by
         parameter name), for an objective that keeps them."""
 
-    def start_step(self, batches: list, model, world) -> list[StepShare]:
+    def start_step(self, batches: list, model, world, iteration: int) -> list[StepShare]:
         """Each of one optimizer step's global batches (`PlannedBatch`es)' share of the step, before its
-        first forward: the step's loss normaliser, summed over the ranks where it depends on them."""
+        first forward: the step's loss normaliser, summed over the ranks where it depends on them.
+        `iteration`: which of the `iterations` passes over these batches begins."""
 
     def loss(self, model, batch, position, share: StepShare, whole: bool) -> torch.Tensor:
         """This rank's part of global batch `position`: its share of the step's loss (the parts of all

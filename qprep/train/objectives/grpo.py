@@ -14,7 +14,7 @@ step's accumulated batches at once:
 3. the step's normaliser: its completions and completion tokens, summed over the ranks.
 
 Then each batch's loss (`loss`): the completions' log-probabilities from a training forward with
-gradients, the old policy's their detached values (one iteration per batch: TRL's default), the
+gradients, the old policy's their detached values (one pass per batch, TRL's default; see below), the
 reference's (with β > 0, first, without gradients) the same forward with the adapter disabled, or, in a
 run started from an adapter (`--adapter`), with that adapter's weights in place of the LoRA's (TRL's
 reference for a model that starts as a trained PEFT adapter: that adapter, frozen), and
@@ -29,8 +29,12 @@ score and validate in step (`_rollouts`): as many prompts each, every decoding l
 are done; what fills a rank up is a stand-in, weighted 0 and in no sum. A sharded run draws, scores
 and trains on the same completions as an unsharded one.
 
-Not here: more than one optimisation pass per batch of rollouts (TRL's `num_iterations`); packing and a
-trained merger.
+More passes (`num_iterations` μ > 1, TRL's): each step's rollouts train μ optimizer steps; their
+log-probabilities under the policy that sampled them are computed once, before the first pass, and
+each pass's ratio is taken against them (`start_step` with `iteration` > 0 hands the same groups out
+again). The recipe moves its plan, and checkpoints, only after a step's last pass.
+
+Not here: packing and a trained merger.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class Group:
     # False: a stand-in, rolled out so that sharded ranks run in step (`GRPOObjective._rollouts`); its
     # loss is weighted 0 and it is in no sum
     counted: bool = True
+    # [G, C] the completions' log-probabilities under the policy that sampled them, before its first
+    # update (with more than one pass over the rollouts; else each pass's own, detached)
+    old_logps: torch.Tensor | None = None
 
     @property
     def total(self) -> list[float]:
@@ -91,6 +98,7 @@ class GRPOObjective:
                                 "frozen at --adapter's weights); "
                                 "train it from merged tokens, or from the merger's input with the merger frozen")
         self.settings, self.grpo = settings, settings.grpo
+        self.iterations, self.iteration = settings.grpo.num_iterations, 0
         self.rewards = resolve_rewards(list(settings.grpo.rewards))
         self.samples: list[Sample] = []
         self.prompts: list[Prompt] = []
@@ -101,6 +109,8 @@ class GRPOObjective:
         # and completion tokens over all ranks
         self.parts: dict[tuple[int, int], list[list[Group]]] = {}
         self.rolled: dict[tuple[int, int], list[Group]] = {}
+        self.rollouts: dict[tuple[int, int], list[list[Group]]] = {}  # every part's groups, for each later pass
+        self.shares: list[StepShare] = []  # the step's, for each later pass
         self.loss_metrics: dict[tuple[int, int], dict[str, float]] = {}
         self.counts: dict[tuple[int, int], tuple[float, float]] = {}
         self.step_counts = (0.0, 0.0)  # the current step's completions and completion tokens, all ranks
@@ -172,21 +182,45 @@ class GRPOObjective:
 
     # -- each step -----------------------------------------------------------------------------
 
-    def start_step(self, batches: list, model, world) -> list[StepShare]:
+    def start_step(self, batches: list, model, world, iteration: int) -> list[StepShare]:
         """This rank's rollouts of the whole step, their rewards and advantages; the step's completions and
-        completion tokens over all ranks (the loss's normaliser)."""
+        completion tokens over all ranks (the loss's normaliser). Each later pass (`iteration` > 0) trains
+        on the first pass's rollouts again, as TRL's `num_iterations` does."""
+        self.iteration = iteration
+        if iteration > 0:
+            for position in batches:
+                key = (position.epoch, position.index)
+                self.parts[key] = list(self.rollouts[key])
+            return self.shares
         counts = torch.zeros(len(batches), 2, dtype=torch.float64)
         for row, position in enumerate(batches):
             parts = self._rollouts(model, position, world)
+            if self.iterations > 1:
+                self._old_logps(model, parts)
             groups = [group for part in parts for group in part if group.counted]
-            self.parts[position.epoch, position.index], self.rolled[position.epoch, position.index] = parts, groups
+            key = (position.epoch, position.index)
+            self.parts[key], self.rolled[key], self.rollouts[key] = list(parts), groups, parts
             counts[row, 0] = sum(len(group.completions) for group in groups)
             counts[row, 1] = sum(len(c) for group in groups for c in group.completions)
         world.sum(counts)
         for position, (sequences, tokens) in zip(batches, counts.tolist()):
             self.counts[position.epoch, position.index] = sequences, tokens
         self.step_counts = tuple(counts.sum(0).tolist())
-        return [StepShare(len(batches), int(self.step_counts[1]), position is batches[-1]) for position in batches]
+        self.shares = [StepShare(len(batches), int(self.step_counts[1]), position is batches[-1])
+                       for position in batches]
+        return self.shares
+
+    @torch.no_grad()
+    def _old_logps(self, model, parts: list[list[Group]]) -> None:
+        """Each group's completions' log-probabilities under the policy as it is before the passes, in
+        the mode training runs in (TRL computes them so, without gradients, at generation)."""
+        from qprep.train.rollout import completion_batch, completion_logps
+
+        device = _device(model)
+        for group in (group for part in parts for group in part):
+            rows = completion_batch(self.samples[group.prompt], group.completions, self.cache, self.layout)
+            group.old_logps = completion_logps(model, rows.to(device), max(map(len, group.completions)),
+                                               self.grpo.temperature).cpu()
 
     def _rollouts(self, model, position, world) -> list[list[Group]]:
         """This rank's parts of batch `position`, each as its prompts' groups. Sharded (`--shard`), each
@@ -261,7 +295,8 @@ class GRPOObjective:
         for group, rows, width, reference in zip(groups, batches, widths, references):
             rows = rows.to(device)
             logps = completion_logps(model, rows, width, grpo.temperature)
-            part, metrics = policy_loss(logps, logps.detach(), group.advantages.to(device),
+            old = group.old_logps.to(device) if group.old_logps is not None else logps.detach()
+            part, metrics = policy_loss(logps, old, group.advantages.to(device),
                                         completion_mask(group.completions, device), loss_type=grpo.loss_type,
                                         epsilon_low=grpo.epsilon, epsilon_high=grpo.epsilon_high, beta=grpo.beta,
                                         ref_logps=reference, max_completion_length=grpo.max_new_tokens,
@@ -285,8 +320,12 @@ class GRPOObjective:
         """The batch's rewards, completion lengths, KL and clipped fractions over all ranks (every rank
         calls it); rank 0 logs a few of its completions."""
         key = (position.epoch, position.index)
-        groups, loss_metrics = self.rolled.pop(key, []), self.loss_metrics.pop(key, {})
+        last_pass = self.iteration + 1 == self.iterations
+        groups = self.rolled.pop(key, []) if last_pass else self.rolled.get(key, [])
+        loss_metrics = self.loss_metrics.pop(key, {})
         self.parts.pop(key, None)
+        if last_pass:
+            self.rollouts.pop(key, None)
         names = [reward.name for reward in self.rewards]
         sums = _Sums([f"{name}/{part}" for name in names + ["reward"] for part in ("sum", "squares")]
                      + ["group_std", "groups", "completions", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean",
@@ -305,9 +344,10 @@ class GRPOObjective:
         longest = world.max(torch.tensor([max(lengths, default=0), -min(lengths, default=1 << 30)],
                                          dtype=torch.float64)).tolist()
         totals = sums.over(world)
-        if world.main:
+        if world.main and self.iteration == 0:  # the rollouts, once
             self._log_completions(groups, position, step)
-        return self._batch_row(names, totals, self.counts.pop(key)[1], longest)
+        tokens = (self.counts.pop(key) if last_pass else self.counts[key])[1]
+        return self._batch_row(names, totals, tokens, longest)
 
     def _batch_row(self, names: list[str], totals: dict[str, float], tokens: float, longest: list[float]) -> dict:
         count = totals["completions"]

@@ -18,6 +18,7 @@ class SupervisedObjective:
     validation_metric = "val_loss"
     validation_higher_is_better = False
     reads_batches = True
+    iterations = 1
 
     def __init__(self, settings: TrainSettings):
         self.settings = settings
@@ -57,7 +58,7 @@ class SupervisedObjective:
     def start_from(self, weights: dict[str, torch.Tensor]) -> None:
         pass  # the loss reads the model alone
 
-    def start_step(self, batches: list, model, world) -> list[StepShare]:
+    def start_step(self, batches: list, model, world, iteration: int) -> list[StepShare]:
         """The step's label tokens, counted from the samples: every rank knows the whole plan, so no sum."""
         tokens = sum(self._label_tokens(batch) for batch in batches)
         return [StepShare(len(batches), tokens, batch is batches[-1]) for batch in batches]

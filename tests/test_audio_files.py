@@ -34,7 +34,7 @@ from test_train_media import _row_labels, assert_batch_as_the_full_model
 from test_train_parity import lora_gradients_both_ways
 
 FAMILIES = ["qwen2_5_omni", "qwen3_omni_moe"]
-AUDIO = ["talks/x.wav", "talks/y.flac", "talks/z.mp3"]  # the ids `--media` gives them (with the extension)
+AUDIO = ["talks/x.wav", "talks/y.flac", "talks/z.mp3", "talks/u.ogg", "talks/v.m4a"]  # the ids `--media` gives them (with the extension)
 
 RECORDS = [
     # the issue's case: a video with its own sound and a separate audio file, as LLaMA-Factory marks them
@@ -59,7 +59,9 @@ def write_audio(path, waveform: np.ndarray, rate: int, codec: str) -> None:
     layout = "mono" if waveform.shape[0] == 1 else "stereo"
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate, layout=layout)
+        # FFmpeg's own Vorbis encoder is marked experimental (this PyAV has no libvorbis)
+        options = {"strict": "experimental"} if codec == "vorbis" else {}
+        stream = container.add_stream(codec, rate=rate, layout=layout, options=options)
         step = stream.codec_context.frame_size or 1024
         for start in range(0, waveform.shape[1], step):
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(waveform[:, start:start + step]), format="fltp",
@@ -81,13 +83,16 @@ def tone(samples: int, rate: int, channels: int = 1, seed: int = 0) -> np.ndarra
 def make_media(folder) -> None:
     """Video b (2 s, with sound); x.wav (16 kHz mono PCM, as long as b's track: Qwen3-Omni's processor
     pads the tracks of one call to the longest, which moves a shorter track's last mel frame); y.flac
-    (44.1 kHz stereo: resampled and mixed down); z.mp3 (1.5 s); broken.mp3, not audio at all, and
+    (44.1 kHz stereo: resampled and mixed down); z.mp3 (1.5 s); u.ogg (Vorbis, 22.05 kHz stereo); v.m4a
+    (AAC in MP4, 44.1 kHz stereo, as phones record); broken.mp3, not audio at all, and
     cut.flac, y.flac cut short (a copy that stopped)."""
     make_video(folder / "b.mp4", VideoSpec(width=96, height=128, fps=30, seconds=2))
     track = len(plain_audio_decode(folder / "b.mp4"))
     write_audio(folder / "talks" / "x.wav", tone(track, 16000), 16000, "pcm_s16le")
     write_audio(folder / "talks" / "y.flac", tone(66150, 44100, channels=2, seed=1), 44100, "flac")
     write_audio(folder / "talks" / "z.mp3", tone(24000, 16000, seed=2), 16000, "libmp3lame")
+    write_audio(folder / "talks" / "u.ogg", tone(26460, 22050, channels=2, seed=3), 22050, "vorbis")
+    write_audio(folder / "talks" / "v.m4a", tone(52920, 44100, channels=2, seed=4), 44100, "aac")
     (folder / "broken.mp3").write_bytes(b"this is not an audio file\n" * 40)
     (folder / "cut.flac").write_bytes((folder / "talks" / "y.flac").read_bytes()[:20000])
 
@@ -154,7 +159,7 @@ def test_a_16_khz_wav_is_read_sample_for_sample_as_librosa_reads_it(audio_store)
 
 def test_extract_media_takes_audio_files_once_and_lists_a_broken_one(audio_store, tiny_model, tmp_path):
     model_dir, folder, cache, summary = audio_store("qwen2_5_omni")
-    assert (summary.extracted, summary.failed) == (4, 2)
+    assert (summary.extracted, summary.failed) == (6, 2)
     assert sorted(path for path, _ in summary.to_dict()["failures"]) == ["broken.mp3", "cut.flac"]
     for entry, cause in (("broken.mp3", "not an audio file FFmpeg can read"),
                          ("cut.flac", "the audio track cannot be decoded")):
@@ -190,8 +195,8 @@ def test_status_counts_audio_files(audio_store):
 
     _, folder, cache, _ = audio_store("qwen2_5_omni")
     report = store_status(cache.store.root, videos=folder)
-    assert report["kinds"] == {"audio": 3, "video": 1}
-    assert "3 audio files, 1 video" in format_status(report)
+    assert report["kinds"] == {"audio": len(AUDIO), "video": 1}
+    assert f"{len(AUDIO)} audio files, 1 video" in format_status(report)
     assert report["videos"]["pending"] == 2  # the broken files, retried by the next run
 
 
@@ -316,7 +321,7 @@ def test_qprep_train_runs_on_a_llamafactory_file_with_audios(audio_store, tmp_pa
     settings = TrainSettings(epochs=1, batch_size=2, grad_accum=1, workers=0,
                              lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     train(cache.store.root, DataFile(data), model_dir, tmp_path / "run", settings, progress=False, echo=said.append)
-    assert any(line.startswith("4 samples") for line in said), said
+    assert any(line.startswith(f"{len(AUDIO) + 1} samples") for line in said), said
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in rows if "loss" in row]
     assert losses and all(np.isfinite(losses))

@@ -20,7 +20,7 @@ For each image: are its merged tokens (`get_image_features(...).pooler_output`, 
 from (b) and (c) bitwise equal (torch.equal) to (a)'s, and (c)'s equal across the two compositions?
 Where not, the largest absolute difference is shown. images/s: the images of a size over the median
 (of --repeats) time of all of that mode's calls on them; the modes take turns within each repeat, so
-that others' load on the machine spreads over all of them.
+that others' load on the machine spreads over all of them ("passes s" lists every pass).
 
 A probe of the single operations that see the whole call (patch embedding's Conv3d, the blocks' and
 the merger's Linear layers, RMSNorm) then says which of them, if any, give an image's rows other bits
@@ -48,13 +48,16 @@ Reproduce (from the repository root, with the virtualenv active; the checkpoint 
     python bench/tower_calls.py --threads 1
     python bench/tower_calls.py --threads 2
     python bench/tower_calls.py --small-images 8 --real-images 0 --repeats 1   # a quick look
+    python bench/tower_calls.py --device cuda --vision-depth 32                # one GPU, bfloat16
+
+The last run of each thread count saves its one-per-call tokens in --workdir; a run with 1 (2) threads
+compares its own with those of the last run with 2 (1), bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
 import shutil
@@ -104,13 +107,14 @@ def windowed_checkpoint(built: Path, depth: int) -> Path:
     return path
 
 
-def load_tower(checkpoint: Path):
+def load_tower(checkpoint: Path, device: str):
+    """The vision tower as `qprep extract` loads it: float32 on CPU, bfloat16 on cuda, SDPA."""
     from qprep.models.checkpoint import open_checkpoint
     from qprep.pipeline.towers import Towers
     from qprep.schemas.settings import load_model_spec
 
-    return Towers(open_checkpoint(str(checkpoint)), load_model_spec(str(checkpoint)), dtype="float32", device="cpu",
-                  attn_implementation="sdpa")
+    return Towers(open_checkpoint(str(checkpoint)), load_model_spec(str(checkpoint)),
+                  dtype="bfloat16" if device == "cuda" else "float32", device=device, attn_implementation="sdpa")
 
 
 def picture(width: int, height: int, index: int):
@@ -169,6 +173,10 @@ class Plan:
     groups: list[list[int]]
     filler: list[int] = field(default_factory=list)
 
+    @property
+    def key(self) -> str:
+        return f"{self.mode} {self.label}"
+
 
 def greedy(sizes: list[int], order: list[int], budget: int) -> list[list[int]]:
     groups, total = [], 0
@@ -190,7 +198,8 @@ def plans(images: list[Image], concat: list[int], budget: int) -> list[Plan]:
     out = [Plan("1", "(a) one image per call", [[i] for i in range(count)])]
     for n in concat:
         if n <= count:
-            out.append(Plan(str(n), "(b) N concatenated", [list(range(s, min(s + n, count))) for s in range(0, count, n)]))
+            calls = [list(range(start, min(start + n, count))) for start in range(0, count, n)]
+            out.append(Plan(str(n), "(b) N concatenated", calls))
     shuffled = list(range(count))
     random.Random(1).shuffle(shuffled)
     if shuffled == sorted(shuffled):
@@ -209,11 +218,11 @@ def run_plan(tower, images: list[Image], plan: Plan) -> tuple[float, dict[int, t
         parts, grids = [images[i].pixels for i in group], [images[i].grid for i in group]
         if plan.filler:
             for grid, rows in fillers(plan.filler[number], patch_dim):
-                parts.append(torch.zeros(rows, patch_dim))
+                parts.append(torch.zeros(rows, patch_dim, dtype=images[0].pixels.dtype))
                 grids.append(grid)
-        outputs = tower_call(tower, torch.cat(parts), grids)
+        outputs = tower_call(tower, torch.cat(parts).to(tower.device_name), grids)
         for i, out in zip(group, outputs):
-            tokens[i] = out.clone()
+            tokens[i] = out.to("cpu", copy=True)
     return time.perf_counter() - began, tokens
 
 
@@ -248,12 +257,12 @@ def probe_ops(tower, images: list[Image], budget: int) -> list[tuple]:
     x (one image's rows) alone, then x with another image after it, then x inside the fixed budget
     at offset 0 and after the other image."""
     visual = tower.visual
-    x_pixels, y_pixels = images[1].pixels, images[0].pixels  # x: 1024x768 or 336x504
+    x_pixels, y_pixels = (images[i].pixels.to(tower.device_name, visual.dtype) for i in (1, 0))  # x: 1024x768
     n, m = x_pixels.shape[0], y_pixels.shape[0]
     rows = []
 
     def layouts(x, y):
-        pad = torch.zeros(budget - n - m, x.shape[1])
+        pad = torch.zeros(budget - n - m, x.shape[1], dtype=x.dtype, device=x.device)
         return {"alone": (x, 0), "+ other image": (torch.cat([x, y]), 0),
                 "budget, offset 0": (torch.cat([x, y, pad]), 0),
                 f"budget, offset {m}": (torch.cat([y, x, pad]), m)}
@@ -300,6 +309,8 @@ def cpu_s() -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (torch.set_num_threads)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the tower runs (float32 on cpu, bfloat16 on cuda, as qprep extract chooses)")
     parser.add_argument("--vision-depth", type=int, default=2, help="vision blocks built, of the released 32")
     parser.add_argument("--small-images", type=int, default=16, help="small images (448x448 and 336x504)")
     parser.add_argument("--real-images", type=int, default=6, help="real images (1280x720 and 1024x768)")
@@ -317,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoint = windowed_checkpoint(ensure_model(args.workdir, args.vision_depth), args.vision_depth)
     processor = AutoProcessor.from_pretrained(checkpoint)
-    tower = load_tower(checkpoint)
+    tower = load_tower(checkpoint, args.device)
     groups = {kind: prepare(processor, kind, count)
               for kind, count in (("small", args.small_images), ("real", args.real_images)) if count}
 
@@ -329,18 +340,18 @@ def main(argv: list[str] | None = None) -> int:
     for kind, images in groups.items():
         print(f"{kind}: {len(images)} images, grids {sorted({i.grid for i in images})}", file=sys.stderr, flush=True)
         kind_plans = plans(images, args.concat, args.budget)
-        times = {plan.mode: [] for plan in kind_plans}
+        times = {plan.key: [] for plan in kind_plans}
         tokens = {}
         for repeat in range(args.repeats):
             turn = kind_plans[repeat % len(kind_plans):] + kind_plans[:repeat % len(kind_plans)]
             for plan in turn:
                 seconds, out = run_plan(tower, images, plan)
-                times[plan.mode].append(seconds)
-                if plan.mode in tokens:  # the same call again: deterministic?
-                    if compare(tokens[plan.mode], out)[0] != len(images):
+                times[plan.key].append(seconds)
+                if plan.key in tokens:  # the same call again: deterministic?
+                    if compare(tokens[plan.key], out)[0] != len(images):
                         print(f"warning: {kind} {plan.mode}: a repeat gave other bits", file=sys.stderr)
                 else:
-                    tokens[plan.mode] = out
+                    tokens[plan.key] = out
                 print(f"  repeat {repeat + 1} {plan.mode} N/budget {plan.label}: {seconds:.1f} s", file=sys.stderr,
                       flush=True)
         results[kind] = (images, kind_plans, times, tokens)
@@ -352,42 +363,44 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.no_probe and "small" in groups:
         probe = probe_ops(tower, groups["small"], args.budget)
 
-    saved = args.workdir / f"one-per-call-d{args.vision_depth}-threads{args.threads}.pt"
-    torch.save({kind: {images[i].name: t for i, t in res[3]["(a) one image per call"].items()}
+    where = "" if args.device == "cpu" else f"-{args.device}"
+    saved = args.workdir / f"one-per-call-d{args.vision_depth}{where}-threads{args.threads}.pt"
+    torch.save({kind: {images[i].name: t for i, t in res[3][res[1][0].key].items()}
                 for kind, res in results.items() for images in [res[0]]}, saved)
 
     print(json.dumps(environment(args.workdir, ("torch", "transformers")), indent=2))
     print(f"\nQwen2.5-VL-7B vision tower, {args.vision_depth} of 32 blocks (full attention at "
-          f"{tower.visual.config.fullatt_block_indexes}, the others windowed), float32 on CPU, SDPA, "
-          f"{torch.get_num_threads()} torch threads; median of {args.repeats} passes; others kept "
+          f"{tower.visual.config.fullatt_block_indexes}, the others windowed), {tower.dtype_name} on "
+          f"{args.device}, SDPA, {torch.get_num_threads()} torch threads; median of {args.repeats} passes; others kept "
           f"{others:.2f} cores busy meanwhile\n")
     header = ("size", "mode", "N / budget", "calls", "filler rows", "images/s", "vs one per call",
-              "bitwise = one per call", "= across compositions", "max abs diff vs one per call")
+              "bitwise = one per call", "= across compositions", "max abs diff vs one per call", "passes s")
     rows = []
     for kind, (images, kind_plans, times, tokens) in results.items():
-        reference = tokens["(a) one image per call"]
-        base = len(images) / statistics.median(times["(a) one image per call"])
+        reference = tokens[kind_plans[0].key]
+        base = len(images) / statistics.median(times[kind_plans[0].key])
         shapes = " and ".join(f"{w}x{h}" for w, h in SIZES[kind])
-        fixed = [p.mode for p in kind_plans if p.filler]
+        fixed = [p.key for p in kind_plans if p.filler]
         across = compare(tokens[fixed[0]], tokens[fixed[1]])
         first, second = (offsets(p, images) for p in kind_plans if p.filler)
         moved = sum(first[i][1] != second[i][1] for i in first)
         for plan in kind_plans:
-            rate = len(images) / statistics.median(times[plan.mode])
-            equal, worst = compare(reference, tokens[plan.mode])
+            rate = len(images) / statistics.median(times[plan.key])
+            equal, worst = compare(reference, tokens[plan.key])
             patches = sum(i.pixels.shape[0] for i in images)
             filler = f"{sum(plan.filler) / (patches + sum(plan.filler)):.0%}" if plan.filler else "0"
             cross = (f"{across[0]} / {len(images)}" + (f" (max {across[1]:.1e})" if across[0] < len(images) else "")
                      + f"; {moved} at another offset" if plan.filler else "")
             rows.append((f"{kind} ({shapes})", plan.mode, plan.label, len(plan.groups), filler, f"{rate:.3f}",
                          f"{rate / base:.2f}x", f"{equal} / {len(images)}", cross,
-                         "0" if equal == len(images) else f"{worst:.1e}"))
+                         "0" if equal == len(images) else f"{worst:.1e}",
+                         ", ".join(f"{t:.1f}" for t in times[plan.key])))
     print(markdown(header, rows))
     if probe:
         print("\nSingle operations: an image's rows alone against the same rows in a larger call")
         print(markdown(("operation", "alone", "in", "bitwise equal", "max abs diff"), probe))
-    other = args.workdir / f"one-per-call-d{args.vision_depth}-threads{3 - args.threads}.pt" \
-        if args.threads in (1, 2) else None
+    other = args.workdir / f"one-per-call-d{args.vision_depth}{where}-threads{3 - args.threads}.pt" \
+        if args.threads in (1, 2) and args.device == "cpu" else None
     if other is not None and other.is_file():
         theirs, ours = torch.load(other), torch.load(saved)
         pairs = [(ours[k][n], theirs[k][n]) for k in ours if k in theirs for n in ours[k] if n in theirs[k]]

@@ -239,6 +239,11 @@ def prepare(video, job, model, as_json, **flags):
               help="Where the towers run (default: one actor per GPU when the cluster has GPUs, else the CPU).")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
               help="Videos per tower-stage batch handed to the tower actor (each video is its own tower call).")
+@click.option("--image-call-rows", type=click.IntRange(0), default=0,
+              help="Images per vision-tower call up to this many patch rows (a power of two, e.g. 16384), every "
+                   "call filled to exactly that size so an image's tokens do not depend on the images beside it; "
+                   "for GPUs, which one small image a call leaves idle (on CPU it gains nothing). Part of the "
+                   "store's settings. Default 0: one image a call.")
 @click.option("--revision", default=None, help="Hub revision of --model.")
 @click.option("--follow-links", is_flag=True,
               help="Also follow links that lead out of --videos (links inside it are always followed; links "
@@ -246,8 +251,8 @@ def prepare(video, job, model, as_json, **flags):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(videos, media, data, data_format, media_dir, times, annotations_as, grounding_prompt, strict, out, job,
-            model, dtype, shards, level, rebuild, ray_address, executor, device, batch_size, revision, follow_links,
-            as_json, quiet, **flags):
+            model, dtype, shards, level, rebuild, ray_address, executor, device, batch_size, image_call_rows, revision,
+            follow_links, as_json, quiet, **flags):
     """Cache the frozen towers' output for every video under --videos (every video and image under
     --media, or the media a --data set names) in the store --out.
 
@@ -271,6 +276,7 @@ def extract(videos, media, data, data_format, media_dir, times, annotations_as, 
 
     from qprep.extraction.run import ExtractOptions, extract as run_extract, format_summary
     from qprep.schemas.settings import MEDIA_KINDS
+    from qprep.schemas.towers import Budget
 
     if sum(given is not None for given in (videos, media, data)) != 1:
         raise click.UsageError("give one source: --videos DIR (videos alone), --media DIR (videos, images, audio) or "
@@ -285,7 +291,7 @@ def extract(videos, media, data, data_format, media_dir, times, annotations_as, 
         if data is not None:
             videos = _data_file(data, data_format, media_dir, times, annotations_as, grounding_prompt)
         options = ExtractOptions(ray_address=ray_address, executor=executor, device=device, batch_size=batch_size,
-                                 progress=not quiet, follow_links=follow_links, strict=strict,
+                                 budget=Budget(image_rows=image_call_rows), progress=not quiet, follow_links=follow_links, strict=strict,
                                  notify=lambda text: click.echo(text, err=True))
         try:
             summary = run_extract(videos, out, model, settings, dtype=dtype, shards=shards, rebuild=rebuild,

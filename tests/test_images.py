@@ -158,3 +158,53 @@ def test_verify_recomputes_images_with_transformers_and_finds_them_equal(media_s
     for result in checked.values():
         assert result.ok, [(c.name, c.detail) for c in result.failed()]
     assert {c.name for c in checked["photos/cat"].checks} >= {"grid_thw", "video_tokens"}
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+def test_fixed_shape_image_calls_give_an_image_the_same_bytes_whatever_shares_its_call(tiny_model, tmp_path,
+                                                                                      monkeypatch, kind):
+    """`--image-call-rows 1024`: several images a tower call, every call filled to 1,024 patch rows.
+    Two runs put the same images beside other ones, at other offsets (another folder, other images
+    before them, the pool's finishing order): their tokens and deepstack levels are equal bit for bit
+    (every call has the same shape: the same arithmetic). Against the full model's own call on one
+    image (another shape) they are held to a float32 tolerance. The call size is in the fingerprint."""
+    from qprep import open_cache
+    from qprep.extraction.run import ExtractOptions, extract
+    from qprep.pipeline.towers import Towers
+    from qprep.schemas.settings import VideoSettings
+    from qprep.schemas.towers import Budget
+
+    calls: list[int] = []
+    own = Towers.image_features
+    monkeypatch.setattr(Towers, "image_features", lambda self, images: calls.append(len(images)) or own(self, images))
+    shared = {"shared-1": (200, 150), "shared-2": (96, 160), "shared-3": (120, 120)}
+    others = {"a": (64, 48), "b": (180, 100), "c": (140, 210)}
+    stores = []
+    for run, names in (("one", [*shared, "a"]), ("two", ["b", "c", *reversed(shared)])):
+        folder = tmp_path / run
+        for index, name in enumerate(names):
+            size = shared.get(name) or others[name]
+            make_image(folder / f"{index}-{name}.jpg", *size, seed=sum(map(ord, name)), quality=90)
+        options = ExtractOptions(**LOCAL_EXTRACT, budget=Budget(image_rows=1024))
+        extract(folder, tmp_path / f"{run}.zarr", tiny_model(kind), VideoSettings(fps=2, kinds=("video", "image")),
+                dtype="float32",
+                shards=1, options=options)
+        stores.append(open_cache(tmp_path / f"{run}.zarr"))
+    assert max(calls) > 1  # images shared tower calls
+    one, two = stores
+    assert one.store.attrs["config"]["image_call_rows"] == 1024
+    full = full_model(tiny_model(kind))
+    for name in shared:
+        ours = one[next(i for i in one.ids() if i.endswith(name))]
+        theirs = two[next(i for i in two.ids() if i.endswith(name))]
+        assert torch.equal(ours.video_tokens, theirs.video_tokens), name
+        assert (ours.deepstack is None) == (kind != "qwen3_vl")
+        if ours.deepstack is not None:
+            assert torch.equal(ours.deepstack, theirs.deepstack), name
+        reference = processor_pixels(tiny_model(kind), tmp_path / "one" / one.row(
+            next(i for i in one.ids() if i.endswith(name))).path)
+        with torch.no_grad():
+            expected = full.get_image_features(reference["pixel_values"], reference["image_grid_thw"]).pooler_output[0]
+        print(name, "largest difference from the full model's own call:",
+              float((ours.video_tokens - expected).abs().max()))
+        torch.testing.assert_close(ours.video_tokens, expected, rtol=1e-5, atol=1e-6)

@@ -97,12 +97,32 @@ def run_locally(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:
     try:
         towers = _load_towers(job, options)
         starting.result()
-        for prepared in pool.results():
-            yield from towers.encode([prepared])  # a batch of one
+        for batch in tower_batches(pool.results(), options.budget.image_rows):
+            yield from towers.encode(batch)
     finally:
         starting.exception()  # wait for the start to end (its error, if any, surfaced above or is moot)
         pool.close()
         torch.set_num_threads(kept_threads)
+
+
+def tower_batches(results, image_rows: int) -> Iterator[list]:
+    """The prepared media in tower batches: one each, or with fixed-shape image calls (`image_rows`),
+    consecutive images up to that many patch rows (their tokens do not depend on which share a call,
+    so any grouping writes the same bytes)."""
+    pending, rows = [], 0
+    for prepared in results:
+        size = prepared.patches.shape[0]
+        packable = image_rows and prepared.ok and prepared.row.kind == "image" and size <= image_rows
+        if pending and (not packable or rows + size > image_rows):
+            yield pending
+            pending, rows = [], 0
+        if not packable:
+            yield [prepared]
+            continue
+        pending.append(prepared)
+        rows += size
+    if pending:
+        yield pending
 
 
 def _load_towers(job, options) -> TowerStage:

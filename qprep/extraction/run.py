@@ -128,7 +128,7 @@ def extract(videos, out: str | Path, model: str, settings: VideoSettings | None 
     if settings.images and spec.image_pixels is None:
         raise SettingsError(f"model {model}: no image processor bounds could be read, so images cannot be extracted")
     config = extraction_config(settings, spec, checkpoint.identity(digests), dtype, attn_implementation,
-                               check_level(level))
+                               check_level(level), image_rows=options.budget.image_rows)
     new_fingerprint = fingerprint(config)
     if existing is not None:
         _check_compatible(existing, new_fingerprint, config, shards)

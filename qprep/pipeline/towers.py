@@ -107,21 +107,33 @@ class Towers(torch.nn.Module):
         return self._visual_features(self._features.get_video_features, videos)
 
     def image_features(self, images: list[VideoInput]) -> list[VideoFeatures]:
-        """The same for images, through the model's own `get_image_features` (grid (1, h, w))."""
-        return self._visual_features(self._features.get_image_features, images)
+        """The same for images, through the model's own `get_image_features` (grid (1, h, w)); with
+        `budget.image_rows`, in calls of exactly that many patch rows."""
+        rows = self.budget.image_rows
+        return self._visual_features(self._features.get_image_features, images, rows or self.budget.video_patches,
+                                     fixed=bool(rows))
 
     @torch.inference_mode()
-    def _visual_features(self, method, videos: list[VideoInput]) -> list[VideoFeatures]:
+    def _visual_features(self, method, videos: list[VideoInput], budget: int | None = None,
+                         fixed: bool = False) -> list[VideoFeatures]:
+        """`fixed`: each call filled up to exactly `budget` rows with images of zeros (a medium of more
+        rows goes alone)."""
         out: list[VideoFeatures] = []
-        for group in _groups([v.patches.shape[0] for v in videos], self.budget.video_patches):
+        budget = self.budget.video_patches if budget is None else budget
+        for group in _groups([v.patches.shape[0] for v in videos], budget):
             pixels = torch.cat([normalize(videos[i].patches, self.spec) for i in group]).to(self.device_name)
-            grid = torch.tensor([videos[i].grid_thw for i in group], dtype=torch.int64, device=self.device_name)
+            grids = [videos[i].grid_thw for i in group]
+            if fixed and pixels.shape[0] < budget:
+                fillers = filler_grids(budget - pixels.shape[0], self.visual.config)
+                pixels = torch.cat([pixels, pixels.new_zeros(budget - pixels.shape[0], pixels.shape[1])])
+                grids += fillers
+            grid = torch.tensor(grids, dtype=torch.int64, device=self.device_name)
             if self.level == MERGER_INPUT:
-                out += self._merger_inputs(method, pixels, grid)
+                out += self._merger_inputs(method, pixels, grid)[:len(group)]
                 continue
             output = method(self, pixels, grid)
             levels = getattr(output, "deepstack_features", None) or []  # [level][video] → [n, d]
-            for index, tokens in enumerate(output.pooler_output):
+            for index, tokens in enumerate(output.pooler_output[:len(group)]):
                 deepstack = torch.stack([level[index] for level in levels]).to("cpu") if levels else None
                 out.append(VideoFeatures(tokens.to("cpu"), deepstack))
         return out
@@ -188,6 +200,20 @@ def recorded_merger_inputs(visual):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def filler_grids(rows: int, config) -> list[tuple[int, int, int]]:
+    """Grids of images of zeros that fill `rows` patch rows (a multiple of merge² = 4): one attention
+    window each (Qwen2.5-VL's windows are window_size / patch_size patches a side; 8 × 8 for the
+    others), so a filler costs what a small image costs, then a 2-patch-high strip for the rest."""
+    side = getattr(config, "window_size", 0) // config.patch_size or 8
+    side -= side % config.spatial_merge_size
+    grids = [(1, side, side)] * (rows // (side * side))
+    rest = rows - len(grids) * side * side
+    if rest:
+        height = config.spatial_merge_size
+        grids.append((1, height, rest // height))
+    return grids
 
 
 def _groups(sizes: list[int], budget: int) -> list[list[int]]:

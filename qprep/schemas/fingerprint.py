@@ -1,9 +1,12 @@
 """The config fingerprint: one hash over everything that changes the bytes a store holds.
 
 Two runs with the same fingerprint produce the same tokens for the same video, so their shards can
-live in one store. Anything else (thread counts, Ray placement, videos per tower-stage batch) is left
-out: the towers take one video per call (`qprep.schemas.towers.Budget`), so none of it touches the
-output.
+live in one store. Anything else (Ray placement, videos per tower-stage batch) is left out: the towers
+take one medium per call, or images in calls of one fixed size (`qprep.schemas.towers.Budget`; that
+size is in), so which media run together never touches the output. One thing outside the config
+can: on CPU, the towers' torch thread count (half the usable cores) decides where an elementwise op's
+vectorised loop leaves a scalar tail, which moves some media's tokens by an ulp (measured:
+`bench/tower_calls.py`); a store grown on machines with other core counts can hold both.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ OUTPUT_VERSION = 1
 
 
 def extraction_config(settings: VideoSettings, spec: ModelSpec, model: dict[str, Any], dtype: str,
-                      attn_implementation: str, level: str = MERGED) -> dict[str, Any]:
+                      attn_implementation: str, level: str = MERGED, image_rows: int = 0) -> dict[str, Any]:
     """Everything that decides a store's bytes, as plain JSON values (recorded in the store). The
-    level only where it is not the merged tokens every store held before it existed (their
-    fingerprints stay what they were)."""
+    level, and the fixed size of image calls, only where they are not what every store held before
+    they existed (merged tokens, one image a call: those fingerprints stay what they were)."""
     config = {
         "output_version": OUTPUT_VERSION,
         "settings": settings.to_dict(),
@@ -34,6 +37,8 @@ def extraction_config(settings: VideoSettings, spec: ModelSpec, model: dict[str,
     }
     if level != MERGED:
         config["level"] = level
+    if image_rows:
+        config["image_call_rows"] = image_rows
     return config
 
 

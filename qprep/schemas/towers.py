@@ -33,8 +33,25 @@ class Budget:
     from the call's shapes, so a video's tokens can move by an ulp with its batch-mates (measured:
     six 1 s audio tracks in one call, 6e-8 in fp32). With one video per call a video's tokens do not
     depend on which other videos a run happens to extract, so a resumed or incremental run writes
-    the bytes an uninterrupted one would. A budget > 0 packs for throughput and gives that up."""
+    the bytes an uninterrupted one would. A budget > 0 packs for throughput and gives that up.
+
+    `image_rows` > 0 packs images without giving it up: every image call is exactly that many patch
+    rows, the rest filled with images of zeros (each its own attention segment), so every call runs
+    the same kernels at the same shapes whatever images share it. What the vision towers do to one
+    image's rows is then the same at any offset in the call: attention, norms, linear layers and the
+    merger are per image or per row, and with a power-of-two call size no elementwise op leaves a
+    scalar tail (PyTorch's CPU loops take 32 floats at a time through SLEEF and the rest through
+    libm) that depends on where the call splits over threads (`bench/tower_calls.py` measures it).
+    The bytes are then not one-image-a-call's (an ulp for some sizes), so the size is part of the
+    store's fingerprint. An image of more rows than that goes alone, at its own size."""
 
     video_patches: int = 0
     audio_frames: int = 0
+    image_rows: int = 0
+
+    def __post_init__(self) -> None:
+        rows = self.image_rows
+        if rows and (rows < 64 or rows & (rows - 1)):
+            raise SettingsError(f"image call rows {rows}: a power of two of 64 or more (a call of another size "
+                                f"can leave an elementwise op's scalar tail that moves with an image's offset)")
 

@@ -11,6 +11,7 @@ tables they print are gathered into --out/report.md, under a summary of what pas
 * train, mixed media: the same over images, videos and text-only turns (bench/train.py --mixed);
 * grpo: a GRPO step from the cache against the TRL-derived step's 1 + 2G tower passes, the tower at
   its released 32 blocks, bfloat16 (bench/grpo.py --device);
+* images, fixed-shape calls: the same with `extract --image-call-rows 16384` (GPU only);
 * tower calls: images one per vision-tower call, several concatenated, and fixed-shape calls padded
   to a patch budget, images/s and whether an image's tokens depend on its batch-mates
   (bench/tower_calls.py);
@@ -71,6 +72,9 @@ def checks(device: str, quick: bool, workdir: Path) -> list[Check]:
         Check("train", [bench("train.py"), *common_train, *train], 300),
         Check("train, mixed media", [bench("train.py"), *common_train, *train, "--mixed", "3" if quick else "6"], 300),
         Check("grpo", [bench("grpo.py"), "--device", device, "--workdir", str(workdir / "grpo"), *grpo], 180),
+        *([] if quick else [Check("images, fixed-shape calls", [
+            bench("images.py"), "--device", device, "--images", "48", "--vision-depth", "8", "--image-call-rows",
+            "16384", "--workdir", str(workdir / "images")], 240)]),
         Check("tower calls", [bench("tower_calls.py"), "--device", device, "--workdir", str(workdir / "tower-calls"),
                               *(["--small-images", "4", "--real-images", "0", "--budget", "4096", "--repeats", "1", "--no-probe"] if quick
                                 else ["--vision-depth", "32", "--small-images", "64", "--real-images", "8"])], 180),

@@ -19,7 +19,10 @@ language model (never run), and the released processor's image bounds (3136–12
 half 1280x720, half 1024x768 (4:3) JPEGs of smooth gradients with noise, as photos compress.
 
 Then both sides' tokens are compared for every image, bit for bit: qprep calls the towers one
-image a call, so a store's bytes never depend on which images a run held together.
+image a call, so a store's bytes never depend on which images a run held together. With
+--image-call-rows N, qprep packs images into fixed-shape calls of N patch rows (`qprep extract
+--image-call-rows`): its tokens are then another call shape's, held to a tolerance (float32: 1e-5
+relative; bfloat16: 2e-2) and their largest difference printed.
 
 Reproduce (from the repository root, with the virtualenv active; the checkpoint and the images are
 cached in --workdir):
@@ -115,24 +118,31 @@ def run_loop(folder: Path, model: Path, out: Path, device: str) -> dict:
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "process_s": time.perf_counter() - began}
 
 
-def run_qprep(folder: Path, model: Path, store: Path, device: str) -> dict:
+def run_qprep(folder: Path, model: Path, store: Path, device: str, image_call_rows: int = 0) -> dict:
     shutil.rmtree(store, ignore_errors=True)
     began = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "qprep", "extract", "--media", str(folder), "--out", str(store),
-                             "--model", str(model), "--executor", "local", "--device", device, "--quiet", "--json"],
+                             "--model", str(model), "--executor", "local", "--device", device, "--quiet", "--json",
+                             "--image-call-rows", str(image_call_rows)],
                             capture_output=True, text=True, check=True)
     summary = json.loads(result.stdout)
     return {"process_s": time.perf_counter() - began, "extracted": summary["extracted"], "failed": summary["failed"]}
 
 
-def same_tokens(store: Path, reference: Path) -> tuple[int, int]:
-    """(images whose stored tokens equal the loop's bit for bit, images compared)."""
+def same_tokens(store: Path, reference: Path, rtol: float = 0.0) -> tuple[int, int, float]:
+    """(images whose stored tokens equal the loop's, bit for bit or within `rtol` of the largest
+    magnitude, images compared, the largest difference)."""
     from qprep import open_cache
 
     cache = open_cache(store)
     expected = np.load(reference)
-    equal = sum(np.array_equal(cache[name].video_tokens.float().numpy(), expected[name]) for name in expected.files)
-    return equal, len(expected.files)
+    equal, largest = 0, 0.0
+    for name in expected.files:
+        ours, theirs = cache[name].video_tokens.float().numpy(), expected[name]
+        gap = float(np.abs(ours - theirs).max()) if ours.shape == theirs.shape else float("inf")
+        largest = max(largest, gap)
+        equal += gap <= rtol * float(np.abs(theirs).max())
+    return equal, len(expected.files), largest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qprep-bench-images"))
     parser.add_argument("--device", choices=("cuda", "cpu"), help="where both sides run the tower (default: cuda "
                                                                  "when available; bfloat16 there, float32 on CPU)")
+    parser.add_argument("--image-call-rows", type=int, default=0,
+                        help="qprep's fixed-shape image calls (extract --image-call-rows; 0: one image a call)")
     parser.add_argument("--loop", nargs=4, metavar=("FOLDER", "MODEL", "OUT", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loop:
@@ -154,15 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     rows, checks = [], []
     for count in (args.images, 2 * args.images):
         folder = ensure_images(args.workdir / f"images-{count}", count)
-        ours = run_qprep(folder, model, args.workdir / f"store-{count}.zarr", device)
+        ours = run_qprep(folder, model, args.workdir / f"store-{count}.zarr", device, args.image_call_rows)
         loop = run_loop(folder, model, args.workdir / f"loop-{count}.npz", device)
-        checks.append(same_tokens(args.workdir / f"store-{count}.zarr", args.workdir / f"loop-{count}.npz"))
+        rtol = (2e-2 if device == "cuda" else 1e-5) if args.image_call_rows else 0.0
+        checks.append(same_tokens(args.workdir / f"store-{count}.zarr", args.workdir / f"loop-{count}.npz", rtol))
         rows.append((count, ours, loop))
     print(json.dumps(environment(args.workdir, ("torch", "transformers", "pillow")), indent=2))
     print(table(rows, args.vision_depth, device))
-    for equal, compared in checks:
-        print(f"tokens equal to the loop's, bit for bit: {equal} of {compared} images")
-    return 0 if all(equal == compared for equal, compared in checks) else 1
+    how = f"within the tolerance (fixed-shape calls of {args.image_call_rows} rows)" if args.image_call_rows \
+        else "bit for bit"
+    for equal, compared, largest in checks:
+        print(f"tokens equal to the loop's, {how}: {equal} of {compared} images (largest difference {largest:.3g})")
+    return 0 if all(equal == compared for equal, compared, _ in checks) else 1
 
 
 def table(rows, depth: int, device: str) -> str:

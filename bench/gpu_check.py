@@ -104,15 +104,22 @@ def run(check: Check, out: Path) -> dict:
 
 
 def tables(text: str) -> str:
-    """The markdown tables and the lines just above them (what each bench prints as its result)."""
-    lines, keep = text.splitlines(), []
-    for index, line in enumerate(lines):
-        if line.startswith("|") or (index + 1 < len(lines) and lines[index + 1].startswith("|")
-                                    and not line.startswith("|")):
-            keep.append(line)
-        elif keep and keep[-1] != "":
-            keep.append("")
-    return "\n".join(keep).strip()
+    """The markdown tables with the caption above each and the line that follows it (what each bench
+    prints as its result: what was measured, the table, the ratio), blank lines between them skipped."""
+    lines = text.splitlines()
+    blocks, index = [], 0
+    while index < len(lines):
+        if not lines[index].startswith("|"):
+            index += 1
+            continue
+        start = index
+        while index < len(lines) and lines[index].startswith("|"):
+            index += 1
+        before = [line for line in lines[max(0, start - 2):start] if line.strip() and not line.startswith("|")]
+        after = [line for line in lines[index:index + 2] if line.strip() and not line.startswith("|")]
+        blocks.append("\n".join(before[-1:] + [""] * bool(before) + lines[start:index] + [""] * bool(after)
+                                + after[:1]))
+    return "\n\n".join(blocks)
 
 
 def report(results: list[dict], device: str) -> str:

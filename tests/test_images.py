@@ -208,3 +208,8 @@ def test_fixed_shape_image_calls_give_an_image_the_same_bytes_whatever_shares_it
         print(name, "largest difference from the full model's own call:",
               float((ours.video_tokens - expected).abs().max()))
         torch.testing.assert_close(ours.video_tokens, expected, rtol=1e-5, atol=1e-6)
+    from qprep.audit.verify import FIXED_SHAPE_FLOAT32_TOLERANCE, verify
+
+    report = verify(tmp_path / "one.zarr", sample=None, progress=False)  # one-image reference calls
+    assert report.tolerance == FIXED_SHAPE_FLOAT32_TOLERANCE
+    assert len(report.results) == 4 and all(result.ok for result in report.results)

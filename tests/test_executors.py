@@ -168,3 +168,26 @@ def test_the_local_executor_counts_the_cores_a_container_allows(monkeypatch):
     assert executors.usable_cores() == 64
     del limits["cpu.max"]  # no cgroup v2: the affinity alone
     assert executors.usable_cores() == 64
+
+
+@pytest.mark.slow
+def test_fixed_shape_image_calls_write_the_same_store_on_both_executors(ray_cluster, tiny_model, tmp_path):
+    """`--image-call-rows`: Ray hands the tower actor batches of --batch-size media, the local executor
+    groups images as its workers finish them; other batch-mates, other offsets, the same bytes."""
+    import dataclasses
+
+    from conftest import make_image
+    from qprep.schemas.towers import Budget
+
+    media = tmp_path / "media"
+    for index, (width, height) in enumerate(((200, 150), (96, 160), (120, 120), (64, 48), (180, 100), (140, 210))):
+        make_image(media / f"photo-{index}.jpg", width, height, seed=index, quality=90)
+    make_video(media / "clip.mp4", VideoSpec(width=64, height=64, fps=25, seconds=1, audio=False))
+    budget, stores = Budget(image_rows=1024), {}
+    for name, options in (("ray", dataclasses.replace(RAY, budget=budget, batch_size=3)),
+                          ("local", dataclasses.replace(LOCAL, budget=budget))):
+        summary = extract(media, tmp_path / f"{name}.zarr", str(tiny_model("qwen2_5_vl")),
+                          VideoSettings(fps=2, kinds=("video", "image")), dtype="float32", shards=2, options=options)
+        assert (summary.executor, summary.extracted, summary.failed) == (name, 7, 0)
+        stores[name] = snapshot(tmp_path / f"{name}.zarr")
+    assert stores["ray"] == stores["local"]

@@ -21,8 +21,9 @@ half 1280x720, half 1024x768 (4:3) JPEGs of smooth gradients with noise, as phot
 Then both sides' tokens are compared for every image, bit for bit: qprep calls the towers one
 image a call, so a store's bytes never depend on which images a run held together. With
 --image-call-rows N, qprep packs images into fixed-shape calls of N patch rows (`qprep extract
---image-call-rows`): its tokens are then another call shape's, held to a tolerance (float32: 1e-5
-relative; bfloat16: 2e-2) and their largest difference printed.
+--image-call-rows`): its tokens are then another call shape's, held to the tolerance `qprep verify`
+allows such a store (float32: 2^-16 of the largest magnitude; bfloat16: 2^-6) and their largest
+difference printed.
 
 Reproduce (from the repository root, with the virtualenv active; the checkpoint and the images are
 cached in --workdir):
@@ -129,6 +130,14 @@ def run_qprep(folder: Path, model: Path, store: Path, device: str, image_call_ro
     return {"process_s": time.perf_counter() - began, "extracted": summary["extracted"], "failed": summary["failed"]}
 
 
+def fixed_shape_tolerance(device: str) -> float:
+    """What `qprep verify` allows a store of fixed-shape image calls in the dtype extract gives `device`."""
+    from qprep.audit.verify import default_tolerance
+    from qprep.schemas.dtypes import compute_dtype
+
+    return default_tolerance(compute_dtype(device), {"image_call_rows": 1})
+
+
 def same_tokens(store: Path, reference: Path, rtol: float = 0.0) -> tuple[int, int, float]:
     """(images whose stored tokens equal the loop's, bit for bit or within `rtol` of the largest
     magnitude, images compared, the largest difference)."""
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = ensure_images(args.workdir / f"images-{count}", count)
         ours = run_qprep(folder, model, args.workdir / f"store-{count}.zarr", device, args.image_call_rows)
         loop = run_loop(folder, model, args.workdir / f"loop-{count}.npz", device)
-        rtol = (2e-2 if device == "cuda" else 1e-5) if args.image_call_rows else 0.0
+        rtol = fixed_shape_tolerance(device) if args.image_call_rows else 0.0
         checks.append(same_tokens(args.workdir / f"store-{count}.zarr", args.workdir / f"loop-{count}.npz", rtol))
         rows.append((count, ours, loop))
     print(json.dumps(environment(args.workdir, ("torch", "transformers", "pillow")), indent=2))

@@ -76,10 +76,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # qprep from this 
 from machine import environment, system_busy_s  # noqa: E402
 from extract import markdown  # noqa: E402
 from images import ensure_model  # noqa: E402
+from towers import RELEASED_FULL_ATTENTION  # noqa: E402
 
 SIZES = {"small": ((448, 448), (336, 504)), "real": ((1280, 720), (1024, 768))}
 FILLER_GRID = (1, 8, 8)  # one 112-pixel window of zeros
-RELEASED_FULL_ATTENTION = [7, 15, 23, 31]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,6 +82,10 @@ def video_options(command):
     return command
 
 
+def _warn(line: str) -> None:
+    click.echo(f"warning: {line}", err=True)
+
+
 def _preset(job):
     """--job's preset, or an empty one (defaults, then the flags)."""
     from qprep.schemas.jobs import Job, load_job
@@ -522,7 +526,7 @@ def train(cache_path, data, data_format, media_dir, times, annotations_as, groun
         return
     if as_json:
         click.echo(metrics_json({**summary.__dict__, "adapter": str(RunFolder(out).adapter)}, indent=2,
-                                warn=lambda line: click.echo(f"warning: {line}", err=True)))
+                                warn=_warn))
     else:
         measured, best_of = ("reward", "highest") if settings.method == "grpo" else ("loss", "lowest")
         validation = "" if summary.last_val_loss is None else f", validation {measured} {summary.last_val_loss:.4f}"
@@ -578,7 +582,7 @@ def verify(store, sample, check_all, ids, seed, tolerance, videos, model, revisi
                             ids=[i.strip() for i in ids.split(",") if i.strip()] if ids else None,
                             sample=None if check_all else sample, seed=seed, tolerance=tolerance, device=device,
                             progress=not quiet)
-    click.echo(metrics_json(report.to_dict(), indent=2, warn=lambda line: click.echo(f"warning: {line}", err=True))
+    click.echo(metrics_json(report.to_dict(), indent=2, warn=_warn)
                if as_json else format_report(report))
     if not report.ok:
         sys.exit(EXIT_MISMATCH)
@@ -697,7 +701,7 @@ def evaluate(answers, data, data_format, units, task, per_video, plot, plot_vide
     with _errors_to_exit_codes():
         report = score(answers, data, captions=not no_captions, units=units, task=task, format=data_format)
     if as_json:
-        click.echo(metrics_json(report.to_dict(), indent=2, warn=lambda line: click.echo(f"warning: {line}", err=True)))
+        click.echo(metrics_json(report.to_dict(), indent=2, warn=_warn))
     else:
         click.echo(format_report(report, per_video=per_video))
     if plot:

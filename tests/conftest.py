@@ -97,6 +97,23 @@ def make_image(path, width, height, seed=0, orientation=None, **save):
 LOCAL_EXTRACT = {"progress": False, "executor": "local"}
 
 
+def built_samples(records: list[dict], cache, model_dir, folder):
+    """(checkpoint, prompt layout, {id: sample}) of `records` (written to `folder`/data.json) as
+    `qprep train` builds them over `cache`; every record must become a sample."""
+    import json
+
+    from qprep.models.checkpoint import open_checkpoint
+    from qprep.train.data import build_dataset, load_records
+
+    (folder / "data.json").write_text(json.dumps(records))
+    checkpoint = open_checkpoint(model_dir)
+    tokenizer = checkpoint.tokenizer()
+    layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
+    dataset = build_dataset(load_records(folder / "data.json"), cache, tokenizer, layout)
+    assert [s.id for s in dataset.samples] == [r["id"] for r in records], dataset.report()
+    return checkpoint, layout, {s.id: s for s in dataset.samples}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(request):
     """One local Ray for the whole session (qprep uses an already initialized Ray as it is)."""

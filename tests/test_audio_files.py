@@ -20,14 +20,13 @@ import torch
 from transformers import AutoProcessor
 from transformers.video_utils import VideoMetadata
 
-from conftest import LOCAL_EXTRACT
+from conftest import LOCAL_EXTRACT, built_samples
 from qprep import open_cache
 from qprep.extraction.run import ExtractOptions, extract
-from qprep.models.checkpoint import open_checkpoint
 from qprep.pipeline.audio import read_audio_file
 from qprep.schemas.settings import MEDIA_KINDS, VideoSettings, load_model_spec
 from qprep.synth import VideoSpec, make_video
-from qprep.train.data import build_dataset, collate, load_records
+from qprep.train.data import collate
 from qprep.train.model import LanguageModel
 from reference import full_model, plain_audio_decode, plain_decode
 from test_train_media import _row_labels, assert_batch_as_the_full_model
@@ -229,13 +228,7 @@ def test_a_media_store_made_before_audio_files_lists_them_and_keeps_its_fingerpr
 # ---- samples ----------------------------------------------------------------------------------------
 
 def samples_of(cache, model_dir, tmp_path):
-    (tmp_path / "data.json").write_text(json.dumps(RECORDS))
-    checkpoint = open_checkpoint(model_dir)
-    tokenizer = checkpoint.tokenizer()
-    layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
-    dataset = build_dataset(load_records(tmp_path / "data.json"), cache, tokenizer, layout)
-    assert [s.id for s in dataset.samples] == [r["id"] for r in RECORDS], dataset.report()
-    return checkpoint, layout, {s.id: s for s in dataset.samples}
+    return built_samples(RECORDS, cache, model_dir, tmp_path)
 
 
 def processor_batch(model_dir, folder, cache, names, answered: bool = True):

@@ -8,14 +8,13 @@ so the logits, the loss and every LoRA gradient are compared bit for bit.
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
-from qprep.models.checkpoint import open_checkpoint
-from qprep.train.data import build_dataset, collate, load_records
+from qprep.train.data import collate
 from qprep.train.model import LanguageModel
+from conftest import built_samples
 from reference import full_model
 from test_train_media import (
     DEEPSTACK,
@@ -50,13 +49,7 @@ CONTENTS = {
 
 def samples_of(media_store, kind, tmp_path):
     model_dir, cache = media_store(kind)
-    (tmp_path / "data.json").write_text(json.dumps(RECORDS))
-    checkpoint = open_checkpoint(model_dir)
-    tokenizer = checkpoint.tokenizer()
-    layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
-    dataset = build_dataset(load_records(tmp_path / "data.json"), cache, tokenizer, layout)
-    assert [s.id for s in dataset.samples] == [r["id"] for r in RECORDS], dataset.report()
-    return model_dir, cache, checkpoint, layout, {s.id: s for s in dataset.samples}
+    return (model_dir, cache, *built_samples(RECORDS, cache, model_dir, tmp_path))
 
 
 def reference_batch(model_dir, cache, kind, names, answered=True):

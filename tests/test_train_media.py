@@ -22,6 +22,7 @@ from qprep.models.checkpoint import open_checkpoint
 from qprep.schemas.settings import load_model_spec
 from qprep.train.data import IGNORE, build_dataset, collate, collate_packed, load_records
 from qprep.train.model import LanguageModel
+from conftest import built_samples
 from reference import full_model, plain_audio_decode, plain_decode
 from test_train_parity import DEEPSTACK, OMNI, QWEN3, answer_labels, lora_gradients_both_ways, true_metadata
 
@@ -67,13 +68,8 @@ def records_for(kind) -> list[dict]:
 
 
 def dataset_of(cache, model_dir, tmp_path, kind):
-    (tmp_path / "data.json").write_text(json.dumps(records_for(kind)))
-    checkpoint = open_checkpoint(model_dir)
-    tokenizer = checkpoint.tokenizer()
-    layout = checkpoint.family.prompt_layout(checkpoint, tokenizer)
-    dataset = build_dataset(load_records(tmp_path / "data.json"), cache, tokenizer, layout)
-    assert [s.id for s in dataset.samples] == [r["id"] for r in RECORDS], dataset.report()
-    return checkpoint, tokenizer, layout, {s.id: s for s in dataset.samples}
+    checkpoint, layout, samples = built_samples(records_for(kind), cache, model_dir, tmp_path)
+    return checkpoint, checkpoint.tokenizer(), layout, samples
 
 
 def processor_batch(model_dir, cache, kind, names, answered: bool = True, records=None, contents=None):

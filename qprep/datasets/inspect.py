@@ -236,8 +236,9 @@ class _Predicted:
 
 def _no_length(reason: str) -> str:
     """`build_dataset`'s reason, for media that were never extracted but only looked for."""
-    return "a medium not found, or not extractable as named (listed above)" if reason == "video not in the cache" \
-        else reason
+    from qprep.train.data import NOT_CACHED
+
+    return "a medium not found, or not extractable as named (listed above)" if reason == NOT_CACHED else reason
 
 
 def _length_lines(lengths: Lengths) -> list[str]:

@@ -29,6 +29,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from qprep.datasets.record import Medium, RecordError
+from qprep.extraction.discover import media_id
 
 FRAGMENT = "#t="
 REMOTE = ("http://", "https://", "s3://", "gs://", "data:")
@@ -39,8 +40,7 @@ def cache_id(medium: Medium, root: str | Path) -> str:
     if medium.by_id:
         name = medium.path
     else:
-        relative = relative_path(medium.path, root)
-        name = str(relative) if medium.kind == "audio" else str(relative.with_suffix(""))
+        name = media_id(relative_path(medium.path, root).as_posix(), medium.kind)
     return name + window_fragment(medium.start, medium.end) if medium.window else name
 
 

@@ -194,13 +194,16 @@ def videos_heard(rows: list[ManifestRow], layout: PromptLayout) -> bool:
     return layout.audio and any(row.has_audio for row in rows if row.kind == "video")
 
 
+NOT_CACHED = "video not in the cache"  # `unusable_media`'s reason for a medium the store does not hold
+
+
 def unusable_media(media: tuple[str, ...], cache, ok: set[str], audio: bool | None) -> str | None:
     """Why a sample reading these cached entries (`ok`: the cache's ids extracted ok) cannot be built,
     or None. `audio`: the model hears audio, videos' own and audio files (`PromptLayout.audio`; None:
     not known here)."""
     for medium in media:
         if medium not in cache:
-            return "video not in the cache"
+            return NOT_CACHED
         if medium not in ok:
             return "video failed extraction"
     if audio is False and any(cache.row(medium).kind == "audio" for medium in media):

@@ -64,7 +64,7 @@ def test_verify_passes_on_a_fresh_store_and_names_the_video_whose_tokens_were_co
     assert result.exit_code == EXIT_MISMATCH, result.output
     assert "ok    a:" in result.output
     assert "FAIL  b: video_tokens: max |Δ| 0.5" in result.output and "first row 3" in result.output
-    assert "1 of 2 videos differ from the reference: b (video_tokens)" in result.output
+    assert "1 of 2 media differ from the reference: b (video_tokens)" in result.output
 
     result = run_verify(store, "--ids", "a")  # the others are not looked at
     assert result.exit_code == 0, result.output
@@ -204,3 +204,52 @@ def test_schema_versions_name_what_a_store_holds_and_an_unknown_one_is_refused(o
     with pytest.raises(StoreError,
                        match="schema version 6, this qprep reads versions 1, 2, 3, 4, 5; re-extract with --rebuild"):
         Store.open(store)
+
+
+def test_cpu_tower_calls_run_at_the_threads_their_rows_record_and_verify_recomputes_at_them(tiny_model, tmp_path,
+                                                                                            monkeypatch):
+    """On a CPU the thread count can move an ulp (an elementwise loop's scalar tail falls where a call
+    splits over threads), so each row records it and `verify` recomputes each medium at its count,
+    whatever torch's own default: here 4 usable cores give images 4 threads and videos 2."""
+    import torch
+
+    from conftest import LOCAL_EXTRACT, make_image
+    from qprep.audit.verify import format_report, verify
+    from qprep.extraction import executors
+    from qprep.pipeline.towers import Towers
+
+    make_video(tmp_path / "media" / "a.mp4", VideoSpec(width=112, height=84, fps=25, seconds=1))
+    make_image(tmp_path / "media" / "cat.jpg", 200, 150, seed=1, quality=90)
+    monkeypatch.setattr(executors, "usable_cores", lambda: 4)
+    tower_calls = spy_threads(monkeypatch, Towers, "video_features", "image_features")
+    extract(tmp_path / "media", tmp_path / "store.zarr", str(tiny_model("qwen3_vl", "released")),
+            VideoSettings(fps=2, kinds=("video", "image")), dtype="float32", shards=1,
+            options=ExtractOptions(**LOCAL_EXTRACT))
+    cache = open_cache(tmp_path / "store.zarr")
+    assert {medium: cache.row(medium).tower_threads for medium in ("a", "cat")} == {"a": 2, "cat": 4}
+    assert sorted(tower_calls) == [("image_features", 4), ("video_features", 2)]
+
+    recomputed = spy_threads(monkeypatch, reference.Reference, "compute", "compute_image")
+    kept = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference's default is not what the media ran at
+    try:
+        report = verify(tmp_path / "store.zarr", sample=None, device="cpu", progress=False)
+        assert torch.get_num_threads() == 1  # given back after each medium
+    finally:
+        torch.set_num_threads(kept)
+    assert report.ok, format_report(report)
+    assert sorted(recomputed) == [("compute", 2), ("compute_image", 4)]
+    assert report.threads == [2, 4] and "at the 2/4 torch threads of their extraction" in format_report(report)
+
+
+def spy_threads(monkeypatch, owner, *methods) -> list[tuple[str, int]]:
+    """Each call of `owner`'s `methods`, with the torch threads it ran at."""
+    import torch
+
+    calls = []
+    for name in methods:
+        def spied(self, *args, __name=name, __method=getattr(owner, name), **kwargs):
+            calls.append((__name, torch.get_num_threads()))
+            return __method(self, *args, **kwargs)
+        monkeypatch.setattr(owner, name, spied)
+    return calls

@@ -77,6 +77,7 @@ class VerifyReport:
     tolerance: float
     videos_ok_in_store: int
     results: list[VideoResult] = field(default_factory=list)
+    threads: list[int] = field(default_factory=list)  # the CPU torch threads they ran at, where recorded
 
     @property
     def ok(self) -> bool:
@@ -131,6 +132,7 @@ def verify(store: str | Path, *, model: str | None = None, videos: str | Path | 
     dtype = cache.store.attrs["dtype"]
     tolerance = default_tolerance(dtype, cache.config) if tolerance is None else tolerance
     extracted_on = sorted({cache.row(video_id).device or "unknown" for video_id in chosen})
+    threads = sorted({cache.row(video_id).tower_threads for video_id in chosen} - {None})
     device = device or ("cuda" if torch.cuda.is_available() and "cuda" in extracted_on else "cpu")
     reference = Reference(checkpoint.source, checkpoint.family.full_model, dtype=dtype, device=device,
                           attn_implementation=cache.config.get("attn_implementation", "sdpa"), revision=revision,
@@ -138,7 +140,8 @@ def verify(store: str | Path, *, model: str | None = None, videos: str | Path | 
                           audio_whole_track=checkpoint.family.audio_whole_track)
     report = VerifyReport(store=str(cache.store.root), model=checkpoint.source,
                           reference=checkpoint.family.full_model[0], dtype=dtype, device=device,
-                          extracted_on=extracted_on, tolerance=tolerance, videos_ok_in_store=len(cache.ids()))
+                          extracted_on=extracted_on, threads=threads if device == "cpu" else [],
+                          tolerance=tolerance, videos_ok_in_store=len(cache.ids()))
     settings = cache.config["settings"]
     merged = None
     if cache.level == "merger-input":  # checked through the merger the trainer runs, against the merged tokens
@@ -172,7 +175,7 @@ def choose(cache, ids: list[str] | None, sample: int | None, seed: int) -> list[
 def check_video(cache, video_id: str, videos_dir: Path, reference, settings: dict, tolerance: float,
                 merged=None) -> VideoResult:
     """`merged`: what turns a cached medium of the merger's input into merged tokens (`Merger.medium`)."""
-    import av
+    from qprep.pipeline.towers import torch_threads
 
     cached = cache[video_id]
     if merged is not None:
@@ -181,19 +184,25 @@ def check_video(cache, video_id: str, videos_dir: Path, reference, settings: dic
     checks = [file_check(path, cached.row)]
     if not checks[0].ok:
         return VideoResult(video_id, checks)
+    # on a CPU, at the torch threads the medium's towers ran at: the count can move an ulp
+    with torch_threads(cached.row.tower_threads if reference.device == "cpu" else None):
+        return VideoResult(video_id, checks + _recomputed_checks(cached, path, reference, settings, tolerance))
+
+
+def _recomputed_checks(cached, path: Path, reference, settings: dict, tolerance: float) -> list[Check]:
+    import av
+
     try:
         if cached.kind == "image":
-            return VideoResult(video_id, checks + compare_image(cached, reference.compute_image(path), tolerance))
+            return compare_image(cached, reference.compute_image(path), tolerance)
         if cached.row.window:  # a window of its file: sampled as the run's settings with its video_start/end
             settings = {**settings, "video_start": cached.row.window_start, "video_end": cached.row.window_end}
         if cached.kind == "audio":
-            return VideoResult(video_id, checks + _audio_checks(cached, reference.compute_audio(path, settings),
-                                                                tolerance))
+            return _audio_checks(cached, reference.compute_audio(path, settings), tolerance)
         recomputed = reference.compute(path, list(cached.row.frame_indices), settings)
     except (av.error.FFmpegError, ValueError, OSError) as exc:
-        checks.append(Check("reference", False, f"cannot recompute {path}: {exc}"))
-        return VideoResult(video_id, checks)
-    return VideoResult(video_id, checks + compare(cached, recomputed, tolerance))
+        return [Check("reference", False, f"cannot recompute {path}: {exc}")]
+    return compare(cached, recomputed, tolerance)
 
 
 def compare_image(cached, recomputed, tolerance: float) -> list[Check]:
@@ -349,8 +358,10 @@ def _checkpoint(cache, model: str | None, revision: str | None):
 
 
 def format_report(report: VerifyReport) -> str:
-    lines = [f"{report.store}: {len(report.results)} of {report.videos_ok_in_store} videos recomputed with "
-             f"{report.reference}.from_pretrained({report.model}), {report.dtype} on {report.device}",
+    threads = (f", at the {'/'.join(map(str, report.threads))} torch threads of their extraction"
+               if report.threads else "")
+    lines = [f"{report.store}: {len(report.results)} of {report.videos_ok_in_store} media recomputed with "
+             f"{report.reference}.from_pretrained({report.model}), {report.dtype} on {report.device}{threads}",
              f"token tolerance: relative difference <= {report.tolerance:g}"
              + (" (bit-exact)" if report.tolerance == 0 else "")]
     if any(device.split(":")[0] not in (report.device, "unknown") for device in report.extracted_on):
@@ -364,7 +375,7 @@ def format_report(report: VerifyReport) -> str:
         else:
             lines.append(f"FAIL  {result.id}: " + "; ".join(f"{c.name}: {c.detail}" for c in result.failed()))
     failures = report.failures()
-    lines.append(f"{len(failures)} of {len(report.results)} videos differ from the reference: "
+    lines.append(f"{len(failures)} of {len(report.results)} media differ from the reference: "
                  + ", ".join(f"{r.id} ({', '.join(c.name for c in r.failed())})" for r in failures)
-                 if failures else f"all {len(report.results)} videos match the reference")
+                 if failures else f"all {len(report.results)} media match the reference")
     return "\n".join(lines)

@@ -81,14 +81,14 @@ def tower_dataset(tasks: list[VideoFile], job, device: str, options, resources: 
     if device == "cpu":
         # Without GPUs the tower actor shares the CPUs with the decoding tasks instead of
         # reserving one: both cores stay busy whichever stage is the bottleneck.
+        # Its torch threads follow the cores of its own node, as the local executor's follow this
+        # machine's: the same counts on the same machine, so the same bits (`TowerThreads`).
         actors, actor_resources = 1, {"num_cpus": 0}
-        threads = options.tower_threads or max(1, int(resources.get("CPU", 1)) // 2)
     else:
         actors, actor_resources = max(1, int(resources.get("GPU", 1))), {"num_gpus": 1, "num_cpus": 1}
-        threads = options.tower_threads or 1
     constructor = dict(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
-                       attn_implementation=job.attn_implementation, budget=options.budget, threads=threads,
-                       arrivals=arrivals, level=job.level)
+                       attn_implementation=job.attn_implementation, budget=options.budget,
+                       threads=options.tower_threads, arrivals=arrivals, level=job.level)
     # The actor is restarted as often as it dies; each batch is tried TOWER_BATCH_TRIES times. One
     # batch at a time on an actor: a batch queued behind one that kills it would die with it on each
     # try and be recorded failed for a video that is not its own.

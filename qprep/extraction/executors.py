@@ -129,10 +129,8 @@ def _load_towers(job, options) -> TowerStage:
     import torch
 
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # the thread count of Ray's CPU tower actor: the same kernels, so the same bits
-    threads = options.tower_threads or (max(1, usable_cores() // 2) if device == "cpu" else 1)
     return TowerStage(model=job.model, revision=job.revision, spec=job.spec, dtype=job.dtype, device=device,
-                      attn_implementation=job.attn_implementation, budget=options.budget, threads=threads,
+                      attn_implementation=job.attn_implementation, budget=options.budget, threads=options.tower_threads,
                       level=job.level)
 
 

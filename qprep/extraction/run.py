@@ -80,7 +80,7 @@ class ExtractOptions:
     device: str | None = None  # None: cuda when the cluster has GPUs, else cpu
     batch_size: int = 8  # videos per tower-stage batch
     budget: Budget = Budget()
-    tower_threads: int | None = None  # torch threads of a CPU tower actor
+    tower_threads: int | None = None  # torch threads of CPU tower calls, every kind (default: TowerThreads.for_cores)
     progress: bool = True
     follow_links: bool = False  # follow links leading out of the videos folder (links inside it always are)
     strict: bool = False  # --data: stop before any work when a record or a medium cannot be used

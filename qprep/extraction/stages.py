@@ -19,7 +19,7 @@ from qprep.errors import INTERNAL_ERROR, TOWER_ERROR, FileNameError, UnreadableF
 from qprep.extraction.discover import VideoFile
 from qprep.extraction.rows import Encoded, Prepared, batch_columns, batch_rows, video_of
 from qprep.schemas.settings import ModelSpec, VideoSettings
-from qprep.schemas.towers import MERGED
+from qprep.schemas.towers import MERGED, TowerThreads
 
 CPU_STAGE_TRIES = 3  # a video whose worker process dies this many times is recorded as failed
 # A tower batch whose actor dies this many times (the actor is restarted each time) is given up and
@@ -128,15 +128,19 @@ class TowerStage:
     """The towers, loaded once; each call encodes a batch of prepared videos."""
 
     def __init__(self, model: str, revision: str | None, spec: ModelSpec, dtype: str, device: str,
-                 attn_implementation: str, budget, threads: int, arrivals=None, level: str = MERGED):
+                 attn_implementation: str, budget, threads: int | None = None, arrivals=None, level: str = MERGED):
+        """`threads`: the torch threads of every CPU call; None: by kind, from the cores of the machine
+        the towers run on (`TowerThreads.for_cores`)."""
         import torch
 
+        from qprep.extraction.executors import usable_cores
         from qprep.models.checkpoint import open_checkpoint
         from qprep.pipeline.towers import Towers
 
-        if device == "cpu":
-            torch.set_num_threads(threads)
         self.device = device
+        self.threads = TowerThreads.for_cores(usable_cores(), threads) if device == "cpu" else None
+        if self.threads:
+            torch.set_num_threads(self.threads.media)
         self.towers = Towers(open_checkpoint(model, revision), spec, dtype=dtype, device=device,
                              attn_implementation=attn_implementation, budget=budget, level=level)
         self.calls = 0
@@ -168,7 +172,13 @@ class TowerStage:
                         out[i].row.fail(f"tower stage: {exc!r}", TOWER_ERROR)
         for result in out:
             result.row.device = self.device
+            if result.row.ok:
+                result.row.tower_threads = self._threads(result.row.kind)
         return out
+
+    def _threads(self, kind: str) -> int | None:
+        """The torch threads of a call on `kind` media (None on a GPU: as they are)."""
+        return self.threads.of(kind) if self.threads else None
 
     def _empty_tokens(self) -> dict[str, np.ndarray]:
         from qprep.schemas.dtypes import storage_dtype
@@ -185,7 +195,7 @@ class TowerStage:
     def _encode(self, prepared: list[Prepared], rows: list[int], out: list[Encoded]) -> None:
         import torch
 
-        from qprep.pipeline.towers import AudioInput, VideoInput
+        from qprep.pipeline.towers import AudioInput, VideoInput, torch_threads
         from qprep.schemas.dtypes import to_storage
 
         self.calls += 1
@@ -194,12 +204,16 @@ class TowerStage:
             if not of_kind:
                 continue
             inputs = [VideoInput(torch.from_numpy(prepared[i].patches), prepared[i].grid) for i in of_kind]
-            for i, features in zip(of_kind, encode(inputs)):
+            with torch_threads(self._threads(kind)):
+                encoded = encode(inputs)
+            for i, features in zip(of_kind, encoded):
                 out[i].tokens["video"] = to_storage(features.tokens)  # an image's tokens share the video arrays
                 if features.deepstack is not None:  # [levels, n, ...] → the store's row order [n, levels, ...]
                     out[i].tokens["deepstack"] = to_storage(features.deepstack.transpose(0, 1))
         with_audio = [i for i in rows if prepared[i].mel_chunks]
         if with_audio and self.towers.audio_tower is not None:
             inputs = [AudioInput(torch.from_numpy(prepared[i].mel), prepared[i].mel_chunks) for i in with_audio]
-            for i, tokens in zip(with_audio, self.towers.encode_audio(inputs)):
+            with torch_threads(self._threads("audio")):
+                encoded_audio = self.towers.encode_audio(inputs)
+            for i, tokens in zip(with_audio, encoded_audio):
                 out[i].tokens["audio"] = to_storage(tokens)

@@ -55,6 +55,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@contextlib.contextmanager
+def torch_threads(count: int | None):
+    """torch's CPU threads set to `count` inside the block (None: as they are), restored after."""
+    kept = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count:
+            torch.set_num_threads(kept)
+
+
 class Towers(torch.nn.Module):
     """`visual` and (where the family has one) `audio_tower`, loaded alone from a checkpoint."""
 

@@ -4,9 +4,10 @@ Two runs with the same fingerprint produce the same tokens for the same video, s
 live in one store. Anything else (Ray placement, videos per tower-stage batch) is left out: the towers
 take one medium per call, or images in calls of one fixed size (`qprep.schemas.towers.Budget`; that
 size is in), so which media run together never touches the output. One thing outside the config
-can: on CPU, the towers' torch thread count (half the usable cores) decides where an elementwise op's
-vectorised loop leaves a scalar tail, which moves some media's tokens by an ulp (measured:
-`bench/tower_calls.py`); a store grown on machines with other core counts can hold both.
+can: on CPU, the towers' torch thread count (`qprep.schemas.towers.TowerThreads`, from the cores)
+decides where an elementwise op's vectorised loop leaves a scalar tail, which moves some media's
+tokens by an ulp (measured: `bench/tower_calls.py`); a store grown on machines with other core
+counts can hold both. Each manifest row records its count, and `qprep verify` recomputes at it.
 """
 
 from __future__ import annotations

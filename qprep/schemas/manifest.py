@@ -76,6 +76,9 @@ class ManifestRow:
     audio_windows: int | None = _column(pa.int32())
     audio_note: str | None = _column(pa.string())  # why there is no audio, when there is none
     device: str | None = _column(pa.string())  # where the towers ran
+    # their torch threads on a CPU (null on a GPU, and in rows written before it was recorded): the
+    # count can move an ulp (`qprep.schemas.towers.TowerThreads`), so `qprep verify` recomputes at it
+    tower_threads: int | None = _column(pa.int32())
 
     @property
     def ok(self) -> bool:

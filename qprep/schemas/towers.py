@@ -55,3 +55,32 @@ class Budget:
             raise SettingsError(f"image call rows {rows}: a power of two of 64 or more (a call of another size "
                                 f"can leave an elementwise op's scalar tail that moves with an image's offset)")
 
+
+
+@dataclass(frozen=True)
+class TowerThreads:
+    """The torch threads of tower calls on a CPU, by kind of medium.
+
+    A video's CPU stage (decoding, resizing) keeps the other cores busy beside its tower call, so videos
+    and audio files take half the cores; an image's CPU stage is a small fraction of its tower call
+    (a photo: about 0.1 s of reading and resizing against seconds of tower), so images take them all.
+
+    The count is not in the fingerprint, though it can move an ulp: PyTorch's CPU elementwise loops
+    leave a scalar tail (libm's `exp` where the rest goes through SLEEF's) at each thread's share's
+    end, so where a call splits over threads decides which values fall in it. Each manifest row
+    records the count its tokens were made with (`tower_threads`), and `qprep verify` recomputes the
+    medium at that count."""
+
+    media: int = 1  # videos (with their sound) and audio files
+    images: int = 1
+
+    @classmethod
+    def for_cores(cls, cores: int, fixed: int | None = None) -> TowerThreads:
+        """The counts on `cores` usable cores (the machine's the towers run on: the local executor's
+        and Ray's tower actor alike, so both write the same bits there), or `fixed` for every kind."""
+        if fixed:
+            return cls(fixed, fixed)
+        return cls(media=max(1, cores // 2), images=max(1, cores))
+
+    def of(self, kind: str) -> int:
+        return self.images if kind == "image" else self.media

@@ -921,11 +921,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="before each measured run, wait up to this many seconds for the other processes "
                              "on the machine to go idle (0: never wait)")
     parser.add_argument("--json", type=Path, help="also write every number here")
+    parser.add_argument("--images", type=int, metavar="N",
+                        help="the image row instead: N and 2N photos through `qprep extract --media` against a loop "
+                             "of the processor and the towers at Qwen2.5-VL-7B's width (bench/images.py; its "
+                             "options, e.g. --vision-depth or --device, pass through)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     if args.worker:
         worker_main(args.worker)
         return 0
+    if args.images:
+        import images  # bench/images.py
+
+        return images.main(["--images", str(args.images), *[arg for arg in rest if arg != "--"]])
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     workdir, repeats = args.workdir.resolve(), max(1, args.repeats)
     QUIET["max_wait_s"] = args.quiet_wait

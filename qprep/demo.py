@@ -156,15 +156,15 @@ def write_demo_data(folder: Path, videos: Path) -> Path:
     first event, answered "From s to e.", named `{id}#0` (as a grounding dict's first sentence is).
     Generated clips are described by their known events; other videos by their probed duration."""
     from qprep.datasets.grounding import CAPTIONS_PROMPT, GROUNDING_PROMPT
-    from qprep.extraction.discover import VIDEO_EXTENSIONS
+    from qprep.extraction.discover import discover
 
     records = []
-    for video in sorted(p for p in videos.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS):
-        name = video.relative_to(videos).as_posix()
-        described = _events(video, name)
+    for found in discover(videos, shard_count=1):  # the videos `extract --videos` would take, in id order
+        name, video_id = found.path, found.id
+        described = _events(videos / name, name)
         if described is None:
             continue  # not a video FFmpeg can read: nothing to ask about it
-        video_id, events, event = described
+        events, event = described
         answer = " ".join(f"From {start:.1f} to {end:.1f}, {event}." for start, end in events)
         start, end = events[0]
         sentence = f"{event} for the first time" if len(events) > 1 else event
@@ -180,16 +180,16 @@ def write_demo_data(folder: Path, videos: Path) -> Path:
     return folder / "dataset_info.json"
 
 
-def _events(video: Path, name: str) -> tuple[str, tuple, str] | None:
-    """(its cache id, its events in seconds, what happens in them); None for a file that cannot be probed."""
+def _events(video: Path, name: str) -> tuple[tuple, str] | None:
+    """(its events in seconds, what happens in them); None for a file that cannot be probed."""
     from qprep.errors import VideoError
     from qprep.pipeline.probe import probe
 
-    video_id, spec = str(Path(name).with_suffix("")), DEMO_VIDEOS.get(name)
+    spec = DEMO_VIDEOS.get(name)
     if spec:
-        return video_id, spec.events, DEMO_EVENT
+        return spec.events, DEMO_EVENT
     try:
-        return video_id, ((0.0, round(probe(video).duration, 1)),), "the video plays"
+        return ((0.0, round(probe(video).duration, 1)),), "the video plays"
     except VideoError:
         return None
 

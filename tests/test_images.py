@@ -16,7 +16,7 @@ from transformers.image_utils import load_image
 
 from qprep.pipeline.image import prepare_image
 from qprep.pipeline.patchify import normalize
-from qprep.schemas.settings import load_model_spec
+from qprep.schemas.settings import VideoSettings, load_model_spec
 from reference import full_model, kinds_and_layouts
 from conftest import LOCAL_EXTRACT, make_image
 
@@ -67,7 +67,7 @@ def test_an_unreadable_image_is_an_error_naming_the_file(tiny_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def media_folder(tmp_path_factory, videos):
-    """Two videos, three images (one turned by EXIF, one GIF) and a broken image."""
+    """A video, four images (one turned by EXIF, one GIF, one square) and a broken image."""
     import shutil
 
     root = tmp_path_factory.mktemp("media")
@@ -75,29 +75,52 @@ def media_folder(tmp_path_factory, videos):
     make_image(root / "photos" / "cat.jpg", 200, 150, seed=1, quality=90)
     make_image(root / "photos" / "turned.jpg", 160, 96, seed=2, orientation=6, quality=90)
     make_image(root / "anim.gif", 64, 48, seed=3)
+    make_image(root / "square.png", 256, 256, seed=4)
     (root / "photos" / "broken.png").write_bytes(b"not an image")
     return root
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_vl", "qwen3_vl", "qwen3_omni_moe"])
-def test_extract_media_caches_images_with_the_full_models_image_features(media_folder, tiny_model, tmp_path, kind):
+MEDIA = VideoSettings(fps=2, kinds=("video", "image"))  # `extract --media`
+
+
+@pytest.fixture(scope="module")
+def media_stores(media_folder, tiny_model, tmp_path_factory):
+    """`media_stores(kind, layout)` → (model dir, summary of the run, store path) of `media_folder`
+    extracted with `--media` (float32, 2 shards) from the tiny `kind` checkpoint in `layout`. Built
+    once per case."""
+    from qprep.extraction.run import ExtractOptions, extract
+
+    made: dict[tuple[str, str], tuple] = {}
+
+    def get(kind: str, layout: str):
+        if (kind, layout) not in made:
+            model_dir = tiny_model(kind, layout)
+            store = tmp_path_factory.mktemp(f"{kind}-{layout}-media") / "store.zarr"
+            summary = extract(media_folder, store, model_dir, MEDIA, dtype="float32", shards=2,
+                              options=ExtractOptions(**LOCAL_EXTRACT))
+            made[kind, layout] = model_dir, summary, store
+        return made[kind, layout]
+
+    return get
+
+
+IMAGES = ("anim", "photos/cat", "photos/turned", "square")
+
+
+@pytest.mark.parametrize(("kind", "layout"), kinds_and_layouts(FAMILIES))
+def test_extract_media_caches_images_with_the_full_models_image_features(media_folder, media_stores, kind, layout):
     from qprep import open_cache
     from qprep.extraction.run import ExtractOptions, extract
-    from qprep.schemas.settings import VideoSettings
     from qprep.store.status import store_status
 
-    model_dir = tiny_model(kind, "released")
-    settings = VideoSettings(fps=2, kinds=("video", "image"))
-    summary = extract(media_folder, tmp_path / "store.zarr", model_dir, settings, dtype="float32", shards=2,
-                      options=ExtractOptions(**LOCAL_EXTRACT))
-    assert (summary.extracted, summary.failed) == (4, 1)
-    cache = open_cache(tmp_path / "store.zarr")
-    assert {i: cache.row(i).kind for i in cache.ids()} == {"a": "video", "anim": "image", "photos/cat": "image",
-                                                           "photos/turned": "image"}
+    model_dir, summary, store = media_stores(kind, layout)
+    assert (summary.extracted, summary.failed) == (5, 1)
+    cache = open_cache(store)
+    assert {i: cache.row(i).kind for i in cache.ids()} == {"a": "video", **dict.fromkeys(IMAGES, "image")}
     assert cache.row("photos/broken").error_code == "unreadable"
-    assert store_status(tmp_path / "store.zarr")["kinds"] == {"image": 3, "video": 1}
+    assert store_status(store)["kinds"] == {"image": 4, "video": 1}
     full = full_model(model_dir)
-    for image_id in ("anim", "photos/cat", "photos/turned"):
+    for image_id in IMAGES:
         cached = cache[image_id]
         reference = processor_pixels(model_dir, media_folder / cache.row(image_id).path)
         assert list(cached.grid_thw) == reference["image_grid_thw"][0].tolist()
@@ -109,9 +132,8 @@ def test_extract_media_caches_images_with_the_full_models_image_features(media_f
         for level, features in enumerate(levels or ()):
             features = features[0] if isinstance(features, (list, tuple)) else features
             assert torch.equal(cached.deepstack[level], features)
-    again = extract(media_folder, tmp_path / "store.zarr", model_dir, settings, dtype="float32",
-                    options=ExtractOptions(**LOCAL_EXTRACT))
-    assert (again.up_to_date, again.extracted, again.failed) == (4, 0, 1)  # the broken image is tried again alone
+    again = extract(media_folder, store, model_dir, MEDIA, dtype="float32", options=ExtractOptions(**LOCAL_EXTRACT))
+    assert (again.up_to_date, again.extracted, again.failed) == (5, 0, 1)  # the broken image is tried again alone
 
 
 def test_videos_alone_keep_their_store_and_fingerprint_and_a_media_run_is_told_apart(media_folder, tiny_model,

@@ -1,6 +1,8 @@
 """Images in the store: read as transformers' `load_image` reads them (EXIF orientation applied),
 pixels and grid bitwise equal to the checkpoint's own processor, tokens (and deepstack levels)
-bitwise equal to the full model's `get_image_features`, through `qprep extract --media`.
+bitwise equal to the full model's `get_image_features`, through `qprep extract --media`, for every
+family in both file layouts. The two layouts of one tiny checkpoint load the same weights into qprep,
+store the same tokens and train the same.
 
 References: `AutoProcessor.from_pretrained(checkpoint)` called on `transformers.image_utils.load_image`
 of the file, and the full model class loaded with `from_pretrained` (tests/reference.py).
@@ -18,7 +20,7 @@ from qprep.pipeline.image import prepare_image
 from qprep.pipeline.patchify import normalize
 from qprep.schemas.settings import VideoSettings, load_model_spec
 from reference import full_model, kinds_and_layouts
-from conftest import LOCAL_EXTRACT, make_image
+from conftest import LOCAL_EXTRACT, built_samples, make_image
 
 FAMILIES = ["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen3_omni_moe"]
 
@@ -134,6 +136,74 @@ def test_extract_media_caches_images_with_the_full_models_image_features(media_f
             assert torch.equal(cached.deepstack[level], features)
     again = extract(media_folder, store, model_dir, MEDIA, dtype="float32", options=ExtractOptions(**LOCAL_EXTRACT))
     assert (again.up_to_date, again.extracted, again.failed) == (5, 0, 1)  # the broken image is tried again alone
+
+
+# Every kind with a hub release, and the image both of its layouts keep at one size: the released
+# files state other image bounds than save_pretrained's (Qwen3-VL and Qwen3.5: 65536–16777216 pixels
+# against 4096–65536, which only a 65536-pixel image such as the 256×256 square fits).
+SAME_SIZE_IMAGE = {"qwen2_5_omni": "photos/cat", "qwen2_5_vl": "photos/cat", "qwen2_vl": "photos/cat",
+                   "qwen3_vl": "square", "qwen3_vl_moe": "square", "qwen3_5": "square", "qwen3_5_moe": "square",
+                   "qwen3_omni_moe": "photos/cat"}
+
+
+@pytest.mark.parametrize("kind", SAME_SIZE_IMAGE)
+def test_both_file_layouts_of_a_checkpoint_load_the_same_weights_and_store_and_train_the_same(media_stores, kind,
+                                                                                                 tmp_path):
+    """The tiny checkpoint in the layout save_pretrained writes and in its release's (other weight
+    names, fused or per-expert experts, config keys, processor and tokenizer files), from the same
+    seed. Through qprep, bit for bit: the same tower weights; the same stored tokens (and deepstack
+    levels) of an image both layouts' pixel bounds keep at one size; the same training sample and
+    batch over it, the same language-model weights, loss and logits. A test of qprep's towers, store
+    or training on one layout therefore holds for the other."""
+    from qprep import open_cache
+
+    image = SAME_SIZE_IMAGE[kind]
+    (saved_dir, _, saved_store), (released_dir, _, released_store) = (media_stores(kind, layout)
+                                                                      for layout in ("save_pretrained", "released"))
+    assert_same_tensors(tower_weights(saved_dir), tower_weights(released_dir))
+    saved_cache, released_cache = open_cache(saved_store), open_cache(released_store)
+    assert saved_cache.store.fingerprint != released_cache.store.fingerprint  # two stores: other image bounds
+    ours, theirs = saved_cache[image], released_cache[image]
+    assert ours.grid_thw == theirs.grid_thw
+    assert torch.equal(ours.video_tokens, theirs.video_tokens)
+    assert (ours.deepstack is None) == (theirs.deepstack is None)
+    assert ours.deepstack is None or torch.equal(ours.deepstack, theirs.deepstack)
+
+    saved_run = trained_on(saved_dir, saved_cache, image, tmp_path / "save_pretrained")
+    released_run = trained_on(released_dir, released_cache, image, tmp_path / "released")
+    assert_same_tensors(saved_run.pop("weights"), released_run.pop("weights"))
+    for name, value in saved_run.items():
+        assert torch.equal(value, released_run[name]), name
+
+
+def tower_weights(model_dir) -> dict:
+    from qprep.models.checkpoint import open_checkpoint
+    from qprep.pipeline.towers import Towers
+
+    return Towers(open_checkpoint(model_dir), load_model_spec(model_dir), dtype="float32", device="cpu").state_dict()
+
+
+def trained_on(model_dir, cache, image, folder) -> dict:
+    """What `qprep train` makes of one question about `image` in `cache`: the padded batch's tensors,
+    and its language model's weights, loss and logits on it."""
+    from qprep.train.data import collate
+    from qprep.train.model import LanguageModel
+
+    record = {"id": "look", "media": [image], "conversations": [
+        {"from": "human", "value": "<image> What is it?"}, {"from": "gpt", "value": "Noise and a bright corner."}]}
+    folder.mkdir()
+    checkpoint, layout, samples = built_samples([record], cache, model_dir, folder)
+    batch = collate([samples["look"]], cache, layout)
+    model = LanguageModel(checkpoint, dtype="float32").eval()
+    with torch.no_grad():
+        loss, logits = model(batch)
+    tensors = {name: value for name, value in vars(batch).items() if isinstance(value, torch.Tensor)}
+    return {**tensors, "weights": model.state_dict(), "loss": loss, "logits": logits}
+
+
+def assert_same_tensors(ours: dict, theirs: dict) -> None:
+    assert ours.keys() == theirs.keys() and ours
+    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
 
 
 def test_videos_alone_keep_their_store_and_fingerprint_and_a_media_run_is_told_apart(media_folder, tiny_model,

@@ -1,6 +1,8 @@
 """Images in the store: read as transformers' `load_image` reads them (EXIF orientation applied),
 pixels and grid bitwise equal to the checkpoint's own processor, tokens (and deepstack levels)
-bitwise equal to the full model's `get_image_features`, through `qprep extract --media`.
+bitwise equal to the full model's `get_image_features`, through `qprep extract --media`, for every
+family in both file layouts. The two layouts of one tiny checkpoint load the same weights into qprep,
+store the same tokens and train the same.
 
 References: `AutoProcessor.from_pretrained(checkpoint)` called on `transformers.image_utils.load_image`
 of the file, and the full model class loaded with `from_pretrained` (tests/reference.py).
@@ -16,9 +18,9 @@ from transformers.image_utils import load_image
 
 from qprep.pipeline.image import prepare_image
 from qprep.pipeline.patchify import normalize
-from qprep.schemas.settings import load_model_spec
+from qprep.schemas.settings import VideoSettings, load_model_spec
 from reference import full_model, kinds_and_layouts
-from conftest import LOCAL_EXTRACT, make_image
+from conftest import LOCAL_EXTRACT, built_samples, make_image
 
 FAMILIES = ["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen3_omni_moe"]
 
@@ -67,7 +69,7 @@ def test_an_unreadable_image_is_an_error_naming_the_file(tiny_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def media_folder(tmp_path_factory, videos):
-    """Two videos, three images (one turned by EXIF, one GIF) and a broken image."""
+    """A video, four images (one turned by EXIF, one GIF, one square) and a broken image."""
     import shutil
 
     root = tmp_path_factory.mktemp("media")
@@ -75,29 +77,52 @@ def media_folder(tmp_path_factory, videos):
     make_image(root / "photos" / "cat.jpg", 200, 150, seed=1, quality=90)
     make_image(root / "photos" / "turned.jpg", 160, 96, seed=2, orientation=6, quality=90)
     make_image(root / "anim.gif", 64, 48, seed=3)
+    make_image(root / "square.png", 256, 256, seed=4)
     (root / "photos" / "broken.png").write_bytes(b"not an image")
     return root
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_vl", "qwen3_vl", "qwen3_omni_moe"])
-def test_extract_media_caches_images_with_the_full_models_image_features(media_folder, tiny_model, tmp_path, kind):
+MEDIA = VideoSettings(fps=2, kinds=("video", "image"))  # `extract --media`
+
+
+@pytest.fixture(scope="module")
+def media_stores(media_folder, tiny_model, tmp_path_factory):
+    """`media_stores(kind, layout)` → (model dir, summary of the run, store path) of `media_folder`
+    extracted with `--media` (float32, 2 shards) from the tiny `kind` checkpoint in `layout`. Built
+    once per case."""
+    from qprep.extraction.run import ExtractOptions, extract
+
+    made: dict[tuple[str, str], tuple] = {}
+
+    def get(kind: str, layout: str):
+        if (kind, layout) not in made:
+            model_dir = tiny_model(kind, layout)
+            store = tmp_path_factory.mktemp(f"{kind}-{layout}-media") / "store.zarr"
+            summary = extract(media_folder, store, model_dir, MEDIA, dtype="float32", shards=2,
+                              options=ExtractOptions(**LOCAL_EXTRACT))
+            made[kind, layout] = model_dir, summary, store
+        return made[kind, layout]
+
+    return get
+
+
+IMAGES = ("anim", "photos/cat", "photos/turned", "square")
+
+
+@pytest.mark.parametrize(("kind", "layout"), kinds_and_layouts(FAMILIES))
+def test_extract_media_caches_images_with_the_full_models_image_features(media_folder, media_stores, kind, layout):
     from qprep import open_cache
     from qprep.extraction.run import ExtractOptions, extract
-    from qprep.schemas.settings import VideoSettings
     from qprep.store.status import store_status
 
-    model_dir = tiny_model(kind, "released")
-    settings = VideoSettings(fps=2, kinds=("video", "image"))
-    summary = extract(media_folder, tmp_path / "store.zarr", model_dir, settings, dtype="float32", shards=2,
-                      options=ExtractOptions(**LOCAL_EXTRACT))
-    assert (summary.extracted, summary.failed) == (4, 1)
-    cache = open_cache(tmp_path / "store.zarr")
-    assert {i: cache.row(i).kind for i in cache.ids()} == {"a": "video", "anim": "image", "photos/cat": "image",
-                                                           "photos/turned": "image"}
+    model_dir, summary, store = media_stores(kind, layout)
+    assert (summary.extracted, summary.failed) == (5, 1)
+    cache = open_cache(store)
+    assert {i: cache.row(i).kind for i in cache.ids()} == {"a": "video", **dict.fromkeys(IMAGES, "image")}
     assert cache.row("photos/broken").error_code == "unreadable"
-    assert store_status(tmp_path / "store.zarr")["kinds"] == {"image": 3, "video": 1}
+    assert store_status(store)["kinds"] == {"image": 4, "video": 1}
     full = full_model(model_dir)
-    for image_id in ("anim", "photos/cat", "photos/turned"):
+    for image_id in IMAGES:
         cached = cache[image_id]
         reference = processor_pixels(model_dir, media_folder / cache.row(image_id).path)
         assert list(cached.grid_thw) == reference["image_grid_thw"][0].tolist()
@@ -109,9 +134,76 @@ def test_extract_media_caches_images_with_the_full_models_image_features(media_f
         for level, features in enumerate(levels or ()):
             features = features[0] if isinstance(features, (list, tuple)) else features
             assert torch.equal(cached.deepstack[level], features)
-    again = extract(media_folder, tmp_path / "store.zarr", model_dir, settings, dtype="float32",
-                    options=ExtractOptions(**LOCAL_EXTRACT))
-    assert (again.up_to_date, again.extracted, again.failed) == (4, 0, 1)  # the broken image is tried again alone
+    again = extract(media_folder, store, model_dir, MEDIA, dtype="float32", options=ExtractOptions(**LOCAL_EXTRACT))
+    assert (again.up_to_date, again.extracted, again.failed) == (5, 0, 1)  # the broken image is tried again alone
+
+
+# Every kind with a hub release, and the image both of its layouts keep at one size: the released
+# files state other image bounds than save_pretrained's (Qwen3-VL and Qwen3.5: 65536–16777216 pixels
+# against 4096–65536, which only a 65536-pixel image such as the 256×256 square fits).
+SAME_SIZE_IMAGE = {"qwen2_5_omni": "photos/cat", "qwen2_5_vl": "photos/cat", "qwen2_vl": "photos/cat",
+                   "qwen3_vl": "square", "qwen3_vl_moe": "square", "qwen3_5": "square", "qwen3_5_moe": "square",
+                   "qwen3_omni_moe": "photos/cat"}
+
+
+@pytest.mark.parametrize("kind", SAME_SIZE_IMAGE)
+def test_both_file_layouts_of_a_checkpoint_load_the_same_weights_and_store_and_train_the_same(media_stores, kind,
+                                                                                                 tmp_path):
+    """The tiny checkpoint in the layout save_pretrained writes and in its release's (other weight
+    names, fused or per-expert experts, config keys, processor and tokenizer files), from the same
+    seed. Through qprep, bit for bit: the same tower weights; the same stored tokens (and deepstack
+    levels) of an image both layouts' pixel bounds keep at one size; the same training sample and
+    batch over it, the same language-model weights, loss and logits. A test of qprep's towers, store
+    or training on one layout therefore holds for the other."""
+    from qprep import open_cache
+
+    image = SAME_SIZE_IMAGE[kind]
+    (saved_dir, _, saved_store), (released_dir, _, released_store) = (media_stores(kind, layout)
+                                                                      for layout in ("save_pretrained", "released"))
+    assert_same_tensors(tower_weights(saved_dir), tower_weights(released_dir))
+    saved_cache, released_cache = open_cache(saved_store), open_cache(released_store)
+    assert saved_cache.store.fingerprint != released_cache.store.fingerprint  # two stores: other image bounds
+    ours, theirs = saved_cache[image], released_cache[image]
+    assert ours.grid_thw == theirs.grid_thw
+    assert torch.equal(ours.video_tokens, theirs.video_tokens)
+    assert (ours.deepstack is None) == (theirs.deepstack is None)
+    assert ours.deepstack is None or torch.equal(ours.deepstack, theirs.deepstack)
+
+    saved_run = trained_on(saved_dir, saved_cache, image, tmp_path / "save_pretrained")
+    released_run = trained_on(released_dir, released_cache, image, tmp_path / "released")
+    assert_same_tensors(saved_run.pop("weights"), released_run.pop("weights"))
+    for name, value in saved_run.items():
+        assert torch.equal(value, released_run[name]), name
+
+
+def tower_weights(model_dir) -> dict:
+    from qprep.models.checkpoint import open_checkpoint
+    from qprep.pipeline.towers import Towers
+
+    return Towers(open_checkpoint(model_dir), load_model_spec(model_dir), dtype="float32", device="cpu").state_dict()
+
+
+def trained_on(model_dir, cache, image, folder) -> dict:
+    """What `qprep train` makes of one question about `image` in `cache`: the padded batch's tensors,
+    and its language model's weights, loss and logits on it."""
+    from qprep.train.data import collate
+    from qprep.train.model import LanguageModel
+
+    record = {"id": "look", "media": [image], "conversations": [
+        {"from": "human", "value": "<image> What is it?"}, {"from": "gpt", "value": "Noise and a bright corner."}]}
+    folder.mkdir()
+    checkpoint, layout, samples = built_samples([record], cache, model_dir, folder)
+    batch = collate([samples["look"]], cache, layout)
+    model = LanguageModel(checkpoint, dtype="float32").eval()
+    with torch.no_grad():
+        loss, logits = model(batch)
+    tensors = {name: value for name, value in vars(batch).items() if isinstance(value, torch.Tensor)}
+    return {**tensors, "weights": model.state_dict(), "loss": loss, "logits": logits}
+
+
+def assert_same_tensors(ours: dict, theirs: dict) -> None:
+    assert ours.keys() == theirs.keys() and ours
+    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
 
 
 def test_videos_alone_keep_their_store_and_fingerprint_and_a_media_run_is_told_apart(media_folder, tiny_model,

@@ -68,7 +68,7 @@ def test_a_batch_mixing_images_videos_and_text_gives_the_full_models_logits_and_
                                        names)
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen3_vl", "qwen3_omni_moe"])
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_lora_gradients_of_a_batch_with_images_equal_the_full_models(media_store, kind, tmp_path):
     model_dir, cache, checkpoint, layout, samples = samples_of(media_store, kind, tmp_path)
     names = ["image-and-video", "two-images", "text"]

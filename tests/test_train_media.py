@@ -28,6 +28,7 @@ from test_train_parity import DEEPSTACK, OMNI, QWEN3, answer_labels, lora_gradie
 
 STORES = {"qwen2_5_omni": "omni_store", "qwen2_5_vl": "vl_train_store", "qwen2_vl": "qwen2_vl_store",
           "qwen3_omni_moe": "qwen3_omni_store"}
+KINDS = ["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", *QWEN3, "qwen3_omni_moe"]  # every family, the MoE ones too
 # Qwen3-Omni's processor pads the audio tracks of one call to the longest, and a shorter track then
 # counts one more valid mel frame than alone (2 s: 201 against 200), so its audio tokens depend on its
 # batch-mates. qprep featurizes each track alone, as a call with that track alone does; the reference
@@ -144,7 +145,7 @@ def _row_labels(ids, mask, processor):
     return labels
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", *QWEN3, "qwen3_omni_moe"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_batch_mixing_two_videos_a_repeated_video_and_text_only_gives_the_full_models_logits_and_loss(
         request, kind, tmp_path):
     model_dir, cache = store_of(request, kind)
@@ -231,7 +232,7 @@ def test_media_marks_and_records_that_cannot_be_used_are_reported(omni_store, qw
     assert "use_audio_in_video" in reasons["sound-and-silence"]
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_omni_moe"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_lora_gradients_of_a_mixed_batch_equal_the_full_models_with_the_same_adapter(request, kind, tmp_path):
     model_dir, cache = store_of(request, kind)
     checkpoint, _, layout, samples = dataset_of(cache, model_dir, tmp_path, kind)

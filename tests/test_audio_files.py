@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import wave
-from collections import Counter
 
 import av
 import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor
-from transformers.video_utils import VideoMetadata
 
 from conftest import LOCAL_EXTRACT, built_samples
 from qprep import open_cache
@@ -28,8 +26,9 @@ from qprep.schemas.settings import MEDIA_KINDS, VideoSettings, load_model_spec
 from qprep.synth import VideoSpec, make_video
 from qprep.train.data import collate
 from qprep.train.model import LanguageModel
-from reference import full_model, plain_audio_decode, plain_decode
-from test_train_media import _row_labels, assert_batch_as_the_full_model
+from reference import full_model, plain_audio_decode
+import test_train_media
+from test_train_media import assert_batch_as_the_full_model
 from test_train_parity import lora_gradients_both_ways
 
 FAMILIES = ["qwen2_5_omni", "qwen3_omni_moe"]
@@ -231,39 +230,10 @@ def samples_of(cache, model_dir, tmp_path):
     return built_samples(RECORDS, cache, model_dir, tmp_path)
 
 
-def processor_batch(model_dir, folder, cache, names, answered: bool = True):
-    """The checkpoint's processor on the conversations `names`, padded right as one batch: each video
-    plainly decoded at the frames the store sampled, and every audio slot (a video's own track, an
-    audio file) plainly decoded whole, in placeholder order. Not `answered`: the prompts up to the
-    assistant's turn, opened (as one calls `generate`)."""
-    processor = AutoProcessor.from_pretrained(model_dir)
-    spec = load_model_spec(model_dir)
-    records = {r["id"]: r for r in RECORDS}
-    rows = [cache.row(medium) for name in names for medium in records[name]["media"]]
-    videos = [row for row in rows if row.kind == "video"]
-    answers = {name: [{"role": "assistant", "content": [
-        {"type": "text", "text": records[name]["conversations"][1]["value"]}]}] * answered for name in names}
-    texts = [processor.apply_chat_template([{"role": "user", "content": CONTENTS[name]}] + answers[name],
-                                           tokenize=False, add_generation_prompt=not answered) for name in names]
-    kwargs = dict(text=texts, padding=True, padding_side="right", return_tensors="pt")
-    heard = [row for row in rows if row.kind == "audio" or (row.kind == "video" and row.audio_length)]
-    if heard:
-        kwargs["audio"] = [plain_audio_decode(folder / row.path) for row in heard]
-    if videos:
-        frames = [np.stack([plain_decode(folder / row.path)[0][i] for i in row.frame_indices]) for row in videos]
-        metadata = [VideoMetadata(total_num_frames=len(f), fps=row.sample_fps, frames_indices=list(range(len(f))))
-                    for f, row in zip(frames, videos)]
-        seen = Counter()
-        slots = [None if row.kind == "audio" else seen.update(["video"]) or seen["video"] - 1 for row in heard]
-        kwargs.update(videos=frames, video_metadata=metadata, do_sample_frames=False, fps=videos[0].sample_fps,
-                      load_audio_from_video=True, audio_from_video_indices=slots,
-                      videos_kwargs={"size": {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}})
-    inputs = processor(**kwargs)
-    if not answered:
-        return inputs, {"use_audio_in_video": True} if videos else {}, None
-    labels = torch.cat([_row_labels(inputs["input_ids"][i:i + 1], inputs["attention_mask"][i:i + 1], processor)
-                        for i in range(len(names))])
-    return inputs, {"use_audio_in_video": True} if videos else {}, labels
+def processor_batch(model_dir, folder, cache, kind, names, answered: bool = True):
+    """`test_train_media.processor_batch` of this module's conversations over the media in `folder`."""
+    return test_train_media.processor_batch(model_dir, cache, kind, names, answered, records=RECORDS,
+                                            contents=CONTENTS, folder=folder)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -277,8 +247,8 @@ def test_a_video_with_its_sound_and_an_audio_file_and_an_audio_file_alone_give_t
     for names in (["both"], ["alone", "text"], ["both", "alone", "text"]):
         batch = collate([samples[name] for name in names], cache, layout)
         assert batch.audio_in_video == ("both" in names)
-        assert_batch_as_the_full_model(language_model, full, batch, processor_batch(model_dir, folder, cache, names),
-                                       names)
+        assert_batch_as_the_full_model(language_model, full, batch,
+                                       processor_batch(model_dir, folder, cache, kind, names), names)
 
 
 def test_lora_gradients_of_audio_samples_equal_the_full_models_with_the_same_adapter(audio_store, tmp_path):
@@ -286,7 +256,7 @@ def test_lora_gradients_of_audio_samples_equal_the_full_models_with_the_same_ada
     checkpoint, layout, samples = samples_of(cache, model_dir, tmp_path)
     names = ["both", "alone"]
     batch = collate([samples[name] for name in names], cache, layout)
-    inputs, model_kwargs, labels = processor_batch(model_dir, folder, cache, names)
+    inputs, model_kwargs, labels = processor_batch(model_dir, folder, cache, "qwen2_5_omni", names)
     mine, reference = lora_gradients_both_ways(LanguageModel(checkpoint, dtype="float32").eval(),
                                                full_model(model_dir), batch,
                                                dict(inputs, labels=labels, **model_kwargs))
@@ -359,7 +329,7 @@ def test_infer_answers_an_audio_prompt_as_generate_does_on_the_raw_media(audio_s
     generator = Generator(checkpoint, checkpoint.tokenizer(), cache)
     full = full_model(model_dir)
     for request in (r for r in asked if r.id in ("both", "alone")):
-        inputs, model_kwargs, _ = processor_batch(model_dir, folder, cache, [request.id], answered=False)
+        inputs, model_kwargs, _ = processor_batch(model_dir, folder, cache, kind, [request.id], answered=False)
         assert generator.prompt_ids(request) == inputs["input_ids"][0].tolist()
         theirs = generated(full, inputs, generator.stop, **model_kwargs)
         assert_same_steps(ours_with_logits(generator, request), theirs, request.id, whole_prompt_head=True)

@@ -73,12 +73,14 @@ def dataset_of(cache, model_dir, tmp_path, kind):
     return checkpoint, checkpoint.tokenizer(), layout, samples
 
 
-def processor_batch(model_dir, cache, kind, names, answered: bool = True, records=None, contents=None):
+def processor_batch(model_dir, cache, kind, names, answered: bool = True, records=None, contents=None,
+                    folder=None):
     """The checkpoint's processor on the conversations `names` (of `records`, their user turns as
     `contents`; default this module's), padded as one batch, with every video plainly decoded at the
-    frames the store sampled (and its whole audio track, for Omni) and every image read by
-    transformers' `load_image`. Not `answered`: the prompts up to the assistant's turn, opened (as
-    one calls `generate`)."""
+    frames the store sampled, every image read by transformers' `load_image`, and for Omni every
+    audio slot (a video's own track, an audio file) plainly decoded whole, a window's cut to it, in
+    placeholder order. The media files are under `folder` (default: videos/ beside the store). Not
+    `answered`: the prompts up to the assistant's turn, opened (as one calls `generate`)."""
     records, contents = records or records_for(kind), contents or MESSAGES
     processor = AutoProcessor.from_pretrained(model_dir)
     spec = load_model_spec(model_dir)
@@ -86,7 +88,7 @@ def processor_batch(model_dir, cache, kind, names, answered: bool = True, record
     rows = [cache.row(medium) for medium in media]
     videos = [row for row in rows if row.kind == "video"]
     images = [row for row in rows if row.kind == "image"]
-    folder = cache.store.root.parent / "videos"
+    folder = folder or cache.store.root.parent / "videos"
     answer = [{"role": "assistant", "content": [{"type": "text", "text": _answer(name, records)}]} for name in names]
     texts = [processor.apply_chat_template([{"role": "user", "content": contents[name]}] + answer[i:i + 1] * answered,
                                            tokenize=False, add_generation_prompt=not answered)
@@ -106,9 +108,13 @@ def processor_batch(model_dir, cache, kind, names, answered: bool = True, record
         kwargs.update(videos=frames, video_metadata=metadata, do_sample_frames=False,
                       videos_kwargs={"size": {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}})
     omni = kind in OMNI and bool(videos) and all(row.audio_length for row in videos)
-    if omni:
-        kwargs.update(audio=[plain_audio_decode(folder / row.path) for row in videos], load_audio_from_video=True,
-                      audio_from_video_indices=list(range(len(videos))))
+    heard = [row for row in rows if row.kind == "audio" or (omni and row.kind == "video")]
+    if heard:
+        kwargs["audio"] = [plain_audio_decode(folder / row.path, row.window_start, row.window_end) for row in heard]
+    if omni:  # each audio slot's video, or None for an audio file
+        video_index = iter(range(len(videos)))
+        kwargs.update(load_audio_from_video=True,
+                      audio_from_video_indices=[None if row.kind == "audio" else next(video_index) for row in heard])
     if type(processor).__name__ in ("Qwen2_5OmniProcessor", "Qwen3OmniMoeProcessor") and videos:
         # it takes one fps for all videos of a call (2.0 when none is given), not their metadata's
         assert len({row.sample_fps for row in videos}) == 1

@@ -179,6 +179,19 @@ def lora_gradients_both_ways(language_model, full, batch, full_inputs: dict, tar
     """LoRA gradients of the same adapter on qprep's language model (cached tokens, `batch`) and on
     transformers' full model (raw media through its processor, `full_inputs` with the labels), peft's
     own config for the latter: (qprep's, the full model's), by parameter name."""
+    ours, theirs = same_adapter_both_ways(language_model, full, targets)
+    ours(batch)[0].backward()
+    # Without a generation cache, as the training stacks call it (LLaMA-Factory and ms-swift set
+    # use_cache=False to train). With one, Qwen3.5's Gated DeltaNet layers also keep their states and
+    # the gradient of in_proj_qkv comes out an ulp apart (measured: 2e-10 of 3e-2).
+    theirs(**full_inputs, use_cache=False).loss.backward()
+    return lora_gradients(ours, theirs)
+
+
+def same_adapter_both_ways(language_model, full, targets=None):
+    """(qprep's LoRA model, the full model's peft model) with the same adapter: qprep's `apply_lora`
+    on `language_model`, its B matrices made non-zero (so that A gets gradients too), and peft's own
+    config on `full`, loaded with qprep's adapter weights."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     from qprep.train.lora import LoraSettings, apply_lora
@@ -187,7 +200,7 @@ def lora_gradients_both_ways(language_model, full, batch, full_inputs: dict, tar
     ours = apply_lora(language_model, settings)
     generator = torch.Generator().manual_seed(0)
     for name, parameter in ours.named_parameters():
-        if "lora_B" in name:  # non-zero B, so that A gets gradients too
+        if "lora_B" in name:
             parameter.data = torch.randn(parameter.shape, generator=generator) * 0.02
     modules, parameters = settings.split_targets(language_model.family.lora_targets)
     theirs = get_peft_model(full, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
@@ -195,11 +208,11 @@ def lora_gradients_both_ways(language_model, full, batch, full_inputs: dict, tar
                                              target_parameters=list(parameters) or None,
                                              exclude_modules=settings.tower_regex()))
     set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours))
-    ours(batch)[0].backward()
-    # Without a generation cache, as the training stacks call it (LLaMA-Factory and ms-swift set
-    # use_cache=False to train). With one, Qwen3.5's Gated DeltaNet layers also keep their states and
-    # the gradient of in_proj_qkv comes out an ulp apart (measured: 2e-10 of 3e-2).
-    theirs(**full_inputs, use_cache=False).loss.backward()
+    return ours, theirs
+
+
+def lora_gradients(ours, theirs):
+    """The trainable parameters' gradients of both models, by name: (qprep's, the full model's)."""
     mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     reference = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     assert mine.keys() == reference.keys() and mine

@@ -360,15 +360,14 @@ def test_status_and_verify_judge_a_window_by_its_file(extracted, dataset):
         assert {"frame_indices", "frame_times", "video_tokens"} <= {c.name for c in result.checks}
 
 
-def test_training_on_a_window_with_its_sound_gives_the_full_models_logits_and_loss(tiny_model, tmp_path,
-                                                                                    monkeypatch):
+def test_training_on_a_window_with_its_sound_gives_the_full_models_logits_and_loss(tiny_model, tmp_path):
     """Qwen2.5-Omni: the window's frames and its sound cut to the window (qwen-omni-utils' `int(16000 ·
     seconds)` sample bounds), through the processor with `use_audio_in_video`."""
-    import test_train_media
     from qprep.models.checkpoint import open_checkpoint
     from qprep.train.data import build_dataset, collate, load_records
     from qprep.train.model import LanguageModel
-    from reference import full_model, plain_audio_decode
+    from reference import full_model
+    from test_train_media import processor_batch
 
     media = tmp_path / "videos"
     make_video(media / "talk.mp4", VideoSpec(width=112, height=84, fps=25, seconds=4, events=((1.0, 1.5),)))
@@ -385,10 +384,8 @@ def test_training_on_a_window_with_its_sound_gives_the_full_models_logits_and_lo
     layout = checkpoint.family.prompt_layout(checkpoint, checkpoint.tokenizer())
     samples = build_dataset(records, cache, checkpoint.tokenizer(), layout).samples
     batch = collate(samples, cache, layout)
-    monkeypatch.setattr(test_train_media, "plain_audio_decode", lambda path: plain_audio_decode(path, 0.7, 2.9))
-    inputs, model_kwargs, labels = test_train_media.processor_batch(
-        model_dir, cache, "qwen2_5_omni", ["#0"], records=records,
-        contents={"#0": [{"type": "video"}, {"type": "text", "text": QUESTION}]})
+    inputs, model_kwargs, labels = processor_batch(model_dir, cache, "qwen2_5_omni", ["#0"], records=records,
+                                                   contents={"#0": [{"type": "video"}, {"type": "text", "text": QUESTION}]})
     assert model_kwargs == {"use_audio_in_video": True}
     assert inputs["video_second_per_grid"].tolist() == [pytest.approx(row.second_per_grid)] != [1.0]  # 4 frames, 2.2 s
     assert torch.equal(batch.input_ids, inputs["input_ids"]) and torch.equal(batch.labels, labels)

@@ -231,11 +231,12 @@ def window_store(kind, extracted, dataset, tiny_model):
     return model_dir, open_cache(store)
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_training_on_windows_gives_the_full_models_logits_and_loss(kind, extracted, dataset, tiny_model):
     """Two windows of one file and an image in one padded batch, read as `qprep train --data` reads
     the dataset, against the full model on the processor's batch of the windows' frames (plainly
-    decoded) with the metadata a reader of the window hands it."""
+    decoded) with the metadata a reader of the window hands it; and the window's time where the
+    family puts it (README "Windows")."""
     from qprep.models.checkpoint import open_checkpoint
     from qprep.models.families.qwen3_vl import patch_times, time_stamp
     from qprep.train.data import build_dataset, collate, load_records
@@ -262,15 +263,38 @@ def test_training_on_windows_gives_the_full_models_logits_and_loss(kind, extract
     assert torch.equal(logits, expected.logits) and torch.equal(loss, expected.loss)
 
     window = cache.row("cooking/a#t=1,3.5")
-    if kind == "qwen3_vl":  # `<t seconds>`: the file's time (1.0 s and later), as the processor writes it
+    if kind in ("qwen3_vl", "qwen3_5"):  # `<t seconds>`: the file's time (1.0 s and later), as the processor writes it
         first = patch_times(window.frame_times, 2)[0]
         assert first >= 1.0 and time_stamp(first) in checkpoint.tokenizer().decode(batch.input_ids[0])
     else:  # M-RoPE's temporal ids: from the window's first frame, as for a whole file
-        positions = language_model.position_ids(batch)[0, 0]
-        ids = batch.input_ids[0]
-        start = int((ids == layout.ids.vision_start).nonzero()[0])
-        temporal = positions[ids == layout.ids.video].unique()
-        assert int(temporal[0]) == int(positions[start]) + 1 and len(temporal) == window.grid_thw[0]
+        temporal, opened = video_temporal_ids(language_model, batch, layout.ids.vision_start, layout.ids.video)
+        assert torch.equal(temporal, opened + window_time_steps(model_dir, kind, window))
+
+
+def video_temporal_ids(language_model, batch, opening: int, video: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first row's video tokens' temporal position ids (float32), and the id after its `opening` token."""
+    positions = language_model.position_ids(batch)[0, 0].float()
+    ids = batch.input_ids[0]
+    return positions[ids == video].unique(), positions[ids == opening][0] + 1
+
+
+def window_time_steps(model_dir, kind, row) -> torch.Tensor:
+    """The temporal ids of a video's temporal patches from its first sampled frame, as each family's
+    `get_rope_index` makes them: Qwen2-VL counts the patches; Qwen2.5-VL scales them by
+    `second_per_grid · tokens_per_second`, the Omni families by `second_per_grid ·
+    position_id_per_seconds` (truncated to whole ids but in Qwen3-Omni). None knows where in the file
+    the window starts."""
+    from transformers import AutoConfig
+
+    patches = torch.arange(row.grid_thw[0])
+    if kind == "qwen2_vl":
+        return patches.float()
+    config = AutoConfig.from_pretrained(model_dir)
+    if kind == "qwen2_5_vl":
+        scaled = patches * torch.tensor(row.second_per_grid).float() * config.vision_config.tokens_per_second
+    else:
+        scaled = patches * torch.tensor(row.second_per_grid).float() * config.thinker_config.position_id_per_seconds
+    return scaled.float() if kind == "qwen3_omni_moe" else scaled.long().float()
 
 
 def test_qprep_train_data_reads_the_windows_from_the_store_extract_data_filled(extracted, dataset, tmp_path):
@@ -360,9 +384,13 @@ def test_status_and_verify_judge_a_window_by_its_file(extracted, dataset):
         assert {"frame_indices", "frame_times", "video_tokens"} <= {c.name for c in result.checks}
 
 
-def test_training_on_a_window_with_its_sound_gives_the_full_models_logits_and_loss(tiny_model, tmp_path):
-    """Qwen2.5-Omni: the window's frames and its sound cut to the window (qwen-omni-utils' `int(16000 ·
-    seconds)` sample bounds), through the processor with `use_audio_in_video`."""
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen3_omni_moe"])
+def test_training_on_a_window_with_its_sound_gives_the_full_models_logits_and_loss(kind, tiny_model, tmp_path):
+    """Qwen2.5-Omni and Qwen3-Omni: the window's frames and its sound cut to the window (qwen-omni-utils'
+    `int(16000 · seconds)` sample bounds), through the processor with `use_audio_in_video` and the
+    window's sampled rate (the processors take one `fps` per call, not the metadata's: 2.0 when none
+    is given for Qwen2.5-Omni, 1.0 for Qwen3-Omni); TM-RoPE's temporal ids of the frames and of the
+    sound both count from the window's start."""
     from qprep.models.checkpoint import open_checkpoint
     from qprep.train.data import build_dataset, collate, load_records
     from qprep.train.model import LanguageModel
@@ -373,9 +401,12 @@ def test_training_on_a_window_with_its_sound_gives_the_full_models_logits_and_lo
     make_video(media / "talk.mp4", VideoSpec(width=112, height=84, fps=25, seconds=4, events=((1.0, 1.5),)))
     data = media / "data.json"
     data.write_text(json.dumps([record(block("video", "talk.mp4", start=0.7, end=2.9))]))
-    model_dir = str(tiny_model("qwen2_5_omni"))
+    model_dir = str(tiny_model(kind))
+    # Qwen3-Omni's audio tower rounds some track lengths (this window's 220 mel frames; not 200 or
+    # 300) one ulp apart at other torch thread counts (`TowerThreads`): the tower runs at the
+    # reference's count, so both sides do the same arithmetic
     extract(DataFile(data), tmp_path / "store.zarr", model_dir, VideoSettings(fps=2), dtype="float32", shards=2,
-            options=ExtractOptions(**LOCAL_EXTRACT))
+            options=ExtractOptions(**LOCAL_EXTRACT, tower_threads=torch.get_num_threads()))
     cache = open_cache(tmp_path / "store.zarr")
     row = cache.row("talk#t=0.7,2.9")
     assert row.audio_length and row.audio_seconds == pytest.approx(2.2)
@@ -384,15 +415,21 @@ def test_training_on_a_window_with_its_sound_gives_the_full_models_logits_and_lo
     layout = checkpoint.family.prompt_layout(checkpoint, checkpoint.tokenizer())
     samples = build_dataset(records, cache, checkpoint.tokenizer(), layout).samples
     batch = collate(samples, cache, layout)
-    inputs, model_kwargs, labels = processor_batch(model_dir, cache, "qwen2_5_omni", ["#0"], records=records,
+    inputs, model_kwargs, labels = processor_batch(model_dir, cache, kind, ["#0"], records=records,
                                                    contents={"#0": [{"type": "video"}, {"type": "text", "text": QUESTION}]})
     assert model_kwargs == {"use_audio_in_video": True}
     assert inputs["video_second_per_grid"].tolist() == [pytest.approx(row.second_per_grid)] != [1.0]  # 4 frames, 2.2 s
     assert torch.equal(batch.input_ids, inputs["input_ids"]) and torch.equal(batch.labels, labels)
     with torch.no_grad():
         expected = full_model(model_dir)(**inputs, labels=labels, **model_kwargs)
-        loss, logits = LanguageModel(checkpoint, dtype="float32").eval()(batch)
+        language_model = LanguageModel(checkpoint, dtype="float32").eval()
+        loss, logits = language_model(batch)
     assert torch.equal(logits, expected.logits) and torch.equal(loss, expected.loss)
+    # the window's frames from its start, and its sound's first token at the first frame's id
+    temporal, opened = video_temporal_ids(language_model, batch, layout.ids.audio_start, layout.ids.video)
+    assert torch.equal(temporal, opened + window_time_steps(model_dir, kind, row))
+    positions, ids = language_model.position_ids(batch)[0, 0].float(), batch.input_ids[0]
+    assert positions[ids == layout.ids.audio].min() == opened
 
 
 def test_the_entries_of_published_formats_are_the_ids_training_reads(dataset, tmp_path):

@@ -569,3 +569,62 @@ def test_eval_takes_a_forced_format_and_a_dataset_mixing_dense_captions_and_grou
                                        "--format", "llamafactory", "--no-captions", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["grounding"]["mIoU"] == 0.5
+
+
+# Samples over several media and none: two videos answered with dense captions, an image and a video
+# answered with a grounding range, a text-only turn and a question about an image (nothing timed to
+# score). Each written as content blocks and as qprep's own records, as `qprep infer --data` reads them.
+SEVERAL_MEDIA = [  # (id, media, question, true answer)
+    ("pair", ("cooking/a.mp4", "cooking/b.mp4"), "What happens in each?", HAND[0]["v1"]),
+    ("mixed", ("photos/cat.jpg", "cooking/a.mp4"), "When does the cat in the picture appear?", "From 2 to 7.5."),
+    ("text", (), "What is two plus two?", "Four."),
+    ("photo", ("photos/cat.jpg",), "What is in the picture?", "A cat."),
+]
+SEVERAL_MEDIA_ANSWERS = [{"id": "pair", "answer": HAND[1][0]["answer"]}, {"id": "mixed", "answer": "From 3 to 7.5."},
+                         {"id": "text", "answer": "Four."}, {"id": "photo", "answer": "A dog."}]
+
+
+def several_media_records(form: str) -> list[dict]:
+    if form == "blocks":
+        return [{"id": name, "messages": [
+            {"role": "user", "content": [{"type": "image" if path.endswith(".jpg") else "video",
+                                          "image" if path.endswith(".jpg") else "video": path} for path in media]
+             + [{"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": truth}]}]}
+            for name, media, question, truth in SEVERAL_MEDIA]
+    return [{"id": name, "media": [path.rsplit(".", 1)[0] for path in media], "conversations": [
+        {"from": "human", "value": "".join("<image>" if p.endswith(".jpg") else "<video>" for p in media) + question},
+        {"from": "gpt", "value": truth}]} for name, media, question, truth in SEVERAL_MEDIA]
+
+
+@pytest.mark.parametrize("form", ["blocks", "qprep"])
+def test_samples_over_several_media_are_scored_and_untimed_ones_named_as_such(tmp_path, form):
+    """Two videos' dense captions are scored as dense captioning (HAND's v1: P@0.3 2/3), the image and
+    video's range as a grounding query (IoU 4.5/5.5); the text-only and image-only records hold no
+    time range: each is listed once from the data and its answer as having nothing to score, not as
+    an unknown id."""
+    from qprep.eval.truth import load_truth
+
+    (tmp_path / "data.json").write_text(json.dumps(several_media_records(form)))
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("\n".join(json.dumps(a) for a in SEVERAL_MEDIA_ANSWERS))
+    report = evaluate(answers, tmp_path / "data.json", captions=False)
+    assert report.tasks == ("captioning", "grounding")
+    assert [v.id for v in report.videos] == ["pair"] and report.precision[0.3] == pytest.approx(2 / 3)
+    assert [(q.id, q.iou) for q in report.grounding.queries] == [("mixed", pytest.approx(4.5 / 5.5))]
+    data = tmp_path / "data.json"
+    assert report.problems == [
+        f"{data}: record 2 (text): its first assistant turn holds no time range; not scored",
+        f"{data}: record 3 (photo): its first assistant turn holds no time range; not scored",
+        f"{answers}:3: 'text' has nothing to score against: its record in {data} has no time range in its first "
+        "assistant turn; not scored",
+        f"{answers}:4: 'photo' has nothing to score against: its record in {data} has no time range in its first "
+        "assistant turn; not scored"]
+    truth = load_truth(data, [])  # the cache ids each scored sample reads, in the conversation's order
+    assert (truth["pair"].media, truth["mixed"].media) == (("cooking/a", "cooking/b"), ("photos/cat", "cooking/a"))
+
+    result = CliRunner().invoke(main, ["eval", "--answers", str(answers), "--data", str(data), "--no-captions",
+                                       "--per-video"])
+    assert result.exit_code == 0, result.output
+    assert "1 videos in" in result.output and "grounding: 1 queries" in result.output
+    assert "'photo' has nothing to score against" in result.output

@@ -114,9 +114,10 @@ def evaluate(answers: str | Path, data, *, tious: tuple[float, ...] = temporal.T
     if units not in UNITS or task not in TASKS:
         raise SettingsError(f"units must be one of {UNITS} and task one of {TASKS}, not {units!r} and {task!r}")
     problems: list[str] = []
-    truth = load_truth(data, problems, format=format)
+    untimed: dict[str, str] = {}
+    truth = load_truth(data, problems, format=format, untimed=untimed)
     given = load_answers(answers, problems)
-    dense, queries = _split_answers(given, truth, answers, data, problems)
+    dense, queries = _split_answers(given, truth, untimed, answers, data, problems)
     tasks = _tasks(task, dense, queries, answers, problems)
     if units == "relative" and not any(t.duration for t in truth.values()):
         raise SettingsError(f"--data {data}: no record gives a duration, which answers in relative units "
@@ -146,8 +147,9 @@ def _queries(truth) -> list[tuple[str, str, int, Segment]]:
                        for index, segment in enumerate(item.segments)]
 
 
-def _split_answers(given, truth, answers, data, problems) -> tuple[dict, dict]:
-    """The answers keyed by a video (dense captioning) and those keyed by a query (grounding)."""
+def _split_answers(given, truth, untimed, answers, data, problems) -> tuple[dict, dict]:
+    """The answers keyed by a video (dense captioning) and those keyed by a query (grounding); an
+    answer to a record without a time range (`untimed`) is named as one."""
     dense, queries = {}, {}
     videos = {name: item for name, item in truth.items() if not item.query}
     sentences = len(videos) == len(truth)  # no grounding sample: the videos' sentences are the queries
@@ -156,6 +158,9 @@ def _split_answers(given, truth, answers, data, problems) -> tuple[dict, dict]:
             dense[answer_id] = (line, text)
         elif answer_id in truth or (sentences and split_query_id(answer_id, videos)):
             queries[answer_id] = (line, text)
+        elif answer_id in untimed:
+            problems.append(f"{answers}:{line}: {answer_id!r} has nothing to score against: its record in {data} "
+                            f"has {untimed[answer_id]}; not scored")
         else:
             problems.append(f"{answers}:{line}: id {answer_id!r} is not in {data}; not scored")
     for answer_id, (line, _) in queries.items():

@@ -11,7 +11,8 @@ truth is named as `qprep infer --data` names its answer.
   own): one truth per record, named as the reader names it, read from its first assistant turn as
   answers are read (LongVALE's `<sN>`/`<eN>` as seconds). An answer holding one range and no
   caption ("From 2 to 7.5.") makes the record a grounding sample, scored by IoU; any other a
-  dense-captioning one.
+  dense-captioning one. A record whose answer holds no time range (a text-only turn, a question
+  about an image) has nothing to score: it is listed, and an answer to it is named as such.
 
 Times in the truth are seconds; `duration` (the annotation's, LongVALE's `meta.duration`, Time-R1's
 `duration`) reads answers in relative units. A record that cannot be used is reported with the
@@ -35,8 +36,10 @@ class Truth:
     media: tuple[str, ...] = ()  # the cache ids it reads (`qprep infer --grounding` asks about them)
 
 
-def load_truth(data, problems: list[str], format: str | None = None) -> dict[str, Truth]:
-    """name → its true segments; records that cannot be used go to `problems`. `data`: a path or a
+def load_truth(data, problems: list[str], format: str | None = None,
+               untimed: dict[str, str] | None = None) -> dict[str, Truth]:
+    """name → its true segments; records that cannot be used go to `problems`, and those read whole
+    but without a time range to score to `untimed` (name → why). `data`: a path or a
     `qprep.datasets.DataFile` (its format, given or detected, and its media folder)."""
     from qprep.datasets import DataFile, parse
 
@@ -46,7 +49,10 @@ def load_truth(data, problems: list[str], format: str | None = None) -> dict[str
     read = _annotated if reader == "grounding" else _answered
     truth: dict[str, Truth] = {}
     for name, item in read(content, source, reader, path, problems):
-        if name in truth:
+        if isinstance(item, str):
+            if untimed is not None:
+                untimed.setdefault(name, item)
+        elif name in truth:
             problems.append(f"{path}: {name!r} again (the first record counts)")
         else:
             truth[name] = item
@@ -99,14 +105,17 @@ def _annotated(content, source, reader, path, problems):
 
 
 def _answered(content, source, reader, path, problems):
-    """(name, truth) per record whose first assistant turn holds a time range."""
+    """(name, truth) per record whose first assistant turn holds a time range; (name, why) per record
+    without one."""
     for name, label, answer, duration, media in _records(content, source, reader, path, problems):
         if answer is None:
             problems.append(f"{path}: {label}: no assistant turn to read the truth from; not scored")
+            yield name, "no assistant turn"
             continue
         segments = parse_answer(answer).segments
         if not segments:
             problems.append(f"{path}: {label}: its first assistant turn holds no time range; not scored")
+            yield name, "no time range in its first assistant turn"
             continue
         yield name, Truth(segments, _positive(duration), query=is_grounding_answer(answer), media=media)
 

@@ -31,17 +31,50 @@ def processor_pixels(model_dir, path):
     return processor(text=[token], images=[load_image(str(path))], return_tensors="pt")
 
 
+# name, width, height, PIL's save options
+FORMATS = (("photo.jpg", 417, 300, {"quality": 90}), ("tall.png", 90, 260, {}), ("small.webp", 40, 30, {}),
+           ("frame.bmp", 128, 72, {}), ("scan.tiff", 100, 75, {"compression": "tiff_lzw"}))
+
+
+def make_animated_gif(path, width, height):
+    """A GIF of three frames of noise, each its own: the first unlike the others."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    frames = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(3)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return path
+
+
 @pytest.mark.parametrize(("kind", "layout"), kinds_and_layouts(FAMILIES))
 def test_image_pixels_and_grid_equal_the_checkpoints_processor(tiny_model, tmp_path, kind, layout):
     model_dir = tiny_model(kind, layout)
     spec = load_model_spec(model_dir)
-    for name, width, height, save in (("photo.jpg", 417, 300, {"quality": 90}), ("tall.png", 90, 260, {}),
-                                      ("small.webp", 40, 30, {}), ("frame.bmp", 128, 72, {})):
-        path = make_image(tmp_path / name, width, height)
+    paths = [make_image(tmp_path / name, width, height, **save) for name, width, height, save in FORMATS]
+    for path in paths + [make_animated_gif(tmp_path / "moving.gif", 96, 64)]:
+        name = path.name
         ours = prepare_image(path, spec)
         reference = processor_pixels(model_dir, path)
         assert list(ours.grid_thw) == reference["image_grid_thw"][0].tolist(), name
         assert torch.equal(normalize(ours.patches, spec), reference["pixel_values"]), name
+
+
+def test_an_animated_gif_is_read_at_its_first_frame_as_load_image_reads_it(tmp_path):
+    """`load_image` opens the file and converts it as it stands, at frame 0; qprep reads the same
+    pixels, not a later frame's (the family's processor on them: the test above)."""
+    from PIL import Image
+
+    from qprep.pipeline.image import load_upright
+
+    path = make_animated_gif(tmp_path / "moving.gif", 96, 64)
+    with Image.open(path) as gif:
+        assert gif.n_frames == 3
+        first = np.array(gif.convert("RGB"))
+        gif.seek(1)
+        second = np.array(gif.convert("RGB"))
+    assert not np.array_equal(first, second)
+    assert np.array_equal(np.array(load_image(str(path))), first)
+    assert np.array_equal(load_upright(path), first)
 
 
 def test_the_exif_orientation_is_applied_as_load_image_applies_it(tiny_model, tmp_path):

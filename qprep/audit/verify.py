@@ -78,6 +78,7 @@ class VerifyReport:
     videos_ok_in_store: int
     results: list[VideoResult] = field(default_factory=list)
     threads: list[int] = field(default_factory=list)  # the CPU torch threads they ran at, where recorded
+    threads_unknown: list[str] = field(default_factory=list)  # extracted on a CPU before the count was recorded
 
     @property
     def ok(self) -> bool:
@@ -133,6 +134,8 @@ def verify(store: str | Path, *, model: str | None = None, videos: str | Path | 
     tolerance = default_tolerance(dtype, cache.config) if tolerance is None else tolerance
     extracted_on = sorted({cache.row(video_id).device or "unknown" for video_id in chosen})
     threads = sorted({cache.row(video_id).tower_threads for video_id in chosen} - {None})
+    threads_unknown = [video_id for video_id in chosen
+                       if cache.row(video_id).device == "cpu" and cache.row(video_id).tower_threads is None]
     device = device or ("cuda" if torch.cuda.is_available() and "cuda" in extracted_on else "cpu")
     reference = Reference(checkpoint.source, checkpoint.family.full_model, dtype=dtype, device=device,
                           attn_implementation=cache.config.get("attn_implementation", "sdpa"), revision=revision,
@@ -141,6 +144,7 @@ def verify(store: str | Path, *, model: str | None = None, videos: str | Path | 
     report = VerifyReport(store=str(cache.store.root), model=checkpoint.source,
                           reference=checkpoint.family.full_model[0], dtype=dtype, device=device,
                           extracted_on=extracted_on, threads=threads if device == "cpu" else [],
+                          threads_unknown=threads_unknown if device == "cpu" else [],
                           tolerance=tolerance, videos_ok_in_store=len(cache.ids()))
     settings = cache.config["settings"]
     merged = None
@@ -375,6 +379,11 @@ def format_report(report: VerifyReport) -> str:
         else:
             lines.append(f"FAIL  {result.id}: " + "; ".join(f"{c.name}: {c.detail}" for c in result.failed()))
     failures = report.failures()
+    unknown = sorted({result.id for result in failures} & set(report.threads_unknown))
+    if unknown:
+        lines.append(f"note: {', '.join(unknown)} were extracted on a CPU before stores recorded the towers' torch "
+                     f"threads, so the reference ran at torch's default count; another count can move tokens by an "
+                     f"ulp (re-extract them, or allow it with --tolerance 1e-6)")
     lines.append(f"{len(failures)} of {len(report.results)} media differ from the reference: "
                  + ", ".join(f"{r.id} ({', '.join(c.name for c in r.failed())})" for r in failures)
                  if failures else f"all {len(report.results)} media match the reference")

@@ -95,3 +95,35 @@ def test_predicted_token_lengths_equal_the_lengths_training_builds_from_the_extr
     values = sorted(predicted.values())
     assert f"tokens ({model_dir}): 4 samples, min {values[0]}, median " in text and f"max {values[-1]}" in text
     assert f"{len(report.lengths.over)} over --max-length 80" in text
+
+
+def test_an_image_that_cannot_be_read_is_listed_with_its_file_and_cause_not_a_traceback(tmp_path, tiny_model):
+    """Its header read as `extract` reads the image: a file that is not an image, and a decompression
+    bomb (a PNG whose header claims 20000x20000), each named with the cause; the good image is counted."""
+    from qprep.datasets.inspect import inspect_data
+
+    make_image(tmp_path / "cat.jpg", 200, 150, seed=1, quality=90)
+    (tmp_path / "noise.jpg").write_bytes(b"not a picture at all")
+    (tmp_path / "bomb.png").write_bytes(png_header(20000, 20000))
+    records = [blocks_record({"type": "image", "image": name}) for name in ("cat.jpg", "noise.jpg", "bomb.png")]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+
+    report = inspect_data(DataFile(tmp_path / "data.json"), model=str(tiny_model("qwen2_5_vl")))
+    assert list(report.lengths.samples) == ["#0"]
+    causes = {names[0]: reason for reason, names in report.lengths.unknown.items()}  # sample → why no length
+    assert set(causes) == {"#1", "#2"} and all(len(names) == 1 for names in report.lengths.unknown.values())
+    assert causes["#1"].startswith(f"cannot be probed: {tmp_path / 'noise.jpg'}: cannot read it as an image")
+    assert causes["#2"].startswith(f"cannot be probed: {tmp_path / 'bomb.png'}: cannot read it as an image")
+    assert "decompression bomb" in causes["#2"]
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and header chunk, claiming `width` x `height`, and no pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")

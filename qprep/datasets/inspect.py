@@ -151,29 +151,44 @@ def token_lengths(source, named, model: str, settings, max_length: int | None) -
     if not checkpoint.has_audio:
         settings = dataclasses.replace(settings, audio=False)  # as extraction runs a VL model
     spec = load_model_spec(model)
-    rows, unprobed, heard = {}, {}, set()
+    rows, unprobed, heard = {}, {}, set()  # unprobed: entry id → why
     for entry in named.entries:
         try:
             rows[entry.id], sound = predicted_row(entry, named.root, settings, spec)
         except (VideoError, SettingsError) as exc:
-            unprobed.setdefault(f"cannot be probed: {exc}", []).append(entry.id)
+            unprobed[entry.id] = f"cannot be probed: {exc}"
             continue
         if sound and layout.audio:
             heard.add(entry.id)
     records = load(source)
     dataset = build_dataset(records, _Predicted(rows), tokenizer, layout)
-    unknown = {_no_length(reason): names for reason, names in dataset.skipped.items()}
-    for reason, ids in unprobed.items():
-        unknown.setdefault(reason, []).extend(ids)
     return Lengths(model=model, samples={s.id: len(s.input_ids) for s in dataset.samples},
-                   lower_bounds=[s.id for s in dataset.samples if heard & set(s.media)], unknown=unknown,
-                   max_length=max_length)
+                   lower_bounds=[s.id for s in dataset.samples if heard & set(s.media)],
+                   unknown=_why_no_length(dataset.skipped, records, unprobed), max_length=max_length)
+
+
+def _why_no_length(skipped: dict[str, list[str]], records, unprobed: dict[str, str]) -> dict[str, list[str]]:
+    """`build_dataset`'s reasons by sample, a sample whose medium could not be probed given that cause."""
+    from qprep.train.data import NOT_CACHED, record_id, record_media
+
+    probe_failures = {}
+    for index, record in enumerate(records):
+        causes = [unprobed[medium] for medium in record_media(record) if medium in unprobed]
+        if causes:
+            probe_failures[record_id(record, index)] = causes[0]
+    unknown: dict[str, list[str]] = {}
+    for reason, names in skipped.items():
+        for name in names:
+            why = probe_failures.get(name) if reason == NOT_CACHED else None
+            unknown.setdefault(why or _no_length(reason), []).append(name)
+    return unknown
 
 
 def predicted_row(entry, root: Path, settings, spec):
     """(the manifest row extraction would write for `entry`, as far as a block's layout reads it;
     whether the model would hear a sound track), from the file's probe alone."""
     from qprep.extraction.stages import entry_settings
+    from qprep.pipeline.image import header_grid
     from qprep.pipeline.patchify import target_size
     from qprep.pipeline.probe import probe
     from qprep.pipeline.sample import plan_frames
@@ -183,7 +198,7 @@ def predicted_row(entry, root: Path, settings, spec):
     if entry.kind == "audio":  # its token count follows from its decoded length, not from a probe
         raise SettingsError(f"{path}: an audio file, whose token count is known once `qprep extract` decodes it")
     if entry.kind == "image":
-        return ManifestRow(id=entry.id, path=entry.path, kind="image", grid_thw=image_grid(path, spec)), False
+        return ManifestRow(id=entry.id, path=entry.path, kind="image", grid_thw=list(header_grid(path, spec))), False
     info = probe(path)
     plan = plan_frames(info, entry_settings(entry, settings), spec)
     # rotation turns height and width, not the count of patches: the coded size gives the same grid product
@@ -193,29 +208,6 @@ def predicted_row(entry, root: Path, settings, spec):
                       frame_times=[float(t) for t in plan.times], window_start=entry.window_start,
                       window_end=entry.window_end, audio_length=0, mel_length=0)
     return row, bool(settings.audio and info.audio is not None)
-
-
-def image_grid(path: Path, spec) -> list[int]:
-    """(1, h, w) patches of an image from its header: its upright size, resized by the image processor's rule."""
-    from PIL import Image, UnidentifiedImageError
-
-    from qprep.errors import UnreadableFileError
-    from qprep.pipeline.patchify import check_aspect, smart_resize
-
-    if spec.image_pixels is None:
-        raise SettingsError("the model's image processor bounds could not be read")
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            turned = image.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UnreadableFileError(path, f"cannot read it as an image: {exc}") from None
-    if turned:
-        width, height = height, width
-    check_aspect(str(path), height, width)
-    size = smart_resize(height, width, factor=spec.factor, min_pixels=spec.image_pixels[0],
-                        max_pixels=spec.image_pixels[1])
-    return [1, size[0] // spec.patch_size, size[1] // spec.patch_size]
 
 
 class _Predicted:

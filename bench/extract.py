@@ -890,6 +890,15 @@ def repeated(measure, repeats: int):
     return fastest(runs)
 
 
+def image_row_arguments(argv: list[str]) -> list[str] | None:
+    """With --images, the arguments bench/images.py runs the image row with (all of them: its own
+    --workdir and --vision-depth, not this bench's); None without it."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--images", type=int)
+    known, _ = first.parse_known_args(argv)
+    return [arg for arg in argv if arg != "--"] if known.images else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=32, help="videos in the throughput comparison")
@@ -926,16 +935,15 @@ def main(argv: list[str] | None = None) -> int:
                              "of the processor and the towers at Qwen2.5-VL-7B's width (bench/images.py; its "
                              "options, e.g. --vision-depth or --device, pass through)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args, rest = parser.parse_known_args(argv)
+    image_row = image_row_arguments(sys.argv[1:] if argv is None else argv)
+    if image_row is not None:
+        import images  # bench/images.py
+
+        return images.main(image_row)
+    args = parser.parse_args(argv)
     if args.worker:
         worker_main(args.worker)
         return 0
-    if args.images:
-        import images  # bench/images.py
-
-        return images.main(["--images", str(args.images), *[arg for arg in rest if arg != "--"]])
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     workdir, repeats = args.workdir.resolve(), max(1, args.repeats)
     QUIET["max_wait_s"] = args.quiet_wait

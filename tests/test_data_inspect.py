@@ -106,12 +106,15 @@ def test_an_image_that_cannot_be_read_is_listed_with_its_file_and_cause_not_a_tr
     (tmp_path / "noise.jpg").write_bytes(b"not a picture at all")
     (tmp_path / "bomb.png").write_bytes(png_header(20000, 20000))
     records = [blocks_record({"type": "image", "image": name}) for name in ("cat.jpg", "noise.jpg", "bomb.png")]
+    # several media: the first one without a length decides (a missing file, listed apart, then the noise)
+    records.append(blocks_record({"type": "image", "image": "gone.jpg"}, {"type": "image", "image": "noise.jpg"}))
     (tmp_path / "data.json").write_text(json.dumps(records))
 
     report = inspect_data(DataFile(tmp_path / "data.json"), model=str(tiny_model("qwen2_5_vl")))
     assert list(report.lengths.samples) == ["#0"]
     causes = {names[0]: reason for reason, names in report.lengths.unknown.items()}  # sample → why no length
-    assert set(causes) == {"#1", "#2"} and all(len(names) == 1 for names in report.lengths.unknown.values())
+    assert set(causes) == {"#1", "#2", "#3"} and all(len(names) == 1 for names in report.lengths.unknown.values())
+    assert causes["#3"] == "a medium not found, or not extractable as named (listed above)"
     assert causes["#1"].startswith(f"cannot be probed: {tmp_path / 'noise.jpg'}: cannot read it as an image")
     assert causes["#2"].startswith(f"cannot be probed: {tmp_path / 'bomb.png'}: cannot read it as an image")
     assert "decompression bomb" in causes["#2"]

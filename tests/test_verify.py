@@ -249,7 +249,7 @@ def test_cpu_tower_calls_run_at_the_threads_their_rows_record_and_verify_recompu
     array[rows] = tokens
     report = verify(tmp_path / "store.zarr", sample=None, device="cpu", progress=False)
     assert [result.id for result in report.failures()] == ["cat"] and report.threads_unknown == ["cat"]
-    assert "note: cat were extracted on a CPU before stores recorded the towers' torch threads" in \
+    assert "note: cat: extracted on a CPU before stores recorded the towers' torch threads" in \
         format_report(report)
 
 

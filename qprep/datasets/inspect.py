@@ -164,22 +164,23 @@ def token_lengths(source, named, model: str, settings, max_length: int | None) -
     dataset = build_dataset(records, _Predicted(rows), tokenizer, layout)
     return Lengths(model=model, samples={s.id: len(s.input_ids) for s in dataset.samples},
                    lower_bounds=[s.id for s in dataset.samples if heard & set(s.media)],
-                   unknown=_why_no_length(dataset.skipped, records, unprobed), max_length=max_length)
+                   unknown=_why_no_length(dataset.skipped, records, rows, unprobed), max_length=max_length)
 
 
-def _why_no_length(skipped: dict[str, list[str]], records, unprobed: dict[str, str]) -> dict[str, list[str]]:
-    """`build_dataset`'s reasons by sample, a sample whose medium could not be probed given that cause."""
-    from qprep.train.data import NOT_CACHED, record_id, record_media
+def _why_no_length(skipped: dict[str, list[str]], records, rows: dict,
+                   unprobed: dict[str, str]) -> dict[str, list[str]]:
+    """`build_dataset`'s reasons, a sample whose first unpredicted medium could not be probed given
+    that cause. Its samples without a predicted row are the records with a medium not in `rows`, in
+    file order, so the two lists pair up one to one (names may repeat)."""
+    from qprep.train.data import NOT_CACHED, record_media
 
-    probe_failures = {}
-    for index, record in enumerate(records):
-        causes = [unprobed[medium] for medium in record_media(record) if medium in unprobed]
-        if causes:
-            probe_failures[record_id(record, index)] = causes[0]
+    first_missing = (next(m for m in record_media(r) if m not in rows) for r in records
+                     if any(m not in rows for m in record_media(r)))
+    missing_causes = [unprobed.get(medium) for medium in first_missing]
     unknown: dict[str, list[str]] = {}
     for reason, names in skipped.items():
-        for name in names:
-            why = probe_failures.get(name) if reason == NOT_CACHED else None
+        causes = missing_causes if reason == NOT_CACHED else [None] * len(names)
+        for name, why in zip(names, causes, strict=True):
             unknown.setdefault(why or _no_length(reason), []).append(name)
     return unknown
 

@@ -48,11 +48,8 @@ def load_truth(data, problems: list[str], format: str | None = None,
     content, reader, path = parse(source)
     read = _annotated if reader == "grounding" else _answered
     truth: dict[str, Truth] = {}
-    for name, item in read(content, source, reader, path, problems):
-        if isinstance(item, str):
-            if untimed is not None:
-                untimed.setdefault(name, item)
-        elif name in truth:
+    for name, item in read(content, source, reader, path, problems, {} if untimed is None else untimed):
+        if name in truth:
             problems.append(f"{path}: {name!r} again (the first record counts)")
         else:
             truth[name] = item
@@ -85,8 +82,9 @@ def read_record(record: dict) -> Truth:
     return Truth(segments, _positive(meta.get("duration")), query=is_grounding_answer(answer))
 
 
-def _annotated(content, source, reader, path, problems):
-    """(video id, truth) per video of an annotation dict, through the grounding reader's own checks."""
+def _annotated(content, source, reader, path, problems, untimed):
+    """(video id, truth) per video of an annotation dict, through the grounding reader's own checks
+    (every video of one has times: `untimed` stays as it is)."""
     from qprep.datasets import grounding
     from qprep.datasets.record import RecordError
 
@@ -104,18 +102,18 @@ def _annotated(content, source, reader, path, problems):
         raise SettingsError(f"--data {path} ({reader}): {exc}") from exc
 
 
-def _answered(content, source, reader, path, problems):
-    """(name, truth) per record whose first assistant turn holds a time range; (name, why) per record
-    without one."""
+def _answered(content, source, reader, path, problems, untimed):
+    """(name, truth) per record whose first assistant turn holds a time range; a record without one
+    goes to `untimed` (name → why)."""
     for name, label, answer, duration, media in _records(content, source, reader, path, problems):
         if answer is None:
             problems.append(f"{path}: {label}: no assistant turn to read the truth from; not scored")
-            yield name, "no assistant turn"
+            untimed.setdefault(name, "no assistant turn")
             continue
         segments = parse_answer(answer).segments
         if not segments:
             problems.append(f"{path}: {label}: its first assistant turn holds no time range; not scored")
-            yield name, "no time range in its first assistant turn"
+            untimed.setdefault(name, "no time range in its first assistant turn")
             continue
         yield name, Truth(segments, _positive(duration), query=is_grounding_answer(answer), media=media)
 

@@ -51,8 +51,10 @@ def prepare_image(path: str | Path, spec: ModelSpec) -> PreparedImage:
 
 
 def header_grid(path: str | Path, spec: ModelSpec) -> tuple[int, int, int]:
-    """The grid `prepare_image` gives the image, from its header alone (its size, turned by its EXIF
-    orientation), decoding no pixels; a file it cannot read fails as `prepare_image` fails."""
+    """The grid `prepare_image` gives the image, from its size turned by its EXIF orientation, without
+    resizing it; a file it cannot read fails as `prepare_image` fails. Most formats give both from the
+    header; a PNG whose EXIF chunk follows its pixels is decoded to find it (as Pillow reads it, and
+    as `exif_transpose` in `prepare_image` does)."""
     _require_bounds(spec)
     with _opened(path) as image:
         width, height = image.size
@@ -93,4 +95,4 @@ def _opened(path: str | Path):
 
 def _require_bounds(spec: ModelSpec) -> None:
     if spec.image_pixels is None:
-        raise SettingsError("this model spec holds no image bounds (read it from a checkpoint to extract images)")
+        raise SettingsError("this model spec holds no image bounds (a spec read from a checkpoint has them)")

@@ -56,7 +56,6 @@ class Budget:
                                 f"can leave an elementwise op's scalar tail that moves with an image's offset)")
 
 
-
 @dataclass(frozen=True)
 class TowerThreads:
     """The torch threads of tower calls on a CPU, by kind of medium.

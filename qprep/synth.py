@@ -46,7 +46,8 @@ def make_video(path: str | Path, spec: VideoSpec = VideoSpec(), **overrides) -> 
         spec = VideoSpec(**{**spec.__dict__, **overrides})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    options = {"movflags": "faststart"} if spec.faststart else {}
+    # bitexact: no random ids (Matroska's segment and track UIDs) or version strings in the container
+    options = {"fflags": "+bitexact", **({"movflags": "faststart"} if spec.faststart else {})}
     with av.open(str(path), mode="w", options=options) as container:
         video = _add_video_stream(container, spec)
         audio = _add_audio_stream(container, spec) if spec.audio else None
@@ -80,8 +81,10 @@ def _add_video_stream(container, spec: VideoSpec):
         options.update(preset=spec.preset, crf=str(spec.crf))
         if spec.bframes is not None:
             options["bf"] = str(spec.bframes)
+    if spec.codec == "libx264":
+        options["threads"] = "1"  # its frame threads made B-frame streams differ now and then between runs
     if spec.codec == "libx265":
-        options["x265-params"] = "log-level=error"
+        options["x265-params"] = "log-level=error:pools=1:frame-threads=1"
     options.update(spec.encoder_options)
     stream.options = options
     if spec.vfr:
@@ -108,7 +111,8 @@ def _video_frames(spec: VideoSpec, stream):
     ys, xs = np.mgrid[0 : spec.height, 0 : spec.width].astype(np.float32)
     for index, t in enumerate(times):
         picture = render_frame(index, float(t), spec, ys, xs)
-        frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+        # converted here, not by the encoder: its own conversion does not write the same bytes twice
+        frame = av.VideoFrame.from_ndarray(picture, format="rgb24").reformat(format=stream.pix_fmt)
         if spec.vfr:
             frame.pts = int(round(t * 90000))
             frame.time_base = Fraction(1, 90000)

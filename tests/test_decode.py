@@ -53,3 +53,15 @@ def test_sparse_decode_skips_what_it_can(videos):
     assert dense.packets_skippable > 0.5 * dense.packets_sent
     # Sparser than the groups: whole groups are jumped over.
     assert sparse.seeks > 1 and sparse.packets_sent < 0.6 * info.frame_count
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_a_test_video_is_the_same_bytes_each_time_it_is_made(tmp_path, name):
+    """`qprep.synth` converts its frames to the stream's pixel format itself: the encoder's own
+    conversion gave other bytes from run to run, so media made apart (a bench's two sides, a rerun)
+    would not be the same file."""
+    from qprep.synth import VideoSpec, make_video
+
+    spec = VideoSpec(width=112, height=84, fps=25, seconds=1, audio=True, **STREAMS[name])
+    made = {make_video(tmp_path / f"{index}-{name}", spec).read_bytes() for index in range(3)}
+    assert len(made) == 1

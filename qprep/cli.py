@@ -539,15 +539,15 @@ def train(cache_path, data, data_format, media_dir, times, annotations_as, groun
 @main.command()
 @click.argument("store", type=StoreLocation(exists=True))
 @click.option("--sample", type=click.IntRange(1), default=3, show_default=True,
-              help="Check this many videos, drawn at random (see --seed) among those extracted ok.")
-@click.option("--all", "check_all", is_flag=True, help="Check every video extracted ok.")
-@click.option("--ids", default=None, help="Check these videos (comma-separated ids) instead of a sample.")
+              help="Check this many media, drawn at random (see --seed) among those extracted ok.")
+@click.option("--all", "check_all", is_flag=True, help="Check every medium extracted ok.")
+@click.option("--ids", default=None, help="Check these media (comma-separated ids) instead of a sample.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
 @click.option("--tolerance", type=click.FloatRange(0), default=None,
               help="Largest token difference allowed, relative to the reference tokens' largest magnitude "
                    "(default: 0 for float32 stores, 2^-6 for bfloat16, 2^-9 for float16; 0 = bit-exact).")
 @click.option("--videos", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="The videos folder (default: the one the last extract used).")
+              help="The media folder (default: the one the last extract used).")
 @click.option("--model", default=None, help="Where the store's model is now (default: where it was at extraction).")
 @click.option("--revision", default=None, help="Hub revision of the model.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
@@ -556,20 +556,22 @@ def train(cache_path, data, data_format, media_dir, times, annotations_as, groun
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify(store, sample, check_all, ids, seed, tolerance, videos, model, revision, device, as_json, quiet):
-    """Recompute some of STORE's videos with transformers' own processor and model, and compare.
+    """Recompute some of STORE's media with transformers' own processor and model, and compare.
 
     Each checked video is decoded plainly, its frame plan re-derived, its pixels and audio features
     made by the model's AutoProcessor, and its tokens by the model class loaded with from_pretrained
-    (the towers are loaded for this check only). The report gives, per video, the largest
-    difference of the video and audio tokens and whether the grid, frame count, frame indices,
-    frame times, second_per_grid and mel length agree with the cache.
+    (the towers are loaded for this check only); an image or an audio file likewise, through the
+    processor and get_image_features or get_audio_features. On a CPU each medium is recomputed at
+    the torch threads its extraction ran at (an ulp can depend on them). The report gives, per
+    medium, the largest difference of its visual and audio tokens and whether the grid, frame count,
+    frame indices, frame times, second_per_grid and mel length agree with the cache.
 
-    Exit status 5 when any checked video differs beyond the tolerance; the report names the video
+    Exit status 5 when any checked medium differs beyond the tolerance; the report names the medium
     and what differed.
 
     \b
     Examples:
-      qprep verify clips.zarr                      three videos drawn at random
+      qprep verify clips.zarr                      three media drawn at random
       qprep verify clips.zarr --all --json
       qprep verify clips.zarr --ids talk/a,c --videos /data/clips --model ./Qwen2.5-Omni-3B
     """

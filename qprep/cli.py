@@ -295,7 +295,8 @@ def extract(videos, media, data, data_format, media_dir, times, annotations_as, 
         if data is not None:
             videos = _data_file(data, data_format, media_dir, times, annotations_as, grounding_prompt)
         options = ExtractOptions(ray_address=ray_address, executor=executor, device=device, batch_size=batch_size,
-                                 budget=Budget(image_rows=image_call_rows), progress=not quiet, follow_links=follow_links, strict=strict,
+                                 budget=Budget(image_rows=image_call_rows), progress=not quiet,
+                                 follow_links=follow_links, strict=strict,
                                  notify=lambda text: click.echo(text, err=True))
         try:
             summary = run_extract(videos, out, model, settings, dtype=dtype, shards=shards, rebuild=rebuild,

@@ -132,10 +132,10 @@ def verify(store: str | Path, *, model: str | None = None, videos: str | Path | 
     checkpoint = _checkpoint(cache, model, revision)
     dtype = cache.store.attrs["dtype"]
     tolerance = default_tolerance(dtype, cache.config) if tolerance is None else tolerance
-    extracted_on = sorted({cache.row(video_id).device or "unknown" for video_id in chosen})
-    threads = sorted({cache.row(video_id).tower_threads for video_id in chosen} - {None})
-    threads_unknown = [video_id for video_id in chosen
-                       if cache.row(video_id).device == "cpu" and cache.row(video_id).tower_threads is None]
+    rows = [cache.row(video_id) for video_id in chosen]
+    extracted_on = sorted({row.device or "unknown" for row in rows})
+    threads = sorted({row.tower_threads for row in rows} - {None})
+    threads_unknown = [row.id for row in rows if row.device == "cpu" and row.tower_threads is None]
     device = device or ("cuda" if torch.cuda.is_available() and "cuda" in extracted_on else "cpu")
     reference = Reference(checkpoint.source, checkpoint.family.full_model, dtype=dtype, device=device,
                           attn_implementation=cache.config.get("attn_implementation", "sdpa"), revision=revision,

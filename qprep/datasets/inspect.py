@@ -174,9 +174,8 @@ def _why_no_length(skipped: dict[str, list[str]], records, rows: dict,
     file order, so the two lists pair up one to one (names may repeat)."""
     from qprep.train.data import NOT_CACHED, record_media
 
-    first_missing = (next(m for m in record_media(r) if m not in rows) for r in records
-                     if any(m not in rows for m in record_media(r)))
-    missing_causes = [unprobed.get(medium) for medium in first_missing]
+    missing_causes = [unprobed.get(missing[0]) for record in records
+                      if (missing := [medium for medium in record_media(record) if medium not in rows])]
     unknown: dict[str, list[str]] = {}
     for reason, names in skipped.items():
         causes = missing_causes if reason == NOT_CACHED else [None] * len(names)

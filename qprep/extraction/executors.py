@@ -91,9 +91,6 @@ def run_locally(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:
     starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qprep-start-workers")
     starting = starter.submit(pool.start)
     starter.shutdown(wait=False)  # the start runs on in its thread; `starting` says when it is done
-    import torch
-
-    kept_threads = torch.get_num_threads()
     try:
         towers = _load_towers(job, options)
         starting.result()
@@ -102,7 +99,6 @@ def run_locally(tasks: list[VideoFile], job, options) -> Iterator[Encoded]:
     finally:
         starting.exception()  # wait for the start to end (its error, if any, surfaced above or is moot)
         pool.close()
-        torch.set_num_threads(kept_threads)
 
 
 def tower_batches(results, image_rows: int) -> Iterator[list]:

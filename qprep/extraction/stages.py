@@ -130,17 +130,14 @@ class TowerStage:
     def __init__(self, model: str, revision: str | None, spec: ModelSpec, dtype: str, device: str,
                  attn_implementation: str, budget, threads: int | None = None, arrivals=None, level: str = MERGED):
         """`threads`: the torch threads of every CPU call; None: by kind, from the cores of the machine
-        the towers run on (`TowerThreads.for_cores`)."""
-        import torch
-
+        the towers run on (`TowerThreads.for_cores`). Each call sets them and gives them back, so the
+        process's own count is left as it was."""
         from qprep.extraction.executors import usable_cores
         from qprep.models.checkpoint import open_checkpoint
         from qprep.pipeline.towers import Towers
 
         self.device = device
         self.threads = TowerThreads.for_cores(usable_cores(), threads) if device == "cpu" else None
-        if self.threads:
-            torch.set_num_threads(self.threads.media)
         self.towers = Towers(open_checkpoint(model, revision), spec, dtype=dtype, device=device,
                              attn_implementation=attn_implementation, budget=budget, level=level)
         self.calls = 0
